@@ -1,0 +1,424 @@
+"""Accounts: the user store, password hashing, login throttling and tokens.
+
+No sockets here. The store is a JSON file written atomically under a file lock;
+passwords are kept only as Argon2id hashes in PHC form (parameters included);
+tokens are HS256 JWTs bound to the client's public key (RFC 7800 ``cnf``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from protocol import validate_username
+
+STORE_FORMAT = 1
+
+# OWASP Password Storage Cheat Sheet, Argon2id: 19 MiB of memory, 2 passes, 1 lane.
+ARGON2_MEMORY_KIB = 19 * 1024
+ARGON2_ITERATIONS = 2
+ARGON2_LANES = 1
+SALT_SIZE = 16
+HASH_SIZE = 32
+#: A stored hash asking for more memory than this is refused rather than run.
+MAX_HASH_MEMORY_KIB = 1024 * 1024
+MAX_PASSWORD_CHARS = 1024
+
+TOKEN_ALGORITHM = "HS256"
+TOKEN_ISSUER = "chat-server"
+TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "cnf", "iss")
+DEFAULT_TOKEN_TTL = 12 * 3600
+
+
+class UserStoreError(Exception):
+    """The user store cannot be read or written. The message names the file and why."""
+
+
+# --------------------------------------------------------------------------- passwords
+
+
+def hash_password(password: str) -> str:
+    """Hash a password with Argon2id at OWASP's parameters; returns the PHC string."""
+    if not password:
+        raise ValueError("the password is empty")
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise ValueError(f"passwords are at most {MAX_PASSWORD_CHARS} characters")
+    kdf = Argon2id(
+        salt=secrets.token_bytes(SALT_SIZE),
+        length=HASH_SIZE,
+        iterations=ARGON2_ITERATIONS,
+        lanes=ARGON2_LANES,
+        memory_cost=ARGON2_MEMORY_KIB,
+    )
+    return kdf.derive_phc_encoded(password.encode("utf-8"))
+
+
+def _hash_memory_kib(phc: str) -> int:
+    """The memory cost a PHC string asks for, or -1 if it is not an Argon2id hash."""
+    parts = phc.split("$")
+    if len(parts) != 6 or parts[1] != "argon2id":
+        return -1
+    params = dict(item.split("=", 1) for item in parts[3].split(",") if "=" in item)
+    try:
+        return int(params.get("m", "-1"))
+    except ValueError:
+        return -1
+
+
+def verify_password(password: str, phc: str) -> bool:
+    """Constant-time check of ``password`` against a stored hash. Never raises on a mismatch."""
+    memory = _hash_memory_kib(phc)
+    if memory <= 0 or memory > MAX_HASH_MEMORY_KIB or len(password) > MAX_PASSWORD_CHARS:
+        return False
+    try:
+        Argon2id.verify_phc_encoded(password.encode("utf-8"), phc)
+    except (InvalidKey, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- the user store
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    name: str
+    password_hash: str
+    demo: bool = False
+    created: str = ""
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class UserStore:
+    """The accounts in ``users.json``.
+
+    Reads are cached and refreshed when the file changes, so accounts added
+    while the server runs work at once. Every change takes an exclusive lock on
+    a lock file beside the store, re-reads, edits and writes a new file
+    atomically (temporary file, fsync, rename), so two admin commands run at
+    once never lose each other's change and a crash never leaves half a file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        # Guards _cache and _cache_stamp, shared by every login thread.
+        self._cache_lock = threading.Lock()
+        self._cache: dict[str, UserRecord] = {}
+        self._cache_stamp: tuple[int, int, int] | None = None
+
+    # reading ----------------------------------------------------------------
+
+    def _read(self) -> dict[str, UserRecord]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise UserStoreError(f"{self.path}: cannot read: {exc.strerror}") from exc
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserStoreError(f"{self.path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("users"), dict):
+            raise UserStoreError(f'{self.path}: expected an object with a "users" object')
+        if data.get("format", STORE_FORMAT) != STORE_FORMAT:
+            raise UserStoreError(f"{self.path}: unsupported format {data.get('format')!r}")
+        users: dict[str, UserRecord] = {}
+        for name, entry in data["users"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("password_hash"), str):
+                raise UserStoreError(f"{self.path}: user {name!r} has no password_hash")
+            try:
+                validate_username(name)
+            except ValueError:
+                raise UserStoreError(f"{self.path}: invalid user name {name!r}") from None
+            users[name] = UserRecord(
+                name=name,
+                password_hash=entry["password_hash"],
+                demo=bool(entry.get("demo", False)),
+                created=str(entry.get("created", "")),
+            )
+        return users
+
+    def load(self) -> dict[str, UserRecord]:
+        """All accounts, re-read if the file changed. Raises ``UserStoreError``."""
+        try:
+            info = self.path.stat()
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+        except FileNotFoundError:
+            stamp = None
+        except OSError as exc:
+            raise UserStoreError(f"{self.path}: cannot read: {exc.strerror}") from exc
+        with self._cache_lock:
+            if stamp is not None and stamp == self._cache_stamp:
+                return self._cache
+        users = self._read()
+        with self._cache_lock:
+            self._cache, self._cache_stamp = users, stamp
+        return users
+
+    def get(self, name: str) -> UserRecord | None:
+        return self.load().get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.load())
+
+    # writing ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UserStoreError(f"{self.lock_path}: cannot lock: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _write(self, users: dict[str, UserRecord]) -> None:
+        data = {
+            "format": STORE_FORMAT,
+            "users": {
+                record.name: {
+                    "password_hash": record.password_hash,
+                    "demo": record.demo,
+                    "created": record.created,
+                }
+                for record in sorted(users.values(), key=lambda record: record.name)
+            },
+        }
+        text = json.dumps(data, indent=2) + "\n"
+        directory = self.path.parent
+        temp_path = None
+        try:
+            fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+            temp_path = Path(temp_name)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                os.fchmod(handle.fileno(), 0o600)
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_path, self.path)
+            temp_path = None
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+            raise UserStoreError(f"{self.path}: cannot save: {reason}; the store is unchanged") from exc
+        finally:
+            if temp_path is not None:
+                with contextlib.suppress(OSError):
+                    temp_path.unlink()
+
+    def add(self, name: str, password: str, *, demo: bool = False) -> None:
+        """Create an account. Raises ``ValueError`` for a bad or taken name."""
+        validate_username(name)
+        password_hash = hash_password(password)
+        with self._locked():
+            users = self._read()
+            taken = {existing.casefold() for existing in users}
+            if name.casefold() in taken:
+                raise ValueError(f"user {name!r} already exists")
+            users[name] = UserRecord(name, password_hash, demo=demo, created=_now_text())
+            self._write(users)
+
+    def delete(self, name: str) -> None:
+        """Remove an account. Raises ``KeyError`` if there is none by that name."""
+        with self._locked():
+            users = self._read()
+            if name not in users:
+                raise KeyError(name)
+            del users[name]
+            self._write(users)
+
+    def set_password(self, name: str, password: str) -> None:
+        """Replace an account's password (and clear its demo mark)."""
+        password_hash = hash_password(password)
+        with self._locked():
+            users = self._read()
+            if name not in users:
+                raise KeyError(name)
+            old = users[name]
+            users[name] = UserRecord(name, password_hash, demo=False, created=old.created)
+            self._write(users)
+
+
+# --------------------------------------------------------------------------- login throttling
+
+
+class LoginThrottle:
+    """Increasing delays after failed logins, per address and per account name.
+
+    The first few failures are free (typos happen); after that each failure
+    doubles the wait, up to ``max_delay``. Success clears the record.
+    """
+
+    def __init__(
+        self,
+        free_failures: int = 3,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        forget_after: float = 900.0,
+        max_entries: int = 100_000,
+    ) -> None:
+        self.free_failures = free_failures
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.forget_after = forget_after
+        self.max_entries = max_entries
+        # Guards _failures: key -> (failure count, time of the last failure).
+        self._failures_lock = threading.Lock()
+        self._failures: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def _delay(self, count: int) -> float:
+        if count < self.free_failures:
+            return 0.0
+        return min(self.max_delay, self.base_delay * 2 ** (count - self.free_failures))
+
+    def retry_after(self, keys: list[tuple[str, str]]) -> float:
+        """Seconds until a login for any of ``keys`` may be tried; 0 if it may now."""
+        now = time.monotonic()
+        wait = 0.0
+        with self._failures_lock:
+            for key in keys:
+                count, last = self._failures.get(key, (0, 0.0))
+                if count:
+                    wait = max(wait, last + self._delay(count) - now)
+        return max(0.0, wait)
+
+    def record_failure(self, keys: list[tuple[str, str]]) -> None:
+        now = time.monotonic()
+        with self._failures_lock:
+            if len(self._failures) >= self.max_entries:
+                self._forget_old(now)
+            for key in keys:
+                count, _ = self._failures.get(key, (0, 0.0))
+                self._failures[key] = (count + 1, now)
+
+    def record_success(self, keys: list[tuple[str, str]]) -> None:
+        with self._failures_lock:
+            for key in keys:
+                self._failures.pop(key, None)
+
+    def _forget_old(self, now: float) -> None:
+        stale = [key for key, (_, last) in self._failures.items() if now - last > self.forget_after]
+        for key in stale:
+            del self._failures[key]
+        if len(self._failures) >= self.max_entries:  # still full: drop the oldest half
+            by_age = sorted(self._failures, key=lambda key: self._failures[key][1])
+            for key in by_age[: len(by_age) // 2]:
+                del self._failures[key]
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+class TokenError(Exception):
+    """A token was refused. ``code`` is sent to the client, the message is for humans."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    username: str
+    issued_at: int
+    expires_at: int
+    token_id: str
+    key_thumbprint: str
+
+
+class TokenAuthority:
+    """Issues and verifies the server's JWTs. The secret never leaves this object."""
+
+    def __init__(self, secret: bytes, ttl: int = DEFAULT_TOKEN_TTL) -> None:
+        if len(secret) < 32:
+            raise ValueError("the token secret must be at least 32 bytes")
+        self._secret = secret
+        self.ttl = ttl
+        # Guards _revoked: token id -> expiry, for tokens given up by a clean leave.
+        self._revoked_lock = threading.Lock()
+        self._revoked: dict[str, int] = {}
+
+    def issue(self, username: str, key_thumbprint: str) -> tuple[str, int]:
+        """A new token for ``username`` bound to the key with ``key_thumbprint``."""
+        now = int(time.time())
+        expires_at = now + self.ttl
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "sub": username,
+            "iat": now,
+            "exp": expires_at,
+            "jti": secrets.token_urlsafe(16),
+            "cnf": {"jkt": key_thumbprint},
+        }
+        return jwt.encode(claims, self._secret, algorithm=TOKEN_ALGORITHM), expires_at
+
+    def verify(self, token: Any, key_thumbprint: str, username: str | None = None) -> TokenClaims:
+        """Check signature, algorithm, claims, expiry, key binding and (optionally) user.
+
+        Raises ``TokenError`` with a code the client can act on.
+        """
+        if not isinstance(token, str) or not token:
+            raise TokenError("token_missing", "no token")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[TOKEN_ALGORITHM],  # pinned: "none" and RS/HS confusion are refused
+                issuer=TOKEN_ISSUER,
+                options={"require": list(TOKEN_CLAIMS)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token_expired", "token expired; log in again") from None
+        except jwt.InvalidTokenError:
+            raise TokenError("token_invalid", "token invalid or forged") from None
+        confirmation = claims.get("cnf")
+        if not isinstance(confirmation, dict) or confirmation.get("jkt") != key_thumbprint:
+            raise TokenError("token_wrong_key", "token is bound to another key")
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or (username is not None and subject != username):
+            raise TokenError("token_invalid", "token is for another user")
+        token_id = str(claims["jti"])
+        with self._revoked_lock:
+            if token_id in self._revoked:
+                raise TokenError("token_revoked", "token was given up; log in again")
+        return TokenClaims(subject, int(claims["iat"]), int(claims["exp"]), token_id, key_thumbprint)
+
+    def needs_refresh(self, claims: TokenClaims) -> bool:
+        """True once a token is past half its life."""
+        return time.time() >= (claims.issued_at + claims.expires_at) / 2
+
+    def revoke(self, claims: TokenClaims) -> None:
+        """Refuse this token from now on (it can no longer resume a session)."""
+        now = time.time()
+        with self._revoked_lock:
+            for token_id in [tid for tid, exp in self._revoked.items() if exp < now]:
+                del self._revoked[token_id]
+            self._revoked[claims.token_id] = claims.expires_at

@@ -1,0 +1,176 @@
+"""One encrypted connection: the sealing state of each side, and frame I/O on a socket.
+
+``SecureChannel`` is pure state (keys, sequence numbers, session MAC key): it
+turns messages into frames and frames into messages. The few functions at the
+bottom read whole frames from a socket with the size checked first.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import crypto_utils
+from crypto_utils import CryptoError, PrivateKey, PublicKey
+from protocol import (
+    MAX_FRAME_SIZE,
+    Envelope,
+    FrameType,
+    Kind,
+    Login,
+    Message,
+    ProtocolError,
+    Resume,
+    associated_data,
+    b64decode,
+    check_frame_size,
+    decode_message,
+    encode_frame,
+    split_payload,
+)
+
+SERVER_LABEL = "server"
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (or it was closed under us)."""
+
+
+class SequenceError(ProtocolError):
+    """A sealed frame arrived out of order: a replay, a reorder or an injection."""
+
+
+class SecureChannel:
+    """Seals outgoing messages and opens incoming ones for one side of one connection.
+
+    Not thread-safe by design: the owner serializes ``seal`` calls (one writer)
+    and ``open`` calls (one reader). Sequence numbers start at 0 in each
+    direction and must match exactly, so a replayed or reordered frame fails.
+    """
+
+    def __init__(
+        self,
+        own_private_key: PrivateKey,
+        peer_public_key: PublicKey,
+        *,
+        is_server: bool,
+        allowed_incoming: frozenset[Kind],
+    ) -> None:
+        self.own_private_key = own_private_key
+        self.peer_public_key = peer_public_key
+        self.is_server = is_server
+        self.allowed_incoming = allowed_incoming
+        #: The authenticated user name; "" until login succeeds.
+        self.username = ""
+        #: Per-connection secret chosen by the client and sent inside its login.
+        self.session_key: bytes | None = None
+        self.send_seq = 0
+        self.recv_seq = 0
+        self._send_direction = b"s2c" if is_server else b"c2s"
+        self._recv_direction = b"c2s" if is_server else b"s2c"
+
+    def _labels(self, outgoing: bool) -> tuple[str, str]:
+        """(hop sender, hop recipient) for the associated data."""
+        client_to_server = outgoing != self.is_server
+        if client_to_server:
+            return self.username, SERVER_LABEL
+        return SERVER_LABEL, self.username
+
+    def seal(self, message: Message) -> bytes:
+        """Encrypt ``message`` for the peer and return the complete frame."""
+        if self.session_key is None:
+            raise RuntimeError("no session key yet")
+        seq = self.send_seq
+        aad = associated_data(message.KIND, seq, *self._labels(outgoing=True))
+        wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, message.encoded, aad)
+        unsigned = Envelope(message.KIND, seq, wrapped, nonce, ciphertext, b"")
+        mac = crypto_utils.session_mac(self.session_key, self._send_direction, unsigned.mac_input())
+        self.send_seq += 1
+        envelope = Envelope(message.KIND, seq, wrapped, nonce, ciphertext, mac)
+        return encode_frame(FrameType.SEALED, envelope.encode())
+
+    def open(self, body: bytes) -> Message:
+        """Authenticate and decrypt a sealed frame body.
+
+        Raises ``ProtocolError`` (including ``SequenceError``) for anything the
+        peer got wrong, and ``CryptoError`` for anything that fails to verify.
+        """
+        envelope = Envelope.decode(body)
+        if envelope.kind not in self.allowed_incoming:
+            raise ProtocolError(f"{envelope.kind.name} is not allowed from this peer")
+        if envelope.seq != self.recv_seq:
+            raise SequenceError(
+                f"sequence number {envelope.seq}, expected {self.recv_seq}: replayed or reordered frame"
+            )
+        first_message = envelope.kind in (Kind.LOGIN, Kind.RESUME)
+        if first_message != (self.session_key is None):
+            raise ProtocolError(f"{envelope.kind.name} is not allowed now")
+        # Check the MAC before any RSA work when we can: forged frames cost a hash.
+        if not first_message:
+            self._check_mac(envelope, self.session_key)
+        aad = associated_data(envelope.kind, envelope.seq, *self._labels(outgoing=False))
+        plaintext = crypto_utils.open_sealed(
+            self.own_private_key, envelope.wrapped_key, envelope.nonce, envelope.ciphertext, aad
+        )
+        message = decode_message(envelope.kind, plaintext)
+        if first_message:
+            assert isinstance(message, Login | Resume)
+            session_key = b64decode(message.session_key, "session_key")
+            if len(session_key) != crypto_utils.SESSION_KEY_SIZE:
+                raise ProtocolError("session key has the wrong size")
+            self._check_mac(envelope, session_key)
+            self.session_key = session_key
+        self.recv_seq += 1
+        return message
+
+    def _check_mac(self, envelope: Envelope, session_key: bytes | None) -> None:
+        assert session_key is not None
+        expected = crypto_utils.session_mac(session_key, self._recv_direction, envelope.mac_input())
+        if not crypto_utils.macs_equal(expected, envelope.mac):
+            raise CryptoError("frame MAC does not verify: not from this session")
+
+
+# --------------------------------------------------------------------------- socket I/O
+
+
+class Deadline:
+    """One monotonic deadline spread over the several reads of a handshake."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expires = time.monotonic() + seconds
+
+    def timeout(self) -> float:
+        """Seconds left; raises ``TimeoutError`` when none are."""
+        left = self.expires - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        return left
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Read exactly ``size`` bytes; raises ``ConnectionClosed`` on end of stream."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        try:
+            count = sock.recv_into(view[received:])
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise ConnectionClosed("connection reset by peer") from exc
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise ConnectionClosed(f"connection error: {exc.strerror or exc}") from exc
+        if count == 0:
+            if received:
+                raise ConnectionClosed("connection closed in the middle of a frame")
+            raise ConnectionClosed("connection closed by peer")
+        received += count
+    return bytes(buffer)
+
+
+def read_frame(sock: socket.socket, max_frame_size: int = MAX_FRAME_SIZE) -> tuple[FrameType, bytes]:
+    """Read one frame. The length prefix is checked before the body is allocated."""
+    size = int.from_bytes(recv_exact(sock, 4), "big")
+    check_frame_size(size, max_frame_size)
+    return split_payload(recv_exact(sock, size))

@@ -1,0 +1,571 @@
+"""The chat client: an importable ``ChatClient`` class and the command-line program.
+
+    python client.py --user alice            # interactive, on a terminal
+    CHAT_PASSWORD=... python client.py --user bot < lines.txt   # non-interactive
+
+A bot in five lines::
+
+    from client import ChatClient, Chat
+    with ChatClient("127.0.0.1", 7878, accept_new_host_key=True) as chat:
+        chat.login("echo", os.environ["CHAT_PASSWORD"])
+        for event in chat.events():
+            if isinstance(event, Chat) and not event.private:
+                chat.say(f"{event.sender} said: {event.text}")
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import crypto_utils
+from channel import ConnectionClosed, Deadline, SecureChannel, read_frame
+from chat import FloodControl
+from crypto_utils import CryptoError, PrivateKey, PublicKey
+from protocol import (
+    MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    SERVER_KINDS,
+    Chat,
+    Envelope,
+    ErrorReply,
+    FrameType,
+    Goodbye,
+    Kind,
+    Leave,
+    Login,
+    Message,
+    Notice,
+    Private,
+    ProtocolError,
+    Resume,
+    Roster,
+    Say,
+    TokenRefresh,
+    Welcome,
+    Who,
+    b64decode,
+    b64encode,
+    decode_control,
+    encode_control,
+)
+
+__all__ = [
+    "Chat",
+    "ChatClient",
+    "ChatError",
+    "Disconnected",
+    "ErrorReply",
+    "Goodbye",
+    "HostKeyError",
+    "KnownHosts",
+    "LoginRefused",
+    "Notice",
+    "Roster",
+    "Welcome",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7878
+HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
+#: How long connect + login may take (the server may queue password hashing).
+LOGIN_TIMEOUT = 60.0
+#: The server pings a quiet client every 20 s; hearing nothing this long means the link is dead.
+IDLE_TIMEOUT = 75.0
+#: How long leave() waits for the server's goodbye.
+LEAVE_TIMEOUT = 5.0
+
+
+class ChatError(Exception):
+    """Something the user should read, in one line."""
+
+
+class HostKeyError(ChatError):
+    """The server's key is unknown (and not accepted) or has changed."""
+
+
+class LoginRefused(ChatError):
+    """The server refused the login or the token; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """Local event: the connection ended. ``reason`` is for the user."""
+
+    reason: str
+    #: True when the server said goodbye or we left; False when the link was lost.
+    clean: bool = False
+
+
+Event = Chat | Notice | Roster | ErrorReply | Goodbye | Disconnected | TokenRefresh
+
+
+def default_known_hosts_path() -> Path:
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home) / "chat" / "known_hosts"
+
+
+class KnownHosts:
+    """Trust-on-first-use pins, one ``[host]:port SHA256:...`` line per server, as OpenSSH keeps."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else default_known_hosts_path()
+
+    @staticmethod
+    def host_id(host: str, port: int) -> str:
+        return f"[{host}]:{port}"
+
+    def lookup(self, host_id: str) -> tuple[str, int] | None:
+        """The pinned fingerprint and its line number, or None if this server is new."""
+        try:
+            lines = self.path.read_text("utf-8").splitlines()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ChatError(f"cannot read {self.path}: {exc.strerror}") from exc
+        for number, line in enumerate(lines, start=1):
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == host_id:
+                return parts[1], number
+        return None
+
+    def add(self, host_id: str, fingerprint: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write(f"{host_id} {fingerprint}\n")
+
+
+class ChatClient:
+    """One connection to a chat server.
+
+    ``connect()`` checks the server's identity, ``login()`` (or ``resume()``)
+    authenticates, then ``say()``, ``private()``, ``who()`` send and
+    ``events()`` yields what arrives: ``Chat``, ``Notice``, ``Roster``,
+    ``ErrorReply`` and finally ``Disconnected``. ``close()`` (or leaving the
+    ``with`` block) ends the connection; ``leave()`` says goodbye first.
+
+    The server's key is checked against ``known_hosts`` (OpenSSH-style
+    trust on first use) or against ``server_fingerprint`` if given. A new key
+    is accepted when ``accept_new_host_key`` is true or ``confirm_host_key``
+    (called with host id and fingerprint) returns true; a changed key always
+    raises ``HostKeyError``.
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        known_hosts: KnownHosts | None = None,
+        server_fingerprint: str | None = None,
+        accept_new_host_key: bool = False,
+        confirm_host_key: Callable[[str, str], bool] | None = None,
+        private_key: PrivateKey | None = None,
+        key_size: int = crypto_utils.DEFAULT_KEY_SIZE,
+        timeout: float = LOGIN_TIMEOUT,
+        pace: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.known_hosts = known_hosts if known_hosts is not None else KnownHosts()
+        self.expected_fingerprint = server_fingerprint
+        self.accept_new_host_key = accept_new_host_key
+        self.confirm_host_key = confirm_host_key
+        # Kept across reconnections: the token is bound to this key.
+        self.private_key = private_key or crypto_utils.generate_private_key(key_size)
+        self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
+        self.timeout = timeout
+        self.pace = pace
+        self.server_fingerprint = ""
+        self.username = ""
+        self.members: list[str] = []
+        self.token = ""
+        self.token_expires_at = 0
+        self.sock: socket.socket | None = None
+        self.channel: SecureChannel | None = None
+        self._server_nonce = b""
+        self._server_key: PublicKey | None = None
+        # Guards the socket's send side and the outgoing sequence numbers.
+        self.send_lock = threading.Lock()
+        # Owned by the caller's thread (the one that sends).
+        self._flood: FloodControl | None = None
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    # ------------------------------------------------------------------ connection
+
+    def connect(self) -> None:
+        """Open the connection, send our key and verify the server's identity."""
+        self._closing.clear()
+        deadline = Deadline(self.timeout)
+        try:
+            self.sock = socket.create_connection((self.host, self.port), timeout=deadline.timeout())
+        except OSError as exc:
+            raise ChatError(
+                f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock.sendall(
+                encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(self.public_key_der))
+            )
+            frame_type, body = self._read(deadline)
+            if frame_type is not FrameType.CONTROL:
+                raise ChatError("the server sent something unexpected during the handshake")
+            reply = decode_control(body)
+            if reply["type"] == "error":
+                raise LoginRefused(str(reply.get("code")), f"server refused: {reply.get('message')}")
+            if reply["type"] != "server_hello" or reply.get("version") != PROTOCOL_VERSION:
+                raise ChatError("the server speaks another protocol version")
+            server_key = crypto_utils.load_public_key(b64decode(reply.get("server_key"), "server_key"))
+            nonce = b64decode(reply.get("nonce"), "nonce")
+            signature = b64decode(reply.get("signature"), "signature")
+        except (ProtocolError, CryptoError) as exc:
+            self.close()
+            raise ChatError(f"bad handshake from the server: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        fingerprint = crypto_utils.fingerprint(server_key)
+        try:
+            self._check_host_key(fingerprint)
+            # The signature covers our key and a fresh nonce: a recording cannot pass it.
+            crypto_utils.verify_signature(
+                server_key, signature, HELLO_CONTEXT + nonce + hashlib.sha256(self.public_key_der).digest()
+            )
+        except CryptoError:
+            self.close()
+            raise HostKeyError("the server failed to prove it holds its key: possible impostor") from None
+        except BaseException:
+            self.close()
+            raise
+        self.server_fingerprint = fingerprint
+        self._server_key = server_key
+        self._server_nonce = nonce
+        self.channel = SecureChannel(
+            self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS
+        )
+
+    def _check_host_key(self, fingerprint: str) -> None:
+        host_id = KnownHosts.host_id(self.host, self.port)
+        if self.expected_fingerprint is not None:
+            if fingerprint != self.expected_fingerprint:
+                raise HostKeyError(
+                    f"server key {fingerprint} is not the expected {self.expected_fingerprint}"
+                )
+            return
+        pinned = self.known_hosts.lookup(host_id)
+        if pinned is not None:
+            known, line = pinned
+            if known != fingerprint:
+                raise HostKeyError(
+                    f"WARNING: THE SERVER KEY FOR {host_id} HAS CHANGED ({fingerprint}, "
+                    f"expected {known}). Someone may be intercepting the connection. If the "
+                    f"server's key really changed, remove line {line} of {self.known_hosts.path}"
+                )
+            return
+        accepted = self.accept_new_host_key or (
+            self.confirm_host_key is not None and self.confirm_host_key(host_id, fingerprint)
+        )
+        if not accepted:
+            raise HostKeyError(
+                f"unknown server key for {host_id} ({fingerprint}); "
+                "check it with the operator, then connect on a terminal or pass --accept-new-host-key"
+            )
+        self.known_hosts.add(host_id, fingerprint)
+
+    def _read(self, deadline: Deadline | None = None) -> tuple[FrameType, bytes]:
+        assert self.sock is not None
+        if deadline is not None:
+            self.sock.settimeout(deadline.timeout())
+        try:
+            return read_frame(self.sock, MAX_FRAME_SIZE)
+        except ConnectionClosed as exc:
+            raise ChatError(f"the server closed the connection ({exc})") from None
+        except TimeoutError:
+            raise ChatError("the server did not answer in time") from None
+
+    def login(self, username: str, password: str) -> Welcome:
+        """Log in with a password. Raises ``LoginRefused`` with the server's reason."""
+        if self.channel is None:
+            self.connect()
+        return self._authenticate(
+            username,
+            lambda session_key: Login(
+                username=username,
+                password=password,
+                server_nonce=b64encode(self._server_nonce),
+                client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
+                session_key=session_key,
+            ),
+        )
+
+    def resume(self) -> Welcome:
+        """Log in again with the token from the last session (same key pair, no password)."""
+        if not self.token:
+            raise LoginRefused("token_missing", "no session to resume")
+        if self.channel is None:
+            self.connect()
+        return self._authenticate(
+            self.username,
+            lambda session_key: Resume(
+                token=self.token,
+                server_nonce=b64encode(self._server_nonce),
+                client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
+                session_key=session_key,
+            ),
+        )
+
+    def _authenticate(self, username: str, build: Callable[[str], Message]) -> Welcome:
+        assert self.channel is not None and self.sock is not None
+        session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+        self.channel.session_key = session_key
+        try:
+            with self.send_lock:
+                self.sock.sendall(self.channel.seal(build(b64encode(session_key))))
+            frame_type, body = self._read(Deadline(self.timeout))
+            if frame_type is FrameType.CONTROL:
+                reply = decode_control(body)
+                raise LoginRefused(str(reply.get("code")), str(reply.get("message", "refused")))
+            # The server names us in the associated data once it has accepted us.
+            kind = Envelope.decode(body).kind
+            self.channel.username = username if kind is Kind.WELCOME else ""
+            message = self.channel.open(body)
+        except (ProtocolError, CryptoError) as exc:
+            self.close()
+            raise ChatError(f"bad reply from the server: {exc}") from None
+        except OSError as exc:
+            self.close()
+            raise ChatError(f"connection lost while logging in: {exc.strerror or exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(message, ErrorReply):
+            self.close()
+            if message.code in ("token_expired", "token_revoked", "token_invalid", "token_wrong_key"):
+                self.token = ""
+            raise LoginRefused(message.code, message.message)
+        if not isinstance(message, Welcome):
+            self.close()
+            raise ChatError("the server sent something unexpected after login")
+        self.username = message.username
+        self.channel.username = message.username
+        self.members = list(message.members)
+        self.token, self.token_expires_at = message.token, message.expires_at
+        if self.pace and message.flood_rate > 0 and message.flood_burst > 1:
+            # A margin below the server's bucket, so network jitter never tips us over.
+            self._flood = FloodControl(message.flood_rate * 0.9, message.flood_burst - 1)
+        else:
+            self._flood = None
+        self.sock.settimeout(IDLE_TIMEOUT)
+        self._reader = threading.Thread(target=self._run_reader, name="chat-reader", daemon=True)
+        self._reader.start()
+        return message
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, build: Callable[[str], Message], paced: bool = False) -> None:
+        if self.channel is None or self.sock is None:
+            raise ChatError("not connected")
+        if paced and self._flood is not None:
+            while not self._flood.allow():
+                time.sleep(0.05)
+        try:
+            with self.send_lock:
+                self.sock.sendall(self.channel.seal(build(self.token)))
+        except OSError as exc:
+            raise ChatError(f"not sent: connection lost ({exc.strerror or exc})") from None
+
+    def say(self, text: str) -> None:
+        """Send a public line to everyone else."""
+        self._send(lambda token: Say(token=token, text=text), paced=True)
+
+    def action(self, text: str) -> None:
+        """Send an action line ("* alice waves")."""
+        self._send(lambda token: Say(token=token, text=text, action=True), paced=True)
+
+    def private(self, recipient: str, text: str, *, action: bool = False) -> None:
+        """Send a line to one user only."""
+        self._send(
+            lambda token: Private(token=token, recipient=recipient, text=text, action=action), paced=True
+        )
+
+    def who(self) -> None:
+        """Ask who is online; the answer arrives as a ``Roster`` event."""
+        self._send(lambda token: Who(token=token))
+
+    def leave(self, reason: str = "") -> None:
+        """Say goodbye (with an optional parting message), wait for the server, close."""
+        if self.channel is not None and self.sock is not None and self._reader is not None:
+            try:
+                self._send(lambda token: Leave(token=token, reason=reason))
+                self._reader.join(timeout=LEAVE_TIMEOUT)
+            except ChatError:
+                pass
+        self.close()
+
+    # ------------------------------------------------------------------ receiving
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None if none arrives within ``timeout`` seconds."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def events(self) -> Iterator[Event]:
+        """Yield events until (and including) ``Disconnected``."""
+        while True:
+            event = self._events.get()
+            yield event
+            if isinstance(event, Disconnected):
+                return
+
+    def _run_reader(self) -> None:
+        assert self.sock is not None and self.channel is not None
+        reason, clean = "connection closed", False
+        try:
+            while True:
+                frame_type, body = read_frame(self.sock, MAX_FRAME_SIZE)
+                if frame_type is FrameType.CONTROL:
+                    control = decode_control(body)
+                    if control["type"] == "ping":
+                        with self.send_lock:
+                            self.sock.sendall(encode_control("pong"))
+                    elif control["type"] == "error":
+                        reason = str(control.get("message", "error"))
+                        return
+                    continue
+                message = self.channel.open(body)
+                if isinstance(message, TokenRefresh):
+                    self.token, self.token_expires_at = message.token, message.expires_at
+                    continue
+                if isinstance(message, Notice):
+                    self._track_members(message)
+                elif isinstance(message, Roster):
+                    self.members = list(message.members)
+                self._events.put(message)  # type: ignore[arg-type]
+                if isinstance(message, Goodbye):
+                    reason, clean = message.reason, True
+                    return
+                if isinstance(message, ErrorReply) and message.fatal:
+                    reason = message.message
+                    if message.code.startswith("token"):
+                        self.token = ""
+                    return
+        except ConnectionClosed as exc:
+            reason = "connection lost" if not self._closing.is_set() else "closed"
+            clean = self._closing.is_set()
+            if str(exc) != "connection closed by peer":
+                reason = f"connection lost ({exc})"
+        except TimeoutError:
+            reason = "connection lost (the server stopped answering)"
+        except (ProtocolError, CryptoError):
+            reason = "connection dropped: the server sent a frame that does not verify"
+        except OSError as exc:
+            reason = "closed" if self._closing.is_set() else f"connection lost ({exc.strerror or exc})"
+            clean = self._closing.is_set()
+        finally:
+            self._events.put(Disconnected(reason=reason, clean=clean))
+            self._shutdown_socket()
+
+    def _track_members(self, notice: Notice) -> None:
+        members = set(self.members)
+        if notice.event == "joined":
+            members.add(notice.name)
+        elif notice.event == "left":
+            members.discard(notice.name)
+        self.members = sorted(members)
+
+    # ------------------------------------------------------------------ closing
+
+    def _shutdown_socket(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Close the connection and stop the reader thread. Safe to call twice."""
+        self._closing.set()
+        self._shutdown_socket()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=2.0)
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.channel = None
+        self._reader = None
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ============================================================================ the command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Secure terminal group chat client.")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default: {DEFAULT_HOST})")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})"
+    )
+    parser.add_argument("--user", metavar="NAME", help="user name (asked for on a terminal if omitted)")
+    parser.add_argument(
+        "--known-hosts",
+        type=Path,
+        metavar="FILE",
+        help=f"pinned server keys (default: {default_known_hosts_path()})",
+    )
+    parser.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="trust an unknown server key without asking (a changed key is still refused)",
+    )
+    parser.add_argument(
+        "--key-size",
+        type=int,
+        default=crypto_utils.DEFAULT_KEY_SIZE,
+        choices=crypto_utils.ALLOWED_KEY_SIZES,
+        help="RSA size of this session's key",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ui  # the terminal front end, built on the class above
+
+    args = build_parser().parse_args(argv)
+    options: dict[str, Any] = {
+        "known_hosts": KnownHosts(args.known_hosts),
+        "accept_new_host_key": args.accept_new_host_key,
+        "key_size": args.key_size,
+    }
+    if sys.stdin.isatty():
+        return ui.run_interactive(args.host, args.port, args.user, options)
+    return ui.run_batch(args.host, args.port, args.user, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Keys, fingerprints and hybrid encryption, on the ``cryptography`` package.
+
+Bytes in, bytes out: no sockets, no protocol state. RSA-OAEP (SHA-256) wraps a
+fresh AES-256-GCM key per message; RSA-PSS signs the server's handshake.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+ALLOWED_KEY_SIZES = (2048, 3072, 4096)
+DEFAULT_KEY_SIZE = 2048
+PUBLIC_EXPONENT = 65537
+AES_KEY_SIZE = 32
+NONCE_SIZE = 12
+SESSION_KEY_SIZE = 32
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+
+PrivateKey = rsa.RSAPrivateKey
+PublicKey = rsa.RSAPublicKey
+
+
+class CryptoError(Exception):
+    """Decryption, verification or key loading failed. Says what, never the secret."""
+
+
+class InsecureFileError(CryptoError):
+    """A secret file is readable or writable by someone other than its owner."""
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def generate_private_key(key_size: int = DEFAULT_KEY_SIZE) -> PrivateKey:
+    """Generate an RSA key pair of an allowed size."""
+    if key_size not in ALLOWED_KEY_SIZES:
+        raise ValueError(f"key size must be one of {ALLOWED_KEY_SIZES}, not {key_size}")
+    return rsa.generate_private_key(public_exponent=PUBLIC_EXPONENT, key_size=key_size)
+
+
+def public_key_bytes(public_key: PublicKey) -> bytes:
+    """The DER SubjectPublicKeyInfo encoding: what goes on the wire and into fingerprints."""
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_public_key(der: bytes) -> PublicKey:
+    """Load a peer's public key, accepting only RSA of an allowed size with e = 65537."""
+    try:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, TypeError) as exc:
+        raise CryptoError("not a valid DER public key") from exc
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise CryptoError("public key is not RSA")
+    if key.key_size not in ALLOWED_KEY_SIZES:
+        raise CryptoError(f"RSA key size {key.key_size} not in {ALLOWED_KEY_SIZES}")
+    if key.public_numbers().e != PUBLIC_EXPONENT:
+        raise CryptoError("RSA public exponent must be 65537")
+    return key
+
+
+def fingerprint(public_key: PublicKey) -> str:
+    """SHA-256 fingerprint of the DER public key, written as ``ssh-keygen -l`` does."""
+    digest = hashlib.sha256(public_key_bytes(public_key)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def _b64url_uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def jwk_thumbprint(public_key: PublicKey) -> str:
+    """RFC 7638 JWK SHA-256 thumbprint: the ``jkt`` of an RFC 7800 ``cnf`` claim."""
+    numbers = public_key.public_numbers()
+    canonical = json.dumps(
+        {"e": _b64url_uint(numbers.e), "kty": "RSA", "n": _b64url_uint(numbers.n)},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(canonical.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+# --------------------------------------------------------------------------- hybrid encryption
+
+
+def wrap_key(recipient_public_key: PublicKey, key: bytes) -> bytes:
+    """Encrypt a symmetric key for one recipient with RSA-OAEP (SHA-256)."""
+    return recipient_public_key.encrypt(key, _OAEP)
+
+
+def seal(recipient_public_key: PublicKey, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes, bytes]:
+    """Encrypt for one recipient: returns (wrapped AES key, nonce, ciphertext with tag)."""
+    message_key = AESGCM.generate_key(bit_length=AES_KEY_SIZE * 8)
+    nonce = os.urandom(NONCE_SIZE)
+    ciphertext = AESGCM(message_key).encrypt(nonce, plaintext, aad)
+    return wrap_key(recipient_public_key, message_key), nonce, ciphertext
+
+
+def open_sealed(
+    private_key: PrivateKey, wrapped_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes
+) -> bytes:
+    """Reverse ``seal``; raises ``CryptoError`` if anything was altered or misdirected."""
+    try:
+        message_key = private_key.decrypt(wrapped_key, _OAEP)
+    except ValueError as exc:
+        raise CryptoError("cannot unwrap message key") from exc
+    if len(message_key) != AES_KEY_SIZE or len(nonce) != NONCE_SIZE:
+        raise CryptoError("bad message key or nonce size")
+    try:
+        return AESGCM(message_key).decrypt(nonce, ciphertext, aad)
+    except InvalidTag as exc:
+        raise CryptoError("message failed authentication") from exc
+
+
+def sign(private_key: PrivateKey, data: bytes) -> bytes:
+    """RSA-PSS (SHA-256) signature."""
+    return private_key.sign(data, _PSS, hashes.SHA256())
+
+
+def verify_signature(public_key: PublicKey, signature: bytes, data: bytes) -> None:
+    """Raise ``CryptoError`` unless ``signature`` is the key owner's over ``data``."""
+    try:
+        public_key.verify(signature, data, _PSS, hashes.SHA256())
+    except InvalidSignature as exc:
+        raise CryptoError("signature does not verify") from exc
+
+
+def session_mac(session_key: bytes, direction: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 under the per-connection session key, labelled by direction."""
+    return hmac.new(session_key, direction + b"\0" + data, hashlib.sha256).digest()
+
+
+def macs_equal(expected: bytes, received: bytes) -> bool:
+    return hmac.compare_digest(expected, received)
+
+
+# --------------------------------------------------------------------------- secrets on disk
+
+
+def check_owner_only(path: Path) -> None:
+    """Raise ``InsecureFileError`` if group or others have any access to ``path``."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecureFileError(
+            f"{path} is accessible by other users (mode {stat.filemode(mode)}); fix it with: chmod 600 {path}"
+        )
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 holding ``data``; never overwrites an existing file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_or_create_private_key(path: Path, key_size: int = DEFAULT_KEY_SIZE) -> PrivateKey:
+    """Load the server's persistent key, generating it (mode 0600) on first run."""
+    if not path.exists():
+        key = generate_private_key(key_size)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_secret_file(path, pem)
+        return key
+    check_owner_only(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CryptoError(f"{path} does not hold a readable private key") from exc
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CryptoError(f"{path} does not hold an RSA private key")
+    return key
+
+
+def load_or_create_secret(path: Path, size: int = 32) -> bytes:
+    """Load a random secret, generating ``size`` bytes (mode 0600) on first run."""
+    if not path.exists():
+        write_secret_file(path, os.urandom(size).hex().encode("ascii"))
+    check_owner_only(path)
+    try:
+        secret = bytes.fromhex(path.read_text("ascii").strip())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CryptoError(f"{path} does not hold a hex secret") from exc
+    if len(secret) < size:
+        raise CryptoError(f"{path} holds fewer than {size} bytes of secret")
+    return secret

@@ -1,0 +1,570 @@
+"""The chat protocol as data: framing, envelope layout and message types.
+
+Nothing here touches a socket, a thread or a key. Bytes go in, typed messages
+come out, and the reverse; the whole protocol can be tested by feeding it bytes.
+See docs/PROTOCOL.md for the handshake and the meaning of every field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import struct
+from dataclasses import MISSING, asdict, dataclass, fields
+from enum import IntEnum
+from functools import cached_property
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+#: Largest frame payload accepted or sent. Checked before anything is allocated.
+MAX_FRAME_SIZE = 64 * 1024
+#: Largest chat text, in UTF-8 bytes; leaves room for the envelope and a 4096-bit wrap.
+MAX_TEXT_BYTES = 32 * 1024
+#: Longest reason a client may give when leaving.
+MAX_REASON_CHARS = 200
+
+FRAME_HEADER = struct.Struct("!I")
+ENVELOPE_HEADER = struct.Struct("!BQH")  # kind, sequence number, wrapped-key length
+NONCE_SIZE = 12
+MAC_SIZE = 32
+
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow (routine: drop the peer)."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A length prefix announced more than the maximum frame size."""
+
+
+class FrameType(IntEnum):
+    """First byte of every frame payload."""
+
+    CONTROL = 1  # cleartext JSON: handshake, pre-login errors, keepalive
+    SEALED = 2  # encrypted envelope, see Envelope
+
+
+class Kind(IntEnum):
+    """What a sealed envelope carries. Bound into the AES-GCM associated data."""
+
+    # client -> server
+    LOGIN = 1
+    RESUME = 2
+    SAY = 3
+    PRIVATE = 4
+    WHO = 5
+    LEAVE = 6
+    # server -> client
+    WELCOME = 16
+    CHAT = 17
+    NOTICE = 18
+    ROSTER = 19
+    ERROR = 20
+    TOKEN = 21
+    GOODBYE = 22
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def encode_frame(frame_type: FrameType, body: bytes) -> bytes:
+    """Return one length-prefixed frame; raises ``ValueError`` if it would be too large."""
+    size = 1 + len(body)
+    if size > MAX_FRAME_SIZE:
+        raise ValueError(f"frame of {size} bytes exceeds the {MAX_FRAME_SIZE}-byte limit")
+    return FRAME_HEADER.pack(size) + bytes((frame_type,)) + body
+
+
+class FrameDecoder:
+    """Incremental frame parser: feed bytes in any split, take whole payloads out.
+
+    Raises ``ProtocolError`` (never anything else) on an empty, oversized or
+    unknown frame. The size is checked from the prefix alone, before buffering.
+    """
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[FrameType, bytes]]:
+        """Add received bytes; return every frame now complete, in order."""
+        self._buffer += data
+        frames: list[tuple[FrameType, bytes]] = []
+        while True:
+            if len(self._buffer) < FRAME_HEADER.size:
+                return frames
+            (size,) = FRAME_HEADER.unpack_from(self._buffer)
+            check_frame_size(size, self.max_frame_size)
+            end = FRAME_HEADER.size + size
+            if len(self._buffer) < end:
+                return frames
+            payload = bytes(self._buffer[FRAME_HEADER.size : end])
+            del self._buffer[:end]
+            frames.append(split_payload(payload))
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buffer)
+
+
+def check_frame_size(size: int, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    """Raise ``ProtocolError`` unless a length prefix is acceptable."""
+    if size == 0:
+        raise ProtocolError("empty frame")
+    if size > max_frame_size:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds the {max_frame_size}-byte limit")
+
+
+def split_payload(payload: bytes) -> tuple[FrameType, bytes]:
+    """Split a frame payload into its type and body."""
+    try:
+        frame_type = FrameType(payload[0])
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {payload[0]}") from None
+    return frame_type, payload[1:]
+
+
+# --------------------------------------------------------------------------- envelopes
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The cleartext layout of a sealed frame.
+
+    ``kind`` and ``seq`` travel in clear so the receiver can rebuild the
+    associated data; both are authenticated by AES-GCM and by the MAC.
+    """
+
+    kind: Kind
+    seq: int
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    mac: bytes
+
+    def header(self) -> bytes:
+        return ENVELOPE_HEADER.pack(self.kind, self.seq, len(self.wrapped_key))
+
+    def mac_input(self) -> bytes:
+        """The bytes the session MAC covers: everything but the MAC itself."""
+        return self.header() + self.wrapped_key + self.nonce + self.ciphertext
+
+    def encode(self) -> bytes:
+        return self.mac_input() + self.mac
+
+    @classmethod
+    def decode(cls, body: bytes) -> Envelope:
+        """Parse a sealed frame body; raises ``ProtocolError`` if it is malformed."""
+        minimum = ENVELOPE_HEADER.size + NONCE_SIZE + 16 + MAC_SIZE
+        if len(body) < minimum:
+            raise ProtocolError("sealed frame too short")
+        kind_value, seq, wrapped_size = ENVELOPE_HEADER.unpack_from(body)
+        try:
+            kind = Kind(kind_value)
+        except ValueError:
+            raise ProtocolError(f"unknown message kind {kind_value}") from None
+        start = ENVELOPE_HEADER.size
+        if len(body) < minimum + wrapped_size:
+            raise ProtocolError("sealed frame too short for its wrapped key")
+        wrapped_key = body[start : start + wrapped_size]
+        nonce_start = start + wrapped_size
+        nonce = body[nonce_start : nonce_start + NONCE_SIZE]
+        ciphertext = body[nonce_start + NONCE_SIZE : -MAC_SIZE]
+        return cls(kind, seq, wrapped_key, nonce, ciphertext, body[-MAC_SIZE:])
+
+
+def associated_data(kind: Kind, seq: int, hop_sender: str, hop_recipient: str) -> bytes:
+    """What the AES-GCM tag binds besides the text: kind, sequence, and who to whom.
+
+    The hop is named, not the chat author: from a client the sender is its user
+    name ("" before login) and the recipient is "server"; from the server the
+    sender is "server" and the recipient is the user. The author of a chat line
+    travels inside the ciphertext, set by the server from the session.
+    """
+    return b"\0".join(
+        (
+            b"chat/%d" % PROTOCOL_VERSION,
+            b"%d" % kind,
+            b"%d" % seq,
+            hop_sender.encode(),
+            hop_recipient.encode(),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: Any, what: str) -> bytes:
+    """Decode base64 from the peer; raises ``ProtocolError`` naming the field."""
+    if not isinstance(text, str):
+        raise ProtocolError(f"{what}: expected base64 text")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise ProtocolError(f"{what}: invalid base64") from None
+
+
+# Control characters (C0, DEL, C1) and the bidirectional overrides that can make
+# text display as something other than what it is.
+_UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def sanitize_text(text: str) -> str:
+    """Make text safe to print on someone's terminal.
+
+    Tabs become spaces; every other control character, including ESC, becomes
+    U+FFFD, so a message cannot move the cursor, recolour or retitle a screen.
+    """
+    text = text.replace("\t", "    ")
+    return _UNSAFE_CHARACTERS.sub("\ufffd", text)
+
+
+def validate_username(name: str) -> str:
+    """Return ``name`` if it is a valid user name, else raise ``ValueError``."""
+    if not isinstance(name, str) or not USERNAME_PATTERN.match(name):
+        raise ValueError(
+            "user names are 1-32 characters: letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_text(text: str) -> str:
+    """Validate chat text from a peer: non-empty, one line, within the size limit."""
+    if not text.strip():
+        raise ProtocolError("empty message")
+    if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+        raise ProtocolError(f"message longer than {MAX_TEXT_BYTES} bytes")
+    return sanitize_text(text)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every sealed message: a typed record with a JSON form."""
+
+    KIND: ClassVar[Kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @cached_property
+    def encoded(self) -> bytes:
+        """The JSON plaintext, built once however many recipients it is sealed for."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Message:
+        """Build from the peer's JSON, checking every field's type."""
+        values = {}
+        for spec in fields(cls):
+            if spec.name not in data:
+                if spec.default is not MISSING or spec.default_factory is not MISSING:
+                    continue
+                raise ProtocolError(f"{cls.__name__}: missing field {spec.name!r}")
+            values[spec.name] = data[spec.name]
+        try:
+            message = cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"{cls.__name__}: {exc}") from None
+        return message
+
+
+def _require(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ValueError(problem)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# client -> server ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Login(Message):
+    """Credentials, bound to this connection's client key and server nonce."""
+
+    KIND: ClassVar[Kind] = Kind.LOGIN
+    username: str
+    password: str
+    server_nonce: str
+    client_key_fingerprint: str
+    session_key: str
+
+    def __post_init__(self) -> None:
+        for name in ("username", "password", "server_nonce", "client_key_fingerprint"):
+            _require(isinstance(getattr(self, name), str), f"{name} must be text")
+        _require(isinstance(self.session_key, str), "session_key must be base64 text")
+
+    def __repr__(self) -> str:  # never let a password reach a log through repr()
+        return f"Login(username={self.username!r}, password=<hidden>)"
+
+
+@dataclass(frozen=True)
+class Resume(Message):
+    """Re-authentication with a still-valid token instead of a password."""
+
+    KIND: ClassVar[Kind] = Kind.RESUME
+    token: str
+    server_nonce: str
+    client_key_fingerprint: str
+    session_key: str
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            _require(isinstance(getattr(self, spec.name), str), f"{spec.name} must be text")
+
+    def __repr__(self) -> str:
+        return "Resume(token=<hidden>)"
+
+
+@dataclass(frozen=True)
+class Authenticated(Message):
+    """Base for every message sent after login: each carries the token."""
+
+    token: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(...)"
+
+
+@dataclass(frozen=True)
+class Say(Authenticated):
+    """A public line, or an action (``/me``) when ``action`` is true."""
+
+    KIND: ClassVar[Kind] = Kind.SAY
+    text: str = ""
+    action: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.token, str), "token must be text")
+        _require(isinstance(self.text, str), "text must be text")
+        _require(isinstance(self.action, bool), "action must be true or false")
+
+
+@dataclass(frozen=True)
+class Private(Authenticated):
+    """A line for one recipient only."""
+
+    KIND: ClassVar[Kind] = Kind.PRIVATE
+    recipient: str = ""
+    text: str = ""
+    action: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.token, str), "token must be text")
+        _require(isinstance(self.recipient, str), "recipient must be text")
+        _require(isinstance(self.text, str), "text must be text")
+        _require(isinstance(self.action, bool), "action must be true or false")
+
+
+@dataclass(frozen=True)
+class Who(Authenticated):
+    """Ask who is online."""
+
+    KIND: ClassVar[Kind] = Kind.WHO
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.token, str), "token must be text")
+
+
+@dataclass(frozen=True)
+class Leave(Authenticated):
+    """Leave the room, with an optional parting message."""
+
+    KIND: ClassVar[Kind] = Kind.LEAVE
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.token, str), "token must be text")
+        _require(isinstance(self.reason, str), "reason must be text")
+
+
+# server -> client ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Login accepted: the token and who is already here."""
+
+    KIND: ClassVar[Kind] = Kind.WELCOME
+    username: str
+    token: str
+    expires_at: int
+    members: list[str]
+    #: The server's flood limits, so a client can pace a pasted block instead of losing lines.
+    flood_burst: int = 0
+    flood_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.username, str), "username must be text")
+        _require(isinstance(self.token, str), "token must be text")
+        _require(isinstance(self.expires_at, int), "expires_at must be a number")
+        _require(_is_str_list(self.members), "members must be a list of names")
+        _require(isinstance(self.flood_burst, int), "flood_burst must be a number")
+        _require(isinstance(self.flood_rate, int | float), "flood_rate must be a number")
+
+    def __repr__(self) -> str:
+        return f"Welcome(username={self.username!r}, members={self.members!r})"
+
+
+@dataclass(frozen=True)
+class Chat(Message):
+    """A line someone wrote. ``sender`` is set by the server, never by the author."""
+
+    KIND: ClassVar[Kind] = Kind.CHAT
+    sender: str
+    text: str
+    sent_at: float
+    action: bool = False
+    private: bool = False
+    recipient: str = ""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.sender, str), "sender must be text")
+        _require(isinstance(self.text, str), "text must be text")
+        _require(isinstance(self.sent_at, int | float), "sent_at must be a number")
+        _require(isinstance(self.action, bool), "action must be true or false")
+        _require(isinstance(self.private, bool), "private must be true or false")
+        _require(isinstance(self.recipient, str), "recipient must be text")
+
+    def __repr__(self) -> str:  # message text stays out of logs
+        return f"Chat(sender={self.sender!r}, private={self.private})"
+
+
+@dataclass(frozen=True)
+class Notice(Message):
+    """Something happened in the room: ``event`` is joined, left or info."""
+
+    KIND: ClassVar[Kind] = Kind.NOTICE
+    event: str
+    name: str = ""
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.event in ("joined", "left", "info"), "unknown notice event")
+        _require(isinstance(self.name, str), "name must be text")
+        _require(isinstance(self.text, str), "text must be text")
+
+
+@dataclass(frozen=True)
+class Roster(Message):
+    """The reply to Who: everyone online, sorted."""
+
+    KIND: ClassVar[Kind] = Kind.ROSTER
+    members: list[str]
+
+    def __post_init__(self) -> None:
+        _require(_is_str_list(self.members), "members must be a list of names")
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    """The server refused something. ``fatal`` means the connection is closing."""
+
+    KIND: ClassVar[Kind] = Kind.ERROR
+    code: str
+    message: str
+    fatal: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.code, str), "code must be text")
+        _require(isinstance(self.message, str), "message must be text")
+        _require(isinstance(self.fatal, bool), "fatal must be true or false")
+
+
+@dataclass(frozen=True)
+class TokenRefresh(Message):
+    """A fresh token replacing one that is past half its life."""
+
+    KIND: ClassVar[Kind] = Kind.TOKEN
+    token: str
+    expires_at: int
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.token, str), "token must be text")
+        _require(isinstance(self.expires_at, int), "expires_at must be a number")
+
+    def __repr__(self) -> str:
+        return "TokenRefresh(...)"
+
+
+@dataclass(frozen=True)
+class Goodbye(Message):
+    """The server is closing this connection, and why."""
+
+    KIND: ClassVar[Kind] = Kind.GOODBYE
+    reason: str
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.reason, str), "reason must be text")
+
+
+MESSAGE_TYPES: dict[Kind, type[Message]] = {
+    cls.KIND: cls
+    for cls in (
+        Login,
+        Resume,
+        Say,
+        Private,
+        Who,
+        Leave,
+        Welcome,
+        Chat,
+        Notice,
+        Roster,
+        ErrorReply,
+        TokenRefresh,
+        Goodbye,
+    )
+}
+
+#: Which kinds each side may send, so a client cannot send a server message.
+CLIENT_KINDS = frozenset({Kind.LOGIN, Kind.RESUME, Kind.SAY, Kind.PRIVATE, Kind.WHO, Kind.LEAVE})
+SERVER_KINDS = frozenset(MESSAGE_TYPES) - CLIENT_KINDS
+
+
+def decode_message(kind: Kind, plaintext: bytes) -> Message:
+    """Turn a decrypted plaintext into its message type; raises ``ProtocolError``."""
+    try:
+        data = json.loads(plaintext.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError("sealed message is not UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("sealed message is not a JSON object")
+    return MESSAGE_TYPES[kind].from_dict(data)
+
+
+# --------------------------------------------------------------------------- control frames
+
+
+def encode_control(message_type: str, **values: Any) -> bytes:
+    """A cleartext control frame: handshake, pre-login error, keepalive."""
+    body = json.dumps({"type": message_type, **values}, separators=(",", ":")).encode()
+    return encode_frame(FrameType.CONTROL, body)
+
+
+def decode_control(body: bytes) -> dict[str, Any]:
+    """Parse a control frame body; it must be a JSON object with a string ``type``."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError("control frame is not UTF-8 JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ProtocolError("control frame has no type")
+    return data

@@ -1,0 +1,931 @@
+"""The chat server: a thread per connection reading, a thread per connection writing.
+
+Run ``python server.py`` to serve with defaults, or ``python server.py --help``.
+Account management: ``python server.py adduser NAME`` (also ``deluser``,
+``passwd``, ``users``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import ipaddress
+import logging
+import math
+import secrets
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crypto_utils
+from accounts import (
+    DEFAULT_TOKEN_TTL,
+    LoginThrottle,
+    TokenAuthority,
+    TokenClaims,
+    TokenError,
+    UserStore,
+    UserStoreError,
+    hash_password,
+    verify_password,
+)
+from channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
+from chat import FloodControl, LocalRoom, Room
+from crypto_utils import CryptoError
+from protocol import (
+    CLIENT_KINDS,
+    MAX_FRAME_SIZE,
+    MAX_REASON_CHARS,
+    PROTOCOL_VERSION,
+    ErrorReply,
+    FrameType,
+    Goodbye,
+    Leave,
+    Login,
+    Message,
+    Private,
+    ProtocolError,
+    Resume,
+    Roster,
+    Say,
+    TokenRefresh,
+    Welcome,
+    Who,
+    b64decode,
+    b64encode,
+    check_text,
+    decode_control,
+    encode_control,
+    sanitize_text,
+    validate_username,
+)
+
+log = logging.getLogger("chat.server")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7878
+DEFAULT_USERS = HERE / "users.json"
+DEFAULT_DATA_DIR = HERE / "server-data"
+SERVER_KEY_FILE = "server_key.pem"
+TOKEN_SECRET_FILE = "token_secret"
+HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
+WRONG_CREDENTIALS = "wrong user name or password"
+
+
+@dataclass
+class ServerConfig:
+    """Everything an operator can tune. Defaults are what ``python server.py`` uses."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    users_path: Path = DEFAULT_USERS
+    data_dir: Path = DEFAULT_DATA_DIR
+    key_size: int = crypto_utils.DEFAULT_KEY_SIZE
+    allow_demo_accounts: bool = False
+    #: Seconds a new connection has to say hello and send its login.
+    handshake_timeout: float = 10.0
+    max_clients: int = 1000
+    max_connections_per_address: int = 20
+    #: Messages waiting for one slow recipient before it is dropped ("SendQ exceeded").
+    send_queue_size: int = 512
+    #: Flood control: a burst of this many lines, then this many lines per second.
+    flood_burst: int = 20
+    flood_rate: float = 2.0
+    #: Keepalive: ping a connection silent this long; drop it after ping_timeout.
+    ping_interval: float = 20.0
+    ping_timeout: float = 50.0
+    token_ttl: int = DEFAULT_TOKEN_TTL
+    #: Password hashes run at once (each takes 19 MiB and a few tens of ms).
+    hash_workers: int = 2
+    #: How long a login waits for a free hashing slot before "server busy".
+    hash_wait: float = 30.0
+    max_frame_size: int = MAX_FRAME_SIZE
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+
+    @property
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+class OutboundQueue:
+    """A bounded FIFO of what one connection still has to send.
+
+    ``put`` never blocks: when the queue is full it refuses, and the caller
+    drops the slow recipient. ``close`` wakes the writer at once; ``finish``
+    lets it send what is queued first.
+    """
+
+    CLOSE_AFTER_FLUSH = object()
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        # Guards _items and _closed; the writer waits on it for new items.
+        self._items_ready = threading.Condition(threading.Lock())
+        self._items: deque[Any] = deque()
+        self._closed = False
+
+    def put(self, item: Any) -> bool:
+        """Queue ``item``; False if the queue is full. A closed queue drops silently."""
+        with self._items_ready:
+            if self._closed:
+                return True
+            if len(self._items) >= self.max_size:
+                return False
+            self._items.append(item)
+            self._items_ready.notify()
+            return True
+
+    def finish(self, *last_items: Any) -> None:
+        """Queue ``last_items`` past the limit, then ask the writer to close."""
+        with self._items_ready:
+            if self._closed:
+                return
+            self._items.extend(last_items)
+            self._items.append(self.CLOSE_AFTER_FLUSH)
+            self._closed = True
+            self._items_ready.notify()
+
+    def close(self) -> None:
+        """Drop whatever is queued and wake the writer so it exits."""
+        with self._items_ready:
+            self._closed = True
+            self._items.clear()
+            self._items_ready.notify()
+
+    def get(self) -> Any:
+        """Next item, or ``None`` once closed and drained."""
+        with self._items_ready:
+            while not self._items:
+                if self._closed:
+                    return None
+                self._items_ready.wait()
+            return self._items.popleft()
+
+
+class ClientConnection:
+    """One client: its socket, its secure channel, its reader and writer threads.
+
+    The reader thread owns the handshake and everything received; the writer
+    thread owns everything sent after login (and so the outgoing sequence
+    numbers and the RSA work of sealing). Other threads only call ``deliver``
+    and ``close``, which never block.
+    """
+
+    def __init__(self, server: ChatServer, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.server = server
+        self.sock = sock
+        self.address = peer[0]
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.name = ""
+        self.channel: SecureChannel | None = None
+        self.claims: TokenClaims | None = None
+        self.key_thumbprint = ""
+        self.send_queue = OutboundQueue(server.config.send_queue_size)
+        self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
+        # Written by the reader, read by the keepalive thread: a float store is atomic.
+        self.last_inbound = time.monotonic()
+        self.last_ping = 0.0
+        self.in_room = False
+        # Guards close_reason and the closing of the socket, from whichever thread.
+        self._close_lock = threading.Lock()
+        self.close_reason = ""
+        self.closed = threading.Event()
+        self.reader = threading.Thread(target=self._run_reader, name=f"read {self.peer}", daemon=True)
+        self.writer = threading.Thread(target=self._run_writer, name=f"write {self.peer}", daemon=True)
+
+    # ------------------------------------------------------------------ called by other threads
+
+    def deliver(self, message: Message) -> None:
+        """Queue a message for this client; a full queue drops the client (SendQ exceeded)."""
+        if not self.send_queue.put(message):
+            self.close("SendQ exceeded (too slow to receive)")
+
+    def close(self, reason: str) -> None:
+        """Close at once, from any thread. Idempotent; the first reason is kept."""
+        with self._close_lock:
+            if self.closed.is_set():
+                return
+            self.close_reason = reason
+            self.closed.set()
+        self.send_queue.close()
+        self._shutdown_socket()
+
+    def finish(self, reason: str, *last_messages: Message) -> None:
+        """Send ``last_messages`` (typically an error or goodbye), then close."""
+        with self._close_lock:
+            if not self.close_reason:
+                self.close_reason = reason
+        if self.writer.is_alive():
+            self.send_queue.finish(*last_messages)
+        else:
+            self.close(reason)
+
+    def _shutdown_socket(self) -> None:
+        # shutdown() is what wakes a thread blocked in recv() or sendall() on Linux.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ the reader thread
+
+    def _run_reader(self) -> None:
+        reason = "closed"
+        try:
+            self._handshake()
+            self.sock.settimeout(None)
+            self._enter_room()
+            while not self.closed.is_set():
+                frame_type, body = read_frame(self.sock, self.server.config.max_frame_size)
+                self.last_inbound = time.monotonic()
+                self._handle_frame(frame_type, body)
+            reason = self.close_reason
+        except ConnectionClosed as exc:
+            reason = self.close_reason or str(exc)
+        except TimeoutError:
+            reason = "handshake timed out"
+            self._send_control_error("timeout", "handshake timed out")
+        except SequenceError as exc:
+            reason = f"protocol error: {exc}"
+            self._refuse("replay", "replayed or out-of-order frame")
+        except (ProtocolError, CryptoError) as exc:
+            reason = f"protocol error: {exc}"
+            # Say what class of problem it was, never the details: they may be sensitive.
+            self._refuse("protocol_error", "malformed or unverifiable frame")
+        except TokenError as exc:
+            reason = f"token refused: {exc.code}"
+            self._refuse(exc.code, str(exc))
+        except OSError as exc:
+            reason = self.close_reason or f"connection error: {exc.strerror or exc}"
+        except Exception:
+            log.exception("%s: unexpected error", self.peer)
+            reason = "internal error"
+        finally:
+            self.close(reason)
+            if self.in_room:
+                self.server.room.leave(self, self._public_reason())
+            self.server.forget(self)
+            who = f" user={self.name}" if self.name else ""
+            log.info("disconnect %s%s: %s", self.peer, who, self.close_reason or reason)
+
+    def _public_reason(self) -> str:
+        reason = self.close_reason
+        if reason.startswith("quit"):
+            return reason
+        if reason.startswith(("protocol error", "token refused")):
+            return "protocol error"
+        return reason
+
+    def _refuse(self, code: str, message: str) -> None:
+        """Tell the client why it is being dropped, as securely as the state allows."""
+        if self.channel is not None and self.channel.session_key is not None:
+            reply = ErrorReply(code=code, message=message, fatal=True)
+            if self.writer.is_alive():
+                self.finish(message, reply)
+                self.writer.join(timeout=1.0)
+            else:
+                self._send_now(self.channel.seal(reply))
+        else:
+            self._send_control_error(code, message)
+
+    def _send_control_error(self, code: str, message: str) -> None:
+        self._send_now(encode_control("error", code=code, message=message))
+
+    def _send_now(self, data: bytes) -> None:
+        """Best-effort direct send, only while no writer thread owns the socket."""
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def _handshake(self) -> None:
+        config = self.server.config
+        deadline = Deadline(config.handshake_timeout)
+        self.sock.settimeout(deadline.timeout())
+        frame_type, body = read_frame(self.sock, config.max_frame_size)
+        if frame_type is not FrameType.CONTROL:
+            raise ProtocolError("expected hello")
+        hello = decode_control(body)
+        if hello["type"] != "hello" or hello.get("version") != PROTOCOL_VERSION:
+            raise ProtocolError(f"expected hello for protocol version {PROTOCOL_VERSION}")
+        client_key_der = b64decode(hello.get("client_key"), "client_key")
+        client_key = crypto_utils.load_public_key(client_key_der)
+        self.key_thumbprint = crypto_utils.jwk_thumbprint(client_key)
+        nonce = secrets.token_bytes(32)
+        signature = crypto_utils.sign(
+            self.server.private_key, HELLO_CONTEXT + nonce + hashlib.sha256(client_key_der).digest()
+        )
+        self._send_now(
+            encode_control(
+                "server_hello",
+                version=PROTOCOL_VERSION,
+                server_key=b64encode(self.server.public_key_der),
+                nonce=b64encode(nonce),
+                signature=b64encode(signature),
+            )
+        )
+        self.channel = SecureChannel(
+            self.server.private_key, client_key, is_server=True, allowed_incoming=CLIENT_KINDS
+        )
+        self.sock.settimeout(deadline.timeout())
+        frame_type, body = read_frame(self.sock, config.max_frame_size)
+        if frame_type is not FrameType.SEALED:
+            raise ProtocolError("expected login")
+        request = self.channel.open(body)
+        assert isinstance(request, Login | Resume)
+        # The login is bound to this connection: a relayed or replayed one fails here.
+        if not secrets.compare_digest(request.server_nonce, b64encode(nonce)):
+            raise ProtocolError("login is not for this connection (nonce)")
+        if request.client_key_fingerprint != crypto_utils.fingerprint(client_key):
+            raise ProtocolError("login is bound to another client key")
+        self.sock.settimeout(None)  # from here the time spent is ours, not the client's
+        if isinstance(request, Login):
+            self.name = self.server.authenticate_password(self, request)
+        else:
+            self.name = self.server.authenticate_token(self, request)
+
+    def _enter_room(self) -> None:
+        assert self.channel is not None
+        self.channel.username = self.name
+        token, expires_at = self.server.tokens.issue(self.name, self.key_thumbprint)
+        self.claims = self.server.tokens.verify(token, self.key_thumbprint, self.name)
+        self.server.start_writer(self)
+        # Welcome goes first in the queue: the room may deliver to us as soon as we join.
+        roster = sorted(set(self.server.room.who()) | {self.name})
+        config = self.server.config
+        self.deliver(
+            Welcome(
+                username=self.name,
+                token=token,
+                expires_at=expires_at,
+                members=roster,
+                flood_burst=config.flood_burst,
+                flood_rate=config.flood_rate,
+            )
+        )
+        _, replaced = self.server.room.join(self)
+        self.in_room = True
+        if replaced is not None:
+            replaced.close("logged in again from elsewhere")  # type: ignore[attr-defined]
+
+    def _handle_frame(self, frame_type: FrameType, body: bytes) -> None:
+        if frame_type is FrameType.CONTROL:
+            control = decode_control(body)
+            if control["type"] == "ping":
+                self.send_queue.put(encode_control("pong"))
+            elif control["type"] != "pong":
+                raise ProtocolError(f"unexpected control message {control['type']!r}")
+            return
+        assert self.channel is not None
+        message = self.channel.open(body)
+        if not hasattr(message, "token"):
+            raise ProtocolError(f"{message.KIND.name} is not allowed after login")
+        self.claims = self.server.tokens.verify(message.token, self.key_thumbprint, self.name)  # type: ignore[attr-defined]
+        if self.server.tokens.needs_refresh(self.claims):
+            token, expires_at = self.server.tokens.issue(self.name, self.key_thumbprint)
+            self.claims = self.server.tokens.verify(token, self.key_thumbprint, self.name)
+            self.deliver(TokenRefresh(token=token, expires_at=expires_at))
+        if isinstance(message, Say):
+            self._handle_say(message)
+        elif isinstance(message, Private):
+            self._handle_private(message)
+        elif isinstance(message, Who):
+            self.deliver(Roster(members=self.server.room.who()))
+        elif isinstance(message, Leave):
+            reason = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
+            self.server.tokens.revoke(self.claims)
+            self.finish(f"quit: {reason}" if reason else "quit", Goodbye(reason="bye"))
+        else:
+            raise ProtocolError(f"{message.KIND.name} is not allowed after login")
+
+    def _checked_text(self, text: str) -> str | None:
+        try:
+            checked = check_text(text)
+        except ProtocolError as exc:
+            self.deliver(ErrorReply(code="bad_message", message=f"not sent: {exc}"))
+            return None
+        if not self.flood.allow():
+            config = self.server.config
+            self.deliver(
+                ErrorReply(
+                    code="flood",
+                    message=(
+                        f"not sent: you are sending too fast (limit: {config.flood_burst} lines "
+                        f"at once, then {config.flood_rate:g} per second)"
+                    ),
+                )
+            )
+            return None
+        return checked
+
+    def _handle_say(self, message: Say) -> None:
+        text = self._checked_text(message.text)
+        if text is not None:
+            self.server.room.say(self, text, action=message.action)
+
+    def _handle_private(self, message: Private) -> None:
+        if message.recipient == self.name:
+            self.deliver(ErrorReply(code="no_such_user", message="not sent: that is you"))
+            return
+        text = self._checked_text(message.text)
+        if text is None:
+            return
+        if not self.server.room.send_private(self, message.recipient, text, action=message.action):
+            shown = sanitize_text(message.recipient)[:40]
+            self.deliver(ErrorReply(code="no_such_user", message=f"not sent: {shown} is not online"))
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _run_writer(self) -> None:
+        assert self.channel is not None
+        while True:
+            item = self.send_queue.get()
+            if item is None:
+                return
+            if item is OutboundQueue.CLOSE_AFTER_FLUSH:
+                self._shutdown_socket()
+                return
+            try:
+                data = item if isinstance(item, bytes) else self.channel.seal(item)
+                self.sock.sendall(data)
+            except OSError as exc:
+                self.close(f"send failed: {exc.strerror or exc}")
+                return
+            except Exception:
+                log.exception("%s: cannot send", self.peer)
+                self.close("internal error while sending")
+                return
+
+
+class ChatServer:
+    """Accepts connections and runs the room. Same verbs as ``socketserver``.
+
+    ``serve_forever()`` accepts until ``shutdown()``; ``server_close()`` tells
+    every client the server is going down, closes them and joins every thread.
+    The listening socket is bound in the constructor, so ``address`` is known
+    (use port 0 for an ephemeral port).
+    """
+
+    def __init__(self, config: ServerConfig, room: Room | None = None) -> None:
+        self.config = config
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.private_key = crypto_utils.load_or_create_private_key(
+            data_dir / SERVER_KEY_FILE, config.key_size
+        )
+        self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
+        self.fingerprint = crypto_utils.fingerprint(self.private_key.public_key())
+        self.tokens = TokenAuthority(
+            crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE), config.token_ttl
+        )
+        self.users = UserStore(config.users_path)
+        self.users.load()  # a corrupt store is reported now, not at the first login
+        # Hashed for unknown user names, so they cost the same work as a wrong password.
+        self._decoy_hash = hash_password(secrets.token_urlsafe(16))
+        self.room: Room = room if room is not None else LocalRoom()
+        # Bounds how many password hashes run at once (memory and CPU).
+        self.hash_slots = threading.BoundedSemaphore(config.hash_workers)
+        # Guards connections and connections_per_address.
+        self.connections_lock = threading.Lock()
+        self.connections: set[ClientConnection] = set()
+        self.connections_per_address: Counter[str] = Counter()
+        self.stopping = threading.Event()
+        self._serving = threading.Event()
+        self._wakeup_read, self._wakeup_write = socket.socketpair()
+        self.listener = socket.create_server(
+            (config.host, config.port),
+            family=socket.AF_INET6 if ":" in config.host else socket.AF_INET,
+            backlog=512,
+        )
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.keepalive = threading.Thread(target=self._run_keepalive, name="keepalive", daemon=True)
+        self._serve_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def serve_forever(self) -> None:
+        """Accept connections until ``shutdown()`` (or ``request_shutdown()``)."""
+        self._serving.set()
+        self.keepalive.start()
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ)
+        selector.register(self._wakeup_read, selectors.EVENT_READ)
+        try:
+            while not self.stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self.listener:
+                        self._accept()
+        finally:
+            selector.close()
+            self._serving.clear()
+
+    def start(self) -> ChatServer:
+        """Serve in a background thread (handy for tests and benchmarks)."""
+        self._serve_thread = threading.Thread(target=self.serve_forever, name="accept", daemon=True)
+        self._serve_thread.start()
+        return self
+
+    def request_shutdown(self) -> None:
+        """Ask ``serve_forever`` to return. Safe from a signal handler."""
+        self.stopping.set()
+        try:
+            self._wakeup_write.send(b"x")
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        """Stop accepting and wait until ``serve_forever`` has returned."""
+        self.request_shutdown()
+        if self._serve_thread is not None:
+            self._serve_thread.join()
+
+    def server_close(self, grace: float = 1.0) -> None:
+        """Tell every client the server is going down, close them, join every thread."""
+        self.request_shutdown()
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            if connection.in_room:
+                connection.finish("server shutting down", Goodbye(reason="server shutting down"))
+            else:
+                connection.close("server shutting down")
+        give_up = time.monotonic() + grace
+        for connection in connections:
+            connection.writer.join(timeout=max(0.0, give_up - time.monotonic()))
+            connection.close("server shutting down")
+        for connection in connections:
+            connection.reader.join(timeout=max(0.1, give_up + 0.5 - time.monotonic()))
+            connection.sock.close()
+        if self.keepalive.is_alive():
+            self.keepalive.join(timeout=1.0)
+        self.listener.close()
+        self._wakeup_read.close()
+        self._wakeup_write.close()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def __enter__(self) -> ChatServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ connections
+
+    def _accept(self) -> None:
+        try:
+            sock, peer = self.listener.accept()
+        except OSError:
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address = peer[0]
+        with self.connections_lock:
+            refusal = None
+            if len(self.connections) >= self.config.max_clients:
+                refusal = ("server_full", "server is full; try again later")
+            elif self.connections_per_address[address] >= self.config.max_connections_per_address:
+                refusal = ("too_many_connections", "too many connections from your address")
+            else:
+                connection = ClientConnection(self, sock, peer)
+                # Registered before its thread starts, so server_close() cannot miss it.
+                self.connections.add(connection)
+                self.connections_per_address[address] += 1
+        if refusal is not None:
+            log.info("refused %s:%s: %s", peer[0], peer[1], refusal[1])
+            try:
+                sock.settimeout(0.5)
+                sock.sendall(encode_control("error", code=refusal[0], message=refusal[1]))
+            except OSError:
+                pass
+            sock.close()
+            return
+        log.info("connect %s", connection.peer)
+        connection.reader.start()
+
+    def start_writer(self, connection: ClientConnection) -> None:
+        connection.writer.start()
+
+    def forget(self, connection: ClientConnection) -> None:
+        """Drop a finished connection from the books (called by its reader thread)."""
+        if connection.writer.is_alive() and connection.writer is not threading.current_thread():
+            connection.writer.join(timeout=2.0)
+        with self.connections_lock:
+            if connection in self.connections:
+                self.connections.discard(connection)
+                self.connections_per_address[connection.address] -= 1
+                if self.connections_per_address[connection.address] <= 0:
+                    del self.connections_per_address[connection.address]
+        if not self.stopping.is_set():
+            connection.sock.close()
+
+    def _run_keepalive(self) -> None:
+        """Ping quiet clients; drop those that stay silent (vanished peers, no ghosts)."""
+        check_every = max(0.05, min(5.0, self.config.ping_interval / 4))
+        ping = encode_control("ping")
+        while not self.stopping.wait(check_every):
+            now = time.monotonic()
+            with self.connections_lock:
+                connections = [c for c in self.connections if c.in_room]
+            for connection in connections:
+                silent = now - connection.last_inbound
+                if silent > self.config.ping_timeout:
+                    connection.close("no reply to keepalive (connection lost)")
+                elif (
+                    silent > self.config.ping_interval
+                    and now - connection.last_ping > self.config.ping_interval
+                ):
+                    connection.last_ping = now
+                    connection.send_queue.put(ping)
+
+    # ------------------------------------------------------------------ authentication
+
+    def authenticate_password(self, connection: ClientConnection, login: Login) -> str:
+        """Check a password login; returns the user name or raises ``AuthenticationFailed``."""
+        name = login.username
+        keys = [("address", connection.address), ("user", name.casefold()[:64])]
+        wait = self.config.login_throttle.retry_after(keys)
+        if wait > 0:
+            log.info("login throttled from %s", connection.peer)
+            raise AuthenticationFailed(
+                "rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s"
+            )
+        try:
+            record = self.users.get(name)
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
+        if not self.hash_slots.acquire(timeout=self.config.hash_wait):
+            raise AuthenticationFailed("busy", "server busy; try again in a moment")
+        try:
+            stored_hash = record.password_hash if record is not None else self._decoy_hash
+            password_ok = verify_password(login.password, stored_hash)
+        finally:
+            self.hash_slots.release()
+        if record is None or not password_ok:
+            self.config.login_throttle.record_failure(keys)
+            # Only a known name is logged: an unknown one may be a password typed in the wrong box.
+            who = f"user={name}" if record is not None else "unknown user"
+            log.info("login failed %s %s: wrong password", connection.peer, who)
+            raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
+        if record.demo and not self.config.allow_demo_accounts and not self.config.is_loopback:
+            log.warning("login refused %s user=%s: demo account on a public address", connection.peer, name)
+            raise AuthenticationFailed("demo_disabled", "demo accounts are disabled on this server")
+        self.config.login_throttle.record_success(keys)
+        log.info("login ok %s user=%s", connection.peer, name)
+        return name
+
+    def authenticate_token(self, connection: ClientConnection, resume: Resume) -> str:
+        """Check a resume request; returns the user name or raises ``TokenError``."""
+        claims = self.tokens.verify(resume.token, connection.key_thumbprint)
+        try:
+            record = self.users.get(claims.username)
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
+        if record is None:
+            raise TokenError("token_invalid", "that account no longer exists")
+        # The old token is spent: the new session gets a fresh one.
+        self.tokens.revoke(claims)
+        log.info("resume ok %s user=%s", connection.peer, claims.username)
+        return claims.username
+
+
+class AuthenticationFailed(TokenError):
+    """A login was refused; ``code`` and the message go to the client."""
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def read_new_password(name: str) -> str:
+    """Read a password: twice, hidden, on a terminal; one line of stdin otherwise."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"New password for {name}: ")
+        second = getpass.getpass("Repeat it: ")
+        if first != second:
+            raise ValueError("the passwords do not match")
+        password = first
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValueError("the password is empty")
+    return password
+
+
+def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default: Callable[[Any], Any] = (lambda _: argparse.SUPPRESS) if suppress else (lambda value: value)
+    parser.add_argument(
+        "--users",
+        type=Path,
+        default=default(DEFAULT_USERS),
+        metavar="FILE",
+        help="the user store (default: users.json beside server.py)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=default("INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Secure terminal group chat server.",
+        epilog="Accounts: server.py adduser NAME | deluser NAME | passwd NAME | users",
+    )
+    add_common_options(parser, suppress=False)
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})"
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free port"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help="where the server key and token secret live (default: server-data/ beside server.py)",
+    )
+    parser.add_argument(
+        "--key-size",
+        type=int,
+        default=crypto_utils.DEFAULT_KEY_SIZE,
+        choices=crypto_utils.ALLOWED_KEY_SIZES,
+        help="RSA size of a new server key (default: 2048)",
+    )
+    parser.add_argument(
+        "--allow-demo-accounts",
+        action="store_true",
+        help="let demo accounts log in even on a non-loopback address",
+    )
+    parser.add_argument("--max-clients", type=int, default=ServerConfig.max_clients)
+    parser.add_argument(
+        "--max-per-address",
+        type=int,
+        default=ServerConfig.max_connections_per_address,
+        help="connections allowed from one address",
+    )
+    parser.add_argument(
+        "--handshake-timeout", type=float, default=ServerConfig.handshake_timeout, metavar="SECONDS"
+    )
+    parser.add_argument(
+        "--flood-burst",
+        type=int,
+        default=ServerConfig.flood_burst,
+        metavar="LINES",
+        help="lines one user may send at once (default: 20)",
+    )
+    parser.add_argument(
+        "--flood-rate",
+        type=float,
+        default=ServerConfig.flood_rate,
+        metavar="LINES_PER_S",
+        help="sustained lines per second per user; 0 disables (default: 2)",
+    )
+    parser.add_argument(
+        "--send-queue",
+        type=int,
+        default=ServerConfig.send_queue_size,
+        metavar="MESSAGES",
+        help="messages queued for a slow client before it is dropped (default: 512)",
+    )
+    parser.add_argument("--ping-interval", type=float, default=ServerConfig.ping_interval, metavar="SECONDS")
+    parser.add_argument("--ping-timeout", type=float, default=ServerConfig.ping_timeout, metavar="SECONDS")
+    parser.add_argument("--token-ttl", type=int, default=ServerConfig.token_ttl, metavar="SECONDS")
+    parser.add_argument("--hash-workers", type=int, default=ServerConfig.hash_workers)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command, help_text in (
+        ("adduser", "create an account (password read hidden, or one line of stdin)"),
+        ("deluser", "delete an account"),
+        ("passwd", "change an account's password"),
+        ("users", "list the accounts"),
+    ):
+        sub = commands.add_parser(command, help=help_text)
+        add_common_options(sub, suppress=True)
+        if command != "users":
+            sub.add_argument("name")
+    return parser
+
+
+def run_admin_command(args: argparse.Namespace) -> int:
+    store = UserStore(args.users)
+    try:
+        if args.command == "users":
+            for record in store.load().values():
+                print(f"{record.name}{'  (demo)' if record.demo else ''}")
+            return 0
+        name = args.name
+        if args.command == "adduser":
+            validate_username(name)
+            if store.get(name) is not None:
+                raise ValueError(f"user {name!r} already exists")
+            store.add(name, read_new_password(name))
+            print(f"added {name}")
+        elif args.command == "deluser":
+            store.delete(name)
+            print(f"deleted {name}")
+        elif args.command == "passwd":
+            if store.get(name) is None:
+                raise KeyError(name)
+            store.set_password(name, read_new_password(name))
+            print(f"password changed for {name}")
+    except KeyError as exc:
+        print(f"error: no user {exc.args[0]!r} in {args.users}", file=sys.stderr)
+        return 1
+    except (ValueError, UserStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        print("\ncancelled", file=sys.stderr)
+        return 130
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        users_path=args.users,
+        data_dir=args.data_dir,
+        key_size=args.key_size,
+        allow_demo_accounts=args.allow_demo_accounts,
+        handshake_timeout=args.handshake_timeout,
+        max_clients=args.max_clients,
+        max_connections_per_address=args.max_per_address,
+        send_queue_size=args.send_queue,
+        flood_burst=args.flood_burst,
+        flood_rate=args.flood_rate,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        token_ttl=args.token_ttl,
+        hash_workers=args.hash_workers,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    if args.command:
+        return run_admin_command(args)
+    config = config_from_args(args)
+    try:
+        server = ChatServer(config)
+    except (CryptoError, UserStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    demo_names = [record.name for record in server.users.load().values() if record.demo]
+    if demo_names:
+        if config.is_loopback or config.allow_demo_accounts:
+            log.warning(
+                "demo accounts are enabled (%s): remove them with 'server.py deluser NAME'",
+                ", ".join(demo_names),
+            )
+        else:
+            log.warning(
+                "demo accounts (%s) are refused on %s; pass --allow-demo-accounts to allow them",
+                ", ".join(demo_names),
+                config.host,
+            )
+    host, port = server.address
+    key_bits = server.private_key.key_size
+    print(f"Server key fingerprint: {key_bits} {server.fingerprint} (RSA)", flush=True)
+    print(f"Listening on {host}:{port}", flush=True)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        server.request_shutdown()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.serve_forever()
+    finally:
+        log.info("shutting down")
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

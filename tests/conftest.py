@@ -1,0 +1,188 @@
+"""Shared fixtures: a real server on an ephemeral loopback port, real clients, no leaks.
+
+Every test gets its own users file, data directory and known-hosts file under
+``tmp_path``. Servers and clients made through these fixtures are stopped at
+teardown, and a test that leaves a thread behind fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from accounts import hash_password  # noqa: E402
+from client import ChatClient, Disconnected, KnownHosts  # noqa: E402
+from server import ChatServer, ServerConfig  # noqa: E402
+
+#: Every wait in the tests scales from this one number (raise it on a slow machine).
+TIMEOUT = float(os.environ.get("CHAT_TEST_TIMEOUT", "5"))
+USER_NAMES = ("alice", "bob", "carol", "dave", "erin")
+
+
+def password_of(name: str) -> str:
+    return f"{name}-pass-{len(name)}"
+
+
+@pytest.fixture(scope="session")
+def users_document() -> dict:
+    """The users file content, hashed once per test session (hashing is deliberately slow)."""
+    return {
+        "format": 1,
+        "users": {
+            name: {"password_hash": hash_password(password_of(name)), "demo": False, "created": ""}
+            for name in USER_NAMES
+        },
+    }
+
+
+@pytest.fixture
+def users_file(tmp_path: Path, users_document: dict) -> Path:
+    path = tmp_path / "users.json"
+    path.write_text(json.dumps(users_document, indent=2))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_threads() -> Iterator[None]:
+    """Fail a test that leaves threads running after its fixtures are torn down."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not extra:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"threads left running: {[t.name for t in extra]}")
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., ChatServer]]:
+    """Factory: ``make_server(**config)`` starts a real server on 127.0.0.1, port 0."""
+    servers: list[ChatServer] = []
+
+    def start(**overrides) -> ChatServer:
+        settings = {"host": "127.0.0.1", "port": 0, "users_path": users_file, "data_dir": tmp_path / "data"}
+        settings.update(overrides)
+        server = ChatServer(ServerConfig(**settings)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ChatServer]) -> ChatServer:
+    return make_server()
+
+
+@pytest.fixture
+def connect(server: ChatServer, tmp_path: Path) -> Iterator[Callable[..., ChatClient]]:
+    """Factory: ``connect("alice")`` returns a logged-in client of ``server`` (or ``to=...``)."""
+    clients: list[ChatClient] = []
+
+    def log_in(name: str, *, to: ChatServer | None = None, password: str | None = None, **options) -> ChatClient:
+        target = to or server
+        options.setdefault("server_fingerprint", target.fingerprint)
+        options.setdefault("known_hosts", KnownHosts(tmp_path / "known_hosts"))
+        client = ChatClient(*target.address, timeout=TIMEOUT * 2, **options)
+        clients.append(client)
+        client.login(name, password if password is not None else password_of(name))
+        return client
+
+    yield log_in
+    for client in clients:
+        client.close()
+
+
+def wait_for(client: ChatClient, predicate: Callable[[object], bool], timeout: float = TIMEOUT) -> object:
+    """The first event matching ``predicate``; fails the test if none comes in time."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while (left := deadline - time.monotonic()) > 0:
+        event = client.next_event(timeout=left)
+        if event is None:
+            break
+        seen.append(event)
+        if predicate(event):
+            return event
+        if isinstance(event, Disconnected):
+            break
+    pytest.fail(f"no matching event within {timeout} s; saw {seen!r}")
+
+
+def drain(client: ChatClient, quiet: float = 0.3) -> list[object]:
+    """Every event that arrives until the client has been quiet for ``quiet`` seconds."""
+    events = []
+    while (event := client.next_event(timeout=quiet)) is not None:
+        events.append(event)
+    return events
+
+
+class ServerProcess:
+    """``python server.py`` in a child process, on a free port, stopped at teardown."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.fingerprint = ""
+        self.port = 0
+        deadline = time.monotonic() + TIMEOUT * 4
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited: {self.process.stderr.read() if self.process.stderr else ''}")
+            if match := re.search(r"fingerprint: \d+ (SHA256:\S+)", line):
+                self.fingerprint = match.group(1)
+            if match := re.search(r"Listening on [^ ]+:(\d+)", line):
+                self.port = int(match.group(1))
+                return
+        raise RuntimeError("server did not start in time")
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, then wait; returns (exit status, stderr)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            _, stderr = self.process.communicate(timeout=TIMEOUT * 2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, stderr = self.process.communicate()
+        return self.process.returncode, stderr
+
+
+@pytest.fixture
+def server_process(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: ``server_process(*extra_args)`` runs the real program on port 0."""
+    processes: list[ServerProcess] = []
+
+    def start(*extra: str) -> ServerProcess:
+        args = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data"), *extra]
+        process = ServerProcess(args)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()

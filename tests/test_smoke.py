@@ -1,0 +1,13 @@
+from conftest import drain, wait_for
+
+from client import Chat
+
+
+def test_two_people_chat(connect):
+    alice = connect("alice")
+    bob = connect("bob")
+    wait_for(alice, lambda e: getattr(e, "event", "") == "joined" and e.name == "bob")
+    alice.say("hello bob")
+    message = wait_for(bob, lambda e: isinstance(e, Chat))
+    assert (message.sender, message.text) == ("alice", "hello bob")
+    assert not [e for e in drain(alice) if isinstance(e, Chat)]

@@ -1,0 +1,473 @@
+"""The terminal front end of ``client.py``: commands, line formatting, and the two modes.
+
+Interactive mode (standard input is a terminal) runs a prompt_toolkit prompt
+whose half-typed line stays put while messages print above it. Batch mode
+(standard input is a pipe or file) sends each line read and prints each event
+as one line, for scripts.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from client import (
+    Chat,
+    ChatClient,
+    ChatError,
+    Disconnected,
+    ErrorReply,
+    Goodbye,
+    HostKeyError,
+    LoginRefused,
+    Notice,
+    Roster,
+)
+from protocol import sanitize_text
+
+#: Reconnection back-off: first wait, growth factor, longest wait.
+RECONNECT_FIRST_DELAY = 1.0
+RECONNECT_MAX_DELAY = 30.0
+TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
+
+# --------------------------------------------------------------------------- formatting
+
+NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+@dataclass
+class Style:
+    """How lines look: with or without colour, with or without a time stamp."""
+
+    colour: bool = False
+    timestamps: bool = False
+
+    def name(self, name: str) -> str:
+        name = sanitize_text(name)
+        if not self.colour:
+            return name
+        colour = NAME_COLOURS[zlib.crc32(name.encode()) % len(NAME_COLOURS)]
+        return f"\x1b[{colour}m{name}{RESET}"
+
+    def system(self, text: str) -> str:
+        return f"{DIM}{text}{RESET}" if self.colour else text
+
+    def stamp(self, when: float) -> str:
+        if not self.timestamps:
+            return ""
+        text = time.strftime("%H:%M", time.localtime(when))
+        return f"{DIM}{text}{RESET} " if self.colour else f"{text} "
+
+
+def format_chat(message: Chat, style: Style, own_name: str = "") -> str:
+    """One line for a chat message; text is sanitized so it cannot drive the terminal."""
+    text = sanitize_text(message.text)
+    sender = style.name(message.sender)
+    if message.private:
+        marker = f" → {style.name(message.recipient)}" if message.sender == own_name else " (private)"
+        if message.action:
+            return f"{style.stamp(message.sent_at)}* {sender}{marker} {text}"
+        return f"{style.stamp(message.sent_at)}{sender}{marker}: {text}"
+    if message.action:
+        return f"{style.stamp(message.sent_at)}* {sender} {text}"
+    return f"{style.stamp(message.sent_at)}{sender}: {text}"
+
+
+def format_event(event: Any, style: Style, own_name: str = "") -> tuple[str, bool] | None:
+    """(line, is_error) for an event, or None for events that print nothing."""
+    now = time.time()
+    if isinstance(event, Chat):
+        return format_chat(event, style, own_name), False
+    if isinstance(event, Notice):
+        name = sanitize_text(event.name)
+        if event.event == "joined":
+            return style.stamp(now) + style.system(f"*** {name} joined"), False
+        if event.event == "left":
+            reason = f" ({sanitize_text(event.text)})" if event.text else ""
+            return style.stamp(now) + style.system(f"*** {name} left{reason}"), False
+        return style.stamp(now) + style.system(f"*** {sanitize_text(event.text)}"), False
+    if isinstance(event, Roster):
+        names = ", ".join(sanitize_text(name) for name in event.members)
+        return style.system(f"*** online ({len(event.members)}): {names}"), False
+    if isinstance(event, ErrorReply):
+        return f"error: {sanitize_text(event.message)}", True
+    if isinstance(event, Goodbye):
+        if event.reason == "bye":
+            return None
+        return style.system(f"*** {sanitize_text(event.reason)}"), False
+    return None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class Quit(Exception):
+    """Raised by /quit: leave with an optional parting message."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class CommandContext:
+    """What a command may use: the connection, a way to print, and a little memory."""
+
+    client: ChatClient
+    say_line: Callable[[str], None]
+    show: Callable[[str], None]
+    last_private_sender: str = ""
+    style: Style = field(default_factory=Style)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    usage: str
+    help: str
+    run: Callable[[CommandContext, str], None]
+
+
+def _cmd_help(context: CommandContext, _args: str) -> None:
+    for command in COMMANDS.values():
+        context.show(f"  /{command.name} {command.usage}".rstrip().ljust(26) + command.help)
+    context.show("  //text".ljust(26) + "send a line that starts with /")
+
+
+def _cmd_who(context: CommandContext, _args: str) -> None:
+    context.client.who()
+
+
+def _cmd_msg(context: CommandContext, args: str) -> None:
+    recipient, _, text = args.strip().partition(" ")
+    if not recipient or not text.strip():
+        context.show("usage: /msg NAME text")
+        return
+    context.client.private(recipient, text)
+    context.say_line(
+        format_chat(
+            Chat(
+                sender=context.client.username,
+                text=text,
+                sent_at=time.time(),
+                private=True,
+                recipient=recipient,
+            ),
+            context.style,
+            context.client.username,
+        )
+    )
+
+
+def _cmd_reply(context: CommandContext, args: str) -> None:
+    if not context.last_private_sender:
+        context.show("nobody has written to you privately yet")
+        return
+    _cmd_msg(context, f"{context.last_private_sender} {args}")
+
+
+def _cmd_me(context: CommandContext, args: str) -> None:
+    if not args.strip():
+        context.show("usage: /me action")
+        return
+    context.client.action(args)
+    context.say_line(
+        format_chat(
+            Chat(sender=context.client.username, text=args, sent_at=time.time(), action=True), context.style
+        )
+    )
+
+
+def _cmd_quit(_context: CommandContext, args: str) -> None:
+    raise Quit(args.strip())
+
+
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command("help", "", "list the commands", _cmd_help),
+        Command("who", "", "who is online", _cmd_who),
+        Command("msg", "NAME text", "a private message to one person", _cmd_msg),
+        Command("reply", "text", "answer the last private message", _cmd_reply),
+        Command("me", "action", 'an action line ("* alice waves")', _cmd_me),
+        Command("quit", "[message]", "leave, with an optional parting message", _cmd_quit),
+    )
+}
+
+
+def handle_line(context: CommandContext, line: str) -> None:
+    """Run a command or send a line. Raises ``Quit`` for /quit, ``ChatError`` if offline."""
+    if not line.strip():
+        return
+    if line.startswith("//"):
+        text = line[1:]
+    elif line.startswith("/"):
+        name, _, args = line[1:].partition(" ")
+        command = COMMANDS.get(name.lower())
+        if command is None:
+            context.show(
+                f"unknown command /{sanitize_text(name)}: type /help for the list "
+                "(// sends a line starting with /)"
+            )
+            return
+        command.run(context, args)
+        return
+    else:
+        text = line
+    context.client.say(text)
+    context.say_line(
+        format_chat(Chat(sender=context.client.username, text=text, sent_at=time.time()), context.style)
+    )
+
+
+# --------------------------------------------------------------------------- batch mode
+
+
+def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -> int:
+    """Non-interactive mode: lines in, events out, one line each. Returns the exit status."""
+    if not user:
+        print("error: --user NAME is required when standard input is not a terminal", file=sys.stderr)
+        return 2
+    password = os.environ.get("CHAT_PASSWORD")
+    if password is None:
+        print("error: set CHAT_PASSWORD (the password is never read from the command line)", file=sys.stderr)
+        return 2
+    client = ChatClient(host, port, **options)
+    try:
+        client.login(user, password)
+    except ChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    style = Style()
+    # Guards stdout and stderr, written by both threads.
+    output_lock = threading.Lock()
+    lost = threading.Event()
+
+    def write(stream: TextIO, text: str) -> None:
+        with output_lock:
+            stream.write(text + "\n")
+            stream.flush()
+
+    def print_events() -> None:
+        for event in client.events():
+            if isinstance(event, Disconnected):
+                if not event.clean:
+                    write(sys.stderr, f"error: {event.reason}")
+                    lost.set()
+                    # The main thread may be blocked reading a pipe that never ends.
+                    os._exit(1)
+                return
+            formatted = format_event(event, style, client.username)
+            if formatted is not None:
+                line, is_error = formatted
+                write(sys.stderr if is_error else sys.stdout, line)
+            if isinstance(event, ErrorReply) and event.fatal:
+                lost.set()
+
+    printer = threading.Thread(target=print_events, name="printer", daemon=True)
+    printer.start()
+    # Our own lines are not echoed in batch mode: stdout carries only what others said.
+    context = CommandContext(client, say_line=lambda _line: None, show=lambda text: write(sys.stderr, text))
+    parting = ""
+    try:
+        for raw_line in sys.stdin:
+            try:
+                handle_line(context, raw_line.rstrip("\r\n"))
+            except Quit as quit_request:
+                parting = quit_request.message
+                break
+    except ChatError as exc:
+        write(sys.stderr, f"error: {exc}")
+        client.close()
+        return 1
+    except KeyboardInterrupt:
+        pass
+    client.leave(parting)
+    printer.join(timeout=5.0)
+    return 1 if lost.is_set() else 0
+
+
+# --------------------------------------------------------------------------- interactive mode
+
+
+def ask_yes_no(host_id: str, fingerprint: str) -> bool:
+    print(f"The authenticity of server {host_id} can't be established.")
+    print(f"Its key fingerprint is {fingerprint}.")
+    while True:
+        answer = input("Are you sure you want to continue connecting (yes/no)? ").strip().lower()
+        if answer in ("yes", "no"):
+            return answer == "yes"
+        print("Please type 'yes' or 'no'.")
+
+
+def connect_and_login(client: ChatClient, user: str, password: str) -> None:
+    """Log in; if we spent long on the host-key question and the server gave up, retry once."""
+    asked = []
+    original = client.confirm_host_key
+
+    def confirm(host_id: str, fingerprint: str) -> bool:
+        asked.append(True)
+        return original is not None and original(host_id, fingerprint)
+
+    client.confirm_host_key = confirm
+    try:
+        client.connect()
+        try:
+            client.login(user, password)
+        except LoginRefused:
+            raise
+        except ChatError:
+            if not asked:
+                raise
+            client.close()
+            client.connect()
+            client.login(user, password)
+    finally:
+        client.confirm_host_key = original
+
+
+def run_interactive(host: str, port: int, user: str | None, options: dict[str, Any]) -> int:
+    """The terminal client. Returns the exit status."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import Completer, Completion
+    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    try:
+        user = user or input("User name: ").strip()
+        password = getpass.getpass(f"Password for {user}: ")
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return 1
+    client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
+    try:
+        connect_and_login(client, user, password)
+    except (ChatError, KeyboardInterrupt, EOFError) as exc:
+        print(f"error: {exc}" if isinstance(exc, ChatError) else "", file=sys.stderr)
+        client.close()
+        return 1
+    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
+
+    class ChatCompleter(Completer):
+        """Completes /commands, and names of people online anywhere else."""
+
+        def get_completions(self, document: Any, complete_event: Any) -> Any:
+            before = document.text_before_cursor
+            word = before.split(" ")[-1]
+            if before.startswith("/") and " " not in before:
+                for name in COMMANDS:
+                    if name.startswith(word[1:]):
+                        yield Completion(f"/{name} ", start_position=-len(word))
+                return
+            for name in client.members:
+                if name != client.username and word and name.lower().startswith(word.lower()):
+                    yield Completion(name, start_position=-len(word))
+
+    session: PromptSession[str] = PromptSession(
+        completer=ChatCompleter(),
+        history=InMemoryHistory(),
+        erase_when_done=True,
+        complete_while_typing=False,
+    )
+    # Guards the flag and the last-private memory shared by the prompt and the reader.
+    state_lock = threading.Lock()
+    state = {"online": True, "done": False}
+
+    def show(text: str) -> None:
+        print(style.system(text), flush=True)
+
+    context = CommandContext(client, say_line=lambda line: print(line, flush=True), show=show, style=style)
+
+    def stop_prompt() -> None:
+        app = session.app
+        if app.is_running and app.loop is not None:
+            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
+
+    def reconnect() -> bool:
+        delay = RECONNECT_FIRST_DELAY
+        while True:
+            with state_lock:
+                if state["done"]:
+                    return False
+            show(f"*** reconnecting in {delay:g} s...")
+            time.sleep(delay)
+            try:
+                client.close()
+                client.connect()
+                client.resume()
+                show(f"*** reconnected as {client.username}")
+                return True
+            except LoginRefused as exc:
+                show(f"*** cannot resume: {exc}; restart the client to log in again")
+                return False
+            except HostKeyError as exc:
+                show(f"error: {exc}")
+                return False
+            except ChatError as exc:
+                show(f"*** still offline: {exc}")
+            delay = min(RECONNECT_MAX_DELAY, delay * 2)
+
+    def read_events() -> None:
+        while True:
+            for event in client.events():
+                if isinstance(event, Disconnected):
+                    with state_lock:
+                        if state["done"]:
+                            return
+                        state["online"] = False
+                    if event.clean:
+                        show(f"*** disconnected: {event.reason}")
+                        stop_prompt()
+                        return
+                    show(f"*** connection lost: {event.reason}")
+                    if not reconnect():
+                        stop_prompt()
+                        return
+                    with state_lock:
+                        state["online"] = True
+                    break
+                if isinstance(event, Chat) and event.private and event.sender != client.username:
+                    context.last_private_sender = event.sender
+                formatted = format_event(event, style, client.username)
+                if formatted is not None:
+                    print(formatted[0], flush=True)
+            else:
+                return
+
+    online = ", ".join(client.members)
+    print(style.system(f"*** connected to {host}:{port} as {client.username}; online: {online}"))
+    print(style.system("*** type /help for commands, Ctrl-D or /quit to leave"))
+    parting = ""
+    with patch_stdout(raw=True):
+        reader = threading.Thread(target=read_events, name="events", daemon=True)
+        reader.start()
+        while True:
+            try:
+                line = session.prompt(f"{client.username}> ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            with state_lock:
+                online_now = state["online"]
+            if not online_now and line.strip():
+                show("not sent: offline (reconnecting); your line is in the history (up arrow)")
+                continue
+            try:
+                handle_line(context, line)
+            except Quit as quit_request:
+                parting = quit_request.message
+                break
+            except ChatError as exc:
+                show(f"not sent: {exc}")
+        with state_lock:
+            state["done"] = True
+        client.leave(parting)
+        reader.join(timeout=2.0)
+    return 0
