@@ -107,7 +107,8 @@ class Disconnected:
     """Local event: the connection ended. ``reason`` is for the user."""
 
     reason: str
-    #: True when the server said goodbye or we left; False when the link was lost.
+    #: True when the session ended for good (we left, or the server said not to come back);
+    #: False when the link was lost or the server is restarting: worth reconnecting.
     clean: bool = False
 
 
@@ -217,9 +218,7 @@ class ChatClient:
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=deadline.timeout())
         except OSError as exc:
-            raise ChatError(
-                f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
+            raise ChatError(f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.sock.sendall(
@@ -258,17 +257,13 @@ class ChatClient:
         self.server_fingerprint = fingerprint
         self._server_key = server_key
         self._server_nonce = nonce
-        self.channel = SecureChannel(
-            self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS
-        )
+        self.channel = SecureChannel(self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS)
 
     def _check_host_key(self, fingerprint: str) -> None:
         host_id = KnownHosts.host_id(self.host, self.port)
         if self.expected_fingerprint is not None:
             if fingerprint != self.expected_fingerprint:
-                raise HostKeyError(
-                    f"server key {fingerprint} is not the expected {self.expected_fingerprint}"
-                )
+                raise HostKeyError(f"server key {fingerprint} is not the expected {self.expected_fingerprint}")
             return
         pinned = self.known_hosts.lookup(host_id)
         if pinned is not None:
@@ -381,16 +376,23 @@ class ChatClient:
     # ------------------------------------------------------------------ sending
 
     def _send(self, build: Callable[[str], Message], paced: bool = False) -> None:
-        if self.channel is None or self.sock is None:
-            raise ChatError("not connected")
         if paced and self._flood is not None:
             while not self._flood.allow():
                 time.sleep(0.05)
-        try:
-            with self.send_lock:
-                self.sock.sendall(self.channel.seal(build(self.token)))
-        except OSError as exc:
-            raise ChatError(f"not sent: connection lost ({exc.strerror or exc})") from None
+        with self.send_lock:
+            sock, channel = self.sock, self.channel
+            if sock is None or channel is None or channel.session_key is None:
+                raise ChatError("not sent: not connected")
+            try:
+                sock.sendall(channel.seal(build(self.token)))
+            except OSError as exc:
+                raise ChatError(f"not sent: connection lost ({exc.strerror or exc})") from None
+
+    @property
+    def connected(self) -> bool:
+        """True while logged in and the reader has not seen the connection end."""
+        reader = self._reader
+        return reader is not None and reader.is_alive()
 
     def say(self, text: str) -> None:
         """Send a public line to everyone else."""
@@ -402,9 +404,7 @@ class ChatClient:
 
     def private(self, recipient: str, text: str, *, action: bool = False) -> None:
         """Send a line to one user only."""
-        self._send(
-            lambda token: Private(token=token, recipient=recipient, text=text, action=action), paced=True
-        )
+        self._send(lambda token: Private(token=token, recipient=recipient, text=text, action=action), paced=True)
 
     def who(self) -> None:
         """Ask who is online; the answer arrives as a ``Roster`` event."""
@@ -438,21 +438,23 @@ class ChatClient:
                 return
 
     def _run_reader(self) -> None:
-        assert self.sock is not None and self.channel is not None
+        # This thread's own references: close() may clear the attributes under us.
+        sock, channel = self.sock, self.channel
+        assert sock is not None and channel is not None
         reason, clean = "connection closed", False
         try:
             while True:
-                frame_type, body = read_frame(self.sock, MAX_FRAME_SIZE)
+                frame_type, body = read_frame(sock, MAX_FRAME_SIZE)
                 if frame_type is FrameType.CONTROL:
                     control = decode_control(body)
                     if control["type"] == "ping":
                         with self.send_lock:
-                            self.sock.sendall(encode_control("pong"))
+                            sock.sendall(encode_control("pong"))
                     elif control["type"] == "error":
                         reason = str(control.get("message", "error"))
                         return
                     continue
-                message = self.channel.open(body)
+                message = channel.open(body)
                 if isinstance(message, TokenRefresh):
                     self.token, self.token_expires_at = message.token, message.expires_at
                     continue
@@ -462,7 +464,7 @@ class ChatClient:
                     self.members = list(message.members)
                 self._events.put(message)  # type: ignore[arg-type]
                 if isinstance(message, Goodbye):
-                    reason, clean = message.reason, True
+                    reason, clean = message.reason, not message.may_reconnect
                     return
                 if isinstance(message, ErrorReply) and message.fatal:
                     reason = message.message
@@ -483,7 +485,10 @@ class ChatClient:
             clean = self._closing.is_set()
         finally:
             self._events.put(Disconnected(reason=reason, clean=clean))
-            self._shutdown_socket()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _track_members(self, notice: Notice) -> None:
         members = set(self.members)
@@ -509,10 +514,11 @@ class ChatClient:
         reader = self._reader
         if reader is not None and reader is not threading.current_thread():
             reader.join(timeout=2.0)
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = None
-        self.channel = None
+        with self.send_lock:
+            if self.sock is not None:
+                self.sock.close()
+            self.sock = None
+            self.channel = None
         self._reader = None
 
     def __enter__(self) -> ChatClient:
@@ -528,9 +534,7 @@ class ChatClient:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Secure terminal group chat client.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default: {DEFAULT_HOST})")
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})"
-    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument("--user", metavar="NAME", help="user name (asked for on a terminal if omitted)")
     parser.add_argument(
         "--known-hosts",

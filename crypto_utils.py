@@ -53,9 +53,7 @@ def generate_private_key(key_size: int = DEFAULT_KEY_SIZE) -> PrivateKey:
 
 def public_key_bytes(public_key: PublicKey) -> bytes:
     """The DER SubjectPublicKeyInfo encoding: what goes on the wire and into fingerprints."""
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_public_key(der: bytes) -> PublicKey:
@@ -112,9 +110,7 @@ def seal(recipient_public_key: PublicKey, plaintext: bytes, aad: bytes) -> tuple
     return wrap_key(recipient_public_key, message_key), nonce, ciphertext
 
 
-def open_sealed(
-    private_key: PrivateKey, wrapped_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes
-) -> bytes:
+def open_sealed(private_key: PrivateKey, wrapped_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
     """Reverse ``seal``; raises ``CryptoError`` if anything was altered or misdirected."""
     try:
         message_key = private_key.decrypt(wrapped_key, _OAEP)

@@ -234,8 +234,7 @@ def validate_username(name: str) -> str:
     """Return ``name`` if it is a valid user name, else raise ``ValueError``."""
     if not isinstance(name, str) or not USERNAME_PATTERN.match(name):
         raise ValueError(
-            "user names are 1-32 characters: letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            "user names are 1-32 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
 
@@ -510,9 +509,12 @@ class Goodbye(Message):
 
     KIND: ClassVar[Kind] = Kind.GOODBYE
     reason: str
+    #: True when the client should come back (the server is restarting), false when it should not.
+    may_reconnect: bool = False
 
     def __post_init__(self) -> None:
         _require(isinstance(self.reason, str), "reason must be text")
+        _require(isinstance(self.may_reconnect, bool), "may_reconnect must be true or false")
 
 
 MESSAGE_TYPES: dict[Kind, type[Message]] = {

@@ -338,9 +338,7 @@ class ClientConnection:
                 signature=b64encode(signature),
             )
         )
-        self.channel = SecureChannel(
-            self.server.private_key, client_key, is_server=True, allowed_incoming=CLIENT_KINDS
-        )
+        self.channel = SecureChannel(self.server.private_key, client_key, is_server=True, allowed_incoming=CLIENT_KINDS)
         self.sock.settimeout(deadline.timeout())
         frame_type, body = read_frame(self.sock, config.max_frame_size)
         if frame_type is not FrameType.SEALED:
@@ -379,8 +377,8 @@ class ClientConnection:
         )
         _, replaced = self.server.room.join(self)
         self.in_room = True
-        if replaced is not None:
-            replaced.close("logged in again from elsewhere")  # type: ignore[attr-defined]
+        if isinstance(replaced, ClientConnection):
+            replaced.finish("logged in again from elsewhere", Goodbye(reason="logged in again from elsewhere"))
 
     def _handle_frame(self, frame_type: FrameType, body: bytes) -> None:
         if frame_type is FrameType.CONTROL:
@@ -484,14 +482,10 @@ class ChatServer:
         self.config = config
         data_dir = Path(config.data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.private_key = crypto_utils.load_or_create_private_key(
-            data_dir / SERVER_KEY_FILE, config.key_size
-        )
+        self.private_key = crypto_utils.load_or_create_private_key(data_dir / SERVER_KEY_FILE, config.key_size)
         self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
         self.fingerprint = crypto_utils.fingerprint(self.private_key.public_key())
-        self.tokens = TokenAuthority(
-            crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE), config.token_ttl
-        )
+        self.tokens = TokenAuthority(crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE), config.token_ttl)
         self.users = UserStore(config.users_path)
         self.users.load()  # a corrupt store is reported now, not at the first login
         # Hashed for unknown user names, so they cost the same work as a wrong password.
@@ -560,7 +554,9 @@ class ChatServer:
             connections = list(self.connections)
         for connection in connections:
             if connection.in_room:
-                connection.finish("server shutting down", Goodbye(reason="server shutting down"))
+                connection.finish(
+                    "server shutting down", Goodbye(reason="server shutting down", may_reconnect=True)
+                )
             else:
                 connection.close("server shutting down")
         give_up = time.monotonic() + grace
@@ -646,10 +642,7 @@ class ChatServer:
                 silent = now - connection.last_inbound
                 if silent > self.config.ping_timeout:
                     connection.close("no reply to keepalive (connection lost)")
-                elif (
-                    silent > self.config.ping_interval
-                    and now - connection.last_ping > self.config.ping_interval
-                ):
+                elif silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
                     connection.last_ping = now
                     connection.send_queue.put(ping)
 
@@ -662,9 +655,7 @@ class ChatServer:
         wait = self.config.login_throttle.retry_after(keys)
         if wait > 0:
             log.info("login throttled from %s", connection.peer)
-            raise AuthenticationFailed(
-                "rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s"
-            )
+            raise AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
         try:
             record = self.users.get(name)
         except UserStoreError as exc:
@@ -751,12 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Accounts: server.py adduser NAME | deluser NAME | passwd NAME | users",
     )
     add_common_options(parser, suppress=False)
-    parser.add_argument(
-        "--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})"
-    )
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free port"
-    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free port")
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -783,9 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServerConfig.max_connections_per_address,
         help="connections allowed from one address",
     )
-    parser.add_argument(
-        "--handshake-timeout", type=float, default=ServerConfig.handshake_timeout, metavar="SECONDS"
-    )
+    parser.add_argument("--handshake-timeout", type=float, default=ServerConfig.handshake_timeout, metavar="SECONDS")
     parser.add_argument(
         "--flood-burst",
         type=int,
@@ -882,9 +867,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command:
         return run_admin_command(args)
     config = config_from_args(args)

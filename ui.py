@@ -16,6 +16,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, TextIO
 
 from client import (
@@ -24,7 +25,6 @@ from client import (
     ChatError,
     Disconnected,
     ErrorReply,
-    Goodbye,
     HostKeyError,
     LoginRefused,
     Notice,
@@ -32,7 +32,7 @@ from client import (
 )
 from protocol import sanitize_text
 
-#: Reconnection back-off: first wait, growth factor, longest wait.
+#: Reconnection back-off: the first wait, doubled after each failure up to the longest.
 RECONNECT_FIRST_DELAY = 1.0
 RECONNECT_MAX_DELAY = 30.0
 TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
@@ -99,11 +99,7 @@ def format_event(event: Any, style: Style, own_name: str = "") -> tuple[str, boo
         return style.system(f"*** online ({len(event.members)}): {names}"), False
     if isinstance(event, ErrorReply):
         return f"error: {sanitize_text(event.message)}", True
-    if isinstance(event, Goodbye):
-        if event.reason == "bye":
-            return None
-        return style.system(f"*** {sanitize_text(event.reason)}"), False
-    return None
+    return None  # Goodbye and Disconnected: the caller reports how the session ended
 
 
 # --------------------------------------------------------------------------- commands
@@ -180,9 +176,7 @@ def _cmd_me(context: CommandContext, args: str) -> None:
         return
     context.client.action(args)
     context.say_line(
-        format_chat(
-            Chat(sender=context.client.username, text=args, sent_at=time.time(), action=True), context.style
-        )
+        format_chat(Chat(sender=context.client.username, text=args, sent_at=time.time(), action=True), context.style)
     )
 
 
@@ -214,8 +208,7 @@ def handle_line(context: CommandContext, line: str) -> None:
         command = COMMANDS.get(name.lower())
         if command is None:
             context.show(
-                f"unknown command /{sanitize_text(name)}: type /help for the list "
-                "(// sends a line starting with /)"
+                f"unknown command /{sanitize_text(name)}: type /help for the list (// sends a line starting with /)"
             )
             return
         command.run(context, args)
@@ -223,12 +216,57 @@ def handle_line(context: CommandContext, line: str) -> None:
     else:
         text = line
     context.client.say(text)
-    context.say_line(
-        format_chat(Chat(sender=context.client.username, text=text, sent_at=time.time()), context.style)
-    )
+    context.say_line(format_chat(Chat(sender=context.client.username, text=text, sent_at=time.time()), context.style))
+
+
+# --------------------------------------------------------------------------- reconnection
+
+
+class Reconnected(Enum):
+    RESUMED = "resumed"
+    NEED_PASSWORD = "need password"
+    FAILED = "failed"
+
+
+def reconnect(
+    client: ChatClient,
+    show: Callable[[str], None],
+    cancelled: threading.Event,
+    give_up_after: float | None = None,
+) -> tuple[Reconnected, str]:
+    """Retry with growing delays and resume with the token; never asks for a password.
+
+    Returns RESUMED, NEED_PASSWORD (the server refused the token: expired,
+    revoked or gone) or FAILED (host key problem, cancelled, or out of time),
+    with a one-line reason.
+    """
+    delay = RECONNECT_FIRST_DELAY
+    give_up = time.monotonic() + give_up_after if give_up_after is not None else None
+    while True:
+        show(f"*** reconnecting in {delay:g} s...")
+        if cancelled.wait(delay):
+            return Reconnected.FAILED, "cancelled"
+        try:
+            client.close()
+            client.connect()
+            client.resume()
+            show(f"*** reconnected as {client.username}")
+            return Reconnected.RESUMED, ""
+        except LoginRefused as exc:
+            return Reconnected.NEED_PASSWORD, f"cannot resume the session: {exc}"
+        except HostKeyError as exc:
+            return Reconnected.FAILED, str(exc)
+        except ChatError as exc:
+            show(f"*** still offline: {exc}")
+        if give_up is not None and time.monotonic() + delay > give_up:
+            return Reconnected.FAILED, f"gave up reconnecting to {client.host}:{client.port}"
+        delay = min(RECONNECT_MAX_DELAY, delay * 2)
 
 
 # --------------------------------------------------------------------------- batch mode
+
+#: How long a script waits for the server to come back before giving up.
+BATCH_RECONNECT_LIMIT = 60.0
 
 
 def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -> int:
@@ -249,50 +287,79 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
     style = Style()
     # Guards stdout and stderr, written by both threads.
     output_lock = threading.Lock()
-    lost = threading.Event()
+    online = threading.Event()  # set while a session is up; the input loop waits on it
+    online.set()
+    leaving = threading.Event()  # set once end of input or /quit is reached
 
     def write(stream: TextIO, text: str) -> None:
         with output_lock:
             stream.write(text + "\n")
             stream.flush()
 
+    def fail(reason: str) -> None:
+        write(sys.stderr, f"error: {reason}")
+        sys.stdout.flush()
+        # The main thread may be blocked reading a pipe that never ends.
+        os._exit(1)
+
     def print_events() -> None:
-        for event in client.events():
-            if isinstance(event, Disconnected):
-                if not event.clean:
-                    write(sys.stderr, f"error: {event.reason}")
-                    lost.set()
-                    # The main thread may be blocked reading a pipe that never ends.
-                    os._exit(1)
+        while True:
+            ended: Disconnected | None = None
+            for event in client.events():
+                if isinstance(event, Disconnected):
+                    ended = event
+                    break
+                formatted = format_event(event, style, client.username)
+                if formatted is not None:
+                    line, is_error = formatted
+                    write(sys.stderr if is_error else sys.stdout, line)
+            if ended is None or ended.clean or leaving.is_set():
                 return
-            formatted = format_event(event, style, client.username)
-            if formatted is not None:
-                line, is_error = formatted
-                write(sys.stderr if is_error else sys.stdout, line)
-            if isinstance(event, ErrorReply) and event.fatal:
-                lost.set()
+            online.clear()
+            write(sys.stderr, f"*** connection lost: {ended.reason}")
+            result, why = reconnect(client, lambda text: write(sys.stderr, text), leaving, BATCH_RECONNECT_LIMIT)
+            if result is not Reconnected.RESUMED:
+                if leaving.is_set():
+                    return
+                fail(why if result is Reconnected.FAILED else f"{why}; log in again")
+            online.set()
 
     printer = threading.Thread(target=print_events, name="printer", daemon=True)
     printer.start()
     # Our own lines are not echoed in batch mode: stdout carries only what others said.
     context = CommandContext(client, say_line=lambda _line: None, show=lambda text: write(sys.stderr, text))
+
+    def send_line(line: str) -> None:
+        for attempt in (1, 2):
+            online.wait()
+            try:
+                handle_line(context, line)
+                return
+            except ChatError:
+                if attempt == 2:
+                    raise
+                # The link dropped under us: let the reader notice and reconnect, then retry once.
+                deadline = time.monotonic() + 5.0
+                while online.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
     parting = ""
     try:
         for raw_line in sys.stdin:
             try:
-                handle_line(context, raw_line.rstrip("\r\n"))
+                send_line(raw_line.rstrip("\r\n"))
             except Quit as quit_request:
                 parting = quit_request.message
                 break
-    except ChatError as exc:
-        write(sys.stderr, f"error: {exc}")
-        client.close()
-        return 1
+            except ChatError as exc:
+                write(sys.stderr, f"error: {exc}")
     except KeyboardInterrupt:
         pass
+    leaving.set()
+    online.wait(timeout=BATCH_RECONNECT_LIMIT)
     client.leave(parting)
     printer.join(timeout=5.0)
-    return 1 if lost.is_set() else 0
+    return 0
 
 
 # --------------------------------------------------------------------------- interactive mode
@@ -319,6 +386,7 @@ def connect_and_login(client: ChatClient, user: str, password: str) -> None:
 
     client.confirm_host_key = confirm
     try:
+        client.close()
         client.connect()
         try:
             client.login(user, password)
@@ -350,14 +418,19 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
     try:
         connect_and_login(client, user, password)
-    except (ChatError, KeyboardInterrupt, EOFError) as exc:
-        print(f"error: {exc}" if isinstance(exc, ChatError) else "", file=sys.stderr)
+    except ChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         client.close()
         return 1
+    except (KeyboardInterrupt, EOFError):
+        print()
+        client.close()
+        return 1
+    del password  # not kept: an expired session asks again
     style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
 
     class ChatCompleter(Completer):
-        """Completes /commands, and names of people online anywhere else."""
+        """Completes /commands at the start of a line, and names of people online anywhere."""
 
         def get_completions(self, document: Any, complete_event: Any) -> Any:
             before = document.text_before_cursor
@@ -377,9 +450,10 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         erase_when_done=True,
         complete_while_typing=False,
     )
-    # Guards the flag and the last-private memory shared by the prompt and the reader.
-    state_lock = threading.Lock()
-    state = {"online": True, "done": False}
+    online = threading.Event()  # set while a session is up
+    online.set()
+    leaving = threading.Event()  # set when the user quits: stops reconnecting
+    need_password = threading.Event()  # set by the reader when the token was refused
 
     def show(text: str) -> None:
         print(style.system(text), flush=True)
@@ -388,75 +462,69 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
 
     def stop_prompt() -> None:
         app = session.app
-        if app.is_running and app.loop is not None:
-            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
-
-    def reconnect() -> bool:
-        delay = RECONNECT_FIRST_DELAY
-        while True:
-            with state_lock:
-                if state["done"]:
-                    return False
-            show(f"*** reconnecting in {delay:g} s...")
-            time.sleep(delay)
-            try:
-                client.close()
-                client.connect()
-                client.resume()
-                show(f"*** reconnected as {client.username}")
-                return True
-            except LoginRefused as exc:
-                show(f"*** cannot resume: {exc}; restart the client to log in again")
-                return False
-            except HostKeyError as exc:
-                show(f"error: {exc}")
-                return False
-            except ChatError as exc:
-                show(f"*** still offline: {exc}")
-            delay = min(RECONNECT_MAX_DELAY, delay * 2)
+        loop = app.loop
+        if app.is_running and loop is not None:
+            loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
 
     def read_events() -> None:
         while True:
+            ended: Disconnected | None = None
             for event in client.events():
                 if isinstance(event, Disconnected):
-                    with state_lock:
-                        if state["done"]:
-                            return
-                        state["online"] = False
-                    if event.clean:
-                        show(f"*** disconnected: {event.reason}")
-                        stop_prompt()
-                        return
-                    show(f"*** connection lost: {event.reason}")
-                    if not reconnect():
-                        stop_prompt()
-                        return
-                    with state_lock:
-                        state["online"] = True
+                    ended = event
                     break
                 if isinstance(event, Chat) and event.private and event.sender != client.username:
                     context.last_private_sender = event.sender
                 formatted = format_event(event, style, client.username)
                 if formatted is not None:
                     print(formatted[0], flush=True)
-            else:
+            if ended is None or leaving.is_set():
                 return
+            online.clear()
+            if ended.clean:
+                show(f"*** disconnected: {ended.reason}")
+                leaving.set()
+                stop_prompt()
+                return
+            show(f"*** connection lost: {ended.reason}")
+            result, why = reconnect(client, show, leaving)
+            if result is Reconnected.RESUMED:
+                online.set()
+                continue
+            show(f"*** {why}")
+            if result is Reconnected.NEED_PASSWORD:
+                need_password.set()
+            else:
+                leaving.set()
+            stop_prompt()
+            return
 
-    online = ", ".join(client.members)
-    print(style.system(f"*** connected to {host}:{port} as {client.username}; online: {online}"))
-    print(style.system("*** type /help for commands, Ctrl-D or /quit to leave"))
-    parting = ""
-    with patch_stdout(raw=True):
+    def start_reader() -> threading.Thread:
         reader = threading.Thread(target=read_events, name="events", daemon=True)
         reader.start()
+        return reader
+
+    print(style.system(f"*** connected to {host}:{port} as {client.username}; online: {', '.join(client.members)}"))
+    print(style.system("*** type /help for commands, Ctrl-D or /quit to leave"))
+    parting = ""
+    status = 0
+    with patch_stdout(raw=True):
+        reader = start_reader()
         while True:
             try:
                 line = session.prompt(f"{client.username}> ")
             except (EOFError, KeyboardInterrupt):
+                if need_password.is_set():
+                    need_password.clear()
+                    if log_in_again(client, show):
+                        online.set()
+                        reader = start_reader()
+                        continue
+                    status = 1
                 break
-            with state_lock:
-                online_now = state["online"]
-            if not online_now and line.strip():
+            if leaving.is_set():
+                break
+            if not online.is_set() and line.strip():
                 show("not sent: offline (reconnecting); your line is in the history (up arrow)")
                 continue
             try:
@@ -465,9 +533,23 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                 parting = quit_request.message
                 break
             except ChatError as exc:
-                show(f"not sent: {exc}")
-        with state_lock:
-            state["done"] = True
+                show(str(exc))
+        leaving.set()
         client.leave(parting)
         reader.join(timeout=2.0)
-    return 0
+    return status
+
+
+def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
+    """The session expired: ask for the password on the terminal and log in afresh."""
+    show(f"*** your session has expired; log in again as {client.username} (Ctrl-C to quit)")
+    try:
+        password = getpass.getpass(f"Password for {client.username}: ")
+        connect_and_login(client, client.username, password)
+    except (EOFError, KeyboardInterrupt):
+        return False
+    except ChatError as exc:
+        show(f"error: {exc}")
+        return False
+    show(f"*** logged in again as {client.username}")
+    return True
