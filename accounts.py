@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -42,7 +43,7 @@ MAX_PASSWORD_CHARS = 1024
 
 TOKEN_ALGORITHM = "HS256"
 TOKEN_ISSUER = "chat-server"
-TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "cnf", "iss")
+TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "cnf", "iss", "acct")
 DEFAULT_TOKEN_TTL = 12 * 3600
 
 
@@ -345,6 +346,15 @@ class TokenError(Exception):
         self.code = code
 
 
+def account_stamp(record: UserRecord) -> str:
+    """A short digest of an account's password hash, carried in its tokens.
+
+    Changing the password (or deleting and re-adding the user) changes it, so
+    every token issued before stops working: a password change logs out everywhere.
+    """
+    return hashlib.sha256(record.password_hash.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class TokenClaims:
     username: str
@@ -352,6 +362,7 @@ class TokenClaims:
     expires_at: int
     token_id: str
     key_thumbprint: str
+    account_stamp: str = ""
 
 
 class TokenAuthority:
@@ -366,8 +377,11 @@ class TokenAuthority:
         self._revoked_lock = threading.Lock()
         self._revoked: dict[str, int] = {}
 
-    def issue(self, username: str, key_thumbprint: str) -> tuple[str, int]:
-        """A new token for ``username`` bound to the key with ``key_thumbprint``."""
+    def issue(self, username: str, key_thumbprint: str, account: str = "") -> tuple[str, int]:
+        """A new token for ``username`` bound to the key with ``key_thumbprint``.
+
+        ``account`` is the account's ``account_stamp``, checked again on every use.
+        """
         now = int(time.time())
         expires_at = now + self.ttl
         claims = {
@@ -377,6 +391,7 @@ class TokenAuthority:
             "exp": expires_at,
             "jti": secrets.token_urlsafe(16),
             "cnf": {"jkt": key_thumbprint},
+            "acct": account,
         }
         return jwt.encode(claims, self._secret, algorithm=TOKEN_ALGORITHM), expires_at
 
@@ -409,7 +424,9 @@ class TokenAuthority:
         with self._revoked_lock:
             if token_id in self._revoked:
                 raise TokenError("token_revoked", "token was given up; log in again")
-        return TokenClaims(subject, int(claims["iat"]), int(claims["exp"]), token_id, key_thumbprint)
+        return TokenClaims(
+            subject, int(claims["iat"]), int(claims["exp"]), token_id, key_thumbprint, str(claims["acct"])
+        )
 
     def needs_refresh(self, claims: TokenClaims) -> bool:
         """True once a token is past half its life."""

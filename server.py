@@ -35,6 +35,7 @@ from accounts import (
     TokenError,
     UserStore,
     UserStoreError,
+    account_stamp,
     hash_password,
     verify_password,
 )
@@ -359,8 +360,7 @@ class ClientConnection:
     def _enter_room(self) -> None:
         assert self.channel is not None
         self.channel.username = self.name
-        token, expires_at = self.server.tokens.issue(self.name, self.key_thumbprint)
-        self.claims = self.server.tokens.verify(token, self.key_thumbprint, self.name)
+        token, expires_at = self.server.issue_token(self)
         self.server.start_writer(self)
         # Welcome goes first in the queue: the room may deliver to us as soon as we join.
         roster = sorted(set(self.server.room.who()) | {self.name})
@@ -392,10 +392,9 @@ class ClientConnection:
         message = self.channel.open(body)
         if not hasattr(message, "token"):
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
-        self.claims = self.server.tokens.verify(message.token, self.key_thumbprint, self.name)  # type: ignore[attr-defined]
+        self.claims = self.server.verify_token(self, message.token)  # type: ignore[attr-defined]
         if self.server.tokens.needs_refresh(self.claims):
-            token, expires_at = self.server.tokens.issue(self.name, self.key_thumbprint)
-            self.claims = self.server.tokens.verify(token, self.key_thumbprint, self.name)
+            token, expires_at = self.server.issue_token(self)
             self.deliver(TokenRefresh(token=token, expires_at=expires_at))
         if isinstance(message, Say):
             self._handle_say(message)
@@ -554,9 +553,7 @@ class ChatServer:
             connections = list(self.connections)
         for connection in connections:
             if connection.in_room:
-                connection.finish(
-                    "server shutting down", Goodbye(reason="server shutting down", may_reconnect=True)
-                )
+                connection.finish("server shutting down", Goodbye(reason="server shutting down", may_reconnect=True))
             else:
                 connection.close("server shutting down")
         give_up = time.monotonic() + grace
@@ -681,16 +678,37 @@ class ChatServer:
         log.info("login ok %s user=%s", connection.peer, name)
         return name
 
-    def authenticate_token(self, connection: ClientConnection, resume: Resume) -> str:
-        """Check a resume request; returns the user name or raises ``TokenError``."""
-        claims = self.tokens.verify(resume.token, connection.key_thumbprint)
+    def _account_stamp(self, name: str) -> str:
+        """The current stamp of an account; raises ``TokenError`` if it is gone."""
         try:
-            record = self.users.get(claims.username)
+            record = self.users.get(name)
         except UserStoreError as exc:
             log.error("%s", exc)
             raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
         if record is None:
-            raise TokenError("token_invalid", "that account no longer exists")
+            raise TokenError("token_revoked", "that account no longer exists")
+        return account_stamp(record)
+
+    def issue_token(self, connection: ClientConnection) -> tuple[str, int]:
+        """A fresh token for an authenticated connection; also becomes its current claims."""
+        token, expires_at = self.tokens.issue(
+            connection.name, connection.key_thumbprint, self._account_stamp(connection.name)
+        )
+        connection.claims = self.tokens.verify(token, connection.key_thumbprint, connection.name)
+        return token, expires_at
+
+    def verify_token(self, connection: ClientConnection, token: object, username: str | None = None) -> TokenClaims:
+        """Verify a token for this connection, including that its account is unchanged."""
+        claims = self.tokens.verify(token, connection.key_thumbprint, username or connection.name)
+        if claims.account_stamp != self._account_stamp(claims.username):
+            raise TokenError("token_revoked", "the account's password changed; log in again")
+        return claims
+
+    def authenticate_token(self, connection: ClientConnection, resume: Resume) -> str:
+        """Check a resume request; returns the user name or raises ``TokenError``."""
+        claims = self.tokens.verify(resume.token, connection.key_thumbprint)
+        connection.name = claims.username
+        claims = self.verify_token(connection, resume.token)
         # The old token is spent: the new session gets a fresh one.
         self.tokens.revoke(claims)
         log.info("resume ok %s user=%s", connection.peer, claims.username)
