@@ -37,8 +37,11 @@ ARGON2_ITERATIONS = 2
 ARGON2_LANES = 1
 SALT_SIZE = 16
 HASH_SIZE = 32
-#: A stored hash asking for more memory than this is refused rather than run.
+#: A stored hash asking for more than these is refused rather than run (a tampered store
+#: must not be able to stall every login).
 MAX_HASH_MEMORY_KIB = 1024 * 1024
+MAX_HASH_ITERATIONS = 10
+MAX_HASH_LANES = 8
 MAX_PASSWORD_CHARS = 1024
 
 TOKEN_ALGORITHM = "HS256"
@@ -70,22 +73,22 @@ def hash_password(password: str) -> str:
     return kdf.derive_phc_encoded(password.encode("utf-8"))
 
 
-def _hash_memory_kib(phc: str) -> int:
-    """The memory cost a PHC string asks for, or -1 if it is not an Argon2id hash."""
+def _hash_cost_ok(phc: str) -> bool:
+    """True if a PHC string is an Argon2id hash whose parameters are within our caps."""
     parts = phc.split("$")
     if len(parts) != 6 or parts[1] != "argon2id":
-        return -1
+        return False
     params = dict(item.split("=", 1) for item in parts[3].split(",") if "=" in item)
     try:
-        return int(params.get("m", "-1"))
-    except ValueError:
-        return -1
+        memory, iterations, lanes = int(params["m"]), int(params["t"]), int(params["p"])
+    except (KeyError, ValueError):
+        return False
+    return 0 < memory <= MAX_HASH_MEMORY_KIB and 0 < iterations <= MAX_HASH_ITERATIONS and 0 < lanes <= MAX_HASH_LANES
 
 
 def verify_password(password: str, phc: str) -> bool:
     """Constant-time check of ``password`` against a stored hash. Never raises on a mismatch."""
-    memory = _hash_memory_kib(phc)
-    if memory <= 0 or memory > MAX_HASH_MEMORY_KIB or len(password) > MAX_PASSWORD_CHARS:
+    if not _hash_cost_ok(phc) or len(password) > MAX_PASSWORD_CHARS:
         return False
     try:
         Argon2id.verify_phc_encoded(password.encode("utf-8"), phc)
@@ -215,7 +218,12 @@ class UserStore:
         try:
             fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
             temp_path = Path(temp_name)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            try:
+                handle = os.fdopen(fd, "w", encoding="utf-8")
+            except BaseException:
+                os.close(fd)
+                raise
+            with handle:
                 os.fchmod(handle.fileno(), 0o600)
                 handle.write(text)
                 handle.flush()
@@ -241,9 +249,9 @@ class UserStore:
         password_hash = hash_password(password)
         with self._locked():
             users = self._read()
-            taken = {existing.casefold() for existing in users}
+            taken = {existing.casefold(): existing for existing in users}
             if name.casefold() in taken:
-                raise ValueError(f"user {name!r} already exists")
+                raise ValueError(f"user {taken[name.casefold()]!r} already exists")
             users[name] = UserRecord(name, password_hash, demo=demo, created=_now_text())
             self._write(users)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import struct
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -31,7 +32,7 @@ ENVELOPE_HEADER = struct.Struct("!BQH")  # kind, sequence number, wrapped-key le
 NONCE_SIZE = 12
 MAC_SIZE = 32
 
-USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
 class ProtocolError(Exception):
@@ -232,7 +233,7 @@ def sanitize_text(text: str) -> str:
 
 def validate_username(name: str) -> str:
     """Return ``name`` if it is a valid user name, else raise ``ValueError``."""
-    if not isinstance(name, str) or not USERNAME_PATTERN.match(name):
+    if not isinstance(name, str) or not USERNAME_PATTERN.fullmatch(name):
         raise ValueError(
             "user names are 1-32 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -243,7 +244,11 @@ def check_text(text: str) -> str:
     """Validate chat text from a peer: non-empty, one line, within the size limit."""
     if not text.strip():
         raise ProtocolError("empty message")
-    if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escape can produce
+        raise ProtocolError("message is not valid Unicode") from None
+    if size > MAX_TEXT_BYTES:
         raise ProtocolError(f"message longer than {MAX_TEXT_BYTES} bytes")
     return sanitize_text(text)
 
@@ -285,6 +290,14 @@ class Message:
 def _require(condition: bool, problem: str) -> None:
     if not condition:
         raise ValueError(problem)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _is_str_list(value: Any) -> bool:
@@ -342,7 +355,7 @@ class Authenticated(Message):
         return f"{type(self).__name__}(...)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Say(Authenticated):
     """A public line, or an action (``/me``) when ``action`` is true."""
 
@@ -356,7 +369,7 @@ class Say(Authenticated):
         _require(isinstance(self.action, bool), "action must be true or false")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Private(Authenticated):
     """A line for one recipient only."""
 
@@ -372,7 +385,7 @@ class Private(Authenticated):
         _require(isinstance(self.action, bool), "action must be true or false")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Who(Authenticated):
     """Ask who is online."""
 
@@ -382,7 +395,7 @@ class Who(Authenticated):
         _require(isinstance(self.token, str), "token must be text")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Leave(Authenticated):
     """Leave the room, with an optional parting message."""
 
@@ -413,10 +426,10 @@ class Welcome(Message):
     def __post_init__(self) -> None:
         _require(isinstance(self.username, str), "username must be text")
         _require(isinstance(self.token, str), "token must be text")
-        _require(isinstance(self.expires_at, int), "expires_at must be a number")
+        _require(_is_int(self.expires_at), "expires_at must be a number")
         _require(_is_str_list(self.members), "members must be a list of names")
-        _require(isinstance(self.flood_burst, int), "flood_burst must be a number")
-        _require(isinstance(self.flood_rate, int | float), "flood_rate must be a number")
+        _require(_is_int(self.flood_burst), "flood_burst must be a number")
+        _require(_is_number(self.flood_rate), "flood_rate must be a number")
 
     def __repr__(self) -> str:
         return f"Welcome(username={self.username!r}, members={self.members!r})"
@@ -437,7 +450,7 @@ class Chat(Message):
     def __post_init__(self) -> None:
         _require(isinstance(self.sender, str), "sender must be text")
         _require(isinstance(self.text, str), "text must be text")
-        _require(isinstance(self.sent_at, int | float), "sent_at must be a number")
+        _require(_is_number(self.sent_at), "sent_at must be a number")
         _require(isinstance(self.action, bool), "action must be true or false")
         _require(isinstance(self.private, bool), "private must be true or false")
         _require(isinstance(self.recipient, str), "recipient must be text")
@@ -497,7 +510,7 @@ class TokenRefresh(Message):
 
     def __post_init__(self) -> None:
         _require(isinstance(self.token, str), "token must be text")
-        _require(isinstance(self.expires_at, int), "expires_at must be a number")
+        _require(_is_int(self.expires_at), "expires_at must be a number")
 
     def __repr__(self) -> str:
         return "TokenRefresh(...)"
@@ -545,7 +558,7 @@ def decode_message(kind: Kind, plaintext: bytes) -> Message:
     """Turn a decrypted plaintext into its message type; raises ``ProtocolError``."""
     try:
         data = json.loads(plaintext.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # includes JSONDecodeError, UnicodeDecodeError, huge integers
         raise ProtocolError("sealed message is not UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise ProtocolError("sealed message is not a JSON object")
@@ -565,7 +578,7 @@ def decode_control(body: bytes) -> dict[str, Any]:
     """Parse a control frame body; it must be a JSON object with a string ``type``."""
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # includes JSONDecodeError, UnicodeDecodeError, huge integers
         raise ProtocolError("control frame is not UTF-8 JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("control frame has no type")
