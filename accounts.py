@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -28,6 +29,8 @@ from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from protocol import validate_username
+
+log = logging.getLogger("chat.accounts")
 
 STORE_FORMAT = 1
 
@@ -95,6 +98,42 @@ def verify_password(password: str, phc: str) -> bool:
     except (InvalidKey, ValueError):
         return False
     return True
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_file_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (mode 0600): temporary file, fsync, rename, fsync dir.
+
+    A crash or a full disk leaves either the old file or the new one, never a
+    mix; the temporary file is removed on failure. Raises ``OSError``.
+    """
+    directory = path.parent
+    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    temp_path: Path | None = Path(temp_name)
+    try:
+        try:
+            handle = os.fdopen(fd, "w", encoding="utf-8")
+        except BaseException:
+            os.close(fd)
+            raise
+        with handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+        temp_path = None
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if temp_path is not None:
+            with contextlib.suppress(OSError):
+                temp_path.unlink()
 
 
 # --------------------------------------------------------------------------- the user store
@@ -212,36 +251,11 @@ class UserStore:
                 for record in sorted(users.values(), key=lambda record: record.name)
             },
         }
-        text = json.dumps(data, indent=2) + "\n"
-        directory = self.path.parent
-        temp_path = None
         try:
-            fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
-            temp_path = Path(temp_name)
-            try:
-                handle = os.fdopen(fd, "w", encoding="utf-8")
-            except BaseException:
-                os.close(fd)
-                raise
-            with handle:
-                os.fchmod(handle.fileno(), 0o600)
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_path, self.path)
-            temp_path = None
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_file_atomically(self.path, json.dumps(data, indent=2) + "\n")
         except OSError as exc:
             reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
             raise UserStoreError(f"{self.path}: cannot save: {reason}; the store is unchanged") from exc
-        finally:
-            if temp_path is not None:
-                with contextlib.suppress(OSError):
-                    temp_path.unlink()
 
     def add(self, name: str, password: str, *, demo: bool = False) -> None:
         """Create an account. Raises ``ValueError`` for a bad or taken name."""
@@ -376,14 +390,29 @@ class TokenClaims:
 class TokenAuthority:
     """Issues and verifies the server's JWTs. The secret never leaves this object."""
 
-    def __init__(self, secret: bytes, ttl: int = DEFAULT_TOKEN_TTL) -> None:
+    def __init__(self, secret: bytes, ttl: int = DEFAULT_TOKEN_TTL, revoked_path: Path | None = None) -> None:
         if len(secret) < 32:
             raise ValueError("the token secret must be at least 32 bytes")
         self._secret = secret
         self.ttl = ttl
-        # Guards _revoked: token id -> expiry, for tokens given up by a clean leave.
+        #: Where revoked token ids are kept across restarts (None: in memory only).
+        self.revoked_path = revoked_path
+        # Guards _revoked (token id -> expiry: tokens spent by a resume or given up by a
+        # leave) and the file that mirrors it.
         self._revoked_lock = threading.Lock()
-        self._revoked: dict[str, int] = {}
+        self._revoked: dict[str, int] = self._load_revoked()
+
+    def _load_revoked(self) -> dict[str, int]:
+        if self.revoked_path is None or not self.revoked_path.exists():
+            return {}
+        try:
+            data = json.loads(self.revoked_path.read_text("utf-8"))
+            now = time.time()
+            return {str(tid): int(exp) for tid, exp in data.items() if int(exp) >= now}
+        except (OSError, ValueError, AttributeError, TypeError):
+            # Losing the list only lets already-spent tokens (still bound to their key) resume.
+            log.warning("%s is unreadable; starting with no revoked tokens", self.revoked_path)
+            return {}
 
     def issue(self, username: str, key_thumbprint: str, account: str = "") -> tuple[str, int]:
         """A new token for ``username`` bound to the key with ``key_thumbprint``.
@@ -447,3 +476,8 @@ class TokenAuthority:
             for token_id in [tid for tid, exp in self._revoked.items() if exp < now]:
                 del self._revoked[token_id]
             self._revoked[claims.token_id] = claims.expires_at
+            if self.revoked_path is not None:
+                try:
+                    write_file_atomically(self.revoked_path, json.dumps(self._revoked))
+                except OSError as exc:
+                    log.error("%s: cannot save revoked tokens: %s", self.revoked_path, exc.strerror or exc)

@@ -147,12 +147,18 @@ class Deadline:
         return left
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    """Read exactly ``size`` bytes; raises ``ConnectionClosed`` on end of stream."""
+def recv_exact(sock: socket.socket, size: int, deadline: Deadline | None = None) -> bytes:
+    """Read exactly ``size`` bytes; raises ``ConnectionClosed`` on end of stream.
+
+    With a ``deadline``, every read gets only the time left, so a peer dripping
+    one byte at a time cannot stretch the handshake (raises ``TimeoutError``).
+    """
     buffer = bytearray(size)
     view = memoryview(buffer)
     received = 0
     while received < size:
+        if deadline is not None:
+            sock.settimeout(deadline.timeout())
         try:
             count = sock.recv_into(view[received:])
         except (ConnectionResetError, BrokenPipeError) as exc:
@@ -169,8 +175,10 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(buffer)
 
 
-def read_frame(sock: socket.socket, max_frame_size: int = MAX_FRAME_SIZE) -> tuple[FrameType, bytes]:
+def read_frame(
+    sock: socket.socket, max_frame_size: int = MAX_FRAME_SIZE, deadline: Deadline | None = None
+) -> tuple[FrameType, bytes]:
     """Read one frame. The length prefix is checked before the body is allocated."""
-    size = int.from_bytes(recv_exact(sock, 4), "big")
+    size = int.from_bytes(recv_exact(sock, 4, deadline), "big")
     check_frame_size(size, max_frame_size)
-    return split_payload(recv_exact(sock, size))
+    return split_payload(recv_exact(sock, size, deadline))

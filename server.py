@@ -79,6 +79,7 @@ DEFAULT_USERS = HERE / "users.json"
 DEFAULT_DATA_DIR = HERE / "server-data"
 SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
+REVOKED_TOKENS_FILE = "revoked_tokens.json"
 HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
 WRONG_CREDENTIALS = "wrong user name or password"
 
@@ -196,10 +197,15 @@ class ClientConnection:
         self.key_thumbprint = ""
         self.send_queue = OutboundQueue(server.config.send_queue_size)
         self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
+        # Every sealed frame costs an RSA decryption, so frames of any kind are limited too
+        # (far above what the line limit lets through), before that work is done.
+        self.frame_flood = FloodControl(server.config.flood_rate * 10, server.config.flood_burst * 5)
         # Written by the reader, read by the keepalive thread: a float store is atomic.
         self.last_inbound = time.monotonic()
         self.last_ping = 0.0
         self.in_room = False
+        #: Shown to the others when this user leaves with /quit; never logged (it is message text).
+        self.parting_message = ""
         # Guards close_reason and the closing of the socket, from whichever thread.
         self._close_lock = threading.Lock()
         self.close_reason = ""
@@ -262,6 +268,9 @@ class ClientConnection:
         except SequenceError as exc:
             reason = f"protocol error: {exc}"
             self._refuse("replay", "replayed or out-of-order frame")
+        except FloodError:
+            reason = "flooding"
+            self._refuse("flood", "disconnected for sending far too fast")
         except (ProtocolError, CryptoError) as exc:
             reason = f"protocol error: {exc}"
             # Say what class of problem it was, never the details: they may be sensitive.
@@ -283,9 +292,10 @@ class ClientConnection:
             log.info("disconnect %s%s: %s", self.peer, who, self.close_reason or reason)
 
     def _public_reason(self) -> str:
+        """What the others see in the leave notice: the parting message, or why the link ended."""
         reason = self.close_reason
-        if reason.startswith("quit"):
-            return reason
+        if reason == "quit":
+            return self.parting_message
         if reason.startswith(("protocol error", "token refused")):
             return "protocol error"
         return reason
@@ -316,8 +326,7 @@ class ClientConnection:
     def _handshake(self) -> None:
         config = self.server.config
         deadline = Deadline(config.handshake_timeout)
-        self.sock.settimeout(deadline.timeout())
-        frame_type, body = read_frame(self.sock, config.max_frame_size)
+        frame_type, body = read_frame(self.sock, config.max_frame_size, deadline)
         if frame_type is not FrameType.CONTROL:
             raise ProtocolError("expected hello")
         hello = decode_control(body)
@@ -340,8 +349,7 @@ class ClientConnection:
             )
         )
         self.channel = SecureChannel(self.server.private_key, client_key, is_server=True, allowed_incoming=CLIENT_KINDS)
-        self.sock.settimeout(deadline.timeout())
-        frame_type, body = read_frame(self.sock, config.max_frame_size)
+        frame_type, body = read_frame(self.sock, config.max_frame_size, deadline)
         if frame_type is not FrameType.SEALED:
             raise ProtocolError("expected login")
         request = self.channel.open(body)
@@ -389,6 +397,8 @@ class ClientConnection:
                 raise ProtocolError(f"unexpected control message {control['type']!r}")
             return
         assert self.channel is not None
+        if not self.frame_flood.allow():
+            raise FloodError("far too many frames")
         message = self.channel.open(body)
         if not hasattr(message, "token"):
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
@@ -403,9 +413,9 @@ class ClientConnection:
         elif isinstance(message, Who):
             self.deliver(Roster(members=self.server.room.who()))
         elif isinstance(message, Leave):
-            reason = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
+            self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
             self.server.tokens.revoke(self.claims)
-            self.finish(f"quit: {reason}" if reason else "quit", Goodbye(reason="bye"))
+            self.finish("quit", Goodbye(reason="bye"))
         else:
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
 
@@ -484,7 +494,11 @@ class ChatServer:
         self.private_key = crypto_utils.load_or_create_private_key(data_dir / SERVER_KEY_FILE, config.key_size)
         self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
         self.fingerprint = crypto_utils.fingerprint(self.private_key.public_key())
-        self.tokens = TokenAuthority(crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE), config.token_ttl)
+        self.tokens = TokenAuthority(
+            crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE),
+            config.token_ttl,
+            revoked_path=data_dir / REVOKED_TOKENS_FILE,
+        )
         self.users = UserStore(config.users_path)
         self.users.load()  # a corrupt store is reported now, not at the first login
         # Hashed for unknown user names, so they cost the same work as a wrong password.
@@ -636,6 +650,14 @@ class ChatServer:
             with self.connections_lock:
                 connections = [c for c in self.connections if c.in_room]
             for connection in connections:
+                # A client that only listens still needs its token kept fresh.
+                claims = connection.claims
+                if claims is not None and self.tokens.needs_refresh(claims):
+                    try:
+                        token, expires_at = self.issue_token(connection)
+                        connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
+                    except TokenError:
+                        connection.close("account changed")
                 silent = now - connection.last_inbound
                 if silent > self.config.ping_timeout:
                     connection.close("no reply to keepalive (connection lost)")
@@ -713,6 +735,10 @@ class ChatServer:
         self.tokens.revoke(claims)
         log.info("resume ok %s user=%s", connection.peer, claims.username)
         return claims.username
+
+
+class FloodError(Exception):
+    """A connection sent frames far faster than any client would."""
 
 
 class AuthenticationFailed(TokenError):

@@ -544,7 +544,10 @@ def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
     """The session expired: ask for the password on the terminal and log in afresh."""
     show(f"*** your session has expired; log in again as {client.username} (Ctrl-C to quit)")
     try:
-        password = getpass.getpass(f"Password for {client.username}: ")
+        # prompt_toolkit's own prompt: getpass would write past patch_stdout's pending output.
+        from prompt_toolkit import prompt
+
+        password = prompt(f"Password for {client.username}: ", is_password=True)
         connect_and_login(client, client.username, password)
     except (EOFError, KeyboardInterrupt):
         return False

@@ -171,9 +171,9 @@ def test_read_frame_refuses_a_four_gib_prefix_without_reading_on(socket_pair, mo
     requested_sizes = []
     real_recv_exact = channel.recv_exact
 
-    def recording_recv_exact(sock, size):
+    def recording_recv_exact(sock, size, deadline=None):
         requested_sizes.append(size)
-        return real_recv_exact(sock, size)
+        return real_recv_exact(sock, size, deadline)
 
     monkeypatch.setattr(channel, "recv_exact", recording_recv_exact)
     # Only the prefix is sent: a reader that waited for the body would time out instead.
