@@ -1,0 +1,445 @@
+"""The chat as its users see it: real server on port 0, real clients over loopback.
+
+Each test reads like a scene: people log in, someone speaks, the others hear.
+"""
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from conftest import TIMEOUT, drain, password_of, wait_for
+
+from accounts import LoginThrottle
+from client import (
+    Chat,
+    ChatClient,
+    Disconnected,
+    ErrorReply,
+    Goodbye,
+    KnownHosts,
+    LoginRefused,
+    Notice,
+    Roster,
+)
+from protocol import Say
+
+# --------------------------------------------------------------------------- helpers
+
+
+def joined(name):
+    return lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == name
+
+
+def left(name):
+    return lambda event: isinstance(event, Notice) and event.event == "left" and event.name == name
+
+
+def chat_with(text):
+    return lambda event: isinstance(event, Chat) and event.text == text
+
+
+def is_disconnected(event):
+    return isinstance(event, Disconnected)
+
+
+def log_in_all(connect, *names, **options):
+    """Log each person in, and wait until everyone already present has seen them join."""
+    clients = []
+    for name in names:
+        client = connect(name, **options)
+        for earlier in clients:
+            wait_for(earlier, joined(name))
+        clients.append(client)
+    return clients
+
+
+def collect_chats(client, count):
+    """Exactly the next ``count`` chat lines ``client`` receives (other events are skipped)."""
+    received = []
+    while len(received) < count:
+        event = client.next_event(timeout=TIMEOUT)
+        if event is None or isinstance(event, Disconnected):
+            pytest.fail(f"{client.username} got {len(received)} of {count} lines, then {event!r}")
+        if isinstance(event, Chat):
+            received.append(event)
+    return received
+
+
+def chats_in(events):
+    return [event for event in events if isinstance(event, Chat)]
+
+
+def send_sealed(client, message):
+    """Send a hand-made message on a logged-in client's own secure channel."""
+    with client.send_lock:
+        client.sock.sendall(client.channel.seal(message))
+
+
+def assert_chatting(speaker, listener, text):
+    speaker.say(text)
+    heard = wait_for(listener, chat_with(text))
+    assert heard.sender == speaker.username
+
+
+def lose_connection(client):
+    """Cut the client's link under it (no goodbye), as a dropped Wi-Fi would."""
+    lost_socket = client.sock
+    lost_socket.shutdown(socket.SHUT_RDWR)
+    wait_for(client, is_disconnected)
+    return lost_socket
+
+
+# --------------------------------------------------------------------------- talking
+
+
+def test_every_line_reaches_every_other_member_once_in_order(connect):
+    clients = log_in_all(connect, "alice", "bob", "carol")
+    rounds = 15
+    for number in range(rounds):
+        for client in clients:
+            client.say(f"{client.username} line {number}")
+
+    for receiver in clients:
+        received = collect_chats(receiver, rounds * (len(clients) - 1))
+        assert all(message.sender != receiver.username for message in received), "echoed to its sender"
+        for sender in clients:
+            if sender is receiver:
+                continue
+            from_sender = [message.text for message in received if message.sender == sender.username]
+            assert from_sender == [f"{sender.username} line {number}" for number in range(rounds)]
+        assert not chats_in(drain(receiver)), "a line arrived twice"
+
+
+def test_long_and_non_ascii_lines_arrive_intact(connect):
+    alice, bob, carol = log_in_all(connect, "alice", "bob", "carol")
+    pattern = "All work and no play makes Jack a dull boy. 0123456789 "
+    long_text = (pattern * (10_000 // len(pattern) + 1))[:10_000]
+    international = "Zoë, François & Ægir: naïve café, ñandú — 你好世界 こんにちは 안녕 😀🎉👩‍💻 Ελληνικά"
+    alice.say(long_text)
+    alice.say(international)
+    for listener in (bob, carol):
+        first, second = collect_chats(listener, 2)
+        assert len(first.text) == 10_000
+        assert first.text == long_text
+        assert second.text == international
+        assert first.sender == second.sender == "alice"
+
+
+def test_wrong_password_and_unknown_user_get_the_same_refusal(connect):
+    bob = connect("bob")
+    with pytest.raises(LoginRefused) as wrong_password:
+        connect("alice", password="not-alice-s-password")
+    with pytest.raises(LoginRefused) as unknown_user:
+        connect("mallory", password="anything-at-all")
+    assert wrong_password.value.code == unknown_user.value.code == "auth_failed"
+    assert str(wrong_password.value) == str(unknown_user.value)
+    assert not [event for event in drain(bob) if isinstance(event, Notice) and event.event == "joined"]
+    # The refusals did not lock the right password out.
+    connect("alice")
+    wait_for(bob, joined("alice"))
+
+
+def test_join_and_leave_notices_carry_the_parting_words(connect):
+    alice, bob = log_in_all(connect, "alice", "bob")
+    carol = connect("carol")
+    for listener in (alice, bob):
+        wait_for(listener, joined("carol"))
+    assert sorted(carol.members) == ["alice", "bob", "carol"]
+
+    carol.leave("gone fishing")
+    for listener in (alice, bob):
+        notice = wait_for(listener, left("carol"))
+        assert "gone fishing" in notice.text
+    carol_events = drain(carol, quiet=0.1)
+    assert any(isinstance(event, Goodbye) for event in carol_events)
+    assert isinstance(carol_events[-1], Disconnected) and carol_events[-1].clean
+
+    # Losing the link without a word is a leave too.
+    lost = lose_connection(bob)
+    try:
+        wait_for(alice, left("bob"))
+    finally:
+        lost.close()
+
+
+def test_the_server_names_the_sender(connect):
+    alice, bob, carol = log_in_all(connect, "alice", "bob", "carol")
+
+    class SpoofedSay(Say):
+        """A Say whose JSON also claims another author."""
+
+        def to_dict(self):
+            return {**super().to_dict(), "sender": "bob", "private": True, "recipient": "carol"}
+
+    send_sealed(alice, SpoofedSay(token=alice.token, text="this is bob speaking"))
+    for listener in (bob, carol):
+        message = wait_for(listener, chat_with("this is bob speaking"))
+        assert message.sender == "alice"
+        assert not message.private
+    alice.private("carol", "<bob> also not bob")
+    assert wait_for(carol, chat_with("<bob> also not bob")).sender == "alice"
+
+
+def test_private_lines_reach_only_their_recipient(connect):
+    alice, bob, carol = log_in_all(connect, "alice", "bob", "carol")
+    alice.private("bob", "just between us")
+    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    assert (message.sender, message.text, message.private, message.recipient) == (
+        "alice",
+        "just between us",
+        True,
+        "bob",
+    )
+    assert not chats_in(drain(carol)), "a private line reached a third person"
+    assert not chats_in(drain(alice)), "a private line came back to its sender"
+
+    alice.private("dave", "are you there?")  # dave has an account but is not online
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "no_such_user"
+    assert not refusal.fatal
+    assert_chatting(alice, bob, "still connected after the refusal")
+
+
+def test_who_lists_everyone_online(connect):
+    alice, _bob, _carol = log_in_all(connect, "alice", "bob", "carol")
+    alice.who()
+    roster = wait_for(alice, lambda event: isinstance(event, Roster))
+    assert roster.members == ["alice", "bob", "carol"]
+
+
+def test_me_arrives_as_an_action(connect):
+    alice, bob = log_in_all(connect, "alice", "bob")
+    alice.action("waves at everyone")
+    message = wait_for(bob, chat_with("waves at everyone"))
+    assert message.action and message.sender == "alice"
+    alice.say("a plain line")
+    assert not wait_for(bob, chat_with("a plain line")).action
+
+
+def test_terminal_escape_sequences_are_neutralised(connect):
+    alice, bob = log_in_all(connect, "alice", "bob")
+    hostile = "\x1b[2J\x1b[31mred\x1b[0m \x1b]0;new title\x07 \x9b6n \u202eevil\u202c end"
+    alice.say(hostile)
+    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    assert "red" in message.text and message.text.endswith("end")
+    for unsafe in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert unsafe not in message.text
+    alice.private("bob", "\x1b[1;1Hpriv")
+    private = wait_for(bob, lambda event: isinstance(event, Chat) and event.private)
+    assert "\x1b" not in private.text and private.text.endswith("priv")
+    alice.leave("\x1b[5mblinking bye")
+    notice = wait_for(bob, left("alice"))
+    assert "\x1b" not in notice.text and "blinking bye" in notice.text
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_a_pasted_block_arrives_but_a_flood_is_cut(connect):
+    alice, bob, dave = log_in_all(connect, "alice", "bob", "dave")
+    pasted = [f"pasted line {number}" for number in range(10)]
+    for line in pasted:
+        alice.say(line)
+    assert [message.text for message in collect_chats(bob, 10)] == pasted
+
+    flooder = connect("erin", pace=False)
+    for listener in (alice, bob, dave):
+        wait_for(listener, joined("erin"))
+    flood_size = 60
+    for number in range(flood_size):
+        flooder.say(f"flood {number}")
+    refusals = [event for event in drain(flooder, quiet=0.5) if isinstance(event, ErrorReply) and event.code == "flood"]
+    assert refusals, "the flooder was never told to slow down"
+    flooded = [message for message in chats_in(drain(bob)) if message.sender == "erin"]
+    # Every line was either delivered or refused, never lost silently.
+    assert len(flooded) + len(refusals) == flood_size
+    assert len(flooded) < flood_size
+
+    assert_chatting(alice, bob, "we can still talk")
+    assert_chatting(dave, alice, "so can I")
+
+
+def test_repeated_wrong_passwords_are_throttled(make_server, connect):
+    throttled = make_server(login_throttle=LoginThrottle(free_failures=2, base_delay=60.0))
+    for _ in range(2):
+        with pytest.raises(LoginRefused) as refusal:
+            connect("alice", to=throttled, password="guess")
+        assert refusal.value.code == "auth_failed"
+    with pytest.raises(LoginRefused) as refusal:
+        connect("alice", to=throttled, password="another guess")
+    assert refusal.value.code == "rate_limited"
+    with pytest.raises(LoginRefused) as refusal:
+        connect("alice", to=throttled)  # even the right password waits
+    assert refusal.value.code == "rate_limited"
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def test_a_second_login_replaces_the_first_session(connect):
+    first, bob = log_in_all(connect, "alice", "bob")
+    second = connect("alice")
+    goodbye = wait_for(first, lambda event: isinstance(event, Goodbye))
+    assert "elsewhere" in goodbye.reason
+    wait_for(first, is_disconnected)
+    bob.say("which alice hears this?")
+    assert wait_for(second, chat_with("which alice hears this?")).sender == "bob"
+    assert not chats_in(drain(first, quiet=0.1))
+    bob.who()
+    assert wait_for(bob, lambda event: isinstance(event, Roster)).members == ["alice", "bob"]
+    assert_chatting(second, bob, "the new session speaks")
+
+
+def test_resume_after_a_lost_connection(connect):
+    alice, bob = log_in_all(connect, "alice", "bob")
+    first_token = alice.token
+    lost = lose_connection(alice)
+    try:
+        wait_for(bob, left("alice"))
+        alice.connect()
+        welcome = alice.resume()
+    finally:
+        lost.close()
+    assert welcome.username == "alice"
+    assert alice.token and alice.token != first_token
+    wait_for(bob, joined("alice"))
+    assert_chatting(alice, bob, "back without typing my password")
+
+    # The token that was resumed is spent: it cannot open a second session.
+    thief = ChatClient(
+        alice.host,
+        alice.port,
+        private_key=alice.private_key,
+        server_fingerprint=alice.server_fingerprint,
+        known_hosts=alice.known_hosts,
+        timeout=alice.timeout,
+    )
+    thief.username, thief.token = "alice", first_token
+    try:
+        with pytest.raises(LoginRefused) as refusal:
+            thief.resume()
+        assert refusal.value.code == "token_revoked"
+    finally:
+        thief.close()
+
+
+def test_a_token_given_up_by_leave_cannot_resume(connect):
+    alice, bob = log_in_all(connect, "alice", "bob")
+    token = alice.token
+    alice.leave("bye for now")
+    wait_for(bob, left("alice"))
+    alice.token = token  # whatever the client kept, the server must refuse it
+    with pytest.raises(LoginRefused) as refusal:
+        alice.resume()
+    assert refusal.value.code == "token_revoked"
+
+
+def test_resume_after_a_server_restart(make_server, connect):
+    first = make_server()
+    alice, bob = log_in_all(connect, "alice", "bob", to=first)
+    port = first.address[1]
+    first.stop()
+    for client in (alice, bob):
+        goodbye = wait_for(client, lambda event: isinstance(event, Goodbye))
+        assert goodbye.reason == "server shutting down"
+        assert goodbye.may_reconnect
+        wait_for(client, is_disconnected)
+        client.close()
+
+    second = make_server(port=port)
+    assert second.fingerprint == first.fingerprint
+    alice.resume()
+    bob.resume()
+    wait_for(alice, joined("bob"))
+    assert_chatting(alice, bob, "the server came back")
+    assert_chatting(bob, alice, "and remembered us")
+
+
+def test_a_revoked_token_stays_revoked_after_a_restart(make_server, connect):
+    first = make_server()
+    alice = connect("alice", to=first)
+    token = alice.token
+    alice.leave()
+    port = first.address[1]
+    first.stop()
+    make_server(port=port)
+    alice.token = token
+    with pytest.raises(LoginRefused) as refusal:
+        alice.resume()
+    assert refusal.value.code == "token_revoked"
+
+
+def test_an_expired_token_is_refused(make_server, connect):
+    short_lived = make_server(token_ttl=1)
+    alice, bob = log_in_all(connect, "alice", "bob", to=short_lived)
+    while time.time() <= alice.token_expires_at + 0.2:
+        time.sleep(0.1)
+    alice.say("am I too late?")
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "token_expired"
+    assert refusal.fatal
+    wait_for(alice, is_disconnected)
+    wait_for(bob, left("alice"))
+    assert not [event for event in drain(bob) if chat_with("am I too late?")(event)]
+
+
+def test_a_vanished_client_is_dropped_by_keepalive(make_server, connect):
+    quick = make_server(ping_interval=0.2, ping_timeout=0.6)
+    alice, bob, ghost = log_in_all(connect, "alice", "bob", "carol", to=quick)
+    # Holding the send lock freezes the ghost's reader at its first pong: alive, but silent.
+    ghost.send_lock.acquire()
+    try:
+        notice = wait_for(alice, left("carol"))
+        assert "keepalive" in notice.text
+        wait_for(bob, left("carol"))
+    finally:
+        ghost.send_lock.release()
+    assert_chatting(alice, bob, "the two of us are still fine")
+    assert_chatting(bob, alice, "quite fine")
+
+
+# --------------------------------------------------------------------------- shutting down
+
+
+def test_sigterm_says_goodbye_and_exits_cleanly(server_process, tmp_path):
+    process = server_process()
+    clients = []
+    try:
+        for name in ("alice", "bob"):
+            client = ChatClient(
+                "127.0.0.1",
+                process.port,
+                server_fingerprint=process.fingerprint,
+                known_hosts=KnownHosts(tmp_path / "known_hosts"),
+                timeout=TIMEOUT * 2,
+            )
+            clients.append(client)
+            client.login(name, password_of(name))
+        wait_for(clients[0], joined("bob"))
+        process.process.send_signal(signal.SIGTERM)
+        status = process.process.wait(timeout=2.0)
+        assert status == 0
+        for client in clients:
+            goodbye = wait_for(client, lambda event: isinstance(event, Goodbye))
+            assert goodbye.reason == "server shutting down"
+    finally:
+        for client in clients:
+            client.close()
+    _, stderr = process.stop()
+    assert "Traceback" not in stderr
+
+
+def test_stop_in_process_leaves_no_thread(make_server, connect):
+    already_running = set(threading.enumerate())  # the default server of the connect fixture
+    stopping = make_server()
+    alice, bob = log_in_all(connect, "alice", "bob", to=stopping)
+    started = [thread for thread in threading.enumerate() if thread not in already_running]
+    assert {"accept", "keepalive"} <= {thread.name for thread in started}
+    stopping.stop()
+    left_running = [thread.name for thread in started if thread.is_alive() and thread.name != "chat-reader"]
+    assert left_running == []
+    for client in (alice, bob):
+        assert wait_for(client, lambda event: isinstance(event, Goodbye)).reason == "server shutting down"
+        wait_for(client, is_disconnected)

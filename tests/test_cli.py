@@ -1,0 +1,656 @@
+"""The command-line client, driven from outside as a person or a script would.
+
+Interactive tests run ``client.py`` in a real 80x24 pseudo-terminal and read
+the screen through a terminal emulator; batch tests pipe lines in and read
+lines out. The server is always the real ``server.py`` program on a loopback
+port; the other people in the room are library ``ChatClient`` objects or more
+client programs.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
+from terminal import Terminal
+
+from chat import LocalRoom
+from client import Chat, ChatClient, Disconnected, KnownHosts, Notice
+from server import ChatServer, ServerConfig
+
+CLIENT = str(ROOT / "client.py")
+#: Starting a client means starting Python, importing, and making an RSA key.
+START = TIMEOUT * 2
+#: The interactive client waits RECONNECT_FIRST_DELAY (1 s) before its first retry, then 2 s more.
+RECONNECT = TIMEOUT * 3
+LONG_LINE = "0123456789" * 1000
+NON_ASCII = "héllo wörld — 日本語 ✓ 🎉"
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture
+def chat_server(server_process) -> ServerProcess:
+    """The real server program; quiet logs, because nobody drains its stderr while it runs."""
+    return server_process("--log-level", "WARNING")
+
+
+@pytest.fixture
+def join(tmp_path: Path) -> Iterator[Callable[..., ChatClient]]:
+    """Factory: ``join("bob", server)``: a library client logged in to anything with ``port`` and ``fingerprint``."""
+    clients: list[ChatClient] = []
+
+    def log_in(name: str, server: ServerProcess) -> ChatClient:
+        client = ChatClient(
+            "127.0.0.1",
+            server.port,
+            known_hosts=KnownHosts(tmp_path / "library_known_hosts"),
+            server_fingerprint=server.fingerprint,
+            timeout=TIMEOUT * 2,
+        )
+        clients.append(client)
+        client.login(name, password_of(name))
+        return client
+
+    yield log_in
+    for client in clients:
+        client.close()
+
+
+def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("CHAT_PASSWORD", "NO_COLOR")}
+    env.update(
+        PROMPT_TOOLKIT_NO_CPR="1",
+        TERM="xterm-256color",
+        XDG_CONFIG_HOME=str(tmp_path / "config"),  # never the real ~/.config/chat/known_hosts
+    )
+    env.update(extra)
+    return env
+
+
+def client_args(server_port: int, user: str, known_hosts: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        CLIENT,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(server_port),
+        "--user",
+        user,
+        "--known-hosts",
+        str(known_hosts),
+        *extra,
+    ]
+
+
+def pin(known_hosts: Path, server: ServerProcess) -> Path:
+    """Write the server's real key into a known-hosts file, as an earlier "yes" would have."""
+    with known_hosts.open("a") as handle:
+        handle.write(f"{KnownHosts.host_id('127.0.0.1', server.port)} {server.fingerprint}\n")
+    return known_hosts
+
+
+@pytest.fixture
+def terminals(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
+    """Factory: ``terminals(argv)`` starts a program in an 80x24 pty; every one is killed at teardown."""
+    opened: list[Terminal] = []
+
+    def spawn(argv: list[str], env: dict[str, str] | None = None) -> Terminal:
+        terminal = Terminal(argv, env=env or client_env(tmp_path))
+        opened.append(terminal)
+        return terminal
+
+    yield spawn
+    for terminal in opened:
+        terminal.close()
+
+
+def at_prompt(name: str, text: str = "") -> Callable[[Terminal], bool]:
+    """The cursor sits on ``NAME> text`` at the end of what has been typed."""
+    row = f"{name}> {text}"
+
+    def check(terminal: Terminal) -> bool:
+        cursor = terminal.screen.cursor
+        return terminal.screen.display[cursor.y].startswith(row) and cursor.x == len(row)
+
+    return check
+
+
+def type_password(terminal: Terminal, name: str) -> None:
+    terminal.wait_for_text(f"Password for {name}:", START)
+    terminal.type(password_of(name) + "\r")
+
+
+@pytest.fixture
+def chat_in_terminal(terminals, tmp_path: Path) -> Callable[..., Terminal]:
+    """Factory: ``chat_in_terminal("alice", server)``: the interactive client, logged in, at its prompt."""
+
+    def start(name: str, server: ServerProcess) -> Terminal:
+        known_hosts = pin(tmp_path / f"known_hosts_{name}", server)
+        terminal = terminals(client_args(server.port, name, known_hosts))
+        type_password(terminal, name)
+        terminal.wait_until(at_prompt(name), START, f"the {name}> prompt")
+        return terminal
+
+    return start
+
+
+def chats(client: ChatClient, count: int) -> list[Chat]:
+    """The next ``count`` chat messages ``client`` receives (other events skipped)."""
+    return [wait_for(client, lambda event: isinstance(event, Chat)) for _ in range(count)]
+
+
+def drain_chats(client: ChatClient, quiet: float = 0.3) -> list[str]:
+    """Chat texts that arrive until the client has been quiet for ``quiet`` seconds."""
+    texts = []
+    while (event := client.next_event(timeout=quiet)) is not None:
+        if isinstance(event, Chat):
+            texts.append(event.text)
+    return texts
+
+
+def row_of(terminal: Terminal, text: str) -> int:
+    rows = [number for number, line in enumerate(terminal.lines) if text in line]
+    assert rows, f"{text!r} is not on the screen:\n{terminal.text}"
+    return rows[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Pipe:
+    """Non-blocking reader of a child's output pipe (no thread: the test pumps it)."""
+
+    def __init__(self, stream) -> None:
+        self.fd = stream.fileno()
+        os.set_blocking(self.fd, False)
+        self.data = bytearray()
+        self.closed = False
+
+    def pump(self, wait: float = 0.05) -> None:
+        if self.closed:
+            return
+        ready, _, _ = select.select([self.fd], [], [], wait)
+        if ready:
+            chunk = os.read(self.fd, 1 << 16)
+            self.closed = not chunk
+            self.data.extend(chunk)
+
+    @property
+    def lines(self) -> list[str]:
+        return self.data.decode("utf-8").splitlines()
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.lines):
+            if self.closed or time.monotonic() > deadline:
+                pytest.fail(f"no {what}; output so far: {self.lines!r}")
+            self.pump()
+
+
+class BatchClient:
+    """``client.py`` with pipes for stdin, stdout and stderr; killed by ``close()`` if still running."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        self.stdout = Pipe(self.process.stdout)
+        self.stderr = Pipe(self.process.stderr)
+
+    def send(self, *lines: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("".join(f"{line}\n" for line in lines).encode())
+        self.process.stdin.flush()
+
+    def finish(self, timeout: float) -> int:
+        """Close stdin (end of input), read everything, and return the exit status."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        deadline = time.monotonic() + timeout
+        while not (self.stdout.closed and self.stderr.closed):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the batch client did not finish; stdout {self.stdout.lines!r}")
+            self.stdout.pump()
+            self.stderr.pump()
+        return self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def batch_clients(tmp_path: Path) -> Iterator[Callable[..., BatchClient]]:
+    started: list[BatchClient] = []
+
+    def start(server: ServerProcess, name: str, *extra: str) -> BatchClient:
+        env = client_env(tmp_path, CHAT_PASSWORD=password_of(name))
+        client = BatchClient(client_args(server.port, name, tmp_path / f"known_hosts_{name}", *extra), env)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.close()
+
+
+def run_batch(
+    tmp_path: Path, port: int, name: str, *extra: str, password: str | None = None, stdin: str = "hello\n"
+) -> subprocess.CompletedProcess[str]:
+    """One batch run to completion (for the runs that are refused before they start)."""
+    env = client_env(tmp_path)
+    if password is not None:
+        env["CHAT_PASSWORD"] = password
+    return subprocess.run(
+        client_args(port, name, tmp_path / "known_hosts", *extra),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=START * 2,
+    )
+
+
+# --------------------------------------------------------------------------- interactive: talking
+
+
+def test_interactive_login_hides_the_password_and_chats_both_ways(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+
+    assert password_of("alice").encode() not in alice.output
+    assert alice.lines[row_of(alice, "Password for alice:")].rstrip() == "Password for alice:"
+    assert "*** connected to 127.0.0.1" in alice.text
+
+    alice.type("hello bob\r")
+    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    assert (message.sender, message.text, message.private) == ("alice", "hello bob", False)
+    alice.wait_for_text("alice: hello bob", TIMEOUT)
+
+    bob.say("hi alice, welcome")
+    alice.wait_for_text("bob: hi alice, welcome", TIMEOUT)
+    alice.wait_until(at_prompt("alice"), TIMEOUT, "the prompt below the messages")
+    assert row_of(alice, "bob: hi alice, welcome") < alice.screen.cursor.y
+
+
+def test_a_message_arriving_mid_line_leaves_the_half_typed_line_intact(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+
+    alice.type("half-typed words")
+    alice.wait_until(at_prompt("alice", "half-typed words"), TIMEOUT, "the typed keys on the prompt")
+    bob.say("news from bob")
+    alice.wait_for_text("bob: news from bob", TIMEOUT)
+    alice.wait_until(at_prompt("alice", "half-typed words"), TIMEOUT, "the half-typed line redrawn")
+
+    assert row_of(alice, "bob: news from bob") < alice.screen.cursor.y
+    assert alice.cursor_row == "alice> half-typed words"
+    assert sum("half-typed words" in line for line in alice.lines) == 1
+
+    alice.type("\r")
+    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    assert (message.sender, message.text) == ("alice", "half-typed words")
+
+
+# --------------------------------------------------------------------------- interactive: the server's key
+
+
+def test_first_contact_asks_about_the_key_and_pins_it(chat_server, terminals, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    first = terminals(client_args(chat_server.port, "alice", known_hosts))
+    type_password(first, "alice")
+    first.wait_for_text("(yes/no)?", START)
+    assert f"[127.0.0.1]:{chat_server.port}" in first.text
+    assert chat_server.fingerprint in first.text
+    first.type("yes\r")
+    first.wait_until(at_prompt("alice"), START, "the prompt after yes")
+    assert known_hosts.read_text().split() == [f"[127.0.0.1]:{chat_server.port}", chat_server.fingerprint]
+    first.type("\x04")
+    assert first.wait_exit(TIMEOUT) == 0
+
+    second = terminals(client_args(chat_server.port, "alice", known_hosts))
+    type_password(second, "alice")
+    second.wait_until(at_prompt("alice"), START, "the prompt without a question")
+    assert "yes/no" not in second.text
+    assert chat_server.fingerprint not in second.text
+    second.type("\x04")
+    assert second.wait_exit(TIMEOUT) == 0
+
+
+def test_refusing_an_unknown_key_exits_with_an_error(chat_server, terminals, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    terminal = terminals(client_args(chat_server.port, "alice", known_hosts))
+    type_password(terminal, "alice")
+    terminal.wait_for_text("(yes/no)?", START)
+    terminal.type("no\r")
+    assert terminal.wait_exit(TIMEOUT) != 0
+    assert "error:" in terminal.text
+    assert not known_hosts.exists() or chat_server.fingerprint not in known_hosts.read_text()
+    assert "alice>" not in terminal.text
+
+
+# --------------------------------------------------------------------------- batch mode
+
+
+def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batch_clients, join):
+    carol = join("carol", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    bob = batch_clients(chat_server, "bob", "--accept-new-host-key")
+    joined = set()
+    while joined != {"alice", "bob"}:
+        notice = wait_for(carol, lambda event: isinstance(event, Notice) and event.event == "joined", timeout=START)
+        joined.add(notice.name)
+
+    lines = {
+        "alice": ["hi from alice", LONG_LINE, NON_ASCII],
+        "bob": ["hi from bob", LONG_LINE[::-1], NON_ASCII[::-1]],
+    }
+    alice.send(*lines["alice"])
+    bob.send(*lines["bob"])
+    heard = [(message.sender, message.text) for message in chats(carol, 6)]
+    for name in ("alice", "bob"):
+        assert [text for sender, text in heard if sender == name] == lines[name]
+    carol.say("over to you")
+
+    expected = {
+        "alice": [f"bob: {line}" for line in lines["bob"]] + ["carol: over to you"],
+        "bob": [f"alice: {line}" for line in lines["alice"]] + ["carol: over to you"],
+    }
+    for name, client in (("alice", alice), ("bob", bob)):
+        client.stdout.wait_for(
+            lambda seen, name=name: all(line in seen for line in expected[name]), TIMEOUT, f"lines for {name}"
+        )
+    assert alice.finish(TIMEOUT * 2) == 0
+    assert bob.finish(TIMEOUT * 2) == 0
+
+    for name, client in (("alice", alice), ("bob", bob)):
+        output = client.stdout.lines
+        for line in expected[name]:
+            assert output.count(line) == 1, f"{name} got {line[:40]!r} {output.count(line)} times"
+        assert not [line for line in output if line.startswith(f"{name}:")], "own lines are not echoed"
+        assert client.stderr.lines == []
+    assert drain_chats(carol) == [], "carol heard a line twice"
+
+
+def test_batch_wrong_password_is_one_line_and_a_failure(chat_server, tmp_path):
+    result = run_batch(tmp_path, chat_server.port, "alice", "--accept-new-host-key", password="not-the-password")
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: ")
+    assert "not-the-password" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_batch_unreachable_server_names_host_and_port(tmp_path):
+    port = free_port()
+    result = run_batch(tmp_path, port, "alice", "--accept-new-host-key", password=password_of("alice"))
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: ")
+    assert f"127.0.0.1:{port}" in result.stderr
+
+
+def test_batch_refuses_an_unknown_key_without_the_flag(chat_server, tmp_path):
+    result = run_batch(tmp_path, chat_server.port, "alice", password=password_of("alice"))
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1
+    assert chat_server.fingerprint in result.stderr
+    assert "--accept-new-host-key" in result.stderr
+    known_hosts = tmp_path / "known_hosts"
+    assert not known_hosts.exists() or chat_server.fingerprint not in known_hosts.read_text()
+
+
+def test_batch_refuses_a_changed_key_and_names_the_pinned_line(chat_server, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    wrong = "SHA256:" + "A" * 43
+    known_hosts.write_text(f"[127.0.0.1]:1 {wrong}\n[127.0.0.1]:{chat_server.port} {wrong}\n")
+    result = run_batch(tmp_path, chat_server.port, "alice", "--accept-new-host-key", password=password_of("alice"))
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1
+    assert "CHANGED" in result.stderr.upper()
+    assert str(known_hosts) in result.stderr
+    assert "line 2" in result.stderr
+    assert known_hosts.read_text().count(chat_server.fingerprint) == 0
+
+
+def test_batch_without_chat_password_exits_2(tmp_path):
+    result = run_batch(tmp_path, free_port(), "alice", "--accept-new-host-key")
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "CHAT_PASSWORD" in result.stderr
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_who_me_and_a_private_message_nobody_else_sees(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    carol = join("carol", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+
+    alice.type("/who\r")
+    alice.wait_for_text("*** online (3): alice, bob, carol", TIMEOUT)
+
+    alice.type("/me waves\r")
+    alice.wait_for_text("* alice waves", TIMEOUT)
+    alice.type("/msg bob just between us\r")
+    alice.wait_for_text("alice → bob: just between us", TIMEOUT)
+    alice.type("public again\r")
+
+    assert [(m.text, m.action, m.private) for m in chats(bob, 3)] == [
+        ("waves", True, False),
+        ("just between us", False, True),
+        ("public again", False, False),
+    ]
+    # carol's next chat after the action is the public line: the private one never reached her.
+    assert [(m.text, m.private) for m in chats(carol, 2)] == [("waves", False), ("public again", False)]
+
+
+def test_unknown_command_hints_and_sends_nothing_and_double_slash_sends(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+
+    alice.type("/frobnicate the room\r")
+    alice.wait_for_text("unknown command /frobnicate", TIMEOUT)
+    assert "/help" in alice.text
+    alice.type("//shrug is not a command\r")
+
+    # The first chat bob gets is the // line: the unknown command sent nothing before it.
+    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    assert (message.sender, message.text) == ("alice", "/shrug is not a command")
+
+
+def test_tab_completes_commands_and_online_names(chat_server, chat_in_terminal, join):
+    carol = join("carol", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+
+    alice.type("/wh\t")
+    alice.wait_until(at_prompt("alice", "/who "), TIMEOUT, "'/wh' completed to '/who '")
+    alice.type("\x15")  # Ctrl-U: clear the line
+    alice.wait_until(at_prompt("alice"), TIMEOUT, "an empty prompt")
+
+    alice.type("thanks ca\t")
+    alice.wait_until(at_prompt("alice", "thanks carol"), TIMEOUT, "'ca' completed to 'carol'")
+    alice.type("\r")
+    message = wait_for(carol, lambda event: isinstance(event, Chat))
+    assert message.text == "thanks carol"
+
+
+def test_quit_with_a_message_is_seen_by_the_others(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+
+    alice.type("/quit see you tomorrow\r")
+    assert alice.wait_exit(TIMEOUT) == 0
+    notice = wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "left")
+    assert notice.name == "alice"
+    assert "see you tomorrow" in notice.text
+
+
+# --------------------------------------------------------------------------- terminal safety and exit
+
+
+def test_escape_sequences_in_a_message_are_shown_harmlessly(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    banner = row_of(alice, "*** connected to")
+
+    bob.say("\x1b[2J\x1b[31mRED\x1b]0;pwned\x07")
+    alice.wait_for_text("RED", TIMEOUT)
+
+    assert row_of(alice, "*** connected to") == banner, "the screen was cleared"
+    row = row_of(alice, "RED")
+    line = alice.lines[row]
+    assert "bob: \ufffd[2J\ufffd[31mRED\ufffd]0;pwned\ufffd" in line
+    column = line.index("RED")
+    assert {alice.screen.buffer[row][column + offset].fg for offset in range(3)} == {"default"}
+    assert alice.screen.title != "pwned"
+
+
+ESCAPES = "\x1b[2J\x1b[31mRED\x1b]0;pwned\x07"
+
+
+class HostileRoom(LocalRoom):
+    """A room that forwards raw escape sequences, as a compromised or buggy server might.
+
+    The real server sanitizes text before fan-out; this one does not, so what
+    the screen shows is the client's own defence.
+    """
+
+    def say(self, sender, text: str, *, action: bool = False) -> None:
+        if text != "inject":
+            super().say(sender, text, action=action)
+            return
+        with self.members_lock:
+            recipients = [member for member in self.members.values() if member is not sender]
+        for recipient in recipients:
+            recipient.deliver(Chat(sender=f"{sender.name}\x1b[1;1H", text=ESCAPES, sent_at=time.time()))
+            recipient.deliver(Notice(event="info", text=f"notice {ESCAPES}"))
+
+
+@pytest.fixture
+def hostile_server(tmp_path: Path, users_file: Path) -> Iterator[SimpleNamespace]:
+    """An in-process server with a ``HostileRoom``; stopped at teardown."""
+    config = ServerConfig(host="127.0.0.1", port=0, users_path=users_file, data_dir=tmp_path / "hostile")
+    server = ChatServer(config, room=HostileRoom()).start()
+    try:
+        yield SimpleNamespace(port=server.address[1], fingerprint=server.fingerprint)
+    finally:
+        server.stop()
+
+
+def test_the_client_itself_neutralises_escapes_a_server_forwards(hostile_server, chat_in_terminal, join):
+    bob = join("bob", hostile_server)
+    alice = chat_in_terminal("alice", hostile_server)
+    banner = row_of(alice, "*** connected to")
+
+    bob.say("inject")
+    alice.wait_for_text("*** notice", TIMEOUT)
+
+    assert row_of(alice, "*** connected to") == banner, "the screen was cleared"
+    row = row_of(alice, "[1;1H:")
+    assert "bob\ufffd[1;1H: \ufffd[2J\ufffd[31mRED\ufffd]0;pwned\ufffd" in alice.lines[row]
+    assert "*** notice \ufffd[2J\ufffd[31mRED" in alice.text
+    column = alice.lines[row].index("RED")
+    assert {alice.screen.buffer[row][column + offset].fg for offset in range(3)} == {"default"}
+    assert alice.screen.title != "pwned"
+
+
+def test_ctrl_d_leaves_cleanly_and_restores_the_terminal(chat_server, terminals, join, tmp_path):
+    bob = join("bob", chat_server)
+    known_hosts = pin(tmp_path / "known_hosts", chat_server)
+    # A shell around the client reports, after it exits, its status and the terminal's settings.
+    report = '"$0" "$@"; status=$?; stty -a; echo "client exit status: $status"'
+    argv = ["/bin/sh", "-c", report, *client_args(chat_server.port, "alice", known_hosts)]
+    alice = terminals(argv)
+    type_password(alice, "alice")
+    alice.wait_until(at_prompt("alice"), START, "the prompt")
+
+    alice.type("\x04")
+    notice = wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "left")
+    assert notice.name == "alice"
+    assert alice.wait_exit(TIMEOUT) == 0
+    assert "client exit status: 0" in alice.text
+    settings = alice.output.decode(errors="replace").split()
+    assert {"icanon", "echo", "isig"} <= set(settings), "the terminal is left in raw or no-echo mode"
+    assert not alice.screen.cursor.hidden
+
+
+# --------------------------------------------------------------------------- reconnection
+
+
+def test_reconnects_after_a_server_restart_without_asking_the_password(
+    chat_server, server_process, chat_in_terminal, join
+):
+    port = chat_server.port
+    alice = chat_in_terminal("alice", chat_server)
+    bob = join("bob", chat_server)
+    alice.wait_for_text("*** bob joined", TIMEOUT)
+
+    chat_server.stop()
+    assert isinstance(wait_for(bob, lambda event: isinstance(event, Disconnected)), Disconnected)
+    alice.wait_for_text("connection lost", TIMEOUT)
+    asked_before = alice.output.count(b"Password for")
+    restarted = server_process("--log-level", "WARNING", "--port", str(port))
+    assert (restarted.port, restarted.fingerprint) == (port, chat_server.fingerprint)
+
+    alice.wait_for_text("*** reconnected as alice", RECONNECT)
+    assert alice.output.count(b"Password for") == asked_before
+    bob_again = join("bob", restarted)
+    alice.wait_until(at_prompt("alice"), TIMEOUT, "the prompt back")
+    alice.type("still here\r")
+    message = wait_for(bob_again, lambda event: isinstance(event, Chat))
+    assert (message.sender, message.text) == ("alice", "still here")
+
+
+def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_process, chat_in_terminal, join):
+    """What it does: the resume is refused (token expired); the client says why and asks for
+    the password again on the terminal; after that the user is back in the room."""
+    first = server_process("--log-level", "WARNING", "--token-ttl", "1")
+    port = first.port
+    alice = chat_in_terminal("alice", first)
+    time.sleep(2.2)  # let the 1 s token expire (JWT expiry has whole-second resolution)
+
+    first.stop()
+    alice.wait_for_text("connection lost", TIMEOUT)
+    asked_before = alice.output.count(b"Password for alice:")
+    restarted = server_process("--log-level", "WARNING", "--port", str(port))
+    bob = join("bob", restarted)
+
+    alice.wait_for_text("your session has expired", RECONNECT)
+    alice.wait_until(lambda t: t.output.count(b"Password for alice:") > asked_before, TIMEOUT, "a password prompt")
+    alice.settle()
+    assert "reconnected as alice" not in alice.text
+    assert "cannot resume the session: token expired" in alice.text
+    # Where the user must type the password: the prompt should sit on the cursor row, below the explanation.
+    when_asked = alice.text
+    prompt_at_cursor = alice.cursor_row.startswith("Password for alice:")
+    explained_above = row_of(alice, "your session has expired") < alice.screen.cursor.y
+
+    alice.type(password_of("alice") + "\r")
+    alice.wait_for_text("logged in again as alice", START)
+    alice.wait_until(at_prompt("alice"), TIMEOUT, "the prompt after logging in again")
+    alice.type("back again\r")
+    message = wait_for(bob, lambda event: isinstance(event, Chat), timeout=TIMEOUT)
+    assert (message.sender, message.text) == ("alice", "back again")
+    assert password_of("alice").encode() not in alice.output
+    assert prompt_at_cursor and explained_above, f"password prompt misplaced; screen when asked:\n{when_asked}"

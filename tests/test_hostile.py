@@ -1,0 +1,735 @@
+"""Hostile peers beside honest ones: the server drops the attacker and the room keeps talking.
+
+Every test keeps two honest people logged in, lets an attacker try something
+over a real socket, checks that the attacker got nowhere, and then checks that
+the honest two can still talk to each other.
+"""
+
+import base64
+import functools
+import hashlib
+import itertools
+import json
+import os
+import random
+import socket
+import threading
+import time
+
+import jwt
+import pytest
+from conftest import TIMEOUT, drain, password_of, wait_for
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+import crypto_utils
+from channel import SecureChannel, read_frame
+from client import Chat, ChatClient, Disconnected, ErrorReply, HostKeyError, KnownHosts, LoginRefused, Notice
+from crypto_utils import CryptoError
+from protocol import (
+    PROTOCOL_VERSION,
+    SERVER_KINDS,
+    Envelope,
+    FrameDecoder,
+    FrameType,
+    Login,
+    Say,
+    Welcome,
+    associated_data,
+    b64decode,
+    b64encode,
+    decode_control,
+    decode_message,
+    encode_control,
+    encode_frame,
+)
+from server import HELLO_CONTEXT
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def spare_key(label):
+    """An RSA key made once per test session for a hand-driven peer (``label`` names its owner)."""
+    return crypto_utils.generate_private_key()
+
+
+class RawPeer:
+    """A client driven by hand: the test chooses every frame it sends, and it reads only when told."""
+
+    def __init__(self, server, private_key=None, receive_buffer=None):
+        self.private_key = private_key
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            # Set before connecting, so the advertised window stays small.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(server.address)
+        self.channel = None
+        self.nonce = b""
+        self.signature = b""
+        self.client_key_der = b""
+        self.token = ""
+
+    def hello(self, client_key_der=None):
+        """Say hello with our key (or any key given); returns the server's reply."""
+        if client_key_der is None:
+            client_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
+        self.client_key_der = client_key_der
+        self.sock.sendall(encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(client_key_der)))
+        frame_type, body = read_frame(self.sock)
+        assert frame_type is FrameType.CONTROL
+        reply = decode_control(body)
+        assert reply["type"] == "server_hello", reply
+        server_key = crypto_utils.load_public_key(b64decode(reply["server_key"], "server_key"))
+        self.nonce = b64decode(reply["nonce"], "nonce")
+        self.signature = b64decode(reply["signature"], "signature")
+        self.server_key = server_key
+        self.channel = SecureChannel(self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS)
+        return reply
+
+    def server_proved_its_key(self):
+        proof = HELLO_CONTEXT + self.nonce + hashlib.sha256(self.client_key_der).digest()
+        try:
+            crypto_utils.verify_signature(self.server_key, self.signature, proof)
+        except CryptoError:
+            return False
+        return True
+
+    def login_frame(self, username, password):
+        """The sealed login an honest client would send on this connection."""
+        session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+        self.channel.session_key = session_key
+        return self.channel.seal(
+            Login(
+                username=username,
+                password=password,
+                server_nonce=b64encode(self.nonce),
+                client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
+                session_key=b64encode(session_key),
+            )
+        )
+
+    def finish_login(self, username):
+        """Read the server's answer to our login; returns the Welcome."""
+        frame_type, body = read_frame(self.sock)
+        assert frame_type is FrameType.SEALED
+        self.channel.username = username
+        welcome = self.channel.open(body)
+        assert isinstance(welcome, Welcome)
+        self.token = welcome.token
+        return welcome
+
+    def login(self, username, password):
+        self.hello()
+        self.sock.sendall(self.login_frame(username, password))
+        return self.finish_login(username)
+
+    def send_message(self, message):
+        self.sock.sendall(self.channel.seal(message))
+
+    def receive(self):
+        """The next message: a dict for a control frame, a Message for a sealed one."""
+        frame_type, body = read_frame(self.sock)
+        if frame_type is FrameType.CONTROL:
+            return decode_control(body)
+        return self.channel.open(body)
+
+    def frames_until_closed(self, timeout=TIMEOUT):
+        """Every frame the server sends until it closes; fails if it keeps the connection open."""
+        deadline = time.monotonic() + timeout
+        received = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"the server kept the connection open for {timeout} s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                break
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            received += chunk
+        return FrameDecoder().feed(bytes(received))
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def peers():
+    """Factory for RawPeer; every peer is closed at teardown."""
+    made = []
+
+    def make(*args, **kwargs):
+        peer = RawPeer(*args, **kwargs)
+        made.append(peer)
+        return peer
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+def joined(name):
+    return lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == name
+
+
+def left(name):
+    return lambda event: isinstance(event, Notice) and event.event == "left" and event.name == name
+
+
+def chat_with(text):
+    return lambda event: isinstance(event, Chat) and event.text == text
+
+
+def is_error(event):
+    return isinstance(event, ErrorReply)
+
+
+def is_disconnected(event):
+    return isinstance(event, Disconnected)
+
+
+_line_numbers = itertools.count()
+
+
+def honest_pair(connect, server, first="alice", second="bob"):
+    one = connect(first, to=server)
+    two = connect(second, to=server)
+    wait_for(one, joined(second))
+    return one, two
+
+
+def assert_still_chatting(one, two):
+    """Both honest people can still hear each other."""
+    for speaker, listener in ((one, two), (two, one)):
+        text = f"{speaker.username} is still here ({next(_line_numbers)})"
+        speaker.say(text)
+        assert wait_for(listener, chat_with(text)).sender == speaker.username
+
+
+def control_errors(frames):
+    return [decode_control(body) for frame_type, body in frames if frame_type is FrameType.CONTROL]
+
+
+def assert_refused_in_clear(frames, code):
+    """The connection ended with one cleartext error carrying ``code`` (nothing else was sent)."""
+    errors = control_errors(frames)
+    assert [error.get("code") for error in errors] == [code], frames
+    assert all(error["type"] == "error" for error in errors)
+
+
+def hello_frame(private_key):
+    der = crypto_utils.public_key_bytes(private_key.public_key())
+    return encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(der))
+
+
+# --------------------------------------------------------------------------- bad framing
+
+
+def test_a_4_gib_length_prefix_before_login(make_server, connect, peers):
+    server = make_server(handshake_timeout=1.0)
+    alice, bob = honest_pair(connect, server)
+    attacker = peers(server)
+    attacker.sock.sendall(b"\xff\xff\xff\xff")
+    assert_refused_in_clear(attacker.frames_until_closed(), "protocol_error")
+    assert_still_chatting(alice, bob)
+
+
+def test_a_4_gib_length_prefix_after_login(make_server, connect, peers):
+    server = make_server()
+    alice, bob = honest_pair(connect, server)
+    attacker = peers(server, private_key=spare_key("attacker"))
+    attacker.login("carol", password_of("carol"))
+    wait_for(alice, joined("carol"))
+    attacker.sock.sendall(b"\xff\xff\xff\xff")
+    refusal = attacker.receive()
+    assert isinstance(refusal, ErrorReply) and refusal.code == "protocol_error" and refusal.fatal
+    attacker.frames_until_closed()
+    assert "protocol error" in wait_for(alice, left("carol")).text
+    wait_for(bob, left("carol"))
+    assert_still_chatting(alice, bob)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_garbage_is_dropped(make_server, connect, peers, seed):
+    server = make_server(handshake_timeout=1.0)
+    alice, bob = honest_pair(connect, server)
+    garbage = random.Random(seed).randbytes(4096)
+    attacker = peers(server)
+    attacker.sock.sendall(garbage)
+    frames = attacker.frames_until_closed(timeout=TIMEOUT + 1.0)
+    assert not [body for frame_type, body in frames if frame_type is FrameType.SEALED]
+    assert_still_chatting(alice, bob)
+
+
+def test_garbage_after_login_is_dropped(make_server, connect, peers):
+    server = make_server()
+    alice, bob = honest_pair(connect, server)
+    attacker = peers(server, private_key=spare_key("attacker"))
+    attacker.login("carol", password_of("carol"))
+    wait_for(bob, joined("carol"))
+    # A well-framed sealed frame whose envelope is noise.
+    attacker.sock.sendall(encode_frame(FrameType.SEALED, random.Random(7).randbytes(600)))
+    refusal = attacker.receive()
+    assert isinstance(refusal, ErrorReply) and refusal.code == "protocol_error" and refusal.fatal
+    attacker.frames_until_closed()
+    wait_for(bob, left("carol"))
+    assert_still_chatting(alice, bob)
+
+
+def _hello_with_key(private_key):
+    der = private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(der))
+
+
+MALFORMED_OPENINGS = {
+    "empty frame": lambda: b"\x00\x00\x00\x00",
+    "unknown frame type": lambda: encode_frame(FrameType.CONTROL, b"{}")[:4] + b"\x09{}",
+    "control frame not JSON": lambda: encode_frame(FrameType.CONTROL, b"\xff\xfe not json"),
+    "control frame a JSON list": lambda: encode_frame(FrameType.CONTROL, b"[1, 2, 3]"),
+    "sealed frame first": lambda: encode_frame(FrameType.SEALED, bytes(200)),
+    "wrong protocol version": lambda: encode_control("hello", version=99, client_key=""),
+    "key not base64": lambda: encode_control("hello", version=PROTOCOL_VERSION, client_key="%%%"),
+    "key not DER": lambda: encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(b"junk")),
+    "1024-bit RSA key": lambda: _hello_with_key(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+    "RSA key with e=3": lambda: _hello_with_key(rsa.generate_private_key(public_exponent=3, key_size=2048)),
+    "elliptic-curve key": lambda: _hello_with_key(ec.generate_private_key(ec.SECP256R1())),
+}
+
+
+@pytest.mark.parametrize("opening", list(MALFORMED_OPENINGS))
+def test_a_malformed_opening_is_refused(make_server, connect, peers, opening):
+    server = make_server(handshake_timeout=1.0)
+    alice, bob = honest_pair(connect, server)
+    attacker = peers(server)
+    attacker.sock.sendall(MALFORMED_OPENINGS[opening]())
+    assert_refused_in_clear(attacker.frames_until_closed(), "protocol_error")
+    assert_still_chatting(alice, bob)
+
+
+# --------------------------------------------------------------------------- slow and silent peers
+
+
+def test_half_a_hello_then_silence_is_dropped_at_the_deadline(make_server, connect, peers):
+    server = make_server(handshake_timeout=0.5)
+    alice, bob = honest_pair(connect, server)
+    attacker = peers(server)
+    hello = hello_frame(spare_key("attacker"))
+    attacker.sock.sendall(hello[: len(hello) // 2])
+    assert_refused_in_clear(attacker.frames_until_closed(), "timeout")
+    assert_still_chatting(alice, bob)
+
+
+def test_half_a_login_then_silence_is_dropped_at_the_deadline(make_server, connect, peers):
+    server = make_server(handshake_timeout=0.5)
+    alice, bob = honest_pair(connect, server)
+    attacker = peers(server, private_key=spare_key("attacker"))
+    attacker.hello()
+    login = attacker.login_frame("carol", password_of("carol"))
+    attacker.sock.sendall(login[: len(login) // 2])
+    assert_refused_in_clear(attacker.frames_until_closed(), "timeout")
+    assert not [event for event in drain(alice, quiet=0.1) if joined("carol")(event)]
+    assert_still_chatting(alice, bob)
+
+
+def test_a_hello_dripped_byte_by_byte_is_dropped_at_the_deadline(make_server, connect, peers):
+    """The handshake deadline bounds the whole handshake, not each read of it (slowloris)."""
+    handshake_timeout = 0.5
+    server = make_server(handshake_timeout=handshake_timeout)
+    alice, bob = honest_pair(connect, server)
+    attacker = peers(server)
+    hello = hello_frame(spare_key("attacker"))
+    give_up = time.monotonic() + handshake_timeout + TIMEOUT / 2
+    dropped = False
+    attacker.sock.settimeout(0.1)  # also the pace of the drip
+    for byte in hello:
+        if time.monotonic() > give_up:
+            break
+        try:
+            attacker.sock.sendall(bytes((byte,)))
+            attacker.sock.recv(4096)  # returns only once the server speaks or hangs up
+        except TimeoutError:
+            continue
+        except OSError:
+            pass
+        dropped = True
+        break
+    assert dropped, f"a hello dripped one byte per 0.1 s outlived a {handshake_timeout} s handshake deadline"
+    assert_still_chatting(alice, bob)
+
+
+def test_fifty_silent_connections_do_not_stop_the_room(make_server, connect, peers):
+    server = make_server(handshake_timeout=1.0, max_connections_per_address=64)
+    alice, bob = honest_pair(connect, server)
+    silent = [peers(server) for _ in range(50)]
+    assert_still_chatting(alice, bob)
+    carol = connect("carol", to=server)  # logging in still works while they hang around
+    wait_for(alice, joined("carol"))
+    for peer in silent:
+        assert_refused_in_clear(peer.frames_until_closed(timeout=1.0 + TIMEOUT), "timeout")
+    assert_still_chatting(alice, bob)
+    assert_still_chatting(carol, alice)
+
+
+def test_the_per_address_limit_refuses_the_extra_connection(make_server, connect, peers):
+    server = make_server(max_connections_per_address=3, handshake_timeout=5.0)
+    alice, bob = honest_pair(connect, server)
+    third = peers(server)
+    fourth = peers(server)
+    assert_refused_in_clear(fourth.frames_until_closed(), "too_many_connections")
+    assert_still_chatting(alice, bob)
+
+    # The slot is given back when the third connection ends.
+    third.close()
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        again = peers(server, private_key=spare_key("attacker"))
+        again.sock.settimeout(0.2)
+        try:
+            refused = again.sock.recv(4096)
+        except TimeoutError:
+            break  # no refusal: the server is waiting for our hello
+        assert refused, "closed without a word"
+        assert time.monotonic() < deadline, "the closed connection still counts against the address"
+        again.close()
+    again.sock.settimeout(TIMEOUT)
+    assert again.hello()["type"] == "server_hello"
+    assert_still_chatting(alice, bob)
+
+
+def test_a_client_that_never_reads_is_dropped_with_sendq_exceeded(make_server, connect, peers):
+    server = make_server(send_queue_size=8, flood_rate=0)
+    alice, bob = honest_pair(connect, server)
+    sluggard = peers(server, private_key=spare_key("sluggard"), receive_buffer=4096)
+    sluggard.login("carol", password_of("carol"))
+    wait_for(alice, joined("carol"))
+    wait_for(bob, joined("carol"))
+
+    # The kernel buffers a few MiB for the sluggard before the server's own queue fills up.
+    # Alice speaks in step with bob hearing her, so bob's own (equally small) queue never fills.
+    padding = "x" * 30_000
+    sent, heard, notice = [], [], None
+    while notice is None and len(sent) < 2000:
+        text = f"line {len(sent)} {padding}"
+        alice.say(text)
+        sent.append(text)
+        while len(heard) < len(sent):
+            event = bob.next_event(timeout=TIMEOUT)
+            assert event is not None, f"bob stopped hearing alice after {len(heard)} lines"
+            assert not isinstance(event, Disconnected), event
+            if isinstance(event, Chat):
+                heard.append(event.text)
+            elif left("carol")(event):
+                notice = event
+    assert notice is not None, f"carol was never dropped ({len(sent)} lines sent)"
+    assert "SendQ exceeded" in notice.text
+    assert "SendQ exceeded" in wait_for(alice, left("carol")).text
+    assert heard == sent
+    assert_still_chatting(alice, bob)
+
+
+# --------------------------------------------------------------------------- replays and forgeries
+
+
+class RecordingSocket:
+    """Wraps a client's socket and keeps a copy of everything it sends."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.sent = []
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+        return self._sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_a_replayed_frame_is_refused(make_server, connect):
+    server = make_server()
+    dave, erin = honest_pair(connect, server, "dave", "erin")
+    alice = connect("alice", to=server)
+    carol = connect("carol", to=server)
+    for listener in (dave, erin):
+        wait_for(listener, joined("carol"))
+    recorder = RecordingSocket(alice.sock)
+    alice.sock = recorder
+    alice.say("say this only once")
+    for listener in (dave, erin):
+        wait_for(listener, chat_with("say this only once"))
+    (frame,) = recorder.sent
+    recorded = Envelope.decode(frame[5:])
+
+    # Injected on another connection, at the very sequence number it expects next:
+    # the session MAC gives it away.
+    assert recorded.seq == carol.channel.send_seq
+    with carol.send_lock:
+        carol.sock.sendall(frame)
+    refusal = wait_for(carol, is_error)
+    assert refusal.code == "protocol_error" and refusal.fatal
+    wait_for(carol, is_disconnected)
+    wait_for(dave, left("carol"))
+
+    # Replayed on its own connection: the sequence number gives it away.
+    with alice.send_lock:
+        alice.sock.sendall(frame)
+    refusal = wait_for(alice, is_error)
+    assert refusal.code == "replay" and refusal.fatal
+    wait_for(alice, is_disconnected)
+    wait_for(dave, left("alice"))
+    for listener in (dave, erin):
+        assert not [event for event in drain(listener, quiet=0.1) if chat_with("say this only once")(event)]
+    assert_still_chatting(dave, erin)
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _claims_of(token):
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def _signed_with_another_secret(alice, bob):
+    return jwt.encode(_claims_of(alice.token), b"not the server's secret, but long", algorithm="HS256")
+
+
+def _alg_none(alice, bob):
+    header = _b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    return f"{header}.{_b64url(json.dumps(_claims_of(alice.token)).encode())}."
+
+
+def _another_users_token(alice, bob):
+    return bob.token
+
+
+def _subject_changed(alice, bob):
+    header, _, signature = alice.token.split(".")
+    claims = {**_claims_of(alice.token), "sub": "bob"}
+    return f"{header}.{_b64url(json.dumps(claims).encode())}.{signature}"
+
+
+def _no_token(alice, bob):
+    return ""
+
+
+FORGERIES = {
+    "signed with another secret": _signed_with_another_secret,
+    "alg none": _alg_none,
+    "another user's token": _another_users_token,
+    "subject changed": _subject_changed,
+    "no token": _no_token,
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_a_forged_token_is_refused(make_server, connect, forgery):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    alice = connect("alice", to=server)
+    wait_for(bob, joined("alice"))
+    token = FORGERIES[forgery](alice, bob)
+    with alice.send_lock:
+        alice.sock.sendall(alice.channel.seal(Say(token=token, text="spoken with a forged token")))
+    refusal = wait_for(alice, is_error)
+    assert refusal.code.startswith("token_") and refusal.fatal
+    wait_for(alice, is_disconnected)
+    wait_for(bob, left("alice"))
+    assert not [event for event in drain(dave, quiet=0.1) if chat_with("spoken with a forged token")(event)]
+    assert_still_chatting(bob, dave)
+
+
+def test_a_resume_with_a_forged_token_is_refused(make_server, connect, tmp_path):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    alice = connect("alice", to=server)
+    forged = _alg_none(alice, bob)
+    alice.leave()
+    wait_for(bob, left("alice"))
+    intruder = ChatClient(
+        *server.address,
+        private_key=alice.private_key,
+        server_fingerprint=server.fingerprint,
+        known_hosts=KnownHosts(tmp_path / "intruder_hosts"),
+        timeout=TIMEOUT,
+    )
+    intruder.username, intruder.token = "alice", forged
+    try:
+        with pytest.raises(LoginRefused) as refusal:
+            intruder.resume()
+    finally:
+        intruder.close()
+    assert refusal.value.code == "token_invalid"
+    assert not [event for event in drain(bob, quiet=0.1) if joined("alice")(event)]
+    assert_still_chatting(bob, dave)
+
+
+def test_a_stolen_token_is_useless_without_its_key(make_server, connect, tmp_path):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    alice = connect("alice", to=server)
+    wait_for(bob, joined("alice"))
+    thief = ChatClient(
+        *server.address,
+        server_fingerprint=server.fingerprint,
+        known_hosts=KnownHosts(tmp_path / "thief_hosts"),
+        timeout=TIMEOUT,
+    )
+    thief.username, thief.token = "alice", alice.token  # copied, but the thief has its own key
+    try:
+        with pytest.raises(LoginRefused) as refusal:
+            thief.resume()
+    finally:
+        thief.close()
+    assert refusal.value.code == "token_wrong_key"
+    assert_still_chatting(alice, bob)
+    assert_still_chatting(bob, dave)
+
+
+def test_a_client_cannot_send_what_only_the_server_sends(make_server, connect):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    alice = connect("alice", to=server)
+    wait_for(bob, joined("alice"))
+    forged_line = Chat(sender="dave", text="a line dave never wrote", sent_at=time.time())
+    with alice.send_lock:
+        alice.sock.sendall(alice.channel.seal(forged_line))
+    refusal = wait_for(alice, is_error)
+    assert refusal.code == "protocol_error" and refusal.fatal
+    wait_for(bob, left("alice"))
+    assert not [event for event in drain(bob, quiet=0.1) if chat_with("a line dave never wrote")(event)]
+    assert_still_chatting(bob, dave)
+
+
+# --------------------------------------------------------------------------- people in the middle
+
+
+def _open_sealed_reply(body, private_key):
+    """Decrypt a server reply sent before login (no MAC check: we may not hold the session key)."""
+    envelope = Envelope.decode(body)
+    plaintext = crypto_utils.open_sealed(
+        private_key,
+        envelope.wrapped_key,
+        envelope.nonce,
+        envelope.ciphertext,
+        associated_data(envelope.kind, envelope.seq, "server", ""),
+    )
+    return plaintext, decode_message(envelope.kind, plaintext)
+
+
+def test_a_relayed_or_replayed_login_is_refused(make_server, connect, peers):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    password = password_of("alice")
+
+    victim = peers(server, private_key=spare_key("victim"))
+    victim.hello()
+    assert victim.server_proved_its_key()
+    login = victim.login_frame("alice", password)
+
+    # Mallory relays the victim's login over her own connection, where the server holds her key.
+    mallory_key = spare_key("mallory")
+    relay = peers(server, private_key=mallory_key)
+    relay.hello()
+    relay.sock.sendall(login)
+    frames = relay.frames_until_closed()
+    sealed = [body for frame_type, body in frames if frame_type is FrameType.SEALED]
+    assert len(frames) == 1
+    if sealed:
+        plaintext, reply = _open_sealed_reply(sealed[0], mallory_key)
+        assert isinstance(reply, ErrorReply) and reply.code == "protocol_error"
+        assert password.encode() not in plaintext and b"alice" not in plaintext
+    else:
+        assert_refused_in_clear(frames, "protocol_error")
+
+    # Replayed on a new connection that claims the victim's key: refused, and sealed for the victim only.
+    replay = peers(server, private_key=mallory_key)
+    replay.hello(client_key_der=crypto_utils.public_key_bytes(spare_key("victim").public_key()))
+    replay.sock.sendall(login)
+    frames = replay.frames_until_closed()
+    assert len(frames) == 1
+    frame_type, body = frames[0]
+    if frame_type is FrameType.SEALED:
+        with pytest.raises(CryptoError):
+            _open_sealed_reply(body, mallory_key)
+        _, reply = _open_sealed_reply(body, spare_key("victim"))
+        assert isinstance(reply, ErrorReply) and reply.code == "protocol_error"
+    else:
+        assert_refused_in_clear(frames, "protocol_error")
+    assert not [event for event in drain(bob, quiet=0.1) if joined("alice")(event)]
+
+    # The very same frame on the connection it was made for is a good login.
+    victim.sock.sendall(login)
+    assert victim.finish_login("alice").username == "alice"
+    wait_for(bob, joined("alice"))
+    assert_still_chatting(bob, dave)
+
+
+class KeySwappingRelay:
+    """A person in the middle: forwards the handshake but puts its own key in the client's hello."""
+
+    def __init__(self, server_address, relay_key):
+        self.server_address = server_address
+        self.relay_key_der = crypto_utils.public_key_bytes(relay_key.public_key())
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.sent_after_hello = bytearray()
+        self.thread = threading.Thread(target=self._run, name="test-relay", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.listener.settimeout(TIMEOUT)
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        with client, socket.create_connection(self.server_address, timeout=TIMEOUT) as upstream:
+            client.settimeout(TIMEOUT)
+            read_frame(client)  # the client's hello, dropped
+            upstream.sendall(
+                encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(self.relay_key_der))
+            )
+            frame_type, body = read_frame(upstream)
+            client.sendall(encode_frame(frame_type, body))
+            while True:
+                try:
+                    chunk = client.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                self.sent_after_hello += chunk
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(timeout=TIMEOUT)
+
+
+def test_a_client_behind_a_key_swapping_relay_refuses_to_log_in(make_server, connect, tmp_path):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    relay = KeySwappingRelay(server.address, spare_key("mallory"))
+    victim = ChatClient(
+        *relay.address,
+        server_fingerprint=server.fingerprint,  # the real server's key, correctly pinned
+        known_hosts=KnownHosts(tmp_path / "victim_hosts"),
+        timeout=TIMEOUT,
+    )
+    try:
+        with pytest.raises(HostKeyError):
+            victim.login("alice", password_of("alice"))
+    finally:
+        victim.close()
+        relay.close()
+    assert not relay.thread.is_alive()
+    assert relay.sent_after_hello == b"", "the client sent something to an impostor"
+    assert not [event for event in drain(bob, quiet=0.1) if joined("alice")(event)]
+    assert_still_chatting(bob, dave)
