@@ -28,7 +28,7 @@ from server import ChatServer, ServerConfig  # noqa: E402
 
 #: Every wait in the tests scales from this one number (raise it on a slow machine).
 TIMEOUT = float(os.environ.get("CHAT_TEST_TIMEOUT", "5"))
-USER_NAMES = ("alice", "bob", "carol", "dave", "erin")
+USER_NAMES = ("alice", "bob", "carol", "dave", "erin", "echo")
 
 
 def password_of(name: str) -> str:
