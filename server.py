@@ -8,6 +8,7 @@ Account management: ``python server.py adduser NAME`` (also ``deluser``,
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import getpass
 import hashlib
 import ipaddress
@@ -504,8 +505,10 @@ class ChatServer:
         # Hashed for unknown user names, so they cost the same work as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))
         self.room: Room = room if room is not None else LocalRoom()
-        # Bounds how many password hashes run at once (memory and CPU).
-        self.hash_slots = threading.BoundedSemaphore(config.hash_workers)
+        # The only threads that hash passwords. A pool rather than a semaphore: each thread
+        # that runs Argon2 keeps its own 19 MiB malloc arena, so hashing on every connection's
+        # thread would grow memory with the number of clients who ever logged in.
+        self.hash_pool = concurrent.futures.ThreadPoolExecutor(config.hash_workers, thread_name_prefix="hash")
         # Guards connections and connections_per_address.
         self.connections_lock = threading.Lock()
         self.connections: set[ClientConnection] = set()
@@ -579,6 +582,7 @@ class ChatServer:
             connection.sock.close()
         if self.keepalive.is_alive():
             self.keepalive.join(timeout=1.0)
+        self.hash_pool.shutdown(wait=True, cancel_futures=True)
         self.listener.close()
         self._wakeup_read.close()
         self._wakeup_write.close()
@@ -680,13 +684,13 @@ class ChatServer:
         except UserStoreError as exc:
             log.error("%s", exc)
             raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
-        if not self.hash_slots.acquire(timeout=self.config.hash_wait):
-            raise AuthenticationFailed("busy", "server busy; try again in a moment")
+        stored_hash = record.password_hash if record is not None else self._decoy_hash
+        check = self.hash_pool.submit(verify_password, login.password, stored_hash)
         try:
-            stored_hash = record.password_hash if record is not None else self._decoy_hash
-            password_ok = verify_password(login.password, stored_hash)
-        finally:
-            self.hash_slots.release()
+            password_ok = check.result(timeout=self.config.hash_wait)
+        except concurrent.futures.TimeoutError:
+            check.cancel()
+            raise AuthenticationFailed("busy", "server busy; try again in a moment") from None
         if record is None or not password_ok:
             self.config.login_throttle.record_failure(keys)
             # Only a known name is logged: an unknown one may be a password typed in the wrong box.
