@@ -656,7 +656,8 @@ class ChatServer:
             for connection in connections:
                 # A client that only listens still needs its token kept fresh.
                 claims = connection.claims
-                if claims is not None and self.tokens.needs_refresh(claims):
+                live = claims is not None and claims.expires_at > time.time()
+                if live and self.tokens.needs_refresh(claims):  # an expired token is never revived
                     try:
                         token, expires_at = self.issue_token(connection)
                         connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
