@@ -575,7 +575,8 @@ class ChatServer:
                 connection.close("server shutting down")
         give_up = time.monotonic() + grace
         for connection in connections:
-            connection.writer.join(timeout=max(0.0, give_up - time.monotonic()))
+            if connection.writer.ident is not None:  # never started: not logged in yet
+                connection.writer.join(timeout=max(0.0, give_up - time.monotonic()))
             connection.close("server shutting down")
         for connection in connections:
             connection.reader.join(timeout=max(0.1, give_up + 0.5 - time.monotonic()))

@@ -1,0 +1,287 @@
+"""Load clients for the benchmarks: they count deliveries instead of decrypting each one.
+
+A real client spends about 0.7 ms of RSA-OAEP decryption on every message it
+receives. A thousand of them in one benchmark process would measure the
+benchmark, not the server. ``SamplingChatClient`` therefore uses the project's
+own ``ChatClient`` for ``connect()`` and ``login()`` and replaces only the
+reading: every sealed frame is parsed (``Envelope``), its sequence number is
+checked against and advances ``channel.recv_seq`` exactly as ``open`` would,
+and only a random sample is kept, with its arrival time, to be opened and
+verified in full after the measured window (``open_samples``). Rare kinds
+(error, goodbye, roster, token) are opened at once, as ``ChatClient`` would.
+
+``PlainLoadClient`` is the same counting reader for the plaintext baseline.
+
+Every message the benchmark sends carries its send time in its text, so an
+opened sample gives one end-to-end latency: arrival time minus send time, both
+read from ``time.perf_counter`` (CLOCK_MONOTONIC, shared by the whole machine).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from channel import ConnectionClosed, SecureChannel, SequenceError, read_frame  # noqa: E402
+from client import ChatClient, Disconnected  # noqa: E402
+from crypto_utils import CryptoError  # noqa: E402
+from protocol import (  # noqa: E402
+    MAX_FRAME_SIZE,
+    SERVER_KINDS,
+    Chat,
+    Envelope,
+    ErrorReply,
+    FrameType,
+    Goodbye,
+    Kind,
+    ProtocolError,
+    TokenRefresh,
+    decode_control,
+    encode_control,
+    encode_frame,
+)
+
+#: Text of every benchmark message: "t=<send time> m=<message number> " then filler.
+TEXT_LENGTH = 100
+#: Most samples one client keeps per phase (bounds memory; the phase sets the probability).
+MAX_SAMPLES_PER_CLIENT = 5000
+#: How long close() waits for a reader thread.
+READER_JOIN_TIMEOUT = 2.0
+PONG = encode_control("pong")
+
+
+def bench_text(message_number: int, send_time: float, length: int = TEXT_LENGTH) -> str:
+    """A chat line that carries its send time; padded to ``length`` characters."""
+    head = f"t={send_time:.7f} m={message_number} "
+    return head + "x" * max(0, length - len(head))
+
+
+def send_time_of(text: str) -> float | None:
+    """The send time written by ``bench_text``, or None if ``text`` is not a benchmark line."""
+    if not text.startswith("t="):
+        return None
+    try:
+        return float(text[2 : text.index(" ")])
+    except ValueError:
+        return None
+
+
+@dataclass
+class Sample:
+    """One opened delivery: when it arrived and when it was sent."""
+
+    arrived: float
+    sent: float
+
+    @property
+    def latency(self) -> float:
+        return self.arrived - self.sent
+
+
+class SamplingChatClient(ChatClient):
+    """A ``ChatClient`` whose reader counts CHAT frames and keeps a random sample of them.
+
+    The counters are written by the reader thread only and read by the
+    benchmark's driver (int reads are atomic under the GIL). Set
+    ``sample_probability`` before a phase; call ``open_samples()`` after it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.chat_frames = 0
+        self.notice_frames = 0
+        self.sample_probability = 0.0
+        # (arrival time, sealed frame body); appended by the reader, taken by open_samples().
+        self.raw_samples: list[tuple[float, bytes]] = []
+        #: Why the reader stopped when it was not asked to ("" while running or after a clean end).
+        self.failure = ""
+        self._session_key: bytes | None = None
+        self._rng = random.Random()
+
+    def _authenticate(self, username, build):  # type: ignore[no-untyped-def]
+        welcome = super()._authenticate(username, build)
+        assert self.channel is not None
+        # Kept for open_samples(), which must work even after close() has dropped the channel.
+        self._session_key = self.channel.session_key
+        return welcome
+
+    def send_text(self, text: str) -> None:
+        self.say(text)
+
+    def _run_reader(self) -> None:
+        sock, channel = self.sock, self.channel
+        assert sock is not None and channel is not None
+        reason, clean = "connection closed", False
+        try:
+            while True:
+                frame_type, body = read_frame(sock, MAX_FRAME_SIZE)
+                arrived = time.perf_counter()
+                if frame_type is FrameType.CONTROL:
+                    control = decode_control(body)
+                    if control["type"] == "ping":
+                        with self.send_lock:
+                            sock.sendall(PONG)
+                    elif control["type"] == "error":
+                        reason = str(control.get("message", "error"))
+                        self.failure = reason
+                        return
+                    continue
+                envelope = Envelope.decode(body)
+                if envelope.kind is Kind.CHAT or envelope.kind is Kind.NOTICE:
+                    # What channel.open() checks before any cryptography, then its bookkeeping.
+                    if envelope.seq != channel.recv_seq:
+                        raise SequenceError(f"sequence number {envelope.seq}, expected {channel.recv_seq}")
+                    channel.recv_seq += 1
+                    if envelope.kind is Kind.NOTICE:
+                        self.notice_frames += 1
+                        continue
+                    self.chat_frames += 1
+                    if (
+                        self.sample_probability > 0
+                        and len(self.raw_samples) < MAX_SAMPLES_PER_CLIENT
+                        and self._rng.random() < self.sample_probability
+                    ):
+                        self.raw_samples.append((arrived, body))
+                    continue
+                if envelope.kind not in SERVER_KINDS:
+                    raise ProtocolError(f"{envelope.kind.name} is not allowed from the server")
+                message = channel.open(body)
+                if isinstance(message, TokenRefresh):
+                    self.token, self.token_expires_at = message.token, message.expires_at
+                elif isinstance(message, Goodbye):
+                    reason, clean = message.reason, True
+                    return
+                elif isinstance(message, ErrorReply):
+                    self.failure = f"server error {message.code}: {message.message}"
+                    if message.fatal:
+                        reason = message.message
+                        return
+        except ConnectionClosed as exc:
+            clean = self._closing.is_set()
+            reason = "closed" if clean else f"connection lost ({exc})"
+        except TimeoutError:
+            reason = "connection lost (the server stopped answering)"
+        except (ProtocolError, CryptoError) as exc:
+            reason = f"bad frame from the server: {exc}"
+        except OSError as exc:
+            clean = self._closing.is_set()
+            reason = "closed" if clean else f"connection lost ({exc.strerror or exc})"
+        finally:
+            if not clean and not self.failure:
+                self.failure = reason
+            self._events.put(Disconnected(reason=reason, clean=clean))
+            self._shutdown_socket()
+
+    def take_raw_samples(self) -> list[tuple[float, bytes]]:
+        samples, self.raw_samples = self.raw_samples, []
+        return samples
+
+    def open_samples(self, raw_samples: list[tuple[float, bytes]]) -> tuple[list[Sample], int]:
+        """Open and verify kept frames in full: MAC, AES-GCM, RSA unwrap, message type.
+
+        Uses a separate ``SecureChannel`` with the same keys, its expected
+        sequence number set to each frame's own (already checked in order by the
+        reader), so the live channel is never touched. Returns the samples that
+        are benchmark lines, and how many frames failed to verify.
+        """
+        assert self._server_key is not None and self._session_key is not None
+        verifier = SecureChannel(self.private_key, self._server_key, is_server=False, allowed_incoming=SERVER_KINDS)
+        verifier.username = self.username
+        verifier.session_key = self._session_key
+        samples, failures = [], 0
+        for arrived, body in raw_samples:
+            try:
+                verifier.recv_seq = Envelope.decode(body).seq
+                message = verifier.open(body)
+            except (ProtocolError, CryptoError):
+                failures += 1
+                continue
+            if not isinstance(message, Chat):
+                failures += 1
+                continue
+            sent = send_time_of(message.text)
+            if sent is not None:
+                samples.append(Sample(arrived, sent))
+        return samples, failures
+
+
+class PlainLoadClient:
+    """A client of ``plain_server.py``: sends framed text, counts and samples what arrives."""
+
+    def __init__(self, host: str, port: int, *, frame_size: int, timeout: float = 30.0) -> None:
+        #: Payload size of every frame sent, so the bytes on the wire match a sealed frame's.
+        self.frame_size = frame_size
+        self.chat_frames = 0
+        self.sample_probability = 0.0
+        self.raw_samples: list[tuple[float, bytes]] = []
+        self.failure = ""
+        self._rng = random.Random()
+        self._closing = threading.Event()
+        # Guards the socket's send side.
+        self.send_lock = threading.Lock()
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            frame_type, body = read_frame(self.sock, MAX_FRAME_SIZE)
+            if body != b"":  # the welcome frame is the single byte 0x01, read as CONTROL + b""
+                raise ConnectionError(f"unexpected welcome from the plain server: {frame_type!r} {body[:20]!r}")
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.settimeout(None)
+        self._reader = threading.Thread(target=self._run_reader, name="plain-load-reader", daemon=True)
+        self._reader.start()
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        payload += b" " * max(0, self.frame_size - 1 - len(payload))
+        with self.send_lock:
+            self.sock.sendall(encode_frame(FrameType.CONTROL, payload))
+
+    def _run_reader(self) -> None:
+        try:
+            while True:
+                _, body = read_frame(self.sock, MAX_FRAME_SIZE)
+                arrived = time.perf_counter()
+                self.chat_frames += 1
+                if (
+                    self.sample_probability > 0
+                    and len(self.raw_samples) < MAX_SAMPLES_PER_CLIENT
+                    and self._rng.random() < self.sample_probability
+                ):
+                    self.raw_samples.append((arrived, body))
+        except (ConnectionClosed, ProtocolError, OSError) as exc:
+            if not self._closing.is_set():
+                self.failure = f"connection lost ({exc})"
+
+    def take_raw_samples(self) -> list[tuple[float, bytes]]:
+        samples, self.raw_samples = self.raw_samples, []
+        return samples
+
+    def open_samples(self, raw_samples: list[tuple[float, bytes]]) -> tuple[list[Sample], int]:
+        samples, failures = [], 0
+        for arrived, body in raw_samples:
+            sent = send_time_of(body.decode(errors="replace"))
+            if sent is None:
+                failures += 1
+            else:
+                samples.append(Sample(arrived, sent))
+        return samples, failures
+
+    def close(self) -> None:
+        self._closing.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._reader.join(timeout=READER_JOIN_TIMEOUT)
+        self.sock.close()

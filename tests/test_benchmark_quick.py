@@ -1,0 +1,71 @@
+"""The fan-out benchmark's quick path runs end to end and reports sane numbers.
+
+It runs ``benchmarks/fanout.py`` as a subprocess with five clients and one
+second phases: the real server, real logins, the plaintext baseline and the
+crypto floor. Only that it completes and that every number is present and
+positive is checked; speed is never asserted (this machine is shared).
+"""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, TIMEOUT
+
+BENCHMARK_TIMEOUT = max(100.0, TIMEOUT * 20)
+
+
+def test_quick_fanout_benchmark_reports_every_number(tmp_path):
+    result_path = tmp_path / "fanout.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "fanout.py"),
+            "--sizes",
+            "5",
+            "--duration",
+            "1",
+            "--json",
+            str(result_path),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BENCHMARK_TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 5 |" in done.stdout, done.stdout
+
+    report = json.loads(result_path.read_text())
+    references = report["references"]
+    for name in ("floor_us", "rsa_oaep_wrap_us", "aes_gcm_us", "hmac_us", "secure_channel_seal_us"):
+        assert references[name] > 0, name
+    assert references["floor_us"] >= references["rsa_oaep_wrap_us"]
+    assert references["gil_rsa_wrap"]["speedup"] > 0
+
+    (size,) = report["sizes"]
+    assert size["clients"] == 5
+    chat, plain, summary = size["chat"], size["plain"], size["summary"]
+
+    saturation = chat["saturation"]
+    assert saturation["deliveries"] > 0
+    assert saturation["deliveries_per_s"] > 0
+    assert saturation["server_cpu_us_per_delivery"] > 0
+    assert saturation["drained"]
+    # Sampled deliveries were opened in full (MAC, AES-GCM, RSA) and all verified.
+    assert saturation["verified_samples"] > 0
+    assert saturation["verify_failures"] == 0
+
+    paced = chat["paced"]
+    assert paced["lines_sent"] > 0
+    assert paced["drained"] and paced["undelivered"] == 0
+    assert paced["latency_samples"] > 0 and paced["verify_failures"] == 0
+    assert 0 < paced["p50_ms"] <= paced["p99_ms"] <= paced["max_ms"]
+
+    assert chat["peak_rss_kib"] > 0
+    assert plain["saturation"]["deliveries_per_s"] > 0
+    assert plain["saturation"]["server_cpu_us_per_delivery"] > 0
+    assert summary["ratio"] > 0
+    assert report["machine"]["nproc"] >= 1
