@@ -16,7 +16,6 @@ A bot in five lines::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import queue
 import socket
@@ -33,7 +32,11 @@ from channel import ConnectionClosed, Deadline, SecureChannel, read_frame
 from chat import FloodControl
 from crypto_utils import CryptoError, PrivateKey, PublicKey
 from protocol import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    HANDSHAKE_NONCE_SIZE,
     MAX_FRAME_SIZE,
+    MAX_TEXT_BYTES,
     PROTOCOL_VERSION,
     SERVER_KINDS,
     Chat,
@@ -56,8 +59,11 @@ from protocol import (
     Who,
     b64decode,
     b64encode,
+    client_auth_signed_data,
     decode_control,
     encode_control,
+    sanitize_text,
+    server_hello_signed_data,
 )
 
 __all__ = [
@@ -75,9 +81,6 @@ __all__ = [
     "Welcome",
 ]
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7878
-HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
 #: How long connect + login may take (the server may queue password hashing).
 LOGIN_TIMEOUT = 60.0
 #: The server pings a quiet client every 20 s; hearing nothing this long means the link is dead.
@@ -113,6 +116,21 @@ class Disconnected:
 
 
 Event = Chat | Notice | Roster | ErrorReply | Goodbye | Disconnected | TokenRefresh
+
+
+def _shown(value: object, limit: int = 300) -> str:
+    """Text from the server made safe for a terminal, for our own error messages and reasons."""
+    return sanitize_text(str(value))[:limit]
+
+
+def _check_length(text: str) -> None:
+    """Refuse before sending what the server would refuse for its size."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ChatError("not sent: the text is not valid Unicode") from None
+    if size > MAX_TEXT_BYTES:
+        raise ChatError(f"not sent: message longer than {MAX_TEXT_BYTES} bytes")
 
 
 def default_known_hosts_path() -> Path:
@@ -201,6 +219,7 @@ class ChatClient:
         self.channel: SecureChannel | None = None
         self._server_nonce = b""
         self._server_key: PublicKey | None = None
+        self._server_key_der = b""
         # Guards the socket's send side and the outgoing sequence numbers.
         self.send_lock = threading.Lock()
         # Owned by the caller's thread (the one that sends).
@@ -220,19 +239,26 @@ class ChatClient:
         except OSError as exc:
             raise ChatError(f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client_nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
         try:
             self.sock.sendall(
-                encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(self.public_key_der))
+                encode_control(
+                    "hello",
+                    version=PROTOCOL_VERSION,
+                    client_key=b64encode(self.public_key_der),
+                    nonce=b64encode(client_nonce),
+                )
             )
             frame_type, body = self._read(deadline)
             if frame_type is not FrameType.CONTROL:
                 raise ChatError("the server sent something unexpected during the handshake")
             reply = decode_control(body)
             if reply["type"] == "error":
-                raise LoginRefused(str(reply.get("code")), f"server refused: {reply.get('message')}")
+                raise LoginRefused(str(reply.get("code")), f"server refused: {_shown(reply.get('message'))}")
             if reply["type"] != "server_hello" or reply.get("version") != PROTOCOL_VERSION:
                 raise ChatError("the server speaks another protocol version")
-            server_key = crypto_utils.load_public_key(b64decode(reply.get("server_key"), "server_key"))
+            server_key_der = b64decode(reply.get("server_key"), "server_key")
+            server_key = crypto_utils.load_public_key(server_key_der)
             nonce = b64decode(reply.get("nonce"), "nonce")
             signature = b64decode(reply.get("signature"), "signature")
         except (ProtocolError, CryptoError) as exc:
@@ -243,19 +269,23 @@ class ChatClient:
             raise
         fingerprint = crypto_utils.fingerprint(server_key)
         try:
-            self._check_host_key(fingerprint)
-            # The signature covers our key and a fresh nonce: a recording cannot pass it.
+            # First that the peer holds the key it shows (the signature covers our fresh
+            # nonce, so a recording cannot pass), and only then whether that key is trusted:
+            # nothing is pinned for a peer that cannot prove anything.
             crypto_utils.verify_signature(
-                server_key, signature, HELLO_CONTEXT + nonce + hashlib.sha256(self.public_key_der).digest()
+                server_key, signature, server_hello_signed_data(nonce, client_nonce, self.public_key_der)
             )
         except CryptoError:
             self.close()
             raise HostKeyError("the server failed to prove it holds its key: possible impostor") from None
+        try:
+            self._check_host_key(fingerprint)
         except BaseException:
             self.close()
             raise
         self.server_fingerprint = fingerprint
         self._server_key = server_key
+        self._server_key_der = server_key_der
         self._server_nonce = nonce
         self.channel = SecureChannel(self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS)
 
@@ -308,8 +338,14 @@ class ChatClient:
                 server_nonce=b64encode(self._server_nonce),
                 client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
                 session_key=session_key,
+                client_signature=self._auth_signature(Kind.LOGIN),
             ),
         )
+
+    def _auth_signature(self, kind: Kind) -> str:
+        """Our key's proof, for this connection only, that it is us logging in."""
+        signed = client_auth_signed_data(kind, self._server_nonce, self._server_key_der)
+        return b64encode(crypto_utils.sign(self.private_key, signed))
 
     def resume(self) -> Welcome:
         """Log in again with the token from the last session (same key pair, no password)."""
@@ -324,20 +360,23 @@ class ChatClient:
                 server_nonce=b64encode(self._server_nonce),
                 client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
                 session_key=session_key,
+                client_signature=self._auth_signature(Kind.RESUME),
             ),
         )
 
     def _authenticate(self, username: str, build: Callable[[str], Message]) -> Welcome:
         assert self.channel is not None and self.sock is not None
         session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
-        self.channel.session_key = session_key
         try:
             with self.send_lock:
+                self.channel.session_key = session_key
                 self.sock.sendall(self.channel.seal(build(b64encode(session_key))))
             frame_type, body = self._read(Deadline(self.timeout))
             if frame_type is FrameType.CONTROL:
                 reply = decode_control(body)
-                raise LoginRefused(str(reply.get("code")), str(reply.get("message", "refused")))
+                if reply["type"] != "error":
+                    raise ProtocolError("unexpected cleartext frame after login")
+                raise LoginRefused(_shown(reply.get("code")), _shown(reply.get("message", "refused")))
             # The server names us in the associated data once it has accepted us.
             kind = Envelope.decode(body).kind
             self.channel.username = username if kind is Kind.WELCOME else ""
@@ -355,7 +394,7 @@ class ChatClient:
             self.close()
             if message.code in ("token_expired", "token_revoked", "token_invalid", "token_wrong_key"):
                 self.token = ""
-            raise LoginRefused(message.code, message.message)
+            raise LoginRefused(_shown(message.code), _shown(message.message))
         if not isinstance(message, Welcome):
             self.close()
             raise ChatError("the server sent something unexpected after login")
@@ -384,7 +423,11 @@ class ChatClient:
             if sock is None or channel is None or channel.session_key is None:
                 raise ChatError("not sent: not connected")
             try:
-                sock.sendall(channel.seal(build(self.token)))
+                frame = channel.seal(build(self.token))
+            except (ValueError, ProtocolError):  # the sealed frame would exceed the limit
+                raise ChatError("not sent: message too long") from None
+            try:
+                sock.sendall(frame)
             except OSError as exc:
                 raise ChatError(f"not sent: connection lost ({exc.strerror or exc})") from None
 
@@ -396,14 +439,17 @@ class ChatClient:
 
     def say(self, text: str) -> None:
         """Send a public line to everyone else."""
+        _check_length(text)
         self._send(lambda token: Say(token=token, text=text), paced=True)
 
     def action(self, text: str) -> None:
         """Send an action line ("* alice waves")."""
+        _check_length(text)
         self._send(lambda token: Say(token=token, text=text, action=True), paced=True)
 
     def private(self, recipient: str, text: str, *, action: bool = False) -> None:
         """Send a line to one user only."""
+        _check_length(text)
         self._send(lambda token: Private(token=token, recipient=recipient, text=text, action=action), paced=True)
 
     def who(self) -> None:
@@ -446,13 +492,12 @@ class ChatClient:
             while True:
                 frame_type, body = read_frame(sock, MAX_FRAME_SIZE)
                 if frame_type is FrameType.CONTROL:
-                    control = decode_control(body)
-                    if control["type"] == "ping":
-                        with self.send_lock:
-                            sock.sendall(encode_control("pong"))
-                    elif control["type"] == "error":
-                        reason = str(control.get("message", "error"))
-                        return
+                    # After login everything that matters is sealed: a cleartext frame other
+                    # than a keepalive could come from anyone on the path, so it is not believed.
+                    if decode_control(body)["type"] != "ping":
+                        raise ProtocolError("unexpected cleartext frame")
+                    with self.send_lock:
+                        sock.sendall(encode_control("pong"))
                     continue
                 message = channel.open(body)
                 if isinstance(message, TokenRefresh):
@@ -464,10 +509,10 @@ class ChatClient:
                     self.members = list(message.members)
                 self._events.put(message)  # type: ignore[arg-type]
                 if isinstance(message, Goodbye):
-                    reason, clean = message.reason, not message.may_reconnect
+                    reason, clean = _shown(message.reason), not message.may_reconnect
                     return
                 if isinstance(message, ErrorReply) and message.fatal:
-                    reason = message.message
+                    reason = _shown(message.message)
                     if message.code.startswith("token"):
                         self.token = ""
                     return
@@ -479,7 +524,7 @@ class ChatClient:
         except TimeoutError:
             reason = "connection lost (the server stopped answering)"
         except (ProtocolError, CryptoError):
-            reason = "connection dropped: the server sent a frame that does not verify"
+            reason = "connection dropped: the server sent a frame that is malformed or does not verify"
         except OSError as exc:
             reason = "closed" if self._closing.is_set() else f"connection lost ({exc.strerror or exc})"
             clean = self._closing.is_set()

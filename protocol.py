@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
@@ -22,8 +23,11 @@ PROTOCOL_VERSION = 1
 
 #: Largest frame payload accepted or sent. Checked before anything is allocated.
 MAX_FRAME_SIZE = 64 * 1024
-#: Largest chat text, in UTF-8 bytes; leaves room for the envelope and a 4096-bit wrap.
+#: Largest chat text a user may send, in UTF-8 bytes.
 MAX_TEXT_BYTES = 32 * 1024
+#: Largest chat text once sanitized and JSON-escaped: what must fit in one frame beside the
+#: envelope (a 4096-bit wrapped key is 512 bytes) and the other fields, with room to spare.
+MAX_TEXT_WIRE_BYTES = MAX_FRAME_SIZE - 2048
 #: Longest reason a client may give when leaving.
 MAX_REASON_CHARS = 200
 
@@ -33,6 +37,14 @@ NONCE_SIZE = 12
 MAC_SIZE = 32
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7878
+#: Random bytes each side contributes to the handshake.
+HANDSHAKE_NONCE_SIZE = 32
+#: Prefixes of the two handshake signatures, so neither can be passed off as the other.
+SERVER_HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
+CLIENT_AUTH_CONTEXT = b"chat-client-auth/%d\0" % PROTOCOL_VERSION
 
 
 class ProtocolError(Exception):
@@ -199,6 +211,19 @@ def associated_data(kind: Kind, seq: int, hop_sender: str, hop_recipient: str) -
     )
 
 
+# --------------------------------------------------------------------------- handshake signatures
+
+
+def server_hello_signed_data(server_nonce: bytes, client_nonce: bytes, client_key_der: bytes) -> bytes:
+    """What the server signs: both nonces and the client key it saw, so a recording cannot pass."""
+    return SERVER_HELLO_CONTEXT + server_nonce + client_nonce + hashlib.sha256(client_key_der).digest()
+
+
+def client_auth_signed_data(kind: Kind, server_nonce: bytes, server_key_der: bytes) -> bytes:
+    """What the client signs in its login or resume: proof it holds the key the token is bound to."""
+    return CLIENT_AUTH_CONTEXT + b"%d\0" % kind + server_nonce + hashlib.sha256(server_key_der).digest()
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -241,7 +266,12 @@ def validate_username(name: str) -> str:
 
 
 def check_text(text: str) -> str:
-    """Validate chat text from a peer: non-empty, one line, within the size limit."""
+    """Validate chat text from a peer and return it sanitized.
+
+    Refuses empty text, text over ``MAX_TEXT_BYTES``, and text whose sanitized,
+    JSON-escaped form would not fit a frame (tabs widen, quotes are escaped):
+    the size that matters is the one that goes on the wire to every recipient.
+    """
     if not text.strip():
         raise ProtocolError("empty message")
     try:
@@ -250,7 +280,10 @@ def check_text(text: str) -> str:
         raise ProtocolError("message is not valid Unicode") from None
     if size > MAX_TEXT_BYTES:
         raise ProtocolError(f"message longer than {MAX_TEXT_BYTES} bytes")
-    return sanitize_text(text)
+    sanitized = sanitize_text(text)
+    if len(json.dumps(sanitized, ensure_ascii=False).encode("utf-8")) > MAX_TEXT_WIRE_BYTES:
+        raise ProtocolError("message too long once tabs and quotes are escaped")
+    return sanitized
 
 
 # --------------------------------------------------------------------------- messages
@@ -280,11 +313,22 @@ class Message:
                     continue
                 raise ProtocolError(f"{cls.__name__}: missing field {spec.name!r}")
             values[spec.name] = data[spec.name]
+            _check_unicode(spec.name, values[spec.name])
         try:
             message = cls(**values)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"{cls.__name__}: {exc}") from None
         return message
+
+
+def _check_unicode(name: str, value: Any) -> None:
+    """Refuse lone surrogates (JSON's \\ud800) in any text: they cannot be encoded again."""
+    for item in value if isinstance(value, list) else (value,):
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError(f"{name}: not valid Unicode") from None
 
 
 def _require(condition: bool, problem: str) -> None:
@@ -297,7 +341,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return _is_int(value) and abs(value) < 2**53  # math.isfinite() overflows on huge integers
 
 
 def _is_str_list(value: Any) -> bool:
@@ -309,7 +355,11 @@ def _is_str_list(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Login(Message):
-    """Credentials, bound to this connection's client key and server nonce."""
+    """Credentials, bound to this connection's client key and server nonce.
+
+    ``client_signature`` is the client key's signature over
+    ``client_auth_signed_data``: whoever logs in holds the private key.
+    """
 
     KIND: ClassVar[Kind] = Kind.LOGIN
     username: str
@@ -317,11 +367,11 @@ class Login(Message):
     server_nonce: str
     client_key_fingerprint: str
     session_key: str
+    client_signature: str
 
     def __post_init__(self) -> None:
-        for name in ("username", "password", "server_nonce", "client_key_fingerprint"):
-            _require(isinstance(getattr(self, name), str), f"{name} must be text")
-        _require(isinstance(self.session_key, str), "session_key must be base64 text")
+        for spec in fields(self):
+            _require(isinstance(getattr(self, spec.name), str), f"{spec.name} must be text")
 
     def __repr__(self) -> str:  # never let a password reach a log through repr()
         return f"Login(username={self.username!r}, password=<hidden>)"
@@ -329,13 +379,17 @@ class Login(Message):
 
 @dataclass(frozen=True)
 class Resume(Message):
-    """Re-authentication with a still-valid token instead of a password."""
+    """Re-authentication with a still-valid token instead of a password.
+
+    The signature matters most here: a stolen token alone must not resume.
+    """
 
     KIND: ClassVar[Kind] = Kind.RESUME
     token: str
     server_nonce: str
     client_key_fingerprint: str
     session_key: str
+    client_signature: str
 
     def __post_init__(self) -> None:
         for spec in fields(self):

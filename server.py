@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import getpass
-import hashlib
 import ipaddress
 import logging
 import math
@@ -45,6 +44,9 @@ from chat import FloodControl, LocalRoom, Room
 from crypto_utils import CryptoError
 from protocol import (
     CLIENT_KINDS,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    HANDSHAKE_NONCE_SIZE,
     MAX_FRAME_SIZE,
     MAX_REASON_CHARS,
     PROTOCOL_VERSION,
@@ -65,23 +67,22 @@ from protocol import (
     b64decode,
     b64encode,
     check_text,
+    client_auth_signed_data,
     decode_control,
     encode_control,
     sanitize_text,
+    server_hello_signed_data,
     validate_username,
 )
 
 log = logging.getLogger("chat.server")
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7878
 DEFAULT_USERS = HERE / "users.json"
 DEFAULT_DATA_DIR = HERE / "server-data"
 SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
 REVOKED_TOKENS_FILE = "revoked_tokens.json"
-HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
 WRONG_CREDENTIALS = "wrong user name or password"
 
 
@@ -334,11 +335,14 @@ class ClientConnection:
         if hello["type"] != "hello" or hello.get("version") != PROTOCOL_VERSION:
             raise ProtocolError(f"expected hello for protocol version {PROTOCOL_VERSION}")
         client_key_der = b64decode(hello.get("client_key"), "client_key")
+        client_nonce = b64decode(hello.get("nonce"), "nonce")
+        if len(client_nonce) != HANDSHAKE_NONCE_SIZE:
+            raise ProtocolError("hello nonce has the wrong size")
         client_key = crypto_utils.load_public_key(client_key_der)
         self.key_thumbprint = crypto_utils.jwk_thumbprint(client_key)
-        nonce = secrets.token_bytes(32)
+        nonce = secrets.token_bytes(HANDSHAKE_NONCE_SIZE)
         signature = crypto_utils.sign(
-            self.server.private_key, HELLO_CONTEXT + nonce + hashlib.sha256(client_key_der).digest()
+            self.server.private_key, server_hello_signed_data(nonce, client_nonce, client_key_der)
         )
         self._send_now(
             encode_control(
@@ -356,10 +360,17 @@ class ClientConnection:
         request = self.channel.open(body)
         assert isinstance(request, Login | Resume)
         # The login is bound to this connection: a relayed or replayed one fails here.
-        if not secrets.compare_digest(request.server_nonce, b64encode(nonce)):
+        if not secrets.compare_digest(b64decode(request.server_nonce, "server_nonce"), nonce):
             raise ProtocolError("login is not for this connection (nonce)")
         if request.client_key_fingerprint != crypto_utils.fingerprint(client_key):
             raise ProtocolError("login is bound to another client key")
+        # Whoever sent the hello key must hold its private half: a stolen token plus the
+        # victim's public key must not be enough to resume the victim's session.
+        crypto_utils.verify_signature(
+            client_key,
+            b64decode(request.client_signature, "client_signature"),
+            client_auth_signed_data(request.KIND, nonce, self.server.public_key_der),
+        )
         self.sock.settimeout(None)  # from here the time spent is ours, not the client's
         if isinstance(request, Login):
             self.name = self.server.authenticate_password(self, request)

@@ -275,6 +275,7 @@ class Pair:
             server_nonce=protocol.b64encode(b"n" * 32),
             client_key_fingerprint=crypto_utils.fingerprint(self.client_key.public_key()),
             session_key=protocol.b64encode(self.session_key),
+            client_signature="",
         )
         return self.client.seal(login)
 
@@ -431,6 +432,7 @@ def test_a_login_with_a_session_key_of_the_wrong_size_is_refused(pair):
         server_nonce="n",
         client_key_fingerprint="f",
         session_key=protocol.b64encode(pair.client.session_key),
+        client_signature="",
     )
     with pytest.raises(ProtocolError, match="session key"):
         pair.server.open(body_of(pair.client.seal(login)))

@@ -7,7 +7,6 @@ the honest two can still talk to each other.
 
 import base64
 import functools
-import hashlib
 import itertools
 import json
 import os
@@ -23,27 +22,32 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import crypto_utils
+import protocol
 from channel import SecureChannel, read_frame
 from client import Chat, ChatClient, Disconnected, ErrorReply, HostKeyError, KnownHosts, LoginRefused, Notice
 from crypto_utils import CryptoError
 from protocol import (
+    HANDSHAKE_NONCE_SIZE,
     PROTOCOL_VERSION,
     SERVER_KINDS,
     Envelope,
     FrameDecoder,
     FrameType,
+    Kind,
     Login,
+    Resume,
     Say,
     Welcome,
     associated_data,
     b64decode,
     b64encode,
+    client_auth_signed_data,
     decode_control,
     decode_message,
     encode_control,
     encode_frame,
+    server_hello_signed_data,
 )
-from server import HELLO_CONTEXT
 
 # --------------------------------------------------------------------------- helpers
 
@@ -76,7 +80,8 @@ class RawPeer:
         if client_key_der is None:
             client_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
         self.client_key_der = client_key_der
-        self.sock.sendall(encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(client_key_der)))
+        self.client_nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
+        self.sock.sendall(hello_for(client_key_der, self.client_nonce))
         frame_type, body = read_frame(self.sock)
         assert frame_type is FrameType.CONTROL
         reply = decode_control(body)
@@ -89,12 +94,17 @@ class RawPeer:
         return reply
 
     def server_proved_its_key(self):
-        proof = HELLO_CONTEXT + self.nonce + hashlib.sha256(self.client_key_der).digest()
+        proof = server_hello_signed_data(self.nonce, self.client_nonce, self.client_key_der)
         try:
             crypto_utils.verify_signature(self.server_key, self.signature, proof)
         except CryptoError:
             return False
         return True
+
+    def auth_signature(self, kind, signing_key=None):
+        """Proof of holding the hello key (or a signature by ``signing_key``, to test refusals)."""
+        signed = client_auth_signed_data(kind, self.nonce, crypto_utils.public_key_bytes(self.server_key))
+        return b64encode(crypto_utils.sign(signing_key or self.private_key, signed))
 
     def login_frame(self, username, password):
         """The sealed login an honest client would send on this connection."""
@@ -107,6 +117,7 @@ class RawPeer:
                 server_nonce=b64encode(self.nonce),
                 client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
                 session_key=b64encode(session_key),
+                client_signature=self.auth_signature(Kind.LOGIN),
             )
         )
 
@@ -223,9 +234,16 @@ def assert_refused_in_clear(frames, code):
     assert all(error["type"] == "error" for error in errors)
 
 
+def hello_for(client_key_der, nonce=None):
+    """A well-formed hello carrying ``client_key_der``."""
+    nonce = nonce if nonce is not None else os.urandom(HANDSHAKE_NONCE_SIZE)
+    return encode_control(
+        "hello", version=PROTOCOL_VERSION, client_key=b64encode(client_key_der), nonce=b64encode(nonce)
+    )
+
+
 def hello_frame(private_key):
-    der = crypto_utils.public_key_bytes(private_key.public_key())
-    return encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(der))
+    return hello_for(crypto_utils.public_key_bytes(private_key.public_key()))
 
 
 # --------------------------------------------------------------------------- bad framing
@@ -286,7 +304,7 @@ def _hello_with_key(private_key):
     der = private_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(der))
+    return hello_for(der)
 
 
 MALFORMED_OPENINGS = {
@@ -594,6 +612,61 @@ def test_a_stolen_token_is_useless_without_its_key(make_server, connect, tmp_pat
     assert_still_chatting(bob, dave)
 
 
+def test_a_stolen_token_with_the_victims_public_key_cannot_resume(make_server, connect, peers):
+    # The thief has alice's token and her public key (it crossed the wire in clear), so the
+    # key binding alone would pass; only the private key's signature stops the resume.
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    alice = connect("alice", to=server)
+    wait_for(bob, joined("alice"))
+    thief_key = spare_key("thief")
+    thief = peers(server, private_key=thief_key)
+    thief.hello(client_key_der=alice.public_key_der)
+    session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+    thief.channel.session_key = session_key
+    thief.send_message(
+        Resume(
+            token=alice.token,
+            server_nonce=b64encode(thief.nonce),
+            client_key_fingerprint=crypto_utils.fingerprint(alice.private_key.public_key()),
+            session_key=b64encode(session_key),
+            client_signature=thief.auth_signature(Kind.RESUME, signing_key=thief_key),
+        )
+    )
+    frames = thief.frames_until_closed()
+    assert len(frames) == 1
+    frame_type, body = frames[0]
+    assert frame_type is FrameType.SEALED  # the refusal is sealed for alice's key, which the thief lacks
+    with pytest.raises(CryptoError):
+        _open_sealed_reply(body, thief_key)
+    _, reply = _open_sealed_reply(body, alice.private_key)
+    assert isinstance(reply, ErrorReply) and reply.code == "protocol_error"
+    assert not [event for event in drain(bob, quiet=0.1) if joined("alice")(event) or left("alice")(event)]
+    assert_still_chatting(alice, bob)
+    assert_still_chatting(bob, dave)
+
+
+@pytest.mark.parametrize("filler, count, fits", [("\t", 9000, True), ('"', 15000, True), ("\t", 20000, False)])
+def test_text_that_widens_on_the_wire_never_drops_the_listeners(make_server, connect, filler, count, fits):
+    # Tabs become four spaces and quotes are escaped: a line within the byte limit as typed can
+    # outgrow a frame. It must be refused to its author, never break every recipient's link.
+    server = make_server(flood_burst=50)
+    alice, bob = honest_pair(connect, server)
+    dave = connect("dave", to=server)
+    wait_for(alice, joined("dave"))
+    text = "x" + filler * count
+    alice.say(text)
+    if fits:
+        expected = protocol.sanitize_text(text)
+        assert wait_for(bob, lambda event: isinstance(event, Chat) and event.sender == "alice").text == expected
+        assert wait_for(dave, lambda event: isinstance(event, Chat) and event.sender == "alice").text == expected
+    else:
+        refusal = wait_for(alice, is_error)
+        assert refusal.code == "bad_message" and "too long" in refusal.message and not refusal.fatal
+    assert_still_chatting(alice, bob)
+    assert_still_chatting(bob, dave)
+
+
 def test_a_client_cannot_send_what_only_the_server_sends(make_server, connect):
     server = make_server()
     bob, dave = honest_pair(connect, server, "bob", "dave")
@@ -694,9 +767,7 @@ class KeySwappingRelay:
         with client, socket.create_connection(self.server_address, timeout=TIMEOUT) as upstream:
             client.settimeout(TIMEOUT)
             read_frame(client)  # the client's hello, dropped
-            upstream.sendall(
-                encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(self.relay_key_der))
-            )
+            upstream.sendall(hello_for(self.relay_key_der))
             frame_type, body = read_frame(upstream)
             client.sendall(encode_frame(frame_type, body))
             while True:

@@ -11,6 +11,7 @@ import itertools
 import json
 import socket
 import struct
+import time
 import unicodedata
 from dataclasses import MISSING
 
@@ -345,9 +346,14 @@ def test_decode_control_requires_an_object_with_a_text_type():
 
 VALID_MESSAGES = [
     protocol.Login(
-        username="alice", password="pw", server_nonce="bm9uY2U=", client_key_fingerprint="SHA256:x", session_key="a2V5"
+        username="alice",
+        password="pw",
+        server_nonce="bm9uY2U=",
+        client_key_fingerprint="SHA256:x",
+        session_key="a2V5",
+        client_signature="c2ln",
     ),
-    protocol.Resume(token="t", server_nonce="n", client_key_fingerprint="f", session_key="k"),
+    protocol.Resume(token="t", server_nonce="n", client_key_fingerprint="f", session_key="k", client_signature="s"),
     protocol.Say(token="t", text="hello", action=True),
     protocol.Private(token="t", recipient="bob", text="psst"),
     protocol.Who(token="t"),
@@ -430,9 +436,16 @@ def test_a_missing_required_field_is_refused(message):
 
 def test_login_and_resume_keep_secrets_out_of_repr():
     login = protocol.Login(
-        username="alice", password="s3cret-pw", server_nonce="n", client_key_fingerprint="f", session_key="k3y"
+        username="alice",
+        password="s3cret-pw",
+        server_nonce="n",
+        client_key_fingerprint="f",
+        session_key="k3y",
+        client_signature="s",
     )
-    resume = protocol.Resume(token="tok3n", server_nonce="n", client_key_fingerprint="f", session_key="k3y")
+    resume = protocol.Resume(
+        token="tok3n", server_nonce="n", client_key_fingerprint="f", session_key="k3y", client_signature="s"
+    )
     assert "s3cret-pw" not in repr(login) and "k3y" not in repr(login)
     assert "tok3n" not in repr(resume) and "k3y" not in repr(resume)
     assert "tok3n" not in repr(protocol.Welcome(username="a", token="tok3n", expires_at=1, members=[]))
@@ -528,10 +541,53 @@ def test_check_text_raises_only_protocol_error(text):
     checked.encode("utf-8")
 
 
-def test_check_text_refuses_a_lone_surrogate_from_json():
-    say = protocol.decode_message(Kind.SAY, b'{"token":"t","text":"\\ud800"}')
+def test_check_text_refuses_a_lone_surrogate():
     with pytest.raises(ProtocolError):
-        protocol.check_text(say.text)
+        protocol.check_text("\ud800")
+
+
+@pytest.mark.parametrize(
+    "kind, body",
+    [
+        (Kind.SAY, b'{"token":"t","text":"\\ud800"}'),
+        (Kind.LEAVE, b'{"token":"t","reason":"bye \\udfff"}'),
+        (Kind.PRIVATE, b'{"token":"t","recipient":"\\ud800","text":"hi"}'),
+        (Kind.WELCOME, b'{"username":"a","token":"t","expires_at":1,"members":["\\ud800"]}'),
+    ],
+)
+def test_a_lone_surrogate_in_any_field_is_refused_when_decoding(kind, body):
+    # Such a string could never be encoded again: it would break whoever has to forward it.
+    with pytest.raises(ProtocolError, match="not valid Unicode"):
+        protocol.decode_message(kind, body)
+
+
+@pytest.mark.parametrize("filler", ["\t", '"', "\\", "\x85", "\x1b"])
+def test_text_that_widens_when_escaped_never_makes_an_unsendable_frame(filler):
+    # Within the byte limit as typed, but tabs widen and quotes are escaped on the wire:
+    # whatever check_text accepts must fit in a frame for a 4096-bit recipient.
+    text = "x" + filler * (protocol.MAX_TEXT_BYTES // len(filler.encode()) - 1)
+    try:
+        checked = protocol.check_text(text)
+    except ProtocolError as exc:
+        assert "too long" in str(exc)
+        return
+    chat = protocol.Chat(sender="a" * 32, text=checked, sent_at=time.time(), private=True, recipient="b" * 32)
+    overhead = 1 + protocol.ENVELOPE_HEADER.size + 512 + protocol.NONCE_SIZE + 16 + protocol.MAC_SIZE
+    assert len(chat.encoded) + overhead <= protocol.MAX_FRAME_SIZE
+
+
+def test_a_huge_integer_is_refused_not_a_crash():
+    with pytest.raises(ProtocolError):
+        protocol.decode_message(Kind.CHAT, b'{"sender":"a","text":"t","sent_at":' + b"9" * 400 + b"}")
+
+
+def test_handshake_signatures_cannot_stand_in_for_each_other():
+    nonce, key_der = b"n" * 32, b"k" * 300
+    server_signed = protocol.server_hello_signed_data(nonce, nonce, key_der)
+    login_signed = protocol.client_auth_signed_data(Kind.LOGIN, nonce, key_der)
+    resume_signed = protocol.client_auth_signed_data(Kind.RESUME, nonce, key_der)
+    assert len({server_signed, login_signed, resume_signed}) == 3
+    assert protocol.client_auth_signed_data(Kind.LOGIN, b"m" * 32, key_der) != login_signed
 
 
 @pytest.mark.parametrize("name", ["alice", "A", "bob.smith", "x_y-z", "a" * 32, "0day"])
