@@ -28,6 +28,7 @@ import jwt
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from crypto_utils import check_owner_only
 from protocol import validate_username
 
 log = logging.getLogger("chat.accounts")
@@ -49,7 +50,7 @@ MAX_PASSWORD_CHARS = 1024
 
 TOKEN_ALGORITHM = "HS256"
 TOKEN_ISSUER = "chat-server"
-TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "cnf", "iss", "acct")
+TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "sid", "cnf", "iss", "acct")
 DEFAULT_TOKEN_TTL = 12 * 3600
 
 
@@ -333,14 +334,39 @@ class LoginThrottle:
                     wait = max(wait, last + self._delay(count) - now)
         return max(0.0, wait)
 
-    def record_failure(self, keys: list[tuple[str, str]]) -> None:
+    def begin_attempt(self, keys: list[tuple[str, str]], reserve: list[tuple[str, str]]) -> float:
+        """Check ``keys`` and reserve one attempt on ``reserve``, counted as a failure until
+        ``record_success``.
+
+        Returns 0 when the attempt may go ahead, else the seconds to wait (nothing
+        reserved). Checking and counting under one lock means a burst of parallel
+        guesses is throttled like the same guesses made one after another. Reserve
+        only keys that honest parallel logins do not share (an account, not an
+        address behind which many people may log in at once).
+        """
         now = time.monotonic()
         with self._failures_lock:
-            if len(self._failures) >= self.max_entries:
-                self._forget_old(now)
+            wait = 0.0
             for key in keys:
-                count, _ = self._failures.get(key, (0, 0.0))
-                self._failures[key] = (count + 1, now)
+                count, last = self._failures.get(key, (0, 0.0))
+                if count:
+                    wait = max(wait, last + self._delay(count) - now)
+            if wait > 0:
+                return wait
+            self._add_failure(reserve, now)
+        return 0.0
+
+    def record_failure(self, keys: list[tuple[str, str]]) -> None:
+        with self._failures_lock:
+            self._add_failure(keys, time.monotonic())
+
+    def _add_failure(self, keys: list[tuple[str, str]], now: float) -> None:
+        """Count one failure for each key. The caller holds ``_failures_lock``."""
+        if len(self._failures) >= self.max_entries:
+            self._forget_old(now)
+        for key in keys:
+            count, _ = self._failures.get(key, (0, 0.0))
+            self._failures[key] = (count + 1, now)
 
     def record_success(self, keys: list[tuple[str, str]]) -> None:
         with self._failures_lock:
@@ -385,6 +411,12 @@ class TokenClaims:
     token_id: str
     key_thumbprint: str
     account_stamp: str = ""
+    #: Shared by every token of one login (the first and each refresh): revoking it ends them all.
+    session_id: str = ""
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)
 
 
 class TokenAuthority:
@@ -397,14 +429,19 @@ class TokenAuthority:
         self.ttl = ttl
         #: Where revoked token ids are kept across restarts (None: in memory only).
         self.revoked_path = revoked_path
-        # Guards _revoked (token id -> expiry: tokens spent by a resume or given up by a
-        # leave) and the file that mirrors it.
+        # Guards _revoked: session id -> when its last token expires at the latest. Sessions
+        # are revoked when spent by a resume or given up by a leave. Held only for lookups.
         self._revoked_lock = threading.Lock()
+        # Serializes writes of the file that mirrors _revoked, so they land in order without
+        # holding _revoked_lock (which every frame's verification takes) during an fsync.
+        self._revoked_file_lock = threading.Lock()
         self._revoked: dict[str, int] = self._load_revoked()
 
     def _load_revoked(self) -> dict[str, int]:
         if self.revoked_path is None or not self.revoked_path.exists():
             return {}
+        # Whoever can rewrite this file can bring spent sessions back.
+        check_owner_only(self.revoked_path)
         try:
             data = json.loads(self.revoked_path.read_text("utf-8"))
             now = time.time()
@@ -414,10 +451,11 @@ class TokenAuthority:
             log.warning("%s is unreadable; starting with no revoked tokens", self.revoked_path)
             return {}
 
-    def issue(self, username: str, key_thumbprint: str, account: str = "") -> tuple[str, int]:
+    def issue(self, username: str, key_thumbprint: str, account: str = "", session_id: str = "") -> tuple[str, int]:
         """A new token for ``username`` bound to the key with ``key_thumbprint``.
 
-        ``account`` is the account's ``account_stamp``, checked again on every use.
+        ``account`` is the account's ``account_stamp``, checked again on every use;
+        ``session_id`` ties refreshed tokens to their login (a new one if empty).
         """
         now = int(time.time())
         expires_at = now + self.ttl
@@ -427,6 +465,7 @@ class TokenAuthority:
             "iat": now,
             "exp": expires_at,
             "jti": secrets.token_urlsafe(16),
+            "sid": session_id or new_session_id(),
             "cnf": {"jkt": key_thumbprint},
             "acct": account,
         }
@@ -457,27 +496,39 @@ class TokenAuthority:
         subject = claims.get("sub")
         if not isinstance(subject, str) or (username is not None and subject != username):
             raise TokenError("token_invalid", "token is for another user")
-        token_id = str(claims["jti"])
-        with self._revoked_lock:
-            if token_id in self._revoked:
-                raise TokenError("token_revoked", "token was given up; log in again")
+        session_id = str(claims["sid"])
+        if self.is_revoked(session_id):
+            raise TokenError("token_revoked", "token was given up; log in again")
         return TokenClaims(
-            subject, int(claims["iat"]), int(claims["exp"]), token_id, key_thumbprint, str(claims["acct"])
+            subject,
+            int(claims["iat"]),
+            int(claims["exp"]),
+            str(claims["jti"]),
+            key_thumbprint,
+            str(claims["acct"]),
+            session_id,
         )
+
+    def is_revoked(self, session_id: str) -> bool:
+        with self._revoked_lock:
+            return session_id in self._revoked
 
     def needs_refresh(self, claims: TokenClaims) -> bool:
         """True once a token is past half its life."""
         return time.time() >= (claims.issued_at + claims.expires_at) / 2
 
     def revoke(self, claims: TokenClaims) -> None:
-        """Refuse this token from now on (it can no longer resume a session)."""
+        """Refuse every token of this session from now on (none can resume it again)."""
         now = time.time()
-        with self._revoked_lock:
-            for token_id in [tid for tid, exp in self._revoked.items() if exp < now]:
-                del self._revoked[token_id]
-            self._revoked[claims.token_id] = claims.expires_at
+        with self._revoked_file_lock:
+            with self._revoked_lock:
+                for session_id in [sid for sid, until in self._revoked.items() if until < now]:
+                    del self._revoked[session_id]
+                # A refresh may have issued a token up to one lifetime from now, never later.
+                self._revoked[claims.session_id] = int(now) + self.ttl + 1
+                snapshot = json.dumps(self._revoked)
             if self.revoked_path is not None:
                 try:
-                    write_file_atomically(self.revoked_path, json.dumps(self._revoked))
+                    write_file_atomically(self.revoked_path, snapshot)
                 except OSError as exc:
-                    log.error("%s: cannot save revoked tokens: %s", self.revoked_path, exc.strerror or exc)
+                    log.error("%s: cannot save revoked sessions: %s", self.revoked_path, exc.strerror or exc)

@@ -139,3 +139,7 @@ class FloodControl:
             self._tokens -= 1
             return True
         return False
+
+    def is_full(self) -> bool:
+        """True when the bucket has refilled: its owner has been quiet, nothing to remember."""
+        return self.rate <= 0 or self._tokens + (time.monotonic() - self._updated) * self.rate >= self.burst

@@ -13,10 +13,12 @@ import getpass
 import ipaddress
 import logging
 import math
+import os
 import secrets
 import selectors
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -33,10 +35,12 @@ from accounts import (
     TokenAuthority,
     TokenClaims,
     TokenError,
+    UserRecord,
     UserStore,
     UserStoreError,
     account_stamp,
     hash_password,
+    new_session_id,
     verify_password,
 )
 from channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
@@ -50,6 +54,7 @@ from protocol import (
     MAX_FRAME_SIZE,
     MAX_REASON_CHARS,
     PROTOCOL_VERSION,
+    Authenticated,
     ErrorReply,
     FrameType,
     Goodbye,
@@ -84,6 +89,8 @@ SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
 REVOKED_TOKENS_FILE = "revoked_tokens.json"
 WRONG_CREDENTIALS = "wrong user name or password"
+#: Addresses whose connection rate is remembered before idle ones are forgotten.
+MAX_TRACKED_ADDRESSES = 10_000
 
 
 @dataclass
@@ -100,6 +107,10 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     max_clients: int = 1000
     max_connections_per_address: int = 20
+    #: New connections one address may open: a burst, then this many per second (0: no limit).
+    #: Each costs the server an RSA signature before the peer proves anything.
+    connect_burst: int = 30
+    connect_rate: float = 5.0
     #: Messages waiting for one slow recipient before it is dropped ("SendQ exceeded").
     send_queue_size: int = 512
     #: Flood control: a burst of this many lines, then this many lines per second.
@@ -195,7 +206,11 @@ class ClientConnection:
         self.peer = f"{peer[0]}:{peer[1]}"
         self.name = ""
         self.channel: SecureChannel | None = None
-        self.claims: TokenClaims | None = None
+        #: Shared by every token this connection is issued (see TokenClaims.session_id).
+        self.session_id = new_session_id()
+        # Guards claims: the reader replaces them on each verified frame, the keepalive on a refresh.
+        self._claims_lock = threading.Lock()
+        self._claims: TokenClaims | None = None
         self.key_thumbprint = ""
         self.send_queue = OutboundQueue(server.config.send_queue_size)
         self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
@@ -216,6 +231,18 @@ class ClientConnection:
         self.writer = threading.Thread(target=self._run_writer, name=f"write {self.peer}", daemon=True)
 
     # ------------------------------------------------------------------ called by other threads
+
+    @property
+    def claims(self) -> TokenClaims | None:
+        """The claims of the newest token this connection holds."""
+        with self._claims_lock:
+            return self._claims
+
+    def set_claims(self, claims: TokenClaims) -> None:
+        with self._claims_lock:
+            # Never go back to an older token: the keepalive and the reader may both refresh.
+            if self._claims is None or claims.issued_at >= self._claims.issued_at:
+                self._claims = claims
 
     def deliver(self, message: Message) -> None:
         """Queue a message for this client; a full queue drops the client (SendQ exceeded)."""
@@ -412,10 +439,11 @@ class ClientConnection:
         if not self.frame_flood.allow():
             raise FloodError("far too many frames")
         message = self.channel.open(body)
-        if not hasattr(message, "token"):
+        if not isinstance(message, Authenticated):
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
-        self.claims = self.server.verify_token(self, message.token)  # type: ignore[attr-defined]
-        if self.server.tokens.needs_refresh(self.claims):
+        claims = self.server.verify_token(self, message.token)
+        self.set_claims(claims)
+        if self.server.tokens.needs_refresh(claims):
             token, expires_at = self.server.issue_token(self)
             self.deliver(TokenRefresh(token=token, expires_at=expires_at))
         if isinstance(message, Say):
@@ -426,7 +454,7 @@ class ClientConnection:
             self.deliver(Roster(members=self.server.room.who()))
         elif isinstance(message, Leave):
             self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
-            self.server.tokens.revoke(self.claims)
+            self.server.tokens.revoke(claims)
             self.finish("quit", Goodbye(reason="bye"))
         else:
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
@@ -503,6 +531,7 @@ class ChatServer:
         self.config = config
         data_dir = Path(config.data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_directory(data_dir)
         self.private_key = crypto_utils.load_or_create_private_key(data_dir / SERVER_KEY_FILE, config.key_size)
         self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
         self.fingerprint = crypto_utils.fingerprint(self.private_key.public_key())
@@ -524,6 +553,7 @@ class ChatServer:
         self.connections_lock = threading.Lock()
         self.connections: set[ClientConnection] = set()
         self.connections_per_address: Counter[str] = Counter()
+        self._connect_buckets: dict[str, FloodControl] = {}
         self.stopping = threading.Event()
         self._serving = threading.Event()
         self._wakeup_read, self._wakeup_write = socket.socketpair()
@@ -575,8 +605,14 @@ class ChatServer:
             self._serve_thread.join()
 
     def server_close(self, grace: float = 1.0) -> None:
-        """Tell every client the server is going down, close them, join every thread."""
+        """Tell every client the server is going down, close them, join every thread.
+
+        Everything waits on one deadline, not a timeout per thread, so a thousand
+        connections cannot add up to a slow exit.
+        """
         self.request_shutdown()
+        # Logins waiting for a hashing slot are refused now rather than at the end of their wait.
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
         with self.connections_lock:
             connections = list(self.connections)
         for connection in connections:
@@ -590,11 +626,11 @@ class ChatServer:
                 connection.writer.join(timeout=max(0.0, give_up - time.monotonic()))
             connection.close("server shutting down")
         for connection in connections:
-            connection.reader.join(timeout=max(0.1, give_up + 0.5 - time.monotonic()))
+            connection.reader.join(timeout=max(0.0, give_up + 0.5 - time.monotonic()))
             connection.sock.close()
         if self.keepalive.is_alive():
             self.keepalive.join(timeout=1.0)
-        self.hash_pool.shutdown(wait=True, cancel_futures=True)
+        self.hash_pool.shutdown(wait=True)  # a hash already running takes a few tens of ms
         self.listener.close()
         self._wakeup_read.close()
         self._wakeup_write.close()
@@ -620,7 +656,9 @@ class ChatServer:
         address = peer[0]
         with self.connections_lock:
             refusal = None
-            if len(self.connections) >= self.config.max_clients:
+            if not self._connect_allowed(address):
+                refusal = ("too_many_connections", "too many new connections from your address; slow down")
+            elif len(self.connections) >= self.config.max_clients:
                 refusal = ("server_full", "server is full; try again later")
             elif self.connections_per_address[address] >= self.config.max_connections_per_address:
                 refusal = ("too_many_connections", "too many connections from your address")
@@ -640,6 +678,17 @@ class ChatServer:
             return
         log.info("connect %s", connection.peer)
         connection.reader.start()
+
+    def _connect_allowed(self, address: str) -> bool:
+        """Per-address rate of new connections. Only the accepting thread touches the buckets."""
+        if self.config.connect_rate <= 0:
+            return True
+        bucket = self._connect_buckets.get(address)
+        if bucket is None:
+            if len(self._connect_buckets) >= MAX_TRACKED_ADDRESSES:
+                self._connect_buckets = {key: b for key, b in self._connect_buckets.items() if not b.is_full()}
+            bucket = self._connect_buckets[address] = FloodControl(self.config.connect_rate, self.config.connect_burst)
+        return bucket.allow()
 
     def start_writer(self, connection: ClientConnection) -> None:
         connection.writer.start()
@@ -665,9 +714,23 @@ class ChatServer:
             now = time.monotonic()
             with self.connections_lock:
                 connections = [c for c in self.connections if c.in_room]
+            stamps = self._current_account_stamps()
             for connection in connections:
-                # A client that only listens still needs its token kept fresh.
                 claims = connection.claims
+                if stamps is not None and claims is not None and stamps.get(claims.username) != claims.account_stamp:
+                    # A listener sends nothing for the per-frame check to catch: a password
+                    # change or a deleted account must still end its session.
+                    log.info("closing %s user=%s: account changed", connection.peer, connection.name)
+                    connection.finish(
+                        "account changed",
+                        ErrorReply(
+                            code="token_revoked",
+                            message="your account was changed or deleted; log in again",
+                            fatal=True,
+                        ),
+                    )
+                    continue
+                # A client that only listens still needs its token kept fresh.
                 live = claims is not None and claims.expires_at > time.time()
                 if live and self.tokens.needs_refresh(claims):  # an expired token is never revived
                     try:
@@ -687,8 +750,12 @@ class ChatServer:
     def authenticate_password(self, connection: ClientConnection, login: Login) -> str:
         """Check a password login; returns the user name or raises ``AuthenticationFailed``."""
         name = login.username
-        keys = [("address", connection.address), ("user", name.casefold()[:64])]
-        wait = self.config.login_throttle.retry_after(keys)
+        address_key, account_key = ("address", connection.address), ("user", name.casefold()[:64])
+        keys = [address_key, account_key]
+        # Guesses at one account fired in parallel are counted as they start; the address is
+        # counted when a guess fails (many people may log in at once from one address, and
+        # its parallelism is already bounded by the per-address connection limit).
+        wait = self.config.login_throttle.begin_attempt(keys, reserve=[account_key])
         if wait > 0:
             log.info("login throttled from %s", connection.peer)
             raise AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
@@ -698,24 +765,37 @@ class ChatServer:
             log.error("%s", exc)
             raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
         stored_hash = record.password_hash if record is not None else self._decoy_hash
-        check = self.hash_pool.submit(verify_password, login.password, stored_hash)
         try:
+            check = self.hash_pool.submit(verify_password, login.password, stored_hash)
             password_ok = check.result(timeout=self.config.hash_wait)
         except concurrent.futures.TimeoutError:
             check.cancel()
             raise AuthenticationFailed("busy", "server busy; try again in a moment") from None
+        except (concurrent.futures.CancelledError, RuntimeError):  # the pool was shut down under us
+            raise AuthenticationFailed("shutting_down", "server shutting down") from None
         if record is None or not password_ok:
-            self.config.login_throttle.record_failure(keys)
+            self.config.login_throttle.record_failure([address_key])
             # Only a known name is logged: an unknown one may be a password typed in the wrong box.
             who = f"user={name}" if record is not None else "unknown user"
             log.info("login failed %s %s: wrong password", connection.peer, who)
             raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
-        if record.demo and not self.config.allow_demo_accounts and not self.config.is_loopback:
-            log.warning("login refused %s user=%s: demo account on a public address", connection.peer, name)
-            raise AuthenticationFailed("demo_disabled", "demo accounts are disabled on this server")
+        self._refuse_demo_account(connection, record)
         self.config.login_throttle.record_success(keys)
         log.info("login ok %s user=%s", connection.peer, name)
         return name
+
+    def _refuse_demo_account(self, connection: ClientConnection, record: UserRecord) -> None:
+        if record.demo and not self.config.allow_demo_accounts and not self.config.is_loopback:
+            log.warning("login refused %s user=%s: demo account on a public address", connection.peer, record.name)
+            raise AuthenticationFailed("demo_disabled", "demo accounts are disabled on this server")
+
+    def _current_account_stamps(self) -> dict[str, str] | None:
+        """Every account's stamp, or None if the store cannot be read just now (keep everyone)."""
+        try:
+            return {name: account_stamp(record) for name, record in self.users.load().items()}
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            return None
 
     def _account_stamp(self, name: str) -> str:
         """The current stamp of an account; raises ``TokenError`` if it is gone."""
@@ -729,11 +809,11 @@ class ChatServer:
         return account_stamp(record)
 
     def issue_token(self, connection: ClientConnection) -> tuple[str, int]:
-        """A fresh token for an authenticated connection; also becomes its current claims."""
+        """A fresh token for an authenticated connection's session; also becomes its current claims."""
         token, expires_at = self.tokens.issue(
-            connection.name, connection.key_thumbprint, self._account_stamp(connection.name)
+            connection.name, connection.key_thumbprint, self._account_stamp(connection.name), connection.session_id
         )
-        connection.claims = self.tokens.verify(token, connection.key_thumbprint, connection.name)
+        connection.set_claims(self.tokens.verify(token, connection.key_thumbprint, connection.name))
         return token, expires_at
 
     def verify_token(self, connection: ClientConnection, token: object, username: str | None = None) -> TokenClaims:
@@ -748,10 +828,27 @@ class ChatServer:
         claims = self.tokens.verify(resume.token, connection.key_thumbprint)
         connection.name = claims.username
         claims = self.verify_token(connection, resume.token)
-        # The old token is spent: the new session gets a fresh one.
+        try:
+            record = self.users.get(claims.username)
+        except UserStoreError:
+            record = None  # verify_token has just read it; a store gone bad now fails below
+        if record is not None:
+            self._refuse_demo_account(connection, record)
+        # The old session is spent, every token of it: the new connection starts a new one.
         self.tokens.revoke(claims)
         log.info("resume ok %s user=%s", connection.peer, claims.username)
         return claims.username
+
+
+def check_private_directory(path: Path) -> None:
+    """Refuse a data directory others could write to: they could swap the key or the secret."""
+    info = path.stat()
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise crypto_utils.InsecureFileError(
+            f"{path} is writable by other users (mode {stat.filemode(info.st_mode)}); fix it with: chmod 700 {path}"
+        )
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise crypto_utils.InsecureFileError(f"{path} belongs to another user; the server's data must be its own")
 
 
 class FloodError(Exception):
@@ -830,6 +927,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=ServerConfig.max_connections_per_address,
         help="connections allowed from one address",
+    )
+    parser.add_argument(
+        "--connect-rate",
+        type=float,
+        default=ServerConfig.connect_rate,
+        metavar="PER_S",
+        help="new connections per second from one address, after a burst of 30; 0 disables (default: 5)",
     )
     parser.add_argument("--handshake-timeout", type=float, default=ServerConfig.handshake_timeout, metavar="SECONDS")
     parser.add_argument(
@@ -916,6 +1020,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         handshake_timeout=args.handshake_timeout,
         max_clients=args.max_clients,
         max_connections_per_address=args.max_per_address,
+        connect_rate=args.connect_rate,
         send_queue_size=args.send_queue,
         flood_burst=args.flood_burst,
         flood_rate=args.flood_rate,

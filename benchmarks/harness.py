@@ -241,6 +241,8 @@ def start_chat_server(
         "0",
         "--max-per-address",
         "5000",
+        "--connect-rate",
+        "0",
         "--max-clients",
         "5000",
         "--send-queue",

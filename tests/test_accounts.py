@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import stat
+import threading
 import time
 import types
 
@@ -32,6 +33,7 @@ from accounts import (
     hash_password,
     verify_password,
 )
+from crypto_utils import InsecureFileError
 
 PHC_PATTERN = re.compile(r"\$argon2id\$v=19\$m=19456,t=2,p=1\$([A-Za-z0-9+/]{22})\$([A-Za-z0-9+/]{43})")
 
@@ -385,6 +387,34 @@ def test_throttle_keys_are_independent_and_any_throttled_key_blocks(clock):
     assert throttle.retry_after([ADDRESS, ACCOUNT]) == 2.0
 
 
+def test_parallel_attempts_are_throttled_like_sequential_ones(clock):
+    # Each attempt is counted when it starts, so guesses fired together (before any of them
+    # has failed) still run out of free attempts.
+    throttle = LoginThrottle(free_failures=3, base_delay=1.0)
+    started = [throttle.begin_attempt([ADDRESS, ACCOUNT], reserve=[ACCOUNT]) for _ in range(5)]
+    assert started == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert throttle.retry_after([ADDRESS]) == 0.0  # the address is not blamed for attempts in flight
+    throttle.record_success([ADDRESS, ACCOUNT])  # one of them had the right password
+    assert throttle.begin_attempt([ADDRESS, ACCOUNT], reserve=[ACCOUNT]) == 0.0
+
+
+def test_concurrent_attempts_from_many_threads_reserve_exactly_the_free_ones():
+    throttle = LoginThrottle(free_failures=3, base_delay=60.0)
+    barrier = threading.Barrier(16)
+    results = []
+
+    def attempt():
+        barrier.wait()
+        results.append(throttle.begin_attempt([ACCOUNT], reserve=[ACCOUNT]))
+
+    threads = [threading.Thread(target=attempt) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results).count(0.0) == 3
+
+
 def test_throttle_memory_is_bounded(clock):
     throttle = LoginThrottle(free_failures=1, base_delay=1.0, max_entries=100, forget_after=60.0)
     for index in range(1000):
@@ -415,6 +445,7 @@ def claims_now(**overrides):
         "iat": now,
         "exp": now + 600,
         "jti": "token-1",
+        "sid": "session-1",
         "cnf": {"jkt": THUMBPRINT},
         "acct": "stamp",
     }
@@ -534,6 +565,33 @@ def test_a_revoked_token_is_refused(authority):
     assert refused_code(authority, token) == "token_revoked"
     fresh, _ = authority.issue("alice", THUMBPRINT)
     assert authority.verify(fresh, THUMBPRINT, "alice").username == "alice"
+
+
+def test_revoking_a_session_refuses_every_token_it_was_issued(authority):
+    first, _ = authority.issue("alice", THUMBPRINT, session_id="s1")
+    refreshed, _ = authority.issue("alice", THUMBPRINT, session_id="s1")
+    other, _ = authority.issue("alice", THUMBPRINT)
+    authority.revoke(authority.verify(refreshed, THUMBPRINT, "alice"))
+    assert refused_code(authority, first) == "token_revoked"
+    assert refused_code(authority, refreshed) == "token_revoked"
+    assert authority.verify(other, THUMBPRINT, "alice").username == "alice"
+
+
+def test_revoked_sessions_survive_a_restart_and_the_file_is_owner_only(tmp_path):
+    path = tmp_path / "revoked.json"
+    authority = TokenAuthority(SECRET, revoked_path=path)
+    token, _ = authority.issue("alice", THUMBPRINT)
+    authority.revoke(authority.verify(token, THUMBPRINT, "alice"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert refused_code(TokenAuthority(SECRET, revoked_path=path), token) == "token_revoked"
+
+
+def test_a_revocation_file_others_can_write_is_refused(tmp_path):
+    path = tmp_path / "revoked.json"
+    path.write_text("{}")
+    path.chmod(0o666)
+    with pytest.raises(InsecureFileError, match="chmod 600"):
+        TokenAuthority(SECRET, revoked_path=path)
 
 
 @pytest.mark.parametrize("token", [None, "", 42, b"bytes", ["a.b.c"]])

@@ -267,3 +267,11 @@ def test_a_password_changed_while_the_server_runs_takes_effect_at_once(tmp_path,
         assert new.login("alice", "alice-new-password").username == "alice"
     finally:
         new.close()
+
+
+def test_the_server_refuses_a_data_directory_others_can_write(tmp_path, users_file, server_process):
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)
+    with pytest.raises(RuntimeError, match=r"writable by other users.*chmod 700"):
+        server_process()

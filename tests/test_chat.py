@@ -336,6 +336,45 @@ def test_a_token_given_up_by_leave_cannot_resume(connect):
     assert refusal.value.code == "token_revoked"
 
 
+def test_leave_gives_up_every_token_of_the_session(make_server, connect):
+    # With a short lifetime the keepalive refreshes the token; the first one, kept by
+    # someone, must die with the session when alice leaves, not live on to its expiry.
+    quick = make_server(token_ttl=4, ping_interval=0.4)
+    alice, bob = log_in_all(connect, "alice", "bob", to=quick)
+    first_token = alice.token
+    deadline = time.monotonic() + TIMEOUT
+    while alice.token == first_token:
+        assert time.monotonic() < deadline, "the token was never refreshed"
+        time.sleep(0.05)
+    alice.leave()
+    wait_for(bob, left("alice"))
+    alice.token = first_token
+    with pytest.raises(LoginRefused) as refusal:
+        alice.resume()
+    assert refusal.value.code == "token_revoked"
+
+
+def test_a_password_change_ends_a_session_that_only_listens(make_server, connect):
+    quick = make_server(ping_interval=0.4)  # the keepalive looks at accounts every 0.1 s
+    alice, bob = log_in_all(connect, "alice", "bob", to=quick)
+    token = alice.token
+    quick.users.set_password("alice", "a brand new password")
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "token_revoked" and refusal.fatal
+    wait_for(alice, is_disconnected)
+    assert alice.token == ""  # the client forgets a token the server has refused
+    wait_for(bob, left("alice"))
+    alice.close()
+    alice.token = token
+    with pytest.raises(LoginRefused) as resumed:
+        alice.resume()
+    assert resumed.value.code == "token_revoked"
+    assert bob.connected
+    quick.users.delete("bob")
+    wait_for(bob, lambda event: isinstance(event, ErrorReply) and event.code == "token_revoked")
+    wait_for(bob, is_disconnected)
+
+
 def test_resume_after_a_server_restart(make_server, connect):
     first = make_server()
     alice, bob = log_in_all(connect, "alice", "bob", to=first)

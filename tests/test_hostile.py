@@ -384,7 +384,7 @@ def test_a_hello_dripped_byte_by_byte_is_dropped_at_the_deadline(make_server, co
 
 
 def test_fifty_silent_connections_do_not_stop_the_room(make_server, connect, peers):
-    server = make_server(handshake_timeout=1.0, max_connections_per_address=64)
+    server = make_server(handshake_timeout=1.0, max_connections_per_address=64, connect_burst=64)
     alice, bob = honest_pair(connect, server)
     silent = [peers(server) for _ in range(50)]
     assert_still_chatting(alice, bob)
@@ -394,6 +394,16 @@ def test_fifty_silent_connections_do_not_stop_the_room(make_server, connect, pee
         assert_refused_in_clear(peer.frames_until_closed(timeout=1.0 + TIMEOUT), "timeout")
     assert_still_chatting(alice, bob)
     assert_still_chatting(carol, alice)
+
+
+def test_an_address_opening_connections_too_fast_is_refused_before_any_rsa_work(make_server, connect, peers):
+    server = make_server(connect_burst=4, connect_rate=0.01)
+    alice, bob = honest_pair(connect, server)  # two of the four
+    for _ in range(2):
+        peers(server)
+    flooder = peers(server)
+    assert_refused_in_clear(flooder.frames_until_closed(), "too_many_connections")
+    assert_still_chatting(alice, bob)
 
 
 def test_the_per_address_limit_refuses_the_extra_connection(make_server, connect, peers):
