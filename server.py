@@ -304,6 +304,9 @@ class ClientConnection:
             reason = f"protocol error: {exc}"
             # Say what class of problem it was, never the details: they may be sensitive.
             self._refuse("protocol_error", "malformed or unverifiable frame")
+        except AuthenticationFailed as exc:
+            reason = f"login refused: {exc.code}"
+            self._refuse(exc.code, str(exc))
         except TokenError as exc:
             reason = f"token refused: {exc.code}"
             self._refuse(exc.code, str(exc))
@@ -325,7 +328,7 @@ class ClientConnection:
         reason = self.close_reason
         if reason == "quit":
             return self.parting_message
-        if reason.startswith(("protocol error", "token refused")):
+        if reason.startswith(("protocol error", "token refused", "login refused")):
             return "protocol error"
         return reason
 
@@ -738,6 +741,8 @@ class ChatServer:
                         connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
                     except TokenError:
                         connection.close("account changed")
+                    except AuthenticationFailed:
+                        pass  # the store is unreadable just now (logged): refresh on a later pass
                 silent = now - connection.last_inbound
                 if silent > self.config.ping_timeout:
                     connection.close("no reply to keepalive (connection lost)")
@@ -855,8 +860,12 @@ class FloodError(Exception):
     """A connection sent frames far faster than any client would."""
 
 
-class AuthenticationFailed(TokenError):
-    """A login was refused; ``code`` and the message go to the client."""
+class AuthenticationFailed(Exception):
+    """A login was refused (or the server cannot check it); ``code`` and the message go to the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --------------------------------------------------------------------------- command line
@@ -1058,16 +1067,17 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(demo_names),
                 config.host,
             )
-    host, port = server.address
-    key_bits = server.private_key.key_size
-    print(f"Server key fingerprint: {key_bits} {server.fingerprint} (RSA)", flush=True)
-    print(f"Listening on {host}:{port}", flush=True)
 
     def on_signal(signum: int, _frame: object) -> None:
         server.request_shutdown()
 
+    # Before announcing the address: a supervisor may send SIGTERM as soon as it reads it.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    host, port = server.address
+    key_bits = server.private_key.key_size
+    print(f"Server key fingerprint: {key_bits} {server.fingerprint} (RSA)", flush=True)
+    print(f"Listening on {host}:{port}", flush=True)
     try:
         server.serve_forever()
     finally:
