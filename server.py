@@ -719,6 +719,8 @@ class ChatServer:
                 connections = [c for c in self.connections if c.in_room]
             stamps = self._current_account_stamps()
             for connection in connections:
+                if connection.close_reason:
+                    continue  # already on its way out
                 claims = connection.claims
                 if stamps is not None and claims is not None and stamps.get(claims.username) != claims.account_stamp:
                     # A listener sends nothing for the per-frame check to catch: a password
@@ -835,9 +837,10 @@ class ChatServer:
         claims = self.verify_token(connection, resume.token)
         try:
             record = self.users.get(claims.username)
-        except UserStoreError:
-            record = None  # verify_token has just read it; a store gone bad now fails below
-        if record is not None:
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
+        if record is not None:  # None only if deleted this instant; the next frame's check ends it
             self._refuse_demo_account(connection, record)
         # The old session is spent, every token of it: the new connection starts a new one.
         self.tokens.revoke(claims)
