@@ -254,7 +254,7 @@ class ChatClient:
                 raise ChatError("the server sent something unexpected during the handshake")
             reply = decode_control(body)
             if reply["type"] == "error":
-                raise LoginRefused(str(reply.get("code")), f"server refused: {_shown(reply.get('message'))}")
+                raise LoginRefused(_shown(reply.get("code")), f"server refused: {_shown(reply.get('message'))}")
             if reply["type"] != "server_hello" or reply.get("version") != PROTOCOL_VERSION:
                 raise ChatError("the server speaks another protocol version")
             server_key_der = b64decode(reply.get("server_key"), "server_key")

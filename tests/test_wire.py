@@ -16,7 +16,8 @@ import threading
 import pytest
 from conftest import ROOT, TIMEOUT, password_of, wait_for
 
-from client import Chat, ChatClient, KnownHosts, Notice
+from client import Chat, ChatClient, Disconnected, KnownHosts, Notice
+from protocol import encode_control
 
 # --------------------------------------------------------------------------- the recording proxy
 
@@ -37,6 +38,7 @@ class RecordingProxy:
         self.to_server = []
         self.to_client = []
         self.sockets = []
+        self.client_sockets = []
         self.pumps = []
         self.acceptor = threading.Thread(target=self._accept, name="test-proxy-accept", daemon=True)
         self.acceptor.start()
@@ -55,6 +57,7 @@ class RecordingProxy:
             ]
             with self.lock:
                 self.sockets += [client, upstream]
+                self.client_sockets.append(client)
                 self.pumps += pumps
             for pump in pumps:
                 pump.start()
@@ -78,6 +81,12 @@ class RecordingProxy:
                 sock.shutdown(how)
             except OSError:
                 pass
+
+    def inject_to_clients(self, data):
+        """Send ``data`` to every client as if the server had: what anyone on the path can do."""
+        with self.lock:
+            for client in self.client_sockets:
+                client.sendall(data)
 
     def recorded(self):
         """(client to server, server to client), each as one byte string."""
@@ -299,3 +308,13 @@ def test_the_server_log_holds_no_parting_message(via_proxy, caplog):
     alice.leave()
     assert "disconnect" in caplog.text
     assert MESSAGES["parting"] not in caplog.text
+
+
+@pytest.mark.parametrize("frame_type", ["error", "server_hello"])
+def test_a_cleartext_frame_injected_after_login_is_not_believed(via_proxy, proxy, frame_type):
+    alice = via_proxy("alice")
+    proxy.inject_to_clients(encode_control(frame_type, code="auth_failed", message="\x1b]0;pwned\x07 log in again"))
+    ended = wait_for(alice, lambda event: isinstance(event, Disconnected))
+    assert "pwned" not in ended.reason and "\x1b" not in ended.reason
+    assert "malformed" in ended.reason
+    assert not ended.clean  # worth reconnecting: the link, not the session, is broken
