@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import TIMEOUT, drain, password_of, wait_for
+from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
 from accounts import LoginThrottle
 from client import (
@@ -26,22 +26,6 @@ from client import (
 from protocol import Say
 
 # --------------------------------------------------------------------------- helpers
-
-
-def joined(name):
-    return lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == name
-
-
-def left(name):
-    return lambda event: isinstance(event, Notice) and event.event == "left" and event.name == name
-
-
-def chat_with(text):
-    return lambda event: isinstance(event, Chat) and event.text == text
-
-
-def is_disconnected(event):
-    return isinstance(event, Disconnected)
 
 
 def log_in_all(connect, *names, **options):
