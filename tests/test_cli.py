@@ -607,7 +607,8 @@ def test_reconnects_after_a_server_restart_without_asking_the_password(
     alice.wait_for_text("*** bob joined", TIMEOUT)
 
     chat_server.stop()
-    assert isinstance(wait_for(bob, lambda event: isinstance(event, Disconnected)), Disconnected)
+    ended = wait_for(bob, lambda event: isinstance(event, Disconnected))
+    assert not ended.clean, f"a restarting server should invite its clients back, not send them away: {ended!r}"
     alice.wait_for_text("connection lost", TIMEOUT)
     asked_before = alice.output.count(b"Password for")
     restarted = server_process("--log-level", "WARNING", "--port", str(port))
