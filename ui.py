@@ -35,7 +35,10 @@ from protocol import sanitize_text
 #: Reconnection back-off: the first wait, doubled after each failure up to the longest.
 RECONNECT_FIRST_DELAY = 1.0
 RECONNECT_MAX_DELAY = 30.0
+#: Refusals that mean the session itself is over: only the password can open a new one.
 TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
+#: Refusals that mean "not now" (the server is full, busy, or briefly cannot check us): keep backing off.
+RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
 
 # --------------------------------------------------------------------------- formatting
 
@@ -236,9 +239,11 @@ def reconnect(
 ) -> tuple[Reconnected, str]:
     """Retry with growing delays and resume with the token; never asks for a password.
 
-    Returns RESUMED, NEED_PASSWORD (the server refused the token: expired,
-    revoked or gone) or FAILED (host key problem, cancelled, or out of time),
-    with a one-line reason.
+    A lost link and a "not now" refusal (``RETRYABLE_CODES``) are retried.
+    Returns RESUMED; NEED_PASSWORD when the server refused the token itself
+    (``TOKEN_CODES``: expired, revoked, gone); or FAILED, with a one-line
+    reason, for a host key problem, any other refusal (retrying would only get
+    the same answer), cancellation, or running out of time.
     """
     delay = RECONNECT_FIRST_DELAY
     give_up = time.monotonic() + give_up_after if give_up_after is not None else None
@@ -253,7 +258,11 @@ def reconnect(
             show(f"*** reconnected as {client.username}")
             return Reconnected.RESUMED, ""
         except LoginRefused as exc:
-            return Reconnected.NEED_PASSWORD, f"cannot resume the session: {exc}"
+            if exc.code in TOKEN_CODES:
+                return Reconnected.NEED_PASSWORD, f"cannot resume the session: {exc}"
+            if exc.code not in RETRYABLE_CODES:
+                return Reconnected.FAILED, f"cannot resume the session: {exc}"
+            show(f"*** still offline: {exc}")
         except HostKeyError as exc:
             return Reconnected.FAILED, str(exc)
         except ChatError as exc:
