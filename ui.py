@@ -463,6 +463,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     online.set()
     leaving = threading.Event()  # set when the user quits: stops reconnecting
     need_password = threading.Event()  # set by the reader when the token was refused
+    gave_up = threading.Event()  # set by the reader when reconnecting failed for good: exit non-zero
 
     def show(text: str) -> None:
         print(style.system(text), flush=True)
@@ -500,10 +501,13 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
             if result is Reconnected.RESUMED:
                 online.set()
                 continue
+            if leaving.is_set():
+                return  # the user quit while we were offline: nothing went wrong
             show(f"*** {why}")
             if result is Reconnected.NEED_PASSWORD:
                 need_password.set()
             else:
+                gave_up.set()
                 leaving.set()
             stop_prompt()
             return
@@ -546,7 +550,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         leaving.set()
         client.leave(parting)
         reader.join(timeout=2.0)
-    return status
+    return 1 if gave_up.is_set() else status
 
 
 def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:

@@ -657,3 +657,21 @@ def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_pro
     assert (message.sender, message.text) == ("alice", "back again")
     assert password_of("alice").encode() not in alice.output
     assert prompt_at_cursor and explained_above, f"password prompt misplaced; screen when asked:\n{when_asked}"
+
+
+def test_a_changed_key_on_reconnection_ends_the_session_with_a_failure(
+    chat_server, server_process, chat_in_terminal, tmp_path
+):
+    """A final reconnection error (here: another key answers on the port) is said once, and exits 1."""
+    port = chat_server.port
+    alice = chat_in_terminal("alice", chat_server)
+    asked_before = alice.output.count(b"Password for")
+
+    chat_server.stop()
+    alice.wait_for_text("connection lost", TIMEOUT)
+    impostor = server_process("--log-level", "WARNING", "--port", str(port), "--data-dir", str(tmp_path / "other"))
+    assert impostor.fingerprint != chat_server.fingerprint
+
+    assert alice.wait_exit(RECONNECT) == 1
+    assert "HAS CHANGED" in alice.text.upper()
+    assert alice.output.count(b"Password for") == asked_before
