@@ -48,10 +48,20 @@ DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 @dataclass
 class Style:
-    """How lines look: with or without colour, with or without a time stamp."""
+    """How lines look: with or without colour, with or without a time stamp.
+
+    Every piece of text that reaches the terminal goes through one of these
+    methods, and each sanitizes its text *before* adding its own escape codes:
+    whatever the server sent (names, messages, reasons) cannot drive the
+    terminal, and the colours added here survive.
+    """
 
     colour: bool = False
     timestamps: bool = False
+
+    def text(self, text: str) -> str:
+        """Plain text, made safe to print."""
+        return sanitize_text(text)
 
     def name(self, name: str) -> str:
         name = sanitize_text(name)
@@ -61,6 +71,8 @@ class Style:
         return f"\x1b[{colour}m{name}{RESET}"
 
     def system(self, text: str) -> str:
+        """A line from the client itself (``*** ...``), dimmed; ``text`` is sanitized first."""
+        text = sanitize_text(text)
         return f"{DIM}{text}{RESET}" if self.colour else text
 
     def stamp(self, when: float) -> str:
@@ -72,7 +84,7 @@ class Style:
 
 def format_chat(message: Chat, style: Style, own_name: str = "") -> str:
     """One line for a chat message; text is sanitized so it cannot drive the terminal."""
-    text = sanitize_text(message.text)
+    text = style.text(message.text)
     sender = style.name(message.sender)
     if message.private:
         marker = f" → {style.name(message.recipient)}" if message.sender == own_name else " (private)"
@@ -90,18 +102,16 @@ def format_event(event: Any, style: Style, own_name: str = "") -> tuple[str, boo
     if isinstance(event, Chat):
         return format_chat(event, style, own_name), False
     if isinstance(event, Notice):
-        name = sanitize_text(event.name)
         if event.event == "joined":
-            return style.stamp(now) + style.system(f"*** {name} joined"), False
+            return style.stamp(now) + style.system(f"*** {event.name} joined"), False
         if event.event == "left":
-            reason = f" ({sanitize_text(event.text)})" if event.text else ""
-            return style.stamp(now) + style.system(f"*** {name} left{reason}"), False
-        return style.stamp(now) + style.system(f"*** {sanitize_text(event.text)}"), False
+            reason = f" ({event.text})" if event.text else ""
+            return style.stamp(now) + style.system(f"*** {event.name} left{reason}"), False
+        return style.stamp(now) + style.system(f"*** {event.text}"), False
     if isinstance(event, Roster):
-        names = ", ".join(sanitize_text(name) for name in event.members)
-        return style.system(f"*** online ({len(event.members)}): {names}"), False
+        return style.system(f"*** online ({len(event.members)}): {', '.join(event.members)}"), False
     if isinstance(event, ErrorReply):
-        return f"error: {sanitize_text(event.message)}", True
+        return style.text(f"error: {event.message}"), True
     return None  # Goodbye and Disconnected: the caller reports how the session ended
 
 
@@ -210,9 +220,7 @@ def handle_line(context: CommandContext, line: str) -> None:
         name, _, args = line[1:].partition(" ")
         command = COMMANDS.get(name.lower())
         if command is None:
-            context.show(
-                f"unknown command /{sanitize_text(name)}: type /help for the list (// sends a line starting with /)"
-            )
+            context.show(f"unknown command /{name}: type /help for the list (// sends a line starting with /)")
             return
         command.run(context, args)
         return
@@ -287,26 +295,31 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
     if password is None:
         print("error: set CHAT_PASSWORD (the password is never read from the command line)", file=sys.stderr)
         return 2
+    style = Style()  # no colour: scripts read this output
     client = ChatClient(host, port, **options)
     try:
         client.login(user, password)
     except ChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(style.text(f"error: {exc}"), file=sys.stderr)
         return 1
-    style = Style()
     # Guards stdout and stderr, written by both threads.
     output_lock = threading.Lock()
     online = threading.Event()  # set while a session is up; the input loop waits on it
     online.set()
     leaving = threading.Event()  # set once end of input or /quit is reached
 
-    def write(stream: TextIO, text: str) -> None:
+    def write(stream: TextIO, line: str) -> None:
+        """Print a line made by ``format_event`` or ``style`` (so already safe)."""
         with output_lock:
-            stream.write(text + "\n")
+            stream.write(line + "\n")
             stream.flush()
 
+    def report(text: str) -> None:
+        """Print a line for the user on stderr; it may quote the server, so it is sanitized."""
+        write(sys.stderr, style.text(text))
+
     def fail(reason: str) -> None:
-        write(sys.stderr, f"error: {reason}")
+        report(f"error: {reason}")
         sys.stdout.flush()
         # The main thread may be blocked reading a pipe that never ends.
         os._exit(1)
@@ -325,8 +338,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
             if ended is None or ended.clean or leaving.is_set():
                 return
             online.clear()
-            write(sys.stderr, f"*** connection lost: {ended.reason}")
-            result, why = reconnect(client, lambda text: write(sys.stderr, text), leaving, BATCH_RECONNECT_LIMIT)
+            report(f"*** connection lost: {ended.reason}")
+            result, why = reconnect(client, report, leaving, BATCH_RECONNECT_LIMIT)
             if result is not Reconnected.RESUMED:
                 if leaving.is_set():
                     return
@@ -336,7 +349,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
     printer = threading.Thread(target=print_events, name="printer", daemon=True)
     printer.start()
     # Our own lines are not echoed in batch mode: stdout carries only what others said.
-    context = CommandContext(client, say_line=lambda _line: None, show=lambda text: write(sys.stderr, text))
+    context = CommandContext(client, say_line=lambda _line: None, show=report)
 
     def send_line(line: str) -> None:
         for attempt in (1, 2):
@@ -361,7 +374,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
                 parting = quit_request.message
                 break
             except ChatError as exc:
-                write(sys.stderr, f"error: {exc}")
+                report(f"error: {exc}")
     except KeyboardInterrupt:
         pass
     leaving.set()
@@ -424,11 +437,12 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     except (EOFError, KeyboardInterrupt):
         print()
         return 1
+    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
     try:
         connect_and_login(client, user, password)
     except ChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(style.text(f"error: {exc}"), file=sys.stderr)
         client.close()
         return 1
     except (KeyboardInterrupt, EOFError):
@@ -436,7 +450,6 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         client.close()
         return 1
     del password  # not kept: an expired session asks again
-    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
 
     class ChatCompleter(Completer):
         """Completes /commands at the start of a line, and names of people online anywhere."""
@@ -517,15 +530,15 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         reader.start()
         return reader
 
-    print(style.system(f"*** connected to {host}:{port} as {client.username}; online: {', '.join(client.members)}"))
-    print(style.system("*** type /help for commands, Ctrl-D or /quit to leave"))
+    show(f"*** connected to {host}:{port} as {client.username}; online: {', '.join(client.members)}")
+    show("*** type /help for commands, Ctrl-D or /quit to leave")
     parting = ""
     status = 0
     with patch_stdout(raw=True):
         reader = start_reader()
         while True:
             try:
-                line = session.prompt(f"{client.username}> ")
+                line = session.prompt(f"{style.text(client.username)}> ")
             except (EOFError, KeyboardInterrupt):
                 if need_password.is_set():
                     need_password.clear()
