@@ -8,18 +8,21 @@ as one line, for scripts.
 
 from __future__ import annotations
 
+import codecs
 import getpass
 import os
 import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TextIO
 
 from client import (
+    LEAVE_TIMEOUT,
     Chat,
     ChatClient,
     ChatError,
@@ -284,10 +287,66 @@ def reconnect(
 
 #: How long a script waits for the server to come back before giving up.
 BATCH_RECONNECT_LIMIT = 60.0
+#: Lines read but not yet sent (while offline); reading pauses when this many wait.
+BATCH_BACKLOG = 1000
+#: How much standard input one read takes.
+INPUT_CHUNK = 65536
+
+
+@dataclass
+class BatchState:
+    """What batch mode's three threads share; every field is guarded by ``changed``.
+
+    The input thread appends to ``pending``; the main thread is the only one
+    that sends, and takes a line off ``pending`` once it is sent; the event
+    thread owns ``online``, ``sessions`` and ``ended``.
+    """
+
+    #: Held while reading or changing any field; notified after every change.
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    #: Lines read and not yet sent, oldest first.
+    pending: deque[str] = field(default_factory=deque)
+    input_ended: bool = False
+    online: bool = True
+    #: Counts resumed sessions, so a failed send can tell a new link from the one it failed on.
+    sessions: int = 0
+    #: Why the session is over for good ("" while it is not).
+    ended: str = ""
+
+
+def read_lines(fd: int, encoding: str, add: Callable[[str], None]) -> None:
+    """Call ``add`` with each line of the file ``fd`` until its end.
+
+    Raw reads, not ``sys.stdin``: this runs on a daemon thread that may still be
+    blocked here when the program exits, and a buffered stream's lock held at
+    exit aborts the interpreter.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    partial = ""
+    while True:
+        try:
+            chunk = os.read(fd, INPUT_CHUNK)
+        except OSError:
+            chunk = b""
+        partial += decoder.decode(chunk, final=not chunk)
+        *lines, partial = partial.split("\n")
+        for line in lines:
+            add(line.rstrip("\r"))
+        if not chunk:
+            break
+    if partial:
+        add(partial.rstrip("\r"))
 
 
 def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -> int:
-    """Non-interactive mode: lines in, events out, one line each. Returns the exit status."""
+    """Non-interactive mode: lines in, events out, one line each. Returns the exit status.
+
+    Lines read while the link is down wait and are sent, in order, once the
+    session is resumed. If it cannot be (the server stays away for
+    ``BATCH_RECONNECT_LIMIT``, refuses the token, or ends the session), or
+    input ends while offline, each line not sent is reported on stderr as
+    ``not sent: ...`` after a one-line error, and the exit status is 1.
+    """
     if not user:
         print("error: --user NAME is required when standard input is not a terminal", file=sys.stderr)
         return 2
@@ -302,11 +361,10 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
     except ChatError as exc:
         print(style.text(f"error: {exc}"), file=sys.stderr)
         return 1
-    # Guards stdout and stderr, written by both threads.
+    # Guards stdout and stderr, written by the main thread and the event thread.
     output_lock = threading.Lock()
-    online = threading.Event()  # set while a session is up; the input loop waits on it
-    online.set()
-    leaving = threading.Event()  # set once end of input or /quit is reached
+    state = BatchState()
+    leaving = threading.Event()  # set once we stop: cancels reconnecting
 
     def write(stream: TextIO, line: str) -> None:
         """Print a line made by ``format_event`` or ``style`` (so already safe)."""
@@ -318,11 +376,16 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
         """Print a line for the user on stderr; it may quote the server, so it is sanitized."""
         write(sys.stderr, style.text(text))
 
-    def fail(reason: str) -> None:
-        report(f"error: {reason}")
-        sys.stdout.flush()
-        # The main thread may be blocked reading a pipe that never ends.
-        os._exit(1)
+    def set_online(online: bool) -> None:
+        with state.changed:
+            state.online = online
+            state.sessions += online
+            state.changed.notify_all()
+
+    def end_session(reason: str) -> None:
+        with state.changed:
+            state.ended = reason
+            state.changed.notify_all()
 
     def print_events() -> None:
         while True:
@@ -335,52 +398,96 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
                 if formatted is not None:
                     line, is_error = formatted
                     write(sys.stderr if is_error else sys.stdout, line)
-            if ended is None or ended.clean or leaving.is_set():
+            if ended is None or leaving.is_set():
                 return
-            online.clear()
+            if ended.clean:  # the server said not to come back (say, we logged in elsewhere)
+                end_session(f"disconnected: {ended.reason}")
+                return
+            set_online(False)  # before saying so: a line read after this message waits
             report(f"*** connection lost: {ended.reason}")
             result, why = reconnect(client, report, leaving, BATCH_RECONNECT_LIMIT)
-            if result is not Reconnected.RESUMED:
-                if leaving.is_set():
-                    return
-                fail(why if result is Reconnected.FAILED else f"{why}; log in again")
-            online.set()
+            if result is Reconnected.RESUMED:
+                set_online(True)
+                continue
+            if not leaving.is_set():
+                end_session(why if result is Reconnected.FAILED else f"{why}; log in again")
+            return
 
+    def add_line(line: str) -> None:
+        with state.changed:
+            state.changed.wait_for(lambda: len(state.pending) < BATCH_BACKLOG or bool(state.ended))
+            state.pending.append(line)
+            state.changed.notify_all()
+
+    def read_input() -> None:
+        try:
+            read_lines(sys.stdin.fileno(), sys.stdin.encoding or "utf-8", add_line)
+        finally:
+            with state.changed:
+                state.input_ended = True
+                state.changed.notify_all()
+
+    # Daemons: the input thread may block on a pipe that never ends, the event thread on a
+    # reconnection; neither holds anything that must be released when we exit.
     printer = threading.Thread(target=print_events, name="printer", daemon=True)
+    reader = threading.Thread(target=read_input, name="input", daemon=True)
     printer.start()
+    reader.start()
     # Our own lines are not echoed in batch mode: stdout carries only what others said.
     context = CommandContext(client, say_line=lambda _line: None, show=report)
 
-    def send_line(line: str) -> None:
-        for attempt in (1, 2):
-            online.wait()
-            try:
-                handle_line(context, line)
-                return
-            except ChatError:
-                if attempt == 2:
-                    raise
-                # The link dropped under us: let the reader notice and reconnect, then retry once.
-                deadline = time.monotonic() + 5.0
-                while online.is_set() and time.monotonic() < deadline:
-                    time.sleep(0.05)
+    def ready() -> bool:
+        return bool(state.ended) or state.input_ended or (state.online and bool(state.pending))
 
     parting = ""
+    quitting = False
+    failure = ""
     try:
-        for raw_line in sys.stdin:
+        while True:
+            with state.changed:
+                state.changed.wait_for(ready)
+                if state.ended:
+                    failure = state.ended
+                    break
+                if not (state.online and state.pending):  # input ended with nothing left to send now
+                    if not state.online:
+                        failure = f"input ended while offline (reconnecting to {host}:{port})"
+                    break
+                line, session = state.pending[0], state.sessions
             try:
-                send_line(raw_line.rstrip("\r\n"))
+                handle_line(context, line)
             except Quit as quit_request:
-                parting = quit_request.message
+                parting, quitting = quit_request.message, True
                 break
-            except ChatError as exc:
-                report(f"error: {exc}")
+            except ChatError:
+                # The link dropped under us: the line stays first; wait until the event thread has
+                # noticed (or already resumed), then try it again.
+                with state.changed:
+                    state.changed.wait_for(
+                        lambda session=session: bool(state.ended) or not state.online or state.sessions != session,
+                        timeout=RECONNECT_FIRST_DELAY,
+                    )
+                continue
+            with state.changed:
+                state.pending.popleft()
+                state.changed.notify_all()
     except KeyboardInterrupt:
         pass
     leaving.set()
-    online.wait(timeout=BATCH_RECONNECT_LIMIT)
+    with state.changed:
+        # After /quit, what follows in the input is not for sending (it was only read ahead).
+        unsent = [line for line in state.pending if line.strip()] if not quitting else []
+        state.pending.clear()
+        state.ended = state.ended or "leaving"  # stops the input thread adding more
+        state.changed.notify_all()
+    if failure or unsent:
+        report(f"error: {failure or 'interrupted'}")
+        for line in unsent:
+            report(f"not sent: {line}")
+        client.close()
+        return 1
     client.leave(parting)
-    printer.join(timeout=5.0)
+    printer.join(timeout=LEAVE_TIMEOUT)
     return 0
 
 

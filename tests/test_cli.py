@@ -439,6 +439,65 @@ def test_batch_without_chat_password_exits_2(tmp_path):
     assert "CHAT_PASSWORD" in result.stderr
 
 
+# --------------------------------------------------------------------------- batch mode offline
+
+
+def has_line(text: str) -> Callable[[list[str]], bool]:
+    return lambda lines: any(text in line for line in lines)
+
+
+@pytest.mark.parametrize("unsent", [(), ("first while offline", "second while offline")])
+def test_batch_input_ending_while_offline_reports_what_was_not_sent_and_exits_at_once(
+    chat_server, batch_clients, join, unsent
+):
+    carol = join("carol", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    chat_server.stop()
+    alice.stderr.wait_for(has_line("connection lost"), TIMEOUT, "the lost link reported")
+
+    alice.send(*unsent)
+    ended_at = time.monotonic()
+    status = alice.finish(TIMEOUT)
+    assert time.monotonic() - ended_at < TIMEOUT, "waited for a server that is gone"
+    assert status == 1
+    errors = alice.stderr.lines
+    assert [line for line in errors if line.startswith("not sent: ")] == [f"not sent: {line}" for line in unsent]
+    assert has_line("error: input ended while offline")(errors), errors
+
+
+def test_batch_lines_read_while_offline_are_sent_in_order_after_resuming(lying_server, batch_clients, join):
+    first = lying_server(LocalRoom())
+    bob = join("bob", first)
+    alice = batch_clients(first, "alice", "--accept-new-host-key")
+    wait_for(bob, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    first.stop()
+    alice.stderr.wait_for(has_line("connection lost"), TIMEOUT, "the lost link reported")
+    offline_lines = [f"typed while offline {number}" for number in range(3)]
+    alice.send(*offline_lines)
+    # Restart after the first failed retry: the next one is 2 s away, time enough for carol to be in first.
+    alice.stderr.wait_for(has_line("reconnecting in 2 s"), RECONNECT, "a second retry planned")
+    second = lying_server(LocalRoom(), port=first.port)
+    carol = join("carol", second)
+
+    assert [(message.sender, message.text) for message in chats(carol, 3)] == [
+        ("alice", line) for line in offline_lines
+    ]
+    assert alice.finish(TIMEOUT * 2) == 0
+    assert has_line("*** reconnected as alice")(alice.stderr.lines)
+    assert not has_line("not sent")(alice.stderr.lines)
+
+
+def test_batch_sent_away_by_the_server_stops_with_an_error(chat_server, batch_clients, join):
+    carol = join("carol", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    join("alice", chat_server)  # the same user logs in elsewhere: this session is over, not lost
+
+    alice.stderr.wait_for(has_line("error: disconnected: logged in again from elsewhere"), TIMEOUT, "the reason")
+    assert alice.process.wait(timeout=TIMEOUT) == 1, "exits without waiting for the end of its input"
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -552,11 +611,11 @@ def lying_server(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., Sim
     """Factory: an in-process server with the given room (and server class); stopped at teardown."""
     started: list[ChatServer] = []
 
-    def start(room: LocalRoom, server_class: type[ChatServer] = ChatServer) -> SimpleNamespace:
-        config = ServerConfig(host="127.0.0.1", port=0, users_path=users_file, data_dir=tmp_path / "hostile")
+    def start(room: LocalRoom, server_class: type[ChatServer] = ChatServer, port: int = 0) -> SimpleNamespace:
+        config = ServerConfig(host="127.0.0.1", port=port, users_path=users_file, data_dir=tmp_path / "hostile")
         server = server_class(config, room=room).start()
         started.append(server)
-        return SimpleNamespace(port=server.address[1], fingerprint=server.fingerprint)
+        return SimpleNamespace(port=server.address[1], fingerprint=server.fingerprint, stop=server.stop)
 
     yield start
     for server in started:
