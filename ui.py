@@ -8,18 +8,21 @@ as one line, for scripts.
 
 from __future__ import annotations
 
+import codecs
 import getpass
 import os
 import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TextIO
 
 from client import (
+    LEAVE_TIMEOUT,
     Chat,
     ChatClient,
     ChatError,
@@ -35,7 +38,10 @@ from protocol import sanitize_text
 #: Reconnection back-off: the first wait, doubled after each failure up to the longest.
 RECONNECT_FIRST_DELAY = 1.0
 RECONNECT_MAX_DELAY = 30.0
+#: Refusals that mean the session itself is over: only the password can open a new one.
 TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
+#: Refusals that mean "not now" (the server is full, busy, or briefly cannot check us): keep backing off.
+RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
 
 # --------------------------------------------------------------------------- formatting
 
@@ -45,10 +51,20 @@ DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 @dataclass
 class Style:
-    """How lines look: with or without colour, with or without a time stamp."""
+    """How lines look: with or without colour, with or without a time stamp.
+
+    Every piece of text that reaches the terminal goes through one of these
+    methods, and each sanitizes its text *before* adding its own escape codes:
+    whatever the server sent (names, messages, reasons) cannot drive the
+    terminal, and the colours added here survive.
+    """
 
     colour: bool = False
     timestamps: bool = False
+
+    def text(self, text: str) -> str:
+        """Plain text, made safe to print."""
+        return sanitize_text(text)
 
     def name(self, name: str) -> str:
         name = sanitize_text(name)
@@ -58,6 +74,8 @@ class Style:
         return f"\x1b[{colour}m{name}{RESET}"
 
     def system(self, text: str) -> str:
+        """A line from the client itself (``*** ...``), dimmed; ``text`` is sanitized first."""
+        text = sanitize_text(text)
         return f"{DIM}{text}{RESET}" if self.colour else text
 
     def stamp(self, when: float) -> str:
@@ -69,7 +87,7 @@ class Style:
 
 def format_chat(message: Chat, style: Style, own_name: str = "") -> str:
     """One line for a chat message; text is sanitized so it cannot drive the terminal."""
-    text = sanitize_text(message.text)
+    text = style.text(message.text)
     sender = style.name(message.sender)
     if message.private:
         marker = f" → {style.name(message.recipient)}" if message.sender == own_name else " (private)"
@@ -87,18 +105,16 @@ def format_event(event: Any, style: Style, own_name: str = "") -> tuple[str, boo
     if isinstance(event, Chat):
         return format_chat(event, style, own_name), False
     if isinstance(event, Notice):
-        name = sanitize_text(event.name)
         if event.event == "joined":
-            return style.stamp(now) + style.system(f"*** {name} joined"), False
+            return style.stamp(now) + style.system(f"*** {event.name} joined"), False
         if event.event == "left":
-            reason = f" ({sanitize_text(event.text)})" if event.text else ""
-            return style.stamp(now) + style.system(f"*** {name} left{reason}"), False
-        return style.stamp(now) + style.system(f"*** {sanitize_text(event.text)}"), False
+            reason = f" ({event.text})" if event.text else ""
+            return style.stamp(now) + style.system(f"*** {event.name} left{reason}"), False
+        return style.stamp(now) + style.system(f"*** {event.text}"), False
     if isinstance(event, Roster):
-        names = ", ".join(sanitize_text(name) for name in event.members)
-        return style.system(f"*** online ({len(event.members)}): {names}"), False
+        return style.system(f"*** online ({len(event.members)}): {', '.join(event.members)}"), False
     if isinstance(event, ErrorReply):
-        return f"error: {sanitize_text(event.message)}", True
+        return style.text(f"error: {event.message}"), True
     return None  # Goodbye and Disconnected: the caller reports how the session ended
 
 
@@ -207,9 +223,7 @@ def handle_line(context: CommandContext, line: str) -> None:
         name, _, args = line[1:].partition(" ")
         command = COMMANDS.get(name.lower())
         if command is None:
-            context.show(
-                f"unknown command /{sanitize_text(name)}: type /help for the list (// sends a line starting with /)"
-            )
+            context.show(f"unknown command /{name}: type /help for the list (// sends a line starting with /)")
             return
         command.run(context, args)
         return
@@ -236,9 +250,11 @@ def reconnect(
 ) -> tuple[Reconnected, str]:
     """Retry with growing delays and resume with the token; never asks for a password.
 
-    Returns RESUMED, NEED_PASSWORD (the server refused the token: expired,
-    revoked or gone) or FAILED (host key problem, cancelled, or out of time),
-    with a one-line reason.
+    A lost link and a "not now" refusal (``RETRYABLE_CODES``) are retried.
+    Returns RESUMED; NEED_PASSWORD when the server refused the token itself
+    (``TOKEN_CODES``: expired, revoked, gone); or FAILED, with a one-line
+    reason, for a host key problem, any other refusal (retrying would only get
+    the same answer), cancellation, or running out of time.
     """
     delay = RECONNECT_FIRST_DELAY
     give_up = time.monotonic() + give_up_after if give_up_after is not None else None
@@ -253,7 +269,11 @@ def reconnect(
             show(f"*** reconnected as {client.username}")
             return Reconnected.RESUMED, ""
         except LoginRefused as exc:
-            return Reconnected.NEED_PASSWORD, f"cannot resume the session: {exc}"
+            if exc.code in TOKEN_CODES:
+                return Reconnected.NEED_PASSWORD, f"cannot resume the session: {exc}"
+            if exc.code not in RETRYABLE_CODES:
+                return Reconnected.FAILED, f"cannot resume the session: {exc}"
+            show(f"*** still offline: {exc}")
         except HostKeyError as exc:
             return Reconnected.FAILED, str(exc)
         except ChatError as exc:
@@ -267,10 +287,66 @@ def reconnect(
 
 #: How long a script waits for the server to come back before giving up.
 BATCH_RECONNECT_LIMIT = 60.0
+#: Lines read but not yet sent (while offline); reading pauses when this many wait.
+BATCH_BACKLOG = 1000
+#: How much standard input one read takes.
+INPUT_CHUNK = 65536
+
+
+@dataclass
+class BatchState:
+    """What batch mode's three threads share; every field is guarded by ``changed``.
+
+    The input thread appends to ``pending``; the main thread is the only one
+    that sends, and takes a line off ``pending`` once it is sent; the event
+    thread owns ``online``, ``sessions`` and ``ended``.
+    """
+
+    #: Held while reading or changing any field; notified after every change.
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    #: Lines read and not yet sent, oldest first.
+    pending: deque[str] = field(default_factory=deque)
+    input_ended: bool = False
+    online: bool = True
+    #: Counts resumed sessions, so a failed send can tell a new link from the one it failed on.
+    sessions: int = 0
+    #: Why the session is over for good ("" while it is not).
+    ended: str = ""
+
+
+def read_lines(fd: int, encoding: str, add: Callable[[str], None]) -> None:
+    """Call ``add`` with each line of the file ``fd`` until its end.
+
+    Raw reads, not ``sys.stdin``: this runs on a daemon thread that may still be
+    blocked here when the program exits, and a buffered stream's lock held at
+    exit aborts the interpreter.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    partial = ""
+    while True:
+        try:
+            chunk = os.read(fd, INPUT_CHUNK)
+        except OSError:
+            chunk = b""
+        partial += decoder.decode(chunk, final=not chunk)
+        *lines, partial = partial.split("\n")
+        for line in lines:
+            add(line.rstrip("\r"))
+        if not chunk:
+            break
+    if partial:
+        add(partial.rstrip("\r"))
 
 
 def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -> int:
-    """Non-interactive mode: lines in, events out, one line each. Returns the exit status."""
+    """Non-interactive mode: lines in, events out, one line each. Returns the exit status.
+
+    Lines read while the link is down wait and are sent, in order, once the
+    session is resumed. If it cannot be (the server stays away for
+    ``BATCH_RECONNECT_LIMIT``, refuses the token, or ends the session), or
+    input ends while offline, each line not sent is reported on stderr as
+    ``not sent: ...`` after a one-line error, and the exit status is 1.
+    """
     if not user:
         print("error: --user NAME is required when standard input is not a terminal", file=sys.stderr)
         return 2
@@ -278,29 +354,38 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
     if password is None:
         print("error: set CHAT_PASSWORD (the password is never read from the command line)", file=sys.stderr)
         return 2
+    style = Style()  # no colour: scripts read this output
     client = ChatClient(host, port, **options)
     try:
         client.login(user, password)
     except ChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(style.text(f"error: {exc}"), file=sys.stderr)
         return 1
-    style = Style()
-    # Guards stdout and stderr, written by both threads.
+    # Guards stdout and stderr, written by the main thread and the event thread.
     output_lock = threading.Lock()
-    online = threading.Event()  # set while a session is up; the input loop waits on it
-    online.set()
-    leaving = threading.Event()  # set once end of input or /quit is reached
+    state = BatchState()
+    leaving = threading.Event()  # set once we stop: cancels reconnecting
 
-    def write(stream: TextIO, text: str) -> None:
+    def write(stream: TextIO, line: str) -> None:
+        """Print a line made by ``format_event`` or ``style`` (so already safe)."""
         with output_lock:
-            stream.write(text + "\n")
+            stream.write(line + "\n")
             stream.flush()
 
-    def fail(reason: str) -> None:
-        write(sys.stderr, f"error: {reason}")
-        sys.stdout.flush()
-        # The main thread may be blocked reading a pipe that never ends.
-        os._exit(1)
+    def report(text: str) -> None:
+        """Print a line for the user on stderr; it may quote the server, so it is sanitized."""
+        write(sys.stderr, style.text(text))
+
+    def set_online(online: bool) -> None:
+        with state.changed:
+            state.online = online
+            state.sessions += online
+            state.changed.notify_all()
+
+    def end_session(reason: str) -> None:
+        with state.changed:
+            state.ended = reason
+            state.changed.notify_all()
 
     def print_events() -> None:
         while True:
@@ -313,52 +398,96 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
                 if formatted is not None:
                     line, is_error = formatted
                     write(sys.stderr if is_error else sys.stdout, line)
-            if ended is None or ended.clean or leaving.is_set():
+            if ended is None or leaving.is_set():
                 return
-            online.clear()
-            write(sys.stderr, f"*** connection lost: {ended.reason}")
-            result, why = reconnect(client, lambda text: write(sys.stderr, text), leaving, BATCH_RECONNECT_LIMIT)
-            if result is not Reconnected.RESUMED:
-                if leaving.is_set():
-                    return
-                fail(why if result is Reconnected.FAILED else f"{why}; log in again")
-            online.set()
+            if ended.clean:  # the server said not to come back (say, we logged in elsewhere)
+                end_session(f"disconnected: {ended.reason}")
+                return
+            set_online(False)  # before saying so: a line read after this message waits
+            report(f"*** connection lost: {ended.reason}")
+            result, why = reconnect(client, report, leaving, BATCH_RECONNECT_LIMIT)
+            if result is Reconnected.RESUMED:
+                set_online(True)
+                continue
+            if not leaving.is_set():
+                end_session(why if result is Reconnected.FAILED else f"{why}; log in again")
+            return
 
+    def add_line(line: str) -> None:
+        with state.changed:
+            state.changed.wait_for(lambda: len(state.pending) < BATCH_BACKLOG or bool(state.ended))
+            state.pending.append(line)
+            state.changed.notify_all()
+
+    def read_input() -> None:
+        try:
+            read_lines(sys.stdin.fileno(), sys.stdin.encoding or "utf-8", add_line)
+        finally:
+            with state.changed:
+                state.input_ended = True
+                state.changed.notify_all()
+
+    # Daemons: the input thread may block on a pipe that never ends, the event thread on a
+    # reconnection; neither holds anything that must be released when we exit.
     printer = threading.Thread(target=print_events, name="printer", daemon=True)
+    reader = threading.Thread(target=read_input, name="input", daemon=True)
     printer.start()
+    reader.start()
     # Our own lines are not echoed in batch mode: stdout carries only what others said.
-    context = CommandContext(client, say_line=lambda _line: None, show=lambda text: write(sys.stderr, text))
+    context = CommandContext(client, say_line=lambda _line: None, show=report)
 
-    def send_line(line: str) -> None:
-        for attempt in (1, 2):
-            online.wait()
-            try:
-                handle_line(context, line)
-                return
-            except ChatError:
-                if attempt == 2:
-                    raise
-                # The link dropped under us: let the reader notice and reconnect, then retry once.
-                deadline = time.monotonic() + 5.0
-                while online.is_set() and time.monotonic() < deadline:
-                    time.sleep(0.05)
+    def ready() -> bool:
+        return bool(state.ended) or state.input_ended or (state.online and bool(state.pending))
 
     parting = ""
+    quitting = False
+    failure = ""
     try:
-        for raw_line in sys.stdin:
+        while True:
+            with state.changed:
+                state.changed.wait_for(ready)
+                if state.ended:
+                    failure = state.ended
+                    break
+                if not (state.online and state.pending):  # input ended with nothing left to send now
+                    if not state.online:
+                        failure = f"input ended while offline (reconnecting to {host}:{port})"
+                    break
+                line, session = state.pending[0], state.sessions
             try:
-                send_line(raw_line.rstrip("\r\n"))
+                handle_line(context, line)
             except Quit as quit_request:
-                parting = quit_request.message
+                parting, quitting = quit_request.message, True
                 break
-            except ChatError as exc:
-                write(sys.stderr, f"error: {exc}")
+            except ChatError:
+                # The link dropped under us: the line stays first; wait until the event thread has
+                # noticed (or already resumed), then try it again.
+                with state.changed:
+                    state.changed.wait_for(
+                        lambda session=session: bool(state.ended) or not state.online or state.sessions != session,
+                        timeout=RECONNECT_FIRST_DELAY,
+                    )
+                continue
+            with state.changed:
+                state.pending.popleft()
+                state.changed.notify_all()
     except KeyboardInterrupt:
         pass
     leaving.set()
-    online.wait(timeout=BATCH_RECONNECT_LIMIT)
+    with state.changed:
+        # After /quit, what follows in the input is not for sending (it was only read ahead).
+        unsent = [line for line in state.pending if line.strip()] if not quitting else []
+        state.pending.clear()
+        state.ended = state.ended or "leaving"  # stops the input thread adding more
+        state.changed.notify_all()
+    if failure or unsent:
+        report(f"error: {failure or 'interrupted'}")
+        for line in unsent:
+            report(f"not sent: {line}")
+        client.close()
+        return 1
     client.leave(parting)
-    printer.join(timeout=5.0)
+    printer.join(timeout=LEAVE_TIMEOUT)
     return 0
 
 
@@ -415,11 +544,12 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     except (EOFError, KeyboardInterrupt):
         print()
         return 1
+    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
     try:
         connect_and_login(client, user, password)
     except ChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(style.text(f"error: {exc}"), file=sys.stderr)
         client.close()
         return 1
     except (KeyboardInterrupt, EOFError):
@@ -427,7 +557,6 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         client.close()
         return 1
     del password  # not kept: an expired session asks again
-    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
 
     class ChatCompleter(Completer):
         """Completes /commands at the start of a line, and names of people online anywhere."""
@@ -454,6 +583,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     online.set()
     leaving = threading.Event()  # set when the user quits: stops reconnecting
     need_password = threading.Event()  # set by the reader when the token was refused
+    gave_up = threading.Event()  # set by the reader when reconnecting failed for good: exit non-zero
 
     def show(text: str) -> None:
         print(style.system(text), flush=True)
@@ -491,10 +621,13 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
             if result is Reconnected.RESUMED:
                 online.set()
                 continue
+            if leaving.is_set():
+                return  # the user quit while we were offline: nothing went wrong
             show(f"*** {why}")
             if result is Reconnected.NEED_PASSWORD:
                 need_password.set()
             else:
+                gave_up.set()
                 leaving.set()
             stop_prompt()
             return
@@ -504,15 +637,15 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         reader.start()
         return reader
 
-    print(style.system(f"*** connected to {host}:{port} as {client.username}; online: {', '.join(client.members)}"))
-    print(style.system("*** type /help for commands, Ctrl-D or /quit to leave"))
+    show(f"*** connected to {host}:{port} as {client.username}; online: {', '.join(client.members)}")
+    show("*** type /help for commands, Ctrl-D or /quit to leave")
     parting = ""
     status = 0
     with patch_stdout(raw=True):
         reader = start_reader()
         while True:
             try:
-                line = session.prompt(f"{client.username}> ")
+                line = session.prompt(f"{style.text(client.username)}> ")
             except (EOFError, KeyboardInterrupt):
                 if need_password.is_set():
                     need_password.clear()
@@ -537,7 +670,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         leaving.set()
         client.leave(parting)
         reader.join(timeout=2.0)
-    return status
+    return 1 if gave_up.is_set() else status
 
 
 def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from accounts import hash_password  # noqa: E402
-from client import ChatClient, Disconnected, KnownHosts  # noqa: E402
+from client import Chat, ChatClient, Disconnected, KnownHosts, Notice  # noqa: E402
 from server import ChatServer, ServerConfig  # noqa: E402
 
 #: Every wait in the tests scales from this one number (raise it on a slow machine).
@@ -108,6 +108,25 @@ def connect(server: ChatServer, tmp_path: Path) -> Iterator[Callable[..., ChatCl
     yield log_in
     for client in clients:
         client.close()
+
+
+def joined(name: str) -> Callable[[object], bool]:
+    """Matches the notice that ``name`` joined the room."""
+    return lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == name
+
+
+def left(name: str) -> Callable[[object], bool]:
+    """Matches the notice that ``name`` left the room."""
+    return lambda event: isinstance(event, Notice) and event.event == "left" and event.name == name
+
+
+def chat_with(text: str) -> Callable[[object], bool]:
+    """Matches a chat line with exactly this text."""
+    return lambda event: isinstance(event, Chat) and event.text == text
+
+
+def is_disconnected(event: object) -> bool:
+    return isinstance(event, Disconnected)
 
 
 def wait_for(client: ChatClient, predicate: Callable[[object], bool], timeout: float = TIMEOUT) -> object:

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import TIMEOUT, drain, password_of, wait_for
+from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
 from accounts import LoginThrottle
 from client import (
@@ -26,22 +26,6 @@ from client import (
 from protocol import Say
 
 # --------------------------------------------------------------------------- helpers
-
-
-def joined(name):
-    return lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == name
-
-
-def left(name):
-    return lambda event: isinstance(event, Notice) and event.event == "left" and event.name == name
-
-
-def chat_with(text):
-    return lambda event: isinstance(event, Chat) and event.text == text
-
-
-def is_disconnected(event):
-    return isinstance(event, Disconnected)
 
 
 def log_in_all(connect, *names, **options):
@@ -425,12 +409,15 @@ def test_an_expired_token_is_refused(make_server, connect):
 
 
 def test_a_vanished_client_is_dropped_by_keepalive(make_server, connect):
-    quick = make_server(ping_interval=0.2, ping_timeout=0.6)
+    # Short enough to keep the test quick, long enough that a busy machine still gets the honest
+    # clients' pongs in on time (they have ping_timeout - ping_interval to answer).
+    ping_interval, ping_timeout = TIMEOUT / 10, TIMEOUT / 2
+    quick = make_server(ping_interval=ping_interval, ping_timeout=ping_timeout)
     alice, bob, ghost = log_in_all(connect, "alice", "bob", "carol", to=quick)
     # Holding the send lock freezes the ghost's reader at its first pong: alive, but silent.
     ghost.send_lock.acquire()
     try:
-        notice = wait_for(alice, left("carol"))
+        notice = wait_for(alice, left("carol"), timeout=ping_timeout + TIMEOUT)
         assert "keepalive" in notice.text
         wait_for(bob, left("carol"))
     finally:
@@ -440,6 +427,9 @@ def test_a_vanished_client_is_dropped_by_keepalive(make_server, connect):
 
 
 # --------------------------------------------------------------------------- shutting down
+
+#: The README's promise: SIGTERM "exits 0 within 2 seconds".
+SHUTDOWN_LIMIT = 2.0
 
 
 def test_sigterm_says_goodbye_and_exits_cleanly(server_process, tmp_path):
@@ -457,9 +447,14 @@ def test_sigterm_says_goodbye_and_exits_cleanly(server_process, tmp_path):
             clients.append(client)
             client.login(name, password_of(name))
         wait_for(clients[0], joined("bob"))
+        signalled_at = time.monotonic()
         process.process.send_signal(signal.SIGTERM)
-        status = process.process.wait(timeout=2.0)
+        # Wait well past the limit, so a slow exit fails the assertion below with its time,
+        # not with a TimeoutExpired; the requirement itself is checked with no slack.
+        status = process.process.wait(timeout=SHUTDOWN_LIMIT + TIMEOUT)
+        took = time.monotonic() - signalled_at
         assert status == 0
+        assert took <= SHUTDOWN_LIMIT, f"exited {took:.2f} s after SIGTERM; the limit is {SHUTDOWN_LIMIT} s"
         for client in clients:
             goodbye = wait_for(client, lambda event: isinstance(event, Goodbye))
             assert goodbye.reason == "server shutting down"

@@ -24,8 +24,8 @@ from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
 from terminal import Terminal
 
 from chat import LocalRoom
-from client import Chat, ChatClient, Disconnected, KnownHosts, Notice
-from server import ChatServer, ServerConfig
+from client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice
+from server import AuthenticationFailed, ChatServer, ServerConfig
 
 CLIENT = str(ROOT / "client.py")
 #: Starting a client means starting Python, importing, and making an RSA key.
@@ -439,6 +439,65 @@ def test_batch_without_chat_password_exits_2(tmp_path):
     assert "CHAT_PASSWORD" in result.stderr
 
 
+# --------------------------------------------------------------------------- batch mode offline
+
+
+def has_line(text: str) -> Callable[[list[str]], bool]:
+    return lambda lines: any(text in line for line in lines)
+
+
+@pytest.mark.parametrize("unsent", [(), ("first while offline", "second while offline")])
+def test_batch_input_ending_while_offline_reports_what_was_not_sent_and_exits_at_once(
+    chat_server, batch_clients, join, unsent
+):
+    carol = join("carol", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    chat_server.stop()
+    alice.stderr.wait_for(has_line("connection lost"), TIMEOUT, "the lost link reported")
+
+    alice.send(*unsent)
+    ended_at = time.monotonic()
+    status = alice.finish(TIMEOUT)
+    assert time.monotonic() - ended_at < TIMEOUT, "waited for a server that is gone"
+    assert status == 1
+    errors = alice.stderr.lines
+    assert [line for line in errors if line.startswith("not sent: ")] == [f"not sent: {line}" for line in unsent]
+    assert has_line("error: input ended while offline")(errors), errors
+
+
+def test_batch_lines_read_while_offline_are_sent_in_order_after_resuming(lying_server, batch_clients, join):
+    first = lying_server(LocalRoom())
+    bob = join("bob", first)
+    alice = batch_clients(first, "alice", "--accept-new-host-key")
+    wait_for(bob, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    first.stop()
+    alice.stderr.wait_for(has_line("connection lost"), TIMEOUT, "the lost link reported")
+    offline_lines = [f"typed while offline {number}" for number in range(3)]
+    alice.send(*offline_lines)
+    # Restart after the first failed retry: the next one is 2 s away, time enough for carol to be in first.
+    alice.stderr.wait_for(has_line("reconnecting in 2 s"), RECONNECT, "a second retry planned")
+    second = lying_server(LocalRoom(), port=first.port)
+    carol = join("carol", second)
+
+    assert [(message.sender, message.text) for message in chats(carol, 3)] == [
+        ("alice", line) for line in offline_lines
+    ]
+    assert alice.finish(TIMEOUT * 2) == 0
+    assert has_line("*** reconnected as alice")(alice.stderr.lines)
+    assert not has_line("not sent")(alice.stderr.lines)
+
+
+def test_batch_sent_away_by_the_server_stops_with_an_error(chat_server, batch_clients, join):
+    carol = join("carol", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    join("alice", chat_server)  # the same user logs in elsewhere: this session is over, not lost
+
+    alice.stderr.wait_for(has_line("error: disconnected: logged in again from elsewhere"), TIMEOUT, "the reason")
+    assert alice.process.wait(timeout=TIMEOUT) == 1, "exits without waiting for the end of its input"
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -548,14 +607,25 @@ class HostileRoom(LocalRoom):
 
 
 @pytest.fixture
-def hostile_server(tmp_path: Path, users_file: Path) -> Iterator[SimpleNamespace]:
-    """An in-process server with a ``HostileRoom``; stopped at teardown."""
-    config = ServerConfig(host="127.0.0.1", port=0, users_path=users_file, data_dir=tmp_path / "hostile")
-    server = ChatServer(config, room=HostileRoom()).start()
-    try:
-        yield SimpleNamespace(port=server.address[1], fingerprint=server.fingerprint)
-    finally:
+def lying_server(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., SimpleNamespace]]:
+    """Factory: an in-process server with the given room (and server class); stopped at teardown."""
+    started: list[ChatServer] = []
+
+    def start(room: LocalRoom, server_class: type[ChatServer] = ChatServer, port: int = 0) -> SimpleNamespace:
+        config = ServerConfig(host="127.0.0.1", port=port, users_path=users_file, data_dir=tmp_path / "hostile")
+        server = server_class(config, room=room).start()
+        started.append(server)
+        return SimpleNamespace(port=server.address[1], fingerprint=server.fingerprint, stop=server.stop)
+
+    yield start
+    for server in started:
         server.stop()
+
+
+@pytest.fixture
+def hostile_server(lying_server) -> SimpleNamespace:
+    """An in-process server with a ``HostileRoom``."""
+    return lying_server(HostileRoom())
 
 
 def test_the_client_itself_neutralises_escapes_a_server_forwards(hostile_server, chat_in_terminal, join):
@@ -573,6 +643,92 @@ def test_the_client_itself_neutralises_escapes_a_server_forwards(hostile_server,
     column = alice.lines[row].index("RED")
     assert {alice.screen.buffer[row][column + offset].fg for offset in range(3)} == {"default"}
     assert alice.screen.title != "pwned"
+
+
+#: Short enough that a line quoting it fits the 80-column screen unwrapped.
+SHORT_ESCAPES = "\x1b[2J\x1b]0;pwned\x07"
+
+
+class LyingRoom(HostileRoom):
+    """Escapes in everything else a server says: member names, errors, reasons for closing."""
+
+    def who(self) -> list[str]:
+        return sorted([*super().who(), f"mal{SHORT_ESCAPES}"])
+
+    def say(self, sender, text: str, *, action: bool = False) -> None:
+        if text == "inject-error":
+            sender.deliver(ErrorReply(code="nope", message=f"refused {ESCAPES}"))
+        elif text == "inject-goodbye":
+            sender.finish("kicked", Goodbye(reason=f"kicked {ESCAPES}"))
+        elif text == "inject-fatal":
+            sender.finish("kicked", ErrorReply(code="kicked", message=f"dropped {ESCAPES}", fatal=True))
+        else:
+            super().say(sender, text, action=action)
+
+
+class LyingLogin(ChatServer):
+    """Refuses every password with a message full of escapes."""
+
+    def authenticate_password(self, connection, login):
+        raise AuthenticationFailed("auth_failed", f"no entry {ESCAPES}")
+
+
+def assert_nothing_drove_the_screen(terminal: Terminal, first_line: str) -> None:
+    assert first_line in terminal.text, f"the screen was cleared:\n{terminal.text}"
+    assert terminal.screen.title != "pwned"
+    for row, line in enumerate(terminal.lines):
+        if "RED" in line:
+            column = line.index("RED")
+            assert {terminal.screen.buffer[row][column + offset].fg for offset in range(3)} == {"default"}
+
+
+def test_names_errors_and_goodbyes_from_a_lying_server_are_shown_harmlessly(lying_server, chat_in_terminal):
+    server = lying_server(LyingRoom())
+    alice = chat_in_terminal("alice", server)
+    alice.wait_for_text("online: alice, mal\ufffd[2J\ufffd]0;pwned\ufffd", TIMEOUT)
+
+    alice.type("inject-error\r")
+    alice.wait_for_text("error: refused \ufffd[2J\ufffd[31mRED", TIMEOUT)
+    alice.type("inject-goodbye\r")
+    assert alice.wait_exit(TIMEOUT) == 0
+    assert "*** disconnected: kicked \ufffd[2J\ufffd[31mRED" in alice.text
+    assert_nothing_drove_the_screen(alice, "Password for alice:")
+
+
+def test_a_user_name_the_server_makes_up_is_shown_harmlessly(lying_server, terminals, tmp_path, monkeypatch):
+    import server as server_module
+
+    real_welcome = server_module.Welcome
+    monkeypatch.setattr(
+        server_module,
+        "Welcome",
+        lambda **fields: real_welcome(**{**fields, "username": fields["username"] + SHORT_ESCAPES}),
+    )
+    server = lying_server(LocalRoom())
+    alice = terminals(client_args(server.port, "alice", pin(tmp_path / "known_hosts", server)))
+    type_password(alice, "alice")
+    alice.wait_for_text("as alice\ufffd[2J\ufffd]0;pwned\ufffd; online:", START)
+    alice.wait_until(at_prompt("alice\ufffd[2J\ufffd]0;pwned\ufffd"), TIMEOUT, "the prompt with the name")
+    assert_nothing_drove_the_screen(alice, "Password for alice:")
+
+
+def test_batch_shows_a_lying_refusal_harmlessly(lying_server, tmp_path):
+    server = lying_server(LocalRoom(), LyingLogin)
+    result = run_batch(tmp_path, server.port, "alice", "--accept-new-host-key", password=password_of("alice"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: no entry \ufffd[2J\ufffd[31mRED\ufffd]0;pwned\ufffd"]
+
+
+def test_batch_shows_why_a_lying_server_dropped_it_harmlessly(lying_server, batch_clients, join):
+    server = lying_server(LyingRoom())
+    carol = join("carol", server)
+    alice = batch_clients(server, "alice", "--accept-new-host-key")
+    wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    alice.send("inject-fatal")
+    alice.stderr.wait_for(lambda lines: any("reconnected" in line for line in lines), RECONNECT, "a reconnection")
+    assert alice.finish(TIMEOUT * 2) == 0
+    assert "*** connection lost: dropped \ufffd[2J\ufffd[31mRED\ufffd]0;pwned\ufffd" in alice.stderr.lines
+    assert b"\x1b" not in alice.stderr.data
 
 
 def test_ctrl_d_leaves_cleanly_and_restores_the_terminal(chat_server, terminals, join, tmp_path):
@@ -607,7 +763,8 @@ def test_reconnects_after_a_server_restart_without_asking_the_password(
     alice.wait_for_text("*** bob joined", TIMEOUT)
 
     chat_server.stop()
-    assert isinstance(wait_for(bob, lambda event: isinstance(event, Disconnected)), Disconnected)
+    ended = wait_for(bob, lambda event: isinstance(event, Disconnected))
+    assert not ended.clean, f"a restarting server should invite its clients back, not send them away: {ended!r}"
     alice.wait_for_text("connection lost", TIMEOUT)
     asked_before = alice.output.count(b"Password for")
     restarted = server_process("--log-level", "WARNING", "--port", str(port))
@@ -656,3 +813,21 @@ def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_pro
     assert (message.sender, message.text) == ("alice", "back again")
     assert password_of("alice").encode() not in alice.output
     assert prompt_at_cursor and explained_above, f"password prompt misplaced; screen when asked:\n{when_asked}"
+
+
+def test_a_changed_key_on_reconnection_ends_the_session_with_a_failure(
+    chat_server, server_process, chat_in_terminal, tmp_path
+):
+    """A final reconnection error (here: another key answers on the port) is said once, and exits 1."""
+    port = chat_server.port
+    alice = chat_in_terminal("alice", chat_server)
+    asked_before = alice.output.count(b"Password for")
+
+    chat_server.stop()
+    alice.wait_for_text("connection lost", TIMEOUT)
+    impostor = server_process("--log-level", "WARNING", "--port", str(port), "--data-dir", str(tmp_path / "other"))
+    assert impostor.fingerprint != chat_server.fingerprint
+
+    assert alice.wait_exit(RECONNECT) == 1
+    assert "HAS CHANGED" in alice.text.upper()
+    assert alice.output.count(b"Password for") == asked_before

@@ -17,14 +17,14 @@ import time
 
 import jwt
 import pytest
-from conftest import TIMEOUT, drain, password_of, wait_for
+from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import crypto_utils
 import protocol
 from channel import SecureChannel, read_frame
-from client import Chat, ChatClient, Disconnected, ErrorReply, HostKeyError, KnownHosts, LoginRefused, Notice
+from client import Chat, ChatClient, Disconnected, ErrorReply, HostKeyError, KnownHosts, LoginRefused
 from crypto_utils import CryptoError
 from protocol import (
     HANDSHAKE_NONCE_SIZE,
@@ -185,24 +185,8 @@ def peers():
         peer.close()
 
 
-def joined(name):
-    return lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == name
-
-
-def left(name):
-    return lambda event: isinstance(event, Notice) and event.event == "left" and event.name == name
-
-
-def chat_with(text):
-    return lambda event: isinstance(event, Chat) and event.text == text
-
-
 def is_error(event):
     return isinstance(event, ErrorReply)
-
-
-def is_disconnected(event):
-    return isinstance(event, Disconnected)
 
 
 _line_numbers = itertools.count()

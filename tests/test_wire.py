@@ -14,7 +14,7 @@ import sys
 import threading
 
 import pytest
-from conftest import ROOT, TIMEOUT, password_of, wait_for
+from conftest import ROOT, TIMEOUT, joined, password_of, wait_for
 
 from client import Chat, ChatClient, Disconnected, KnownHosts, Notice
 from protocol import encode_control
@@ -170,14 +170,6 @@ def test_the_leak_search_finds_what_it_looks_for():
             assert leaks(b"..." + encode(prefix + secret.encode()) + b"...", {"s": secret}) == ["s"]
     assert leaks(b"... correct horse battery staple ...", {"s": secret}) == ["s"]
     assert leaks(b"nothing to see here", {"s": secret}) == []
-
-
-def joined(name):
-    return lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == name
-
-
-def chat_with(text):
-    return lambda event: isinstance(event, Chat) and event.text == text
 
 
 LONG_TEXT = ("Call me Ishmael. Some years ago, never mind how long precisely, " * 160)[:10_000]

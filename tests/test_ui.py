@@ -1,0 +1,151 @@
+"""The terminal front end's own decisions, driven against a real server where one is needed.
+
+``test_cli.py`` runs the whole program; these tests call ``ui`` functions
+directly, so a decision (retry, ask for the password, give up) can be checked
+without a terminal.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import TIMEOUT, is_disconnected, joined, left, wait_for
+
+import ui
+from client import LoginRefused
+
+
+@pytest.fixture
+def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Back-off delays short enough for a test; the sequence is still first, doubled, capped."""
+    monkeypatch.setattr(ui, "RECONNECT_FIRST_DELAY", 0.05)
+    monkeypatch.setattr(ui, "RECONNECT_MAX_DELAY", 0.2)
+
+
+class Reconnecting:
+    """``ui.reconnect`` for one client, run in a thread as the event reader runs it."""
+
+    def __init__(self, client, give_up_after: float | None = None) -> None:
+        self.shown: list[str] = []
+        self.cancelled = threading.Event()
+        self.result: tuple[ui.Reconnected, str] | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(client, give_up_after), name="test-reconnect", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, client, give_up_after: float | None) -> None:
+        self.result = ui.reconnect(client, self.shown.append, self.cancelled, give_up_after)
+
+    def outcome(self, timeout: float = TIMEOUT) -> tuple[ui.Reconnected, str]:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.cancelled.set()
+            self.thread.join(TIMEOUT)
+            pytest.fail(f"reconnect still running after {timeout} s; shown: {self.shown!r}")
+        assert self.result is not None
+        return self.result
+
+    def wait_until_shown(self, text: str, timeout: float = TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.shown):
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                pytest.fail(f"never shown {text!r}; shown: {self.shown!r}, result: {self.result!r}")
+            time.sleep(0.05)
+
+
+def log_in_when_room(connect, name: str, **options):
+    """Log in, retrying while the server still counts a connection that is on its way out."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            return connect(name, **options)
+        except LoginRefused as refusal:
+            if refusal.code != "server_full":
+                raise
+            time.sleep(0.1)
+    pytest.fail(f"{name} could not log in: the server stayed full")
+
+
+def cut(client) -> None:
+    """Drop the client's link without a goodbye, and wait until it has noticed."""
+    client.sock.shutdown(2)
+    wait_for(client, is_disconnected)
+
+
+# --------------------------------------------------------------------------- reconnecting
+
+
+def test_a_full_server_is_retried_not_taken_for_an_expired_session(make_server, connect, quick_reconnect):
+    small = make_server(max_clients=2)
+    alice, carol = connect("alice", to=small), connect("carol", to=small)
+    wait_for(alice, joined("carol"))
+    cut(alice)
+    wait_for(carol, left("alice"))
+    bob = log_in_when_room(connect, "bob", to=small)  # the room is full again: carol and bob
+
+    attempt = Reconnecting(alice)
+    attempt.wait_until_shown("server is full")
+    assert attempt.thread.is_alive(), f"gave up on a full server: {attempt.result!r}"
+    bob.leave()
+    assert attempt.outcome() == (ui.Reconnected.RESUMED, "")
+    wait_for(carol, joined("alice"))
+
+
+class RefusingClient:
+    """Stands in for a ChatClient whose resume is refused with ``code`` a given number of times."""
+
+    host, port, username = "127.0.0.1", 7878, "alice"
+
+    def __init__(self, code: str, refusals: int = 1_000) -> None:
+        self.code = code
+        self.refusals = refusals
+        self.resumes = 0
+
+    def close(self) -> None:
+        pass
+
+    def connect(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        self.resumes += 1
+        if self.resumes <= self.refusals:
+            raise LoginRefused(self.code, f"refused ({self.code})")
+
+
+@pytest.mark.parametrize("code", ui.TOKEN_CODES)
+def test_only_a_refused_token_asks_for_the_password(code, quick_reconnect):
+    result, why = Reconnecting(RefusingClient(code)).outcome()
+    assert result is ui.Reconnected.NEED_PASSWORD
+    assert f"refused ({code})" in why
+
+
+#: "Not now" refusals: the server is full, busy or briefly unable to check the token.
+PASSING_REFUSALS = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
+
+
+@pytest.mark.parametrize("code", PASSING_REFUSALS)
+def test_a_passing_refusal_is_retried_until_it_passes(code, quick_reconnect):
+    client = RefusingClient(code, refusals=2)
+    attempt = Reconnecting(client)
+    assert attempt.outcome() == (ui.Reconnected.RESUMED, "")
+    assert client.resumes == 3
+    assert sum(f"still offline: refused ({code})" in line for line in attempt.shown) == 2
+
+
+def test_a_passing_refusal_still_gives_up_in_time(quick_reconnect):
+    result, why = Reconnecting(RefusingClient("server_full"), give_up_after=0.3).outcome()
+    assert result is ui.Reconnected.FAILED
+    assert "gave up reconnecting to 127.0.0.1:7878" in why
+
+
+@pytest.mark.parametrize("code", ["protocol_error", "demo_disabled", "a_code_from_a_newer_server"])
+def test_any_other_refusal_is_a_final_error_that_says_why(code, quick_reconnect):
+    client = RefusingClient(code)
+    result, why = Reconnecting(client).outcome()
+    assert result is ui.Reconnected.FAILED
+    assert why == f"cannot resume the session: refused ({code})"
+    assert client.resumes == 1
