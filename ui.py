@@ -247,6 +247,7 @@ def reconnect(
     show: Callable[[str], None],
     cancelled: threading.Event,
     give_up_after: float | None = None,
+    on_resumed: Callable[[], None] | None = None,
 ) -> tuple[Reconnected, str]:
     """Retry with growing delays and resume with the token; never asks for a password.
 
@@ -254,7 +255,8 @@ def reconnect(
     Returns RESUMED; NEED_PASSWORD when the server refused the token itself
     (``TOKEN_CODES``: expired, revoked, gone); or FAILED, with a one-line
     reason, for a host key problem, any other refusal (retrying would only get
-    the same answer), cancellation, or running out of time.
+    the same answer), cancellation, or running out of time. ``on_resumed`` runs
+    before "reconnected" is shown, so whoever reads that message finds us online.
     """
     delay = RECONNECT_FIRST_DELAY
     give_up = time.monotonic() + give_up_after if give_up_after is not None else None
@@ -266,6 +268,8 @@ def reconnect(
             client.close()
             client.connect()
             client.resume()
+            if on_resumed is not None:
+                on_resumed()
             show(f"*** reconnected as {client.username}")
             return Reconnected.RESUMED, ""
         except LoginRefused as exc:
@@ -405,9 +409,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
                 return
             set_online(False)  # before saying so: a line read after this message waits
             report(f"*** connection lost: {ended.reason}")
-            result, why = reconnect(client, report, leaving, BATCH_RECONNECT_LIMIT)
+            result, why = reconnect(client, report, leaving, BATCH_RECONNECT_LIMIT, lambda: set_online(True))
             if result is Reconnected.RESUMED:
-                set_online(True)
                 continue
             if not leaving.is_set():
                 end_session(why if result is Reconnected.FAILED else f"{why}; log in again")
@@ -596,6 +599,12 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         if app.is_running and loop is not None:
             loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
 
+    def exit_if_reader_asked() -> None:
+        # stop_prompt() does nothing between two prompts (while a line is being sent); the
+        # next prompt checks here, once running, so the reader's request is never lost.
+        if leaving.is_set() or need_password.is_set():
+            session.app.exit(exception=EOFError())
+
     def read_events() -> None:
         while True:
             ended: Disconnected | None = None
@@ -617,9 +626,8 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                 stop_prompt()
                 return
             show(f"*** connection lost: {ended.reason}")
-            result, why = reconnect(client, show, leaving)
+            result, why = reconnect(client, show, leaving, on_resumed=online.set)
             if result is Reconnected.RESUMED:
-                online.set()
                 continue
             if leaving.is_set():
                 return  # the user quit while we were offline: nothing went wrong
@@ -645,7 +653,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         reader = start_reader()
         while True:
             try:
-                line = session.prompt(f"{style.text(client.username)}> ")
+                line = session.prompt(f"{style.text(client.username)}> ", pre_run=exit_if_reader_asked)
             except (EOFError, KeyboardInterrupt):
                 if need_password.is_set():
                     need_password.clear()
