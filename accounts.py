@@ -52,6 +52,8 @@ TOKEN_ALGORITHM = "HS256"
 TOKEN_ISSUER = "chat-server"
 TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "sid", "cnf", "iss", "acct")
 DEFAULT_TOKEN_TTL = 12 * 3600
+#: The revocation journal is compacted once it holds this many lines and twice the live ones.
+MIN_JOURNAL_LINES = 1000
 
 
 class UserStoreError(Exception):
@@ -181,7 +183,7 @@ class UserStore:
             raise UserStoreError(f"{self.path}: cannot read: {exc.strerror}") from exc
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
             raise UserStoreError(f"{self.path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict) or not isinstance(data.get("users"), dict):
             raise UserStoreError(f'{self.path}: expected an object with a "users" object')
@@ -356,6 +358,16 @@ class LoginThrottle:
             self._add_failure(reserve, now)
         return 0.0
 
+    def cancel_attempt(self, reserved: list[tuple[str, str]]) -> None:
+        """Give back an attempt ``begin_attempt`` reserved that ended neither right nor wrong."""
+        with self._failures_lock:
+            for key in reserved:
+                count, last = self._failures.get(key, (0, 0.0))
+                if count <= 1:
+                    self._failures.pop(key, None)
+                else:
+                    self._failures[key] = (count - 1, last)
+
     def record_failure(self, keys: list[tuple[str, str]]) -> None:
         with self._failures_lock:
             self._add_failure(keys, time.monotonic())
@@ -436,20 +448,54 @@ class TokenAuthority:
         # holding _revoked_lock (which every frame's verification takes) during an fsync.
         self._revoked_file_lock = threading.Lock()
         self._revoked: dict[str, int] = self._load_revoked()
+        #: Lines in the journal file (live or expired): when to compact it.
+        self._journal_lines = len(self._revoked)
 
     def _load_revoked(self) -> dict[str, int]:
+        """Read the revocation journal (one ``session-id until`` line each), keeping what is live."""
         if self.revoked_path is None or not self.revoked_path.exists():
             return {}
         # Whoever can rewrite this file can bring spent sessions back.
         check_owner_only(self.revoked_path)
+        now = time.time()
+        revoked: dict[str, int] = {}
         try:
-            data = json.loads(self.revoked_path.read_text("utf-8"))
-            now = time.time()
-            return {str(tid): int(exp) for tid, exp in data.items() if int(exp) >= now}
+            text = self.revoked_path.read_text("utf-8")
+            if text.startswith("{"):  # the earlier format: one JSON object
+                entries = [(str(sid), until) for sid, until in json.loads(text).items()]
+            else:
+                entries = [tuple(line.split()) for line in text.splitlines() if line.strip()]
+            for session_id, until in entries:
+                if int(until) >= now:
+                    revoked[session_id] = int(until)
         except (OSError, ValueError, AttributeError, TypeError):
-            # Losing the list only lets already-spent tokens (still bound to their key) resume.
-            log.warning("%s is unreadable; starting with no revoked tokens", self.revoked_path)
+            # Losing the list only lets already-spent sessions (still bound to their key) resume.
+            log.warning("%s is unreadable; starting with no revoked sessions", self.revoked_path)
             return {}
+        self._rewrite_revoked(revoked)  # drop what expired while we were down
+        return revoked
+
+    def _rewrite_revoked(self, revoked: dict[str, int]) -> None:
+        if self.revoked_path is None:
+            return
+        try:
+            write_file_atomically(self.revoked_path, "".join(f"{sid} {until}\n" for sid, until in revoked.items()))
+        except OSError as exc:
+            log.error("%s: cannot save revoked sessions: %s", self.revoked_path, exc.strerror or exc)
+
+    def _append_revoked(self, session_id: str, until: int) -> None:
+        if self.revoked_path is None:
+            return
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.revoked_path, flags, 0o600)
+            try:
+                os.write(fd, f"{session_id} {until}\n".encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("%s: cannot save revoked sessions: %s", self.revoked_path, exc.strerror or exc)
 
     def issue(self, username: str, key_thumbprint: str, account: str = "", session_id: str = "") -> tuple[str, int]:
         """A new token for ``username`` bound to the key with ``key_thumbprint``.
@@ -518,17 +564,27 @@ class TokenAuthority:
         return time.time() >= (claims.issued_at + claims.expires_at) / 2
 
     def revoke(self, claims: TokenClaims) -> None:
-        """Refuse every token of this session from now on (none can resume it again)."""
+        """Refuse every token of this session from now on (none can resume it again).
+
+        One line is appended to the journal per revocation; it is rewritten without
+        the expired entries only once it has grown to twice what is live, so the cost
+        stays constant per revocation however many there are.
+        """
         now = time.time()
+        # A refresh may have issued a token up to one lifetime from now, never later.
+        until = int(now) + self.ttl + 1
         with self._revoked_file_lock:
             with self._revoked_lock:
-                for session_id in [sid for sid, until in self._revoked.items() if until < now]:
-                    del self._revoked[session_id]
-                # A refresh may have issued a token up to one lifetime from now, never later.
-                self._revoked[claims.session_id] = int(now) + self.ttl + 1
-                snapshot = json.dumps(self._revoked)
-            if self.revoked_path is not None:
-                try:
-                    write_file_atomically(self.revoked_path, snapshot)
-                except OSError as exc:
-                    log.error("%s: cannot save revoked sessions: %s", self.revoked_path, exc.strerror or exc)
+                self._revoked[claims.session_id] = until
+                self._journal_lines += 1
+                compact = self._journal_lines > max(MIN_JOURNAL_LINES, 2 * len(self._revoked))
+                if compact:
+                    expired = [sid for sid, end in self._revoked.items() if end < now]
+                    for session_id in expired:
+                        del self._revoked[session_id]
+                    live = dict(self._revoked)
+                    self._journal_lines = len(live)
+            if compact:
+                self._rewrite_revoked(live)
+            else:
+                self._append_revoked(claims.session_id, until)

@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -60,7 +60,7 @@ def load_public_key(der: bytes) -> PublicKey:
     """Load a peer's public key, accepting only RSA of an allowed size with e = 65537."""
     try:
         key = serialization.load_der_public_key(der)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. an EC key on an unknown curve
         raise CryptoError("not a valid DER public key") from exc
     if not isinstance(key, rsa.RSAPublicKey):
         raise CryptoError("public key is not RSA")

@@ -89,6 +89,9 @@ SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
 REVOKED_TOKENS_FILE = "revoked_tokens.json"
 WRONG_CREDENTIALS = "wrong user name or password"
+PING_FRAME = encode_control("ping")
+#: Seconds a closing connection may take to flush its last messages before it is cut off.
+FINISH_GRACE = 5.0
 #: Addresses whose connection rate is remembered before idle ones are forgotten.
 MAX_TRACKED_ADDRESSES = 10_000
 
@@ -212,6 +215,8 @@ class ClientConnection:
         self._claims_lock = threading.Lock()
         self._claims: TokenClaims | None = None
         self.key_thumbprint = ""
+        #: The account stamp checked at login or resume (see ChatServer.issue_token).
+        self.verified_stamp = ""
         self.send_queue = OutboundQueue(server.config.send_queue_size)
         self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
         # Every sealed frame costs an RSA decryption, so frames of any kind are limited too
@@ -226,6 +231,7 @@ class ClientConnection:
         # Guards close_reason and the closing of the socket, from whichever thread.
         self._close_lock = threading.Lock()
         self.close_reason = ""
+        self.finishing_since = 0.0
         self.closed = threading.Event()
         self.reader = threading.Thread(target=self._run_reader, name=f"read {self.peer}", daemon=True)
         self.writer = threading.Thread(target=self._run_writer, name=f"write {self.peer}", daemon=True)
@@ -260,10 +266,16 @@ class ClientConnection:
         self._shutdown_socket()
 
     def finish(self, reason: str, *last_messages: Message) -> None:
-        """Send ``last_messages`` (typically an error or goodbye), then close."""
+        """Send ``last_messages`` (typically an error or goodbye), then close.
+
+        A peer that does not read could hold the flush forever; the keepalive
+        closes a connection still finishing after ``FINISH_GRACE`` seconds.
+        """
         with self._close_lock:
             if not self.close_reason:
                 self.close_reason = reason
+            if not self.finishing_since:
+                self.finishing_since = time.monotonic()
         if self.writer.is_alive():
             self.send_queue.finish(*last_messages)
         else:
@@ -410,7 +422,7 @@ class ClientConnection:
     def _enter_room(self) -> None:
         assert self.channel is not None
         self.channel.username = self.name
-        token, expires_at = self.server.issue_token(self)
+        token, expires_at = self.server.issue_token(self, self.verified_stamp)
         self.server.start_writer(self)
         # Welcome goes first in the queue: the room may deliver to us as soon as we join.
         roster = sorted(set(self.server.room.who()) | {self.name})
@@ -428,9 +440,16 @@ class ClientConnection:
         _, replaced = self.server.room.join(self)
         self.in_room = True
         if isinstance(replaced, ClientConnection):
+            # Revoked, not just closed: whoever still holds that session (a stolen laptop,
+            # say) must not resume it and push this login out in turn.
+            replaced_claims = replaced.claims
+            if replaced_claims is not None:
+                self.server.tokens.revoke(replaced_claims)
             replaced.finish("logged in again from elsewhere", Goodbye(reason="logged in again from elsewhere"))
 
     def _handle_frame(self, frame_type: FrameType, body: bytes) -> None:
+        if not self.frame_flood.allow():  # pings too: parsing JSON is work, and so is each pong
+            raise FloodError("far too many frames")
         if frame_type is FrameType.CONTROL:
             control = decode_control(body)
             if control["type"] == "ping":
@@ -439,15 +458,16 @@ class ClientConnection:
                 raise ProtocolError(f"unexpected control message {control['type']!r}")
             return
         assert self.channel is not None
-        if not self.frame_flood.allow():
-            raise FloodError("far too many frames")
         message = self.channel.open(body)
         if not isinstance(message, Authenticated):
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
         claims = self.server.verify_token(self, message.token)
+        if claims.session_id != self.session_id:
+            # Another session's token (same user and key) must not act here, e.g. revoke it.
+            raise TokenError("token_invalid", "token is for another session")
         self.set_claims(claims)
         if self.server.tokens.needs_refresh(claims):
-            token, expires_at = self.server.issue_token(self)
+            token, expires_at = self.server.issue_token(self, claims.account_stamp)
             self.deliver(TokenRefresh(token=token, expires_at=expires_at))
         if isinstance(message, Say):
             self._handle_say(message)
@@ -457,8 +477,10 @@ class ClientConnection:
             self.deliver(Roster(members=self.server.room.who()))
         elif isinstance(message, Leave):
             self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
-            self.server.tokens.revoke(claims)
+            # Finishing first marks us closing, so the keepalive will not try to refresh a
+            # token of the session being revoked (and lose the goodbye and parting message).
             self.finish("quit", Goodbye(reason="bye"))
+            self.server.tokens.revoke(claims)
         else:
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
 
@@ -712,45 +734,59 @@ class ChatServer:
     def _run_keepalive(self) -> None:
         """Ping quiet clients; drop those that stay silent (vanished peers, no ghosts)."""
         check_every = max(0.05, min(5.0, self.config.ping_interval / 4))
-        ping = encode_control("ping")
         while not self.stopping.wait(check_every):
-            now = time.monotonic()
-            with self.connections_lock:
-                connections = [c for c in self.connections if c.in_room]
-            stamps = self._current_account_stamps()
-            for connection in connections:
-                if connection.close_reason:
-                    continue  # already on its way out
-                claims = connection.claims
-                if stamps is not None and claims is not None and stamps.get(claims.username) != claims.account_stamp:
-                    # A listener sends nothing for the per-frame check to catch: a password
-                    # change or a deleted account must still end its session.
-                    log.info("closing %s user=%s: account changed", connection.peer, connection.name)
-                    connection.finish(
-                        "account changed",
-                        ErrorReply(
-                            code="token_revoked",
-                            message="your account was changed or deleted; log in again",
-                            fatal=True,
-                        ),
-                    )
-                    continue
-                # A client that only listens still needs its token kept fresh.
-                live = claims is not None and claims.expires_at > time.time()
-                if live and self.tokens.needs_refresh(claims):  # an expired token is never revived
-                    try:
-                        token, expires_at = self.issue_token(connection)
-                        connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
-                    except TokenError:
-                        connection.close("account changed")
-                    except AuthenticationFailed:
-                        pass  # the store is unreadable just now (logged): refresh on a later pass
-                silent = now - connection.last_inbound
-                if silent > self.config.ping_timeout:
-                    connection.close("no reply to keepalive (connection lost)")
-                elif silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
-                    connection.last_ping = now
-                    connection.send_queue.put(ping)
+            try:
+                self._keepalive_pass()
+            except Exception:  # this thread must outlive any one bad pass, or ghosts stay forever
+                log.exception("keepalive pass failed")
+
+    def _keepalive_pass(self) -> None:
+        now = time.monotonic()
+        with self.connections_lock:
+            connections = [c for c in self.connections if c.in_room]
+        stamps = self._current_account_stamps()
+        for connection in connections:
+            self._keep_alive(connection, now, stamps)
+
+    def _keep_alive(self, connection: ClientConnection, now: float, stamps: dict[str, str] | None) -> None:
+        """One connection's turn: end it if it must go, refresh its token, ping it if quiet."""
+        if connection.close_reason:  # already on its way out, but a stuck flush must not hold it
+            if connection.finishing_since and now - connection.finishing_since > FINISH_GRACE:
+                connection.close(connection.close_reason)
+            return
+        claims = connection.claims
+        if claims is None:
+            return
+        if claims.expires_at <= time.time():
+            # Only a listener gets here (a speaker's frames are refused): end it the same way.
+            connection.finish(
+                "token expired", ErrorReply(code="token_expired", message="token expired; log in again", fatal=True)
+            )
+            return
+        if stamps is not None and stamps.get(claims.username) != claims.account_stamp:
+            # A listener sends nothing for the per-frame check to catch: a password
+            # change or a deleted account must still end its session.
+            log.info("closing %s user=%s: account changed", connection.peer, connection.name)
+            connection.finish(
+                "account changed",
+                ErrorReply(
+                    code="token_revoked", message="your account was changed or deleted; log in again", fatal=True
+                ),
+            )
+            return
+        if self.tokens.needs_refresh(claims):  # a listener needs its token kept fresh too
+            try:
+                token, expires_at = self.issue_token(connection, claims.account_stamp)
+            except TokenError:  # its session was revoked meanwhile
+                connection.close("session revoked")
+                return
+            connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
+        silent = now - connection.last_inbound
+        if silent > self.config.ping_timeout:
+            connection.close("no reply to keepalive (connection lost)")
+        elif silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
+            connection.last_ping = now
+            connection.send_queue.put(PING_FRAME)
 
     # ------------------------------------------------------------------ authentication
 
@@ -766,6 +802,27 @@ class ChatServer:
         if wait > 0:
             log.info("login throttled from %s", connection.peer)
             raise AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
+        outcome = "error"  # until _check_password returns: busy, shutting down, store unreadable...
+        try:
+            accepted = self._check_password(connection, login)
+            outcome = "accepted" if accepted else "wrong"
+        finally:
+            throttle = self.config.login_throttle
+            if outcome == "accepted":
+                # The account only, never the address: owning one account must not reset
+                # the count of guesses made at others.
+                throttle.record_success([account_key])
+            elif outcome == "wrong":
+                throttle.record_failure([address_key])  # the account was counted when it began
+            else:
+                throttle.cancel_attempt([account_key])  # not the user's fault: give it back
+        if not accepted:
+            raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
+        return name
+
+    def _check_password(self, connection: ClientConnection, login: Login) -> bool:
+        """True if the password is right, False if not; raises for anything else."""
+        name = login.username
         try:
             record = self.users.get(name)
         except UserStoreError as exc:
@@ -781,15 +838,14 @@ class ChatServer:
         except (concurrent.futures.CancelledError, RuntimeError):  # the pool was shut down under us
             raise AuthenticationFailed("shutting_down", "server shutting down") from None
         if record is None or not password_ok:
-            self.config.login_throttle.record_failure([address_key])
             # Only a known name is logged: an unknown one may be a password typed in the wrong box.
             who = f"user={name}" if record is not None else "unknown user"
             log.info("login failed %s %s: wrong password", connection.peer, who)
-            raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
+            return False
         self._refuse_demo_account(connection, record)
-        self.config.login_throttle.record_success(keys)
+        connection.verified_stamp = account_stamp(record)
         log.info("login ok %s user=%s", connection.peer, name)
-        return name
+        return True
 
     def _refuse_demo_account(self, connection: ClientConnection, record: UserRecord) -> None:
         if record.demo and not self.config.allow_demo_accounts and not self.config.is_loopback:
@@ -815,11 +871,14 @@ class ChatServer:
             raise TokenError("token_revoked", "that account no longer exists")
         return account_stamp(record)
 
-    def issue_token(self, connection: ClientConnection) -> tuple[str, int]:
-        """A fresh token for an authenticated connection's session; also becomes its current claims."""
-        token, expires_at = self.tokens.issue(
-            connection.name, connection.key_thumbprint, self._account_stamp(connection.name), connection.session_id
-        )
+    def issue_token(self, connection: ClientConnection, stamp: str) -> tuple[str, int]:
+        """A fresh token for an authenticated connection's session; also becomes its current claims.
+
+        ``stamp`` is the account stamp that was *checked* (of the record whose password was
+        verified, or of the token being renewed), never re-read here: a password changed
+        meanwhile must make the new token fail its next check, not inherit the new stamp.
+        """
+        token, expires_at = self.tokens.issue(connection.name, connection.key_thumbprint, stamp, connection.session_id)
         connection.set_claims(self.tokens.verify(token, connection.key_thumbprint, connection.name))
         return token, expires_at
 
@@ -844,6 +903,7 @@ class ChatServer:
             self._refuse_demo_account(connection, record)
         # The old session is spent, every token of it: the new connection starts a new one.
         self.tokens.revoke(claims)
+        connection.verified_stamp = claims.account_stamp
         log.info("resume ok %s user=%s", connection.peer, claims.username)
         return claims.username
 

@@ -274,6 +274,8 @@ CORRUPT_STORES = {
     "hash-a-number": b'{"format": 1, "users": {"alice": {"password_hash": 5}}}',
     "bad-name": b'{"format": 1, "users": {"bad name": {"password_hash": "x"}}}',
     "future-format": b'{"format": 2, "users": {}}',
+    "huge-number": b'{"format": 1, "users": {}, "x": ' + b"9" * 5000 + b"}",
+    "deep-nesting": b'{"format": 1, "users": {}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 }
 
 
@@ -413,6 +415,15 @@ def test_concurrent_attempts_from_many_threads_reserve_exactly_the_free_ones():
     for thread in threads:
         thread.join()
     assert sorted(results).count(0.0) == 3
+
+
+def test_an_attempt_that_ended_neither_right_nor_wrong_is_given_back(clock):
+    # "Server busy" is not the user's fault: it must not count towards their lock-out.
+    throttle = LoginThrottle(free_failures=1, base_delay=60.0)
+    for _ in range(5):
+        assert throttle.begin_attempt([ACCOUNT], reserve=[ACCOUNT]) == 0.0
+        throttle.cancel_attempt([ACCOUNT])
+    assert throttle.retry_after([ACCOUNT]) == 0.0
 
 
 def test_throttle_memory_is_bounded(clock):

@@ -359,6 +359,70 @@ def test_a_password_change_ends_a_session_that_only_listens(make_server, connect
     wait_for(bob, is_disconnected)
 
 
+def test_a_password_changed_while_a_login_is_being_checked_still_ends_that_session(make_server, connect, monkeypatch):
+    # The admin runs passwd while the old password is being hashed: the login was right when
+    # it began, but the session it opens must not outlive the change.
+    import server as server_module
+
+    quick = make_server(ping_interval=0.4)
+    real_verify = server_module.verify_password
+
+    def verify_then_change(password, stored_hash):
+        result = real_verify(password, stored_hash)
+        if password == password_of("alice"):
+            quick.users.set_password("alice", "changed while hashing")
+        return result
+
+    monkeypatch.setattr(server_module, "verify_password", verify_then_change)
+    bob = connect("bob", to=quick)
+    alice = connect("alice", to=quick)
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "token_revoked" and refusal.fatal
+    wait_for(alice, is_disconnected)
+    wait_for(bob, left("alice"))
+
+
+def test_a_session_pushed_out_by_a_new_login_cannot_come_back(make_server, connect):
+    quick = make_server()
+    bob = connect("bob", to=quick)
+    old = connect("alice", to=quick)
+    old_token = old.token
+    new = connect("alice", to=quick)
+    goodbye = wait_for(old, lambda event: isinstance(event, Goodbye))
+    assert "elsewhere" in goodbye.reason and not goodbye.may_reconnect
+    wait_for(old, is_disconnected)
+    old.close()
+    old.token = old_token
+    with pytest.raises(LoginRefused) as refused:
+        old.resume()
+    assert refused.value.code == "token_revoked"
+    assert_chatting(new, bob, "still the one logged in")
+
+
+def test_logging_in_to_your_own_account_does_not_reset_guesses_at_others(make_server, connect, tmp_path):
+    quick = make_server()
+
+    def attempt(name, password):
+        client = ChatClient(
+            *quick.address, server_fingerprint=quick.fingerprint, known_hosts=KnownHosts(tmp_path / "kh")
+        )
+        try:
+            client.login(name, password)
+            return "ok"
+        except LoginRefused as exc:
+            return exc.code
+        finally:
+            client.close()
+
+    outcomes = []
+    for guess in range(5):
+        outcomes.append(attempt("bob", f"guess {guess}"))
+        outcomes.append(attempt("carol", password_of("carol")))
+    # Three free failures from this address, then the guesses at bob are throttled.
+    assert outcomes[0:6:2] == ["auth_failed"] * 3
+    assert outcomes[6] == "rate_limited"
+
+
 def test_resume_after_a_server_restart(make_server, connect):
     first = make_server()
     alice, bob = log_in_all(connect, "alice", "bob", to=first)

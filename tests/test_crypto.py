@@ -133,6 +133,13 @@ def test_load_public_key_refuses_an_ec_key():
         crypto_utils.load_public_key(der(ec.generate_private_key(ec.SECP256R1()).public_key()))
 
 
+def test_load_public_key_refuses_a_curve_the_library_does_not_know():
+    known = der(ec.generate_private_key(ec.SECP256R1()).public_key())
+    unknown = known.replace(bytes.fromhex("2a8648ce3d030107"), bytes.fromhex("2b81040006000000"))
+    with pytest.raises(CryptoError):  # not cryptography's UnsupportedAlgorithm, which nobody catches
+        crypto_utils.load_public_key(unknown)
+
+
 def test_load_public_key_refuses_an_ed25519_key():
     with pytest.raises(CryptoError, match="not RSA"):
         crypto_utils.load_public_key(der(ed25519.Ed25519PrivateKey.generate().public_key()))
