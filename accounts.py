@@ -448,8 +448,9 @@ class TokenAuthority:
         # holding _revoked_lock (which every frame's verification takes) during an fsync.
         self._revoked_file_lock = threading.Lock()
         self._revoked: dict[str, int] = self._load_revoked()
-        #: Lines in the journal file (live or expired): when to compact it.
-        self._journal_lines = len(self._revoked)
+        #: Lines in the journal file (live or expired), and how many it had after the last
+        #: compaction: it is compacted again once it has doubled.
+        self._journal_lines = self._compacted_lines = len(self._revoked)
 
     def _load_revoked(self) -> dict[str, int]:
         """Read the revocation journal (one ``session-id until`` line each), keeping what is live."""
@@ -460,15 +461,12 @@ class TokenAuthority:
         now = time.time()
         revoked: dict[str, int] = {}
         try:
-            text = self.revoked_path.read_text("utf-8")
-            if text.startswith("{"):  # the earlier format: one JSON object
-                entries = [(str(sid), until) for sid, until in json.loads(text).items()]
-            else:
-                entries = [tuple(line.split()) for line in text.splitlines() if line.strip()]
-            for session_id, until in entries:
-                if int(until) >= now:
-                    revoked[session_id] = int(until)
-        except (OSError, ValueError, AttributeError, TypeError):
+            for line in self.revoked_path.read_text("utf-8").splitlines():
+                if line.strip():
+                    session_id, until = line.split()
+                    if int(until) >= now:
+                        revoked[session_id] = int(until)
+        except (OSError, ValueError):
             # Losing the list only lets already-spent sessions (still bound to their key) resume.
             log.warning("%s is unreadable; starting with no revoked sessions", self.revoked_path)
             return {}
@@ -567,8 +565,8 @@ class TokenAuthority:
         """Refuse every token of this session from now on (none can resume it again).
 
         One line is appended to the journal per revocation; it is rewritten without
-        the expired entries only once it has grown to twice what is live, so the cost
-        stays constant per revocation however many there are.
+        the expired entries only once it has doubled since the last rewrite, so the
+        cost per revocation stays constant on average however many there are.
         """
         now = time.time()
         # A refresh may have issued a token up to one lifetime from now, never later.
@@ -577,13 +575,13 @@ class TokenAuthority:
             with self._revoked_lock:
                 self._revoked[claims.session_id] = until
                 self._journal_lines += 1
-                compact = self._journal_lines > max(MIN_JOURNAL_LINES, 2 * len(self._revoked))
+                compact = self._journal_lines > max(MIN_JOURNAL_LINES, 2 * self._compacted_lines)
                 if compact:
                     expired = [sid for sid, end in self._revoked.items() if end < now]
                     for session_id in expired:
                         del self._revoked[session_id]
                     live = dict(self._revoked)
-                    self._journal_lines = len(live)
+                    self._journal_lines = self._compacted_lines = len(live)
             if compact:
                 self._rewrite_revoked(live)
             else:

@@ -87,7 +87,7 @@ DEFAULT_USERS = HERE / "users.json"
 DEFAULT_DATA_DIR = HERE / "server-data"
 SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
-REVOKED_TOKENS_FILE = "revoked_tokens.json"
+REVOKED_SESSIONS_FILE = "revoked_sessions"
 WRONG_CREDENTIALS = "wrong user name or password"
 PING_FRAME = encode_control("ping")
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
@@ -563,7 +563,7 @@ class ChatServer:
         self.tokens = TokenAuthority(
             crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE),
             config.token_ttl,
-            revoked_path=data_dir / REVOKED_TOKENS_FILE,
+            revoked_path=data_dir / REVOKED_SESSIONS_FILE,
         )
         self.users = UserStore(config.users_path)
         self.users.load()  # a corrupt store is reported now, not at the first login

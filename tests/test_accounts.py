@@ -597,6 +597,24 @@ def test_revoked_sessions_survive_a_restart_and_the_file_is_owner_only(tmp_path)
     assert refused_code(TokenAuthority(SECRET, revoked_path=path), token) == "token_revoked"
 
 
+def test_the_revocation_journal_is_appended_to_and_compacted_as_sessions_expire(tmp_path, clock):
+    path = tmp_path / "revoked"
+    authority = TokenAuthority(SECRET, ttl=60, revoked_path=path)
+
+    def revoke(session_id):
+        authority.revoke(accounts.TokenClaims("alice", 0, 1, "t", THUMBPRINT, "", session_id))
+
+    for index in range(accounts.MIN_JOURNAL_LINES):
+        revoke(f"old-{index}")
+    assert len(path.read_text().splitlines()) == accounts.MIN_JOURNAL_LINES  # one line each, no rewrite
+    clock.now += 3600  # every one of them has expired
+    revoke("new-0")  # the journal passes its limit: rewritten with what is still live
+    assert path.read_text().split() == ["new-0", str(int(clock.now) + 61)]
+    assert authority.is_revoked("new-0") and not authority.is_revoked("old-0")
+    reloaded = TokenAuthority(SECRET, ttl=60, revoked_path=path)
+    assert reloaded.is_revoked("new-0")
+
+
 def test_a_revocation_file_others_can_write_is_refused(tmp_path):
     path = tmp_path / "revoked.json"
     path.write_text("{}")
