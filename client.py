@@ -15,7 +15,6 @@ A bot in five lines::
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import socket
@@ -25,7 +24,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import crypto_utils
 from channel import ConnectionClosed, Deadline, SecureChannel, read_frame
@@ -573,48 +571,7 @@ class ChatClient:
         self.close()
 
 
-# ============================================================================ the command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Secure terminal group chat client.")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
-    parser.add_argument("--user", metavar="NAME", help="user name (asked for on a terminal if omitted)")
-    parser.add_argument(
-        "--known-hosts",
-        type=Path,
-        metavar="FILE",
-        help=f"pinned server keys (default: {default_known_hosts_path()})",
-    )
-    parser.add_argument(
-        "--accept-new-host-key",
-        action="store_true",
-        help="trust an unknown server key without asking (a changed key is still refused)",
-    )
-    parser.add_argument(
-        "--key-size",
-        type=int,
-        default=crypto_utils.DEFAULT_KEY_SIZE,
-        choices=crypto_utils.ALLOWED_KEY_SIZES,
-        help="RSA size of this session's key",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    import ui  # the terminal front end, built on the class above
-
-    args = build_parser().parse_args(argv)
-    options: dict[str, Any] = {
-        "known_hosts": KnownHosts(args.known_hosts),
-        "accept_new_host_key": args.accept_new_host_key,
-        "key_size": args.key_size,
-    }
-    if sys.stdin.isatty():
-        return ui.run_interactive(args.host, args.port, args.user, options)
-    return ui.run_batch(args.host, args.port, args.user, options)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import ui  # the command line lives with the terminal front end, built on the class above
+
+    sys.exit(ui.main())

@@ -1,6 +1,6 @@
-"""The terminal front end of ``client.py``: commands, line formatting, and the two modes.
+"""The terminal front end of ``client.py``: its command line, commands, line formatting, the two modes.
 
-Interactive mode (standard input is a terminal) runs a prompt_toolkit prompt
+``python client.py`` runs ``main()`` here; client.py itself is the library. Interactive mode (standard input is a terminal) runs a prompt_toolkit prompt
 whose half-typed line stays put while messages print above it. Batch mode
 (standard input is a pipe or file) sends each line read and prints each event
 as one line, for scripts.
@@ -8,6 +8,7 @@ as one line, for scripts.
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import getpass
 import os
@@ -19,8 +20,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, TextIO
 
+import crypto_utils
 from client import (
     LEAVE_TIMEOUT,
     Chat,
@@ -29,11 +32,13 @@ from client import (
     Disconnected,
     ErrorReply,
     HostKeyError,
+    KnownHosts,
     LoginRefused,
     Notice,
     Roster,
+    default_known_hosts_path,
 )
-from protocol import sanitize_text
+from protocol import DEFAULT_HOST, DEFAULT_PORT, sanitize_text
 
 #: Reconnection back-off: the first wait, doubled after each failure up to the longest.
 RECONNECT_FIRST_DELAY = 1.0
@@ -697,3 +702,44 @@ def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
         return False
     show(f"*** logged in again as {client.username}")
     return True
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Secure terminal group chat client.")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
+    parser.add_argument("--user", metavar="NAME", help="user name (asked for on a terminal if omitted)")
+    parser.add_argument(
+        "--known-hosts",
+        type=Path,
+        metavar="FILE",
+        help=f"pinned server keys (default: {default_known_hosts_path()})",
+    )
+    parser.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="trust an unknown server key without asking (a changed key is still refused)",
+    )
+    parser.add_argument(
+        "--key-size",
+        type=int,
+        default=crypto_utils.DEFAULT_KEY_SIZE,
+        choices=crypto_utils.ALLOWED_KEY_SIZES,
+        help="RSA size of this session's key",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options: dict[str, Any] = {
+        "known_hosts": KnownHosts(args.known_hosts),
+        "accept_new_host_key": args.accept_new_host_key,
+        "key_size": args.key_size,
+    }
+    if sys.stdin.isatty():
+        return run_interactive(args.host, args.port, args.user, options)
+    return run_batch(args.host, args.port, args.user, options)
