@@ -87,6 +87,10 @@ IDLE_TIMEOUT = 75.0
 LEAVE_TIMEOUT = 5.0
 
 
+#: Refusal codes meaning the token itself is no good: only a password can log in again.
+TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
+
+
 class ChatError(Exception):
     """Something the user should read, in one line."""
 
@@ -173,7 +177,7 @@ class ChatClient:
     ``connect()`` checks the server's identity, ``login()`` (or ``resume()``)
     authenticates, then ``say()``, ``private()``, ``who()`` send and
     ``events()`` yields what arrives: ``Chat``, ``Notice``, ``Roster``,
-    ``ErrorReply`` and finally ``Disconnected``. ``close()`` (or leaving the
+    ``ErrorReply``, ``Goodbye`` and finally ``Disconnected``. ``close()`` (or leaving the
     ``with`` block) ends the connection; ``leave()`` says goodbye first.
 
     The server's key is checked against ``known_hosts`` (OpenSSH-style
@@ -390,7 +394,7 @@ class ChatClient:
             raise
         if isinstance(message, ErrorReply):
             self.close()
-            if message.code in ("token_expired", "token_revoked", "token_invalid", "token_wrong_key"):
+            if message.code in TOKEN_CODES:
                 self.token = ""
             raise LoginRefused(_shown(message.code), _shown(message.message))
         if not isinstance(message, Welcome):

@@ -1,6 +1,7 @@
 """The terminal front end of ``client.py``: its command line, commands, line formatting, the two modes.
 
-``python client.py`` runs ``main()`` here; client.py itself is the library. Interactive mode (standard input is a terminal) runs a prompt_toolkit prompt
+``python client.py`` runs ``main()`` here; client.py itself is the library.
+Interactive mode (standard input is a terminal) runs a prompt_toolkit prompt
 whose half-typed line stays put while messages print above it. Batch mode
 (standard input is a pipe or file) sends each line read and prints each event
 as one line, for scripts.
@@ -26,6 +27,7 @@ from typing import Any, TextIO
 import crypto_utils
 from client import (
     LEAVE_TIMEOUT,
+    TOKEN_CODES,
     Chat,
     ChatClient,
     ChatError,
@@ -44,7 +46,6 @@ from protocol import DEFAULT_HOST, DEFAULT_PORT, sanitize_text
 RECONNECT_FIRST_DELAY = 1.0
 RECONNECT_MAX_DELAY = 30.0
 #: Refusals that mean the session itself is over: only the password can open a new one.
-TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
 #: Refusals that mean "not now" (the server is full, busy, or briefly cannot check us): keep backing off.
 RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
 
