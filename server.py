@@ -54,6 +54,7 @@ from protocol import (
     Leave,
     Login,
     Message,
+    MessageTooLarge,
     Private,
     ProtocolError,
     Resume,
@@ -83,6 +84,10 @@ TOKEN_SECRET_FILE = "token_secret"
 REVOKED_TOKENS_FILE = "revoked_tokens.json"
 HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
 WRONG_CREDENTIALS = "wrong user name or password"
+#: Most queued messages one writer wake-up seals and sends with a single ``sendall``.
+WRITER_BATCH_SIZE = 64
+PING_FRAME = encode_control("ping")
+PONG_FRAME = encode_control("pong")
 
 
 @dataclass
@@ -168,14 +173,44 @@ class OutboundQueue:
             self._items.clear()
             self._items_ready.notify()
 
+    def put_urgent(self, item: Any) -> bool:
+        """Queue ``item`` ahead of everything waiting (keepalive): False if the queue is full.
+
+        A ping queued behind a backlog of chat would reach a busy client late and get
+        it dropped as silent; control frames carry no sequence number, so they may jump.
+        """
+        with self._items_ready:
+            if self._closed:
+                return True
+            if len(self._items) >= self.max_size:
+                return False
+            self._items.appendleft(item)
+            self._items_ready.notify()
+            return True
+
     def get(self) -> Any:
         """Next item, or ``None`` once closed and drained."""
+        batch = self.get_batch(1)
+        return batch[0] if batch else None
+
+    def get_batch(self, max_items: int) -> list[Any]:
+        """Wait for items, then take up to ``max_items`` of them in order; ``[]`` once closed and drained.
+
+        The writer seals a batch and sends it with one ``sendall``: one wake-up and one
+        system call for many messages instead of one each.
+        """
         with self._items_ready:
             while not self._items:
                 if self._closed:
-                    return None
+                    return []
                 self._items_ready.wait()
-            return self._items.popleft()
+            items = self._items
+            if len(items) <= max_items:
+                batch = list(items)
+                items.clear()
+            else:
+                batch = [items.popleft() for _ in range(max_items)]
+            return batch
 
 
 class ClientConnection:
@@ -203,7 +238,10 @@ class ClientConnection:
         self.frame_flood = FloodControl(server.config.flood_rate * 10, server.config.flood_burst * 5)
         # Written by the reader, read by the keepalive thread: a float store is atomic.
         self.last_inbound = time.monotonic()
+        # When the keepalive thread last queued a ping (it alone writes this).
         self.last_ping = 0.0
+        # When the writer sent the first ping since the client last spoke (it alone writes this).
+        self.ping_sent_at = 0.0
         self.in_room = False
         #: Shown to the others when this user leaves with /quit; never logged (it is message text).
         self.parting_message = ""
@@ -393,7 +431,7 @@ class ClientConnection:
         if frame_type is FrameType.CONTROL:
             control = decode_control(body)
             if control["type"] == "ping":
-                self.send_queue.put(encode_control("pong"))
+                self.send_queue.put_urgent(PONG_FRAME)
             elif control["type"] != "pong":
                 raise ProtocolError(f"unexpected control message {control['type']!r}")
             return
@@ -461,21 +499,42 @@ class ClientConnection:
     def _run_writer(self) -> None:
         assert self.channel is not None
         while True:
-            item = self.send_queue.get()
-            if item is None:
+            batch = self.send_queue.get_batch(WRITER_BATCH_SIZE)
+            if not batch:
                 return
-            if item is OutboundQueue.CLOSE_AFTER_FLUSH:
-                self._shutdown_socket()
-                return
+            frames: list[bytes] = []
+            close_after = False
+            sends_ping = False
+            for item in batch:
+                if item is OutboundQueue.CLOSE_AFTER_FLUSH:
+                    close_after = True  # always the last item queued: finish() closes the queue
+                    break
+                if isinstance(item, bytes):
+                    frames.append(item)
+                    sends_ping = sends_ping or item == PING_FRAME
+                    continue
+                try:
+                    frames.append(self.channel.seal(item))
+                except MessageTooLarge as exc:
+                    # One unsendable message must not cost the client its connection; the
+                    # channel's state is unchanged, so the next message seals as usual.
+                    log.warning("%s: %s message not sent: %s", self.peer, item.KIND.name, exc)
+                except Exception:
+                    log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
+                    self.close("internal error while sending")
+                    return
             try:
-                data = item if isinstance(item, bytes) else self.channel.seal(item)
-                self.sock.sendall(data)
+                if frames:
+                    self.sock.sendall(b"".join(frames))
             except OSError as exc:
                 self.close(f"send failed: {exc.strerror or exc}")
                 return
-            except Exception:
-                log.exception("%s: cannot send", self.peer)
-                self.close("internal error while sending")
+            if sends_ping and self.ping_sent_at <= self.last_inbound:
+                # The reply window runs from when the first unanswered ping left, not from when
+                # it was queued: a ping held up behind our own backlog is not the client's fault.
+                self.ping_sent_at = time.monotonic()
+            if close_after:
+                self._shutdown_socket()
                 return
 
 
@@ -649,7 +708,8 @@ class ChatServer:
     def _run_keepalive(self) -> None:
         """Ping quiet clients; drop those that stay silent (vanished peers, no ghosts)."""
         check_every = max(0.05, min(5.0, self.config.ping_interval / 4))
-        ping = encode_control("ping")
+        # How long a client has to answer a ping that has actually been sent.
+        reply_window = max(0.0, self.config.ping_timeout - self.config.ping_interval)
         while not self.stopping.wait(check_every):
             now = time.monotonic()
             with self.connections_lock:
@@ -666,10 +726,16 @@ class ChatServer:
                         connection.close("account changed")
                 silent = now - connection.last_inbound
                 if silent > self.config.ping_timeout:
-                    connection.close("no reply to keepalive (connection lost)")
-                elif silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
+                    ping_sent = connection.ping_sent_at > connection.last_inbound
+                    # Unsent after all this time means our writer could not get a frame onto the
+                    # socket: the peer has stopped reading, which is as dead as not answering.
+                    if not ping_sent or now - connection.ping_sent_at > reply_window:
+                        connection.close("no reply to keepalive (connection lost)")
+                        continue
+                if silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
                     connection.last_ping = now
-                    connection.send_queue.put(ping)
+                    # Ahead of any backlog, so a busy client hears it at once.
+                    connection.send_queue.put_urgent(PING_FRAME)
 
     # ------------------------------------------------------------------ authentication
 

@@ -540,3 +540,42 @@ def test_associated_data_binds_every_field():
         protocol.associated_data(Kind.SAY, 1, "server", "alice"),
     ]
     assert len({base, *variants}) == 5
+
+
+def test_the_sealed_frame_layout_matches_the_envelope_parser(logged_in):
+    chat = protocol.Chat(sender="bob", text="laid out by hand", sent_at=1.0)
+    frame = logged_in.server.seal(chat)
+    body = body_of(frame)
+    envelope = protocol.Envelope.decode(body)
+    assert (envelope.kind, envelope.seq) == (Kind.CHAT, 0)
+    assert body == envelope.encode()
+    wrapped_size = logged_in.client_key.key_size // 8
+    assert len(body) + 1 == protocol.sealed_frame_size(wrapped_size, len(chat.encoded))
+
+
+def test_a_message_too_large_for_a_frame_is_refused_and_leaves_the_channel_as_it_was(logged_in):
+    too_long = protocol.Chat(sender="bob", text="x" * protocol.MAX_FRAME_SIZE, sent_at=1.0)
+    with pytest.raises(protocol.MessageTooLarge, match="exceeds"):
+        logged_in.server.seal(too_long)
+    assert logged_in.server.send_seq == 0
+    # The next message takes the sequence number the refused one would have had.
+    fine = protocol.Chat(sender="bob", text="after the big one", sent_at=2.0)
+    assert logged_in.client.open(body_of(logged_in.server.seal(fine))) == fine
+    assert (logged_in.server.send_seq, logged_in.client.recv_seq) == (1, 1)
+
+
+def test_a_message_that_just_fits_is_sent_and_one_byte_more_is_not(logged_in):
+    wrapped_size = logged_in.client_key.key_size // 8
+    overhead = protocol.sealed_frame_size(wrapped_size, 0)
+    empty_notice = protocol.Notice(event="info", text="")
+    room = protocol.MAX_FRAME_SIZE - overhead - len(empty_notice.encoded)
+    fits = protocol.Notice(event="info", text="y" * room)
+    assert logged_in.client.open(body_of(logged_in.server.seal(fits))) == fits
+    with pytest.raises(protocol.MessageTooLarge):
+        logged_in.server.seal(protocol.Notice(event="info", text="y" * (room + 1)))
+    assert logged_in.server.send_seq == 1
+
+
+def test_message_too_large_is_a_local_error_not_a_protocol_error():
+    assert issubclass(protocol.MessageTooLarge, ValueError)
+    assert not issubclass(protocol.MessageTooLarge, ProtocolError)
