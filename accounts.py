@@ -458,12 +458,28 @@ class TokenAuthority:
         if not isinstance(subject, str) or (username is not None and subject != username):
             raise TokenError("token_invalid", "token is for another user")
         token_id = str(claims["jti"])
-        with self._revoked_lock:
-            if token_id in self._revoked:
-                raise TokenError("token_revoked", "token was given up; log in again")
+        if self.is_revoked(token_id):
+            raise TokenError("token_revoked", "token was given up; log in again")
         return TokenClaims(
             subject, int(claims["iat"]), int(claims["exp"]), token_id, key_thumbprint, str(claims["acct"])
         )
+
+    def recheck(self, claims: TokenClaims) -> None:
+        """Re-check what can change after ``verify`` accepted a token: expiry and revocation.
+
+        For a token string already fully verified (signature, issuer, key binding,
+        user); raises ``TokenError`` with the same codes as ``verify``.
+        """
+        # The same rule as PyJWT's: a token is expired from the second of its "exp".
+        if claims.expires_at <= time.time():
+            raise TokenError("token_expired", "token expired; log in again")
+        if self.is_revoked(claims.token_id):
+            raise TokenError("token_revoked", "token was given up; log in again")
+
+    def is_revoked(self, token_id: str) -> bool:
+        """True if the token with this id was given up (by a leave) or spent (by a resume)."""
+        with self._revoked_lock:
+            return token_id in self._revoked
 
     def needs_refresh(self, claims: TokenClaims) -> bool:
         """True once a token is past half its life."""

@@ -230,6 +230,10 @@ class ClientConnection:
         self.name = ""
         self.channel: SecureChannel | None = None
         self.claims: TokenClaims | None = None
+        # The token string last fully verified on this connection, and its claims: every line
+        # carries the same token, and a JWT decode costs more than sealing a delivery. Only
+        # the reader thread (which alone calls verify_token for us) reads or writes it.
+        self.verified_token: tuple[str, TokenClaims] | None = None
         self.key_thumbprint = ""
         self.send_queue = OutboundQueue(server.config.send_queue_size)
         self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
@@ -792,10 +796,27 @@ class ChatServer:
         return token, expires_at
 
     def verify_token(self, connection: ClientConnection, token: object, username: str | None = None) -> TokenClaims:
-        """Verify a token for this connection, including that its account is unchanged."""
-        claims = self.tokens.verify(token, connection.key_thumbprint, username or connection.name)
+        """Verify a token for this connection, including that its account is unchanged.
+
+        The token last verified on this connection is only re-checked for what can change
+        (expiry, revocation, the account); any other token string is verified in full.
+        Raises ``TokenError``.
+        """
+        expected_user = username or connection.name
+        verified = connection.verified_token
+        # Comparing with == leaks nothing: the client sent this string, and we hold it only
+        # because the same client sent it before on this authenticated connection.
+        if verified is not None and isinstance(token, str) and token == verified[0]:
+            claims = verified[1]
+            if claims.username != expected_user:
+                raise TokenError("token_invalid", "token is for another user")
+            self.tokens.recheck(claims)
+        else:
+            claims = self.tokens.verify(token, connection.key_thumbprint, expected_user)
         if claims.account_stamp != self._account_stamp(claims.username):
             raise TokenError("token_revoked", "the account's password changed; log in again")
+        if isinstance(token, str):  # always, once verify() accepted it
+            connection.verified_token = (token, claims)
         return claims
 
     def authenticate_token(self, connection: ClientConnection, resume: Resume) -> str:

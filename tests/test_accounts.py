@@ -7,6 +7,7 @@ hashing is the point; the rest reuse one hash made per module.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import json
 import multiprocessing
@@ -534,6 +535,20 @@ def test_a_revoked_token_is_refused(authority):
     assert refused_code(authority, token) == "token_revoked"
     fresh, _ = authority.issue("alice", THUMBPRINT)
     assert authority.verify(fresh, THUMBPRINT, "alice").username == "alice"
+
+
+def test_recheck_passes_a_live_token_and_refuses_a_revoked_or_expired_one(authority):
+    token, _ = authority.issue("alice", THUMBPRINT)
+    claims = authority.verify(token, THUMBPRINT, "alice")
+    authority.recheck(claims)  # nothing changed: no error
+    authority.revoke(claims)
+    with pytest.raises(TokenError) as revoked:
+        authority.recheck(claims)
+    assert revoked.value.code == "token_revoked"
+    lapsed = dataclasses.replace(claims, token_id="another", expires_at=int(time.time()))
+    with pytest.raises(TokenError) as expired:
+        authority.recheck(lapsed)
+    assert expired.value.code == "token_expired"
 
 
 @pytest.mark.parametrize("token", [None, "", 42, b"bytes", ["a.b.c"]])
