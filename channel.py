@@ -72,6 +72,9 @@ class SecureChannel:
         self._send_direction = b"s2c" if is_server else b"c2s"
         self._recv_direction = b"c2s" if is_server else b"s2c"
         self._wrapped_key_size = (peer_public_key.key_size + 7) // 8
+        # The keyed MAC state for outgoing frames, and the session key it was built from.
+        self._send_mac: crypto_utils.SessionMac | None = None
+        self._send_mac_key: bytes | None = None
 
     def _labels(self, outgoing: bool) -> tuple[str, str]:
         """(hop sender, hop recipient) for the associated data."""
@@ -96,7 +99,11 @@ class SecureChannel:
         aad = associated_data(message.KIND, seq, *self._labels(outgoing=True))
         wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad)
         mac_input = envelope_mac_input(message.KIND, seq, wrapped, nonce, ciphertext)
-        mac = crypto_utils.session_mac(self.session_key, self._send_direction, mac_input)
+        send_mac = self._send_mac
+        if send_mac is None or self._send_mac_key is not self.session_key:  # first frame, or a new key
+            send_mac = self._send_mac = crypto_utils.SessionMac(self.session_key, self._send_direction)
+            self._send_mac_key = self.session_key
+        mac = send_mac.digest(mac_input)
         frame = encode_sealed_frame(mac_input, mac)
         # Only once the frame exists: a refused message must not leave a gap in the sequence.
         self.send_seq = seq + 1

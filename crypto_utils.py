@@ -145,6 +145,23 @@ def session_mac(session_key: bytes, direction: bytes, data: bytes) -> bytes:
     return hmac.digest(session_key, direction + b"\0" + data, "sha256")
 
 
+class SessionMac:
+    """``session_mac`` under one fixed key and direction, for the many frames of one connection.
+
+    The keyed HMAC state is computed once and copied per frame: the same MAC for
+    about half the cost, which the server pays once per delivery.
+    """
+
+    def __init__(self, session_key: bytes, direction: bytes) -> None:
+        self._keyed = hmac.new(session_key, direction + b"\0", hashlib.sha256)
+
+    def digest(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data``: equal to ``session_mac(session_key, direction, data)``."""
+        mac = self._keyed.copy()
+        mac.update(data)
+        return mac.digest()
+
+
 def macs_equal(expected: bytes, received: bytes) -> bool:
     return hmac.compare_digest(expected, received)
 

@@ -579,3 +579,20 @@ def test_a_message_that_just_fits_is_sent_and_one_byte_more_is_not(logged_in):
 def test_message_too_large_is_a_local_error_not_a_protocol_error():
     assert issubclass(protocol.MessageTooLarge, ValueError)
     assert not issubclass(protocol.MessageTooLarge, ProtocolError)
+
+
+def test_the_per_connection_session_mac_equals_the_one_shot_one():
+    key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+    keyed = crypto_utils.SessionMac(key, b"s2c")
+    for data in (b"", b"frame one", b"x" * 5000):
+        assert keyed.digest(data) == crypto_utils.session_mac(key, b"s2c", data)
+    assert keyed.digest(b"frame one") != crypto_utils.SessionMac(key, b"c2s").digest(b"frame one")
+
+
+def test_a_new_session_key_takes_effect_for_the_next_frame(logged_in):
+    logged_in.server.seal(protocol.Notice(event="info", text="under the first key"))
+    new_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+    logged_in.server.session_key = new_key
+    body = body_of(logged_in.server.seal(protocol.Notice(event="info", text="under the second key")))
+    envelope = protocol.Envelope.decode(body)
+    assert envelope.mac == crypto_utils.session_mac(new_key, b"s2c", envelope.mac_input())
