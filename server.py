@@ -1029,16 +1029,17 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(demo_names),
                 config.host,
             )
-    host, port = server.address
-    key_bits = server.private_key.key_size
-    print(f"Server key fingerprint: {key_bits} {server.fingerprint} (RSA)", flush=True)
-    print(f"Listening on {host}:{port}", flush=True)
 
     def on_signal(signum: int, _frame: object) -> None:
         server.request_shutdown()
 
+    # Before "Listening" is printed: whoever waits for that line may send SIGTERM at once.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    host, port = server.address
+    key_bits = server.private_key.key_size
+    print(f"Server key fingerprint: {key_bits} {server.fingerprint} (RSA)", flush=True)
+    print(f"Listening on {host}:{port}", flush=True)
     try:
         server.serve_forever()
     finally:
