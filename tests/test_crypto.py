@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -596,3 +597,39 @@ def test_a_new_session_key_takes_effect_for_the_next_frame(logged_in):
     body = body_of(logged_in.server.seal(protocol.Notice(event="info", text="under the second key")))
     envelope = protocol.Envelope.decode(body)
     assert envelope.mac == crypto_utils.session_mac(new_key, b"s2c", envelope.mac_input())
+
+
+def test_the_random_pool_never_hands_out_the_same_bytes_twice():
+    pool = crypto_utils.RandomPool(block_size=100)
+    taken = [pool.take(44) for _ in range(10)]  # crosses several block refills
+    assert all(len(chunk) == 44 for chunk in taken)
+    assert len(set(taken)) == len(taken)
+    assert len(pool.take(500)) == 500  # more than a block: straight from the OS
+
+
+def test_threads_draw_from_their_own_blocks():
+    pool = crypto_utils.RandomPool(block_size=4096)
+    taken: list[bytes] = []
+    threads = [threading.Thread(target=lambda: taken.extend(pool.take(44) for _ in range(50))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(taken)) == len(taken) == 200
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_reuse_the_parents_random_bytes():
+    pool = crypto_utils.RandomPool(block_size=4096)
+    pool.take(44)  # the parent now holds a block with bytes still to hand out
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.write(write_end, pool.take(44))
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    from_child = os.read(read_end, 44)
+    os.close(read_end)
+    assert len(from_child) == 44
+    assert from_child != pool.take(44)
