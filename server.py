@@ -133,7 +133,8 @@ class OutboundQueue:
 
     ``put`` never blocks: when the queue is full it refuses, and the caller
     drops the slow recipient. ``close`` wakes the writer at once; ``finish``
-    lets it send what is queued first.
+    lets it send what is queued first. There is one consumer, the writer: it
+    waits only on an empty queue, so only a put into an empty queue wakes it.
     """
 
     CLOSE_AFTER_FLUSH = object()
@@ -153,7 +154,8 @@ class OutboundQueue:
             if len(self._items) >= self.max_size:
                 return False
             self._items.append(item)
-            self._items_ready.notify()
+            if len(self._items) == 1:  # the writer may be waiting; otherwise it will see the item
+                self._items_ready.notify()
             return True
 
     def finish(self, *last_items: Any) -> None:
@@ -185,7 +187,8 @@ class OutboundQueue:
             if len(self._items) >= self.max_size:
                 return False
             self._items.appendleft(item)
-            self._items_ready.notify()
+            if len(self._items) == 1:
+                self._items_ready.notify()
             return True
 
     def get(self) -> Any:
