@@ -141,9 +141,11 @@ class OutboundQueue:
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        # Guards _items and _closed; the writer waits on it for new items.
+        # Guards _items, _urgent and _closed; the writer waits on it for new items.
         self._items_ready = threading.Condition(threading.Lock())
         self._items: deque[Any] = deque()
+        # Keepalive frames: they go out before _items, even in the middle of a batch.
+        self._urgent: deque[bytes] = deque()
         self._closed = False
 
     def put(self, item: Any) -> bool:
@@ -151,10 +153,10 @@ class OutboundQueue:
         with self._items_ready:
             if self._closed:
                 return True
-            if len(self._items) >= self.max_size:
+            if len(self._items) + len(self._urgent) >= self.max_size:
                 return False
             self._items.append(item)
-            if len(self._items) == 1:  # the writer may be waiting; otherwise it will see the item
+            if len(self._items) + len(self._urgent) == 1:  # the writer may be waiting; else it will look
                 self._items_ready.notify()
             return True
 
@@ -173,10 +175,11 @@ class OutboundQueue:
         with self._items_ready:
             self._closed = True
             self._items.clear()
+            self._urgent.clear()
             self._items_ready.notify()
 
-    def put_urgent(self, item: Any) -> bool:
-        """Queue ``item`` ahead of everything waiting (keepalive): False if the queue is full.
+    def put_urgent(self, frame: bytes) -> bool:
+        """Queue a control ``frame`` ahead of everything waiting (keepalive): False if full.
 
         A ping queued behind a backlog of chat would reach a busy client late and get
         it dropped as silent; control frames carry no sequence number, so they may jump.
@@ -184,12 +187,24 @@ class OutboundQueue:
         with self._items_ready:
             if self._closed:
                 return True
-            if len(self._items) >= self.max_size:
+            if len(self._items) + len(self._urgent) >= self.max_size:
                 return False
-            self._items.appendleft(item)
-            if len(self._items) == 1:
+            self._urgent.append(frame)
+            if len(self._items) + len(self._urgent) == 1:
                 self._items_ready.notify()
             return True
+
+    @property
+    def has_urgent(self) -> bool:
+        """Whether a keepalive frame is waiting; read without the lock (a stale answer only delays it)."""
+        return bool(self._urgent)
+
+    def take_urgent(self) -> list[bytes]:
+        """Every keepalive frame waiting, oldest first."""
+        with self._items_ready:
+            frames = list(self._urgent)
+            self._urgent.clear()
+            return frames
 
     def get(self) -> Any:
         """Next item, or ``None`` once closed and drained."""
@@ -201,18 +216,21 @@ class OutboundQueue:
 
         The writer seals a batch and sends it with one ``sendall``: one wake-up and one
         system call for many messages instead of one each.
+        Keepalive frames waiting come first, beyond ``max_items``.
         """
         with self._items_ready:
-            while not self._items:
+            while not self._items and not self._urgent:
                 if self._closed:
                     return []
                 self._items_ready.wait()
+            batch: list[Any] = list(self._urgent)
+            self._urgent.clear()
             items = self._items
             if len(items) <= max_items:
-                batch = list(items)
+                batch.extend(items)
                 items.clear()
             else:
-                batch = [items.popleft() for _ in range(max_items)]
+                batch.extend(items.popleft() for _ in range(max_items))
             return batch
 
 
@@ -511,15 +529,19 @@ class ClientConnection:
                 return
             frames: list[bytes] = []
             close_after = False
-            sends_ping = False
             for item in batch:
                 if item is OutboundQueue.CLOSE_AFTER_FLUSH:
                     close_after = True  # always the last item queued: finish() closes the queue
                     break
                 if isinstance(item, bytes):
                     frames.append(item)
-                    sends_ping = sends_ping or item == PING_FRAME
                     continue
+                if self.send_queue.has_urgent:
+                    # Sealing a batch can take seconds when hundreds of writers share the GIL;
+                    # a ping that arrives meanwhile goes out now, not after the batch.
+                    if not self._send(frames + self.send_queue.take_urgent()):
+                        return
+                    frames = []
                 try:
                     frames.append(self.channel.seal(item))
                 except MessageTooLarge as exc:
@@ -530,19 +552,26 @@ class ClientConnection:
                     log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
                     self.close("internal error while sending")
                     return
-            try:
-                if frames:
-                    self.sock.sendall(b"".join(frames))
-            except OSError as exc:
-                self.close(f"send failed: {exc.strerror or exc}")
+            if not self._send(frames):
                 return
-            if sends_ping and self.ping_sent_at <= self.last_inbound:
-                # The reply window runs from when the first unanswered ping left, not from when
-                # it was queued: a ping held up behind our own backlog is not the client's fault.
-                self.ping_sent_at = time.monotonic()
             if close_after:
                 self._shutdown_socket()
                 return
+
+    def _send(self, frames: list[bytes]) -> bool:
+        """Send ``frames`` with one ``sendall`` (writer thread only); False if the connection failed."""
+        if not frames:
+            return True
+        try:
+            self.sock.sendall(b"".join(frames))
+        except OSError as exc:
+            self.close(f"send failed: {exc.strerror or exc}")
+            return False
+        if PING_FRAME in frames and self.ping_sent_at <= self.last_inbound:
+            # The reply window runs from when the first unanswered ping left, not from when
+            # it was queued: a ping held up behind our own backlog is not the client's fault.
+            self.ping_sent_at = time.monotonic()
+        return True
 
 
 class ChatServer:

@@ -30,6 +30,21 @@ def test_urgent_items_jump_the_backlog():
     assert queue.get_batch(10) == [PING_FRAME, "one", "two", "three"]
 
 
+def test_a_ping_queued_while_the_writer_seals_a_batch_can_be_taken_at_once():
+    queue = OutboundQueue(max_size=10)
+    for line in ("one", "two"):
+        queue.put(line)
+    batch = queue.get_batch(10)  # the writer is now sealing these
+    assert not queue.has_urgent
+    queue.put("three")
+    queue.put_urgent(PING_FRAME)
+    assert queue.has_urgent
+    assert queue.take_urgent() == [PING_FRAME]
+    assert not queue.has_urgent
+    assert batch == ["one", "two"]
+    assert queue.get_batch(10) == ["three"]
+
+
 def test_urgent_items_still_respect_the_limit_and_a_closed_queue():
     queue = OutboundQueue(max_size=2)
     queue.put("one")
