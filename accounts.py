@@ -553,7 +553,20 @@ class TokenAuthority:
             session_id,
         )
 
+    def recheck(self, claims: TokenClaims) -> None:
+        """Re-check what can change after ``verify`` accepted a token: expiry and revocation.
+
+        For a token string already fully verified (signature, issuer, key binding,
+        user); raises ``TokenError`` with the same codes as ``verify``.
+        """
+        # The same rule as PyJWT's: a token is expired from the second of its "exp".
+        if claims.expires_at <= time.time():
+            raise TokenError("token_expired", "token expired; log in again")
+        if self.is_revoked(claims.session_id):
+            raise TokenError("token_revoked", "token was given up; log in again")
+
     def is_revoked(self, session_id: str) -> bool:
+        """True if the session was given up (by a leave), spent (by a resume) or pushed out."""
         with self._revoked_lock:
             return session_id in self._revoked
 

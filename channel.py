@@ -24,8 +24,11 @@ from protocol import (
     associated_data,
     b64decode,
     check_frame_size,
+    check_outgoing_size,
     decode_message,
-    encode_frame,
+    encode_sealed_frame,
+    envelope_mac_input,
+    sealed_frame_size,
     split_payload,
 )
 
@@ -68,6 +71,10 @@ class SecureChannel:
         self.recv_seq = 0
         self._send_direction = b"s2c" if is_server else b"c2s"
         self._recv_direction = b"c2s" if is_server else b"s2c"
+        self._wrapped_key_size = (peer_public_key.key_size + 7) // 8
+        # The keyed MAC state for outgoing frames, and the session key it was built from.
+        self._send_mac: crypto_utils.SessionMac | None = None
+        self._send_mac_key: bytes | None = None
 
     def _labels(self, outgoing: bool) -> tuple[str, str]:
         """(hop sender, hop recipient) for the associated data."""
@@ -77,17 +84,30 @@ class SecureChannel:
         return SERVER_LABEL, self.username
 
     def seal(self, message: Message) -> bytes:
-        """Encrypt ``message`` for the peer and return the complete frame."""
+        """Encrypt ``message`` for the peer and return the complete frame.
+
+        Raises ``MessageTooLarge`` if the frame would exceed the frame limit; that is
+        checked before any work, and nothing changes, so the caller may skip the
+        message and seal the next one. Raises ``RuntimeError`` before login.
+        """
         if self.session_key is None:
             raise RuntimeError("no session key yet")
+        plaintext = message.encoded
+        # RSA-OAEP output is exactly the modulus size, so the frame size is known up front.
+        check_outgoing_size(sealed_frame_size(self._wrapped_key_size, len(plaintext)))
         seq = self.send_seq
         aad = associated_data(message.KIND, seq, *self._labels(outgoing=True))
-        wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, message.encoded, aad)
-        unsigned = Envelope(message.KIND, seq, wrapped, nonce, ciphertext, b"")
-        mac = crypto_utils.session_mac(self.session_key, self._send_direction, unsigned.mac_input())
-        self.send_seq += 1
-        envelope = Envelope(message.KIND, seq, wrapped, nonce, ciphertext, mac)
-        return encode_frame(FrameType.SEALED, envelope.encode())
+        wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad)
+        mac_input = envelope_mac_input(message.KIND, seq, wrapped, nonce, ciphertext)
+        send_mac = self._send_mac
+        if send_mac is None or self._send_mac_key is not self.session_key:  # first frame, or a new key
+            send_mac = self._send_mac = crypto_utils.SessionMac(self.session_key, self._send_direction)
+            self._send_mac_key = self.session_key
+        mac = send_mac.digest(mac_input)
+        frame = encode_sealed_frame(mac_input, mac)
+        # Only once the frame exists: a refused message must not leave a gap in the sequence.
+        self.send_seq = seq + 1
+        return frame
 
     def open(self, body: bytes) -> Message:
         """Authenticate and decrypt a sealed frame body.

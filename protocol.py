@@ -34,6 +34,7 @@ MAX_REASON_CHARS = 200
 FRAME_HEADER = struct.Struct("!I")
 ENVELOPE_HEADER = struct.Struct("!BQH")  # kind, sequence number, wrapped-key length
 NONCE_SIZE = 12
+GCM_TAG_SIZE = 16
 MAC_SIZE = 32
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
@@ -55,11 +56,22 @@ class FrameTooLarge(ProtocolError):
     """A length prefix announced more than the maximum frame size."""
 
 
+class MessageTooLarge(ValueError):
+    """A frame we were asked to send would exceed the maximum frame size.
+
+    A local error, unlike ``FrameTooLarge``: nothing was sent and no state changed,
+    so the sender can skip the message and carry on.
+    """
+
+
 class FrameType(IntEnum):
     """First byte of every frame payload."""
 
     CONTROL = 1  # cleartext JSON: handshake, pre-login errors, keepalive
     SEALED = 2  # encrypted envelope, see Envelope
+
+
+_SEALED_TYPE_BYTE = bytes((FrameType.SEALED,))
 
 
 class Kind(IntEnum):
@@ -86,11 +98,16 @@ class Kind(IntEnum):
 
 
 def encode_frame(frame_type: FrameType, body: bytes) -> bytes:
-    """Return one length-prefixed frame; raises ``ValueError`` if it would be too large."""
+    """Return one length-prefixed frame; raises ``MessageTooLarge`` if it would be too large."""
     size = 1 + len(body)
-    if size > MAX_FRAME_SIZE:
-        raise ValueError(f"frame of {size} bytes exceeds the {MAX_FRAME_SIZE}-byte limit")
+    check_outgoing_size(size)
     return FRAME_HEADER.pack(size) + bytes((frame_type,)) + body
+
+
+def check_outgoing_size(size: int) -> None:
+    """Raise ``MessageTooLarge`` unless a frame payload of ``size`` bytes may be sent."""
+    if size > MAX_FRAME_SIZE:
+        raise MessageTooLarge(f"frame of {size} bytes exceeds the {MAX_FRAME_SIZE}-byte limit")
 
 
 class FrameDecoder:
@@ -174,7 +191,7 @@ class Envelope:
     @classmethod
     def decode(cls, body: bytes) -> Envelope:
         """Parse a sealed frame body; raises ``ProtocolError`` if it is malformed."""
-        minimum = ENVELOPE_HEADER.size + NONCE_SIZE + 16 + MAC_SIZE
+        minimum = ENVELOPE_HEADER.size + NONCE_SIZE + GCM_TAG_SIZE + MAC_SIZE
         if len(body) < minimum:
             raise ProtocolError("sealed frame too short")
         kind_value, seq, wrapped_size = ENVELOPE_HEADER.unpack_from(body)
@@ -190,6 +207,27 @@ class Envelope:
         nonce = body[nonce_start : nonce_start + NONCE_SIZE]
         ciphertext = body[nonce_start + NONCE_SIZE : -MAC_SIZE]
         return cls(kind, seq, wrapped_key, nonce, ciphertext, body[-MAC_SIZE:])
+
+
+def sealed_frame_size(wrapped_key_size: int, plaintext_size: int) -> int:
+    """The payload size of a sealed frame, known before any encryption is done."""
+    ciphertext_size = plaintext_size + GCM_TAG_SIZE
+    return 1 + ENVELOPE_HEADER.size + wrapped_key_size + NONCE_SIZE + ciphertext_size + MAC_SIZE
+
+
+def envelope_mac_input(kind: Kind, seq: int, wrapped_key: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
+    """What ``Envelope.mac_input`` returns, built in one join without an ``Envelope``."""
+    return b"".join((ENVELOPE_HEADER.pack(kind, seq, len(wrapped_key)), wrapped_key, nonce, ciphertext))
+
+
+def encode_sealed_frame(mac_input: bytes, mac: bytes) -> bytes:
+    """The whole sealed frame (length prefix, type, envelope); ``Envelope.decode`` reverses it.
+
+    Raises ``MessageTooLarge`` if it would exceed the frame limit.
+    """
+    size = 1 + len(mac_input) + len(mac)
+    check_outgoing_size(size)
+    return b"".join((FRAME_HEADER.pack(size), _SEALED_TYPE_BYTE, mac_input, mac))
 
 
 def associated_data(kind: Kind, seq: int, hop_sender: str, hop_recipient: str) -> bytes:

@@ -61,6 +61,7 @@ from protocol import (
     Leave,
     Login,
     Message,
+    MessageTooLarge,
     Private,
     ProtocolError,
     Resume,
@@ -89,7 +90,10 @@ SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
 REVOKED_SESSIONS_FILE = "revoked_sessions"
 WRONG_CREDENTIALS = "wrong user name or password"
+#: Most queued messages one writer wake-up seals and sends with a single ``sendall``.
+WRITER_BATCH_SIZE = 64
 PING_FRAME = encode_control("ping")
+PONG_FRAME = encode_control("pong")
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
 FINISH_GRACE = 5.0
 #: Addresses whose connection rate is remembered before idle ones are forgotten.
@@ -143,16 +147,19 @@ class OutboundQueue:
 
     ``put`` never blocks: when the queue is full it refuses, and the caller
     drops the slow recipient. ``close`` wakes the writer at once; ``finish``
-    lets it send what is queued first.
+    lets it send what is queued first. There is one consumer, the writer: it
+    waits only on an empty queue, so only a put into an empty queue wakes it.
     """
 
     CLOSE_AFTER_FLUSH = object()
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        # Guards _items and _closed; the writer waits on it for new items.
+        # Guards _items, _urgent and _closed; the writer waits on it for new items.
         self._items_ready = threading.Condition(threading.Lock())
         self._items: deque[Any] = deque()
+        # Keepalive frames: they go out before _items, even in the middle of a batch.
+        self._urgent: deque[bytes] = deque()
         self._closed = False
 
     def put(self, item: Any) -> bool:
@@ -160,10 +167,11 @@ class OutboundQueue:
         with self._items_ready:
             if self._closed:
                 return True
-            if len(self._items) >= self.max_size:
+            if len(self._items) + len(self._urgent) >= self.max_size:
                 return False
             self._items.append(item)
-            self._items_ready.notify()
+            if len(self._items) + len(self._urgent) == 1:  # the writer may be waiting; else it will look
+                self._items_ready.notify()
             return True
 
     def finish(self, *last_items: Any) -> None:
@@ -181,16 +189,63 @@ class OutboundQueue:
         with self._items_ready:
             self._closed = True
             self._items.clear()
+            self._urgent.clear()
             self._items_ready.notify()
+
+    def put_urgent(self, frame: bytes) -> bool:
+        """Queue a control ``frame`` ahead of everything waiting (keepalive): False if full.
+
+        A ping queued behind a backlog of chat would reach a busy client late and get
+        it dropped as silent; control frames carry no sequence number, so they may jump.
+        """
+        with self._items_ready:
+            if self._closed:
+                return True
+            if len(self._items) + len(self._urgent) >= self.max_size:
+                return False
+            self._urgent.append(frame)
+            if len(self._items) + len(self._urgent) == 1:
+                self._items_ready.notify()
+            return True
+
+    @property
+    def has_urgent(self) -> bool:
+        """Whether a keepalive frame is waiting; read without the lock (a stale answer only delays it)."""
+        return bool(self._urgent)
+
+    def take_urgent(self) -> list[bytes]:
+        """Every keepalive frame waiting, oldest first."""
+        with self._items_ready:
+            frames = list(self._urgent)
+            self._urgent.clear()
+            return frames
 
     def get(self) -> Any:
         """Next item, or ``None`` once closed and drained."""
+        batch = self.get_batch(1)
+        return batch[0] if batch else None
+
+    def get_batch(self, max_items: int) -> list[Any]:
+        """Wait for items, then take up to ``max_items`` of them in order; ``[]`` once closed and drained.
+
+        The writer seals a batch and sends it with one ``sendall``: one wake-up and one
+        system call for many messages instead of one each.
+        Keepalive frames waiting come first, beyond ``max_items``.
+        """
         with self._items_ready:
-            while not self._items:
+            while not self._items and not self._urgent:
                 if self._closed:
-                    return None
+                    return []
                 self._items_ready.wait()
-            return self._items.popleft()
+            batch: list[Any] = list(self._urgent)
+            self._urgent.clear()
+            items = self._items
+            if len(items) <= max_items:
+                batch.extend(items)
+                items.clear()
+            else:
+                batch.extend(items.popleft() for _ in range(max_items))
+            return batch
 
 
 class ClientConnection:
@@ -214,6 +269,10 @@ class ClientConnection:
         # Guards claims: the reader replaces them on each verified frame, the keepalive on a refresh.
         self._claims_lock = threading.Lock()
         self._claims: TokenClaims | None = None
+        # The token string last fully verified on this connection, and its claims: every line
+        # carries the same token, and a JWT decode costs more than sealing a delivery. Only
+        # the reader thread (which alone calls verify_token for us) reads or writes it.
+        self.verified_token: tuple[str, TokenClaims] | None = None
         self.key_thumbprint = ""
         #: The account stamp checked at login or resume (see ChatServer.issue_token).
         self.verified_stamp = ""
@@ -224,7 +283,10 @@ class ClientConnection:
         self.frame_flood = FloodControl(server.config.flood_rate * 10, server.config.flood_burst * 5)
         # Written by the reader, read by the keepalive thread: a float store is atomic.
         self.last_inbound = time.monotonic()
+        # When the keepalive thread last queued a ping (it alone writes this).
         self.last_ping = 0.0
+        # When the writer sent the first ping since the client last spoke (it alone writes this).
+        self.ping_sent_at = 0.0
         self.in_room = False
         #: Shown to the others when this user leaves with /quit; never logged (it is message text).
         self.parting_message = ""
@@ -453,7 +515,7 @@ class ClientConnection:
         if frame_type is FrameType.CONTROL:
             control = decode_control(body)
             if control["type"] == "ping":
-                self.send_queue.put(encode_control("pong"))
+                self.send_queue.put_urgent(PONG_FRAME)
             elif control["type"] != "pong":
                 raise ProtocolError(f"unexpected control message {control['type']!r}")
             return
@@ -525,22 +587,54 @@ class ClientConnection:
     def _run_writer(self) -> None:
         assert self.channel is not None
         while True:
-            item = self.send_queue.get()
-            if item is None:
+            batch = self.send_queue.get_batch(WRITER_BATCH_SIZE)
+            if not batch:
                 return
-            if item is OutboundQueue.CLOSE_AFTER_FLUSH:
+            frames: list[bytes] = []
+            close_after = False
+            for item in batch:
+                if item is OutboundQueue.CLOSE_AFTER_FLUSH:
+                    close_after = True  # always the last item queued: finish() closes the queue
+                    break
+                if isinstance(item, bytes):
+                    frames.append(item)
+                    continue
+                if self.send_queue.has_urgent:
+                    # Sealing a batch can take seconds when hundreds of writers share the GIL;
+                    # a ping that arrives meanwhile goes out now, not after the batch.
+                    if not self._send(frames + self.send_queue.take_urgent()):
+                        return
+                    frames = []
+                try:
+                    frames.append(self.channel.seal(item))
+                except MessageTooLarge as exc:
+                    # One unsendable message must not cost the client its connection; the
+                    # channel's state is unchanged, so the next message seals as usual.
+                    log.warning("%s: %s message not sent: %s", self.peer, item.KIND.name, exc)
+                except Exception:
+                    log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
+                    self.close("internal error while sending")
+                    return
+            if not self._send(frames):
+                return
+            if close_after:
                 self._shutdown_socket()
                 return
-            try:
-                data = item if isinstance(item, bytes) else self.channel.seal(item)
-                self.sock.sendall(data)
-            except OSError as exc:
-                self.close(f"send failed: {exc.strerror or exc}")
-                return
-            except Exception:
-                log.exception("%s: cannot send", self.peer)
-                self.close("internal error while sending")
-                return
+
+    def _send(self, frames: list[bytes]) -> bool:
+        """Send ``frames`` with one ``sendall`` (writer thread only); False if the connection failed."""
+        if not frames:
+            return True
+        try:
+            self.sock.sendall(b"".join(frames))
+        except OSError as exc:
+            self.close(f"send failed: {exc.strerror or exc}")
+            return False
+        if PING_FRAME in frames and self.ping_sent_at <= self.last_inbound:
+            # The reply window runs from when the first unanswered ping left, not from when
+            # it was queued: a ping held up behind our own backlog is not the client's fault.
+            self.ping_sent_at = time.monotonic()
+        return True
 
 
 class ChatServer:
@@ -783,10 +877,18 @@ class ChatServer:
             connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
         silent = now - connection.last_inbound
         if silent > self.config.ping_timeout:
-            connection.close("no reply to keepalive (connection lost)")
-        elif silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
+            ping_sent = connection.ping_sent_at > connection.last_inbound
+            # How long a client has to answer a ping that has actually been sent.
+            reply_window = max(0.0, self.config.ping_timeout - self.config.ping_interval)
+            # Unsent after all this time means our writer could not get a frame onto the
+            # socket: the peer has stopped reading, which is as dead as not answering.
+            if not ping_sent or now - connection.ping_sent_at > reply_window:
+                connection.close("no reply to keepalive (connection lost)")
+                return
+        if silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
             connection.last_ping = now
-            connection.send_queue.put(PING_FRAME)
+            # Ahead of any backlog, so a busy client hears it at once.
+            connection.send_queue.put_urgent(PING_FRAME)
 
     # ------------------------------------------------------------------ authentication
 
@@ -883,10 +985,27 @@ class ChatServer:
         return token, expires_at
 
     def verify_token(self, connection: ClientConnection, token: object, username: str | None = None) -> TokenClaims:
-        """Verify a token for this connection, including that its account is unchanged."""
-        claims = self.tokens.verify(token, connection.key_thumbprint, username or connection.name)
+        """Verify a token for this connection, including that its account is unchanged.
+
+        The token last verified on this connection is only re-checked for what can change
+        (expiry, revocation, the account); any other token string is verified in full.
+        Raises ``TokenError``.
+        """
+        expected_user = username or connection.name
+        verified = connection.verified_token
+        # Comparing with == leaks nothing: the client sent this string, and we hold it only
+        # because the same client sent it before on this authenticated connection.
+        if verified is not None and isinstance(token, str) and token == verified[0]:
+            claims = verified[1]
+            if claims.username != expected_user:
+                raise TokenError("token_invalid", "token is for another user")
+            self.tokens.recheck(claims)
+        else:
+            claims = self.tokens.verify(token, connection.key_thumbprint, expected_user)
         if claims.account_stamp != self._account_stamp(claims.username):
             raise TokenError("token_revoked", "the account's password changed; log in again")
+        if isinstance(token, str):  # always, once verify() accepted it
+            connection.verified_token = (token, claims)
         return claims
 
     def authenticate_token(self, connection: ClientConnection, resume: Resume) -> str:

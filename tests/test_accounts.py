@@ -7,6 +7,7 @@ hashing is the point; the rest reuse one hash made per module.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import json
 import multiprocessing
@@ -621,6 +622,20 @@ def test_a_revocation_file_others_can_write_is_refused(tmp_path):
     path.chmod(0o666)
     with pytest.raises(InsecureFileError, match="chmod 600"):
         TokenAuthority(SECRET, revoked_path=path)
+
+
+def test_recheck_passes_a_live_token_and_refuses_a_revoked_or_expired_one(authority):
+    token, _ = authority.issue("alice", THUMBPRINT)
+    claims = authority.verify(token, THUMBPRINT, "alice")
+    authority.recheck(claims)  # nothing changed: no error
+    authority.revoke(claims)
+    with pytest.raises(TokenError) as revoked:
+        authority.recheck(claims)
+    assert revoked.value.code == "token_revoked"
+    lapsed = dataclasses.replace(claims, session_id="another", expires_at=int(time.time()))
+    with pytest.raises(TokenError) as expired:
+        authority.recheck(lapsed)
+    assert expired.value.code == "token_expired"
 
 
 @pytest.mark.parametrize("token", [None, "", 42, b"bytes", ["a.b.c"]])

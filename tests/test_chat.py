@@ -458,6 +458,40 @@ def test_a_revoked_token_stays_revoked_after_a_restart(make_server, connect):
     assert refusal.value.code == "token_revoked"
 
 
+def test_a_token_that_expires_mid_session_is_refused(make_server, connect):
+    short_lived = make_server(token_ttl=2)
+    alice, bob = log_in_all(connect, "alice", "bob", to=short_lived)
+    assert_chatting(alice, bob, "while the token is good")
+    while time.time() <= alice.token_expires_at + 0.2:
+        time.sleep(0.1)
+    alice.say("and now?")
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "token_expired"
+    wait_for(bob, left("alice"))
+    assert not [event for event in drain(bob) if chat_with("and now?")(event)]
+
+
+def test_a_password_change_ends_a_session_that_has_been_talking(server, connect):
+    alice, bob = log_in_all(connect, "alice", "bob")
+    assert_chatting(alice, bob, "before the change")
+    server.users.set_password("alice", "a brand-new password")
+    alice.say("after the change")
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "token_revoked"
+    wait_for(bob, left("alice"))
+    assert not [event for event in drain(bob) if chat_with("after the change")(event)]
+
+
+def test_a_token_is_decoded_once_per_connection_not_once_per_line(server, connect, monkeypatch):
+    alice, bob = log_in_all(connect, "alice", "bob")
+    decoded = []
+    full_verify = server.tokens.verify
+    monkeypatch.setattr(server.tokens, "verify", lambda *args: decoded.append(args[0]) or full_verify(*args))
+    for number in range(5):
+        assert_chatting(alice, bob, f"line {number}")
+    assert decoded == [alice.token]
+
+
 def test_an_expired_token_is_refused(make_server, connect):
     short_lived = make_server(token_ttl=1)
     alice, bob = log_in_all(connect, "alice", "bob", to=short_lived)

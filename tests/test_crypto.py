@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -549,3 +550,95 @@ def test_associated_data_binds_every_field():
         protocol.associated_data(Kind.SAY, 1, "server", "alice"),
     ]
     assert len({base, *variants}) == 5
+
+
+def test_the_sealed_frame_layout_matches_the_envelope_parser(logged_in):
+    chat = protocol.Chat(sender="bob", text="laid out by hand", sent_at=1.0)
+    frame = logged_in.server.seal(chat)
+    body = body_of(frame)
+    envelope = protocol.Envelope.decode(body)
+    assert (envelope.kind, envelope.seq) == (Kind.CHAT, 0)
+    assert body == envelope.encode()
+    wrapped_size = logged_in.client_key.key_size // 8
+    assert len(body) + 1 == protocol.sealed_frame_size(wrapped_size, len(chat.encoded))
+
+
+def test_a_message_too_large_for_a_frame_is_refused_and_leaves_the_channel_as_it_was(logged_in):
+    too_long = protocol.Chat(sender="bob", text="x" * protocol.MAX_FRAME_SIZE, sent_at=1.0)
+    with pytest.raises(protocol.MessageTooLarge, match="exceeds"):
+        logged_in.server.seal(too_long)
+    assert logged_in.server.send_seq == 0
+    # The next message takes the sequence number the refused one would have had.
+    fine = protocol.Chat(sender="bob", text="after the big one", sent_at=2.0)
+    assert logged_in.client.open(body_of(logged_in.server.seal(fine))) == fine
+    assert (logged_in.server.send_seq, logged_in.client.recv_seq) == (1, 1)
+
+
+def test_a_message_that_just_fits_is_sent_and_one_byte_more_is_not(logged_in):
+    wrapped_size = logged_in.client_key.key_size // 8
+    overhead = protocol.sealed_frame_size(wrapped_size, 0)
+    empty_notice = protocol.Notice(event="info", text="")
+    room = protocol.MAX_FRAME_SIZE - overhead - len(empty_notice.encoded)
+    fits = protocol.Notice(event="info", text="y" * room)
+    assert logged_in.client.open(body_of(logged_in.server.seal(fits))) == fits
+    with pytest.raises(protocol.MessageTooLarge):
+        logged_in.server.seal(protocol.Notice(event="info", text="y" * (room + 1)))
+    assert logged_in.server.send_seq == 1
+
+
+def test_message_too_large_is_a_local_error_not_a_protocol_error():
+    assert issubclass(protocol.MessageTooLarge, ValueError)
+    assert not issubclass(protocol.MessageTooLarge, ProtocolError)
+
+
+def test_the_per_connection_session_mac_equals_the_one_shot_one():
+    key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+    keyed = crypto_utils.SessionMac(key, b"s2c")
+    for data in (b"", b"frame one", b"x" * 5000):
+        assert keyed.digest(data) == crypto_utils.session_mac(key, b"s2c", data)
+    assert keyed.digest(b"frame one") != crypto_utils.SessionMac(key, b"c2s").digest(b"frame one")
+
+
+def test_a_new_session_key_takes_effect_for_the_next_frame(logged_in):
+    logged_in.server.seal(protocol.Notice(event="info", text="under the first key"))
+    new_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+    logged_in.server.session_key = new_key
+    body = body_of(logged_in.server.seal(protocol.Notice(event="info", text="under the second key")))
+    envelope = protocol.Envelope.decode(body)
+    assert envelope.mac == crypto_utils.session_mac(new_key, b"s2c", envelope.mac_input())
+
+
+def test_the_random_pool_never_hands_out_the_same_bytes_twice():
+    pool = crypto_utils.RandomPool(block_size=100)
+    taken = [pool.take(44) for _ in range(10)]  # crosses several block refills
+    assert all(len(chunk) == 44 for chunk in taken)
+    assert len(set(taken)) == len(taken)
+    assert len(pool.take(500)) == 500  # more than a block: straight from the OS
+
+
+def test_threads_draw_from_their_own_blocks():
+    pool = crypto_utils.RandomPool(block_size=4096)
+    taken: list[bytes] = []
+    threads = [threading.Thread(target=lambda: taken.extend(pool.take(44) for _ in range(50))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(taken)) == len(taken) == 200
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_reuse_the_parents_random_bytes():
+    pool = crypto_utils.RandomPool(block_size=4096)
+    pool.take(44)  # the parent now holds a block with bytes still to hand out
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.write(write_end, pool.take(44))
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    from_child = os.read(read_end, 44)
+    os.close(read_end)
+    assert len(from_child) == 44
+    assert from_child != pool.take(44)
