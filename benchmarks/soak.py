@@ -210,6 +210,7 @@ def run_soak(clients: Sequence[CheckingClient], lines: int, rate: float, verify_
     interval = 1.0 / rate
     worst_lag = 0.0
     send_errors = 0
+    busy_before, own_before = harness.machine_busy_seconds(), harness.cpu_seconds()
     started = time.perf_counter()
     for number in range(lines):
         due = started + number * interval
@@ -226,6 +227,8 @@ def run_soak(clients: Sequence[CheckingClient], lines: int, rate: float, verify_
         if number % 1000 == 0 and any(client.failure for client in clients):
             break
     sent_end = time.perf_counter()
+    # Everything but this benchmark (the server included) meanwhile: the machine is shared.
+    others_cpu = harness.machine_busy_seconds() - busy_before - (harness.cpu_seconds() - own_before)
     total_sent = sum(sent_by)
     expected = [total_sent - sent_by[index] for index in range(size)]
 
@@ -267,6 +270,7 @@ def run_soak(clients: Sequence[CheckingClient], lines: int, rate: float, verify_
         "seconds": sent_end - started,
         "offered_deliveries_per_s": rate * (size - 1),
         "worst_send_lag_ms": worst_lag * 1000,
+        "server_and_other_cpu_fraction": others_cpu / (sent_end - started),
         "clients_failed": [client.failure for client in clients if client.failure],
         "opened": opened,
         "verify_failures": verify_failures,
@@ -449,7 +453,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"  server RSS first 10%: {edges['rss_first_mean_kib'] / 1024:.1f} MiB, last 10%: "
             f"{edges['rss_last_mean_kib'] / 1024:.1f} MiB ({edges['rss_growth_fraction'] * 100:+.1f} %); threads "
-            f"{edges['threads_first_max']} -> {edges['threads_last_max']}; CPU {edges['server_cpu_fraction']:.2f} cores"
+            f"{edges['threads_first_max']} -> {edges['threads_last_max']}"
+        )
+        others = max(0.0, soak["server_and_other_cpu_fraction"] - edges["server_cpu_fraction"])
+        lines.append(
+            f"  CPU during the soak: server {edges['server_cpu_fraction']:.2f} cores, "
+            f"other processes {others:.2f} cores (of {report['machine']['nproc']})"
         )
     if soak["clients_failed"]:
         lines.append(f"  clients that stopped: {Counter(soak['clients_failed']).most_common(3)}")

@@ -280,10 +280,13 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             f"({background_count} talkers, {args.background_rate:g} lines/s)"
         )
         cpu_before = server.cpu_seconds()
+        busy_before, own_before = harness.machine_busy_seconds(), harness.cpu_seconds()
         storm_start, outcomes = run_storm(server, names[background_count:], keys, known_hosts, clients)
         succeeded = [outcome for outcome in outcomes if not outcome.error]
         storm_end = max((outcome.finished for outcome in succeeded), default=storm_start)
         cpu_storm = server.cpu_seconds() - cpu_before
+        # What anything besides this server and this benchmark used meanwhile (the machine is shared).
+        other_cpu = harness.machine_busy_seconds() - busy_before - cpu_storm - (harness.cpu_seconds() - own_before)
         storm_seconds = storm_end - storm_start
         log(f"  {len(succeeded)} of {storm_count} logged in within {storm_seconds:.2f} s")
 
@@ -331,6 +334,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             "login_ms_p99": percentile(login_times, 0.99) if login_times else None,
             "server_cpu_s": cpu_storm,
             "server_cpu_fraction": cpu_storm / storm_seconds if storm_seconds > 0 else None,
+            "other_cpu_fraction": max(0.0, other_cpu) / storm_seconds if storm_seconds > 0 else None,
             "join_notices_expected": notices,
             "join_notices_drained": drained,
             "join_notices_drain_s_after_last_login": drain_end - storm_end,
@@ -392,7 +396,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{hashing['after']['per_s']:.1f} after, {settings['hash_threads_measured']} thread(s))",
         f"  achieved / allowed = {ratio:.2f} (target >= {TARGET_HASH_RATIO:.2f}: "
         f"{'met' if ratio >= TARGET_HASH_RATIO else 'missed'})",
-        f"  server CPU during the storm: {storm['server_cpu_fraction'] or 0:.2f} cores",
+        f"  CPU during the storm: server {storm['server_cpu_fraction'] or 0:.2f} cores, "
+        f"other processes {storm['other_cpu_fraction'] or 0:.2f} cores (of {report['machine']['nproc']})",
         f"  join notices: {storm['join_notices_expected']} in all, last one delivered "
         f"{storm['join_notices_drain_s_after_last_login']:.1f} s after the last login",
         f"  talkers before the storm: {fmt_ms(talkers['before_storm'])}",
