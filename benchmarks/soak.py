@@ -158,6 +158,8 @@ def compare_edges(readings: Sequence[tuple[float, int, int, float]], start: floa
         return sum(values) / len(values)
 
     rss_first, rss_last = mean([r[1] for r in first]), mean([r[1] for r in last])
+    # Growth that stops early (allocator warm-up) is not a leak; growth in the second half would be.
+    middle = [r[1] for r in readings if start + 0.45 * span <= r[0] <= start + 0.55 * span] or [rss_first]
     return {
         "readings": len(readings),
         "first_readings": len(first),
@@ -166,6 +168,8 @@ def compare_edges(readings: Sequence[tuple[float, int, int, float]], start: floa
         "rss_last_mean_kib": rss_last,
         "rss_growth_kib": rss_last - rss_first,
         "rss_growth_fraction": (rss_last - rss_first) / rss_first,
+        "rss_middle_mean_kib": mean(middle),
+        "rss_growth_second_half_kib": rss_last - mean(middle),
         "rss_max_kib": max(r[1] for r in readings if start <= r[0] <= end),
         "threads_first_max": max(r[2] for r in first),
         "threads_last_max": max(r[2] for r in last),
@@ -452,7 +456,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if "rss_first_mean_kib" in edges:
         lines.append(
             f"  server RSS first 10%: {edges['rss_first_mean_kib'] / 1024:.1f} MiB, last 10%: "
-            f"{edges['rss_last_mean_kib'] / 1024:.1f} MiB ({edges['rss_growth_fraction'] * 100:+.1f} %); threads "
+            f"{edges['rss_last_mean_kib'] / 1024:.1f} MiB ({edges['rss_growth_fraction'] * 100:+.1f} %; "
+            f"{edges['rss_growth_second_half_kib']:+.0f} KiB in the second half); threads "
             f"{edges['threads_first_max']} -> {edges['threads_last_max']}"
         )
         others = max(0.0, soak["server_and_other_cpu_fraction"] - edges["server_cpu_fraction"])
