@@ -377,7 +377,7 @@ def fmt_ms(summary: dict[str, Any]) -> str:
         return "no samples"
     return (
         f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
-        f"max {summary['max_ms']:.1f} ms ({summary['samples']} lines)"
+        f"max {summary['max_ms']:.1f} ms ({summary['samples']} deliveries)"
     )
 
 
