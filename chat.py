@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
-from protocol import Chat, Message, Notice
+from protocol import Chat, Joined, Message, Notice
 
 
 class Member(Protocol):
@@ -143,3 +143,29 @@ class FloodControl:
     def is_full(self) -> bool:
         """True when the bucket has refilled: its owner has been quiet, nothing to remember."""
         return self.rate <= 0 or self._tokens + (time.monotonic() - self._updated) * self.rate >= self.burst
+
+
+def merge_join_notices(queued: list[Any]) -> list[Any]:
+    """Turn each run of two or more adjacent "joined" notices in a queued batch into one ``Joined``.
+
+    A recipient whose queue keeps up gets every notice on its own, at once (a batch of
+    one is left alone); one that has fallen behind a burst of logins gets the run in one
+    frame. Only adjacent notices merge, so nothing is reordered.
+    """
+    merged: list[Any] = []
+    for item in queued:
+        if _is_join(item) and merged and isinstance(merged[-1], Notice | Joined) and _joined_names(merged[-1]):
+            merged[-1] = Joined(names=[*_joined_names(merged[-1]), item.name])
+        else:
+            merged.append(item)
+    return merged
+
+
+def _is_join(item: Any) -> bool:
+    return isinstance(item, Notice) and item.event == "joined"
+
+
+def _joined_names(item: Notice | Joined) -> list[str]:
+    if isinstance(item, Joined):
+        return item.names
+    return [item.name] if item.event == "joined" else []

@@ -42,6 +42,7 @@ from protocol import (
     ErrorReply,
     FrameType,
     Goodbye,
+    Joined,
     Kind,
     Leave,
     Login,
@@ -504,6 +505,14 @@ class ChatClient:
                 message = channel.open(body)
                 if isinstance(message, TokenRefresh):
                     self.token, self.token_expires_at = message.token, message.expires_at
+                    continue
+                if isinstance(message, Joined):
+                    # Joins the server sent together while catching up: one event each, as if
+                    # they had come one by one.
+                    for name in message.names:
+                        notice = Notice(event="joined", name=name)
+                        self._track_members(notice)
+                        self._events.put(notice)
                     continue
                 if isinstance(message, Notice):
                     self._track_members(message)

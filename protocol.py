@@ -92,6 +92,7 @@ class Kind(IntEnum):
     ERROR = 20
     TOKEN = 21
     GOODBYE = 22
+    JOINED = 23
 
 
 # --------------------------------------------------------------------------- framing
@@ -622,6 +623,21 @@ class Goodbye(Message):
         _require(isinstance(self.may_reconnect, bool), "may_reconnect must be true or false")
 
 
+@dataclass(frozen=True)
+class Joined(Message):
+    """Several people joined, in order: the "joined" notices a recipient had queued, in one frame.
+
+    Each notice costs one RSA wrap per recipient, so a burst of N logins would cost
+    N(N-1)/2; a recipient whose queue fell behind gets the burst in far fewer frames.
+    """
+
+    KIND: ClassVar[Kind] = Kind.JOINED
+    names: list[str]
+
+    def __post_init__(self) -> None:
+        _require(_is_str_list(self.names) and len(self.names) > 0, "names must be a non-empty list of names")
+
+
 MESSAGE_TYPES: dict[Kind, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -638,6 +654,7 @@ MESSAGE_TYPES: dict[Kind, type[Message]] = {
         ErrorReply,
         TokenRefresh,
         Goodbye,
+        Joined,
     )
 }
 

@@ -44,7 +44,7 @@ from accounts import (
     verify_password,
 )
 from channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
-from chat import FloodControl, LocalRoom, Room
+from chat import FloodControl, LocalRoom, Room, merge_join_notices
 from crypto_utils import CryptoError
 from protocol import (
     CLIENT_KINDS,
@@ -590,6 +590,7 @@ class ClientConnection:
             batch = self.send_queue.get_batch(WRITER_BATCH_SIZE)
             if not batch:
                 return
+            batch = merge_join_notices(batch)
             frames: list[bytes] = []
             close_after = False
             for item in batch:

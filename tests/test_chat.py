@@ -12,6 +12,7 @@ import pytest
 from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
 from accounts import LoginThrottle
+from chat import merge_join_notices
 from client import (
     Chat,
     ChatClient,
@@ -23,7 +24,7 @@ from client import (
     Notice,
     Roster,
 )
-from protocol import Say
+from protocol import Joined, Say
 
 # --------------------------------------------------------------------------- helpers
 
@@ -146,6 +147,44 @@ def test_join_and_leave_notices_carry_the_parting_words(connect):
         wait_for(alice, left("bob"))
     finally:
         lost.close()
+
+
+def test_queued_join_notices_merge_only_when_adjacent():
+    chat = Say(token="t", text="between")
+    queued = [
+        Notice(event="joined", name="a"),
+        Notice(event="joined", name="b"),
+        Notice(event="joined", name="c"),
+        chat,
+        Notice(event="left", name="a"),
+        Notice(event="joined", name="d"),
+        b"ping",
+        Notice(event="joined", name="e"),
+    ]
+    assert merge_join_notices(queued) == [
+        Joined(names=["a", "b", "c"]),
+        chat,
+        Notice(event="left", name="a"),
+        Notice(event="joined", name="d"),
+        b"ping",
+        Notice(event="joined", name="e"),
+    ]
+    alone = [Notice(event="joined", name="a")]
+    assert merge_join_notices(alone) == alone  # a recipient that keeps up sees no difference
+
+
+def test_a_burst_of_joins_reaches_the_client_as_one_notice_each(make_server, connect):
+    quick = make_server()
+    alice = connect("alice", to=quick)
+    connection = next(c for c in quick.connections if c.name == "alice")
+    connection.deliver(Joined(names=["bob", "carol", "dave"]))  # what the writer sends when behind
+    notices = [wait_for(alice, lambda event: isinstance(event, Notice)) for _ in range(3)]
+    assert [(notice.event, notice.name) for notice in notices] == [
+        ("joined", "bob"),
+        ("joined", "carol"),
+        ("joined", "dave"),
+    ]
+    assert {"bob", "carol", "dave"} <= set(alice.members)
 
 
 def test_the_server_names_the_sender(connect):
