@@ -28,7 +28,7 @@ import jwt
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from crypto_utils import check_owner_only
+from crypto_utils import CryptoError, check_owner_only
 from protocol import validate_username
 
 log = logging.getLogger("chat.accounts")
@@ -461,15 +461,21 @@ class TokenAuthority:
         now = time.time()
         revoked: dict[str, int] = {}
         try:
-            for line in self.revoked_path.read_text("utf-8").splitlines():
-                if line.strip():
-                    session_id, until = line.split()
-                    if int(until) >= now:
-                        revoked[session_id] = int(until)
-        except (OSError, ValueError):
-            # Losing the list only lets already-spent sessions (still bound to their key) resume.
-            log.warning("%s is unreadable; starting with no revoked sessions", self.revoked_path)
-            return {}
+            lines = self.revoked_path.read_bytes().decode("ascii", errors="replace").splitlines()
+        except OSError as exc:
+            # Starting without the list would let spent sessions resume: refuse instead.
+            raise CryptoError(f"{self.revoked_path}: cannot read: {exc.strerror or exc}") from None
+        damaged = 0
+        for line in lines:
+            # Line by line: a line torn by a crash or a full disk must not cost the others.
+            try:
+                session_id, until = line.split()
+                if int(until) >= now:
+                    revoked[session_id] = int(until)
+            except ValueError:
+                damaged += line.strip() != ""
+        if damaged:
+            log.warning("%s: skipped %d damaged line(s)", self.revoked_path, damaged)
         self._rewrite_revoked(revoked)  # drop what expired while we were down
         return revoked
 
@@ -488,7 +494,10 @@ class TokenAuthority:
         try:
             fd = os.open(self.revoked_path, flags, 0o600)
             try:
-                os.write(fd, f"{session_id} {until}\n".encode("ascii"))
+                # A leading newline ends any line an earlier crash left torn (empty lines are skipped).
+                line = memoryview(f"\n{session_id} {until}\n".encode("ascii"))
+                while line:
+                    line = line[os.write(fd, line) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

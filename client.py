@@ -75,6 +75,7 @@ __all__ = [
     "HostKeyError",
     "KnownHosts",
     "LoginRefused",
+    "MessageRefused",
     "Notice",
     "Roster",
     "Welcome",
@@ -94,6 +95,10 @@ TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_k
 
 class ChatError(Exception):
     """Something the user should read, in one line."""
+
+
+class MessageRefused(ChatError):
+    """This one message cannot be sent (too long, not valid text); the connection is fine."""
 
 
 class HostKeyError(ChatError):
@@ -131,9 +136,9 @@ def _check_length(text: str) -> None:
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ChatError("not sent: the text is not valid Unicode") from None
+        raise MessageRefused("not sent: the text is not valid Unicode") from None
     if size > MAX_TEXT_BYTES:
-        raise ChatError(f"not sent: message longer than {MAX_TEXT_BYTES} bytes")
+        raise MessageRefused(f"not sent: message longer than {MAX_TEXT_BYTES} bytes")
 
 
 def default_known_hosts_path() -> Path:
@@ -428,7 +433,7 @@ class ChatClient:
             try:
                 frame = channel.seal(build(self.token))
             except (ValueError, ProtocolError):  # the sealed frame would exceed the limit
-                raise ChatError("not sent: message too long") from None
+                raise MessageRefused("not sent: message too long") from None
             try:
                 sock.sendall(frame)
             except OSError as exc:

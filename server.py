@@ -322,7 +322,8 @@ class ClientConnection:
         with self._close_lock:
             if self.closed.is_set():
                 return
-            self.close_reason = reason
+            if not self.close_reason:  # finish() may have set it: "quit" must survive a late close
+                self.close_reason = reason
             self.closed.set()
         self.send_queue.close()
         self._shutdown_socket()
@@ -370,20 +371,20 @@ class ClientConnection:
             self._send_control_error("timeout", "handshake timed out")
         except SequenceError as exc:
             reason = f"protocol error: {exc}"
-            self._refuse("replay", "replayed or out-of-order frame")
+            self._refuse("replay", "replayed or out-of-order frame", reason)
         except FloodError:
             reason = "flooding"
-            self._refuse("flood", "disconnected for sending far too fast")
+            self._refuse("flood", "disconnected for sending far too fast", reason)
         except (ProtocolError, CryptoError) as exc:
             reason = f"protocol error: {exc}"
             # Say what class of problem it was, never the details: they may be sensitive.
-            self._refuse("protocol_error", "malformed or unverifiable frame")
+            self._refuse("protocol_error", "malformed or unverifiable frame", reason)
         except AuthenticationFailed as exc:
             reason = f"login refused: {exc.code}"
-            self._refuse(exc.code, str(exc))
+            self._refuse(exc.code, str(exc), reason)
         except TokenError as exc:
             reason = f"token refused: {exc.code}"
-            self._refuse(exc.code, str(exc))
+            self._refuse(exc.code, str(exc), reason)
         except OSError as exc:
             reason = self.close_reason or f"connection error: {exc.strerror or exc}"
         except Exception:
@@ -406,12 +407,15 @@ class ClientConnection:
             return "protocol error"
         return reason
 
-    def _refuse(self, code: str, message: str) -> None:
-        """Tell the client why it is being dropped, as securely as the state allows."""
+    def _refuse(self, code: str, message: str, reason: str) -> None:
+        """Tell the client why it is being dropped (``message``), as securely as the state allows.
+
+        ``reason`` is ours: it goes to the log and decides what the others are told.
+        """
         if self.channel is not None and self.channel.session_key is not None:
             reply = ErrorReply(code=code, message=message, fatal=True)
             if self.writer.is_alive():
-                self.finish(message, reply)
+                self.finish(reason, reply)
                 self.writer.join(timeout=1.0)
             else:
                 self._send_now(self.channel.seal(reply))
@@ -504,10 +508,11 @@ class ClientConnection:
         if isinstance(replaced, ClientConnection):
             # Revoked, not just closed: whoever still holds that session (a stolen laptop,
             # say) must not resume it and push this login out in turn.
+            # Told first (as for a leave), so nothing it does meanwhile meets a revoked token.
+            replaced.finish("logged in again from elsewhere", Goodbye(reason="logged in again from elsewhere"))
             replaced_claims = replaced.claims
             if replaced_claims is not None:
                 self.server.tokens.revoke(replaced_claims)
-            replaced.finish("logged in again from elsewhere", Goodbye(reason="logged in again from elsewhere"))
 
     def _handle_frame(self, frame_type: FrameType, body: bytes) -> None:
         if not self.frame_flood.allow():  # pings too: parsing JSON is work, and so is each pong
@@ -872,8 +877,9 @@ class ChatServer:
         if self.tokens.needs_refresh(claims):  # a listener needs its token kept fresh too
             try:
                 token, expires_at = self.issue_token(connection, claims.account_stamp)
-            except TokenError:  # its session was revoked meanwhile
-                connection.close("session revoked")
+            except TokenError:  # its session was revoked meanwhile (by a leave racing this pass, say)
+                if not connection.close_reason:
+                    connection.close("session revoked")
                 return
             connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
         silent = now - connection.last_inbound

@@ -36,6 +36,7 @@ from client import (
     HostKeyError,
     KnownHosts,
     LoginRefused,
+    MessageRefused,
     Notice,
     Roster,
     default_known_hosts_path,
@@ -468,6 +469,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
             except Quit as quit_request:
                 parting, quitting = quit_request.message, True
                 break
+            except MessageRefused as exc:  # about this line only: say so, and go on with the next
+                report(str(exc))
             except ChatError:
                 # The link dropped under us: the line stays first; wait until the event thread has
                 # noticed (or already resumed), then try it again.
@@ -599,17 +602,23 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
 
     context = CommandContext(client, say_line=lambda line: print(line, flush=True), show=show, style=style)
 
+    def exit_prompt() -> None:
+        # Once only: the prompt's pre_run hook may have asked already, and a second exit raises.
+        app = session.app
+        if app.is_running and app.future is not None and not app.future.done():
+            app.exit(exception=EOFError())
+
     def stop_prompt() -> None:
         app = session.app
         loop = app.loop
         if app.is_running and loop is not None:
-            loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
+            loop.call_soon_threadsafe(exit_prompt)
 
     def exit_if_reader_asked() -> None:
         # stop_prompt() does nothing between two prompts (while a line is being sent); the
         # next prompt checks here, once running, so the reader's request is never lost.
         if leaving.is_set() or need_password.is_set():
-            session.app.exit(exception=EOFError())
+            exit_prompt()
 
     def read_events() -> None:
         while True:

@@ -607,13 +607,29 @@ def test_the_revocation_journal_is_appended_to_and_compacted_as_sessions_expire(
 
     for index in range(accounts.MIN_JOURNAL_LINES):
         revoke(f"old-{index}")
-    assert len(path.read_text().splitlines()) == accounts.MIN_JOURNAL_LINES  # one line each, no rewrite
+    entries = [line for line in path.read_text().splitlines() if line]
+    assert len(entries) == accounts.MIN_JOURNAL_LINES  # one line each, no rewrite
     clock.now += 3600  # every one of them has expired
     revoke("new-0")  # the journal passes its limit: rewritten with what is still live
     assert path.read_text().split() == ["new-0", str(int(clock.now) + 61)]
     assert authority.is_revoked("new-0") and not authority.is_revoked("old-0")
     reloaded = TokenAuthority(SECRET, ttl=60, revoked_path=path)
     assert reloaded.is_revoked("new-0")
+
+
+def test_a_torn_journal_line_costs_only_itself(tmp_path):
+    # A crash or a full disk mid-append leaves a partial line; the next append goes on after it.
+    path = tmp_path / "revoked"
+    authority = TokenAuthority(SECRET, revoked_path=path)
+    first, _ = authority.issue("alice", THUMBPRINT)
+    authority.revoke(authority.verify(first, THUMBPRINT, "alice"))
+    with path.open("a") as journal:
+        journal.write("torn-sess")  # no expiry, no newline
+    second, _ = authority.issue("bob", THUMBPRINT)
+    authority.revoke(authority.verify(second, THUMBPRINT, "bob"))
+    reloaded = TokenAuthority(SECRET, revoked_path=path)
+    assert refused_code(reloaded, first) == "token_revoked"
+    assert refused_code(reloaded, second, username="bob") == "token_revoked"
 
 
 def test_a_revocation_file_others_can_write_is_refused(tmp_path):

@@ -391,6 +391,16 @@ def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batc
     assert drain_chats(carol) == [], "carol heard a line twice"
 
 
+def test_batch_reports_a_line_too_long_and_goes_on_with_the_next(chat_server, batch_clients, join):
+    carol = join("carol", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    alice.send("x" * 40_000, "after the long one")
+    assert [message.text for message in chats(carol, 1)] == ["after the long one"]
+    assert alice.finish(TIMEOUT * 2) == 0
+    assert alice.stderr.lines == ["not sent: message longer than 32768 bytes"]
+
+
 def test_batch_wrong_password_is_one_line_and_a_failure(chat_server, tmp_path):
     result = run_batch(tmp_path, chat_server.port, "alice", "--accept-new-host-key", password="not-the-password")
     assert result.returncode != 0
