@@ -164,15 +164,7 @@ class OutboundQueue:
 
     def put(self, item: Any) -> bool:
         """Queue ``item``; False if the queue is full. A closed queue drops silently."""
-        with self._items_ready:
-            if self._closed:
-                return True
-            if len(self._items) + len(self._urgent) >= self.max_size:
-                return False
-            self._items.append(item)
-            if len(self._items) + len(self._urgent) == 1:  # the writer may be waiting; else it will look
-                self._items_ready.notify()
-            return True
+        return self._add(self._items, item)
 
     def finish(self, *last_items: Any) -> None:
         """Queue ``last_items`` past the limit, then ask the writer to close."""
@@ -198,13 +190,17 @@ class OutboundQueue:
         A ping queued behind a backlog of chat would reach a busy client late and get
         it dropped as silent; control frames carry no sequence number, so they may jump.
         """
+        return self._add(self._urgent, frame)
+
+    def _add(self, line: deque[Any], item: Any) -> bool:
+        """Append to ``line`` (_items or _urgent) within the shared bound; see ``put``."""
         with self._items_ready:
             if self._closed:
                 return True
             if len(self._items) + len(self._urgent) >= self.max_size:
                 return False
-            self._urgent.append(frame)
-            if len(self._items) + len(self._urgent) == 1:
+            line.append(item)
+            if len(self._items) + len(self._urgent) == 1:  # the writer may be waiting; else it will look
                 self._items_ready.notify()
             return True
 

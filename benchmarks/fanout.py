@@ -56,6 +56,7 @@ from loadclient import (  # noqa: E402
     Sample,
     SamplingChatClient,
     bench_text,
+    new_clients,
 )
 
 import crypto_utils  # noqa: E402
@@ -119,6 +120,47 @@ class Phases:
 
 class BenchmarkError(Exception):
     """The benchmark could not run as designed (a client dropped, a phase did not drain)."""
+
+
+#: Where every run of storm.py and soak.py leaves its JSON (git-ignored).
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def start_report(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """The head every benchmark report starts with: how to run it again, when, where, what code."""
+    command = f"python benchmarks/{script} " + " ".join(shlex.quote(arg) for arg in (argv or sys.argv[1:]))
+    return {
+        "command": command.strip(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "machine": harness.machine_info(),
+        "source": harness.source_info(),
+    }
+
+
+def save_report(report: dict[str, Any], name: str, summary: list[str], json_path: Path | None) -> None:
+    """Print the summary and write the report into RESULTS_DIR (and to ``json_path`` too, if given)."""
+    report["load_average_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    report["summary"] = summary
+    print("\n".join(summary))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    outputs = [RESULTS_DIR / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"]
+    if json_path:
+        outputs.append(json_path)
+    for path in outputs:
+        path.write_text(json.dumps(report, indent=2))
+        log(f"wrote {path}")
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Run a benchmark's ``main`` as a program: a failure or Ctrl-C is one line and an exit status."""
+    try:
+        sys.exit(main())
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def log(text: str) -> None:
@@ -491,18 +533,7 @@ def connect_chat_clients(
     clients: list[Client],
 ) -> None:
     """Log ``names`` in, appending each client to ``clients`` first (so the caller can close them all)."""
-    batch = [
-        SamplingChatClient(
-            server.host,
-            server.port,
-            server_fingerprint=server.fingerprint,
-            known_hosts=known_hosts,
-            private_key=keys[index % len(keys)],
-            timeout=LOGIN_TIMEOUT,
-            pace=False,
-        )
-        for index in range(len(names))
-    ]
+    batch = new_clients(server, len(names), keys, known_hosts, timeout=LOGIN_TIMEOUT)
     clients.extend(batch)
     with ThreadPoolExecutor(max_workers=LOGIN_WORKERS, thread_name_prefix="bench-login") as pool:
         futures = [
@@ -801,11 +832,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -24,16 +24,18 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from channel import ConnectionClosed, SecureChannel, SequenceError, read_frame  # noqa: E402
-from client import ChatClient, Disconnected  # noqa: E402
-from crypto_utils import CryptoError  # noqa: E402
+from client import ChatClient, Disconnected, KnownHosts  # noqa: E402
+from crypto_utils import CryptoError, PrivateKey  # noqa: E402
 from protocol import (  # noqa: E402
     MAX_FRAME_SIZE,
     SERVER_KINDS,
@@ -87,6 +89,20 @@ class Sample:
     @property
     def latency(self) -> float:
         return self.arrived - self.sent
+
+
+def keep_sample(client: Any, arrived: float, body: bytes) -> None:
+    """Keep a received chat frame for later checking, with the client's probability and up to its cap.
+
+    ``client`` is a ``SamplingChatClient`` or a ``PlainLoadClient``: both have
+    ``sample_probability``, ``raw_samples`` and ``_rng``.
+    """
+    if (
+        client.sample_probability > 0
+        and len(client.raw_samples) < MAX_SAMPLES_PER_CLIENT
+        and client._rng.random() < client.sample_probability
+    ):
+        client.raw_samples.append((arrived, body))
 
 
 class SamplingChatClient(ChatClient):
@@ -156,12 +172,7 @@ class SamplingChatClient(ChatClient):
                         self.notice_frames += 1
                         continue
                     self.chat_frames += 1
-                    if (
-                        self.sample_probability > 0
-                        and len(self.raw_samples) < MAX_SAMPLES_PER_CLIENT
-                        and self._rng.random() < self.sample_probability
-                    ):
-                        self.raw_samples.append((arrived, body))
+                    keep_sample(self, arrived, body)
                     continue
                 if envelope.kind not in SERVER_KINDS:
                     raise ProtocolError(f"{envelope.kind.name} is not allowed from the server")
@@ -212,19 +223,19 @@ class SamplingChatClient(ChatClient):
         samples, self.raw_samples = self.raw_samples, []
         return samples
 
-    def open_samples(self, raw_samples: list[tuple[float, bytes]]) -> tuple[list[Sample], int]:
+    def open_chats(self, raw_samples: list[tuple[float, bytes]]) -> tuple[list[tuple[float, Chat]], int]:
         """Open and verify kept frames in full: MAC, AES-GCM, RSA unwrap, message type.
 
         Uses a separate ``SecureChannel`` with the same keys, its expected
         sequence number set to each frame's own (already checked in order by the
-        reader), so the live channel is never touched. Returns the samples that
-        are benchmark lines, and how many frames failed to verify.
+        reader), so the live channel is never touched. Returns (arrival time, chat)
+        for each frame that verified, and how many did not.
         """
         assert self._server_key is not None and self._session_key is not None
         verifier = SecureChannel(self.private_key, self._server_key, is_server=False, allowed_incoming=SERVER_KINDS)
         verifier.username = self.username
         verifier.session_key = self._session_key
-        samples, failures = [], 0
+        chats, failures = [], 0
         for arrived, body in raw_samples:
             try:
                 verifier.recv_seq = Envelope.decode(body).seq
@@ -232,13 +243,49 @@ class SamplingChatClient(ChatClient):
             except (ProtocolError, CryptoError):
                 failures += 1
                 continue
-            if not isinstance(message, Chat):
+            if isinstance(message, Chat):
+                chats.append((arrived, message))
+            else:
                 failures += 1
-                continue
+        return chats, failures
+
+    def open_samples(self, raw_samples: list[tuple[float, bytes]]) -> tuple[list[Sample], int]:
+        """Open kept frames as ``open_chats`` does; returns the samples that are benchmark
+        lines, and how many frames failed to verify."""
+        chats, failures = self.open_chats(raw_samples)
+        samples = []
+        for arrived, message in chats:
             sent = send_time_of(message.text)
             if sent is not None:
                 samples.append(Sample(arrived, sent))
         return samples, failures
+
+
+def new_clients(
+    server: Any,
+    count: int,
+    keys: Sequence[PrivateKey],
+    known_hosts: KnownHosts,
+    *,
+    first_key: int = 0,
+    **options: Any,
+) -> list[SamplingChatClient]:
+    """``count`` load clients of a running ``harness.ServerProcess``, its key pinned, sharing ``keys`` in turn.
+
+    Not yet connected: the caller decides how they log in (in a pool, or all at once).
+    """
+    return [
+        SamplingChatClient(
+            server.host,
+            server.port,
+            server_fingerprint=server.fingerprint,
+            known_hosts=known_hosts,
+            private_key=keys[(first_key + index) % len(keys)],
+            pace=False,
+            **options,
+        )
+        for index in range(count)
+    ]
 
 
 class PlainLoadClient:
@@ -280,27 +327,10 @@ class PlainLoadClient:
                 _, body = read_frame(self.sock, MAX_FRAME_SIZE)
                 arrived = time.perf_counter()
                 self.chat_frames += 1
-                if (
-                    self.sample_probability > 0
-                    and len(self.raw_samples) < MAX_SAMPLES_PER_CLIENT
-                    and self._rng.random() < self.sample_probability
-                ):
-                    self.raw_samples.append((arrived, body))
+                keep_sample(self, arrived, body)
         except (ConnectionClosed, ProtocolError, OSError) as exc:
             if not self._closing.is_set():
                 self.failure = f"connection lost ({exc})"
-
-    def _count_merged_joins(self, envelope: Envelope) -> int:
-        """How many names a JOINED frame carries, from its size alone; 0 if that cannot tell.
-
-        Every benchmark user name has the length of ours, and the plaintext is
-        ``{"names":["n1",...,"nk"]}``: 11 + k * (length + 3) bytes. Opening each of these
-        frames would cost the load clients an RSA unwrap a real client pays anyway, but
-        one the load generator cannot afford beside the server it measures.
-        """
-        plaintext_size = len(envelope.ciphertext) - AES_GCM_TAG_SIZE
-        count, rest = divmod(plaintext_size - 11, len(self.username) + 3)
-        return count if rest == 0 and count >= 2 else 0
 
     def take_raw_samples(self) -> list[tuple[float, bytes]]:
         samples, self.raw_samples = self.raw_samples, []

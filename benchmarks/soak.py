@@ -34,9 +34,7 @@ about 6 minutes of both cores for 500,000):
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shlex
 import sys
 import tempfile
 import threading
@@ -51,14 +49,21 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import harness  # noqa: E402
-from fanout import LOGIN_WORKERS, BenchmarkError, close_all, log, percentile, wait_until  # noqa: E402
-from loadclient import SamplingChatClient, bench_text  # noqa: E402
+from fanout import (  # noqa: E402
+    LOGIN_WORKERS,
+    BenchmarkError,
+    close_all,
+    log,
+    percentile,
+    run_main,
+    save_report,
+    start_report,
+    wait_until,
+)
+from loadclient import SamplingChatClient, bench_text, new_clients  # noqa: E402
 
 import crypto_utils  # noqa: E402
-from channel import SecureChannel  # noqa: E402
 from client import ChatError, KnownHosts  # noqa: E402
-from crypto_utils import CryptoError  # noqa: E402
-from protocol import SERVER_KINDS, Chat, Envelope, ProtocolError  # noqa: E402
 
 DEFAULT_CLIENTS = 200
 DEFAULT_DELIVERIES = 500_000
@@ -87,34 +92,6 @@ THREAD_SLACK = 0
 DEFAULT_HASH_WORKERS = 2
 #: The soak's backlog of join notices may delay pongs past the default keepalive timeout.
 DEFAULT_SERVER_ARGS: tuple[str, ...] = ("--ping-timeout", "600")
-RESULTS_DIR = BENCH_DIR / "results"
-
-
-class CheckingClient(SamplingChatClient):
-    """A ``SamplingChatClient`` whose kept samples are opened into full ``Chat`` messages."""
-
-    def open_chats(self, raw_samples: list[tuple[float, bytes]]) -> tuple[list[tuple[float, Chat]], int]:
-        """Open and verify kept frames (HMAC, AES-GCM, RSA unwrap).
-
-        Returns (arrival time, chat) for each frame that verified, and how many did not.
-        """
-        assert self._server_key is not None and self._session_key is not None
-        verifier = SecureChannel(self.private_key, self._server_key, is_server=False, allowed_incoming=SERVER_KINDS)
-        verifier.username = self.username
-        verifier.session_key = self._session_key
-        chats, failures = [], 0
-        for arrived, body in raw_samples:
-            try:
-                verifier.recv_seq = Envelope.decode(body).seq
-                message = verifier.open(body)
-            except (ProtocolError, CryptoError):
-                failures += 1
-                continue
-            if isinstance(message, Chat):
-                chats.append((arrived, message))
-            else:
-                failures += 1
-        return chats, failures
 
 
 class ServerSampler:
@@ -203,7 +180,7 @@ def hash_workers(server_args: Sequence[str]) -> int:
 # --------------------------------------------------------------------------- phases
 
 
-def run_soak(clients: Sequence[CheckingClient], lines: int, rate: float, verify_samples: int) -> dict[str, Any]:
+def run_soak(clients: Sequence[SamplingChatClient], lines: int, rate: float, verify_samples: int) -> dict[str, Any]:
     """Send ``lines`` numbered lines at ``rate`` a second, clients taking turns; check what arrived."""
     size = len(clients)
     base = [client.chat_frames for client in clients]
@@ -291,20 +268,10 @@ def log_in_all(
     names: Sequence[str],
     keys: Sequence[crypto_utils.PrivateKey],
     known_hosts: KnownHosts,
-    clients: list[CheckingClient],
+    clients: list[SamplingChatClient],
 ) -> None:
     """Log ``names`` in, a few at a time, appending each client to ``clients`` first (for the caller to close)."""
-    batch = [
-        CheckingClient(
-            server.host,
-            server.port,
-            server_fingerprint=server.fingerprint,
-            known_hosts=known_hosts,
-            private_key=keys[index % len(keys)],
-            pace=False,
-        )
-        for index in range(len(names))
-    ]
+    batch = new_clients(server, len(names), keys, known_hosts)
     clients.extend(batch)
     with ThreadPoolExecutor(max_workers=LOGIN_WORKERS, thread_name_prefix="soak-login") as pool:
         for future in [
@@ -327,14 +294,7 @@ def run_cycles(
 
     def worker(index: int, count: int) -> None:
         for _ in range(count):
-            client = SamplingChatClient(
-                server.host,
-                server.port,
-                server_fingerprint=server.fingerprint,
-                known_hosts=known_hosts,
-                private_key=keys[index % len(keys)],
-                pace=False,
-            )
+            (client,) = new_clients(server, 1, keys, known_hosts, first_key=index)
             try:
                 client.login(names[index], harness.BENCH_PASSWORD)
                 client.leave("cycle")
@@ -362,7 +322,7 @@ def soak_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any]) 
     lines = math.ceil(args.deliveries / (size - 1))
     server_args = [*DEFAULT_SERVER_ARGS, *args.server_arg]
     server = harness.start_chat_server(work_dir, users_path, *server_args)
-    clients: list[CheckingClient] = []
+    clients: list[SamplingChatClient] = []
     sampler = ServerSampler(server)
     try:
         threads_idle, rss_idle = server.threads(), server.rss_kib()
@@ -506,37 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 2:
         raise SystemExit("--clients must be at least 2")
     harness.raise_open_file_limit(4 * (args.clients + CYCLE_WORKERS) + 256)
-    command = "python benchmarks/soak.py " + " ".join(shlex.quote(arg) for arg in (argv or sys.argv[1:]))
-    report: dict[str, Any] = {
-        "command": command.strip(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": harness.machine_info(),
-        "source": harness.source_info(),
-    }
+    report = start_report("soak.py", argv)
     with tempfile.TemporaryDirectory(prefix="chat-soak-") as temp:
         work_dir = args.work_dir or Path(temp)
         work_dir.mkdir(parents=True, exist_ok=True)
         soak_once(args, work_dir, report)
-    report["load_average_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    lines = summary_lines(report)
-    report["summary"] = lines
-    print("\n".join(lines))
-    RESULTS_DIR.mkdir(exist_ok=True)
-    outputs = [RESULTS_DIR / f"soak-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"]
-    if args.json:
-        outputs.append(args.json)
-    for path in outputs:
-        path.write_text(json.dumps(report, indent=2))
-        log(f"wrote {path}")
+    save_report(report, "soak", summary_lines(report), args.json)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

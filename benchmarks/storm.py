@@ -30,9 +30,7 @@ Each storm client still signs its own login and verifies the server's signature.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import tempfile
 import threading
@@ -47,8 +45,18 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import harness  # noqa: E402
-from fanout import BenchmarkError, close_all, connect_chat_clients, log, percentile, wait_until  # noqa: E402
-from loadclient import Sample, SamplingChatClient, bench_text  # noqa: E402
+from fanout import (  # noqa: E402
+    BenchmarkError,
+    close_all,
+    connect_chat_clients,
+    log,
+    percentile,
+    run_main,
+    save_report,
+    start_report,
+    wait_until,
+)
+from loadclient import Sample, SamplingChatClient, bench_text, new_clients  # noqa: E402
 
 import crypto_utils  # noqa: E402
 from accounts import hash_password, verify_password  # noqa: E402
@@ -82,7 +90,6 @@ TARGET_P99_MS = 250.0
 #: Talkers' server options besides harness's lifted limits: the storm's backlog of join
 #: notices may delay pongs past the default 50 s keepalive timeout (see BENCHMARKS.md).
 DEFAULT_SERVER_ARGS: tuple[str, ...] = ("--ping-timeout", "600")
-RESULTS_DIR = BENCH_DIR / "results"
 
 
 @dataclass
@@ -202,18 +209,7 @@ def run_storm(
     The clients are built (and appended to ``clients``, for the caller to close)
     before the threads start, so the storm measures connecting and logging in only.
     """
-    batch = [
-        SamplingChatClient(
-            server.host,
-            server.port,
-            server_fingerprint=server.fingerprint,
-            known_hosts=known_hosts,
-            private_key=keys[index % len(keys)],
-            timeout=LOGIN_TIMEOUT,
-            pace=False,
-        )
-        for index in range(len(names))
-    ]
+    batch = new_clients(server, len(names), keys, known_hosts, timeout=LOGIN_TIMEOUT)
     clients.extend(batch)
     outcomes = [LoginOutcome(name) for name in names]
     # Released once every storm thread exists: they all connect at the same moment.
@@ -464,37 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.background < 2:
         raise SystemExit("--background must be at least 2 (a talker needs a listener)")
     harness.raise_open_file_limit(4 * (args.clients + args.background) + 256)
-    command = "python benchmarks/storm.py " + " ".join(shlex.quote(arg) for arg in (argv or sys.argv[1:]))
-    report: dict[str, Any] = {
-        "command": command.strip(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": harness.machine_info(),
-        "source": harness.source_info(),
-    }
+    report = start_report("storm.py", argv)
     with tempfile.TemporaryDirectory(prefix="chat-storm-") as temp:
         work_dir = args.work_dir or Path(temp)
         work_dir.mkdir(parents=True, exist_ok=True)
         storm_once(args, work_dir, report)
-    report["load_average_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    lines = summary_lines(report)
-    report["summary"] = lines
-    print("\n".join(lines))
-    RESULTS_DIR.mkdir(exist_ok=True)
-    outputs = [RESULTS_DIR / f"storm-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"]
-    if args.json:
-        outputs.append(args.json)
-    for path in outputs:
-        path.write_text(json.dumps(report, indent=2))
-        log(f"wrote {path}")
+    save_report(report, "storm", summary_lines(report), args.json)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
