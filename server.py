@@ -1,4 +1,4 @@
-"""The chat server: a thread per connection reading, a thread per connection writing.
+"""The chat server: a thread per connection reading; a few threads sealing and sending for all.
 
 Run ``python server.py`` to serve with defaults, or ``python server.py --help``.
 Account management: ``python server.py adduser NAME`` (also ``deluser``,
@@ -22,7 +22,7 @@ import stat
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from accounts import (
 from channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
 from chat import FloodControl, LocalRoom, Room, merge_join_notices
 from crypto_utils import CryptoError
+from outbound import OutboundQueue, Outbox, SendPool
 from protocol import (
     CLIENT_KINDS,
     DEFAULT_HOST,
@@ -90,8 +91,9 @@ SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
 REVOKED_SESSIONS_FILE = "revoked_sessions"
 WRONG_CREDENTIALS = "wrong user name or password"
-#: Most queued messages one writer wake-up seals and sends with a single ``sendall``.
-WRITER_BATCH_SIZE = 64
+#: Most queued messages a send worker seals for one connection, and writes with one
+#: system call, before it turns to the next connection.
+SEND_BATCH_SIZE = 64
 PING_FRAME = encode_control("ping")
 PONG_FRAME = encode_control("pong")
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
@@ -131,6 +133,8 @@ class ServerConfig:
     hash_workers: int = 2
     #: How long a login waits for a free hashing slot before "server busy".
     hash_wait: float = 30.0
+    #: Threads that seal and send for every client: RSA releases the GIL, so one per core.
+    send_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_frame_size: int = MAX_FRAME_SIZE
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
@@ -142,115 +146,14 @@ class ServerConfig:
             return self.host == "localhost"
 
 
-class OutboundQueue:
-    """A bounded FIFO of what one connection still has to send.
-
-    ``put`` never blocks: when the queue is full it refuses, and the caller
-    drops the slow recipient. ``close`` wakes the writer at once; ``finish``
-    lets it send what is queued first. There is one consumer, the writer: it
-    waits only on an empty queue, so only a put into an empty queue wakes it.
-    """
-
-    CLOSE_AFTER_FLUSH = object()
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        # Guards _items, _urgent and _closed; the writer waits on it for new items.
-        self._items_ready = threading.Condition(threading.Lock())
-        self._items: deque[Any] = deque()
-        # Keepalive frames: they go out before _items, even in the middle of a batch.
-        self._urgent: deque[bytes] = deque()
-        self._closed = False
-
-    def put(self, item: Any) -> bool:
-        """Queue ``item``; False if the queue is full. A closed queue drops silently."""
-        return self._add(self._items, item)
-
-    def finish(self, *last_items: Any) -> None:
-        """Queue ``last_items`` past the limit, then ask the writer to close."""
-        with self._items_ready:
-            if self._closed:
-                return
-            self._items.extend(last_items)
-            self._items.append(self.CLOSE_AFTER_FLUSH)
-            self._closed = True
-            self._items_ready.notify()
-
-    def close(self) -> None:
-        """Drop whatever is queued and wake the writer so it exits."""
-        with self._items_ready:
-            self._closed = True
-            self._items.clear()
-            self._urgent.clear()
-            self._items_ready.notify()
-
-    def put_urgent(self, frame: bytes) -> bool:
-        """Queue a control ``frame`` ahead of everything waiting (keepalive): False if full.
-
-        A ping queued behind a backlog of chat would reach a busy client late and get
-        it dropped as silent; control frames carry no sequence number, so they may jump.
-        """
-        return self._add(self._urgent, frame)
-
-    def _add(self, line: deque[Any], item: Any) -> bool:
-        """Append to ``line`` (_items or _urgent) within the shared bound; see ``put``."""
-        with self._items_ready:
-            if self._closed:
-                return True
-            if len(self._items) + len(self._urgent) >= self.max_size:
-                return False
-            line.append(item)
-            if len(self._items) + len(self._urgent) == 1:  # the writer may be waiting; else it will look
-                self._items_ready.notify()
-            return True
-
-    @property
-    def has_urgent(self) -> bool:
-        """Whether a keepalive frame is waiting; read without the lock (a stale answer only delays it)."""
-        return bool(self._urgent)
-
-    def take_urgent(self) -> list[bytes]:
-        """Every keepalive frame waiting, oldest first."""
-        with self._items_ready:
-            frames = list(self._urgent)
-            self._urgent.clear()
-            return frames
-
-    def get(self) -> Any:
-        """Next item, or ``None`` once closed and drained."""
-        batch = self.get_batch(1)
-        return batch[0] if batch else None
-
-    def get_batch(self, max_items: int) -> list[Any]:
-        """Wait for items, then take up to ``max_items`` of them in order; ``[]`` once closed and drained.
-
-        The writer seals a batch and sends it with one ``sendall``: one wake-up and one
-        system call for many messages instead of one each.
-        Keepalive frames waiting come first, beyond ``max_items``.
-        """
-        with self._items_ready:
-            while not self._items and not self._urgent:
-                if self._closed:
-                    return []
-                self._items_ready.wait()
-            batch: list[Any] = list(self._urgent)
-            self._urgent.clear()
-            items = self._items
-            if len(items) <= max_items:
-                batch.extend(items)
-                items.clear()
-            else:
-                batch.extend(items.popleft() for _ in range(max_items))
-            return batch
-
-
 class ClientConnection:
-    """One client: its socket, its secure channel, its reader and writer threads.
+    """One client: its socket, its secure channel, its reader thread and its outbound side.
 
-    The reader thread owns the handshake and everything received; the writer
-    thread owns everything sent after login (and so the outgoing sequence
-    numbers and the RSA work of sealing). Other threads only call ``deliver``
-    and ``close``, which never block.
+    The reader thread owns the handshake and everything received. Once logged in,
+    everything sent goes through ``send_queue`` and ``outbox``: one worker of the
+    server's send pool, always the same, seals it (so it owns the outgoing sequence
+    numbers and the RSA work) and writes it without blocking. Other threads only call
+    ``deliver``, ``finish`` and ``close``, which never block.
     """
 
     def __init__(self, server: ChatServer, sock: socket.socket, peer: tuple[str, int]) -> None:
@@ -272,7 +175,17 @@ class ClientConnection:
         self.key_thumbprint = ""
         #: The account stamp checked at login or resume (see ChatServer.issue_token).
         self.verified_stamp = ""
-        self.send_queue = OutboundQueue(server.config.send_queue_size)
+        self.send_queue = OutboundQueue(server.config.send_queue_size, on_ready=self._schedule_send)
+        self.outbox = Outbox(
+            sock,
+            server.send_pool.flusher,
+            on_room=self._schedule_send,
+            on_flushed_close=lambda: self.close(self.close_reason or "closed"),
+            on_error=self.close,
+        )
+        # Set once, by attach_sender() at login: queues its send worker. Until then the
+        # reader thread sends (the handshake) directly.
+        self._schedule: Callable[[ClientConnection], None] | None = None
         self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
         # Every sealed frame costs an RSA decryption, so frames of any kind are limited too
         # (far above what the line limit lets through), before that work is done.
@@ -281,7 +194,7 @@ class ClientConnection:
         self.last_inbound = time.monotonic()
         # When the keepalive thread last queued a ping (it alone writes this).
         self.last_ping = 0.0
-        # When the writer sent the first ping since the client last spoke (it alone writes this).
+        # When the first ping since the client last spoke was written (only the send worker writes this).
         self.ping_sent_at = 0.0
         self.in_room = False
         #: Shown to the others when this user leaves with /quit; never logged (it is message text).
@@ -292,7 +205,9 @@ class ClientConnection:
         self.finishing_since = 0.0
         self.closed = threading.Event()
         self.reader = threading.Thread(target=self._run_reader, name=f"read {self.peer}", daemon=True)
-        self.writer = threading.Thread(target=self._run_writer, name=f"write {self.peer}", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"<connection {self.peer}>"
 
     # ------------------------------------------------------------------ called by other threads
 
@@ -335,10 +250,25 @@ class ClientConnection:
                 self.close_reason = reason
             if not self.finishing_since:
                 self.finishing_since = time.monotonic()
-        if self.writer.is_alive():
+        if self.attached:
             self.send_queue.finish(*last_messages)
         else:
             self.close(reason)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the send pool sends for this connection (from login on)."""
+        return self._schedule is not None
+
+    def attach_sender(self, schedule: Callable[[ClientConnection], None]) -> None:
+        """Hand everything sent from now on to the send worker behind ``schedule`` (reader thread)."""
+        self._schedule = schedule
+        schedule(self)  # anything queued before
+
+    def _schedule_send(self) -> None:
+        schedule = self._schedule
+        if schedule is not None:
+            schedule(self)
 
     def _shutdown_socket(self) -> None:
         # shutdown() is what wakes a thread blocked in recv() or sendall() on Linux.
@@ -410,9 +340,9 @@ class ClientConnection:
         """
         if self.channel is not None and self.channel.session_key is not None:
             reply = ErrorReply(code=code, message=message, fatal=True)
-            if self.writer.is_alive():
+            if self.attached:
                 self.finish(reason, reply)
-                self.writer.join(timeout=1.0)
+                self.closed.wait(timeout=1.0)
             else:
                 self._send_now(self.channel.seal(reply))
         else:
@@ -422,7 +352,7 @@ class ClientConnection:
         self._send_now(encode_control("error", code=code, message=message))
 
     def _send_now(self, data: bytes) -> None:
-        """Best-effort direct send, only while no writer thread owns the socket."""
+        """Best-effort direct send, only before the send pool owns the socket."""
         try:
             self.sock.settimeout(1.0)
             self.sock.sendall(data)
@@ -485,7 +415,7 @@ class ClientConnection:
         assert self.channel is not None
         self.channel.username = self.name
         token, expires_at = self.server.issue_token(self, self.verified_stamp)
-        self.server.start_writer(self)
+        self.attach_sender(self.server.send_pool.assign())
         # Welcome goes first in the queue: the room may deliver to us as soon as we join.
         roster = sorted(set(self.server.room.who()) | {self.name})
         config = self.server.config
@@ -583,60 +513,43 @@ class ClientConnection:
             shown = sanitize_text(message.recipient)[:40]
             self.deliver(ErrorReply(code="no_such_user", message=f"not sent: {shown} is not online"))
 
-    # ------------------------------------------------------------------ the writer thread
+    # ------------------------------------------------------------------ run by this connection's send worker
 
-    def _run_writer(self) -> None:
+    def pump(self) -> bool:
+        """Seal one batch of what is queued and write it without blocking; True if more is queued.
+
+        Only ever run by this connection's one send worker, so frames are sealed in order.
+        """
+        if self.closed.is_set() or not self.outbox.has_room():
+            return False  # a full outbox has the flusher schedule us again when it drains
         assert self.channel is not None
-        while True:
-            batch = self.send_queue.get_batch(WRITER_BATCH_SIZE)
-            if not batch:
-                return
-            batch = merge_join_notices(batch)
-            frames: list[bytes] = []
-            close_after = False
-            for item in batch:
-                if item is OutboundQueue.CLOSE_AFTER_FLUSH:
-                    close_after = True  # always the last item queued: finish() closes the queue
-                    break
-                if isinstance(item, bytes):
-                    frames.append(item)
-                    continue
-                if self.send_queue.has_urgent:
-                    # Sealing a batch can take seconds when hundreds of writers share the GIL;
-                    # a ping that arrives meanwhile goes out now, not after the batch.
-                    if not self._send(frames + self.send_queue.take_urgent()):
-                        return
-                    frames = []
-                try:
-                    frames.append(self.channel.seal(item))
-                except MessageTooLarge as exc:
-                    # One unsendable message must not cost the client its connection; the
-                    # channel's state is unchanged, so the next message seals as usual.
-                    log.warning("%s: %s message not sent: %s", self.peer, item.KIND.name, exc)
-                except Exception:
-                    log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
-                    self.close("internal error while sending")
-                    return
-            if not self._send(frames):
-                return
-            if close_after:
-                self._shutdown_socket()
-                return
-
-    def _send(self, frames: list[bytes]) -> bool:
-        """Send ``frames`` with one ``sendall`` (writer thread only); False if the connection failed."""
-        if not frames:
-            return True
-        try:
-            self.sock.sendall(b"".join(frames))
-        except OSError as exc:
-            self.close(f"send failed: {exc.strerror or exc}")
-            return False
+        batch, more = self.send_queue.take_batch(SEND_BATCH_SIZE)
+        frames: list[bytes] = []
+        close_after = False
+        for item in merge_join_notices(batch):
+            if item is OutboundQueue.CLOSE_AFTER_FLUSH:
+                close_after = True  # always the last item queued: finish() closes the queue
+                break
+            if isinstance(item, bytes):
+                frames.append(item)
+                continue
+            try:
+                frames.append(self.channel.seal(item))
+            except MessageTooLarge as exc:
+                # One unsendable message must not cost the client its connection; the
+                # channel's state is unchanged, so the next message seals as usual.
+                log.warning("%s: %s message not sent: %s", self.peer, item.KIND.name, exc)
+            except Exception:
+                log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
+                self.close("internal error while sending")
+                return False
         if PING_FRAME in frames and self.ping_sent_at <= self.last_inbound:
-            # The reply window runs from when the first unanswered ping left, not from when
-            # it was queued: a ping held up behind our own backlog is not the client's fault.
+            # The reply window runs from when the first unanswered ping was written, not from
+            # when it was queued: a ping held up behind our own backlog is not the client's fault.
             self.ping_sent_at = time.monotonic()
-        return True
+        if frames or close_after:
+            self.outbox.write(b"".join(frames), close_when_empty=close_after)
+        return more
 
 
 class ChatServer:
@@ -670,6 +583,8 @@ class ChatServer:
         # that runs Argon2 keeps its own 19 MiB malloc arena, so hashing on every connection's
         # thread would grow memory with the number of clients who ever logged in.
         self.hash_pool = concurrent.futures.ThreadPoolExecutor(config.hash_workers, thread_name_prefix="hash")
+        # Seals and sends for every logged-in connection (see outbound.py).
+        self.send_pool = SendPool(config.send_workers)
         # Guards connections and connections_per_address.
         self.connections_lock = threading.Lock()
         self.connections: set[ClientConnection] = set()
@@ -691,8 +606,9 @@ class ChatServer:
 
     def serve_forever(self) -> None:
         """Accept connections until ``shutdown()`` (or ``request_shutdown()``)."""
-        self._serving.set()
         self.keepalive.start()
+        self.send_pool.start()
+        self._serving.set()
         selector = selectors.DefaultSelector()
         selector.register(self.listener, selectors.EVENT_READ)
         selector.register(self._wakeup_read, selectors.EVENT_READ)
@@ -709,6 +625,7 @@ class ChatServer:
         """Serve in a background thread (handy for tests and benchmarks)."""
         self._serve_thread = threading.Thread(target=self.serve_forever, name="accept", daemon=True)
         self._serve_thread.start()
+        self._serving.wait(timeout=10.0)  # so that every thread of the server exists once this returns
         return self
 
     def request_shutdown(self) -> None:
@@ -743,14 +660,15 @@ class ChatServer:
                 connection.close("server shutting down")
         give_up = time.monotonic() + grace
         for connection in connections:
-            if connection.writer.ident is not None:  # never started: not logged in yet
-                connection.writer.join(timeout=max(0.0, give_up - time.monotonic()))
+            # A finishing connection closes itself once its goodbye is out (or its peer fails).
+            connection.closed.wait(timeout=max(0.0, give_up - time.monotonic()))
             connection.close("server shutting down")
         for connection in connections:
             connection.reader.join(timeout=max(0.0, give_up + 0.5 - time.monotonic()))
             connection.sock.close()
         if self.keepalive.is_alive():
             self.keepalive.join(timeout=1.0)
+        self.send_pool.stop()
         self.hash_pool.shutdown(wait=True)  # a hash already running takes a few tens of ms
         self.listener.close()
         self._wakeup_read.close()
@@ -811,13 +729,8 @@ class ChatServer:
             bucket = self._connect_buckets[address] = FloodControl(self.config.connect_rate, self.config.connect_burst)
         return bucket.allow()
 
-    def start_writer(self, connection: ClientConnection) -> None:
-        connection.writer.start()
-
     def forget(self, connection: ClientConnection) -> None:
         """Drop a finished connection from the books (called by its reader thread)."""
-        if connection.writer.is_alive() and connection.writer is not threading.current_thread():
-            connection.writer.join(timeout=2.0)
         with self.connections_lock:
             if connection in self.connections:
                 self.connections.discard(connection)
@@ -883,7 +796,7 @@ class ChatServer:
             ping_sent = connection.ping_sent_at > connection.last_inbound
             # How long a client has to answer a ping that has actually been sent.
             reply_window = max(0.0, self.config.ping_timeout - self.config.ping_interval)
-            # Unsent after all this time means our writer could not get a frame onto the
+            # Unsent after all this time means we could not get a frame onto the
             # socket: the peer has stopped reading, which is as dead as not answering.
             if not ping_sent or now - connection.ping_sent_at > reply_window:
                 connection.close("no reply to keepalive (connection lost)")
@@ -1155,6 +1068,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-timeout", type=float, default=ServerConfig.ping_timeout, metavar="SECONDS")
     parser.add_argument("--token-ttl", type=int, default=ServerConfig.token_ttl, metavar="SECONDS")
     parser.add_argument("--hash-workers", type=int, default=ServerConfig.hash_workers)
+    parser.add_argument(
+        "--send-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads that seal and send for all clients (default: one per CPU, %(default)s here)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command, help_text in (
         ("adduser", "create an account (password read hidden, or one line of stdin)"),
@@ -1222,6 +1141,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ping_timeout=args.ping_timeout,
         token_ttl=args.token_ttl,
         hash_workers=args.hash_workers,
+        send_workers=args.send_workers,
     )
 
 

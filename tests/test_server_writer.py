@@ -1,13 +1,13 @@
-"""The server's outbound path: the per-connection queue and the writer that drains it."""
+"""The server's outbound path: the per-connection queue, the outbox, and the send pool that drains them."""
 
 import logging
-import threading
 
 from conftest import wait_for
 
 from client import Chat, Notice
+from outbound import OutboundQueue
 from protocol import MAX_FRAME_SIZE
-from server import PING_FRAME, OutboundQueue
+from server import PING_FRAME
 
 # --------------------------------------------------------------------------- the queue
 
@@ -16,10 +16,9 @@ def test_a_batch_takes_what_is_queued_in_order_up_to_the_cap():
     queue = OutboundQueue(max_size=10)
     for number in range(5):
         assert queue.put(number)
-    assert queue.get_batch(3) == [0, 1, 2]
-    assert queue.get_batch(3) == [3, 4]
-    queue.put(5)
-    assert queue.get() == 5
+    assert queue.take_batch(3) == ([0, 1, 2], True)
+    assert queue.take_batch(3) == ([3, 4], False)
+    assert queue.take_batch(3) == ([], False)
 
 
 def test_urgent_items_jump_the_backlog():
@@ -27,22 +26,7 @@ def test_urgent_items_jump_the_backlog():
     for line in ("one", "two", "three"):
         queue.put(line)
     assert queue.put_urgent(PING_FRAME)
-    assert queue.get_batch(10) == [PING_FRAME, "one", "two", "three"]
-
-
-def test_a_ping_queued_while_the_writer_seals_a_batch_can_be_taken_at_once():
-    queue = OutboundQueue(max_size=10)
-    for line in ("one", "two"):
-        queue.put(line)
-    batch = queue.get_batch(10)  # the writer is now sealing these
-    assert not queue.has_urgent
-    queue.put("three")
-    queue.put_urgent(PING_FRAME)
-    assert queue.has_urgent
-    assert queue.take_urgent() == [PING_FRAME]
-    assert not queue.has_urgent
-    assert batch == ["one", "two"]
-    assert queue.get_batch(10) == ["three"]
+    assert queue.take_batch(10) == ([PING_FRAME, "one", "two", "three"], False)
 
 
 def test_urgent_items_still_respect_the_limit_and_a_closed_queue():
@@ -50,29 +34,32 @@ def test_urgent_items_still_respect_the_limit_and_a_closed_queue():
     queue.put("one")
     queue.put("two")
     assert not queue.put_urgent(PING_FRAME)
+    assert not queue.put("three")
     queue.finish("goodbye")
     assert queue.put_urgent(PING_FRAME)  # dropped silently once closing, like put()
-    assert queue.get_batch(10) == ["one", "two", "goodbye", OutboundQueue.CLOSE_AFTER_FLUSH]
-    assert queue.get_batch(10) == []
+    assert queue.take_batch(10) == (["one", "two", "goodbye", OutboundQueue.CLOSE_AFTER_FLUSH], False)
+    assert queue.take_batch(10) == ([], False)
 
 
-def test_a_waiting_writer_wakes_for_a_batch_and_for_close():
-    queue = OutboundQueue(max_size=10)
-    batches = []
+def test_the_sender_is_told_only_when_an_empty_queue_gets_something():
+    calls = []
+    queue = OutboundQueue(max_size=10, on_ready=lambda: calls.append(len(queue)))
+    queue.put("one")
+    queue.put("two")
+    queue.put_urgent(PING_FRAME)
+    assert calls == [1]
+    queue.take_batch(10)
+    queue.put_urgent(PING_FRAME)
+    assert calls == [1, 1]
+    queue.take_batch(10)
+    queue.finish("goodbye")  # the sign to close must be seen even with nothing else queued
+    assert calls == [1, 1, 2]
+    queue.close()
+    queue.put("late")
+    assert calls == [1, 1, 2]
 
-    def take_one_batch():
-        batches.append(queue.get_batch(10))
 
-    for wake_it in (lambda: queue.put("line"), queue.close):
-        writer = threading.Thread(target=take_one_batch)
-        writer.start()
-        wake_it()
-        writer.join(timeout=5)
-        assert not writer.is_alive()
-    assert batches == [["line"], []]
-
-
-# --------------------------------------------------------------------------- the writer
+# --------------------------------------------------------------------------- the send pool, end to end
 
 
 def test_a_message_too_large_to_send_is_skipped_and_the_connection_lives_on(server, connect, caplog):

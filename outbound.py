@@ -1,0 +1,393 @@
+"""The server's outbound path: what each connection still has to send, and the few threads that send it.
+
+A sending thread per client costs a thread switch per delivery, and with hundreds of
+them the GIL changes hands so often that a broadcast queues behind its own hand-offs.
+So sending is done by a handful of threads, whatever the number of clients:
+
+- Each connection keeps an ``OutboundQueue`` of messages (bounded: a client too slow
+  to keep up is dropped) and an ``Outbox`` of sealed bytes the kernel has not taken yet.
+- A ``SendPool`` of one worker per core seals queued messages and writes them without
+  ever blocking. A connection always goes to the same worker, so its frames are sealed
+  in sequence order; RSA releases the GIL, so the workers use every core; and each
+  worker takes one batch per connection in turn, so the first recipients of a
+  broadcast get it before the last key is wrapped.
+- One ``Flusher`` thread waits (``poll``) on the sockets whose outbox is not empty and
+  writes the rest when they can take it.
+
+Nothing here knows about chat or cryptography: a connection is a ``Pumpable``.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import select
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+log = logging.getLogger("chat.server")
+
+#: Sealed bytes an outbox may hold before its worker stops sealing more for it.
+#: The kernel's socket buffer holds more; a client this far behind is left to its
+#: message queue, whose limit drops it (so memory per slow client stays bounded).
+OUTBOX_HIGH_WATER = 128 * 1024
+#: Once the flusher has brought an outbox down to this, its worker seals again.
+OUTBOX_LOW_WATER = 32 * 1024
+#: How often (seconds) the flusher looks at its sockets even when nothing wakes it.
+FLUSHER_SWEEP_INTERVAL = 1.0
+
+
+class OutboundQueue:
+    """A bounded FIFO of what one connection still has to send.
+
+    ``put`` never blocks: when the queue is full it refuses, and the caller drops
+    the slow recipient. ``close`` drops what is queued; ``finish`` lets the queue
+    be sent first. Whoever drains it is told by ``on_ready``, called (outside the
+    lock) whenever a put makes an empty queue non-empty.
+    """
+
+    CLOSE_AFTER_FLUSH = object()
+
+    def __init__(self, max_size: int, on_ready: Callable[[], None] | None = None) -> None:
+        self.max_size = max_size
+        #: Called when there is something to take; set once, before anything is queued.
+        self.on_ready = on_ready
+        # Guards _items, _urgent and _closed.
+        self._items_lock = threading.Lock()
+        self._items: deque[Any] = deque()
+        # Keepalive frames: they go out before _items.
+        self._urgent: deque[bytes] = deque()
+        self._closed = False
+
+    def put(self, item: Any) -> bool:
+        """Queue ``item``; False if the queue is full. A closed queue drops silently."""
+        return self._add(self._items, item)
+
+    def put_urgent(self, frame: bytes) -> bool:
+        """Queue a control ``frame`` ahead of everything waiting (keepalive): False if full.
+
+        A ping queued behind a backlog of chat would reach a busy client late and get
+        it dropped as silent; control frames carry no sequence number, so they may jump.
+        """
+        return self._add(self._urgent, frame)
+
+    def finish(self, *last_items: Any) -> None:
+        """Queue ``last_items`` past the limit, then the sign to close once they are sent."""
+        with self._items_lock:
+            if self._closed:
+                return
+            was_empty = not self._items and not self._urgent
+            self._items.extend(last_items)
+            self._items.append(self.CLOSE_AFTER_FLUSH)
+            self._closed = True
+        if was_empty:
+            self._ready()
+
+    def close(self) -> None:
+        """Drop whatever is queued; later puts are dropped too."""
+        with self._items_lock:
+            self._closed = True
+            self._items.clear()
+            self._urgent.clear()
+
+    def take_batch(self, max_items: int) -> tuple[list[Any], bool]:
+        """Take up to ``max_items`` in order, keepalive frames first and beyond the cap.
+
+        Returns the batch and whether more is left. Never waits.
+        """
+        with self._items_lock:
+            batch: list[Any] = list(self._urgent)
+            self._urgent.clear()
+            items = self._items
+            if len(items) <= max_items:
+                batch.extend(items)
+                items.clear()
+                return batch, False
+            batch.extend(items.popleft() for _ in range(max_items))
+            return batch, True
+
+    def __len__(self) -> int:
+        return len(self._items) + len(self._urgent)
+
+    def _add(self, line: deque[Any], item: Any) -> bool:
+        """Append to ``line`` (_items or _urgent) within the shared bound; see ``put``."""
+        with self._items_lock:
+            if self._closed:
+                return True
+            queued = len(self._items) + len(self._urgent)
+            if queued >= self.max_size:
+                return False
+            line.append(item)
+        if queued == 0:  # else whoever drains the queue has been told already and will look
+            self._ready()
+        return True
+
+    def _ready(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+
+class Pumpable(Protocol):
+    """What a ``SendPool`` worker drives: one connection's outbound side."""
+
+    def pump(self) -> bool:
+        """Seal and write one batch without blocking; True if more is waiting."""
+
+
+class _SendWorker:
+    """One thread and the connections waiting for it, served in turn."""
+
+    def __init__(self, name: str) -> None:
+        # Guards _ready, _waiting and _stopping; the worker waits on it for work.
+        self._work_ready = threading.Condition(threading.Lock())
+        self._ready: deque[Pumpable] = deque()
+        # The members of _ready: a connection is queued at most once.
+        self._waiting: set[Pumpable] = set()
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def schedule(self, job: Pumpable) -> None:
+        with self._work_ready:
+            if job in self._waiting or self._stopping:
+                return
+            self._waiting.add(job)
+            self._ready.append(job)
+            if len(self._ready) == 1:  # the worker may be waiting; else it will look
+                self._work_ready.notify()
+
+    def stop(self) -> None:
+        with self._work_ready:
+            self._stopping = True
+            self._ready.clear()
+            self._waiting.clear()
+            self._work_ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._work_ready:
+                while not self._ready and not self._stopping:
+                    self._work_ready.wait()
+                if self._stopping:
+                    return
+                job = self._ready.popleft()
+                # Out of the set before it runs: anything queued from now on schedules it again.
+                self._waiting.discard(job)
+            try:
+                more = job.pump()
+            except Exception:  # one connection's bug must not stop the sending for all the others
+                log.exception("%s: sending failed", job)
+                more = False
+            if more:  # to the back of the line: one batch per connection per turn
+                self.schedule(job)
+
+
+class SendPool:
+    """The threads that seal and send for every connection: one per core by default."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = [_SendWorker(f"send-{number}") for number in range(max(1, workers))]
+        self._assigned = itertools.count()
+        self.flusher = Flusher()
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.thread.start()
+        self.flusher.thread.start()
+
+    def stop(self) -> None:
+        """Stop every thread and wait for them; what is still queued is not sent."""
+        for worker in self._workers:
+            worker.stop()
+        self.flusher.stop()
+        for thread in [worker.thread for worker in self._workers] + [self.flusher.thread]:
+            if thread.ident is not None:
+                thread.join(timeout=2.0)
+        self.flusher.close()
+
+    def assign(self) -> Callable[[Pumpable], None]:
+        """A connection's lifelong ``schedule`` function: always the same worker, so frames stay in order."""
+        return self._workers[next(self._assigned) % len(self._workers)].schedule
+
+
+class Outbox:
+    """Sealed bytes for one socket that the kernel has not taken yet.
+
+    ``write`` sends at once what the socket accepts without blocking and keeps the
+    rest for the flusher. The socket stays in blocking mode for its reader thread:
+    every send here passes ``MSG_DONTWAIT`` instead.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        flusher: Flusher,
+        *,
+        on_room: Callable[[], None],
+        on_flushed_close: Callable[[], None],
+        on_error: Callable[[str], None],
+    ) -> None:
+        self.sock = sock
+        self.flusher = flusher
+        self.on_room = on_room
+        self.on_flushed_close = on_flushed_close
+        self.on_error = on_error
+        # Guards _pending, _close_when_empty, _starved and _failed (never held across a blocking call).
+        self._pending_lock = threading.Lock()
+        self._pending = bytearray()
+        self._close_when_empty = False
+        # Whether the worker stopped sealing for us at the high-water mark and waits to hear of room.
+        self._starved = False
+        self._failed = False
+
+    def has_room(self) -> bool:
+        """Whether the worker may seal more now; if not, ``on_room`` is called once there is room."""
+        with self._pending_lock:
+            if len(self._pending) < OUTBOX_HIGH_WATER:
+                return True
+            self._starved = True
+            return False
+
+    def write(self, data: bytes, close_when_empty: bool = False) -> None:
+        """Send ``data`` after whatever is pending; with ``close_when_empty``, close once all is out."""
+        with self._pending_lock:
+            if self._failed:
+                return
+            self._close_when_empty = self._close_when_empty or close_when_empty
+            if self._pending:  # the flusher is watching this socket and will send it in order
+                self._pending += data
+                return
+            error = self._send_some(data)
+            watch = not error and bool(self._pending)
+            closing = not error and not self._pending and self._close_when_empty
+        self._after(error, watch, closing)
+
+    def flush(self) -> bool:
+        """Send what the socket takes now (flusher only); True when nothing is left to watch for."""
+        with self._pending_lock:
+            if self._failed:
+                return True
+            error = self._send_pending() if self._pending else ""
+            done = error != "" or not self._pending
+            closing = not error and not self._pending and self._close_when_empty
+            room = not error and self._starved and len(self._pending) <= OUTBOX_LOW_WATER
+            if room:
+                self._starved = False
+        self._after(error, False, closing)
+        if room:
+            self.on_room()
+        return done
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _send_some(self, data: bytes) -> str:
+        """Send what the kernel takes of ``data`` now and keep the rest (lock held); an error reason or ""."""
+        sent, error = self._send(data)
+        if sent < len(data):
+            self._pending += memoryview(data)[sent:]
+        return error
+
+    def _send_pending(self) -> str:
+        """Send what the kernel takes of the pending bytes now (lock held); an error reason or ""."""
+        sent, error = self._send(self._pending)
+        del self._pending[:sent]
+        return error
+
+    def _send(self, data: bytes | bytearray) -> tuple[int, str]:
+        try:
+            return self.sock.send(data, socket.MSG_DONTWAIT), ""
+        except (BlockingIOError, InterruptedError):
+            return 0, ""
+        except OSError as exc:
+            self._failed = True
+            self._pending.clear()
+            return len(data), f"send failed: {exc.strerror or exc}"
+
+    def _after(self, error: str, watch: bool, closing: bool) -> None:
+        """Act on what ``write`` or ``flush`` found, with the lock released."""
+        if error:
+            self.on_error(error)
+        elif watch:
+            self.flusher.watch(self)
+        elif closing:
+            self.on_flushed_close()
+
+
+class Flusher:
+    """One thread that finishes the writes the kernel could not take at once."""
+
+    def __init__(self) -> None:
+        # Guards _incoming and _stopping.
+        self._incoming_lock = threading.Lock()
+        self._incoming: list[Outbox] = []
+        self._stopping = False
+        # A byte on this pair wakes the thread from poll(): new sockets to watch, or stop.
+        self._wakeup_read, self._wakeup_write = socket.socketpair()
+        self._wakeup_read.setblocking(False)
+        self._wakeup_write.setblocking(False)
+        self.thread = threading.Thread(target=self._run, name="flush", daemon=True)
+
+    def watch(self, outbox: Outbox) -> None:
+        """Have the flusher send ``outbox``'s pending bytes as its socket takes them."""
+        with self._incoming_lock:
+            if self._stopping:
+                return
+            self._incoming.append(outbox)
+        self._wake()
+
+    def stop(self) -> None:
+        with self._incoming_lock:
+            self._stopping = True
+        self._wake()
+
+    def close(self) -> None:
+        """Release the wake-up sockets, once the thread has stopped (or never started)."""
+        self._wakeup_read.close()
+        self._wakeup_write.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wakeup_write.send(b"\0")
+        except (BlockingIOError, OSError):  # full: a wake-up is already pending; closed: stopping
+            pass
+
+    def _run(self) -> None:
+        poller = select.poll()
+        wakeup_fd = self._wakeup_read.fileno()
+        poller.register(wakeup_fd, select.POLLIN)
+        # fd -> the outbox waiting on it. A closed socket's number can be reused by a new
+        # one: the newer registration replaces the older, whose connection is gone.
+        watched: dict[int, Outbox] = {}
+        while True:
+            events = poller.poll(FLUSHER_SWEEP_INTERVAL * 1000)
+            with self._incoming_lock:
+                if self._stopping:
+                    return
+                incoming, self._incoming = self._incoming, []
+            for outbox in incoming:
+                fd = outbox.fileno()
+                if fd >= 0:
+                    watched[fd] = outbox
+                    poller.register(fd, select.POLLOUT)
+            ready = [fd for fd, _ in events if fd != wakeup_fd]
+            if len(ready) < len(events):
+                self._drain_wakeups()
+            if not events:  # a quiet second: look at everything, in case a wake-up was lost
+                ready = list(watched)
+            for fd in ready:
+                outbox = watched.get(fd)
+                if outbox is not None and outbox.flush():
+                    del watched[fd]
+                    poller.unregister(fd)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wakeup_read.recv(4096):
+                pass
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
