@@ -75,6 +75,9 @@ class SecureChannel:
         # The keyed MAC state for outgoing frames, and the session key it was built from.
         self._send_mac: crypto_utils.SessionMac | None = None
         self._send_mac_key: bytes | None = None
+        # The client-to-server cipher (see SessionCipher), and the session key it was built from.
+        self._cipher: crypto_utils.SessionCipher | None = None
+        self._cipher_key: bytes | None = None
 
     def _labels(self, outgoing: bool) -> tuple[str, str]:
         """(hop sender, hop recipient) for the associated data."""
@@ -93,11 +96,17 @@ class SecureChannel:
         if self.session_key is None:
             raise RuntimeError("no session key yet")
         plaintext = message.encoded
+        under_session_key = self._sends_under_session_key(message.KIND)
         # RSA-OAEP output is exactly the modulus size, so the frame size is known up front.
-        check_outgoing_size(sealed_frame_size(self._wrapped_key_size, len(plaintext)))
+        wrapped_key_size = 0 if under_session_key else self._wrapped_key_size
+        check_outgoing_size(sealed_frame_size(wrapped_key_size, len(plaintext)))
         seq = self.send_seq
         aad = associated_data(message.KIND, seq, *self._labels(outgoing=True))
-        wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad)
+        if under_session_key:
+            wrapped = b""
+            nonce, ciphertext = self._session_cipher(self.session_key).seal(plaintext, aad)
+        else:
+            wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad)
         mac_input = envelope_mac_input(message.KIND, seq, wrapped, nonce, ciphertext)
         send_mac = self._send_mac
         if send_mac is None or self._send_mac_key is not self.session_key:  # first frame, or a new key
@@ -125,13 +134,19 @@ class SecureChannel:
         first_message = envelope.kind in (Kind.LOGIN, Kind.RESUME)
         if first_message != (self.session_key is None):
             raise ProtocolError(f"{envelope.kind.name} is not allowed now")
-        # Check the MAC before any RSA work when we can: forged frames cost a hash.
-        if not first_message:
-            self._check_mac(envelope, self.session_key)
         aad = associated_data(envelope.kind, envelope.seq, *self._labels(outgoing=False))
-        plaintext = crypto_utils.open_sealed(
-            self.own_private_key, envelope.wrapped_key, envelope.nonce, envelope.ciphertext, aad
-        )
+        if first_message or not self.is_server:
+            # Check the MAC before any RSA work when we can: forged frames cost a hash.
+            if not first_message:
+                self._check_mac(envelope, self.session_key)
+            plaintext = crypto_utils.open_sealed(
+                self.own_private_key, envelope.wrapped_key, envelope.nonce, envelope.ciphertext, aad
+            )
+        else:
+            if envelope.wrapped_key:
+                raise ProtocolError("a frame after login must be sealed under the session key")
+            self._check_mac(envelope, self.session_key)
+            plaintext = self._session_cipher(self.session_key).open(envelope.nonce, envelope.ciphertext, aad)
         message = decode_message(envelope.kind, plaintext)
         if first_message:
             assert isinstance(message, Login | Resume)
@@ -142,6 +157,18 @@ class SecureChannel:
             self.session_key = session_key
         self.recv_seq += 1
         return message
+
+    def _sends_under_session_key(self, kind: Kind) -> bool:
+        """Client frames after the login are sealed under the session key instead of RSA."""
+        return not self.is_server and kind not in (Kind.LOGIN, Kind.RESUME)
+
+    def _session_cipher(self, session_key: bytes | None) -> crypto_utils.SessionCipher:
+        """The client-to-server cipher of the current session key (built once per key)."""
+        assert session_key is not None
+        if self._cipher is None or self._cipher_key is not session_key:
+            self._cipher = crypto_utils.SessionCipher(session_key, b"c2s")
+            self._cipher_key = session_key
+        return self._cipher
 
     def _check_mac(self, envelope: Envelope, session_key: bytes | None) -> None:
         assert session_key is not None

@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlg
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 ALLOWED_KEY_SIZES = (2048, 3072, 4096)
 DEFAULT_KEY_SIZE = 2048
@@ -173,6 +174,35 @@ def verify_signature(public_key: PublicKey, signature: bytes, data: bytes) -> No
         public_key.verify(signature, data, _PSS, hashes.SHA256())
     except InvalidSignature as exc:
         raise CryptoError("signature does not verify") from exc
+
+
+class SessionCipher:
+    """AES-256-GCM under a key derived from the session key, for one direction of one connection.
+
+    A client's frames after its login need no RSA: the server alone knows the session
+    key (it came inside the RSA-wrapped login), so a key derived from it keeps those
+    frames as secret as a per-frame RSA wrap would, and saves the server an RSA
+    decryption (about 0.7 ms) for every line it is sent. What the server sends each
+    recipient is still wrapped for that recipient's RSA key.
+    """
+
+    def __init__(self, session_key: bytes, direction: bytes) -> None:
+        key = HKDF(algorithm=hashes.SHA256(), length=AES_KEY_SIZE, salt=None, info=b"chat cipher\0" + direction)
+        self._aead = AESGCM(key.derive(session_key))
+
+    def seal(self, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """Encrypt: returns (nonce, ciphertext with tag). Nonces are random: 96 bits, one key per connection."""
+        nonce = _message_randomness.take(NONCE_SIZE)
+        return nonce, self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """Reverse ``seal``; raises ``CryptoError`` if anything was altered."""
+        if len(nonce) != NONCE_SIZE:
+            raise CryptoError("bad nonce size")
+        try:
+            return self._aead.decrypt(nonce, ciphertext, aad)
+        except InvalidTag as exc:
+            raise CryptoError("message failed authentication") from exc
 
 
 def session_mac(session_key: bytes, direction: bytes, data: bytes) -> bytes:

@@ -19,7 +19,7 @@ from enum import IntEnum
 from functools import cached_property
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Largest frame payload accepted or sent. Checked before anything is allocated.
 MAX_FRAME_SIZE = 64 * 1024

@@ -120,6 +120,26 @@ def test_a_wrapped_key_of_the_wrong_size_is_refused(server_key):
         crypto_utils.open_sealed(server_key, wrapped, b"n" * 12, b"c" * 32, AAD)
 
 
+def test_the_session_cipher_opens_only_its_own_frames():
+    session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+    sender = crypto_utils.SessionCipher(session_key, b"c2s")
+    nonce, ciphertext = sender.seal(b"hello", AAD)
+    assert crypto_utils.SessionCipher(session_key, b"c2s").open(nonce, ciphertext, AAD) == b"hello"
+    assert b"hello" not in ciphertext
+    refusals = {
+        "other direction": lambda: crypto_utils.SessionCipher(session_key, b"s2c").open(nonce, ciphertext, AAD),
+        "other session": lambda: crypto_utils.SessionCipher(os.urandom(32), b"c2s").open(nonce, ciphertext, AAD),
+        "other associated data": lambda: sender.open(nonce, ciphertext, AAD + b"x"),
+        "flipped bit": lambda: sender.open(nonce, bytes([ciphertext[0] ^ 1]) + ciphertext[1:], AAD),
+        "short nonce": lambda: sender.open(nonce[:8], ciphertext, AAD),
+    }
+    for case, attempt in refusals.items():
+        with pytest.raises(CryptoError):
+            attempt()
+            pytest.fail(case)
+    assert sender.seal(b"hello", AAD)[0] != nonce  # a fresh nonce every time
+
+
 # --------------------------------------------------------------------------- public keys from peers
 
 

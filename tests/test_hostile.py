@@ -479,6 +479,7 @@ def test_a_replayed_frame_is_refused(make_server, connect):
         wait_for(listener, chat_with("say this only once"))
     (frame,) = recorder.sent
     recorded = Envelope.decode(frame[5:])
+    assert recorded.wrapped_key == b""  # a line after login is sealed under the session key, not RSA
 
     # Injected on another connection, at the very sequence number it expects next:
     # the session MAC gives it away.
@@ -680,6 +681,27 @@ def test_a_client_cannot_send_what_only_the_server_sends(make_server, connect):
     wait_for(bob, left("alice"))
     assert not [event for event in drain(bob, quiet=0.1) if chat_with("a line dave never wrote")(event)]
     assert_still_chatting(bob, dave)
+
+
+def test_a_line_wrapped_with_rsa_after_login_is_refused(make_server, connect, peers):
+    """Version 1 wrapped every client frame; now only the login may be, so the server never unwraps a line."""
+    server = make_server()
+    alice, bob = honest_pair(connect, server)
+    carol = peers(server, private_key=spare_key("carol"))
+    carol.login("carol", password_of("carol"))
+    wait_for(alice, joined("carol"))
+    channel = carol.channel
+    say = Say(token=carol.token, text="wrapped the old way")
+    aad = associated_data(Kind.SAY, channel.send_seq, "carol", "server")
+    wrapped, nonce, ciphertext = crypto_utils.seal(carol.server_key, say.encoded, aad)
+    mac_input = protocol.envelope_mac_input(Kind.SAY, channel.send_seq, wrapped, nonce, ciphertext)
+    mac = crypto_utils.session_mac(channel.session_key, b"c2s", mac_input)
+    carol.sock.sendall(protocol.encode_sealed_frame(mac_input, mac))
+    refusal = carol.receive()
+    assert isinstance(refusal, ErrorReply) and refusal.code == "protocol_error" and refusal.fatal
+    wait_for(alice, left("carol"))
+    assert not [event for event in drain(bob, quiet=0.1) if chat_with("wrapped the old way")(event)]
+    assert_still_chatting(alice, bob)
 
 
 # --------------------------------------------------------------------------- people in the middle

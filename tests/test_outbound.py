@@ -1,0 +1,159 @@
+"""The outbound path's parts over real sockets: the outbox, the flusher and the send pool."""
+
+import socket
+import threading
+import time
+
+import pytest
+from conftest import TIMEOUT
+
+from outbound import OUTBOX_HIGH_WATER, Outbox, SendPool
+
+
+class Events:
+    """What an outbox told its owner, and a way to wait for it."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.room = 0
+        self.closed = 0
+        self.errors = []
+
+    def note(self, field, value=None):
+        with self.changed:
+            if field == "errors":
+                self.errors.append(value)
+            else:
+                setattr(self, field, getattr(self, field) + 1)
+            self.changed.notify_all()
+
+    def wait(self, predicate):
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout=TIMEOUT), "the outbox never said so"
+
+
+@pytest.fixture
+def pool():
+    pool = SendPool(workers=2)
+    pool.start()
+    yield pool
+    pool.stop()
+    assert not any(thread.name in ("send-0", "send-1", "flush") for thread in threading.enumerate())
+
+
+@pytest.fixture
+def pair():
+    ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):  # small buffers, so the kernel refuses writes early
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def make_outbox(sock, pool, events):
+    return Outbox(
+        sock,
+        pool.flusher,
+        on_room=lambda: events.note("room"),
+        on_flushed_close=lambda: events.note("closed"),
+        on_error=lambda reason: events.note("errors", reason),
+    )
+
+
+def read_exactly(sock, size):
+    received = bytearray()
+    sock.settimeout(TIMEOUT)
+    while len(received) < size:
+        chunk = sock.recv(65536)
+        assert chunk, "closed early"
+        received += chunk
+    return bytes(received)
+
+
+def test_what_the_socket_cannot_take_now_arrives_later_and_in_order(pool, pair):
+    ours, theirs = pair
+    events = Events()
+    outbox = make_outbox(ours, pool, events)
+    chunks = [bytes([number]) * 50_000 for number in range(8)]  # far beyond the socket buffers
+    started = time.monotonic()
+    for chunk in chunks:
+        outbox.write(chunk)
+    assert time.monotonic() - started < TIMEOUT / 2, "write blocked on a peer that is not reading"
+    assert not outbox.has_room(), "400 kB cannot all be in the kernel already"
+    assert read_exactly(theirs, sum(map(len, chunks))) == b"".join(chunks)
+    events.wait(lambda: events.room == 1)  # the flusher drained it, so sealing may go on
+    assert outbox.has_room()
+    assert events.errors == [] and events.closed == 0
+
+
+def test_close_when_empty_waits_for_the_last_byte(pool, pair):
+    ours, theirs = pair
+    events = Events()
+    outbox = make_outbox(ours, pool, events)
+    outbox.write(b"a" * 200_000)
+    outbox.write(b"goodbye", close_when_empty=True)
+    assert events.closed == 0  # the peer has not read yet: closing now would lose the goodbye
+    data = read_exactly(theirs, 200_007)
+    assert data.endswith(b"goodbye")
+    events.wait(lambda: events.closed == 1)
+
+
+def test_a_vanished_peer_is_one_error_and_nothing_more(pool, pair):
+    ours, theirs = pair
+    events = Events()
+    outbox = make_outbox(ours, pool, events)
+    outbox.write(b"a" * 200_000)  # some of it waits for the flusher
+    theirs.close()
+    events.wait(lambda: len(events.errors) == 1)
+    assert events.errors[0].startswith("send failed")
+    outbox.write(b"more")
+    assert outbox.flush()
+    assert len(events.errors) == 1
+
+
+def test_the_high_water_mark_holds_sealing_back_until_the_flusher_makes_room(pool, pair):
+    ours, theirs = pair
+    events = Events()
+    outbox = make_outbox(ours, pool, events)
+    while outbox.has_room():
+        outbox.write(b"x" * 16_384)
+    assert events.room == 0
+    total = 0
+    theirs.settimeout(TIMEOUT)
+    while events.room == 0:
+        total += len(theirs.recv(65536))
+    assert total > OUTBOX_HIGH_WATER // 2
+
+
+def test_each_connection_is_pumped_by_one_worker_in_turn(pool):
+    class Job:
+        def __init__(self, batches):
+            self.batches = batches
+            self.pumps = 0
+            self.threads = set()
+            self.done = threading.Event()
+
+        def pump(self):
+            self.threads.add(threading.current_thread().name)
+            self.pumps += 1
+            self.batches -= 1
+            if self.batches == 0:
+                self.done.set()
+            return self.batches > 0
+
+    jobs = [Job(batches=5) for _ in range(6)]
+    schedules = [pool.assign() for _ in jobs]
+    for job, schedule in zip(jobs, schedules, strict=True):
+        schedule(job)
+        schedule(job)  # twice while queued: still one place in the line
+    for job in jobs:
+        assert job.done.wait(TIMEOUT)
+        assert len(job.threads) == 1
+    assert len({name for job in jobs for name in job.threads}) == 2  # both workers took a share
+    barriers = [Job(batches=1) for _ in range(2)]
+    for barrier, schedule in zip(barriers, schedules, strict=False):  # one behind each worker's line
+        schedule(barrier)
+        assert barrier.done.wait(TIMEOUT)
+    assert [job.pumps for job in jobs] == [5] * len(jobs)  # a job scheduled twice was run once per turn
