@@ -6,11 +6,10 @@ So sending is done by a handful of threads, whatever the number of clients:
 
 - Each connection keeps an ``OutboundQueue`` of messages (bounded: a client too slow
   to keep up is dropped) and an ``Outbox`` of sealed bytes the kernel has not taken yet.
-- A ``SendPool`` of one worker per core seals queued messages and writes them without
+- A ``SendPool`` of one or two workers seals queued messages and writes them without
   ever blocking. A connection always goes to the same worker, so its frames are sealed
-  in sequence order; RSA releases the GIL, so the workers use every core; and each
-  worker takes one batch per connection in turn, so the first recipients of a
-  broadcast get it before the last key is wrapped.
+  in sequence order; and each worker takes one batch per connection in turn, so the
+  first recipients of a broadcast get it before the last key is wrapped.
 - One ``Flusher`` thread waits (``poll``) on the sockets whose outbox is not empty and
   writes the rest when they can take it.
 
@@ -186,7 +185,7 @@ class _SendWorker:
 
 
 class SendPool:
-    """The threads that seal and send for every connection: one per core by default."""
+    """The threads that seal and send for every connection (``workers`` of them)."""
 
     def __init__(self, workers: int) -> None:
         self._workers = [_SendWorker(f"send-{number}") for number in range(max(1, workers))]

@@ -3,8 +3,10 @@
 Each test reads like a scene: people log in, someone speaks, the others hear.
 """
 
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -79,8 +81,10 @@ def lose_connection(client):
 # --------------------------------------------------------------------------- talking
 
 
-def test_every_line_reaches_every_other_member_once_in_order(connect):
-    clients = log_in_all(connect, "alice", "bob", "carol")
+@pytest.mark.parametrize("send_workers", [1, 3])
+def test_every_line_reaches_every_other_member_once_in_order(make_server, connect, send_workers):
+    server = make_server(send_workers=send_workers)  # several workers: each connection still has one
+    clients = log_in_all(connect, "alice", "bob", "carol", to=server)
     rounds = 15
     for number in range(rounds):
         for client in clients:
@@ -299,6 +303,17 @@ def test_repeated_wrong_passwords_are_throttled(make_server, connect):
 
 
 # --------------------------------------------------------------------------- sessions
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")
+def test_password_hashing_yields_the_cpu_to_the_room(server, connect):
+    connect("alice")  # one login starts a hashing thread
+    hashing = [thread for thread in threading.enumerate() if thread.name.startswith("hash")]
+    assert hashing
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for thread in hashing:
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, ours + 10)
+    assert os.getpriority(os.PRIO_PROCESS, server.keepalive.native_id) == ours  # the rest of the server is not lowered
 
 
 def test_a_second_login_replaces_the_first_session(connect):
