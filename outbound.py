@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 log = logging.getLogger("chat.server")
 
-#: Sealed bytes an outbox may hold before its worker stops sealing more for it.
-#: The kernel's socket buffer holds more; a client this far behind is left to its
-#: message queue, whose limit drops it (so memory per slow client stays bounded).
+#: Sealed bytes an outbox may hold before its worker stops sealing more for it. A soft
+#: limit, checked once per batch: one more batch (usually a few KiB, at worst 64 frames
+#: of the largest size) can go past it. The kernel's socket buffer holds more; a client
+#: this far behind is left to its message queue, whose limit drops it.
 OUTBOX_HIGH_WATER = 128 * 1024
 #: Once the flusher has brought an outbox down to this, its worker seals again.
 OUTBOX_LOW_WATER = 32 * 1024
@@ -136,6 +137,9 @@ class Pumpable(Protocol):
     def pump(self) -> bool:
         """Seal and write one batch without blocking; True if more is waiting."""
 
+    def abort(self, reason: str) -> None:
+        """Close at once: ``pump`` failed, and a queue nobody drains would strand the client."""
+
 
 class _SendWorker:
     """One thread and the connections waiting for it, served in turn."""
@@ -179,6 +183,7 @@ class _SendWorker:
                 more = job.pump()
             except Exception:  # one connection's bug must not stop the sending for all the others
                 log.exception("%s: sending failed", job)
+                job.abort("internal error while sending")
                 more = False
             if more:  # to the back of the line: one batch per connection per turn
                 self.schedule(job)
@@ -283,6 +288,17 @@ class Outbox:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def close_socket(self) -> None:
+        """Close the socket once no send is using it; later writes are dropped.
+
+        Every send happens under the same lock, so a worker or the flusher can never
+        be inside ``send`` on a descriptor number that ``accept`` is handing to a new client.
+        """
+        with self._pending_lock:
+            self._failed = True
+            self._pending.clear()
+            self.sock.close()
+
     def _send_some(self, data: bytes) -> str:
         """Send what the kernel takes of ``data`` now and keep the rest (lock held); an error reason or ""."""
         sent, error = self._send(data)
@@ -363,6 +379,10 @@ class Flusher:
         watched: dict[int, Outbox] = {}
         while True:
             events = poller.poll(FLUSHER_SWEEP_INTERVAL * 1000)
+            ready = [fd for fd, _ in events if fd != wakeup_fd]
+            if len(ready) < len(events):
+                # Before taking _incoming: a watch() after the take must leave its byte unread.
+                self._drain_wakeups()
             with self._incoming_lock:
                 if self._stopping:
                     return
@@ -372,16 +392,23 @@ class Flusher:
                 if fd >= 0:
                     watched[fd] = outbox
                     poller.register(fd, select.POLLOUT)
-            ready = [fd for fd, _ in events if fd != wakeup_fd]
-            if len(ready) < len(events):
-                self._drain_wakeups()
-            if not events:  # a quiet second: look at everything, in case a wake-up was lost
+            if not events:  # a quiet second: look at everything, in case a socket was missed
                 ready = list(watched)
             for fd in ready:
                 outbox = watched.get(fd)
-                if outbox is not None and outbox.flush():
+                if outbox is not None and self._flush(outbox):
                     del watched[fd]
                     poller.unregister(fd)
+
+    @staticmethod
+    def _flush(outbox: Outbox) -> bool:
+        """``outbox.flush()``; an unexpected error costs that connection, never this thread."""
+        try:
+            return outbox.flush()
+        except Exception:
+            log.exception("flushing a connection failed")
+            outbox.on_error("internal error while sending")
+            return True
 
     def _drain_wakeups(self) -> None:
         try:

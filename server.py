@@ -198,8 +198,8 @@ class ClientConnection:
         # reader thread sends (the handshake) directly.
         self._schedule: Callable[[ClientConnection], None] | None = None
         self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
-        # Every sealed frame costs an RSA decryption, so frames of any kind are limited too
-        # (far above what the line limit lets through), before that work is done.
+        # Every frame costs a MAC check, a decryption and a JSON parse, so frames of any kind
+        # are limited too (far above what the line limit lets through), before that work is done.
         self.frame_flood = FloodControl(server.config.flood_rate * 10, server.config.flood_burst * 5)
         # Written by the reader, read by the keepalive thread: a float store is atomic.
         self.last_inbound = time.monotonic()
@@ -275,6 +275,10 @@ class ClientConnection:
         """Hand everything sent from now on to the send worker behind ``schedule`` (reader thread)."""
         self._schedule = schedule
         schedule(self)  # anything queued before
+
+    def abort(self, reason: str) -> None:
+        """Close at once because sending failed on our side (called by the send pool)."""
+        self.close(reason)
 
     def _schedule_send(self) -> None:
         schedule = self._schedule
@@ -678,7 +682,7 @@ class ChatServer:
             connection.close("server shutting down")
         for connection in connections:
             connection.reader.join(timeout=max(0.0, give_up + 0.5 - time.monotonic()))
-            connection.sock.close()
+            connection.outbox.close_socket()
         if self.keepalive.is_alive():
             self.keepalive.join(timeout=1.0)
         self.send_pool.stop()
@@ -751,7 +755,7 @@ class ChatServer:
                 if self.connections_per_address[connection.address] <= 0:
                     del self.connections_per_address[connection.address]
         if not self.stopping.is_set():
-            connection.sock.close()
+            connection.outbox.close_socket()  # never under a send in flight on the pool's threads
 
     def _run_keepalive(self) -> None:
         """Ping quiet clients; drop those that stay silent (vanished peers, no ghosts)."""

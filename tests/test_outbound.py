@@ -157,3 +157,60 @@ def test_each_connection_is_pumped_by_one_worker_in_turn(pool):
         schedule(barrier)
         assert barrier.done.wait(TIMEOUT)
     assert [job.pumps for job in jobs] == [5] * len(jobs)  # a job scheduled twice was run once per turn
+
+
+def test_a_connection_whose_pump_fails_is_closed_and_the_worker_goes_on(pool, caplog):
+    class Broken:
+        def __init__(self):
+            self.aborted = threading.Event()
+            self.reason = ""
+
+        def pump(self):
+            raise RuntimeError("a bug in sealing")
+
+        def abort(self, reason):
+            self.reason = reason
+            self.aborted.set()
+
+    class Fine:
+        def __init__(self):
+            self.pumped = threading.Event()
+
+        def pump(self):
+            self.pumped.set()
+            return False
+
+    schedule = pool.assign()
+    broken, fine = Broken(), Fine()
+    schedule(broken)
+    schedule(fine)
+    assert broken.aborted.wait(TIMEOUT)
+    assert broken.reason == "internal error while sending"  # left open, its queue would never drain
+    assert fine.pumped.wait(TIMEOUT)
+    assert "a bug in sealing" in caplog.text
+
+
+def test_a_failing_flush_costs_only_its_own_connection(pool, pair, monkeypatch):
+    ours, theirs = pair
+    other_ours, other_theirs = socket.socketpair()
+    for sock in (other_ours, other_theirs):  # small, so the fine connection needs the flusher too
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        broken_events, fine_events = Events(), Events()
+        broken = make_outbox(ours, pool, broken_events)
+        fine = make_outbox(other_ours, pool, fine_events)
+
+        def explode():
+            raise RuntimeError("a bug in flushing")
+
+        broken.write(b"a" * 200_000)  # waits for the flusher
+        monkeypatch.setattr(broken, "flush", explode)
+        theirs.recv(65536)  # room appears, the flusher calls the broken flush
+        broken_events.wait(lambda: broken_events.errors == ["internal error while sending"])
+        fine.write(b"b" * 200_000, close_when_empty=True)
+        assert read_exactly(other_theirs, 200_000) == b"b" * 200_000  # the flusher thread lives on
+        fine_events.wait(lambda: fine_events.closed == 1)
+    finally:
+        other_ours.close()
+        other_theirs.close()
