@@ -34,6 +34,13 @@ class Room(Protocol):
     def send_private(self, sender: Member, recipient: str, text: str, *, action: bool = False) -> bool: ...
     def who(self) -> list[str]: ...
     def announce(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+#: Seconds a "joined" notice waits for others to go out with it. Every notice costs
+#: each member an RSA wrap, so a burst of N logins would cost about N²/2 of them;
+#: gathered, it costs each member one frame per interval.
+JOIN_NOTICE_DELAY = 0.25
 
 
 class LocalRoom:
@@ -42,31 +49,97 @@ class LocalRoom:
     Delivery never happens under the lock: the member list is copied under
     ``members_lock`` and each member's ``deliver`` (a queue put) runs after, so
     one member can never hold up the others.
+
+    "Joined" notices are gathered for ``join_notice_delay`` seconds and go out
+    together (one ``Joined`` per member), on a timer thread. They still come
+    before anything else about the people they name: a leave, or a line from one
+    of them, sends the gathered notices first.
     """
 
-    def __init__(self) -> None:
-        # Guards members: user name -> the member's current connection.
+    def __init__(self, join_notice_delay: float = JOIN_NOTICE_DELAY) -> None:
+        self.join_notice_delay = join_notice_delay
+        # Guards members, _pending_joins and _join_timer.
         self.members_lock = threading.Lock()
+        #: user name -> the member's current connection.
         self.members: dict[str, Member] = {}
+        # Members whose "joined" notice has not gone out yet, in the order they joined.
+        self._pending_joins: list[Member] = []
+        # Sends the pending notices when the delay is up; None when nothing is pending.
+        self._join_timer: threading.Timer | None = None
+        # Held while join notices are taken and handed out (taken before members_lock),
+        # so a line or a leave that must come after them cannot overtake them.
+        self._join_notices_lock = threading.Lock()
 
     def join(self, member: Member) -> tuple[list[str], Member | None]:
-        """Add ``member``; returns who was already here and the session it replaced.
+        """Add ``member``; returns who is here now and the session it replaced.
 
         A user who logs in again (say after a dropped connection) replaces their
-        old session: the caller closes the one returned.
+        old session: the caller closes the one returned. The others hear of the
+        join within ``join_notice_delay`` seconds.
         """
+        timer = None
         with self.members_lock:
             replaced = self.members.get(member.name)
             self.members[member.name] = member
-            others = [other for other in self.members.values() if other is not member]
             roster = sorted(self.members)
-        notice = Notice(event="joined", name=member.name)
-        for other in others:
-            other.deliver(notice)
+            self._pending_joins.append(member)
+            if self._join_timer is None and self.join_notice_delay > 0:
+                timer = self._join_timer = threading.Timer(self.join_notice_delay, self.send_join_notices)
+                timer.name = "join-notices"
+                timer.daemon = True
+        if timer is not None:
+            timer.start()
+        elif self.join_notice_delay <= 0:
+            self.send_join_notices()
         return roster, replaced
+
+    def send_join_notices(self) -> None:
+        """Tell everyone of the joins not yet announced: each member hears of those who came after it."""
+        with self._join_notices_lock:
+            self._send_join_notices()
+
+    def _send_join_notices(self) -> None:
+        with self.members_lock:
+            joined, self._pending_joins = self._pending_joins, []
+            timer, self._join_timer = self._join_timer, None
+        if timer is not None:
+            timer.cancel()  # sent early (a line or a leave could not wait): the timer has nothing to do
+            # A session replaced before its notice went out is not announced; its successor is.
+            joined = [member for member in joined if self.members.get(member.name) is member]
+            everyone = list(self.members.values())
+        if not joined:
+            return
+        position = {id(member): index for index, member in enumerate(joined)}
+        for recipient in everyone:
+            later = joined[position.get(id(recipient), -1) + 1 :]  # the welcome roster named the earlier ones
+            names = [member.name for member in later if member is not recipient]
+            if len(names) == 1:
+                recipient.deliver(Notice(event="joined", name=names[0]))
+            elif names:
+                recipient.deliver(Joined(names=names))
+
+    def close(self) -> None:
+        """Stop the notice timer (the server is shutting down); pending notices are dropped."""
+        with self.members_lock:
+            timer, self._join_timer = self._join_timer, None
+            self._pending_joins = []
+        if timer is not None:
+            timer.cancel()
+            # join() starts the timer after releasing the lock: it may not have started yet.
+            if timer is not threading.current_thread() and timer.ident is not None:
+                timer.join()
+
+    def _announced_before(self, member: Member) -> None:
+        """Send pending join notices now if ``member`` is among them: nothing about it may overtake its join."""
+        with self._join_notices_lock:
+            with self.members_lock:
+                pending = any(joined is member for joined in self._pending_joins)
+            if pending:
+                self._send_join_notices()
 
     def leave(self, member: Member, reason: str = "") -> None:
         """Remove ``member`` if it is still the current session, and tell the others."""
+        self._announced_before(member)
         with self.members_lock:
             if self.members.get(member.name) is not member:
                 return
@@ -78,6 +151,7 @@ class LocalRoom:
 
     def say(self, sender: Member, text: str, *, action: bool = False) -> None:
         """Deliver a public line to everyone but its sender, named by the server."""
+        self._announced_before(sender)
         message = Chat(sender=sender.name, text=text, sent_at=time.time(), action=action)
         with self.members_lock:
             recipients = [member for member in self.members.values() if member is not sender]
@@ -86,6 +160,7 @@ class LocalRoom:
 
     def send_private(self, sender: Member, recipient: str, text: str, *, action: bool = False) -> bool:
         """Deliver to one member only; False if nobody by that name is online."""
+        self._announced_before(sender)
         with self.members_lock:
             target = self.members.get(recipient)
         if target is None:

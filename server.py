@@ -685,6 +685,7 @@ class ChatServer:
             connection.outbox.close_socket()
         if self.keepalive.is_alive():
             self.keepalive.join(timeout=1.0)
+        self.room.close()
         self.send_pool.stop()
         self.hash_pool.shutdown(wait=True)  # a hash already running takes a few tens of ms
         self.listener.close()

@@ -14,7 +14,7 @@ import pytest
 from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
 from accounts import LoginThrottle
-from chat import merge_join_notices
+from chat import LocalRoom, merge_join_notices
 from client import (
     Chat,
     ChatClient,
@@ -175,6 +175,76 @@ def test_queued_join_notices_merge_only_when_adjacent():
     ]
     alone = [Notice(event="joined", name="a")]
     assert merge_join_notices(alone) == alone  # a recipient that keeps up sees no difference
+
+
+class Listener:
+    """A room member that keeps what it is handed (the room needs only a name and deliver)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.received = []
+
+    def deliver(self, message):
+        self.received.append(message)
+
+    def joins(self):
+        names = []
+        for message in self.received:
+            if isinstance(message, Joined):
+                names.extend(message.names)
+            elif isinstance(message, Notice) and message.event == "joined":
+                names.append(message.name)
+        return names
+
+
+def test_joins_in_a_burst_go_out_together_and_each_member_hears_of_those_after_it():
+    room = LocalRoom(join_notice_delay=60)  # only the explicit send below lets them out
+    old = Listener("old")
+    room.join(old)
+    room.send_join_notices()
+    burst = [Listener(name) for name in ("a", "b", "c")]
+    for member in burst:
+        roster, _ = room.join(member)
+    assert roster == ["a", "b", "c", "old"]
+    assert old.received == []  # gathered, not sent one by one
+    room.send_join_notices()
+    assert old.received == [Joined(names=["a", "b", "c"])]  # one frame for the whole burst
+    assert burst[0].received == [Joined(names=["b", "c"])]  # "a" saw "old" in its welcome roster
+    assert burst[1].received == [Notice(event="joined", name="c")]
+    assert burst[2].received == []
+    room.close()
+
+
+def test_nothing_about_a_member_overtakes_its_join_notice():
+    room = LocalRoom(join_notice_delay=60)
+    old = Listener("old")
+    room.join(old)
+    room.send_join_notices()
+    quick = Listener("quick")
+    room.join(quick)
+    room.say(quick, "hello at once")
+    assert old.joins() == ["quick"] and isinstance(old.received[-1], Chat)
+    leaver = Listener("leaver")
+    room.join(leaver)
+    room.leave(leaver, "gone")
+    assert old.joins() == ["quick", "leaver"]
+    assert old.received[-1] == Notice(event="left", name="leaver", text="gone")
+    room.close()
+
+
+def test_the_join_notice_timer_sends_by_itself_and_stops_with_the_room():
+    room = LocalRoom(join_notice_delay=0.05)
+    old = Listener("old")
+    room.join(old)
+    new = Listener("new")
+    room.join(new)
+    deadline = time.monotonic() + TIMEOUT
+    while not old.joins() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert old.joins() == ["new"]
+    room.join(Listener("late"))
+    room.close()  # a pending timer is cancelled and joined: no thread outlives the room
+    assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
 
 
 def test_a_burst_of_joins_reaches_the_client_as_one_notice_each(make_server, connect):
