@@ -199,6 +199,16 @@ def honest_pair(connect, server, first="alice", second="bob"):
     return one, two
 
 
+def pair_and_raw_carol(connect, peers, server, label="attacker", **peer_options):
+    """Alice and bob chatting, and carol logged in by hand (a RawPeer) once both have seen her join."""
+    alice, bob = honest_pair(connect, server)
+    carol = peers(server, private_key=spare_key(label), **peer_options)
+    carol.login("carol", password_of("carol"))
+    wait_for(alice, joined("carol"))
+    wait_for(bob, joined("carol"))
+    return alice, bob, carol
+
+
 def assert_still_chatting(one, two):
     """Both honest people can still hear each other."""
     for speaker, listener in ((one, two), (two, one)):
@@ -243,11 +253,7 @@ def test_a_4_gib_length_prefix_before_login(make_server, connect, peers):
 
 
 def test_a_4_gib_length_prefix_after_login(make_server, connect, peers):
-    server = make_server()
-    alice, bob = honest_pair(connect, server)
-    attacker = peers(server, private_key=spare_key("attacker"))
-    attacker.login("carol", password_of("carol"))
-    wait_for(alice, joined("carol"))
+    alice, bob, attacker = pair_and_raw_carol(connect, peers, make_server())
     attacker.sock.sendall(b"\xff\xff\xff\xff")
     refusal = attacker.receive()
     assert isinstance(refusal, ErrorReply) and refusal.code == "protocol_error" and refusal.fatal
@@ -270,11 +276,7 @@ def test_random_garbage_is_dropped(make_server, connect, peers, seed):
 
 
 def test_garbage_after_login_is_dropped(make_server, connect, peers):
-    server = make_server()
-    alice, bob = honest_pair(connect, server)
-    attacker = peers(server, private_key=spare_key("attacker"))
-    attacker.login("carol", password_of("carol"))
-    wait_for(bob, joined("carol"))
+    alice, bob, attacker = pair_and_raw_carol(connect, peers, make_server())
     # A well-framed sealed frame whose envelope is noise.
     attacker.sock.sendall(encode_frame(FrameType.SEALED, random.Random(7).randbytes(600)))
     refusal = attacker.receive()
@@ -418,11 +420,7 @@ def test_the_per_address_limit_refuses_the_extra_connection(make_server, connect
 
 def test_a_client_that_never_reads_is_dropped_with_sendq_exceeded(make_server, connect, peers):
     server = make_server(send_queue_size=8, flood_rate=0)
-    alice, bob = honest_pair(connect, server)
-    sluggard = peers(server, private_key=spare_key("sluggard"), receive_buffer=4096)
-    sluggard.login("carol", password_of("carol"))
-    wait_for(alice, joined("carol"))
-    wait_for(bob, joined("carol"))
+    alice, bob, _never_reads = pair_and_raw_carol(connect, peers, server, "sluggard", receive_buffer=4096)
 
     # The kernel buffers a few MiB for the sluggard before the server's own queue fills up.
     # Alice speaks in step with bob hearing her, so bob's own (equally small) queue never fills.
@@ -685,11 +683,7 @@ def test_a_client_cannot_send_what_only_the_server_sends(make_server, connect):
 
 def test_a_line_wrapped_with_rsa_after_login_is_refused(make_server, connect, peers):
     """Version 1 wrapped every client frame; now only the login may be, so the server never unwraps a line."""
-    server = make_server()
-    alice, bob = honest_pair(connect, server)
-    carol = peers(server, private_key=spare_key("carol"))
-    carol.login("carol", password_of("carol"))
-    wait_for(alice, joined("carol"))
+    alice, bob, carol = pair_and_raw_carol(connect, peers, make_server(), "carol")
     channel = carol.channel
     say = Say(token=carol.token, text="wrapped the old way")
     aad = associated_data(Kind.SAY, channel.send_seq, "carol", "server")
