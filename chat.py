@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from protocol import Chat, Joined, Message, Notice
@@ -22,13 +23,15 @@ class Member(Protocol):
     name: str
 
     def deliver(self, message: Message) -> None:
-        """Queue ``message`` for this member. Must never block; may drop the member."""
+        """Queue ``message`` for this member. Must never block, nor call back into the room; may drop the member."""
 
 
 class Room(Protocol):
     """Fan-out: who is in the room, and delivery of what they say."""
 
-    def join(self, member: Member) -> tuple[list[str], Member | None]: ...
+    def join(
+        self, member: Member, welcome: Callable[[list[str]], None] | None = None
+    ) -> tuple[list[str], Member | None]: ...
     def leave(self, member: Member, reason: str = "") -> None: ...
     def say(self, sender: Member, text: str, *, action: bool = False) -> None: ...
     def send_private(self, sender: Member, recipient: str, text: str, *, action: bool = False) -> bool: ...
@@ -46,9 +49,10 @@ JOIN_NOTICE_DELAY = 0.25
 class LocalRoom:
     """A room held in this process.
 
-    Delivery never happens under the lock: the member list is copied under
-    ``members_lock`` and each member's ``deliver`` (a queue put) runs after, so
-    one member can never hold up the others.
+    Delivery never happens under the lock (but for the joiner's own welcome):
+    the member list is copied under ``members_lock`` and each member's
+    ``deliver`` (a queue put) runs after, so one member can never hold up the
+    others.
 
     "Joined" notices are gathered for ``join_notice_delay`` seconds and go out
     together (one ``Joined`` per member), on a timer thread. They still come
@@ -69,19 +73,29 @@ class LocalRoom:
         # Held while join notices are taken and handed out (taken before members_lock),
         # so a line or a leave that must come after them cannot overtake them.
         self._join_notices_lock = threading.Lock()
+        # Set by close(), under members_lock: no more notices or timers after it.
+        self._closed = False
 
-    def join(self, member: Member) -> tuple[list[str], Member | None]:
+    def join(
+        self, member: Member, welcome: Callable[[list[str]], None] | None = None
+    ) -> tuple[list[str], Member | None]:
         """Add ``member``; returns who is here now and the session it replaced.
 
-        A user who logs in again (say after a dropped connection) replaces their
-        old session: the caller closes the one returned. The others hear of the
-        join within ``join_notice_delay`` seconds.
+        ``welcome(roster)`` is called with who is here, at the moment of joining and
+        before anything else can reach the member: it hears of later joins only, and
+        of every leave after the roster. A user who logs in again (say after a dropped
+        connection) replaces their old session: the caller closes the one returned.
+        The others hear of the join within ``join_notice_delay`` seconds.
         """
         timer = None
         with self.members_lock:
             replaced = self.members.get(member.name)
             self.members[member.name] = member
             roster = sorted(self.members)
+            if welcome is not None:
+                welcome(roster)  # a queue put: the one delivery made under the lock
+            if self._closed:
+                return roster, replaced
             self._pending_joins.append(member)
             if self._join_timer is None and self.join_notice_delay > 0:
                 timer = self._join_timer = threading.Timer(self.join_notice_delay, self.send_join_notices)
@@ -99,14 +113,14 @@ class LocalRoom:
             self._send_join_notices()
 
     def _send_join_notices(self) -> None:
-        with self.members_lock:
+        with self.members_lock:  # the swap, the filter and the snapshot in one hold: no join can fall between
             joined, self._pending_joins = self._pending_joins, []
             timer, self._join_timer = self._join_timer, None
-        if timer is not None:
-            timer.cancel()  # sent early (a line or a leave could not wait): the timer has nothing to do
             # A session replaced before its notice went out is not announced; its successor is.
             joined = [member for member in joined if self.members.get(member.name) is member]
             everyone = list(self.members.values())
+        if timer is not None:
+            timer.cancel()  # sent early (a line or a leave could not wait): the timer has nothing to do
         if not joined:
             return
         position = {id(member): index for index, member in enumerate(joined)}
@@ -121,6 +135,7 @@ class LocalRoom:
     def close(self) -> None:
         """Stop the notice timer (the server is shutting down); pending notices are dropped."""
         with self.members_lock:
+            self._closed = True
             timer, self._join_timer = self._join_timer, None
             self._pending_joins = []
         if timer is not None:

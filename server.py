@@ -106,12 +106,17 @@ MAX_TRACKED_ADDRESSES = 10_000
 def default_send_workers() -> int:
     """One sealing thread per core but one, and at most two.
 
-    RSA releases the GIL, but every wrap takes it back: on 2 cores two sealing
-    threads spent about 30 % more CPU per delivery than one (GIL hand-offs), and
-    had worse latency at N = 50 and 200 (BENCHMARKS.md). The core left over reads
+    RSA releases the GIL, but every wrap takes it back: on 2 cores, in alternating
+    runs, two sealing threads spent 9 to 37 % more CPU per delivery than one, with
+    0.75 to 1.02 context switches per delivery instead of 0.04 to 0.18
+    (BENCHMARKS.md). The core left over reads
     what clients send, hashes passwords and runs the kernel's TCP work.
     """
-    return max(1, min(2, (os.cpu_count() or 1) - 1))
+    try:
+        usable = len(os.sched_getaffinity(0))  # what this process may run on (containers, taskset)
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    return max(1, min(2, usable - 1))
 
 
 @dataclass
@@ -432,21 +437,26 @@ class ClientConnection:
         self.channel.username = self.name
         token, expires_at = self.server.issue_token(self, self.verified_stamp)
         self.attach_sender(self.server.send_pool.assign())
-        # Welcome goes first in the queue: the room may deliver to us as soon as we join.
-        roster = sorted(set(self.server.room.who()) | {self.name})
         config = self.server.config
-        self.deliver(
-            Welcome(
-                username=self.name,
-                token=token,
-                expires_at=expires_at,
-                members=roster,
-                flood_burst=config.flood_burst,
-                flood_rate=config.flood_rate,
+
+        def welcome(roster: list[str]) -> None:
+            # Called by the room as we join: first in our queue, with exactly who was
+            # here then (we hear of every later join and leave, and of nothing earlier).
+            self.deliver(
+                Welcome(
+                    username=self.name,
+                    token=token,
+                    expires_at=expires_at,
+                    members=roster,
+                    flood_burst=config.flood_burst,
+                    flood_rate=config.flood_rate,
+                )
             )
-        )
-        _, replaced = self.server.room.join(self)
-        self.in_room = True
+
+        try:
+            _, replaced = self.server.room.join(self, welcome)
+        finally:
+            self.in_room = True  # even if join failed half-way: the reader's leave() then tidies up
         if isinstance(replaced, ClientConnection):
             # Revoked, not just closed: whoever still holds that session (a stolen laptop,
             # say) must not resume it and push this login out in turn.
@@ -1202,6 +1212,7 @@ def tune_garbage_collector() -> None:
     exists at start-up (modules, the server's keys) keeps it out of every collection.
     """
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+    gc.collect()  # so that no start-up garbage is frozen with the rest
     gc.freeze()
 
 

@@ -292,7 +292,7 @@ def openssl_version() -> str:
         return "unknown"
 
 
-SOURCE_FILES = ("server.py", "channel.py", "protocol.py", "crypto_utils.py", "chat.py", "accounts.py")
+SOURCE_FILES = ("server.py", "outbound.py", "channel.py", "protocol.py", "crypto_utils.py", "chat.py", "accounts.py")
 
 
 def snapshot_server(server_path: Path, destination: Path) -> Path:

@@ -121,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 4:
         parser.error("--clients must be at least 4")
     harness.raise_open_file_limit(4 * args.clients + 256)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    source = harness.source_info()
     with tempfile.TemporaryDirectory(prefix="chat-scale-") as temp:
         result = run(args.clients, args.lines, Path(temp))
+    result["date_utc"] = started
+    result["source"] = source
     result["machine"] = harness.machine_info()
     print(json.dumps(result, indent=2))
     if args.json:

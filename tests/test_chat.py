@@ -247,6 +247,37 @@ def test_the_join_notice_timer_sends_by_itself_and_stops_with_the_room():
     assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
 
 
+def test_the_welcome_roster_is_taken_as_the_member_joins_and_comes_first():
+    room = LocalRoom(join_notice_delay=60)
+    old = Listener("old")
+    room.join(old, welcome=lambda roster: old.deliver(("welcome", roster)))
+    room.send_join_notices()
+    new = Listener("new")
+    room.join(new, welcome=lambda roster: new.deliver(("welcome", roster)))
+    room.say(old, "hello")  # reaches new after its welcome, never before
+    assert new.received[0] == ("welcome", ["new", "old"])
+    assert isinstance(new.received[1], Chat) and new.joins() == []
+    room.close()
+
+
+def test_without_a_delay_each_join_is_announced_at_once():
+    room = LocalRoom(join_notice_delay=0)
+    first, second = Listener("first"), Listener("second")
+    room.join(first)
+    room.join(second)
+    assert first.received == [Notice(event="joined", name="second")]
+    assert second.received == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
+
+
+def test_a_closed_room_starts_no_timer():
+    room = LocalRoom(join_notice_delay=60)
+    room.close()
+    roster, _ = room.join(Listener("late"))
+    assert roster == ["late"]
+    assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
+
+
 def test_a_burst_of_joins_reaches_the_client_as_one_notice_each(make_server, connect):
     quick = make_server()
     alice = connect("alice", to=quick)

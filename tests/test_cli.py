@@ -665,6 +665,12 @@ class LyingRoom(HostileRoom):
     def who(self) -> list[str]:
         return sorted([*super().who(), f"mal{SHORT_ESCAPES}"])
 
+    def join(self, member, welcome=None):
+        def lying_welcome(roster):
+            welcome(sorted([*roster, f"mal{SHORT_ESCAPES}"]))
+
+        return super().join(member, lying_welcome if welcome else None)
+
     def say(self, sender, text: str, *, action: bool = False) -> None:
         if text == "inject-error":
             sender.deliver(ErrorReply(code="nope", message=f"refused {ESCAPES}"))
