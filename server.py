@@ -109,8 +109,8 @@ def default_send_workers() -> int:
     RSA releases the GIL, but every wrap takes it back: on 2 cores, in alternating
     runs, two sealing threads spent 9 to 37 % more CPU per delivery than one, with
     0.75 to 1.02 context switches per delivery instead of 0.04 to 0.18
-    (BENCHMARKS.md). The core left over reads
-    what clients send, hashes passwords and runs the kernel's TCP work.
+    (BENCHMARKS.md). The core left over reads what clients send, hashes
+    passwords and runs the kernel's TCP work.
     """
     try:
         usable = len(os.sched_getaffinity(0))  # what this process may run on (containers, taskset)
