@@ -65,19 +65,27 @@ class SecureChannel:
         self.allowed_incoming = allowed_incoming
         #: The authenticated user name; "" until login succeeds.
         self.username = ""
-        #: Per-connection secret chosen by the client and sent inside its login.
-        self.session_key: bytes | None = None
         self.send_seq = 0
         self.recv_seq = 0
         self._send_direction = b"s2c" if is_server else b"c2s"
         self._recv_direction = b"c2s" if is_server else b"s2c"
         self._wrapped_key_size = (peer_public_key.key_size + 7) // 8
-        # The keyed MAC state for outgoing frames, and the session key it was built from.
+        self._session_key: bytes | None = None
+        # Derived from the session key when it is set: the keyed MAC state for outgoing
+        # frames, and the client-to-server cipher (see SessionCipher).
         self._send_mac: crypto_utils.SessionMac | None = None
-        self._send_mac_key: bytes | None = None
-        # The client-to-server cipher (see SessionCipher), and the session key it was built from.
         self._cipher: crypto_utils.SessionCipher | None = None
-        self._cipher_key: bytes | None = None
+
+    @property
+    def session_key(self) -> bytes | None:
+        """Per-connection secret chosen by the client and sent inside its login; None before."""
+        return self._session_key
+
+    @session_key.setter
+    def session_key(self, key: bytes) -> None:
+        self._session_key = key
+        self._send_mac = crypto_utils.SessionMac(key, self._send_direction)
+        self._cipher = crypto_utils.SessionCipher(key, b"c2s")
 
     def _labels(self, outgoing: bool) -> tuple[str, str]:
         """(hop sender, hop recipient) for the associated data."""
@@ -93,7 +101,7 @@ class SecureChannel:
         checked before any work, and nothing changes, so the caller may skip the
         message and seal the next one. Raises ``RuntimeError`` before login.
         """
-        if self.session_key is None:
+        if self._send_mac is None or self._cipher is None:
             raise RuntimeError("no session key yet")
         plaintext = message.encoded
         under_session_key = self._sends_under_session_key(message.KIND)
@@ -104,15 +112,11 @@ class SecureChannel:
         aad = associated_data(message.KIND, seq, *self._labels(outgoing=True))
         if under_session_key:
             wrapped = b""
-            nonce, ciphertext = self._session_cipher(self.session_key).seal(plaintext, aad)
+            nonce, ciphertext = self._cipher.seal(plaintext, aad)
         else:
             wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad)
         mac_input = envelope_mac_input(message.KIND, seq, wrapped, nonce, ciphertext)
-        send_mac = self._send_mac
-        if send_mac is None or self._send_mac_key is not self.session_key:  # first frame, or a new key
-            send_mac = self._send_mac = crypto_utils.SessionMac(self.session_key, self._send_direction)
-            self._send_mac_key = self.session_key
-        mac = send_mac.digest(mac_input)
+        mac = self._send_mac.digest(mac_input)
         frame = encode_sealed_frame(mac_input, mac)
         # Only once the frame exists: a refused message must not leave a gap in the sequence.
         self.send_seq = seq + 1
@@ -146,7 +150,8 @@ class SecureChannel:
             if envelope.wrapped_key:
                 raise ProtocolError("a frame after login must be sealed under the session key")
             self._check_mac(envelope, self.session_key)
-            plaintext = self._session_cipher(self.session_key).open(envelope.nonce, envelope.ciphertext, aad)
+            assert self._cipher is not None  # set with the session key, which this branch requires
+            plaintext = self._cipher.open(envelope.nonce, envelope.ciphertext, aad)
         message = decode_message(envelope.kind, plaintext)
         if first_message:
             assert isinstance(message, Login | Resume)
@@ -161,14 +166,6 @@ class SecureChannel:
     def _sends_under_session_key(self, kind: Kind) -> bool:
         """Client frames after the login are sealed under the session key instead of RSA."""
         return not self.is_server and kind not in (Kind.LOGIN, Kind.RESUME)
-
-    def _session_cipher(self, session_key: bytes | None) -> crypto_utils.SessionCipher:
-        """The client-to-server cipher of the current session key (built once per key)."""
-        assert session_key is not None
-        if self._cipher is None or self._cipher_key is not session_key:
-            self._cipher = crypto_utils.SessionCipher(session_key, b"c2s")
-            self._cipher_key = session_key
-        return self._cipher
 
     def _check_mac(self, envelope: Envelope, session_key: bytes | None) -> None:
         assert session_key is not None

@@ -137,8 +137,8 @@ class Pumpable(Protocol):
     def pump(self) -> bool:
         """Seal and write one batch without blocking; True if more is waiting."""
 
-    def abort(self, reason: str) -> None:
-        """Close at once: ``pump`` failed, and a queue nobody drains would strand the client."""
+    def close(self, reason: str) -> None:
+        """Close at once; called when ``pump`` failed, as a queue nobody drains would strand the client."""
 
 
 class _SendWorker:
@@ -183,7 +183,7 @@ class _SendWorker:
                 more = job.pump()
             except Exception:  # one connection's bug must not stop the sending for all the others
                 log.exception("%s: sending failed", job)
-                job.abort("internal error while sending")
+                job.close("internal error while sending")
                 more = False
             if more:  # to the back of the line: one batch per connection per turn
                 self.schedule(job)

@@ -282,10 +282,6 @@ class ClientConnection:
         self._schedule = schedule
         schedule(self)  # anything queued before
 
-    def abort(self, reason: str) -> None:
-        """Close at once because sending failed on our side (called by the send pool)."""
-        self.close(reason)
-
     def _schedule_send(self) -> None:
         schedule = self._schedule
         if schedule is not None:
