@@ -84,6 +84,24 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return sum(cpu_times(pid))
 
 
+def thread_cpu(pid: int | str) -> dict[int, tuple[float, int]]:
+    """CPU seconds (user plus system) and nice value of each live thread of a process.
+
+    The nice value tells the server's password-hashing threads apart: they run
+    at a lower priority than the rest (``server.lower_thread_priority``).
+    """
+    threads: dict[int, tuple[float, int]] = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the thread ended while we looked
+        fields = text[text.rindex(")") + 2 :].split()
+        # Fields 14, 15 (utime, stime) and 19 (nice) of proc(5).
+        threads[int(stat.parent.name)] = ((int(fields[11]) + int(fields[12])) / CLOCK_TICKS, int(fields[16]))
+    return threads
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds every process on the machine has used since boot (``/proc/stat``, all cores).
 

@@ -30,6 +30,7 @@ Each storm client still signs its own login and verifies the server's signature.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -244,6 +245,21 @@ def run_storm(
     return started, outcomes
 
 
+def hashing_threads_cpu(before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]) -> float:
+    """CPU seconds the server's hashing threads used between two ``harness.thread_cpu`` readings.
+
+    They are the threads whose nice value is above the server's lowest: the hash
+    pool lowers its own threads' priority (Linux). A thread new since ``before``
+    counts from zero; one that ended meanwhile is lost, and hash threads never end.
+    NaN if no thread was lowered (then they cannot be told apart).
+    """
+    base_nice = min((nice for _cpu, nice in after.values()), default=0)
+    lowered = {thread_id: cpu for thread_id, (cpu, nice) in after.items() if nice > base_nice}
+    if not lowered:
+        return math.nan
+    return sum(cpu - before.get(thread_id, (0.0, 0))[0] for thread_id, cpu in lowered.items())
+
+
 def joined_notices_expected(present: int, joined: int) -> int:
     """Notices the members receive when ``joined`` people join, one by one, a room of ``present``."""
     return sum(range(present, present + joined))
@@ -286,14 +302,16 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             f"storm: {storm_count} clients log in at once "
             f"({background_count} talkers, {args.background_rate:g} lines/s)"
         )
-        cpu_before = server.cpu_seconds()
+        cpu_before, threads_cpu_before = server.cpu_seconds(), harness.thread_cpu(server.pid)
         busy_before, own_before = harness.machine_busy_seconds(), harness.cpu_seconds()
         storm_start, outcomes = run_storm(server, names[background_count:], keys, known_hosts, clients)
         succeeded = [outcome for outcome in outcomes if not outcome.error]
         storm_end = max((outcome.finished for outcome in succeeded), default=storm_start)
-        cpu_storm = server.cpu_seconds() - cpu_before
+        cpu_storm, threads_cpu_after = server.cpu_seconds() - cpu_before, harness.thread_cpu(server.pid)
+        own_cpu = harness.cpu_seconds() - own_before
+        hashing_cpu = hashing_threads_cpu(threads_cpu_before, threads_cpu_after)
         # What anything besides this server and this benchmark used meanwhile (the machine is shared).
-        other_cpu = harness.machine_busy_seconds() - busy_before - cpu_storm - (harness.cpu_seconds() - own_before)
+        other_cpu = harness.machine_busy_seconds() - busy_before - cpu_storm - own_cpu
         storm_seconds = storm_end - storm_start
         log(f"  {len(succeeded)} of {storm_count} logged in within {storm_seconds:.2f} s")
 
@@ -341,11 +359,12 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             "login_ms_p99": percentile(login_times, 0.99) if login_times else None,
             "server_cpu_s": cpu_storm,
             "server_cpu_fraction": cpu_storm / storm_seconds if storm_seconds > 0 else None,
-            # An estimate: logins times the CPU of one verification measured in the tight loop.
-            "hashing_share_of_server_cpu": len(outcomes)
-            * min(hash_before["cpu_ms_each"], hash_after["cpu_ms_each"])
-            / 1000
-            / max(cpu_storm, 1e-9),
+            # Measured: the CPU of the server's lowered-priority (hashing) threads during the storm.
+            "hashing_cpu_s": hashing_cpu,
+            "hashing_share_of_server_cpu": hashing_cpu / max(cpu_storm, 1e-9),
+            "hashing_cpu_ms_per_login": hashing_cpu * 1000 / max(len(outcomes), 1),
+            "other_server_cpu_ms_per_login": (cpu_storm - hashing_cpu) * 1000 / max(len(outcomes), 1),
+            "load_generator_cpu_fraction": own_cpu / storm_seconds if storm_seconds > 0 else None,
             "other_cpu_fraction": max(0.0, other_cpu) / storm_seconds if storm_seconds > 0 else None,
             "join_notices_expected": notices,
             "join_notices_drained": drained,
@@ -408,9 +427,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{hashing['after']['per_s']:.1f} after, {settings['hash_threads_measured']} thread(s))",
         f"  achieved / allowed = {ratio:.2f} (target >= {TARGET_HASH_RATIO:.2f}: "
         f"{'met' if ratio >= TARGET_HASH_RATIO else 'missed'})",
-        f"  CPU during the storm: server {storm['server_cpu_fraction'] or 0:.2f} cores, "
-        f"other processes {storm['other_cpu_fraction'] or 0:.2f} cores (of {report['machine']['nproc']}); "
-        f"hashing was about {storm['hashing_share_of_server_cpu'] * 100:.0f} % of the server's",
+        f"  CPU during the storm (cores of {report['machine']['nproc']}): "
+        f"server {storm['server_cpu_fraction'] or 0:.2f} "
+        f"(hashing threads {storm['hashing_cpu_s'] / storm['seconds']:.2f}), "
+        f"this load generator {storm['load_generator_cpu_fraction'] or 0:.2f}, "
+        f"other processes {storm['other_cpu_fraction'] or 0:.2f}",
+        f"  CPU a login: hashing {storm['hashing_cpu_ms_per_login']:.1f} ms "
+        f"({min(hashing['before']['cpu_ms_each'], hashing['after']['cpu_ms_each']):.1f} in the tight loop), "
+        f"the rest of the server {storm['other_server_cpu_ms_per_login']:.1f} ms",
         f"  join notices: {storm['join_notices_expected']} in all, last one delivered "
         f"{storm['join_notices_drain_s_after_last_login']:.1f} s after the last login",
         f"  talkers before the storm: {fmt_ms(talkers['before_storm'])}",

@@ -69,3 +69,42 @@ def test_quick_fanout_benchmark_reports_every_number(tmp_path):
     assert plain["saturation"]["server_cpu_us_per_delivery"] > 0
     assert summary["ratio"] > 0
     assert report["machine"]["nproc"] >= 1
+
+
+def test_quick_storm_benchmark_reports_every_number(tmp_path):
+    """The login storm's quick path: every login succeeds and the CPU split is measured."""
+    result_path = tmp_path / "storm.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "storm.py"),
+            "--quick",
+            "--clients",
+            "12",
+            "--background",
+            "3",
+            "--json",
+            str(result_path),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BENCHMARK_TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "achieved / allowed" in done.stdout, done.stdout
+
+    report = json.loads(result_path.read_text())
+    hashing, storm, talkers = report["hashing"], report["storm"], report["talkers"]
+    assert hashing["ceiling_per_s"] > 0 and hashing["before"]["cpu_ms_each"] > 0
+    assert storm["logins_ok"] == 12 and storm["logins_failed"] == 0, storm["failure_reasons"]
+    assert storm["logins_per_s"] > 0 and storm["ratio_to_hashing_ceiling"] > 0
+    assert storm["join_notices_drained"]
+    # Twelve Argon2id verifications ran on the server's lowered-priority threads (Linux).
+    if sys.platform.startswith("linux"):
+        assert storm["hashing_cpu_s"] > 0
+    assert storm["server_cpu_s"] > 0 and storm["load_generator_cpu_fraction"] > 0
+    assert talkers["before_storm"]["samples"] > 0 and talkers["verify_failures"] == 0
+    assert talkers["dropped"] == 0
