@@ -9,6 +9,7 @@ by several server processes (through a message broker) can replace
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,13 @@ class Room(Protocol):
 #: each member an RSA wrap, so a burst of N logins would cost about N²/2 of them;
 #: gathered, it costs each member one frame per interval.
 JOIN_NOTICE_DELAY = 0.25
+#: In a long burst (a login storm, everyone coming back after a restart) the interval
+#: also grows with the room, so its notices cost at most this many frames a second:
+#: at 520 members, one round every 1.3 s instead of every 0.25 s. A join into a quiet
+#: room still goes out after JOIN_NOTICE_DELAY.
+JOIN_NOTICE_FRAMES_PER_SECOND = 400
+#: ... but no notice waits longer than this, however big the room.
+JOIN_NOTICE_MAX_DELAY = 2.0
 
 
 class LocalRoom:
@@ -55,14 +63,19 @@ class LocalRoom:
     others.
 
     "Joined" notices are gathered for ``join_notice_delay`` seconds and go out
-    together (one ``Joined`` per member), on a timer thread. They still come
-    before anything else about the people they name: a leave, or a line from one
-    of them, sends the gathered notices first.
+    together (one ``Joined`` per member), on a timer thread. Rounds of notices
+    are also spaced by the room's size over ``join_notice_rate`` (frames a
+    second), up to ``JOIN_NOTICE_MAX_DELAY``. They still come before anything
+    else about the people they name: a leave, or a line from one of them, sends
+    the gathered notices first.
     """
 
-    def __init__(self, join_notice_delay: float = JOIN_NOTICE_DELAY) -> None:
+    def __init__(
+        self, join_notice_delay: float = JOIN_NOTICE_DELAY, join_notice_rate: float = JOIN_NOTICE_FRAMES_PER_SECOND
+    ) -> None:
         self.join_notice_delay = join_notice_delay
-        # Guards members, _pending_joins and _join_timer.
+        self.join_notice_rate = join_notice_rate
+        # Guards members, _pending_joins, _join_timer and _last_join_notices.
         self.members_lock = threading.Lock()
         #: user name -> the member's current connection.
         self.members: dict[str, Member] = {}
@@ -70,6 +83,8 @@ class LocalRoom:
         self._pending_joins: list[Member] = []
         # Sends the pending notices when the delay is up; None when nothing is pending.
         self._join_timer: threading.Timer | None = None
+        # When the last round of join notices went out (time.monotonic()).
+        self._last_join_notices = -math.inf
         # Held while join notices are taken and handed out (taken before members_lock),
         # so a line or a leave that must come after them cannot overtake them.
         self._join_notices_lock = threading.Lock()
@@ -85,7 +100,8 @@ class LocalRoom:
         before anything else can reach the member: it hears of later joins only, and
         of every leave after the roster. A user who logs in again (say after a dropped
         connection) replaces their old session: the caller closes the one returned.
-        The others hear of the join within ``join_notice_delay`` seconds.
+        The others hear of the join within ``join_notice_delay`` seconds, or in a
+        burst of joins within ``JOIN_NOTICE_MAX_DELAY``.
         """
         timer = None
         with self.members_lock:
@@ -98,7 +114,7 @@ class LocalRoom:
                 return roster, replaced
             self._pending_joins.append(member)
             if self._join_timer is None and self.join_notice_delay > 0:
-                timer = self._join_timer = threading.Timer(self.join_notice_delay, self.send_join_notices)
+                timer = self._join_timer = threading.Timer(self._join_notice_wait(), self.send_join_notices)
                 timer.name = "join-notices"
                 timer.daemon = True
         if timer is not None:
@@ -106,6 +122,12 @@ class LocalRoom:
         elif self.join_notice_delay <= 0:
             self.send_join_notices()
         return roster, replaced
+
+    def _join_notice_wait(self) -> float:
+        """Seconds until the next round of join notices; called under ``members_lock``."""
+        spacing = len(self.members) / self.join_notice_rate if self.join_notice_rate > 0 else 0.0
+        paced = self._last_join_notices + spacing - time.monotonic()
+        return min(JOIN_NOTICE_MAX_DELAY, max(self.join_notice_delay, paced))
 
     def send_join_notices(self) -> None:
         """Tell everyone of the joins not yet announced: each member hears of those who came after it."""
@@ -119,18 +141,24 @@ class LocalRoom:
             # A session replaced before its notice went out is not announced; its successor is.
             joined = [member for member in joined if self.members.get(member.name) is member]
             everyone = list(self.members.values())
+            if joined:
+                self._last_join_notices = time.monotonic()
         if timer is not None:
             timer.cancel()  # sent early (a line or a leave could not wait): the timer has nothing to do
         if not joined:
             return
         position = {id(member): index for index, member in enumerate(joined)}
+        # Those who were here before the round all hear the same: one message, encoded once.
+        for_earlier_members = joined_notice([member.name for member in joined])
         for recipient in everyone:
-            later = joined[position.get(id(recipient), -1) + 1 :]  # the welcome roster named the earlier ones
-            names = [member.name for member in later if member is not recipient]
-            if len(names) == 1:
-                recipient.deliver(Notice(event="joined", name=names[0]))
-            elif names:
-                recipient.deliver(Joined(names=names))
+            index = position.get(id(recipient))
+            if index is None:
+                recipient.deliver(for_earlier_members)
+                continue
+            # The welcome roster named those who came before this recipient.
+            names = [member.name for member in joined[index + 1 :]]
+            if names:
+                recipient.deliver(joined_notice(names))
 
     def close(self) -> None:
         """Stop the notice timer (the server is shutting down); pending notices are dropped."""
@@ -233,6 +261,11 @@ class FloodControl:
     def is_full(self) -> bool:
         """True when the bucket has refilled: its owner has been quiet, nothing to remember."""
         return self.rate <= 0 or self._tokens + (time.monotonic() - self._updated) * self.rate >= self.burst
+
+
+def joined_notice(names: list[str]) -> Notice | Joined:
+    """The message that tells of ``names`` joining: a ``Notice`` for one, a ``Joined`` for several."""
+    return Notice(event="joined", name=names[0]) if len(names) == 1 else Joined(names=names)
 
 
 def merge_join_notices(queued: list[Any]) -> list[Any]:

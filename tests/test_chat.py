@@ -13,6 +13,7 @@ import time
 import pytest
 from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
+import chat
 from accounts import LoginThrottle
 from chat import LocalRoom, merge_join_notices
 from client import (
@@ -245,6 +246,65 @@ def test_the_join_notice_timer_sends_by_itself_and_stops_with_the_room():
     room.join(Listener("late"))
     room.close()  # a pending timer is cancelled and joined: no thread outlives the room
     assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
+
+
+def test_members_there_before_a_round_share_one_message():
+    room = LocalRoom(join_notice_delay=60)
+    earlier = [Listener("old1"), Listener("old2"), Listener("old3")]
+    for member in earlier:
+        room.join(member)
+    room.send_join_notices()
+    for name in ("a", "b"):
+        room.join(Listener(name))
+    room.send_join_notices()
+    first = earlier[0].received[-1]
+    assert first == Joined(names=["a", "b"])
+    # The same object, so its JSON is encoded once for the whole room.
+    assert all(member.received[-1] is first for member in earlier)
+    room.close()
+
+
+def wait_for_joins(listener, names, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while listener.joins() != names and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return listener.joins()
+
+
+def test_rounds_of_join_notices_are_spaced_by_the_size_of_the_room():
+    # 5 members at 10 frames a second: rounds at least 0.5 s apart.
+    room = LocalRoom(join_notice_delay=0.01, join_notice_rate=10)
+    old = Listener("old")
+    room.join(old)
+    for name in ("a", "b", "c"):
+        room.join(Listener(name))
+    room.send_join_notices()
+    round_sent = time.monotonic()
+    room.join(Listener("late"))
+    time.sleep(0.2)
+    assert old.joins() == ["a", "b", "c"]  # not yet: the room's budget says wait
+    assert wait_for_joins(old, ["a", "b", "c", "late"]) == ["a", "b", "c", "late"]
+    assert time.monotonic() - round_sent >= 0.45
+    room.close()
+
+
+def test_a_join_into_a_quiet_room_goes_out_after_the_short_delay(monkeypatch):
+    # However big the room, a join long after the last round is not held back ...
+    room = LocalRoom(join_notice_delay=0.01, join_notice_rate=1000)
+    old = Listener("old")
+    room.join(old)
+    room.join(Listener("new"))
+    assert wait_for_joins(old, ["new"], timeout=1.0) == ["new"]
+    room.close()
+    # ... and in a storm no notice waits longer than JOIN_NOTICE_MAX_DELAY.
+    monkeypatch.setattr(chat, "JOIN_NOTICE_MAX_DELAY", 0.2)
+    room = LocalRoom(join_notice_delay=0.01, join_notice_rate=0.001)  # 1,000 s a member, uncapped
+    old = Listener("old")
+    room.join(old)
+    room.send_join_notices()
+    room.join(Listener("next"))
+    assert wait_for_joins(old, ["next"], timeout=2.0) == ["next"]
+    room.close()
 
 
 def test_the_welcome_roster_is_taken_as_the_member_joins_and_comes_first():
