@@ -101,6 +101,7 @@ def test_quick_storm_benchmark_reports_every_number(tmp_path):
     assert hashing["ceiling_per_s"] > 0 and hashing["before"]["cpu_ms_each"] > 0
     assert storm["logins_ok"] == 12 and storm["logins_failed"] == 0, storm["failure_reasons"]
     assert storm["logins_per_s"] > 0 and storm["ratio_to_hashing_ceiling"] > 0
+    assert storm["ratio_on_cores_left_to_server"] >= storm["ratio_to_hashing_ceiling"]
     assert storm["join_notices_drained"]
     # Twelve Argon2id verifications ran on the server's lowered-priority threads (Linux).
     if sys.platform.startswith("linux"):
