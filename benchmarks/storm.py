@@ -288,7 +288,10 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
 
     clients: list[SamplingChatClient] = []
     server_args = [*DEFAULT_SERVER_ARGS, "--hash-workers", str(args.hash_workers), *args.server_arg]
-    server = harness.start_chat_server(work_dir, users_path, *server_args)
+    # From a copy taken now, as fanout.py does: edits to the checkout cannot leak into the run.
+    server_path = harness.snapshot_server(args.server, work_dir / "server-src")
+    report["source"] = harness.source_info(server_path)
+    server = harness.start_chat_server(work_dir, users_path, *server_args, server_path=server_path)
     talkers: Talkers | None = None
     try:
         known_hosts = KnownHosts(work_dir / "known_hosts")
@@ -483,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keys", type=int, default=DEFAULT_KEY_COUNT, help="RSA key pairs shared by the clients")
     parser.add_argument("--json", type=Path, help="also write the results here (besides benchmarks/results/)")
     parser.add_argument("--work-dir", type=Path, help="keep the server's files and log here")
+    parser.add_argument(
+        "--server",
+        type=Path,
+        default=harness.ROOT / "server.py",
+        metavar="PATH",
+        help="server.py to measure (default: this checkout's); another checkout's measures a change",
+    )
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra server option (repeat: --server-arg=--flag)"
     )
