@@ -45,12 +45,14 @@ class Room(Protocol):
 #: each member an RSA wrap, so a burst of N logins would cost about N²/2 of them;
 #: gathered, it costs each member one frame per interval.
 JOIN_NOTICE_DELAY = 0.25
-#: In a long burst (a login storm, everyone coming back after a restart) the interval
-#: also grows with the room, so its notices cost at most this many frames a second:
-#: at 520 members, one round every 1.3 s instead of every 0.25 s. A join into a quiet
-#: room still goes out after JOIN_NOTICE_DELAY.
+#: In a long burst (a login storm, everyone coming back after a restart) rounds are also
+#: spaced by the room's size, so that they cost about this many frames a second: at 520
+#: members, one round every 1.3 s instead of every 0.25 s. A join that comes when no round
+#: went out for that long waits only JOIN_NOTICE_DELAY. Not a hard bound: a line or a
+#: leave from someone still pending sends a round at once (ordering comes first).
 JOIN_NOTICE_FRAMES_PER_SECOND = 400
-#: ... but no notice waits longer than this, however big the room.
+#: ... but pacing never holds a notice longer than this, however big the room (so above
+#: 800 members a burst costs more than JOIN_NOTICE_FRAMES_PER_SECOND).
 JOIN_NOTICE_MAX_DELAY = 2.0
 
 
@@ -65,16 +67,21 @@ class LocalRoom:
     "Joined" notices are gathered for ``join_notice_delay`` seconds and go out
     together (one ``Joined`` per member), on a timer thread. Rounds of notices
     are also spaced by the room's size over ``join_notice_rate`` (frames a
-    second), up to ``JOIN_NOTICE_MAX_DELAY``. They still come before anything
+    second); that pacing adds at most ``JOIN_NOTICE_MAX_DELAY``. ``clock`` is
+    the time source of the pacing (tests set it). They still come before anything
     else about the people they name: a leave, or a line from one of them, sends
     the gathered notices first.
     """
 
     def __init__(
-        self, join_notice_delay: float = JOIN_NOTICE_DELAY, join_notice_rate: float = JOIN_NOTICE_FRAMES_PER_SECOND
+        self,
+        join_notice_delay: float = JOIN_NOTICE_DELAY,
+        join_notice_rate: float = JOIN_NOTICE_FRAMES_PER_SECOND,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.join_notice_delay = join_notice_delay
         self.join_notice_rate = join_notice_rate
+        self._clock = clock
         # Guards members, _pending_joins, _join_timer and _last_join_notices.
         self.members_lock = threading.Lock()
         #: user name -> the member's current connection.
@@ -100,8 +107,8 @@ class LocalRoom:
         before anything else can reach the member: it hears of later joins only, and
         of every leave after the roster. A user who logs in again (say after a dropped
         connection) replaces their old session: the caller closes the one returned.
-        The others hear of the join within ``join_notice_delay`` seconds, or in a
-        burst of joins within ``JOIN_NOTICE_MAX_DELAY``.
+        The others hear of the join after ``join_notice_delay`` seconds, or in a
+        burst of joins up to ``JOIN_NOTICE_MAX_DELAY`` later.
         """
         timer = None
         with self.members_lock:
@@ -126,8 +133,8 @@ class LocalRoom:
     def _join_notice_wait(self) -> float:
         """Seconds until the next round of join notices; called under ``members_lock``."""
         spacing = len(self.members) / self.join_notice_rate if self.join_notice_rate > 0 else 0.0
-        paced = self._last_join_notices + spacing - time.monotonic()
-        return min(JOIN_NOTICE_MAX_DELAY, max(self.join_notice_delay, paced))
+        paced = self._last_join_notices + spacing - self._clock()
+        return max(self.join_notice_delay, min(JOIN_NOTICE_MAX_DELAY, paced))
 
     def send_join_notices(self) -> None:
         """Tell everyone of the joins not yet announced: each member hears of those who came after it."""
@@ -142,7 +149,7 @@ class LocalRoom:
             joined = [member for member in joined if self.members.get(member.name) is member]
             everyone = list(self.members.values())
             if joined:
-                self._last_join_notices = time.monotonic()
+                self._last_join_notices = self._clock()
         if timer is not None:
             timer.cancel()  # sent early (a line or a leave could not wait): the timer has nothing to do
         if not joined:

@@ -147,6 +147,7 @@ def save_report(report: dict[str, Any], name: str, summary: list[str], json_path
     if json_path:
         outputs.append(json_path)
     for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         log(f"wrote {path}")
 

@@ -30,7 +30,6 @@ Each storm client still signs its own login and verifies the server's signature.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -245,27 +244,31 @@ def run_storm(
     return started, outcomes
 
 
-def hashing_threads_cpu(before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]) -> float:
+def hashing_threads_cpu(before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]) -> float | None:
     """CPU seconds the server's hashing threads used between two ``harness.thread_cpu`` readings.
 
     They are the threads whose nice value is above the server's lowest: the hash
     pool lowers its own threads' priority (Linux). A thread new since ``before``
     counts from zero; one that ended meanwhile is lost, and hash threads never end.
-    NaN if no thread was lowered (then they cannot be told apart).
+    None if no thread was lowered (an older server, or a system that refused it):
+    then they cannot be told apart.
     """
     base_nice = min((nice for _cpu, nice in after.values()), default=0)
     lowered = {thread_id: cpu for thread_id, (cpu, nice) in after.items() if nice > base_nice}
     if not lowered:
-        return math.nan
+        return None
     return sum(cpu - before.get(thread_id, (0.0, 0))[0] for thread_id, cpu in lowered.items())
 
 
-def server_share_ratio(ratio: float, others_cpu_s: float, seconds: float, cores: int) -> float | None:
-    """``ratio`` scaled to the cores left after ``others_cpu_s`` of CPU over ``seconds`` on ``cores``."""
-    if seconds <= 0:
-        return None
-    left = cores - others_cpu_s / seconds
-    return ratio * cores / left if left > 0 else None
+def server_share_ratio(ratio: float, others_cores: float, hash_threads: int, cores: int) -> float | None:
+    """``ratio`` rescaled to the cores hashing could have had once ``others_cores`` are taken away.
+
+    A linear rescale, not a prediction: it assumes every core the load generator and
+    other processes used would have gone to hashing at the tight loop's pace. The
+    ceiling was measured with ``hash_threads`` threads on ``cores`` cores.
+    """
+    available = min(float(hash_threads), cores - others_cores)
+    return ratio * hash_threads / available if available > 0 else None
 
 
 def joined_notices_expected(present: int, joined: int) -> int:
@@ -313,6 +316,9 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             f"storm: {storm_count} clients log in at once "
             f"({background_count} talkers, {args.background_rate:g} lines/s)"
         )
+        # CPU is read around the whole storm (building its clients, every thread's end), and
+        # every CPU fraction below is over that same window, not over the storm's own time.
+        window_start = time.perf_counter()
         cpu_before, threads_cpu_before = server.cpu_seconds(), harness.thread_cpu(server.pid)
         busy_before, own_before = harness.machine_busy_seconds(), harness.cpu_seconds()
         storm_start, outcomes = run_storm(server, names[background_count:], keys, known_hosts, clients)
@@ -322,7 +328,8 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
         own_cpu = harness.cpu_seconds() - own_before
         hashing_cpu = hashing_threads_cpu(threads_cpu_before, threads_cpu_after)
         # What anything besides this server and this benchmark used meanwhile (the machine is shared).
-        other_cpu = harness.machine_busy_seconds() - busy_before - cpu_storm - own_cpu
+        other_cpu = max(0.0, harness.machine_busy_seconds() - busy_before - cpu_storm - own_cpu)
+        cpu_window = time.perf_counter() - window_start
         storm_seconds = storm_end - storm_start
         log(f"  {len(succeeded)} of {storm_count} logged in within {storm_seconds:.2f} s")
 
@@ -369,18 +376,25 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             "login_ms_p50": percentile(login_times, 0.50) if login_times else None,
             "login_ms_p99": percentile(login_times, 0.99) if login_times else None,
             "server_cpu_s": cpu_storm,
-            "server_cpu_fraction": cpu_storm / storm_seconds if storm_seconds > 0 else None,
+            "cpu_window_s": cpu_window,
+            "server_cpu_fraction": cpu_storm / cpu_window,
             # Measured: the CPU of the server's lowered-priority (hashing) threads during the storm.
             "hashing_cpu_s": hashing_cpu,
-            "hashing_share_of_server_cpu": hashing_cpu / max(cpu_storm, 1e-9),
-            "hashing_cpu_ms_per_login": hashing_cpu * 1000 / max(len(outcomes), 1),
-            "other_server_cpu_ms_per_login": (cpu_storm - hashing_cpu) * 1000 / max(len(outcomes), 1),
-            "load_generator_cpu_fraction": own_cpu / storm_seconds if storm_seconds > 0 else None,
-            "other_cpu_fraction": max(0.0, other_cpu) / storm_seconds if storm_seconds > 0 else None,
-            # An estimate, not the target: the ratio against what hashing allows on the cores this
-            # load generator and other processes left over (as if the clients ran on another machine).
+            "hashing_cpu_fraction": None if hashing_cpu is None else hashing_cpu / cpu_window,
+            "hashing_share_of_server_cpu": None if hashing_cpu is None else hashing_cpu / max(cpu_storm, 1e-9),
+            # Per login attempted (all of them, in a run where none failed).
+            "hashing_cpu_ms_per_login": None if hashing_cpu is None else hashing_cpu * 1000 / len(outcomes),
+            "other_server_cpu_ms_per_login": None
+            if hashing_cpu is None
+            else (cpu_storm - hashing_cpu) * 1000 / len(outcomes),
+            "load_generator_cpu_fraction": own_cpu / cpu_window,
+            "other_cpu_fraction": other_cpu / cpu_window,
+            # An estimate, not the target (see server_share_ratio).
             "ratio_on_cores_left_to_server": server_share_ratio(
-                achieved / ceiling, own_cpu + max(0.0, other_cpu), storm_seconds, hash_threads
+                achieved / ceiling,
+                (own_cpu + other_cpu) / cpu_window,
+                hash_threads,
+                len(os.sched_getaffinity(0)),
             ),
             "join_notices_expected": notices,
             "join_notices_drained": drained,
@@ -419,6 +433,10 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
 # --------------------------------------------------------------------------- report
 
 
+def fmt_number(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def fmt_ms(summary: dict[str, Any]) -> str:
     if not summary.get("samples"):
         return "no samples"
@@ -442,16 +460,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"  hashing allows {hashing['ceiling_per_s']:.1f} logins/s ({hashing['before']['per_s']:.1f} before, "
         f"{hashing['after']['per_s']:.1f} after, {settings['hash_threads_measured']} thread(s))",
         f"  achieved / allowed = {ratio:.2f} (target >= {TARGET_HASH_RATIO:.2f}: "
-        f"{'met' if ratio >= TARGET_HASH_RATIO else 'missed'}); on the cores this load generator and other "
-        f"processes left to the server, about {storm['ratio_on_cores_left_to_server'] or 0:.2f} (an estimate)",
+        f"{'met' if ratio >= TARGET_HASH_RATIO else 'missed'}); rescaled to the cores this load generator and "
+        f"other processes left, about {fmt_number(storm['ratio_on_cores_left_to_server'])} (an estimate)",
         f"  CPU during the storm (cores of {report['machine']['nproc']}): "
-        f"server {storm['server_cpu_fraction'] or 0:.2f} "
-        f"(hashing threads {storm['hashing_cpu_s'] / storm['seconds']:.2f}), "
-        f"this load generator {storm['load_generator_cpu_fraction'] or 0:.2f}, "
-        f"other processes {storm['other_cpu_fraction'] or 0:.2f}",
-        f"  CPU a login: hashing {storm['hashing_cpu_ms_per_login']:.1f} ms "
+        f"server {fmt_number(storm['server_cpu_fraction'])} "
+        f"(hashing threads {fmt_number(storm['hashing_cpu_fraction'])}), "
+        f"this load generator {fmt_number(storm['load_generator_cpu_fraction'])}, "
+        f"other processes {fmt_number(storm['other_cpu_fraction'])}",
+        f"  CPU a login: hashing {fmt_number(storm['hashing_cpu_ms_per_login'], 1)} ms "
         f"({min(hashing['before']['cpu_ms_each'], hashing['after']['cpu_ms_each']):.1f} in the tight loop), "
-        f"the rest of the server {storm['other_server_cpu_ms_per_login']:.1f} ms",
+        f"the rest of the server {fmt_number(storm['other_server_cpu_ms_per_login'], 1)} ms",
         f"  join notices: {storm['join_notices_expected']} in all, last one delivered "
         f"{storm['join_notices_drain_s_after_last_login']:.1f} s after the last login",
         f"  talkers before the storm: {fmt_ms(talkers['before_storm'])}",

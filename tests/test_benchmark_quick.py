@@ -101,11 +101,13 @@ def test_quick_storm_benchmark_reports_every_number(tmp_path):
     assert hashing["ceiling_per_s"] > 0 and hashing["before"]["cpu_ms_each"] > 0
     assert storm["logins_ok"] == 12 and storm["logins_failed"] == 0, storm["failure_reasons"]
     assert storm["logins_per_s"] > 0 and storm["ratio_to_hashing_ceiling"] > 0
-    assert storm["ratio_on_cores_left_to_server"] >= storm["ratio_to_hashing_ceiling"]
+    rescaled = storm["ratio_on_cores_left_to_server"]  # None only if others took every core
+    assert rescaled is None or rescaled >= storm["ratio_to_hashing_ceiling"]
     assert storm["join_notices_drained"]
     # Twelve Argon2id verifications ran on the server's lowered-priority threads (Linux).
     if sys.platform.startswith("linux"):
-        assert storm["hashing_cpu_s"] > 0
+        assert storm["hashing_cpu_s"] is not None and storm["hashing_cpu_s"] > 0
+        assert storm["other_server_cpu_ms_per_login"] is not None
     assert storm["server_cpu_s"] > 0 and storm["load_generator_cpu_fraction"] > 0
     assert talkers["before_storm"]["samples"] > 0 and talkers["verify_failures"] == 0
     assert talkers["dropped"] == 0
