@@ -433,6 +433,22 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
 # --------------------------------------------------------------------------- report
 
 
+#: Before and after ceilings further apart than this say the host's speed changed during the run.
+CEILING_SPREAD_WARNING = 0.05
+
+
+def ceiling_warning(hashing: dict[str, Any]) -> list[str]:
+    """A line saying the ceiling moved during the run (the ratio then reads low), or nothing."""
+    before, after = hashing["before"]["per_s"], hashing["after"]["per_s"]
+    spread = abs(before - after) / max(before, after)
+    if spread <= CEILING_SPREAD_WARNING:
+        return []
+    return [
+        f"  the ceiling moved {spread * 100:.0f} % between before and after: this host's speed changed "
+        "during the run, and the ratio uses the better one; compare several runs"
+    ]
+
+
 def fmt_number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -459,6 +475,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"p99 {storm['login_ms_p99'] or 0:.0f} ms after the start)",
         f"  hashing allows {hashing['ceiling_per_s']:.1f} logins/s ({hashing['before']['per_s']:.1f} before, "
         f"{hashing['after']['per_s']:.1f} after, {settings['hash_threads_measured']} thread(s))",
+        *ceiling_warning(hashing),
         f"  achieved / allowed = {ratio:.2f} (target >= {TARGET_HASH_RATIO:.2f}: "
         f"{'met' if ratio >= TARGET_HASH_RATIO else 'missed'}); rescaled to the cores this load generator and "
         f"other processes left, about {fmt_number(storm['ratio_on_cores_left_to_server'])} (an estimate)",
