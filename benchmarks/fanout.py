@@ -743,13 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plain", action="store_true", help="skip the plaintext baseline")
     parser.add_argument("--paced-rate", type=float, default=PACED_MESSAGES_PER_SECOND, metavar="LINES_PER_S")
     parser.add_argument("--paced-deliveries-cap", type=float, default=PACED_DELIVERIES_CAP, metavar="PER_S")
-    parser.add_argument(
-        "--server",
-        type=Path,
-        default=harness.ROOT / "server.py",
-        metavar="PATH",
-        help="server.py to measure (default: this checkout's); a patched copy measures a change",
-    )
+    harness.add_server_option(parser)
     parser.add_argument(
         "--server-arg",
         action="append",

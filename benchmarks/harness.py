@@ -6,6 +6,7 @@ CPU time and peak memory can be read from ``/proc/PID`` apart from the load.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -270,6 +271,17 @@ def start_chat_server(
         *extra,
     ]
     return ServerProcess(command, work_dir / "server.log")
+
+
+def add_server_option(parser: argparse.ArgumentParser) -> None:
+    """``--server PATH``: the server.py a benchmark measures (a copy of it, taken when the run starts)."""
+    parser.add_argument(
+        "--server",
+        type=Path,
+        default=ROOT / "server.py",
+        metavar="PATH",
+        help="server.py to measure (default: this checkout's); a patched copy or another checkout measures a change",
+    )
 
 
 def start_plain_server(work_dir: Path, *extra: str) -> ServerProcess:

@@ -521,13 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keys", type=int, default=DEFAULT_KEY_COUNT, help="RSA key pairs shared by the clients")
     parser.add_argument("--json", type=Path, help="also write the results here (besides benchmarks/results/)")
     parser.add_argument("--work-dir", type=Path, help="keep the server's files and log here")
-    parser.add_argument(
-        "--server",
-        type=Path,
-        default=harness.ROOT / "server.py",
-        metavar="PATH",
-        help="server.py to measure (default: this checkout's); another checkout's measures a change",
-    )
+    harness.add_server_option(parser)
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra server option (repeat: --server-arg=--flag)"
     )

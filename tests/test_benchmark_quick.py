@@ -1,9 +1,10 @@
-"""The fan-out benchmark's quick path runs end to end and reports sane numbers.
+"""The fan-out and login-storm benchmarks' quick paths run end to end and report sane numbers.
 
-It runs ``benchmarks/fanout.py`` as a subprocess with five clients and one
-second phases: the real server, real logins, the plaintext baseline and the
-crypto floor. Only that it completes and that every number is present and
-positive is checked; speed is never asserted (this machine is shared).
+Each runs as a subprocess: ``benchmarks/fanout.py`` with five clients and one
+second phases (the real server, real logins, the plaintext baseline and the
+crypto floor), ``benchmarks/storm.py`` with twelve logins beside three talkers.
+Only that they complete and that every number is present and positive is
+checked; speed is never asserted (this machine is shared).
 """
 
 import json
@@ -15,16 +16,14 @@ from conftest import ROOT, TIMEOUT
 BENCHMARK_TIMEOUT = max(100.0, TIMEOUT * 20)
 
 
-def test_quick_fanout_benchmark_reports_every_number(tmp_path):
-    result_path = tmp_path / "fanout.json"
+def run_benchmark(script: str, tmp_path, *args: str) -> tuple[str, dict]:
+    """Run ``benchmarks/SCRIPT`` with ``args``; returns what it printed and the JSON report it wrote."""
+    result_path = tmp_path / "report.json"
     done = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "fanout.py"),
-            "--sizes",
-            "5",
-            "--duration",
-            "1",
+            str(ROOT / "benchmarks" / script),
+            *args,
             "--json",
             str(result_path),
             "--work-dir",
@@ -36,9 +35,13 @@ def test_quick_fanout_benchmark_reports_every_number(tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| 5 |" in done.stdout, done.stdout
+    return done.stdout, json.loads(result_path.read_text())
 
-    report = json.loads(result_path.read_text())
+
+def test_quick_fanout_benchmark_reports_every_number(tmp_path):
+    stdout, report = run_benchmark("fanout.py", tmp_path, "--sizes", "5", "--duration", "1")
+    assert "| 5 |" in stdout, stdout
+
     references = report["references"]
     for name in ("floor_us", "rsa_oaep_wrap_us", "aes_gcm_us", "hmac_us", "secure_channel_seal_us"):
         assert references[name] > 0, name
@@ -73,30 +76,9 @@ def test_quick_fanout_benchmark_reports_every_number(tmp_path):
 
 def test_quick_storm_benchmark_reports_every_number(tmp_path):
     """The login storm's quick path: every login succeeds and the CPU split is measured."""
-    result_path = tmp_path / "storm.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "storm.py"),
-            "--quick",
-            "--clients",
-            "12",
-            "--background",
-            "3",
-            "--json",
-            str(result_path),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=BENCHMARK_TIMEOUT,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "achieved / allowed" in done.stdout, done.stdout
+    stdout, report = run_benchmark("storm.py", tmp_path, "--quick", "--clients", "12", "--background", "3")
+    assert "achieved / allowed" in stdout, stdout
 
-    report = json.loads(result_path.read_text())
     hashing, storm, talkers = report["hashing"], report["storm"], report["talkers"]
     assert hashing["ceiling_per_s"] > 0 and hashing["before"]["cpu_ms_each"] > 0
     assert storm["logins_ok"] == 12 and storm["logins_failed"] == 0, storm["failure_reasons"]
