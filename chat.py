@@ -90,7 +90,7 @@ class LocalRoom:
         self._pending_joins: list[Member] = []
         # Sends the pending notices when the delay is up; None when nothing is pending.
         self._join_timer: threading.Timer | None = None
-        # When the last round of join notices went out (time.monotonic()).
+        # When the last round of join notices went out, by ``_clock``.
         self._last_join_notices = -math.inf
         # Held while join notices are taken and handed out (taken before members_lock),
         # so a line or a leave that must come after them cannot overtake them.
