@@ -121,7 +121,7 @@ class LocalRoom:
                 return roster, replaced
             self._pending_joins.append(member)
             if self._join_timer is None and self.join_notice_delay > 0:
-                timer = self._join_timer = threading.Timer(self._join_notice_wait(), self.send_join_notices)
+                timer = self._join_timer = threading.Timer(self._join_notice_wait(), self._on_join_timer)
                 timer.name = "join-notices"
                 timer.daemon = True
         if timer is not None:
@@ -141,8 +141,17 @@ class LocalRoom:
         with self._join_notices_lock:
             self._send_join_notices()
 
-    def _send_join_notices(self) -> None:
+    def _on_join_timer(self) -> None:
+        with self._join_notices_lock:
+            self._send_join_notices(timer=threading.current_thread())
+
+    def _send_join_notices(self, timer: threading.Thread | None = None) -> None:
+        """Send the pending round; from ``timer``, only if it is still the room's timer."""
         with self.members_lock:  # the swap, the filter and the snapshot in one hold: no join can fall between
+            if timer is not None and timer is not self._join_timer:
+                # A round went out while this timer waited for the lock (too late to cancel it): the
+                # joins since then have a timer of their own, paced from that round.
+                return
             joined, self._pending_joins = self._pending_joins, []
             timer, self._join_timer = self._join_timer, None
             # A session replaced before its notice went out is not announced; its successor is.
