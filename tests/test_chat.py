@@ -198,11 +198,18 @@ class Listener:
         return names
 
 
-def test_joins_in_a_burst_go_out_together_and_each_member_hears_of_those_after_it():
-    room = LocalRoom(join_notice_delay=60)  # only the explicit send below lets them out
-    old = Listener("old")
-    room.join(old)
+def room_with(*names):
+    """A room whose notices go out only when a test sends them, holding ``names``, already announced."""
+    room = LocalRoom(join_notice_delay=60)
+    members = [Listener(name) for name in names]
+    for member in members:
+        room.join(member)
     room.send_join_notices()
+    return room, members
+
+
+def test_joins_in_a_burst_go_out_together_and_each_member_hears_of_those_after_it():
+    room, (old,) = room_with("old")
     burst = [Listener(name) for name in ("a", "b", "c")]
     for member in burst:
         roster, _ = room.join(member)
@@ -217,10 +224,7 @@ def test_joins_in_a_burst_go_out_together_and_each_member_hears_of_those_after_i
 
 
 def test_nothing_about_a_member_overtakes_its_join_notice():
-    room = LocalRoom(join_notice_delay=60)
-    old = Listener("old")
-    room.join(old)
-    room.send_join_notices()
+    room, (old,) = room_with("old")
     quick = Listener("quick")
     room.join(quick)
     room.say(quick, "hello at once")
@@ -249,11 +253,7 @@ def test_the_join_notice_timer_sends_by_itself_and_stops_with_the_room():
 
 
 def test_members_there_before_a_round_share_one_message():
-    room = LocalRoom(join_notice_delay=60)
-    earlier = [Listener("old1"), Listener("old2"), Listener("old3")]
-    for member in earlier:
-        room.join(member)
-    room.send_join_notices()
+    room, earlier = room_with("old1", "old2", "old3")
     for name in ("a", "b"):
         room.join(Listener(name))
     room.send_join_notices()
@@ -294,10 +294,7 @@ def test_the_wait_for_a_round_follows_the_room_size_and_the_last_round(monkeypat
 
 
 def test_a_timer_that_lost_the_race_to_an_earlier_round_sends_nothing():
-    room = LocalRoom(join_notice_delay=60)
-    old = Listener("old")
-    room.join(old)
-    room.send_join_notices()
+    room, (old,) = room_with("old")
     room.join(Listener("new"))  # the room's timer now waits 60 s for this round
     # A timer the room no longer holds (as when a line sent the round while it waited for
     # the lock): here the test's own thread stands in for it. The round stays paced.
