@@ -143,12 +143,12 @@ class LocalRoom:
 
     def _on_join_timer(self) -> None:
         with self._join_notices_lock:
-            self._send_join_notices(timer=threading.current_thread())
+            self._send_join_notices(from_timer=threading.current_thread())
 
-    def _send_join_notices(self, timer: threading.Thread | None = None) -> None:
-        """Send the pending round; from ``timer``, only if it is still the room's timer."""
+    def _send_join_notices(self, from_timer: threading.Thread | None = None) -> None:
+        """Send the pending round; called by ``from_timer``, only if it is still the room's timer."""
         with self.members_lock:  # the swap, the filter and the snapshot in one hold: no join can fall between
-            if timer is not None and timer is not self._join_timer:
+            if from_timer is not None and from_timer is not self._join_timer:
                 # A round went out while this timer waited for the lock (too late to cancel it): the
                 # joins since then have a timer of their own, paced from that round.
                 return
