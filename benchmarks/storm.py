@@ -283,7 +283,8 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
     users_path = work_dir / "users.json"
     harness.write_users_file(users_path, names)
     keys = [crypto_utils.generate_private_key() for _ in range(args.keys)]
-    hash_threads = min(args.hash_workers, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    hash_threads = min(args.hash_workers, cores)
 
     log(f"hashing ceiling: {hash_threads} thread(s) of verify_password for {args.hash_seconds:.1f} s")
     hash_before = measure_hash_rate(hash_threads, args.hash_seconds)
@@ -394,7 +395,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
                 achieved / ceiling,
                 (own_cpu + other_cpu) / cpu_window,
                 hash_threads,
-                len(os.sched_getaffinity(0)),
+                cores,
             ),
             "join_notices_expected": notices,
             "join_notices_drained": drained,
