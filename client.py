@@ -225,6 +225,7 @@ class ChatClient:
         self.token_expires_at = 0
         self.sock: socket.socket | None = None
         self.channel: SecureChannel | None = None
+        self._client_nonce = b""
         self._server_nonce = b""
         self._server_key: PublicKey | None = None
         self._server_key_der = b""
@@ -247,50 +248,59 @@ class ChatClient:
         except OSError as exc:
             raise ChatError(f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client_nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
         try:
-            self.sock.sendall(
-                encode_control(
-                    "hello",
-                    version=PROTOCOL_VERSION,
-                    client_key=b64encode(self.public_key_der),
-                    nonce=b64encode(client_nonce),
-                )
-            )
-            frame_type, body = self._read(deadline)
-            if frame_type is not FrameType.CONTROL:
-                raise ChatError("the server sent something unexpected during the handshake")
-            reply = decode_control(body)
-            if reply["type"] == "error":
-                raise LoginRefused(_shown(reply.get("code")), f"server refused: {_shown(reply.get('message'))}")
-            if reply["type"] != "server_hello" or reply.get("version") != PROTOCOL_VERSION:
-                raise ChatError("the server speaks another protocol version")
-            server_key_der = b64decode(reply.get("server_key"), "server_key")
-            server_key = crypto_utils.load_public_key(server_key_der)
-            nonce = b64decode(reply.get("nonce"), "nonce")
-            signature = b64decode(reply.get("signature"), "signature")
+            self.sock.sendall(self.hello_frame())
+            self.accept_server_hello(*self._read(deadline))
         except (ProtocolError, CryptoError) as exc:
             self.close()
             raise ChatError(f"bad handshake from the server: {exc}") from None
         except BaseException:
             self.close()
             raise
+
+    # The handshake's steps without the socket: connect() and _authenticate() run them over
+    # a blocking socket, and an event-driven caller (the benchmarks' load generator) can
+    # run them over its own. Each step raises; whoever owns the socket closes it.
+
+    def hello_frame(self) -> bytes:
+        """Our first frame: our public key and a fresh nonce the server must sign."""
+        self._client_nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
+        return encode_control(
+            "hello",
+            version=PROTOCOL_VERSION,
+            client_key=b64encode(self.public_key_der),
+            nonce=b64encode(self._client_nonce),
+        )
+
+    def accept_server_hello(self, frame_type: FrameType, body: bytes) -> None:
+        """Check the server's answer to our hello and, if it proves a trusted key, set up the channel.
+
+        Raises ``ProtocolError`` or ``CryptoError`` if the answer is malformed,
+        ``LoginRefused`` if the server refused us, ``HostKeyError`` if it is not who it
+        should be, ``ChatError`` otherwise.
+        """
+        if frame_type is not FrameType.CONTROL:
+            raise ChatError("the server sent something unexpected during the handshake")
+        reply = decode_control(body)
+        if reply["type"] == "error":
+            raise LoginRefused(_shown(reply.get("code")), f"server refused: {_shown(reply.get('message'))}")
+        if reply["type"] != "server_hello" or reply.get("version") != PROTOCOL_VERSION:
+            raise ChatError("the server speaks another protocol version")
+        server_key_der = b64decode(reply.get("server_key"), "server_key")
+        server_key = crypto_utils.load_public_key(server_key_der)
+        nonce = b64decode(reply.get("nonce"), "nonce")
+        signature = b64decode(reply.get("signature"), "signature")
         fingerprint = crypto_utils.fingerprint(server_key)
         try:
             # First that the peer holds the key it shows (the signature covers our fresh
             # nonce, so a recording cannot pass), and only then whether that key is trusted:
             # nothing is pinned for a peer that cannot prove anything.
             crypto_utils.verify_signature(
-                server_key, signature, server_hello_signed_data(nonce, client_nonce, self.public_key_der)
+                server_key, signature, server_hello_signed_data(nonce, self._client_nonce, self.public_key_der)
             )
         except CryptoError:
-            self.close()
             raise HostKeyError("the server failed to prove it holds its key: possible impostor") from None
-        try:
-            self._check_host_key(fingerprint)
-        except BaseException:
-            self.close()
-            raise
+        self._check_host_key(fingerprint)
         self.server_fingerprint = fingerprint
         self._server_key = server_key
         self._server_key_der = server_key_der
@@ -338,16 +348,17 @@ class ChatClient:
         """Log in with a password. Raises ``LoginRefused`` with the server's reason."""
         if self.channel is None:
             self.connect()
-        return self._authenticate(
-            username,
-            lambda session_key: Login(
-                username=username,
-                password=password,
-                server_nonce=b64encode(self._server_nonce),
-                client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
-                session_key=session_key,
-                client_signature=self._auth_signature(Kind.LOGIN),
-            ),
+        return self._authenticate(username, self.login_builder(username, password))
+
+    def login_builder(self, username: str, password: str) -> Callable[[str], Message]:
+        """What ``login_frame`` seals for a password login, given the session key (base64)."""
+        return lambda session_key: Login(
+            username=username,
+            password=password,
+            server_nonce=b64encode(self._server_nonce),
+            client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
+            session_key=session_key,
+            client_signature=self._auth_signature(Kind.LOGIN),
         )
 
     def _auth_signature(self, kind: Kind) -> str:
@@ -374,21 +385,10 @@ class ChatClient:
 
     def _authenticate(self, username: str, build: Callable[[str], Message]) -> Welcome:
         assert self.channel is not None and self.sock is not None
-        session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
         try:
             with self.send_lock:
-                self.channel.session_key = session_key
-                self.sock.sendall(self.channel.seal(build(b64encode(session_key))))
-            frame_type, body = self._read(Deadline(self.timeout))
-            if frame_type is FrameType.CONTROL:
-                reply = decode_control(body)
-                if reply["type"] != "error":
-                    raise ProtocolError("unexpected cleartext frame after login")
-                raise LoginRefused(_shown(reply.get("code")), _shown(reply.get("message", "refused")))
-            # The server names us in the associated data once it has accepted us.
-            kind = Envelope.decode(body).kind
-            self.channel.username = username if kind is Kind.WELCOME else ""
-            message = self.channel.open(body)
+                self.sock.sendall(self.login_frame(build))
+            welcome = self.accept_welcome(username, *self._read(Deadline(self.timeout)))
         except (ProtocolError, CryptoError) as exc:
             self.close()
             raise ChatError(f"bad reply from the server: {exc}") from None
@@ -398,13 +398,43 @@ class ChatClient:
         except BaseException:
             self.close()
             raise
+        self.sock.settimeout(IDLE_TIMEOUT)
+        self._reader = threading.Thread(target=self._run_reader, name="chat-reader", daemon=True)
+        self._reader.start()
+        return welcome
+
+    def login_frame(self, build: Callable[[str], Message]) -> bytes:
+        """The sealed login (or resume) that ``build`` makes, under a fresh session key.
+
+        Call it with ``send_lock`` held until the frame is sent: it starts the
+        channel's session.
+        """
+        assert self.channel is not None
+        session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+        self.channel.session_key = session_key
+        return self.channel.seal(build(b64encode(session_key)))
+
+    def accept_welcome(self, username: str, frame_type: FrameType, body: bytes) -> Welcome:
+        """Take the server's answer to our login: the ``Welcome``, whose session this client now holds.
+
+        Raises ``LoginRefused`` with the server's reason, ``ProtocolError`` or
+        ``CryptoError`` if the answer is malformed, ``ChatError`` otherwise.
+        """
+        assert self.channel is not None
+        if frame_type is FrameType.CONTROL:
+            reply = decode_control(body)
+            if reply["type"] != "error":
+                raise ProtocolError("unexpected cleartext frame after login")
+            raise LoginRefused(_shown(reply.get("code")), _shown(reply.get("message", "refused")))
+        # The server names us in the associated data once it has accepted us.
+        kind = Envelope.decode(body).kind
+        self.channel.username = username if kind is Kind.WELCOME else ""
+        message = self.channel.open(body)
         if isinstance(message, ErrorReply):
-            self.close()
             if message.code in TOKEN_CODES:
                 self.token = ""
             raise LoginRefused(_shown(message.code), _shown(message.message))
         if not isinstance(message, Welcome):
-            self.close()
             raise ChatError("the server sent something unexpected after login")
         self.username = message.username
         self.channel.username = message.username
@@ -415,9 +445,6 @@ class ChatClient:
             self._flood = FloodControl(message.flood_rate * 0.9, message.flood_burst - 1)
         else:
             self._flood = None
-        self.sock.settimeout(IDLE_TIMEOUT)
-        self._reader = threading.Thread(target=self._run_reader, name="chat-reader", daemon=True)
-        self._reader.start()
         return message
 
     # ------------------------------------------------------------------ sending
