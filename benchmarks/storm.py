@@ -11,10 +11,12 @@ measures, all within one run:
   completes with min(hash workers, cores) threads in a tight loop, against the
   benchmark users' real hash. It is taken just before the storm and again just
   after it (the machine is shared), and the storm is compared to the better one.
-* the storm: ``--clients`` threads, each with its own account, wait on one event
-  and then connect and log in together. The time from the event to the last
-  ``Welcome`` gives logins/s achieved; divided by the hashing ceiling it says
-  how close the server comes to what Argon2id allows (target >= 0.80).
+* the storm: ``--clients`` clients, each with its own account, connect and log in
+  together, driven by one thread (``loadclient.LoginDriver``: the load generator
+  shares the server's 2 cores, and a thread per client cost it more CPU). The
+  time from the first connection to the last ``Welcome`` gives logins/s achieved;
+  divided by the hashing ceiling it says how close the server comes to what
+  Argon2id allows (target >= 0.80).
 * the talkers: ``--background`` clients logged in beforehand send paced lines
   carrying their send time (``loadclient.bench_text``) before, during and after
   the storm. Every line that reaches a talker is opened and its end-to-end
@@ -24,7 +26,8 @@ measures, all within one run:
 Load clients reuse a small pool of RSA keys (``--keys``): the server only binds a
 session to the key the client proves it holds, so sharing keys between accounts
 changes nothing it does, and generating 500 keys would measure the benchmark.
-Each storm client still signs its own login and verifies the server's signature.
+Each storm client still verifies the server's signature and pinned key, signs its
+own login and opens its own welcome.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +58,11 @@ from fanout import (  # noqa: E402
     start_report,
     wait_until,
 )
-from loadclient import Sample, SamplingChatClient, bench_text, new_clients  # noqa: E402
+from loadclient import LoginDriver, Sample, SamplingChatClient, bench_text, new_clients  # noqa: E402
 
 import crypto_utils  # noqa: E402
 from accounts import hash_password, verify_password  # noqa: E402
-from client import ChatError, KnownHosts, LoginRefused  # noqa: E402
+from client import ChatError, KnownHosts  # noqa: E402
 
 DEFAULT_STORM_CLIENTS = 500
 DEFAULT_BACKGROUND_CLIENTS = 20
@@ -79,8 +81,7 @@ QUICK_QUIET_SECONDS = 2.0
 #: Seconds each hashing-ceiling measurement runs.
 HASH_SECONDS = 3.0
 QUICK_HASH_SECONDS = 1.0
-#: How long one storm login may wait for its answer, and the whole storm for its threads.
-LOGIN_TIMEOUT = 150.0
+#: How long the whole storm may take: a login still unanswered then counts as failed.
 STORM_TIMEOUT = 240.0
 #: Longest wait for every "joined" notice of the storm to reach every member.
 NOTICE_DRAIN_TIMEOUT = 240.0
@@ -90,15 +91,6 @@ TARGET_P99_MS = 250.0
 #: Talkers' server options besides harness's lifted limits: the storm's backlog of join
 #: notices may delay pongs past the default 50 s keepalive timeout (see BENCHMARKS.md).
 DEFAULT_SERVER_ARGS: tuple[str, ...] = ("--ping-timeout", "600")
-
-
-@dataclass
-class LoginOutcome:
-    """What happened to one storm login; written by its thread only, read after the join."""
-
-    name: str
-    finished: float = 0.0
-    error: str = ""
 
 
 # --------------------------------------------------------------------------- the hashing ceiling
@@ -197,51 +189,22 @@ def latency_summary(samples: Sequence[Sample], start: float, end: float) -> dict
 # --------------------------------------------------------------------------- the storm
 
 
-def run_storm(
+def start_storm(
     server: harness.ServerProcess,
     names: Sequence[str],
     keys: Sequence[crypto_utils.PrivateKey],
     known_hosts: KnownHosts,
     clients: list[SamplingChatClient],
-) -> tuple[float, list[LoginOutcome]]:
-    """Log ``names`` in all at once, one thread each. Returns the start time and every outcome.
+) -> tuple[float, LoginDriver]:
+    """Start logging ``names`` in all at once. Returns the start time and the driver to wait on.
 
-    The clients are built (and appended to ``clients``, for the caller to close)
-    before the threads start, so the storm measures connecting and logging in only.
+    The clients are appended to ``clients``, for the caller to close after it has
+    stopped the driver.
     """
-    batch = new_clients(server, len(names), keys, known_hosts, timeout=LOGIN_TIMEOUT)
+    batch = new_clients(server, len(names), keys, known_hosts)
     clients.extend(batch)
-    outcomes = [LoginOutcome(name) for name in names]
-    # Released once every storm thread exists: they all connect at the same moment.
-    go = threading.Event()
-
-    def log_in(client: SamplingChatClient, outcome: LoginOutcome) -> None:
-        go.wait()
-        try:
-            client.login(outcome.name, harness.BENCH_PASSWORD)
-            outcome.finished = time.perf_counter()
-        except LoginRefused as exc:
-            outcome.error = f"refused: {exc.code}"
-        except ChatError as exc:
-            outcome.error = f"error: {exc}"
-        except Exception as exc:  # counted, not raised: one broken login must not hide the rest
-            outcome.error = f"{type(exc).__name__}: {exc}"
-
-    threads = [
-        threading.Thread(target=log_in, args=(client, outcome), name=f"storm-{index}", daemon=True)
-        for index, (client, outcome) in enumerate(zip(batch, outcomes, strict=True))
-    ]
-    for thread in threads:
-        thread.start()
-    started = time.perf_counter()
-    go.set()
-    deadline = started + STORM_TIMEOUT
-    for thread in threads:
-        thread.join(timeout=max(0.0, deadline - time.perf_counter()))
-    for thread, outcome in zip(threads, outcomes, strict=True):
-        if thread.is_alive() and not outcome.error:
-            outcome.error = f"no answer within {STORM_TIMEOUT:.0f} s"
-    return started, outcomes
+    driver = LoginDriver(batch, [(name, harness.BENCH_PASSWORD) for name in names])
+    return driver.start(), driver
 
 
 def hashing_threads_cpu(before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]) -> float | None:
@@ -297,6 +260,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
     report["source"] = harness.source_info(server_path)
     server = harness.start_chat_server(work_dir, users_path, *server_args, server_path=server_path)
     talkers: Talkers | None = None
+    driver: LoginDriver | None = None
     try:
         known_hosts = KnownHosts(work_dir / "known_hosts")
         background: list[SamplingChatClient] = []
@@ -322,7 +286,8 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
         window_start = time.perf_counter()
         cpu_before, threads_cpu_before = server.cpu_seconds(), harness.thread_cpu(server.pid)
         busy_before, own_before = harness.machine_busy_seconds(), harness.cpu_seconds()
-        storm_start, outcomes = run_storm(server, names[background_count:], keys, known_hosts, clients)
+        storm_start, driver = start_storm(server, names[background_count:], keys, known_hosts, clients)
+        outcomes = driver.wait(STORM_TIMEOUT)
         succeeded = [outcome for outcome in outcomes if not outcome.error]
         storm_end = max((outcome.finished for outcome in succeeded), default=storm_start)
         cpu_storm, threads_cpu_after = server.cpu_seconds() - cpu_before, harness.thread_cpu(server.pid)
@@ -425,6 +390,8 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
     finally:
         if talkers is not None:
             talkers.stop()
+        if driver is not None:
+            driver.stop()
         status = server.stop()
         close_all(clients)
         if status not in (0, -15):
