@@ -19,6 +19,7 @@ read from ``time.perf_counter`` (CLOCK_MONOTONIC, shared by the whole machine).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import selectors
@@ -148,6 +149,15 @@ class SamplingChatClient(ChatClient):
     def connected(self) -> bool:
         """True while logged in and read, by this client's reader thread or by a ``LoginDriver``."""
         return self.driven or super().connected
+
+    def begin_driven(self, sock: socket.socket) -> None:
+        """Take ``sock`` (not yet connected) as this client's connection, for a ``LoginDriver`` to run."""
+        self._closing.clear()
+        self.sock = sock  # so that close() closes it
+
+    def close(self) -> None:
+        self.driven = False
+        super().close()
 
     def _run_reader(self) -> None:
         sock, channel = self.sock, self.channel
@@ -407,6 +417,28 @@ def describe_login_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _as_client_error(step: str, exc: BaseException, client: ChatClient) -> BaseException:
+    """``exc`` from a driven handshake step as ``ChatClient.connect()`` or ``login()`` raises it.
+
+    So that a storm counts the same failure under the same reason whichever way its
+    clients were driven.
+    """
+    if isinstance(exc, ChatError):
+        return exc
+    if isinstance(exc, ConnectionClosed):
+        return ChatError(f"the server closed the connection ({exc})")
+    if isinstance(exc, (ProtocolError, CryptoError)):
+        what = "bad handshake from the server" if step in ("connecting", "hello") else "bad reply from the server"
+        return ChatError(f"{what}: {exc}")
+    if isinstance(exc, OSError):
+        if step == "connecting":
+            where = f"{client.host}:{client.port}"
+            return ChatError(f"cannot reach the server at {where}: {exc.strerror or exc}")
+        if step == "login":
+            return ChatError(f"connection lost while logging in: {exc.strerror or exc}")
+    return exc
+
+
 class _Driven:
     """One connection a ``LoginDriver`` runs; touched by the driver's thread only."""
 
@@ -414,7 +446,8 @@ class _Driven:
         self.client = client
         self.outcome = LoginOutcome(name)
         self.password = password
-        #: "connecting", "hello" (our hello sent), "login" (our login sent), then "reading".
+        #: "connecting", "hello" (our hello sent), "login" (our login sent), then "reading",
+        #: and last "ended" (failed, or read to its end).
         self.state = "connecting"
         self.decoder = FrameDecoder(MAX_FRAME_SIZE)
 
@@ -429,10 +462,13 @@ class LoginDriver:
     (``accept_server_hello`` checks the server's signature and pinned key,
     ``login_frame`` signs the login, ``accept_welcome`` opens the welcome), and once
     logged in its frames are counted by ``take_frame``, as its reader thread would.
+    A failed login is counted under the reason ``login()`` would have raised, and its
+    connection closed.
 
     ``logins`` gives each client's user name and password, in order. ``start()``
     opens every connection; ``wait()`` returns when every login has ended;
-    ``stop()`` ends the loop (call it before closing the clients).
+    ``stop()`` ends the loop (call it before closing the clients). Every
+    connection's state is the loop's alone: ``wait()`` only asks it to give up.
     """
 
     def __init__(self, clients: Sequence[SamplingChatClient], logins: Sequence[tuple[str, str]]) -> None:
@@ -442,8 +478,12 @@ class LoginDriver:
         self._selector = selectors.DefaultSelector()
         #: Logins not yet ended, welcomed or failed; written by the loop only.
         self._pending = len(self._connections)
-        # Set by the loop when no login is pending any more.
+        # Set by the loop when no login is pending any more (or when the loop has ended).
         self._all_ended = threading.Event()
+        # Set by wait() when its time is up (after _given_up_after seconds): the loop then
+        # fails every login still pending.
+        self._give_up = threading.Event()
+        self._given_up_after = 0.0
         # Set by stop(): ends the loop.
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="login-driver", daemon=True)
@@ -455,27 +495,38 @@ class LoginDriver:
     def start(self) -> float:
         """Open every connection at once and start the loop; returns when the storm began."""
         started = time.perf_counter()
+        addresses: dict[tuple[str, int], tuple[Any, ...]] = {}
         for connection in self._connections:
             client = connection.client
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                where = (client.host, client.port)
+                if where not in addresses:
+                    addresses[where] = socket.getaddrinfo(*where, type=socket.SOCK_STREAM)[0]
+                family, kind, proto, _name, address = addresses[where]
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                self._fail(connection, exc)
+                continue
+            client.begin_driven(sock)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.sock = sock  # the client's own close() closes it
-            sock.connect_ex((client.host, client.port))
+            error = sock.connect_ex(address)
+            if error not in (0, errno.EINPROGRESS):
+                self._fail(connection, OSError(error, os.strerror(error)))
+                continue
             self._selector.register(sock, selectors.EVENT_WRITE, connection)
-        if not self._connections:
+        if self._pending == 0:
             self._all_ended.set()
         self._thread.start()
         return started
 
     def wait(self, timeout: float) -> list[LoginOutcome]:
-        """Every login's outcome once all have ended, or after ``timeout`` seconds (the rest failed)."""
-        self._all_ended.wait(timeout)
-        outcomes = self.outcomes
-        for outcome in outcomes:
-            if not outcome.finished and not outcome.error:
-                outcome.error = f"no answer within {timeout:.0f} s"
-        return outcomes
+        """Every login's outcome once all have ended; after ``timeout`` seconds the rest fail."""
+        if not self._all_ended.wait(timeout):
+            self._given_up_after = timeout
+            self._give_up.set()
+            self._all_ended.wait()  # the loop fails what is pending at its next turn (or has ended)
+        return self.outcomes
 
     def stop(self) -> None:
         """End the loop; the clients stay open (and no longer connected) until closed."""
@@ -487,13 +538,22 @@ class LoginDriver:
         self._selector.close()
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            for key, _events in self._selector.select(timeout=0.1):
-                connection = key.data
-                try:
-                    self._service(connection)
-                except Exception as exc:  # one broken connection must not stop the others
-                    self._end(connection, exc)
+        try:
+            while not self._stopping.is_set():
+                for key, _events in self._selector.select(timeout=0.1):
+                    connection = key.data
+                    if connection.state == "ended":  # ended earlier in this same batch
+                        continue
+                    try:
+                        self._service(connection)
+                    except Exception as exc:  # one broken connection must not stop the others
+                        self._end(connection, exc)
+                if self._give_up.is_set() and self._pending:
+                    for connection in self._connections:
+                        if connection.state in ("connecting", "hello", "login"):
+                            self._fail(connection, ChatError(f"no answer within {self._given_up_after:g} s"))
+        finally:
+            self._all_ended.set()  # wait() must not hang on a loop that is gone
 
     def _service(self, connection: _Driven) -> None:
         client = connection.client
@@ -502,14 +562,21 @@ class LoginDriver:
         if connection.state == "connecting":
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                raise ChatError(f"cannot reach the server: {os.strerror(error)}")
+                raise OSError(error, os.strerror(error))
             # Small frames into an empty send buffer: a non-blocking send takes them whole.
             sock.sendall(client.hello_frame())
             connection.state = "hello"
             self._selector.modify(sock, selectors.EVENT_READ, connection)
             return
-        data = sock.recv(RECEIVE_SIZE)
+        try:
+            data = sock.recv(RECEIVE_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return  # a spurious wake-up: nothing to read after all
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise ConnectionClosed("connection reset by peer") from exc
         if not data:
+            if connection.decoder.pending:
+                raise ConnectionClosed("connection closed in the middle of a frame")
             raise ConnectionClosed("connection closed by peer")
         arrived = time.perf_counter()
         for frame_type, body in connection.decoder.feed(data):
@@ -535,17 +602,30 @@ class LoginDriver:
     def _end(self, connection: _Driven, exc: BaseException) -> None:
         if connection.state == "reading":
             self._stop_reading(connection, connection.client.loss_reason(exc))
-            return
-        connection.outcome.error = describe_login_error(exc)
-        self._selector.unregister(connection.client.sock)  # type: ignore[arg-type]
-        connection.state = "failed"
+        elif connection.state != "ended":
+            self._fail(connection, exc)
+
+    def _fail(self, connection: _Driven, exc: BaseException) -> None:
+        """A login that will not happen: its reason kept, its connection closed."""
+        connection.outcome.error = describe_login_error(_as_client_error(connection.state, exc, connection.client))
+        connection.state = "ended"
+        self._forget(connection)
+        connection.client.close()
         self._login_ended()
 
     def _stop_reading(self, connection: _Driven, end: tuple[str, bool]) -> None:
-        self._selector.unregister(connection.client.sock)  # type: ignore[arg-type]
         connection.state = "ended"
+        self._forget(connection)
         connection.client.driven = False
         connection.client.reading_ended(*end)
+
+    def _forget(self, connection: _Driven) -> None:
+        sock = connection.client.sock
+        if sock is not None:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):  # never registered, or closed under us
+                pass
 
     def _login_ended(self) -> None:
         self._pending -= 1

@@ -189,22 +189,21 @@ def latency_summary(samples: Sequence[Sample], start: float, end: float) -> dict
 # --------------------------------------------------------------------------- the storm
 
 
-def start_storm(
+def storm_driver(
     server: harness.ServerProcess,
     names: Sequence[str],
     keys: Sequence[crypto_utils.PrivateKey],
     known_hosts: KnownHosts,
     clients: list[SamplingChatClient],
-) -> tuple[float, LoginDriver]:
-    """Start logging ``names`` in all at once. Returns the start time and the driver to wait on.
+) -> LoginDriver:
+    """A driver that will log ``names`` in all at once, each with its own client.
 
     The clients are appended to ``clients``, for the caller to close after it has
     stopped the driver.
     """
     batch = new_clients(server, len(names), keys, known_hosts)
     clients.extend(batch)
-    driver = LoginDriver(batch, [(name, harness.BENCH_PASSWORD) for name in names])
-    return driver.start(), driver
+    return LoginDriver(batch, [(name, harness.BENCH_PASSWORD) for name in names])
 
 
 def hashing_threads_cpu(before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]) -> float | None:
@@ -281,12 +280,13 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             f"storm: {storm_count} clients log in at once "
             f"({background_count} talkers, {args.background_rate:g} lines/s)"
         )
-        # CPU is read around the whole storm (building its clients, every thread's end), and
+        # CPU is read around the whole storm (building its clients, the last login's end), and
         # every CPU fraction below is over that same window, not over the storm's own time.
         window_start = time.perf_counter()
         cpu_before, threads_cpu_before = server.cpu_seconds(), harness.thread_cpu(server.pid)
         busy_before, own_before = harness.machine_busy_seconds(), harness.cpu_seconds()
-        storm_start, driver = start_storm(server, names[background_count:], keys, known_hosts, clients)
+        driver = storm_driver(server, names[background_count:], keys, known_hosts, clients)
+        storm_start = driver.start()
         outcomes = driver.wait(STORM_TIMEOUT)
         succeeded = [outcome for outcome in outcomes if not outcome.error]
         storm_end = max((outcome.finished for outcome in succeeded), default=storm_start)
@@ -388,10 +388,10 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
         log(f"the server's log ends with:\n{server.log_tail(10)}")
         raise
     finally:
-        if talkers is not None:
-            talkers.stop()
         if driver is not None:
             driver.stop()
+        if talkers is not None:
+            talkers.stop()
         status = server.stop()
         close_all(clients)
         if status not in (0, -15):
