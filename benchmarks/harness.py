@@ -71,11 +71,19 @@ def raise_open_file_limit(wanted: int) -> int:
 # --------------------------------------------------------------------------- /proc readings
 
 
+def stat_fields(path: Path) -> list[str]:
+    """The fields of a ``/proc/PID/stat`` (or ``.../task/TID/stat``) file from the third on.
+
+    So field N of proc(5) is at index N - 3. Raises ``OSError`` if the file is gone.
+    """
+    text = path.read_text()
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    return text[text.rindex(")") + 2 :].split()
+
+
 def cpu_times(pid: int | str = "self") -> tuple[float, float]:
     """(user, system) CPU seconds of a process, all its threads, from ``/proc/PID/stat``."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    # The command name may hold spaces and parentheses: fields start after the last ')'.
-    fields = text[text.rindex(")") + 2 :].split()
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return utime / CLOCK_TICKS, stime / CLOCK_TICKS
 
@@ -94,10 +102,9 @@ def thread_cpu(pid: int | str) -> dict[int, tuple[float, int]]:
     threads: dict[int, tuple[float, int]] = {}
     for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
         try:
-            text = stat.read_text()
+            fields = stat_fields(stat)
         except OSError:
             continue  # the thread ended while we looked
-        fields = text[text.rindex(")") + 2 :].split()
         # Fields 14, 15 (utime, stime) and 19 (nice) of proc(5).
         threads[int(stat.parent.name)] = ((int(fields[11]) + int(fields[12])) / CLOCK_TICKS, int(fields[16]))
     return threads
