@@ -61,7 +61,9 @@ from protocol import (
     client_auth_signed_data,
     decode_control,
     encode_control,
+    hello_batch_digests,
     sanitize_text,
+    server_hello_digest,
     server_hello_signed_data,
 )
 
@@ -289,15 +291,17 @@ class ChatClient:
         server_key_der = b64decode(reply.get("server_key"), "server_key")
         server_key = crypto_utils.load_public_key(server_key_der)
         nonce = b64decode(reply.get("nonce"), "nonce")
+        batch = b64decode(reply.get("batch"), "batch")
         signature = b64decode(reply.get("signature"), "signature")
         fingerprint = crypto_utils.fingerprint(server_key)
+        # First that the peer holds the key it shows (it signed a batch of hello digests
+        # holding ours, which covers our fresh nonce, so a recording cannot pass), and only
+        # then whether that key is trusted: nothing is pinned for a peer that cannot prove anything.
+        ours = server_hello_digest(nonce, self._client_nonce, self.public_key_der)
         try:
-            # First that the peer holds the key it shows (the signature covers our fresh
-            # nonce, so a recording cannot pass), and only then whether that key is trusted:
-            # nothing is pinned for a peer that cannot prove anything.
-            crypto_utils.verify_signature(
-                server_key, signature, server_hello_signed_data(nonce, self._client_nonce, self.public_key_der)
-            )
+            if ours not in hello_batch_digests(batch):
+                raise CryptoError("our hello is not in the signed batch")
+            crypto_utils.verify_signature(server_key, signature, server_hello_signed_data(batch))
         except CryptoError:
             raise HostKeyError("the server failed to prove it holds its key: possible impostor") from None
         self._check_host_key(fingerprint)

@@ -19,7 +19,7 @@ from enum import IntEnum
 from functools import cached_property
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: Largest frame payload accepted or sent. Checked before anything is allocated.
 MAX_FRAME_SIZE = 64 * 1024
@@ -46,6 +46,11 @@ HANDSHAKE_NONCE_SIZE = 32
 #: Prefixes of the two handshake signatures, so neither can be passed off as the other.
 SERVER_HELLO_CONTEXT = b"chat-server-hello/%d\0" % PROTOCOL_VERSION
 CLIENT_AUTH_CONTEXT = b"chat-client-auth/%d\0" % PROTOCOL_VERSION
+#: Size of one hello's digest in the batch the server signs.
+HELLO_DIGEST_SIZE = 32
+#: Most hellos the server answers with one signature. Every client in a batch receives
+#: all of its digests (32 bytes each), so this also bounds the server_hello's size.
+MAX_HELLO_BATCH = 32
 
 
 class ProtocolError(Exception):
@@ -253,9 +258,27 @@ def associated_data(kind: Kind, seq: int, hop_sender: str, hop_recipient: str) -
 # --------------------------------------------------------------------------- handshake signatures
 
 
-def server_hello_signed_data(server_nonce: bytes, client_nonce: bytes, client_key_der: bytes) -> bytes:
-    """What the server signs: both nonces and the client key it saw, so a recording cannot pass."""
-    return SERVER_HELLO_CONTEXT + server_nonce + client_nonce + hashlib.sha256(client_key_der).digest()
+def server_hello_digest(server_nonce: bytes, client_nonce: bytes, client_key_der: bytes) -> bytes:
+    """One hello's part of what the server signs: both nonces and the client key it saw,
+    so a recording cannot pass. The nonces are 32 bytes each, so the input is unambiguous."""
+    return hashlib.sha256(server_nonce + client_nonce + hashlib.sha256(client_key_der).digest()).digest()
+
+
+def server_hello_signed_data(batch: bytes) -> bytes:
+    """What the server signs: the digests of every hello it answers with this one signature.
+
+    ``batch`` is the digests one after another, as the server_hello carries them. In a
+    login storm one RSA signature then proves the server's key to many clients at once.
+    """
+    return SERVER_HELLO_CONTEXT + batch
+
+
+def hello_batch_digests(batch: bytes) -> list[bytes]:
+    """The digests of a server_hello's batch; ``ProtocolError`` if it is not 1 to MAX_HELLO_BATCH of them."""
+    count, rest = divmod(len(batch), HELLO_DIGEST_SIZE)
+    if rest or not 1 <= count <= MAX_HELLO_BATCH:
+        raise ProtocolError("server_hello batch has the wrong size")
+    return [batch[index : index + HELLO_DIGEST_SIZE] for index in range(0, len(batch), HELLO_DIGEST_SIZE)]
 
 
 def client_auth_signed_data(kind: Kind, server_nonce: bytes, server_key_der: bytes) -> bytes:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 import crypto_utils
 import protocol
 from channel import SecureChannel, read_frame
-from client import Chat, ChatClient, Disconnected, ErrorReply, HostKeyError, KnownHosts, LoginRefused
+from client import Chat, ChatClient, ChatError, Disconnected, ErrorReply, HostKeyError, KnownHosts, LoginRefused
 from crypto_utils import CryptoError
 from protocol import (
     HANDSHAKE_NONCE_SIZE,
@@ -46,6 +46,8 @@ from protocol import (
     decode_message,
     encode_control,
     encode_frame,
+    hello_batch_digests,
+    server_hello_digest,
     server_hello_signed_data,
 )
 
@@ -88,13 +90,17 @@ class RawPeer:
         assert reply["type"] == "server_hello", reply
         server_key = crypto_utils.load_public_key(b64decode(reply["server_key"], "server_key"))
         self.nonce = b64decode(reply["nonce"], "nonce")
+        self.batch = b64decode(reply["batch"], "batch")
         self.signature = b64decode(reply["signature"], "signature")
         self.server_key = server_key
         self.channel = SecureChannel(self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS)
         return reply
 
     def server_proved_its_key(self):
-        proof = server_hello_signed_data(self.nonce, self.client_nonce, self.client_key_der)
+        ours = server_hello_digest(self.nonce, self.client_nonce, self.client_key_der)
+        if ours not in hello_batch_digests(self.batch):
+            return False
+        proof = server_hello_signed_data(self.batch)
         try:
             crypto_utils.verify_signature(self.server_key, self.signature, proof)
         except CryptoError:
@@ -820,3 +826,140 @@ def test_a_client_behind_a_key_swapping_relay_refuses_to_log_in(make_server, con
     assert relay.sent_after_hello == b"", "the client sent something to an impostor"
     assert not [event for event in drain(bob, quiet=0.1) if joined("alice")(event)]
     assert_still_chatting(bob, dave)
+
+
+class ScriptedImpostor:
+    """Answers one client's hello with a server_hello of the test's making.
+
+    ``make_reply(hello)`` gets the client's hello (a dict) and returns the frame to
+    send back. Whatever the client sends after that is kept in ``sent_after_hello``.
+    """
+
+    def __init__(self, make_reply):
+        self.make_reply = make_reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.sent_after_hello = bytearray()
+        self.thread = threading.Thread(target=self._run, name="test-impostor", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.listener.settimeout(TIMEOUT)
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        with client:
+            client.settimeout(TIMEOUT)
+            _, body = read_frame(client)
+            client.sendall(self.make_reply(decode_control(body)))
+            while True:
+                try:
+                    chunk = client.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                self.sent_after_hello += chunk
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(timeout=TIMEOUT)
+
+
+def recorded_server_hello(server):
+    """A genuine server_hello, signed by ``server`` for another connection's hello."""
+    recorder = RawPeer(server, private_key=spare_key("mallory"))
+    try:
+        return recorder.hello()
+    finally:
+        recorder.close()
+
+
+def replayed(reply, **changes):
+    values = {key: value for key, value in reply.items() if key != "type"} | changes
+    return encode_control(reply["type"], **values)
+
+
+def our_digest(hello, reply):
+    """The digest a client computes for its own hello and this reply."""
+    return server_hello_digest(
+        b64decode(reply["nonce"], "nonce"), b64decode(hello["nonce"], "nonce"), b64decode(hello["client_key"], "key")
+    )
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        # The server's own signature over someone else's batch: the client's fresh nonce is not in it.
+        pytest.param(lambda hello, reply: replayed(reply), id="replayed as recorded"),
+        # The client's digest slipped into a genuine batch: the signature no longer covers the batch.
+        pytest.param(
+            lambda hello, reply: replayed(
+                reply, batch=b64encode(b64decode(reply["batch"], "batch") + our_digest(hello, reply))
+            ),
+            id="our digest added to the batch",
+        ),
+    ],
+)
+def test_a_recorded_server_hello_cannot_prove_the_key_to_another_client(make_server, connect, tmp_path, forge):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    reply = recorded_server_hello(server)
+    impostor = ScriptedImpostor(lambda hello: forge(hello, reply))
+    victim = ChatClient(
+        *impostor.address,
+        server_fingerprint=server.fingerprint,  # the real server's key, correctly pinned
+        known_hosts=KnownHosts(tmp_path / "victim_hosts"),
+        timeout=TIMEOUT,
+    )
+    try:
+        with pytest.raises(HostKeyError, match="failed to prove"):
+            victim.login("alice", password_of("alice"))
+    finally:
+        victim.close()
+        impostor.close()
+    assert impostor.sent_after_hello == b"", "the client sent something to an impostor"
+    assert_still_chatting(bob, dave)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param(lambda digest: b"", id="empty"),
+        pytest.param(lambda digest: digest + b"x", id="not whole digests"),
+        pytest.param(lambda digest: digest * (protocol.MAX_HELLO_BATCH + 1), id="too many digests"),
+        pytest.param(lambda digest: b"\0" + digest + b"\0" * 31, id="ours not on a digest boundary"),
+    ],
+)
+def test_a_malformed_hello_batch_is_refused_before_the_login(tmp_path, batch):
+    impostor_key = spare_key("impostor")
+    impostor_der = crypto_utils.public_key_bytes(impostor_key.public_key())
+
+    def answer(hello):
+        nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
+        signed_batch = batch(our_digest(hello, {"nonce": b64encode(nonce)}))
+        return encode_control(
+            "server_hello",
+            version=PROTOCOL_VERSION,
+            server_key=b64encode(impostor_der),
+            nonce=b64encode(nonce),
+            batch=b64encode(signed_batch),
+            signature=b64encode(crypto_utils.sign(impostor_key, server_hello_signed_data(signed_batch))),
+        )
+
+    impostor = ScriptedImpostor(answer)
+    victim = ChatClient(
+        *impostor.address,
+        server_fingerprint=crypto_utils.fingerprint(impostor_key.public_key()),  # even a trusted key
+        known_hosts=KnownHosts(tmp_path / "victim_hosts"),
+        timeout=TIMEOUT,
+    )
+    try:
+        with pytest.raises(ChatError) as refused:
+            victim.login("alice", password_of("alice"))
+    finally:
+        victim.close()
+        impostor.close()
+    assert "batch" in str(refused.value) or "failed to prove" in str(refused.value)
+    assert impostor.sent_after_hello == b""

@@ -583,7 +583,7 @@ def test_a_huge_integer_is_refused_not_a_crash():
 
 def test_handshake_signatures_cannot_stand_in_for_each_other():
     nonce, key_der = b"n" * 32, b"k" * 300
-    server_signed = protocol.server_hello_signed_data(nonce, nonce, key_der)
+    server_signed = protocol.server_hello_signed_data(protocol.server_hello_digest(nonce, nonce, key_der))
     login_signed = protocol.client_auth_signed_data(Kind.LOGIN, nonce, key_der)
     resume_signed = protocol.client_auth_signed_data(Kind.RESUME, nonce, key_der)
     assert len({server_signed, login_signed, resume_signed}) == 3
