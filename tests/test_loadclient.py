@@ -101,3 +101,40 @@ def test_a_login_with_no_answer_fails_when_the_wait_runs_out():
         finally:
             driver.stop()
             client.close()
+
+
+def test_kept_welcomes_are_opened_after_the_storm_and_a_bad_one_fails_its_login(server, connect):
+    key = crypto_utils.generate_private_key()
+    host, port = server.address
+    logins = [("alice", password_of("alice")), ("bob", password_of("bob")), ("carol", "not-carols-password")]
+    clients = [
+        SamplingChatClient(host, port, server_fingerprint=server.fingerprint, private_key=key, pace=False)
+        for _ in logins
+    ]
+    driver = LoginDriver(clients, logins, keep_welcomes=True)
+    try:
+        driver.start()
+        alice, bob, carol = driver.wait(TIMEOUT * 4)
+        assert (alice.error, bob.error, carol.error) == ("", "", "refused: auth_failed")
+        # Taken unopened: no token yet, and the refusal was judged at once, as before.
+        assert [client.token for client in clients[:2]] == ["", ""]
+        assert all(client.kept_welcome for client in clients[:2]) and not clients[2].kept_welcome
+
+        # Counting goes on meanwhile, in sequence after the kept welcome.
+        echo = connect("echo")
+        echo.say("hello, driven clients")
+        for client in clients[:2]:
+            wait_until(lambda client=client: client.chat_frames == 1)
+
+        tampered = bytearray(clients[1].kept_welcome)
+        tampered[-40] ^= 1  # inside the ciphertext
+        clients[1].kept_welcome = bytes(tampered)
+        assert driver.open_kept_welcomes() == 2
+        alice, bob, carol = driver.outcomes
+        assert alice.error == "" and clients[0].token and clients[0].username == "alice"
+        assert bob.error.startswith("error: bad reply from the server: "), bob
+        assert not any(client.failure for client in clients[:2])
+    finally:
+        driver.stop()
+        for client in clients:
+            client.close()
