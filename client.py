@@ -291,6 +291,8 @@ class ChatClient:
         server_key_der = b64decode(reply.get("server_key"), "server_key")
         server_key = crypto_utils.load_public_key(server_key_der)
         nonce = b64decode(reply.get("nonce"), "nonce")
+        if len(nonce) != HANDSHAKE_NONCE_SIZE:
+            raise ProtocolError("server_hello nonce has the wrong size")
         batch = b64decode(reply.get("batch"), "batch")
         signature = b64decode(reply.get("signature"), "signature")
         fingerprint = crypto_utils.fingerprint(server_key)

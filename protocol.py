@@ -260,7 +260,8 @@ def associated_data(kind: Kind, seq: int, hop_sender: str, hop_recipient: str) -
 
 def server_hello_digest(server_nonce: bytes, client_nonce: bytes, client_key_der: bytes) -> bytes:
     """One hello's part of what the server signs: both nonces and the client key it saw,
-    so a recording cannot pass. The nonces are 32 bytes each, so the input is unambiguous."""
+    so a recording cannot pass. Both sides check that each nonce is 32 bytes, so the
+    input reads one way only."""
     return hashlib.sha256(server_nonce + client_nonce + hashlib.sha256(client_key_der).digest()).digest()
 
 

@@ -132,6 +132,12 @@ class _PendingHello:
     leads: bool = False
     batch: bytes = b""
     signature: bytes | None = None
+    #: Why this hello's batch could not be signed (the signature is then None).
+    failure: BaseException | None = None
+
+
+class HelloSigningError(Exception):
+    """The server could not sign a hello (its own fault, never the client's)."""
 
 
 class HelloSigner:
@@ -145,7 +151,8 @@ class HelloSigner:
     that arrives alone is signed at once, as before.
 
     No thread of its own (group commit): a caller who finds nobody signing signs a batch,
-    itself first, then hands the turn to the oldest hello still waiting.
+    itself first, then hands the turn to the oldest hello still waiting. Waiting has no
+    deadline, so ``sign`` must not block: it signs with the key in this process.
     """
 
     def __init__(self, sign: Callable[[bytes], bytes]) -> None:
@@ -165,11 +172,11 @@ class HelloSigner:
                 self._signing = True
                 pending.leads = True
         if not pending.leads:
-            pending.ready.wait()  # bounded: whoever has the turn always sets it, signing or not
+            pending.ready.wait()  # whoever has the turn always sets it, signing or not
         if pending.leads:
             self._sign_batch(pending)
         if pending.signature is None:
-            raise RuntimeError("signing the server's hello failed")
+            raise HelloSigningError("could not sign the server's hello") from pending.failure
         return pending.batch, pending.signature
 
     def _sign_batch(self, leader: _PendingHello) -> None:
@@ -178,13 +185,16 @@ class HelloSigner:
             while self._waiting and len(members) < MAX_HELLO_BATCH:
                 members.append(self._waiting.popleft())
         batch = b"".join(member.digest for member in members)
-        signature = None
+        signature, failure = None, None
         try:
             signature = self._sign(server_hello_signed_data(batch))
+        except Exception as exc:
+            log.exception("could not sign a batch of %d hello(s)", len(members))  # once, not per member
+            failure = exc
         finally:
             # Even if signing failed: the members then raise, and the turn still passes on.
             for member in members:
-                member.batch, member.signature = batch, signature
+                member.batch, member.signature, member.failure = batch, signature, failure
                 if member is not leader:
                     member.ready.set()
             with self._turn_lock:
@@ -389,6 +399,13 @@ class ClientConnection:
         except TimeoutError:
             reason = "handshake timed out"
             self._send_control_error("timeout", "handshake timed out")
+        except VersionMismatch as exc:
+            reason = f"protocol error: {exc}"
+            self._send_control_error(
+                "version",
+                f"this server speaks protocol version {PROTOCOL_VERSION}, your client another: "
+                "use a client of the same release as the server",
+            )
         except SequenceError as exc:
             reason = f"protocol error: {exc}"
             self._refuse("replay", "replayed or out-of-order frame", reason)
@@ -405,6 +422,9 @@ class ClientConnection:
         except TokenError as exc:
             reason = f"token refused: {exc.code}"
             self._refuse(exc.code, str(exc), reason)
+        except HelloSigningError:
+            reason = "internal error: could not sign the hello"  # logged once for its whole batch
+            self._send_control_error("server_error", "the server could not complete the handshake; try again")
         except OSError as exc:
             reason = self.close_reason or f"connection error: {exc.strerror or exc}"
         except Exception:
@@ -460,8 +480,10 @@ class ClientConnection:
         if frame_type is not FrameType.CONTROL:
             raise ProtocolError("expected hello")
         hello = decode_control(body)
-        if hello["type"] != "hello" or hello.get("version") != PROTOCOL_VERSION:
-            raise ProtocolError(f"expected hello for protocol version {PROTOCOL_VERSION}")
+        if hello["type"] != "hello":
+            raise ProtocolError("expected hello")
+        if hello.get("version") != PROTOCOL_VERSION:
+            raise VersionMismatch(hello.get("version"))
         client_key_der = b64decode(hello.get("client_key"), "client_key")
         client_nonce = b64decode(hello.get("nonce"), "nonce")
         if len(client_nonce) != HANDSHAKE_NONCE_SIZE:
@@ -1082,6 +1104,14 @@ def check_private_directory(path: Path) -> None:
 
 class FloodError(Exception):
     """A connection sent frames far faster than any client would."""
+
+
+class VersionMismatch(ProtocolError):
+    """A hello for another protocol version: told to the client plainly, since it is no attack."""
+
+    def __init__(self, version: object) -> None:
+        shown = version if isinstance(version, int) and not isinstance(version, bool) else "unknown"
+        super().__init__(f"hello for protocol version {shown}, not {PROTOCOL_VERSION}")
 
 
 class AuthenticationFailed(Exception):

@@ -305,7 +305,6 @@ MALFORMED_OPENINGS = {
     "control frame not JSON": lambda: encode_frame(FrameType.CONTROL, b"\xff\xfe not json"),
     "control frame a JSON list": lambda: encode_frame(FrameType.CONTROL, b"[1, 2, 3]"),
     "sealed frame first": lambda: encode_frame(FrameType.SEALED, bytes(200)),
-    "wrong protocol version": lambda: encode_control("hello", version=99, client_key=""),
     "key not base64": lambda: encode_control("hello", version=PROTOCOL_VERSION, client_key="%%%"),
     "key not DER": lambda: encode_control("hello", version=PROTOCOL_VERSION, client_key=b64encode(b"junk")),
     "1024-bit RSA key": lambda: _hello_with_key(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
@@ -321,6 +320,19 @@ def test_a_malformed_opening_is_refused(make_server, connect, peers, opening):
     attacker = peers(server)
     attacker.sock.sendall(MALFORMED_OPENINGS[opening]())
     assert_refused_in_clear(attacker.frames_until_closed(), "protocol_error")
+    assert_still_chatting(alice, bob)
+
+
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION - 1, 99, "3\x1b[2J", None])
+def test_a_client_of_another_protocol_version_is_told_so_plainly(make_server, connect, peers, version):
+    server = make_server()
+    alice, bob = honest_pair(connect, server)
+    old_client = peers(server)
+    old_client.sock.sendall(encode_control("hello", version=version, client_key="", nonce=""))
+    frames = old_client.frames_until_closed()
+    assert_refused_in_clear(frames, "version")
+    (error,) = control_errors(frames)
+    assert f"protocol version {PROTOCOL_VERSION}" in error["message"] and "\x1b" not in error["message"]
     assert_still_chatting(alice, bob)
 
 
@@ -923,30 +935,35 @@ def test_a_recorded_server_hello_cannot_prove_the_key_to_another_client(make_ser
     assert_still_chatting(bob, dave)
 
 
+WRONG_SIZE = "bad handshake from the server: server_hello batch has the wrong size"
+
+
 @pytest.mark.parametrize(
-    "batch",
+    ("batch", "refusal"),
     [
-        pytest.param(lambda digest: b"", id="empty"),
-        pytest.param(lambda digest: digest + b"x", id="not whole digests"),
-        pytest.param(lambda digest: digest * (protocol.MAX_HELLO_BATCH + 1), id="too many digests"),
-        pytest.param(lambda digest: b"\0" + digest + b"\0" * 31, id="ours not on a digest boundary"),
+        pytest.param(lambda digest: b"", WRONG_SIZE, id="empty"),
+        pytest.param(lambda digest: digest + b"x", WRONG_SIZE, id="not whole digests"),
+        pytest.param(lambda digest: digest * (protocol.MAX_HELLO_BATCH + 1), WRONG_SIZE, id="too many digests"),
+        pytest.param(
+            lambda digest: b"\0" + digest + b"\0" * 31,
+            "the server failed to prove it holds its key: possible impostor",
+            id="ours not on a digest boundary",
+        ),
+        pytest.param(lambda digest: None, "bad handshake from the server: batch: ", id="no batch at all"),
     ],
 )
-def test_a_malformed_hello_batch_is_refused_before_the_login(tmp_path, batch):
+def test_a_malformed_hello_batch_is_refused_before_the_login(tmp_path, batch, refusal):
     impostor_key = spare_key("impostor")
     impostor_der = crypto_utils.public_key_bytes(impostor_key.public_key())
 
     def answer(hello):
         nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
         signed_batch = batch(our_digest(hello, {"nonce": b64encode(nonce)}))
-        return encode_control(
-            "server_hello",
-            version=PROTOCOL_VERSION,
-            server_key=b64encode(impostor_der),
-            nonce=b64encode(nonce),
-            batch=b64encode(signed_batch),
-            signature=b64encode(crypto_utils.sign(impostor_key, server_hello_signed_data(signed_batch))),
-        )
+        fields = {"server_key": b64encode(impostor_der), "nonce": b64encode(nonce)}
+        if signed_batch is not None:
+            fields["batch"] = b64encode(signed_batch)
+        signature = crypto_utils.sign(impostor_key, server_hello_signed_data(signed_batch or b""))
+        return encode_control("server_hello", version=PROTOCOL_VERSION, signature=b64encode(signature), **fields)
 
     impostor = ScriptedImpostor(answer)
     victim = ChatClient(
@@ -961,5 +978,5 @@ def test_a_malformed_hello_batch_is_refused_before_the_login(tmp_path, batch):
     finally:
         victim.close()
         impostor.close()
-    assert "batch" in str(refused.value) or "failed to prove" in str(refused.value)
+    assert str(refused.value).startswith(refusal), refused.value
     assert impostor.sent_after_hello == b""
