@@ -780,66 +780,6 @@ def test_a_relayed_or_replayed_login_is_refused(make_server, connect, peers):
     assert_still_chatting(bob, dave)
 
 
-class KeySwappingRelay:
-    """A person in the middle: forwards the handshake but puts its own key in the client's hello."""
-
-    def __init__(self, server_address, relay_key):
-        self.server_address = server_address
-        self.relay_key_der = crypto_utils.public_key_bytes(relay_key.public_key())
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        self.sent_after_hello = bytearray()
-        self.thread = threading.Thread(target=self._run, name="test-relay", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        self.listener.settimeout(TIMEOUT)
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
-            return
-        with client, socket.create_connection(self.server_address, timeout=TIMEOUT) as upstream:
-            client.settimeout(TIMEOUT)
-            read_frame(client)  # the client's hello, dropped
-            upstream.sendall(hello_for(self.relay_key_der))
-            frame_type, body = read_frame(upstream)
-            client.sendall(encode_frame(frame_type, body))
-            while True:
-                try:
-                    chunk = client.recv(65536)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                self.sent_after_hello += chunk
-
-    def close(self):
-        self.listener.close()
-        self.thread.join(timeout=TIMEOUT)
-
-
-def test_a_client_behind_a_key_swapping_relay_refuses_to_log_in(make_server, connect, tmp_path):
-    server = make_server()
-    bob, dave = honest_pair(connect, server, "bob", "dave")
-    relay = KeySwappingRelay(server.address, spare_key("mallory"))
-    victim = ChatClient(
-        *relay.address,
-        server_fingerprint=server.fingerprint,  # the real server's key, correctly pinned
-        known_hosts=KnownHosts(tmp_path / "victim_hosts"),
-        timeout=TIMEOUT,
-    )
-    try:
-        with pytest.raises(HostKeyError):
-            victim.login("alice", password_of("alice"))
-    finally:
-        victim.close()
-        relay.close()
-    assert not relay.thread.is_alive()
-    assert relay.sent_after_hello == b"", "the client sent something to an impostor"
-    assert not [event for event in drain(bob, quiet=0.1) if joined("alice")(event)]
-    assert_still_chatting(bob, dave)
-
-
 class ScriptedImpostor:
     """Answers one client's hello with a server_hello of the test's making.
 
@@ -877,6 +817,40 @@ class ScriptedImpostor:
     def close(self):
         self.listener.close()
         self.thread.join(timeout=TIMEOUT)
+
+
+def key_swapping_relay(server_address, relay_key):
+    """A person in the middle: forwards the handshake but puts its own key in the client's hello."""
+    relay_key_der = crypto_utils.public_key_bytes(relay_key.public_key())
+
+    def forward_with_our_key(_hello):  # the client's hello is dropped
+        with socket.create_connection(server_address, timeout=TIMEOUT) as upstream:
+            upstream.sendall(hello_for(relay_key_der))
+            return encode_frame(*read_frame(upstream))
+
+    return ScriptedImpostor(forward_with_our_key)
+
+
+def test_a_client_behind_a_key_swapping_relay_refuses_to_log_in(make_server, connect, tmp_path):
+    server = make_server()
+    bob, dave = honest_pair(connect, server, "bob", "dave")
+    relay = key_swapping_relay(server.address, spare_key("mallory"))
+    victim = ChatClient(
+        *relay.address,
+        server_fingerprint=server.fingerprint,  # the real server's key, correctly pinned
+        known_hosts=KnownHosts(tmp_path / "victim_hosts"),
+        timeout=TIMEOUT,
+    )
+    try:
+        with pytest.raises(HostKeyError):
+            victim.login("alice", password_of("alice"))
+    finally:
+        victim.close()
+        relay.close()
+    assert not relay.thread.is_alive()
+    assert relay.sent_after_hello == b"", "the client sent something to an impostor"
+    assert not [event for event in drain(bob, quiet=0.1) if joined("alice")(event)]
+    assert_still_chatting(bob, dave)
 
 
 def recorded_server_hello(server):
