@@ -1110,7 +1110,8 @@ class VersionMismatch(ProtocolError):
     """A hello for another protocol version: told to the client plainly, since it is no attack."""
 
     def __init__(self, version: object) -> None:
-        shown = version if isinstance(version, int) and not isinstance(version, bool) else "unknown"
+        known = isinstance(version, int) and not isinstance(version, bool) and 0 <= version < 1000
+        shown = version if known else "unknown"
         super().__init__(f"hello for protocol version {shown}, not {PROTOCOL_VERSION}")
 
 
