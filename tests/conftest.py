@@ -145,6 +145,14 @@ def wait_for(client: ChatClient, predicate: Callable[[object], bool], timeout: f
     pytest.fail(f"no matching event within {timeout} s; saw {seen!r}")
 
 
+def wait_until(condition: Callable[[], object], timeout: float = TIMEOUT) -> None:
+    """Poll until ``condition()`` holds; fails the test if it never does in time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def drain(client: ChatClient, quiet: float = 0.3) -> list[object]:
     """Every event that arrives until the client has been quiet for ``quiet`` seconds."""
     events = []

@@ -9,10 +9,9 @@ each find their hello proved.
 import logging
 import os
 import threading
-import time
 
 import pytest
-from conftest import TIMEOUT, USER_NAMES, password_of
+from conftest import TIMEOUT, USER_NAMES, password_of, wait_until
 from test_hostile import RawPeer, control_errors, hello_for
 
 import crypto_utils
@@ -46,13 +45,6 @@ class HeldSigner:
 
     def release(self):
         self._release.set()
-
-
-def wait_until(condition):
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def in_threads(function, items, results=None):

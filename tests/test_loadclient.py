@@ -10,22 +10,14 @@ count what reaches the logged-in ones.
 
 import socket
 import sys
-import time
 
-from conftest import ROOT, TIMEOUT, password_of
+from conftest import ROOT, TIMEOUT, password_of, wait_until
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from loadclient import LoginDriver, SamplingChatClient
 
 import crypto_utils
-
-
-def wait_until(condition, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def closed_port() -> int:
