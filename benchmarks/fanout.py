@@ -59,10 +59,10 @@ from loadclient import (  # noqa: E402
     new_clients,
 )
 
-import crypto_utils  # noqa: E402
-from channel import SecureChannel  # noqa: E402
-from client import KnownHosts  # noqa: E402
-from protocol import (  # noqa: E402
+from securechat import crypto_utils  # noqa: E402
+from securechat.channel import SecureChannel  # noqa: E402
+from securechat.client import KnownHosts  # noqa: E402
+from securechat.protocol import (  # noqa: E402
     CLIENT_KINDS,
     ENVELOPE_HEADER,
     Chat,

@@ -27,7 +27,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from accounts import hash_password  # noqa: E402
+from securechat.accounts import hash_password  # noqa: E402
 
 #: The one password of every benchmark user (hashed once, the hash reused for all).
 BENCH_PASSWORD = "bench-password-not-a-secret"
@@ -329,7 +329,18 @@ def openssl_version() -> str:
         return "unknown"
 
 
-SOURCE_FILES = ("server.py", "outbound.py", "channel.py", "protocol.py", "crypto_utils.py", "chat.py", "accounts.py")
+#: What makes up the server, relative to the folder of its server.py: the entry point, and the
+#: package's modules (an older checkout kept them beside server.py instead).
+SOURCE_FILES = ("server.py", "securechat/*.py", "*.py")
+
+
+def server_sources(source_dir: Path) -> list[Path]:
+    """The server's source files in a checkout, in a stable order."""
+    found: dict[Path, None] = {}
+    for pattern in SOURCE_FILES:
+        for path in sorted(source_dir.glob(pattern)):
+            found[path] = None
+    return list(found)
 
 
 def snapshot_server(server_path: Path, destination: Path) -> Path:
@@ -339,8 +350,10 @@ def snapshot_server(server_path: Path, destination: Path) -> Path:
     """
     source_dir = server_path.resolve().parent
     destination.mkdir(parents=True, exist_ok=True)
-    for module in source_dir.glob("*.py"):
-        shutil.copy2(module, destination / module.name)
+    for module in server_sources(source_dir):
+        target = destination / module.relative_to(source_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, target)
     (destination / "SOURCE.json").write_text(json.dumps(source_info(server_path)))
     return destination / server_path.name
 
@@ -362,15 +375,13 @@ def source_info(server_path: Path = ROOT / "server.py") -> dict[str, object]:
         return done.stdout.strip()
 
     digests = {}
-    for name in SOURCE_FILES:
-        try:
-            digests[name] = hashlib.sha256((source_dir / name).read_bytes()).hexdigest()[:12]
-        except OSError:
-            digests[name] = "missing"
+    sources = server_sources(source_dir)
+    for path in sources:
+        digests[str(path.relative_to(source_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return {
         "directory": str(source_dir),
         "commit": git("rev-parse", "--short", "HEAD"),
-        "modified": git("status", "--porcelain", "--", *SOURCE_FILES).splitlines(),
+        "modified": git("status", "--porcelain", "--", *(str(path) for path in sources)).splitlines(),
         "sha256": digests,
     }
 

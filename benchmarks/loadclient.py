@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from channel import ConnectionClosed, SecureChannel, SequenceError, read_frame  # noqa: E402
-from client import ChatClient, ChatError, Disconnected, KnownHosts, LoginRefused  # noqa: E402
-from crypto_utils import CryptoError, PrivateKey  # noqa: E402
-from protocol import (  # noqa: E402
+from securechat.channel import ConnectionClosed, SecureChannel, SequenceError, read_frame  # noqa: E402
+from securechat.client import ChatClient, ChatError, Disconnected, KnownHosts, LoginRefused  # noqa: E402
+from securechat.crypto_utils import CryptoError, PrivateKey  # noqa: E402
+from securechat.protocol import (  # noqa: E402
     MAX_FRAME_SIZE,
     SERVER_KINDS,
     Chat,

@@ -30,8 +30,8 @@ sys.path.insert(0, str(BENCH_DIR))
 import fanout  # noqa: E402
 import harness  # noqa: E402
 
-import crypto_utils  # noqa: E402
-from client import KnownHosts  # noqa: E402
+from securechat import crypto_utils  # noqa: E402
+from securechat.client import KnownHosts  # noqa: E402
 
 #: Sampling rate of py-spy (per second, per thread).
 SAMPLE_RATE = 250

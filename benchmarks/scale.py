@@ -34,8 +34,8 @@ import fanout  # noqa: E402
 import harness  # noqa: E402
 from loadclient import bench_text  # noqa: E402
 
-import crypto_utils  # noqa: E402
-from client import KnownHosts  # noqa: E402
+from securechat import crypto_utils  # noqa: E402
+from securechat.client import KnownHosts  # noqa: E402
 
 DEFAULT_CLIENTS = 2000
 #: Clients logged in before the first memory reading.

@@ -62,8 +62,8 @@ from fanout import (  # noqa: E402
 )
 from loadclient import SamplingChatClient, bench_text, new_clients  # noqa: E402
 
-import crypto_utils  # noqa: E402
-from client import ChatError, KnownHosts  # noqa: E402
+from securechat import crypto_utils  # noqa: E402
+from securechat.client import ChatError, KnownHosts  # noqa: E402
 
 DEFAULT_CLIENTS = 200
 DEFAULT_DELIVERIES = 500_000

@@ -63,9 +63,9 @@ from fanout import (  # noqa: E402
 )
 from loadclient import LoginDriver, Sample, SamplingChatClient, bench_text, new_clients  # noqa: E402
 
-import crypto_utils  # noqa: E402
-from accounts import hash_password, verify_password  # noqa: E402
-from client import ChatError, KnownHosts  # noqa: E402
+from securechat import crypto_utils  # noqa: E402
+from securechat.accounts import hash_password, verify_password  # noqa: E402
+from securechat.client import ChatError, KnownHosts  # noqa: E402
 
 DEFAULT_STORM_CLIENTS = 500
 DEFAULT_BACKGROUND_CLIENTS = 20

@@ -22,9 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from accounts import hash_password  # noqa: E402
-from client import Chat, ChatClient, Disconnected, KnownHosts, Notice  # noqa: E402
-from server import ChatServer, ServerConfig  # noqa: E402
+from securechat.accounts import hash_password  # noqa: E402
+from securechat.client import Chat, ChatClient, Disconnected, KnownHosts, Notice  # noqa: E402
+from securechat.listener import ChatServer, ServerConfig  # noqa: E402
 
 #: Every wait in the tests scales from this one number (raise it on a slow machine).
 TIMEOUT = float(os.environ.get("CHAT_TEST_TIMEOUT", "5"))

@@ -24,8 +24,8 @@ from conftest import TIMEOUT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import accounts
-from accounts import (
+from securechat import accounts
+from securechat.accounts import (
     LoginThrottle,
     TokenAuthority,
     TokenError,
@@ -34,7 +34,7 @@ from accounts import (
     hash_password,
     verify_password,
 )
-from crypto_utils import InsecureFileError
+from securechat.crypto_utils import InsecureFileError
 
 PHC_PATTERN = re.compile(r"\$argon2id\$v=19\$m=19456,t=2,p=1\$([A-Za-z0-9+/]{22})\$([A-Za-z0-9+/]{43})")
 

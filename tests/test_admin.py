@@ -15,9 +15,9 @@ import sys
 import pytest
 from conftest import ROOT, TIMEOUT, password_of
 
-import crypto_utils
-from accounts import UserStore, verify_password
-from client import ChatClient, KnownHosts, LoginRefused
+from securechat import crypto_utils
+from securechat.accounts import UserStore, verify_password
+from securechat.client import ChatClient, KnownHosts, LoginRefused
 
 SERVER = str(ROOT / "server.py")
 

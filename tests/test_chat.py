@@ -13,10 +13,10 @@ import time
 import pytest
 from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
-import chat
-from accounts import LoginThrottle
-from chat import LocalRoom, merge_join_notices
-from client import (
+from securechat import chat
+from securechat.accounts import LoginThrottle
+from securechat.chat import LocalRoom, merge_join_notices
+from securechat.client import (
     Chat,
     ChatClient,
     Disconnected,
@@ -27,7 +27,7 @@ from client import (
     Notice,
     Roster,
 )
-from protocol import Joined, Say
+from securechat.protocol import Joined, Say
 
 # --------------------------------------------------------------------------- helpers
 
@@ -594,7 +594,7 @@ def test_a_password_change_ends_a_session_that_only_listens(make_server, connect
 def test_a_password_changed_while_a_login_is_being_checked_still_ends_that_session(make_server, connect, monkeypatch):
     # The admin runs passwd while the old password is being hashed: the login was right when
     # it began, but the session it opens must not outlive the change.
-    import server as server_module
+    from securechat import listener as server_module
 
     quick = make_server(ping_interval=0.4)
     real_verify = server_module.verify_password

@@ -23,9 +23,10 @@ import pytest
 from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
 from terminal import Terminal
 
-from chat import LocalRoom
-from client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice
-from server import AuthenticationFailed, ChatServer, ServerConfig
+from securechat.chat import LocalRoom
+from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice
+from securechat.connection import AuthenticationFailed
+from securechat.listener import ChatServer, ServerConfig
 
 CLIENT = str(ROOT / "client.py")
 #: Starting a client means starting Python, importing, and making an RSA key.
@@ -712,7 +713,7 @@ def test_names_errors_and_goodbyes_from_a_lying_server_are_shown_harmlessly(lyin
 
 
 def test_a_user_name_the_server_makes_up_is_shown_harmlessly(lying_server, terminals, tmp_path, monkeypatch):
-    import server as server_module
+    from securechat import connection as server_module
 
     real_welcome = server_module.Welcome
     monkeypatch.setattr(

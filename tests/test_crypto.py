@@ -19,11 +19,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-import crypto_utils
-import protocol
-from channel import SecureChannel, SequenceError
-from crypto_utils import CryptoError, InsecureFileError
-from protocol import CLIENT_KINDS, SERVER_KINDS, FrameDecoder, FrameType, Kind, ProtocolError
+from securechat import crypto_utils, protocol
+from securechat.channel import SecureChannel, SequenceError
+from securechat.crypto_utils import CryptoError, InsecureFileError
+from securechat.protocol import CLIENT_KINDS, SERVER_KINDS, FrameDecoder, FrameType, Kind, ProtocolError
 
 
 @pytest.fixture(scope="module")

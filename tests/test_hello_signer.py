@@ -14,10 +14,10 @@ import pytest
 from conftest import TIMEOUT, USER_NAMES, password_of, wait_until
 from test_hostile import RawPeer, control_errors, hello_for
 
-import crypto_utils
-from client import ChatClient, KnownHosts
-from protocol import MAX_HELLO_BATCH, ProtocolError, hello_batch_digests, server_hello_signed_data
-from server import HelloSigner, HelloSigningError
+from securechat import crypto_utils
+from securechat.client import ChatClient, KnownHosts
+from securechat.hello_signer import HelloSigner, HelloSigningError
+from securechat.protocol import MAX_HELLO_BATCH, ProtocolError, hello_batch_digests, server_hello_signed_data
 
 TEST_KEY = crypto_utils.generate_private_key()
 

@@ -21,12 +21,20 @@ from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, p
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-import crypto_utils
-import protocol
-from channel import SecureChannel, read_frame
-from client import Chat, ChatClient, ChatError, Disconnected, ErrorReply, HostKeyError, KnownHosts, LoginRefused
-from crypto_utils import CryptoError
-from protocol import (
+from securechat import crypto_utils, protocol
+from securechat.channel import SecureChannel, read_frame
+from securechat.client import (
+    Chat,
+    ChatClient,
+    ChatError,
+    Disconnected,
+    ErrorReply,
+    HostKeyError,
+    KnownHosts,
+    LoginRefused,
+)
+from securechat.crypto_utils import CryptoError
+from securechat.protocol import (
     HANDSHAKE_NONCE_SIZE,
     PROTOCOL_VERSION,
     SERVER_KINDS,

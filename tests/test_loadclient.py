@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from loadclient import LoginDriver, SamplingChatClient
 
-import crypto_utils
+from securechat import crypto_utils
 
 
 def closed_port() -> int:

@@ -9,10 +9,10 @@ import time
 import pytest
 from conftest import TIMEOUT, wait_for
 
-from client import Chat, Notice
-from outbound import OUTBOX_HIGH_WATER, OutboundQueue, Outbox, SendPool
-from protocol import MAX_FRAME_SIZE
-from server import PING_FRAME
+from securechat.client import Chat, Notice
+from securechat.connection import PING_FRAME
+from securechat.outbound import OUTBOX_HIGH_WATER, OutboundQueue, Outbox, SendPool
+from securechat.protocol import MAX_FRAME_SIZE
 
 # --------------------------------------------------------------------------- the queue
 

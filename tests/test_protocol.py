@@ -20,10 +20,9 @@ from conftest import TIMEOUT
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import channel
-import protocol
-from channel import ConnectionClosed, read_frame
-from protocol import (
+from securechat import channel, protocol
+from securechat.channel import ConnectionClosed, read_frame
+from securechat.protocol import (
     MAX_FRAME_SIZE,
     Envelope,
     FrameDecoder,

@@ -9,7 +9,7 @@ import sys
 
 from conftest import ROOT, TIMEOUT, password_of, wait_for
 
-from client import Chat
+from securechat.client import Chat
 
 
 def readme_python_block() -> str:

@@ -1,6 +1,6 @@
 from conftest import drain, wait_for
 
-from client import Chat
+from securechat.client import Chat
 
 
 def test_two_people_chat(connect):

@@ -13,8 +13,8 @@ import time
 import pytest
 from conftest import TIMEOUT, is_disconnected, joined, left, wait_for
 
-import ui
-from client import LoginRefused
+from securechat import ui
+from securechat.client import LoginRefused
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import threading
 import pytest
 from conftest import ROOT, TIMEOUT, joined, password_of, wait_for
 
-from client import Chat, ChatClient, Disconnected, KnownHosts, Notice
-from protocol import encode_control
+from securechat.client import Chat, ChatClient, Disconnected, KnownHosts, Notice
+from securechat.protocol import encode_control
 
 # --------------------------------------------------------------------------- the recording proxy
 

@@ -24,8 +24,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
 
-import crypto_utils
-from client import (
+from securechat import crypto_utils
+from securechat.client import (
     LEAVE_TIMEOUT,
     TOKEN_CODES,
     Chat,
@@ -41,7 +41,7 @@ from client import (
     Roster,
     default_known_hosts_path,
 )
-from protocol import DEFAULT_HOST, DEFAULT_PORT, sanitize_text
+from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, sanitize_text
 
 #: Reconnection back-off: the first wait, doubled after each failure up to the longest.
 RECONNECT_FIRST_DELAY = 1.0

@@ -28,8 +28,8 @@ import jwt
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from crypto_utils import CryptoError, check_owner_only
-from protocol import validate_username
+from securechat.crypto_utils import CryptoError, check_owner_only
+from securechat.protocol import validate_username
 
 log = logging.getLogger("chat.accounts")
 

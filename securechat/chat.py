@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from protocol import Chat, Joined, Message, Notice
+from securechat.protocol import Chat, Joined, Message, Notice
 
 
 class Member(Protocol):

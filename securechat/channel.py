@@ -10,9 +10,9 @@ from __future__ import annotations
 import socket
 import time
 
-import crypto_utils
-from crypto_utils import CryptoError, PrivateKey, PublicKey
-from protocol import (
+from securechat import crypto_utils
+from securechat.crypto_utils import CryptoError, PrivateKey, PublicKey
+from securechat.protocol import (
     MAX_FRAME_SIZE,
     Envelope,
     FrameType,

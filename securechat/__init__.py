@@ -1,0 +1,10 @@
+"""A secure terminal group chat: a threaded TCP server and a command-line client.
+
+The layers, bottom up (imports only point down):
+
+- ``protocol`` (framing, message types), ``crypto_utils`` (keys, sealing): no I/O;
+- ``channel`` (one connection's sealing state), ``accounts`` (users, passwords, tokens);
+- the server: ``config``, ``hello_signer``, ``connection`` (one client's reader),
+  ``listener`` (accept loop and lifecycle), ``admin`` and ``server_cli`` (command line);
+- the client: ``client`` (the ``ChatClient`` library) and ``ui`` (the terminal program).
+"""

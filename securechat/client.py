@@ -1,0 +1,621 @@
+"""The chat client: an importable ``ChatClient`` class and the command-line program.
+
+    python client.py --user alice            # interactive, on a terminal
+    CHAT_PASSWORD=... python client.py --user bot < lines.txt   # non-interactive
+
+A bot in five lines::
+
+    from client import ChatClient, Chat
+    with ChatClient("127.0.0.1", 7878, accept_new_host_key=True) as chat:
+        chat.login("echo", os.environ["CHAT_PASSWORD"])
+        for event in chat.events():
+            if isinstance(event, Chat) and not event.private:
+                chat.say(f"{event.sender} said: {event.text}")
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from securechat import crypto_utils
+from securechat.channel import ConnectionClosed, Deadline, SecureChannel, read_frame
+from securechat.chat import FloodControl
+from securechat.crypto_utils import CryptoError, PrivateKey, PublicKey
+from securechat.protocol import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    HANDSHAKE_NONCE_SIZE,
+    MAX_FRAME_SIZE,
+    MAX_TEXT_BYTES,
+    PROTOCOL_VERSION,
+    SERVER_KINDS,
+    Chat,
+    Envelope,
+    ErrorReply,
+    FrameType,
+    Goodbye,
+    Joined,
+    Kind,
+    Leave,
+    Login,
+    Message,
+    Notice,
+    Private,
+    ProtocolError,
+    Resume,
+    Roster,
+    Say,
+    TokenRefresh,
+    Welcome,
+    Who,
+    b64decode,
+    b64encode,
+    client_auth_signed_data,
+    decode_control,
+    encode_control,
+    hello_batch_digests,
+    sanitize_text,
+    server_hello_digest,
+    server_hello_signed_data,
+)
+
+__all__ = [
+    "Chat",
+    "ChatClient",
+    "ChatError",
+    "Disconnected",
+    "ErrorReply",
+    "Goodbye",
+    "HostKeyError",
+    "KnownHosts",
+    "LoginRefused",
+    "MessageRefused",
+    "Notice",
+    "Roster",
+    "Welcome",
+]
+
+#: How long connect + login may take (the server may queue password hashing).
+LOGIN_TIMEOUT = 60.0
+#: The server pings a quiet client every 20 s; hearing nothing this long means the link is dead.
+IDLE_TIMEOUT = 75.0
+#: How long leave() waits for the server's goodbye.
+LEAVE_TIMEOUT = 5.0
+
+
+#: Refusal codes meaning the token itself is no good: only a password can log in again.
+TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
+
+
+class ChatError(Exception):
+    """Something the user should read, in one line."""
+
+
+class MessageRefused(ChatError):
+    """This one message cannot be sent (too long, not valid text); the connection is fine."""
+
+
+class HostKeyError(ChatError):
+    """The server's key is unknown (and not accepted) or has changed."""
+
+
+class LoginRefused(ChatError):
+    """The server refused the login or the token; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """Local event: the connection ended. ``reason`` is for the user."""
+
+    reason: str
+    #: True when the session ended for good (we left, or the server said not to come back);
+    #: False when the link was lost or the server is restarting: worth reconnecting.
+    clean: bool = False
+
+
+Event = Chat | Notice | Roster | ErrorReply | Goodbye | Disconnected | TokenRefresh
+
+
+def _shown(value: object, limit: int = 300) -> str:
+    """Text from the server made safe for a terminal, for our own error messages and reasons."""
+    return sanitize_text(str(value))[:limit]
+
+
+def _check_length(text: str) -> None:
+    """Refuse before sending what the server would refuse for its size."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise MessageRefused("not sent: the text is not valid Unicode") from None
+    if size > MAX_TEXT_BYTES:
+        raise MessageRefused(f"not sent: message longer than {MAX_TEXT_BYTES} bytes")
+
+
+def default_known_hosts_path() -> Path:
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home) / "chat" / "known_hosts"
+
+
+class KnownHosts:
+    """Trust-on-first-use pins, one ``[host]:port SHA256:...`` line per server, as OpenSSH keeps."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else default_known_hosts_path()
+
+    @staticmethod
+    def host_id(host: str, port: int) -> str:
+        return f"[{host}]:{port}"
+
+    def lookup(self, host_id: str) -> tuple[str, int] | None:
+        """The pinned fingerprint and its line number, or None if this server is new."""
+        try:
+            lines = self.path.read_text("utf-8").splitlines()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ChatError(f"cannot read {self.path}: {exc.strerror}") from exc
+        for number, line in enumerate(lines, start=1):
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == host_id:
+                return parts[1], number
+        return None
+
+    def add(self, host_id: str, fingerprint: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write(f"{host_id} {fingerprint}\n")
+
+
+class ChatClient:
+    """One connection to a chat server.
+
+    ``connect()`` checks the server's identity, ``login()`` (or ``resume()``)
+    authenticates, then ``say()``, ``private()``, ``who()`` send and
+    ``events()`` yields what arrives: ``Chat``, ``Notice``, ``Roster``,
+    ``ErrorReply``, ``Goodbye`` and finally ``Disconnected``. ``close()`` (or leaving the
+    ``with`` block) ends the connection; ``leave()`` says goodbye first.
+
+    The server's key is checked against ``known_hosts`` (OpenSSH-style
+    trust on first use) or against ``server_fingerprint`` if given. A new key
+    is accepted when ``accept_new_host_key`` is true or ``confirm_host_key``
+    (called with host id and fingerprint) returns true; a changed key always
+    raises ``HostKeyError``.
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        known_hosts: KnownHosts | None = None,
+        server_fingerprint: str | None = None,
+        accept_new_host_key: bool = False,
+        confirm_host_key: Callable[[str, str], bool] | None = None,
+        private_key: PrivateKey | None = None,
+        key_size: int = crypto_utils.DEFAULT_KEY_SIZE,
+        timeout: float = LOGIN_TIMEOUT,
+        pace: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.known_hosts = known_hosts if known_hosts is not None else KnownHosts()
+        self.expected_fingerprint = server_fingerprint
+        self.accept_new_host_key = accept_new_host_key
+        self.confirm_host_key = confirm_host_key
+        # Kept across reconnections: the token is bound to this key.
+        self.private_key = private_key or crypto_utils.generate_private_key(key_size)
+        self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
+        self.timeout = timeout
+        self.pace = pace
+        self.server_fingerprint = ""
+        self.username = ""
+        self.members: list[str] = []
+        self.token = ""
+        self.token_expires_at = 0
+        self.sock: socket.socket | None = None
+        self.channel: SecureChannel | None = None
+        self._client_nonce = b""
+        self._server_nonce = b""
+        self._server_key: PublicKey | None = None
+        self._server_key_der = b""
+        # Guards the socket's send side and the outgoing sequence numbers.
+        self.send_lock = threading.Lock()
+        # Owned by the caller's thread (the one that sends).
+        self._flood: FloodControl | None = None
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    # ------------------------------------------------------------------ connection
+
+    def connect(self) -> None:
+        """Open the connection, send our key and verify the server's identity."""
+        self._closing.clear()
+        deadline = Deadline(self.timeout)
+        try:
+            self.sock = socket.create_connection((self.host, self.port), timeout=deadline.timeout())
+        except OSError as exc:
+            raise ChatError(f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock.sendall(self.hello_frame())
+            self.accept_server_hello(*self._read(deadline))
+        except (ProtocolError, CryptoError) as exc:
+            self.close()
+            raise ChatError(f"bad handshake from the server: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # The handshake's steps without the socket: connect() and _authenticate() run them over
+    # a blocking socket, and an event-driven caller (the benchmarks' load generator) can
+    # run them over its own. Each step raises; whoever owns the socket closes it.
+
+    def hello_frame(self) -> bytes:
+        """Our first frame: our public key and a fresh nonce the server must sign."""
+        self._client_nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
+        return encode_control(
+            "hello",
+            version=PROTOCOL_VERSION,
+            client_key=b64encode(self.public_key_der),
+            nonce=b64encode(self._client_nonce),
+        )
+
+    def accept_server_hello(self, frame_type: FrameType, body: bytes) -> None:
+        """Check the server's answer to our hello and, if it proves a trusted key, set up the channel.
+
+        Raises ``ProtocolError`` or ``CryptoError`` if the answer is malformed,
+        ``LoginRefused`` if the server refused us, ``HostKeyError`` if it is not who it
+        should be, ``ChatError`` otherwise.
+        """
+        if frame_type is not FrameType.CONTROL:
+            raise ChatError("the server sent something unexpected during the handshake")
+        reply = decode_control(body)
+        if reply["type"] == "error":
+            raise LoginRefused(_shown(reply.get("code")), f"server refused: {_shown(reply.get('message'))}")
+        if reply["type"] != "server_hello" or reply.get("version") != PROTOCOL_VERSION:
+            raise ChatError("the server speaks another protocol version")
+        server_key_der = b64decode(reply.get("server_key"), "server_key")
+        server_key = crypto_utils.load_public_key(server_key_der)
+        nonce = b64decode(reply.get("nonce"), "nonce")
+        if len(nonce) != HANDSHAKE_NONCE_SIZE:
+            raise ProtocolError("server_hello nonce has the wrong size")
+        batch = b64decode(reply.get("batch"), "batch")
+        signature = b64decode(reply.get("signature"), "signature")
+        fingerprint = crypto_utils.fingerprint(server_key)
+        # First that the peer holds the key it shows (it signed a batch of hello digests
+        # holding ours, which covers our fresh nonce, so a recording cannot pass), and only
+        # then whether that key is trusted: nothing is pinned for a peer that cannot prove anything.
+        ours = server_hello_digest(nonce, self._client_nonce, self.public_key_der)
+        try:
+            if ours not in hello_batch_digests(batch):
+                raise CryptoError("our hello is not in the signed batch")
+            crypto_utils.verify_signature(server_key, signature, server_hello_signed_data(batch))
+        except CryptoError:
+            raise HostKeyError("the server failed to prove it holds its key: possible impostor") from None
+        self._check_host_key(fingerprint)
+        self.server_fingerprint = fingerprint
+        self._server_key = server_key
+        self._server_key_der = server_key_der
+        self._server_nonce = nonce
+        self.channel = SecureChannel(self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS)
+
+    def _check_host_key(self, fingerprint: str) -> None:
+        host_id = KnownHosts.host_id(self.host, self.port)
+        if self.expected_fingerprint is not None:
+            if fingerprint != self.expected_fingerprint:
+                raise HostKeyError(f"server key {fingerprint} is not the expected {self.expected_fingerprint}")
+            return
+        pinned = self.known_hosts.lookup(host_id)
+        if pinned is not None:
+            known, line = pinned
+            if known != fingerprint:
+                raise HostKeyError(
+                    f"WARNING: THE SERVER KEY FOR {host_id} HAS CHANGED ({fingerprint}, "
+                    f"expected {known}). Someone may be intercepting the connection. If the "
+                    f"server's key really changed, remove line {line} of {self.known_hosts.path}"
+                )
+            return
+        accepted = self.accept_new_host_key or (
+            self.confirm_host_key is not None and self.confirm_host_key(host_id, fingerprint)
+        )
+        if not accepted:
+            raise HostKeyError(
+                f"unknown server key for {host_id} ({fingerprint}); "
+                "check it with the operator, then connect on a terminal or pass --accept-new-host-key"
+            )
+        self.known_hosts.add(host_id, fingerprint)
+
+    def _read(self, deadline: Deadline | None = None) -> tuple[FrameType, bytes]:
+        assert self.sock is not None
+        if deadline is not None:
+            self.sock.settimeout(deadline.timeout())
+        try:
+            return read_frame(self.sock, MAX_FRAME_SIZE)
+        except ConnectionClosed as exc:
+            raise ChatError(f"the server closed the connection ({exc})") from None
+        except TimeoutError:
+            raise ChatError("the server did not answer in time") from None
+
+    def login(self, username: str, password: str) -> Welcome:
+        """Log in with a password. Raises ``LoginRefused`` with the server's reason."""
+        if self.channel is None:
+            self.connect()
+        return self._authenticate(username, self.login_builder(username, password))
+
+    def login_builder(self, username: str, password: str) -> Callable[[str], Message]:
+        """What ``login_frame`` seals for a password login, given the session key (base64)."""
+        return lambda session_key: Login(
+            username=username,
+            password=password,
+            server_nonce=b64encode(self._server_nonce),
+            client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
+            session_key=session_key,
+            client_signature=self._auth_signature(Kind.LOGIN),
+        )
+
+    def _auth_signature(self, kind: Kind) -> str:
+        """Our key's proof, for this connection only, that it is us logging in."""
+        signed = client_auth_signed_data(kind, self._server_nonce, self._server_key_der)
+        return b64encode(crypto_utils.sign(self.private_key, signed))
+
+    def resume(self) -> Welcome:
+        """Log in again with the token from the last session (same key pair, no password)."""
+        if not self.token:
+            raise LoginRefused("token_missing", "no session to resume")
+        if self.channel is None:
+            self.connect()
+        return self._authenticate(
+            self.username,
+            lambda session_key: Resume(
+                token=self.token,
+                server_nonce=b64encode(self._server_nonce),
+                client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
+                session_key=session_key,
+                client_signature=self._auth_signature(Kind.RESUME),
+            ),
+        )
+
+    def _authenticate(self, username: str, build: Callable[[str], Message]) -> Welcome:
+        assert self.channel is not None and self.sock is not None
+        try:
+            with self.send_lock:
+                self.sock.sendall(self.login_frame(build))
+            welcome = self.accept_welcome(username, *self._read(Deadline(self.timeout)))
+        except (ProtocolError, CryptoError) as exc:
+            self.close()
+            raise ChatError(f"bad reply from the server: {exc}") from None
+        except OSError as exc:
+            self.close()
+            raise ChatError(f"connection lost while logging in: {exc.strerror or exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.sock.settimeout(IDLE_TIMEOUT)
+        self._reader = threading.Thread(target=self._run_reader, name="chat-reader", daemon=True)
+        self._reader.start()
+        return welcome
+
+    def login_frame(self, build: Callable[[str], Message]) -> bytes:
+        """The sealed login (or resume) that ``build`` makes, under a fresh session key.
+
+        Call it with ``send_lock`` held until the frame is sent: it starts the
+        channel's session.
+        """
+        assert self.channel is not None
+        session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
+        self.channel.session_key = session_key
+        return self.channel.seal(build(b64encode(session_key)))
+
+    def accept_welcome(self, username: str, frame_type: FrameType, body: bytes) -> Welcome:
+        """Take the server's answer to our login: the ``Welcome``, whose session this client now holds.
+
+        Raises ``LoginRefused`` with the server's reason, ``ProtocolError`` or
+        ``CryptoError`` if the answer is malformed, ``ChatError`` otherwise.
+        """
+        assert self.channel is not None
+        if frame_type is FrameType.CONTROL:
+            reply = decode_control(body)
+            if reply["type"] != "error":
+                raise ProtocolError("unexpected cleartext frame after login")
+            raise LoginRefused(_shown(reply.get("code")), _shown(reply.get("message", "refused")))
+        # The server names us in the associated data once it has accepted us.
+        kind = Envelope.decode(body).kind
+        self.channel.username = username if kind is Kind.WELCOME else ""
+        message = self.channel.open(body)
+        if isinstance(message, ErrorReply):
+            if message.code in TOKEN_CODES:
+                self.token = ""
+            raise LoginRefused(_shown(message.code), _shown(message.message))
+        if not isinstance(message, Welcome):
+            raise ChatError("the server sent something unexpected after login")
+        self.username = message.username
+        self.channel.username = message.username
+        self.members = list(message.members)
+        self.token, self.token_expires_at = message.token, message.expires_at
+        if self.pace and message.flood_rate > 0 and message.flood_burst > 1:
+            # A margin below the server's bucket, so network jitter never tips us over.
+            self._flood = FloodControl(message.flood_rate * 0.9, message.flood_burst - 1)
+        else:
+            self._flood = None
+        return message
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, build: Callable[[str], Message], paced: bool = False) -> None:
+        if paced and self._flood is not None:
+            while not self._flood.allow():
+                time.sleep(0.05)
+        with self.send_lock:
+            sock, channel = self.sock, self.channel
+            if sock is None or channel is None or channel.session_key is None:
+                raise ChatError("not sent: not connected")
+            try:
+                frame = channel.seal(build(self.token))
+            except (ValueError, ProtocolError):  # the sealed frame would exceed the limit
+                raise MessageRefused("not sent: message too long") from None
+            try:
+                sock.sendall(frame)
+            except OSError as exc:
+                raise ChatError(f"not sent: connection lost ({exc.strerror or exc})") from None
+
+    @property
+    def connected(self) -> bool:
+        """True while logged in and the reader has not seen the connection end."""
+        reader = self._reader
+        return reader is not None and reader.is_alive()
+
+    def say(self, text: str) -> None:
+        """Send a public line to everyone else."""
+        _check_length(text)
+        self._send(lambda token: Say(token=token, text=text), paced=True)
+
+    def action(self, text: str) -> None:
+        """Send an action line ("* alice waves")."""
+        _check_length(text)
+        self._send(lambda token: Say(token=token, text=text, action=True), paced=True)
+
+    def private(self, recipient: str, text: str, *, action: bool = False) -> None:
+        """Send a line to one user only."""
+        _check_length(text)
+        self._send(lambda token: Private(token=token, recipient=recipient, text=text, action=action), paced=True)
+
+    def who(self) -> None:
+        """Ask who is online; the answer arrives as a ``Roster`` event."""
+        self._send(lambda token: Who(token=token))
+
+    def leave(self, reason: str = "") -> None:
+        """Say goodbye (with an optional parting message), wait for the server, close."""
+        if self.channel is not None and self.sock is not None and self._reader is not None:
+            try:
+                self._send(lambda token: Leave(token=token, reason=reason))
+                self._reader.join(timeout=LEAVE_TIMEOUT)
+            except ChatError:
+                pass
+        self.close()
+
+    # ------------------------------------------------------------------ receiving
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None if none arrives within ``timeout`` seconds."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def events(self) -> Iterator[Event]:
+        """Yield events until (and including) ``Disconnected``."""
+        while True:
+            event = self._events.get()
+            yield event
+            if isinstance(event, Disconnected):
+                return
+
+    def _run_reader(self) -> None:
+        # This thread's own references: close() may clear the attributes under us.
+        sock, channel = self.sock, self.channel
+        assert sock is not None and channel is not None
+        reason, clean = "connection closed", False
+        try:
+            while True:
+                frame_type, body = read_frame(sock, MAX_FRAME_SIZE)
+                if frame_type is FrameType.CONTROL:
+                    # After login everything that matters is sealed: a cleartext frame other
+                    # than a keepalive could come from anyone on the path, so it is not believed.
+                    if decode_control(body)["type"] != "ping":
+                        raise ProtocolError("unexpected cleartext frame")
+                    with self.send_lock:
+                        sock.sendall(encode_control("pong"))
+                    continue
+                message = channel.open(body)
+                if isinstance(message, TokenRefresh):
+                    self.token, self.token_expires_at = message.token, message.expires_at
+                    continue
+                if isinstance(message, Joined):
+                    # Joins the server sent together while catching up: one event each, as if
+                    # they had come one by one.
+                    for name in message.names:
+                        notice = Notice(event="joined", name=name)
+                        self._track_members(notice)
+                        self._events.put(notice)
+                    continue
+                if isinstance(message, Notice):
+                    self._track_members(message)
+                elif isinstance(message, Roster):
+                    self.members = list(message.members)
+                self._events.put(message)  # type: ignore[arg-type]
+                if isinstance(message, Goodbye):
+                    reason, clean = _shown(message.reason), not message.may_reconnect
+                    return
+                if isinstance(message, ErrorReply) and message.fatal:
+                    reason = _shown(message.message)
+                    if message.code.startswith("token"):
+                        self.token = ""
+                    return
+        except ConnectionClosed as exc:
+            reason = "connection lost" if not self._closing.is_set() else "closed"
+            clean = self._closing.is_set()
+            if str(exc) != "connection closed by peer":
+                reason = f"connection lost ({exc})"
+        except TimeoutError:
+            reason = "connection lost (the server stopped answering)"
+        except (ProtocolError, CryptoError):
+            reason = "connection dropped: the server sent a frame that is malformed or does not verify"
+        except OSError as exc:
+            reason = "closed" if self._closing.is_set() else f"connection lost ({exc.strerror or exc})"
+            clean = self._closing.is_set()
+        finally:
+            self._events.put(Disconnected(reason=reason, clean=clean))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _track_members(self, notice: Notice) -> None:
+        members = set(self.members)
+        if notice.event == "joined":
+            members.add(notice.name)
+        elif notice.event == "left":
+            members.discard(notice.name)
+        self.members = sorted(members)
+
+    # ------------------------------------------------------------------ closing
+
+    def _shutdown_socket(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Close the connection and stop the reader thread. Safe to call twice."""
+        self._closing.set()
+        self._shutdown_socket()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=2.0)
+        with self.send_lock:
+            if self.sock is not None:
+                self.sock.close()
+            self.sock = None
+            self.channel = None
+        self._reader = None
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,509 @@
+"""One client connection on the server: its reader thread (handshake, then frames) and its send side."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from securechat import crypto_utils
+from securechat.accounts import (
+    TokenClaims,
+    TokenError,
+    new_session_id,
+)
+from securechat.channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
+from securechat.chat import FloodControl, merge_join_notices
+from securechat.crypto_utils import CryptoError
+from securechat.hello_signer import HelloSigningError
+from securechat.outbound import OutboundQueue, Outbox
+from securechat.protocol import (
+    CLIENT_KINDS,
+    HANDSHAKE_NONCE_SIZE,
+    MAX_REASON_CHARS,
+    PROTOCOL_VERSION,
+    Authenticated,
+    ErrorReply,
+    FrameType,
+    Goodbye,
+    Leave,
+    Login,
+    Message,
+    MessageTooLarge,
+    Private,
+    ProtocolError,
+    Resume,
+    Roster,
+    Say,
+    TokenRefresh,
+    Welcome,
+    Who,
+    b64decode,
+    b64encode,
+    check_text,
+    client_auth_signed_data,
+    decode_control,
+    encode_control,
+    sanitize_text,
+    server_hello_digest,
+)
+
+if TYPE_CHECKING:
+    from securechat.listener import ChatServer
+
+log = logging.getLogger("chat.server")
+
+#: Most queued messages a send worker seals for one connection, and writes with one
+#: system call, before it turns to the next connection.
+SEND_BATCH_SIZE = 64
+PING_FRAME = encode_control("ping")
+PONG_FRAME = encode_control("pong")
+#: Seconds a closing connection may take to flush its last messages before it is cut off.
+FINISH_GRACE = 5.0
+
+
+class FloodError(Exception):
+    """A connection sent frames far faster than any client would."""
+
+
+class VersionMismatch(ProtocolError):
+    """A hello for another protocol version: told to the client plainly, since it is no attack."""
+
+    def __init__(self, version: object) -> None:
+        known = isinstance(version, int) and not isinstance(version, bool) and 0 <= version < 1000
+        shown = version if known else "unknown"
+        super().__init__(f"hello for protocol version {shown}, not {PROTOCOL_VERSION}")
+
+
+class AuthenticationFailed(Exception):
+    """A login was refused (or the server cannot check it); ``code`` and the message go to the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClientConnection:
+    """One client: its socket, its secure channel, its reader thread and its outbound side.
+
+    The reader thread owns the handshake and everything received. Once logged in,
+    everything sent goes through ``send_queue`` and ``outbox``: one worker of the
+    server's send pool, always the same, seals it (so it owns the outgoing sequence
+    numbers and the RSA work) and writes it without blocking. Other threads only call
+    ``deliver``, ``finish`` and ``close``, which never block.
+    """
+
+    def __init__(self, server: ChatServer, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.server = server
+        self.sock = sock
+        self.address = peer[0]
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.name = ""
+        self.channel: SecureChannel | None = None
+        #: Shared by every token this connection is issued (see TokenClaims.session_id).
+        self.session_id = new_session_id()
+        # Guards claims: the reader replaces them on each verified frame, the keepalive on a refresh.
+        self._claims_lock = threading.Lock()
+        self._claims: TokenClaims | None = None
+        # The token string last fully verified on this connection, and its claims: every line
+        # carries the same token, and a JWT decode costs more than sealing a delivery. Only
+        # the reader thread (which alone calls verify_token for us) reads or writes it.
+        self.verified_token: tuple[str, TokenClaims] | None = None
+        self.key_thumbprint = ""
+        #: The account stamp checked at login or resume (see ChatServer.issue_token).
+        self.verified_stamp = ""
+        self.send_queue = OutboundQueue(server.config.send_queue_size, on_ready=self._schedule_send)
+        self.outbox = Outbox(
+            sock,
+            server.send_pool.flusher,
+            on_room=self._schedule_send,
+            on_flushed_close=lambda: self.close(self.close_reason or "closed"),
+            on_error=self.close,
+        )
+        # Set once, by attach_sender() at login: queues its send worker. Until then the
+        # reader thread sends (the handshake) directly.
+        self._schedule: Callable[[ClientConnection], None] | None = None
+        self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
+        # Every frame costs a MAC check, a decryption and a JSON parse, so frames of any kind
+        # are limited too (far above what the line limit lets through), before that work is done.
+        self.frame_flood = FloodControl(server.config.flood_rate * 10, server.config.flood_burst * 5)
+        # Written by the reader, read by the keepalive thread: a float store is atomic.
+        self.last_inbound = time.monotonic()
+        # When the keepalive thread last queued a ping (it alone writes this).
+        self.last_ping = 0.0
+        # When the first ping since the client last spoke was written (only the send worker writes this).
+        self.ping_sent_at = 0.0
+        self.in_room = False
+        #: Shown to the others when this user leaves with /quit; never logged (it is message text).
+        self.parting_message = ""
+        # Guards close_reason and the closing of the socket, from whichever thread.
+        self._close_lock = threading.Lock()
+        self.close_reason = ""
+        self.finishing_since = 0.0
+        self.closed = threading.Event()
+        self.reader = threading.Thread(target=self._run_reader, name=f"read {self.peer}", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"<connection {self.peer}>"
+
+    # ------------------------------------------------------------------ called by other threads
+
+    @property
+    def claims(self) -> TokenClaims | None:
+        """The claims of the newest token this connection holds."""
+        with self._claims_lock:
+            return self._claims
+
+    def set_claims(self, claims: TokenClaims) -> None:
+        with self._claims_lock:
+            # Never go back to an older token: the keepalive and the reader may both refresh.
+            if self._claims is None or claims.issued_at >= self._claims.issued_at:
+                self._claims = claims
+
+    def deliver(self, message: Message) -> None:
+        """Queue a message for this client; a full queue drops the client (SendQ exceeded)."""
+        if not self.send_queue.put(message):
+            self.close("SendQ exceeded (too slow to receive)")
+
+    def close(self, reason: str) -> None:
+        """Close at once, from any thread. Idempotent; the first reason is kept."""
+        with self._close_lock:
+            if self.closed.is_set():
+                return
+            if not self.close_reason:  # finish() may have set it: "quit" must survive a late close
+                self.close_reason = reason
+            self.closed.set()
+        self.send_queue.close()
+        self._shutdown_socket()
+
+    def finish(self, reason: str, *last_messages: Message) -> None:
+        """Send ``last_messages`` (typically an error or goodbye), then close.
+
+        A peer that does not read could hold the flush forever; the keepalive
+        closes a connection still finishing after ``FINISH_GRACE`` seconds.
+        """
+        with self._close_lock:
+            if not self.close_reason:
+                self.close_reason = reason
+            if not self.finishing_since:
+                self.finishing_since = time.monotonic()
+        if self.attached:
+            self.send_queue.finish(*last_messages)
+        else:
+            self.close(reason)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the send pool sends for this connection (from login on)."""
+        return self._schedule is not None
+
+    def attach_sender(self, schedule: Callable[[ClientConnection], None]) -> None:
+        """Hand everything sent from now on to the send worker behind ``schedule`` (reader thread)."""
+        self._schedule = schedule
+        schedule(self)  # anything queued before
+
+    def _schedule_send(self) -> None:
+        schedule = self._schedule
+        if schedule is not None:
+            schedule(self)
+
+    def _shutdown_socket(self) -> None:
+        # shutdown() is what wakes a thread blocked in recv() or sendall() on Linux.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ the reader thread
+
+    def _run_reader(self) -> None:
+        reason = "closed"
+        try:
+            self._handshake()
+            self.sock.settimeout(None)
+            self._enter_room()
+            while not self.closed.is_set():
+                frame_type, body = read_frame(self.sock, self.server.config.max_frame_size)
+                self.last_inbound = time.monotonic()
+                self._handle_frame(frame_type, body)
+            reason = self.close_reason
+        except ConnectionClosed as exc:
+            reason = self.close_reason or str(exc)
+        except TimeoutError:
+            reason = "handshake timed out"
+            self._send_control_error("timeout", "handshake timed out")
+        except VersionMismatch as exc:
+            reason = f"protocol error: {exc}"
+            self._send_control_error(
+                "version",
+                f"this server speaks protocol version {PROTOCOL_VERSION}, your client another: "
+                "use a client of the same release as the server",
+            )
+        except SequenceError as exc:
+            reason = f"protocol error: {exc}"
+            self._refuse("replay", "replayed or out-of-order frame", reason)
+        except FloodError:
+            reason = "flooding"
+            self._refuse("flood", "disconnected for sending far too fast", reason)
+        except (ProtocolError, CryptoError) as exc:
+            reason = f"protocol error: {exc}"
+            # Say what class of problem it was, never the details: they may be sensitive.
+            self._refuse("protocol_error", "malformed or unverifiable frame", reason)
+        except AuthenticationFailed as exc:
+            reason = f"login refused: {exc.code}"
+            self._refuse(exc.code, str(exc), reason)
+        except TokenError as exc:
+            reason = f"token refused: {exc.code}"
+            self._refuse(exc.code, str(exc), reason)
+        except HelloSigningError:
+            reason = "internal error: could not sign the hello"  # logged once for its whole batch
+            self._send_control_error("server_error", "the server could not complete the handshake; try again")
+        except OSError as exc:
+            reason = self.close_reason or f"connection error: {exc.strerror or exc}"
+        except Exception:
+            log.exception("%s: unexpected error", self.peer)
+            reason = "internal error"
+        finally:
+            self.close(reason)
+            if self.in_room:
+                self.server.room.leave(self, self._public_reason())
+            self.server.forget(self)
+            who = f" user={self.name}" if self.name else ""
+            log.info("disconnect %s%s: %s", self.peer, who, self.close_reason or reason)
+
+    def _public_reason(self) -> str:
+        """What the others see in the leave notice: the parting message, or why the link ended."""
+        reason = self.close_reason
+        if reason == "quit":
+            return self.parting_message
+        if reason.startswith(("protocol error", "token refused", "login refused")):
+            return "protocol error"
+        return reason
+
+    def _refuse(self, code: str, message: str, reason: str) -> None:
+        """Tell the client why it is being dropped (``message``), as securely as the state allows.
+
+        ``reason`` is ours: it goes to the log and decides what the others are told.
+        """
+        if self.channel is not None and self.channel.session_key is not None:
+            reply = ErrorReply(code=code, message=message, fatal=True)
+            if self.attached:
+                self.finish(reason, reply)
+                self.closed.wait(timeout=1.0)
+            else:
+                self._send_now(self.channel.seal(reply))
+        else:
+            self._send_control_error(code, message)
+
+    def _send_control_error(self, code: str, message: str) -> None:
+        self._send_now(encode_control("error", code=code, message=message))
+
+    def _send_now(self, data: bytes) -> None:
+        """Best-effort direct send, only before the send pool owns the socket."""
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def _handshake(self) -> None:
+        config = self.server.config
+        deadline = Deadline(config.handshake_timeout)
+        frame_type, body = read_frame(self.sock, config.max_frame_size, deadline)
+        if frame_type is not FrameType.CONTROL:
+            raise ProtocolError("expected hello")
+        hello = decode_control(body)
+        if hello["type"] != "hello":
+            raise ProtocolError("expected hello")
+        if hello.get("version") != PROTOCOL_VERSION:
+            raise VersionMismatch(hello.get("version"))
+        client_key_der = b64decode(hello.get("client_key"), "client_key")
+        client_nonce = b64decode(hello.get("nonce"), "nonce")
+        if len(client_nonce) != HANDSHAKE_NONCE_SIZE:
+            raise ProtocolError("hello nonce has the wrong size")
+        client_key = crypto_utils.load_public_key(client_key_der)
+        self.key_thumbprint = crypto_utils.jwk_thumbprint(client_key)
+        nonce = secrets.token_bytes(HANDSHAKE_NONCE_SIZE)
+        batch, signature = self.server.hello_signer.sign(server_hello_digest(nonce, client_nonce, client_key_der))
+        self._send_now(
+            encode_control(
+                "server_hello",
+                version=PROTOCOL_VERSION,
+                server_key=b64encode(self.server.public_key_der),
+                nonce=b64encode(nonce),
+                batch=b64encode(batch),
+                signature=b64encode(signature),
+            )
+        )
+        self.channel = SecureChannel(self.server.private_key, client_key, is_server=True, allowed_incoming=CLIENT_KINDS)
+        frame_type, body = read_frame(self.sock, config.max_frame_size, deadline)
+        if frame_type is not FrameType.SEALED:
+            raise ProtocolError("expected login")
+        request = self.channel.open(body)
+        assert isinstance(request, Login | Resume)
+        # The login is bound to this connection: a relayed or replayed one fails here.
+        if not secrets.compare_digest(b64decode(request.server_nonce, "server_nonce"), nonce):
+            raise ProtocolError("login is not for this connection (nonce)")
+        if request.client_key_fingerprint != crypto_utils.fingerprint(client_key):
+            raise ProtocolError("login is bound to another client key")
+        # Whoever sent the hello key must hold its private half: a stolen token plus the
+        # victim's public key must not be enough to resume the victim's session.
+        crypto_utils.verify_signature(
+            client_key,
+            b64decode(request.client_signature, "client_signature"),
+            client_auth_signed_data(request.KIND, nonce, self.server.public_key_der),
+        )
+        self.sock.settimeout(None)  # from here the time spent is ours, not the client's
+        if isinstance(request, Login):
+            self.name = self.server.authenticate_password(self, request)
+        else:
+            self.name = self.server.authenticate_token(self, request)
+
+    def _enter_room(self) -> None:
+        assert self.channel is not None
+        self.channel.username = self.name
+        token, expires_at = self.server.issue_token(self, self.verified_stamp)
+        self.attach_sender(self.server.send_pool.assign())
+        config = self.server.config
+
+        def welcome(roster: list[str]) -> None:
+            # Called by the room as we join: first in our queue, with exactly who was
+            # here then (we hear of every later join and leave, and of nothing earlier).
+            self.deliver(
+                Welcome(
+                    username=self.name,
+                    token=token,
+                    expires_at=expires_at,
+                    members=roster,
+                    flood_burst=config.flood_burst,
+                    flood_rate=config.flood_rate,
+                )
+            )
+
+        try:
+            _, replaced = self.server.room.join(self, welcome)
+        finally:
+            self.in_room = True  # even if join failed half-way: the reader's leave() then tidies up
+        if isinstance(replaced, ClientConnection):
+            # Revoked, not just closed: whoever still holds that session (a stolen laptop,
+            # say) must not resume it and push this login out in turn.
+            # Told first (as for a leave), so nothing it does meanwhile meets a revoked token.
+            replaced.finish("logged in again from elsewhere", Goodbye(reason="logged in again from elsewhere"))
+            replaced_claims = replaced.claims
+            if replaced_claims is not None:
+                self.server.tokens.revoke(replaced_claims)
+
+    def _handle_frame(self, frame_type: FrameType, body: bytes) -> None:
+        if not self.frame_flood.allow():  # pings too: parsing JSON is work, and so is each pong
+            raise FloodError("far too many frames")
+        if frame_type is FrameType.CONTROL:
+            control = decode_control(body)
+            if control["type"] == "ping":
+                self.send_queue.put_urgent(PONG_FRAME)
+            elif control["type"] != "pong":
+                raise ProtocolError(f"unexpected control message {control['type']!r}")
+            return
+        assert self.channel is not None
+        message = self.channel.open(body)
+        if not isinstance(message, Authenticated):
+            raise ProtocolError(f"{message.KIND.name} is not allowed after login")
+        claims = self.server.verify_token(self, message.token)
+        if claims.session_id != self.session_id:
+            # Another session's token (same user and key) must not act here, e.g. revoke it.
+            raise TokenError("token_invalid", "token is for another session")
+        self.set_claims(claims)
+        if self.server.tokens.needs_refresh(claims):
+            token, expires_at = self.server.issue_token(self, claims.account_stamp)
+            self.deliver(TokenRefresh(token=token, expires_at=expires_at))
+        if isinstance(message, Say):
+            self._handle_say(message)
+        elif isinstance(message, Private):
+            self._handle_private(message)
+        elif isinstance(message, Who):
+            self.deliver(Roster(members=self.server.room.who()))
+        elif isinstance(message, Leave):
+            self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
+            # Finishing first marks us closing, so the keepalive will not try to refresh a
+            # token of the session being revoked (and lose the goodbye and parting message).
+            self.finish("quit", Goodbye(reason="bye"))
+            self.server.tokens.revoke(claims)
+        else:
+            raise ProtocolError(f"{message.KIND.name} is not allowed after login")
+
+    def _checked_text(self, text: str) -> str | None:
+        try:
+            checked = check_text(text)
+        except ProtocolError as exc:
+            self.deliver(ErrorReply(code="bad_message", message=f"not sent: {exc}"))
+            return None
+        if not self.flood.allow():
+            config = self.server.config
+            self.deliver(
+                ErrorReply(
+                    code="flood",
+                    message=(
+                        f"not sent: you are sending too fast (limit: {config.flood_burst} lines "
+                        f"at once, then {config.flood_rate:g} per second)"
+                    ),
+                )
+            )
+            return None
+        return checked
+
+    def _handle_say(self, message: Say) -> None:
+        text = self._checked_text(message.text)
+        if text is not None:
+            self.server.room.say(self, text, action=message.action)
+
+    def _handle_private(self, message: Private) -> None:
+        if message.recipient == self.name:
+            self.deliver(ErrorReply(code="no_such_user", message="not sent: that is you"))
+            return
+        text = self._checked_text(message.text)
+        if text is None:
+            return
+        if not self.server.room.send_private(self, message.recipient, text, action=message.action):
+            shown = sanitize_text(message.recipient)[:40]
+            self.deliver(ErrorReply(code="no_such_user", message=f"not sent: {shown} is not online"))
+
+    # ------------------------------------------------------------------ run by this connection's send worker
+
+    def pump(self) -> bool:
+        """Seal one batch of what is queued and write it without blocking; True if more is queued.
+
+        Only ever run by this connection's one send worker, so frames are sealed in order.
+        """
+        if self.closed.is_set() or not self.outbox.has_room():
+            return False  # a full outbox has the flusher schedule us again when it drains
+        assert self.channel is not None
+        batch, more = self.send_queue.take_batch(SEND_BATCH_SIZE)
+        frames: list[bytes] = []
+        close_after = False
+        for item in merge_join_notices(batch):
+            if item is OutboundQueue.CLOSE_AFTER_FLUSH:
+                close_after = True  # always the last item queued: finish() closes the queue
+                break
+            if isinstance(item, bytes):
+                frames.append(item)
+                continue
+            try:
+                frames.append(self.channel.seal(item))
+            except MessageTooLarge as exc:
+                # One unsendable message must not cost the client its connection; the
+                # channel's state is unchanged, so the next message seals as usual.
+                log.warning("%s: %s message not sent: %s", self.peer, item.KIND.name, exc)
+            except Exception:
+                log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
+                self.close("internal error while sending")
+                return False
+        if PING_FRAME in frames and self.ping_sent_at <= self.last_inbound:
+            # The reply window runs from when the first unanswered ping was written, not from
+            # when it was queued: a ping held up behind our own backlog is not the client's fault.
+            self.ping_sent_at = time.monotonic()
+        if frames or close_after:
+            self.outbox.write(b"".join(frames), close_when_empty=close_after)
+        return more

@@ -1,0 +1,489 @@
+"""The listening server: accepts connections, keeps their books, authenticates, and stops cleanly."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import secrets
+import selectors
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from securechat import crypto_utils
+from securechat.accounts import (
+    TokenAuthority,
+    TokenClaims,
+    TokenError,
+    UserRecord,
+    UserStore,
+    UserStoreError,
+    account_stamp,
+    hash_password,
+    verify_password,
+)
+from securechat.chat import FloodControl, LocalRoom, Room
+from securechat.config import (
+    REVOKED_SESSIONS_FILE,
+    SERVER_KEY_FILE,
+    TOKEN_SECRET_FILE,
+    ServerConfig,
+)
+from securechat.connection import (
+    FINISH_GRACE,
+    PING_FRAME,
+    AuthenticationFailed,
+    ClientConnection,
+)
+from securechat.hello_signer import HelloSigner
+from securechat.outbound import SendPool
+from securechat.protocol import (
+    ErrorReply,
+    Goodbye,
+    Login,
+    Resume,
+    TokenRefresh,
+    encode_control,
+)
+
+log = logging.getLogger("chat.server")
+
+WRONG_CREDENTIALS = "wrong user name or password"
+#: Addresses whose connection rate is remembered before idle ones are forgotten.
+MAX_TRACKED_ADDRESSES = 10_000
+
+
+class ChatServer:
+    """Accepts connections and runs the room. Same verbs as ``socketserver``.
+
+    ``serve_forever()`` accepts until ``shutdown()``; ``server_close()`` tells
+    every client the server is going down, closes them and joins every thread.
+    The listening socket is bound in the constructor, so ``address`` is known
+    (use port 0 for an ephemeral port).
+    """
+
+    def __init__(self, config: ServerConfig, room: Room | None = None) -> None:
+        self.config = config
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_directory(data_dir)
+        self.private_key = crypto_utils.load_or_create_private_key(data_dir / SERVER_KEY_FILE, config.key_size)
+        self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
+        self.fingerprint = crypto_utils.fingerprint(self.private_key.public_key())
+        self.hello_signer = HelloSigner(lambda data: crypto_utils.sign(self.private_key, data))
+        self.tokens = TokenAuthority(
+            crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE),
+            config.token_ttl,
+            revoked_path=data_dir / REVOKED_SESSIONS_FILE,
+        )
+        self.users = UserStore(config.users_path)
+        self.users.load()  # a corrupt store is reported now, not at the first login
+        # Hashed for unknown user names, so they cost the same work as a wrong password.
+        self._decoy_hash = hash_password(secrets.token_urlsafe(16))
+        self.room: Room = room if room is not None else LocalRoom()
+        # The only threads that hash passwords. A pool rather than a semaphore: each thread
+        # that runs Argon2 keeps its own 19 MiB malloc arena, so hashing on every connection's
+        # thread would grow memory with the number of clients who ever logged in.
+        self.hash_pool = concurrent.futures.ThreadPoolExecutor(
+            config.hash_workers, thread_name_prefix="hash", initializer=lower_thread_priority
+        )
+        # Seals and sends for every logged-in connection (see outbound.py).
+        self.send_pool = SendPool(config.send_workers)
+        # Guards connections and connections_per_address.
+        self.connections_lock = threading.Lock()
+        self.connections: set[ClientConnection] = set()
+        self.connections_per_address: Counter[str] = Counter()
+        self._connect_buckets: dict[str, FloodControl] = {}
+        self.stopping = threading.Event()
+        self._serving = threading.Event()
+        self._wakeup_read, self._wakeup_write = socket.socketpair()
+        self.listener = socket.create_server(
+            (config.host, config.port),
+            family=socket.AF_INET6 if ":" in config.host else socket.AF_INET,
+            backlog=512,
+        )
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.keepalive = threading.Thread(target=self._run_keepalive, name="keepalive", daemon=True)
+        self._serve_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def serve_forever(self) -> None:
+        """Accept connections until ``shutdown()`` (or ``request_shutdown()``)."""
+        self.keepalive.start()
+        self.send_pool.start()
+        self._serving.set()
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ)
+        selector.register(self._wakeup_read, selectors.EVENT_READ)
+        try:
+            while not self.stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self.listener:
+                        self._accept()
+        finally:
+            selector.close()
+            self._serving.clear()
+
+    def start(self) -> ChatServer:
+        """Serve in a background thread (handy for tests and benchmarks)."""
+        self._serve_thread = threading.Thread(target=self.serve_forever, name="accept", daemon=True)
+        self._serve_thread.start()
+        self._serving.wait(timeout=10.0)  # so that every thread of the server exists once this returns
+        return self
+
+    def request_shutdown(self) -> None:
+        """Ask ``serve_forever`` to return. Safe from a signal handler."""
+        self.stopping.set()
+        try:
+            self._wakeup_write.send(b"x")
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        """Stop accepting and wait until ``serve_forever`` has returned."""
+        self.request_shutdown()
+        if self._serve_thread is not None:
+            self._serve_thread.join()
+
+    def server_close(self, grace: float = 1.0) -> None:
+        """Tell every client the server is going down, close them, join every thread.
+
+        Everything waits on one deadline, not a timeout per thread, so a thousand
+        connections cannot add up to a slow exit.
+        """
+        self.request_shutdown()
+        # Logins waiting for a hashing slot are refused now rather than at the end of their wait.
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            if connection.in_room:
+                connection.finish("server shutting down", Goodbye(reason="server shutting down", may_reconnect=True))
+            else:
+                connection.close("server shutting down")
+        give_up = time.monotonic() + grace
+        for connection in connections:
+            # A finishing connection closes itself once its goodbye is out (or its peer fails).
+            connection.closed.wait(timeout=max(0.0, give_up - time.monotonic()))
+            connection.close("server shutting down")
+        for connection in connections:
+            connection.reader.join(timeout=max(0.0, give_up + 0.5 - time.monotonic()))
+            connection.outbox.close_socket()
+        if self.keepalive.is_alive():
+            self.keepalive.join(timeout=1.0)
+        self.room.close()
+        self.send_pool.stop()
+        self.hash_pool.shutdown(wait=True)  # a hash already running takes a few tens of ms
+        self.listener.close()
+        self._wakeup_read.close()
+        self._wakeup_write.close()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def __enter__(self) -> ChatServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ connections
+
+    def _accept(self) -> None:
+        try:
+            sock, peer = self.listener.accept()
+        except OSError:
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address = peer[0]
+        with self.connections_lock:
+            refusal = None
+            if not self._connect_allowed(address):
+                refusal = ("too_many_connections", "too many new connections from your address; slow down")
+            elif len(self.connections) >= self.config.max_clients:
+                refusal = ("server_full", "server is full; try again later")
+            elif self.connections_per_address[address] >= self.config.max_connections_per_address:
+                refusal = ("too_many_connections", "too many connections from your address")
+            else:
+                connection = ClientConnection(self, sock, peer)
+                # Registered before its thread starts, so server_close() cannot miss it.
+                self.connections.add(connection)
+                self.connections_per_address[address] += 1
+        if refusal is not None:
+            log.info("refused %s:%s: %s", peer[0], peer[1], refusal[1])
+            try:
+                sock.settimeout(0.5)
+                sock.sendall(encode_control("error", code=refusal[0], message=refusal[1]))
+            except OSError:
+                pass
+            sock.close()
+            return
+        log.info("connect %s", connection.peer)
+        connection.reader.start()
+
+    def _connect_allowed(self, address: str) -> bool:
+        """Per-address rate of new connections. Only the accepting thread touches the buckets."""
+        if self.config.connect_rate <= 0:
+            return True
+        bucket = self._connect_buckets.get(address)
+        if bucket is None:
+            if len(self._connect_buckets) >= MAX_TRACKED_ADDRESSES:
+                self._connect_buckets = {key: b for key, b in self._connect_buckets.items() if not b.is_full()}
+            bucket = self._connect_buckets[address] = FloodControl(self.config.connect_rate, self.config.connect_burst)
+        return bucket.allow()
+
+    def forget(self, connection: ClientConnection) -> None:
+        """Drop a finished connection from the books (called by its reader thread)."""
+        with self.connections_lock:
+            if connection in self.connections:
+                self.connections.discard(connection)
+                self.connections_per_address[connection.address] -= 1
+                if self.connections_per_address[connection.address] <= 0:
+                    del self.connections_per_address[connection.address]
+        if not self.stopping.is_set():
+            connection.outbox.close_socket()  # never under a send in flight on the pool's threads
+
+    def _run_keepalive(self) -> None:
+        """Ping quiet clients; drop those that stay silent (vanished peers, no ghosts)."""
+        check_every = max(0.05, min(5.0, self.config.ping_interval / 4))
+        while not self.stopping.wait(check_every):
+            try:
+                self._keepalive_pass()
+            except Exception:  # this thread must outlive any one bad pass, or ghosts stay forever
+                log.exception("keepalive pass failed")
+
+    def _keepalive_pass(self) -> None:
+        now = time.monotonic()
+        with self.connections_lock:
+            connections = [c for c in self.connections if c.in_room]
+        stamps = self._current_account_stamps()
+        for connection in connections:
+            self._keep_alive(connection, now, stamps)
+
+    def _keep_alive(self, connection: ClientConnection, now: float, stamps: dict[str, str] | None) -> None:
+        """One connection's turn: end it if it must go, refresh its token, ping it if quiet."""
+        if connection.close_reason:  # already on its way out, but a stuck flush must not hold it
+            if connection.finishing_since and now - connection.finishing_since > FINISH_GRACE:
+                connection.close(connection.close_reason)
+            return
+        claims = connection.claims
+        if claims is None:
+            return
+        if claims.expires_at <= time.time():
+            # Only a listener gets here (a speaker's frames are refused): end it the same way.
+            connection.finish(
+                "token expired", ErrorReply(code="token_expired", message="token expired; log in again", fatal=True)
+            )
+            return
+        if stamps is not None and stamps.get(claims.username) != claims.account_stamp:
+            # A listener sends nothing for the per-frame check to catch: a password
+            # change or a deleted account must still end its session.
+            log.info("closing %s user=%s: account changed", connection.peer, connection.name)
+            connection.finish(
+                "account changed",
+                ErrorReply(
+                    code="token_revoked", message="your account was changed or deleted; log in again", fatal=True
+                ),
+            )
+            return
+        if self.tokens.needs_refresh(claims):  # a listener needs its token kept fresh too
+            try:
+                token, expires_at = self.issue_token(connection, claims.account_stamp)
+            except TokenError:  # its session was revoked meanwhile (by a leave racing this pass, say)
+                if not connection.close_reason:
+                    connection.close("session revoked")
+                return
+            connection.deliver(TokenRefresh(token=token, expires_at=expires_at))
+        silent = now - connection.last_inbound
+        if silent > self.config.ping_timeout:
+            ping_sent = connection.ping_sent_at > connection.last_inbound
+            # How long a client has to answer a ping that has actually been sent.
+            reply_window = max(0.0, self.config.ping_timeout - self.config.ping_interval)
+            # Unsent after all this time means we could not get a frame onto the
+            # socket: the peer has stopped reading, which is as dead as not answering.
+            if not ping_sent or now - connection.ping_sent_at > reply_window:
+                connection.close("no reply to keepalive (connection lost)")
+                return
+        if silent > self.config.ping_interval and now - connection.last_ping > self.config.ping_interval:
+            connection.last_ping = now
+            # Ahead of any backlog, so a busy client hears it at once.
+            connection.send_queue.put_urgent(PING_FRAME)
+
+    # ------------------------------------------------------------------ authentication
+
+    def authenticate_password(self, connection: ClientConnection, login: Login) -> str:
+        """Check a password login; returns the user name or raises ``AuthenticationFailed``."""
+        name = login.username
+        address_key, account_key = ("address", connection.address), ("user", name.casefold()[:64])
+        keys = [address_key, account_key]
+        # Guesses at one account fired in parallel are counted as they start; the address is
+        # counted when a guess fails (many people may log in at once from one address, and
+        # its parallelism is already bounded by the per-address connection limit).
+        wait = self.config.login_throttle.begin_attempt(keys, reserve=[account_key])
+        if wait > 0:
+            log.info("login throttled from %s", connection.peer)
+            raise AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
+        outcome = "error"  # until _check_password returns: busy, shutting down, store unreadable...
+        try:
+            accepted = self._check_password(connection, login)
+            outcome = "accepted" if accepted else "wrong"
+        finally:
+            throttle = self.config.login_throttle
+            if outcome == "accepted":
+                # The account only, never the address: owning one account must not reset
+                # the count of guesses made at others.
+                throttle.record_success([account_key])
+            elif outcome == "wrong":
+                throttle.record_failure([address_key])  # the account was counted when it began
+            else:
+                throttle.cancel_attempt([account_key])  # not the user's fault: give it back
+        if not accepted:
+            raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
+        return name
+
+    def _check_password(self, connection: ClientConnection, login: Login) -> bool:
+        """True if the password is right, False if not; raises for anything else."""
+        name = login.username
+        try:
+            record = self.users.get(name)
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
+        stored_hash = record.password_hash if record is not None else self._decoy_hash
+        try:
+            check = self.hash_pool.submit(verify_password, login.password, stored_hash)
+            password_ok = check.result(timeout=self.config.hash_wait)
+        except concurrent.futures.TimeoutError:
+            check.cancel()
+            raise AuthenticationFailed("busy", "server busy; try again in a moment") from None
+        except (concurrent.futures.CancelledError, RuntimeError):  # the pool was shut down under us
+            raise AuthenticationFailed("shutting_down", "server shutting down") from None
+        if record is None or not password_ok:
+            # Only a known name is logged: an unknown one may be a password typed in the wrong box.
+            who = f"user={name}" if record is not None else "unknown user"
+            log.info("login failed %s %s: wrong password", connection.peer, who)
+            return False
+        self._refuse_demo_account(connection, record)
+        connection.verified_stamp = account_stamp(record)
+        log.info("login ok %s user=%s", connection.peer, name)
+        return True
+
+    def _refuse_demo_account(self, connection: ClientConnection, record: UserRecord) -> None:
+        if record.demo and not self.config.allow_demo_accounts and not self.config.is_loopback:
+            log.warning("login refused %s user=%s: demo account on a public address", connection.peer, record.name)
+            raise AuthenticationFailed("demo_disabled", "demo accounts are disabled on this server")
+
+    def _current_account_stamps(self) -> dict[str, str] | None:
+        """Every account's stamp, or None if the store cannot be read just now (keep everyone)."""
+        try:
+            return {name: account_stamp(record) for name, record in self.users.load().items()}
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            return None
+
+    def _account_stamp(self, name: str) -> str:
+        """The current stamp of an account; raises ``TokenError`` if it is gone."""
+        try:
+            record = self.users.get(name)
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
+        if record is None:
+            raise TokenError("token_revoked", "that account no longer exists")
+        return account_stamp(record)
+
+    def issue_token(self, connection: ClientConnection, stamp: str) -> tuple[str, int]:
+        """A fresh token for an authenticated connection's session; also becomes its current claims.
+
+        ``stamp`` is the account stamp that was *checked* (of the record whose password was
+        verified, or of the token being renewed), never re-read here: a password changed
+        meanwhile must make the new token fail its next check, not inherit the new stamp.
+        """
+        token, expires_at = self.tokens.issue(connection.name, connection.key_thumbprint, stamp, connection.session_id)
+        connection.set_claims(self.tokens.verify(token, connection.key_thumbprint, connection.name))
+        return token, expires_at
+
+    def verify_token(self, connection: ClientConnection, token: object, username: str | None = None) -> TokenClaims:
+        """Verify a token for this connection, including that its account is unchanged.
+
+        The token last verified on this connection is only re-checked for what can change
+        (expiry, revocation, the account); any other token string is verified in full.
+        Raises ``TokenError``.
+        """
+        expected_user = username or connection.name
+        verified = connection.verified_token
+        # Comparing with == leaks nothing: the client sent this string, and we hold it only
+        # because the same client sent it before on this authenticated connection.
+        if verified is not None and isinstance(token, str) and token == verified[0]:
+            claims = verified[1]
+            if claims.username != expected_user:
+                raise TokenError("token_invalid", "token is for another user")
+            self.tokens.recheck(claims)
+        else:
+            claims = self.tokens.verify(token, connection.key_thumbprint, expected_user)
+        if claims.account_stamp != self._account_stamp(claims.username):
+            raise TokenError("token_revoked", "the account's password changed; log in again")
+        if isinstance(token, str):  # always, once verify() accepted it
+            connection.verified_token = (token, claims)
+        return claims
+
+    def authenticate_token(self, connection: ClientConnection, resume: Resume) -> str:
+        """Check a resume request; returns the user name or raises ``TokenError``."""
+        claims = self.tokens.verify(resume.token, connection.key_thumbprint)
+        connection.name = claims.username
+        claims = self.verify_token(connection, resume.token)
+        try:
+            record = self.users.get(claims.username)
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
+        if record is not None:  # None only if deleted this instant; the next frame's check ends it
+            self._refuse_demo_account(connection, record)
+        # The old session is spent, every token of it: the new connection starts a new one.
+        self.tokens.revoke(claims)
+        connection.verified_stamp = claims.account_stamp
+        log.info("resume ok %s user=%s", connection.peer, claims.username)
+        return claims.username
+
+
+#: How much lower than the rest of the server a password-hashing thread runs (a nice value).
+HASHING_NICENESS = 10
+MAX_NICENESS = 19
+
+
+def lower_thread_priority() -> None:
+    """Make the calling thread yield the CPU to the server's other threads (Linux only).
+
+    A login storm can keep every core hashing for seconds: at equal priority the
+    room's own work (sealing and sending lines) would queue behind it. Lowered, the
+    hashing uses whatever the room leaves, so the room keeps its pace and logins
+    take the rest. On Linux a thread is a task with its own nice value; elsewhere
+    this would reprioritise the whole process, so it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    thread_id = threading.get_native_id()
+    try:
+        niceness = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, min(MAX_NICENESS, niceness + HASHING_NICENESS))
+    except OSError as exc:  # a sandbox may forbid it; hashing still works, just at full priority
+        log.debug("cannot lower the hashing threads' priority: %s", exc)
+
+
+def check_private_directory(path: Path) -> None:
+    """Refuse a data directory others could write to: they could swap the key or the secret."""
+    info = path.stat()
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise crypto_utils.InsecureFileError(
+            f"{path} is writable by other users (mode {stat.filemode(info.st_mode)}); fix it with: chmod 700 {path}"
+        )
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise crypto_utils.InsecureFileError(f"{path} belongs to another user; the server's data must be its own")
