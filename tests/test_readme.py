@@ -21,6 +21,8 @@ def readme_python_block() -> str:
 
 def test_the_echo_bot_from_the_readme_echoes(server, connect, tmp_path):
     code = readme_python_block().replace("7878", str(server.address[1]))
+    # alice first: a bot that logged in before her would be in her welcome, with no "joined" to wait for.
+    alice = connect("alice")
     bot = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -30,7 +32,6 @@ def test_the_echo_bot_from_the_readme_echoes(server, connect, tmp_path):
         text=True,
     )
     try:
-        alice = connect("alice")
         wait_for(alice, lambda event: getattr(event, "event", "") == "joined", timeout=TIMEOUT * 2)
         alice.say("ping")
         reply = wait_for(alice, lambda event: isinstance(event, Chat), timeout=TIMEOUT * 2)
