@@ -1,0 +1,725 @@
+"""The server's durable store: chat history and room state in one SQLite file (WAL mode).
+
+What it stores: the lines of every room and private conversation (``StoredMessage``,
+numbered by the caller), the rooms with their topics and owners, and who has joined
+which room. The server keeps its live state in memory; this store only makes that state
+survive a restart. Nothing here knows about sockets or the wire protocol.
+
+What is encrypted: every message payload, with AES-256-GCM under the history key. The
+associated data binds the row's stream and id, so a row altered or moved in the file
+fails to decrypt and is skipped. Stream names, ids, sequence numbers, times, rooms,
+topics, owners and memberships are stored in clear: the store queries and trims by them.
+
+Threading: one writer thread owns the writing connection. ``append`` and the room-state
+calls only queue their work and return; the writer commits everything queued, in order,
+one transaction per batch, and retries a batch that failed. Messages not yet committed
+are kept in memory and merged into every read, so a read sees everything appended before
+it. Reads run on a small pool of other connections (WAL lets them proceed while the
+writer writes), from any thread, and hold no lock while they query.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from securechat.crypto_utils import AES_KEY_SIZE, NONCE_SIZE, CryptoError, load_or_create_secret
+
+log = logging.getLogger("chat.history")
+
+SCHEMA_VERSION = 1
+#: How often, by the store's clock, rows older than the age limit are deleted; also the writer's longest idle sleep.
+AGE_TRIM_INTERVAL = 60.0
+#: A failed batch is retried after this delay, doubled after each failure up to the maximum.
+RETRY_DELAY_MIN = 0.1
+RETRY_DELAY_MAX = 5.0
+#: How long a statement waits for another process's lock on the file before failing.
+BUSY_TIMEOUT = 5.0
+#: How long a read, or close(), waits for a connection of the read pool.
+READ_POOL_TIMEOUT = 5.0
+#: How long close() lets the writer retry what is queued before giving up on it.
+CLOSE_FLUSH_TIMEOUT = 2.0
+#: The largest value SQLite stores in an INTEGER column.
+MAX_SQL_INTEGER = 2**63 - 1
+
+# Migration n takes a database from user_version n - 1 to n; append, never edit, an entry.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " sent_at REAL NOT NULL, sealed BLOB NOT NULL)",
+        "CREATE INDEX messages_by_stream ON messages (stream, id)",
+        "CREATE INDEX messages_by_time ON messages (sent_at)",
+        # Kept apart from messages so that trimming never lowers a stream's numbering.
+        "CREATE TABLE streams (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "CREATE TABLE rooms (name TEXT PRIMARY KEY, topic TEXT NOT NULL, owner TEXT NOT NULL,"
+        " created_at REAL NOT NULL)",
+        # Rowid order is join order: a re-join gets a rowid above every existing one.
+        "CREATE TABLE memberships (account TEXT NOT NULL, room TEXT NOT NULL, UNIQUE (account, room))",
+    ),
+}
+
+_INSERT_MESSAGE = "INSERT OR REPLACE INTO messages (id, stream, seq, sent_at, sealed) VALUES (?, ?, ?, ?, ?)"
+_ADVANCE_STREAM = (
+    "INSERT INTO streams (stream, last_seq) VALUES (?, ?)"
+    " ON CONFLICT (stream) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)"
+)
+_ADVANCE_LAST_ID = (
+    "INSERT INTO counters (name, value) VALUES ('last_id', ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)"
+)
+# Deletes every row at or below the (history_limit + 1)-th newest id of the stream.
+_TRIM_STREAM = (
+    "DELETE FROM messages WHERE stream = ?"
+    " AND id <= (SELECT id FROM messages WHERE stream = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
+)
+_TRIM_OLD = "DELETE FROM messages WHERE sent_at < ?"
+_SELECT = "SELECT id, stream, seq, sent_at, sealed FROM messages"
+_RECENT = f"{_SELECT} WHERE stream = ? ORDER BY id DESC LIMIT ?"
+_BEFORE = f"{_SELECT} WHERE stream = ? AND id < ? ORDER BY id DESC LIMIT ?"
+_SINCE = f"{_SELECT} WHERE stream = ? AND id > ? ORDER BY id DESC LIMIT ?"
+_IDS_SINCE = "SELECT id FROM messages WHERE stream = ? AND id > ?"
+_PRIVATE_SINCE = (
+    f"{_SELECT} WHERE stream IN (SELECT stream FROM streams WHERE substr(stream, 1, 1) = '@'"
+    " AND (substr(stream, 1, length(:prefix)) = :prefix OR substr(stream, -length(:suffix)) = :suffix))"
+    " AND id > :after ORDER BY id DESC LIMIT :limit"
+)
+
+
+class StoreError(Exception):
+    """The database cannot be opened or read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One line of a stream, numbered by the caller; ``payload`` is opaque and encrypted at rest."""
+
+    id: int
+    stream: str
+    seq: int
+    sent_at: float
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stream, str) or not self.stream:
+            raise ValueError("a stored message needs a stream name")
+        for name, number in (("id", self.id), ("seq", self.seq)):
+            if not isinstance(number, int) or not 1 <= number <= MAX_SQL_INTEGER:
+                raise ValueError(f"a stored message's {name} must be an integer from 1 to {MAX_SQL_INTEGER}")
+        if not isinstance(self.sent_at, int | float):
+            raise TypeError("sent_at must be a number")
+        if not isinstance(self.payload, bytes):
+            raise TypeError("payload must be bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomRecord:
+    """A room as saved across restarts."""
+
+    name: str
+    topic: str = ""
+    owner: str = ""
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(text, str) for text in (self.name, self.topic, self.owner)) or not self.name:
+            raise TypeError("a room record's name, topic and owner are strings, and the name is not empty")
+        if not isinstance(self.created_at, int | float):
+            raise TypeError("created_at must be a number")
+
+
+def private_stream(a: str, b: str) -> str:
+    """The stream of the private conversation between accounts a and b: "@" + the two names sorted, joined by ":".
+
+    The same for (a, b) and (b, a). Raises ``ValueError`` for an empty name or one containing ":".
+    """
+    for name in (a, b):
+        if not name or ":" in name:
+            raise ValueError(f"not an account name for a private stream: {name!r}")
+    return "@" + ":".join(sorted((a, b)))
+
+
+def _is_party(stream: str, *, account: str) -> bool:
+    return stream.startswith("@") and account in stream[1:].split(":")
+
+
+def load_or_create_history_key(path: Path) -> bytes:
+    """The 32-byte history key kept in ``path``, created (mode 0600) on first run.
+
+    Raises ``CryptoError`` if the file is readable by others or does not hold exactly one key.
+    """
+    key = load_or_create_secret(path, AES_KEY_SIZE)
+    if len(key) != AES_KEY_SIZE:
+        raise CryptoError(f"{path} holds {len(key)} bytes of secret; a history key is {AES_KEY_SIZE}")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class _WriterAction:
+    """Something to run on the writer's connection, between batches (a seam for tests)."""
+
+    action: Callable[[sqlite3.Connection], object]
+
+
+# A queued write: a message, statements of room state (SQL with parameters), or a writer action.
+_Statements = tuple[tuple[str, tuple[object, ...]], ...]
+_Operation = StoredMessage | _Statements | _WriterAction
+
+
+def _open_database(path: Path) -> sqlite3.Connection:
+    """The writer's connection, with the schema created or migrated; never alters a file it refuses."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        # Made here, used only by the writer thread from its start on, closed after it is joined.
+        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: {exc}") from exc
+    try:
+        # Checks come before the first write (the WAL switch writes the header): a refused file stays as it was.
+        problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise StoreError(f"{path}: the database is damaged ({problems[0]})")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{path}: schema version {version} is newer than this server's ({SCHEMA_VERSION})")
+        connection.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL cannot corrupt the file; a power cut may lose the last batches.
+        connection.execute("PRAGMA synchronous = NORMAL")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with connection:
+                connection.execute("BEGIN IMMEDIATE")
+                for statement in _MIGRATIONS[target]:
+                    connection.execute(statement)
+                # A pragma takes no bound parameters; target is our own integer.
+                connection.execute(f"PRAGMA user_version = {target:d}")
+    except sqlite3.Error as exc:
+        connection.close()
+        raise StoreError(f"{path}: {exc}") from exc
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+class ChatStore:
+    """Chat history and room state in the SQLite file ``path``, payloads sealed under ``key``.
+
+    Opening creates the file (mode 0600) or checks it, and raises ``StoreError`` for a file
+    that is damaged, not a database, unreadable or of a newer schema; it never changes such
+    a file. ``history_limit`` messages are kept per stream (0 turns history off), none older
+    than ``history_max_age`` seconds; ``queue_size`` bounds the messages waiting for the
+    writer. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        key: bytes,
+        *,
+        history_limit: int = 1000,
+        history_max_age: float = 30 * 86400,
+        queue_size: int = 10_000,
+        batch_interval: float = 0.05,
+        read_connections: int = 4,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if len(key) != AES_KEY_SIZE:
+            raise ValueError(f"the history key is {AES_KEY_SIZE} bytes, not {len(key)}")
+        if history_limit < 0 or queue_size < 1 or read_connections < 1 or batch_interval < 0:
+            raise ValueError("history_limit >= 0, queue_size >= 1, read_connections >= 1 and batch_interval >= 0")
+        self.path = Path(path)
+        self._aead = AESGCM(key)
+        self._history_limit = history_limit
+        self._history_max_age = history_max_age
+        self._queue_size = queue_size
+        self._batch_interval = batch_interval
+        self._read_connection_count = read_connections
+        self._clock = clock
+
+        # Everything appended but not yet committed, and the writer's progress through it.
+        self._uncommitted_lock = threading.Lock()
+        # Signalled when work is queued, finished, requested by flush() or closing starts.
+        self._uncommitted_changed = threading.Condition(self._uncommitted_lock)
+        self._write_queue: deque[_Operation] = deque()  # not yet taken by the writer
+        self._queued_messages = 0  # messages in _write_queue: what queue_size bounds
+        self._uncommitted: dict[str, dict[int, StoredMessage]] = {}  # stream -> id -> message, what reads merge
+        self._operations_queued = 0
+        self._operations_finished = 0  # the first this many queued operations are committed (or lost)
+        self._flush_requests = 0  # each one cuts one wait of the writer short
+        self._closing = False
+        self._writer_stopped = False
+        self._refused_in_burst = 0  # refused appends since the queue was last found full
+        self._dropped = 0  # refused because the queue was full, or lost while writes failed
+        self._write_problem = ""  # why the last write failed; "" when the last one worked
+        self._problem_since = 0.0
+
+        # The numbering the caller continues from after a restart.
+        self._numbering_lock = threading.Lock()
+        self._last_id = 0
+        self._last_seq: dict[str, int] = {}
+
+        # Serializes close(), so that a second call returns only once the store is closed.
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+        self._read_pool: queue.Queue[sqlite3.Connection] = queue.Queue()
+        self._write_connection = _open_database(self.path)
+        try:
+            self._load_numbering()
+            for _ in range(read_connections):
+                reader = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+                reader.execute("PRAGMA query_only = ON")
+                self._read_pool.put(reader)
+        except sqlite3.Error as exc:
+            self._write_connection.close()
+            while not self._read_pool.empty():
+                self._read_pool.get_nowait().close()
+            raise StoreError(f"{self.path}: {exc}") from exc
+        self._next_age_trim = self._clock()  # owned by the writer once it starts
+        self._trim_by_age_at_start()
+        # A daemon only so that a process dying without close() can still exit; close() always joins it.
+        self._writer = threading.Thread(target=self._write_loop, name="history-writer", daemon=True)
+        self._writer.start()
+
+    def __enter__(self) -> ChatStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ numbering and health
+
+    def last_id(self) -> int:
+        """The largest message id stored or appended (0 if none); trimming never lowers it."""
+        with self._numbering_lock:
+            return self._last_id
+
+    def last_seq(self, stream: str) -> int:
+        """The largest seq ever stored or appended in ``stream`` (0 if none); trimming never lowers it."""
+        with self._numbering_lock:
+            return self._last_seq.get(stream, 0)
+
+    @property
+    def dropped_messages(self) -> int:
+        """Messages refused because the queue was full, plus those lost while writes kept failing."""
+        with self._uncommitted_lock:
+            return self._dropped
+
+    def health(self) -> str:
+        """An empty string while history is being saved; else one line saying what is wrong, since when."""
+        with self._uncommitted_lock:
+            problem, since, dropped = self._write_problem, self._problem_since, self._dropped
+            waiting = sum(len(messages) for messages in self._uncommitted.values())
+            if self._writer_stopped and not self._closing:
+                problem = problem or "the history writer has stopped"
+        if not problem:
+            return ""
+        dropped_note = f", {dropped} dropped" if dropped else ""
+        since_text = time.strftime("%H:%M", time.localtime(since))
+        return f"history not saved since {since_text}: {problem} ({waiting} messages waiting{dropped_note})"
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, message: StoredMessage) -> bool:
+        """Queue ``message`` to be stored; never blocks. False if the queue is full or the store closed."""
+        if not isinstance(message, StoredMessage):
+            raise TypeError("append takes a StoredMessage")
+        accepted, accepted_after, refused_so_far = False, 0, 0
+        with self._uncommitted_changed:
+            if self._closing:
+                return False
+            if self._history_limit == 0:
+                return True
+            if self._queued_messages >= self._queue_size:
+                self._dropped += 1
+                self._refused_in_burst += 1
+                refused_so_far = self._refused_in_burst
+            else:
+                accepted = True
+                accepted_after, self._refused_in_burst = self._refused_in_burst, 0
+                self._write_queue.append(message)
+                self._queued_messages += 1
+                self._operations_queued += 1
+                self._uncommitted.setdefault(message.stream, {})[message.id] = message
+                self._uncommitted_changed.notify_all()
+        if not accepted:
+            if refused_so_far == 1:  # once per burst, not per message
+                log.warning("%s: history queue full (%d messages); dropping messages", self.path, self._queue_size)
+            return False
+        if accepted_after:
+            log.warning("%s: history queue accepting again; %d messages were dropped", self.path, accepted_after)
+        with self._numbering_lock:
+            self._last_id = max(self._last_id, message.id)
+            self._last_seq[message.stream] = max(self._last_seq.get(message.stream, 0), message.seq)
+        return True
+
+    def save_room(self, record: RoomRecord) -> bool:
+        """Queue saving ``record`` (insert or replace); False only if the store is closed."""
+        return self._queue_statements(
+            (
+                "INSERT OR REPLACE INTO rooms (name, topic, owner, created_at) VALUES (?, ?, ?, ?)",
+                (record.name, record.topic, record.owner, record.created_at),
+            )
+        )
+
+    def delete_room(self, name: str) -> bool:
+        """Queue deleting room ``name`` and every membership of it; False only if the store is closed."""
+        return self._queue_statements(
+            ("DELETE FROM rooms WHERE name = ?", (name,)), ("DELETE FROM memberships WHERE room = ?", (name,))
+        )
+
+    def add_membership(self, account: str, room: str) -> bool:
+        """Queue recording that ``account`` joined ``room``; False only if the store is closed."""
+        statement = "INSERT OR IGNORE INTO memberships (account, room) VALUES (?, ?)"
+        return self._queue_statements((statement, (account, room)))
+
+    def remove_membership(self, account: str, room: str) -> bool:
+        """Queue recording that ``account`` left ``room``; False only if the store is closed."""
+        return self._queue_statements(("DELETE FROM memberships WHERE account = ? AND room = ?", (account, room)))
+
+    def _run_on_writer(self, action: Callable[[sqlite3.Connection], object]) -> bool:
+        """Queue ``action(connection)`` for the writer, in order (tests use it to fill the disk)."""
+        return self._queue(_WriterAction(action))
+
+    def _queue_statements(self, *statements: tuple[str, tuple[object, ...]]) -> bool:
+        return self._queue(statements)
+
+    def _queue(self, operation: _Statements | _WriterAction) -> bool:
+        # Not counted against queue_size: room state is rare and must not be lost.
+        with self._uncommitted_changed:
+            if self._closing:
+                return False
+            self._write_queue.append(operation)
+            self._operations_queued += 1
+            self._uncommitted_changed.notify_all()
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is committed (True), or ``timeout`` seconds pass (False)."""
+        with self._uncommitted_changed:
+            target = self._operations_queued
+            self._flush_requests += 1
+            self._uncommitted_changed.notify_all()
+            self._uncommitted_changed.wait_for(
+                lambda: self._operations_finished >= target or self._writer_stopped, timeout
+            )
+            return self._operations_finished >= target
+
+    def close(self) -> None:
+        """Save what is queued (waiting a bounded time), stop the writer and close every connection.
+
+        Idempotent; afterwards ``append`` returns False and reads raise ``StoreError``.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.flush(CLOSE_FLUSH_TIMEOUT)
+            with self._uncommitted_changed:
+                self._closing = True
+                self._uncommitted_changed.notify_all()
+            self._writer.join()
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        self._write_connection.close()
+        for _ in range(self._read_connection_count):
+            try:
+                self._read_pool.get(timeout=READ_POOL_TIMEOUT).close()
+            except queue.Empty:
+                log.warning("%s: a read connection was not returned; leaving it open", self.path)
+                break
+
+    def _load_numbering(self) -> None:
+        connection = self._write_connection
+        (stored_last_id,) = connection.execute("SELECT value FROM counters WHERE name = 'last_id'").fetchone() or (0,)
+        (largest_id,) = connection.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        self._last_id = max(stored_last_id, largest_id)
+        self._last_seq = dict(connection.execute("SELECT stream, last_seq FROM streams").fetchall())
+
+    def _trim_by_age_at_start(self) -> None:
+        try:
+            self._commit([], trim_by_age=True)
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.error("%s: could not delete old history: %s", self.path, exc)
+        else:
+            self._next_age_trim = self._clock() + AGE_TRIM_INTERVAL
+
+    def _write_loop(self) -> None:
+        batch: list[StoredMessage | _Statements] = []  # taken from the queue, not yet committed
+        retry_delay = 0.0
+        flushes_seen = 0
+
+        def hurried() -> bool:
+            return self._closing or self._flush_requests != flushes_seen
+
+        try:
+            while True:
+                with self._uncommitted_changed:
+                    if batch:
+                        self._uncommitted_changed.wait_for(hurried, retry_delay)
+                    else:
+                        self._uncommitted_changed.wait_for(lambda: hurried() or self._write_queue, AGE_TRIM_INTERVAL)
+                        if self._write_queue and not hurried():
+                            self._uncommitted_changed.wait_for(
+                                lambda: hurried() or self._queued_messages >= self._queue_size, self._batch_interval
+                            )
+                    closing, flushes_seen = self._closing, self._flush_requests
+                    taken = list(self._write_queue)
+                    self._write_queue.clear()
+                    self._queued_messages = 0
+                    taken_through = self._operations_queued
+                for operation in taken:
+                    if isinstance(operation, _WriterAction):
+                        operation.action(self._write_connection)
+                    else:
+                        batch.append(operation)
+                batch = self._shed_oldest(batch)
+                trim_by_age = self._clock() >= self._next_age_trim
+                try:
+                    if batch or trim_by_age:
+                        self._commit(batch, trim_by_age)
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    self._note_failure(str(exc))
+                    retry_delay = min(max(retry_delay * 2, RETRY_DELAY_MIN), RETRY_DELAY_MAX)
+                else:
+                    if trim_by_age:
+                        self._next_age_trim = self._clock() + AGE_TRIM_INTERVAL
+                    self._note_success(batch, taken_through)
+                    batch, retry_delay = [], 0.0
+                if closing:
+                    break
+            lost = sum(isinstance(operation, StoredMessage) for operation in batch)
+            if batch:
+                log.error(
+                    "%s: closed with %d messages and %d room changes not saved", self.path, lost, len(batch) - lost
+                )
+        finally:
+            with self._uncommitted_changed:
+                self._writer_stopped = True
+                self._uncommitted_changed.notify_all()
+
+    def _shed_oldest(self, batch: list[StoredMessage | _Statements]) -> list[StoredMessage | _Statements]:
+        """``batch`` with its oldest messages dropped beyond ``queue_size`` (room state is always kept)."""
+        excess = sum(isinstance(operation, StoredMessage) for operation in batch) - self._queue_size
+        if excess <= 0:
+            return batch
+        kept: list[StoredMessage | _Statements] = []
+        with self._uncommitted_lock:
+            for operation in batch:
+                if excess > 0 and isinstance(operation, StoredMessage):
+                    excess -= 1
+                    self._dropped += 1
+                    self._forget_uncommitted(operation)
+                else:
+                    kept.append(operation)
+        return kept
+
+    def _forget_uncommitted(self, message: StoredMessage) -> None:
+        # Caller holds _uncommitted_lock. The identity check keeps a newer append of the same id.
+        messages = self._uncommitted.get(message.stream)
+        if messages is not None and messages.get(message.id) is message:
+            del messages[message.id]
+            if not messages:
+                del self._uncommitted[message.stream]
+
+    def _commit(self, batch: Iterable[StoredMessage | _Statements], trim_by_age: bool) -> None:
+        """Write ``batch`` and the trims it calls for in one transaction; raises ``sqlite3.Error``."""
+        connection = self._write_connection
+        streams_written: set[str] = set()
+        last_id = 0
+        with connection:
+            connection.execute("BEGIN IMMEDIATE")
+            for operation in batch:
+                if isinstance(operation, StoredMessage):
+                    message = operation
+                    sealed = self._seal(message)
+                    connection.execute(
+                        _INSERT_MESSAGE, (message.id, message.stream, message.seq, message.sent_at, sealed)
+                    )
+                    connection.execute(_ADVANCE_STREAM, (message.stream, message.seq))
+                    streams_written.add(message.stream)
+                    last_id = max(last_id, message.id)
+                else:
+                    for statement, parameters in operation:
+                        connection.execute(statement, parameters)
+            if last_id:
+                connection.execute(_ADVANCE_LAST_ID, (last_id,))
+            for stream in streams_written:
+                connection.execute(_TRIM_STREAM, (stream, stream, self._history_limit))
+            if trim_by_age:
+                connection.execute(_TRIM_OLD, (self._clock() - self._history_max_age,))
+
+    def _rollback(self) -> None:
+        # A failed COMMIT (disk full) can leave the transaction open, and every later BEGIN would fail.
+        try:
+            if self._write_connection.in_transaction:
+                self._write_connection.rollback()
+        except sqlite3.Error as exc:
+            log.debug("%s: rollback failed: %s", self.path, exc)
+
+    def _note_failure(self, problem: str) -> None:
+        with self._uncommitted_lock:
+            changed = problem != self._write_problem
+            if not self._write_problem:
+                self._problem_since = self._clock()
+            self._write_problem = problem
+            waiting = sum(len(messages) for messages in self._uncommitted.values())
+        if changed:
+            log.error("%s: history not saved: %s (%d messages waiting); retrying", self.path, problem, waiting)
+
+    def _note_success(self, batch: list[StoredMessage | _Statements], taken_through: int) -> None:
+        with self._uncommitted_changed:
+            for operation in batch:
+                if isinstance(operation, StoredMessage):
+                    self._forget_uncommitted(operation)
+            self._operations_finished = taken_through
+            recovered, self._write_problem = self._write_problem, ""
+            dropped = self._dropped
+            self._uncommitted_changed.notify_all()
+        if recovered:
+            log.warning("%s: history saved again (%d messages dropped so far)", self.path, dropped)
+
+    # ------------------------------------------------------------------ encryption
+
+    @staticmethod
+    def _associated_data(stream: str, message_id: int) -> bytes:
+        return stream.encode() + b"\0" + str(message_id).encode()
+
+    def _seal(self, message: StoredMessage) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, message.payload, self._associated_data(message.stream, message.id))
+
+    def _open_rows(self, rows: Iterable[tuple]) -> list[StoredMessage]:
+        """The rows as messages, skipping (and logging, count only) those that fail to decrypt."""
+        opened: list[StoredMessage] = []
+        failed = 0
+        for message_id, stream, seq, sent_at, sealed in rows:
+            try:
+                nonce, ciphertext = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
+                payload = self._aead.decrypt(nonce, ciphertext, self._associated_data(stream, message_id))
+                opened.append(StoredMessage(message_id, stream, seq, sent_at, payload))
+            except (InvalidTag, ValueError, TypeError):
+                failed += 1
+        if failed:
+            log.warning("%s: skipped %d stored messages that failed to decrypt", self.path, failed)
+        return opened
+
+    # ------------------------------------------------------------------ reading
+
+    def _uncommitted_in(self, wanted: Callable[[str], bool], id_wanted: Callable[[int], bool]) -> list[StoredMessage]:
+        # Taken before the query: a message committed meanwhile is then in one or both, never in neither.
+        with self._uncommitted_lock:
+            streams = [messages for stream, messages in self._uncommitted.items() if wanted(stream)]
+            return [message for messages in streams for message in messages.values() if id_wanted(message.id)]
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._uncommitted_lock:
+            if self._closing:
+                raise StoreError(f"{self.path}: the store is closed")
+        try:
+            connection = self._read_pool.get(timeout=READ_POOL_TIMEOUT)
+        except queue.Empty:
+            raise StoreError(f"{self.path}: no read connection free within {READ_POOL_TIMEOUT} s") from None
+        try:
+            yield connection
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        finally:
+            self._read_pool.put(connection)
+
+    def _newest(
+        self, sql: str, parameters: tuple | dict, pending: list[StoredMessage], limit: int
+    ) -> list[StoredMessage]:
+        """The newest ``limit`` of the rows ``sql`` selects and of ``pending``, oldest first."""
+        if limit <= 0:
+            return []
+        with self._reading() as connection:
+            rows = connection.execute(sql, parameters).fetchall()
+        return _merge(self._open_rows(rows), pending, limit)
+
+    def recent(self, stream: str, limit: int) -> list[StoredMessage]:
+        """The newest ``limit`` messages of ``stream``, oldest first."""
+        pending = self._uncommitted_in(stream.__eq__, lambda message_id: True)
+        return self._newest(_RECENT, (stream, limit), pending, limit)
+
+    def before(self, stream: str, before_id: int, limit: int) -> list[StoredMessage]:
+        """The newest ``limit`` messages of ``stream`` with id below ``before_id``, oldest first."""
+        pending = self._uncommitted_in(stream.__eq__, lambda message_id: message_id < before_id)
+        return self._newest(_BEFORE, (stream, before_id, limit), pending, limit)
+
+    def since(self, stream: str, after_id: int, limit: int) -> tuple[list[StoredMessage], int]:
+        """The newest ``limit`` messages of ``stream`` with id above ``after_id``, oldest first,
+        and how many more with id above ``after_id`` there were but were not returned."""
+        pending = self._uncommitted_in(stream.__eq__, lambda message_id: message_id > after_id)
+        with self._reading() as connection:
+            connection.execute("BEGIN")  # one snapshot for the count and the rows
+            try:
+                stored_ids = {row[0] for row in connection.execute(_IDS_SINCE, (stream, after_id))}
+                rows = connection.execute(_SINCE, (stream, after_id, max(limit, 0))).fetchall()
+            finally:
+                connection.rollback()
+        returned = _merge(self._open_rows(rows), pending, limit) if limit > 0 else []
+        total = len(stored_ids | {message.id for message in pending})
+        return returned, max(total - len(returned), 0)
+
+    def oldest_seq(self, stream: str) -> int:
+        """The smallest seq still stored (or waiting to be) in ``stream``; 0 if none."""
+        pending = self._uncommitted_in(stream.__eq__, lambda message_id: True)
+        with self._reading() as connection:
+            (stored,) = connection.execute("SELECT min(seq) FROM messages WHERE stream = ?", (stream,)).fetchone()
+        seqs = [message.seq for message in pending] + ([stored] if stored is not None else [])
+        return min(seqs, default=0)
+
+    def private_since(self, account: str, after_id: int, limit: int) -> list[StoredMessage]:
+        """The newest ``limit`` messages with id above ``after_id`` of ``account``'s private streams, oldest first."""
+        pending = self._uncommitted_in(partial(_is_party, account=account), lambda message_id: message_id > after_id)
+        parameters = {"prefix": f"@{account}:", "suffix": f":{account}", "after": after_id, "limit": limit}
+        return self._newest(_PRIVATE_SINCE, parameters, pending, limit)
+
+    def private_recent(self, account: str, limit: int) -> list[StoredMessage]:
+        """The newest ``limit`` messages of all ``account``'s private streams, oldest first."""
+        return self.private_since(account, 0, limit)
+
+    def load_rooms(self) -> list[RoomRecord]:
+        """Every saved room, from the database (not what is still queued), oldest first."""
+        with self._reading() as connection:
+            rows = connection.execute("SELECT name, topic, owner, created_at FROM rooms ORDER BY created_at, name")
+            return [RoomRecord(*row) for row in rows]
+
+    def load_memberships(self) -> dict[str, list[str]]:
+        """Account -> the rooms it has joined, in the order joined, from the database."""
+        memberships: dict[str, list[str]] = {}
+        with self._reading() as connection:
+            for account, room in connection.execute("SELECT account, room FROM memberships ORDER BY rowid"):
+                memberships.setdefault(account, []).append(room)
+        return memberships
+
+
+def _merge(stored: list[StoredMessage], pending: list[StoredMessage], limit: int) -> list[StoredMessage]:
+    """The newest ``limit`` of both lists, one per id, oldest first."""
+    by_id = {message.id: message for message in stored}
+    by_id.update((message.id, message) for message in pending)
+    return sorted(by_id.values(), key=lambda message: message.id)[-limit:]
