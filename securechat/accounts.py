@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -28,7 +30,7 @@ import jwt
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from securechat.crypto_utils import CryptoError, check_owner_only
+from securechat.crypto_utils import CryptoError, InsecureFileError, check_not_writable_by_others, check_owner_only
 from securechat.protocol import validate_username
 
 log = logging.getLogger("chat.accounts")
@@ -47,6 +49,14 @@ MAX_HASH_MEMORY_KIB = 1024 * 1024
 MAX_HASH_ITERATIONS = 10
 MAX_HASH_LANES = 8
 MAX_PASSWORD_CHARS = 1024
+#: NIST SP 800-63B (5.1.1.2): a new password has at least 8 characters, and no composition rules.
+MIN_PASSWORD_CHARS = 8
+#: The zxcvbn score (0 to 4) a new password needs: 2 is "safe from throttled online guessing",
+#: below it a common password or a small variation of one.
+MIN_PASSWORD_SCORE = 2
+#: zxcvbn refuses longer input (its cost grows with length); a longer password is at least as
+#: hard to guess as its first characters, so those are what it judges.
+MAX_SCORED_PASSWORD_CHARS = 72
 
 TOKEN_ALGORITHM = "HS256"
 TOKEN_ISSUER = "chat-server"
@@ -101,6 +111,36 @@ def verify_password(password: str, phc: str) -> bool:
     except (InvalidKey, ValueError):
         return False
     return True
+
+
+def password_problem(password: str, username: str, *, min_length: int = MIN_PASSWORD_CHARS) -> str | None:
+    """Why ``password`` may not become ``username``'s password, in one line; None if it may.
+
+    The rules of NIST SP 800-63B: at least ``min_length`` characters and at most
+    ``MAX_PASSWORD_CHARS``, not the user name (alone or followed by digits, in any case),
+    and not a commonly used or easily guessed password, as the ``zxcvbn`` estimator (with
+    its own dictionaries of leaked passwords, names and words) judges it. No rules on
+    which kinds of characters it must hold.
+    """
+    if not password:
+        return "the password is empty"
+    if len(password) < min_length:
+        return f"the password is too short: it needs at least {min_length} characters"
+    if len(password) > MAX_PASSWORD_CHARS:
+        return f"the password is too long: at most {MAX_PASSWORD_CHARS} characters"
+    folded, name = password.casefold(), username.casefold()
+    suffix = folded[len(name) :]
+    if folded.startswith(name) and (not suffix or (suffix.isascii() and suffix.isdigit())):
+        return "the password may not be the user name, nor the name followed by digits"
+    # Imported here: only adduser and passwd need it, and its dictionaries take memory.
+    from zxcvbn import zxcvbn
+
+    strength = zxcvbn(password[:MAX_SCORED_PASSWORD_CHARS], user_inputs=[username])
+    if strength["score"] >= MIN_PASSWORD_SCORE:
+        return None
+    suggestions = strength["feedback"]["suggestions"]
+    reason = strength["feedback"]["warning"] or (suggestions[0] if suggestions else "it follows a common pattern")
+    return f"the password is too easy to guess: {reason[:1].lower()}{reason[1:].rstrip('.')}"
 
 
 # --------------------------------------------------------------------------- files
@@ -162,6 +202,10 @@ class UserStore:
     a lock file beside the store, re-reads, edits and writes a new file
     atomically (temporary file, fsync, rename), so two admin commands run at
     once never lose each other's change and a crash never leaves half a file.
+
+    The file must be its owner's alone: one others can write is refused (they
+    could add themselves an account), one others can read is made 0600 (the
+    hashes can be attacked offline).
     """
 
     def __init__(self, path: Path) -> None:
@@ -170,17 +214,48 @@ class UserStore:
         # Guards _cache and _cache_stamp, shared by every login thread.
         self._cache_lock = threading.Lock()
         self._cache: dict[str, UserRecord] = {}
-        self._cache_stamp: tuple[int, int, int] | None = None
+        self._cache_stamp: tuple[int, int, int, int] | None = None
 
     # reading ----------------------------------------------------------------
 
-    def _read(self) -> dict[str, UserRecord]:
+    def _make_private(self, fd: int, mode: int) -> None:
+        """Take away the group's and others' access to the open store, with a warning."""
+        shown = f"mode {stat.filemode(mode)}"
         try:
-            raw = self.path.read_bytes()
+            os.fchmod(fd, 0o600)
+        except OSError as exc:
+            raise UserStoreError(
+                f"{self.path} is readable by other users ({shown}) and cannot be made private "
+                f"({exc.strerror}); fix it with: chmod 600 {self.path}"
+            ) from exc
+        log.warning("%s was readable by other users (%s); it is now 0600", self.path, shown)
+
+    def _read(self) -> dict[str, UserRecord]:
+        """The accounts in the file. Raises ``UserStoreError`` if it is unreadable, corrupt or others can write it.
+
+        A file others can read is made 0600, once it has proved to be a store.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise UserStoreError(f"{self.path}: cannot read: {exc.strerror}") from exc
+        try:
+            with os.fdopen(fd, "rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                try:
+                    check_not_writable_by_others(self.path, mode)
+                except InsecureFileError as exc:
+                    raise UserStoreError(str(exc)) from None
+                users = self._parse(handle.read())
+                if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    self._make_private(handle.fileno(), mode)
+        except OSError as exc:
+            raise UserStoreError(f"{self.path}: cannot read: {exc.strerror}") from exc
+        return users
+
+    def _parse(self, raw: bytes) -> dict[str, UserRecord]:
         try:
             data = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
@@ -209,7 +284,8 @@ class UserStore:
         """All accounts, re-read if the file changed. Raises ``UserStoreError``."""
         try:
             info = self.path.stat()
-            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+            # The mode is part of it so that a chmod is checked too, not only a new file.
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_mode)
         except FileNotFoundError:
             stamp = None
         except OSError as exc:
@@ -228,19 +304,61 @@ class UserStore:
     def names(self) -> list[str]:
         return sorted(self.load())
 
+    @staticmethod
+    def check_name_free(name: str, users: dict[str, UserRecord]) -> None:
+        """Raise ``ValueError`` if ``name`` is taken, in any case ("Alice" is alice's)."""
+        taken = {existing.casefold(): existing for existing in users}
+        if name.casefold() in taken:
+            raise ValueError(f"user {taken[name.casefold()]!r} already exists")
+
     # writing ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> Iterator[int]:
+        """Hold the store's lock; first removes the copies an interrupted change left (yields how many)."""
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise UserStoreError(f"{self.lock_path}: cannot lock: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            yield self._remove_orphaned_copies()
         finally:
             os.close(fd)  # closing releases the lock
+
+    def _orphaned_copies(self) -> list[Path]:
+        """The temporary files of ``write_file_atomically`` beside the store."""
+        return list(self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"))
+
+    def _remove_orphaned_copies(self) -> int:
+        """Delete the temporary copies of the store a killed writer left; the caller holds the lock.
+
+        Each holds every password hash. They are only written under the lock, so
+        with it held none is in use. Returns how many were removed.
+        """
+        removed = 0
+        for orphan in self._orphaned_copies():
+            try:
+                orphan.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise UserStoreError(f"{orphan}: cannot remove this stale copy of the store: {exc.strerror}") from exc
+            log.warning("removed %s, a copy of the store an interrupted change left behind", orphan)
+            removed += 1
+        return removed
+
+    def remove_orphaned_copies(self) -> int:
+        """Delete the temporary copies of the store that an interrupted change left; returns how many.
+
+        Run at server start. Takes the store's lock only if there are any, so a
+        store in a directory the server cannot write costs nothing. Raises
+        ``UserStoreError`` if one cannot be removed.
+        """
+        if not self._orphaned_copies():
+            return 0
+        with self._locked() as removed:
+            return removed
 
     def _write(self, users: dict[str, UserRecord]) -> None:
         data = {
@@ -266,9 +384,7 @@ class UserStore:
         password_hash = hash_password(password)
         with self._locked():
             users = self._read()
-            taken = {existing.casefold(): existing for existing in users}
-            if name.casefold() in taken:
-                raise ValueError(f"user {taken[name.casefold()]!r} already exists")
+            self.check_name_free(name, users)
             users[name] = UserRecord(name, password_hash, demo=demo, created=_now_text())
             self._write(users)
 
@@ -386,13 +502,27 @@ class LoginThrottle:
                 self._failures.pop(key, None)
 
     def _forget_old(self, now: float) -> None:
+        """Make room in a full table. The caller holds ``_failures_lock``.
+
+        Entries older than ``forget_after`` go first. If the table is still full, half
+        of it goes, in this order: the entries that delay nobody (failures still free),
+        then those whose delay is served, and only then those delaying someone now,
+        oldest first each time. So one-off failures from many addresses cannot flush
+        the delay that an account under attack has earned.
+        """
         stale = [key for key, (_, last) in self._failures.items() if now - last > self.forget_after]
         for key in stale:
             del self._failures[key]
-        if len(self._failures) >= self.max_entries:  # still full: drop the oldest half
-            by_age = sorted(self._failures, key=lambda key: self._failures[key][1])
-            for key in by_age[: len(by_age) // 2]:
-                del self._failures[key]
+        if len(self._failures) < self.max_entries:
+            return
+
+        def eviction_order(key: tuple[str, str]) -> tuple[bool, bool, float]:
+            count, last = self._failures[key]
+            delaying_now = last + self._delay(count) > now
+            return delaying_now, count >= self.free_failures, last
+
+        for key in sorted(self._failures, key=eviction_order)[: len(self._failures) // 2]:
+            del self._failures[key]
 
 
 # --------------------------------------------------------------------------- tokens

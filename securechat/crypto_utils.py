@@ -7,11 +7,13 @@ fresh AES-256-GCM key per message; RSA-PSS signs the server's handshake.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import stat
+import tempfile
 import threading
 from pathlib import Path
 
@@ -244,15 +246,44 @@ def check_owner_only(path: Path) -> None:
         )
 
 
+def check_not_writable_by_others(path: Path, mode: int) -> None:
+    """Raise ``InsecureFileError`` if ``mode``, the mode of ``path``, lets group or others write it."""
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InsecureFileError(
+            f"{path} is writable by other users (mode {stat.filemode(mode)}); fix it with: chmod 600 {path}"
+        )
+
+
 def write_secret_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 holding ``data``; never overwrites an existing file."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags, 0o600)
+    """Create ``path`` with mode 0600 holding all of ``data``; never overwrites an existing file.
+
+    The bytes go to a new temporary file beside it (created exclusively, mode 0600),
+    reach the disk, and only then get the final name, as a hard link: a crash leaves
+    no half-written secret under that name, and of two processes creating it at once
+    one wins and the other gets ``FileExistsError``, its own file discarded. The
+    temporary name is gone on return, whatever happened. Raises ``OSError``.
+    """
+    directory = path.parent
+    # mkstemp opens with O_EXCL and O_NOFOLLOW, mode 0600.
+    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        try:
+            remaining = memoryview(data)
+            while remaining:
+                remaining = remaining[os.write(fd, remaining) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # Unlike a rename, a link refuses to replace an existing file.
+        os.link(temp_name, path)
     finally:
-        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_or_create_private_key(path: Path, key_size: int = DEFAULT_KEY_SIZE) -> PrivateKey:
@@ -264,22 +295,24 @@ def load_or_create_private_key(path: Path, key_size: int = DEFAULT_KEY_SIZE) -> 
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        write_secret_file(path, pem)
-        return key
+        with contextlib.suppress(FileExistsError):  # another process starting at once made it first
+            write_secret_file(path, pem)
+            return key
     check_owner_only(path)
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise CryptoError(f"{path} does not hold a readable private key") from exc
-    if not isinstance(key, rsa.RSAPrivateKey):
+    if not isinstance(loaded, rsa.RSAPrivateKey):
         raise CryptoError(f"{path} does not hold an RSA private key")
-    return key
+    return loaded
 
 
 def load_or_create_secret(path: Path, size: int = 32) -> bytes:
     """Load a random secret, generating ``size`` bytes (mode 0600) on first run."""
     if not path.exists():
-        write_secret_file(path, os.urandom(size).hex().encode("ascii"))
+        with contextlib.suppress(FileExistsError):  # another process starting at once made it first
+            write_secret_file(path, os.urandom(size).hex().encode("ascii"))
     check_owner_only(path)
     try:
         secret = bytes.fromhex(path.read_text("ascii").strip())

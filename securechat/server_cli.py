@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
+import os
 import signal
+import socket
 import sys
+from pathlib import Path
 
 from securechat.accounts import (
     UserStoreError,
 )
-from securechat.admin import build_parser, config_from_args, run_admin_command
+from securechat.admin import build_parser, run_admin_command
+from securechat.config import ServerConfig, config_from_args
 from securechat.crypto_utils import CryptoError
 from securechat.listener import ChatServer
 
 log = logging.getLogger("chat.server")
 
+
+#: The highest TCP port number.
+MAX_PORT = 65535
 
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 10_000
@@ -35,20 +43,62 @@ def tune_garbage_collector() -> None:
     gc.freeze()
 
 
+def describe_start_error(exc: OSError, config: ServerConfig) -> str:
+    """Say in one line what an ``OSError`` raised while starting the server means.
+
+    Opening the data directory and binding the socket both raise ``OSError``; a
+    file name in the error tells the first, and its errno says what went wrong.
+    """
+    # socket.create_server appends the address to strerror; the errno alone says it plainly.
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+    if exc.filename is not None:
+        path = Path(os.fsdecode(exc.filename))
+        data_dir = Path(config.data_dir)
+        if path != data_dir and path not in data_dir.parents and data_dir not in path.parents:
+            return f"{path}: {reason}"
+        if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+            return f"the data directory {data_dir} is not a directory"
+        if exc.errno == errno.ENOTDIR:
+            return f"cannot create the data directory {data_dir}: part of that path is not a directory"
+        if not os.path.isdir(data_dir):
+            return f"cannot create the data directory {data_dir}: {reason}"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return f"cannot read the data directory {data_dir}: {reason}"
+        return f"the data directory {data_dir}: {reason} ({path})"
+    host, port = config.host, config.port
+    if isinstance(exc, socket.gaierror) or (exc.errno is not None and exc.errno < 0):  # getaddrinfo's codes
+        return f"bad host address {host!r}: not an IP address or a name this machine can resolve"
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use on {host}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}: it is not an address of this machine"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        hint = " (ports below 1024 need privileges)" if 0 < port < 1024 else ""
+        return f"cannot listen on port {port}: {reason}{hint}"
+    return f"cannot listen on {host}:{port}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command:
         return run_admin_command(args)
     config = config_from_args(args)
+    if not 0 <= config.port <= MAX_PORT:  # bind() would raise OverflowError, not OSError
+        print(f"error: port {config.port} is out of range: use 1-{MAX_PORT}, or 0 for any free port", file=sys.stderr)
+        return 1
     try:
         server = ChatServer(config)
     except (CryptoError, UserStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {describe_start_error(exc, config)}", file=sys.stderr)
         return 1
+    try:
+        server.users.remove_orphaned_copies()
+    except UserStoreError as exc:
+        log.warning("%s", exc)
     demo_names = [record.name for record in server.users.load().values() if record.demo]
     if demo_names:
         if config.is_loopback or config.allow_demo_accounts:
