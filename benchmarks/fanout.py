@@ -371,10 +371,31 @@ def set_sampling(clients: Sequence[Client], probability: float) -> None:
         client.sample_probability = probability
 
 
-def run_paced(clients: Sequence[Client], server: harness.ServerProcess, rate: float, phases: Phases) -> dict[str, Any]:
-    """Clients take turns sending ``rate`` lines a second; latency from a sample of deliveries."""
+#: How long a probe line waits for its sender's echo once the others have it.
+ECHO_GRACE = 0.3
+
+
+def deliveries_per_line(clients: Sequence[Client]) -> int:
+    """Frames one line costs the server: one per other member, and one more where the server
+    echoes each accepted line to its sender (protocol 4 does; an older server given with
+    ``--server`` does not). Found by sending one line while nothing else is in flight."""
+    base = delivered(clients)
+    clients[0].send_text(bench_text(0, time.perf_counter()))
+    others = len(clients) - 1
+    if not wait_until(lambda: delivered(clients) - base >= others, DRAIN_TIMEOUT, clients):
+        raise BenchmarkError("a probe line did not reach everyone")
+    time.sleep(ECHO_GRACE)
+    return delivered(clients) - base
+
+
+def run_paced(
+    clients: Sequence[Client], server: harness.ServerProcess, rate: float, phases: Phases, per_line: int
+) -> dict[str, Any]:
+    """Clients take turns sending ``rate`` lines a second; latency from a sample of deliveries.
+
+    ``per_line`` is how many frames the server sends for one line (``deliveries_per_line``).
+    """
     size = len(clients)
-    per_line = size - 1
     measured_deliveries = rate * phases.duration * per_line
     set_sampling(clients, min(1.0, LATENCY_SAMPLES / max(measured_deliveries, 1.0)))
     base = delivered(clients)
@@ -433,11 +454,10 @@ def run_paced(clients: Sequence[Client], server: harness.ServerProcess, rate: fl
 
 
 def run_saturation(
-    clients: Sequence[Client], server: harness.ServerProcess, phases: Phases, window_messages: int
+    clients: Sequence[Client], server: harness.ServerProcess, phases: Phases, window_messages: int, per_line: int
 ) -> dict[str, Any]:
     """Keep ``window_messages`` lines in flight; measure deliveries/s and server CPU per delivery."""
     size = len(clients)
-    per_line = size - 1
     limit = window_messages * per_line
     base = delivered(clients)
     sent = 0
@@ -575,12 +595,13 @@ def run_chat_size(
         login_seconds = time.perf_counter() - started
         rss_connected = server.rss_kib()
         log(f"  chat N={size}: {size} clients logged in, join notices delivered in {login_seconds:.1f} s")
-        paced = run_paced(clients, server, rate, phases)
+        per_line = deliveries_per_line(clients)
+        paced = run_paced(clients, server, rate, phases, per_line)
         log(
             f"  chat N={size}: paced {rate:g} lines/s: p50 {paced.get('p50_ms', float('nan')):.1f} ms, "
             f"p99 {paced.get('p99_ms', float('nan')):.1f} ms ({paced['latency_samples']} samples)"
         )
-        saturation = run_saturation(clients, server, phases, window_messages)
+        saturation = run_saturation(clients, server, phases, window_messages, per_line)
         log(
             f"  chat N={size}: saturation {saturation['deliveries_per_s']:.0f} deliveries/s, "
             f"{saturation['server_cpu_us_per_delivery']:.1f} us server CPU per delivery"
@@ -588,6 +609,7 @@ def run_chat_size(
         check_clients(clients)
         return {
             "clients": size,
+            "deliveries_per_line": per_line,
             "setup_s": login_seconds,
             "server_threads": server.threads(),
             "rss_idle_kib": rss_idle,
@@ -615,8 +637,9 @@ def run_plain_size(
     try:
         for _ in range(size):
             clients.append(PlainLoadClient(server.host, server.port, frame_size=frame_size))
-        paced = run_paced(clients, server, rate, phases)
-        saturation = run_saturation(clients, server, phases, window_messages)
+        per_line = size - 1  # the plain server sends a line to the others only
+        paced = run_paced(clients, server, rate, phases, per_line)
+        saturation = run_saturation(clients, server, phases, window_messages, per_line)
         log(
             f"  plain N={size}: saturation {saturation['deliveries_per_s']:.0f} deliveries/s, "
             f"{saturation['server_cpu_us_per_delivery']:.1f} us server CPU per delivery"

@@ -175,7 +175,8 @@ class SamplingChatClient(ChatClient):
             return describe_login_error(ChatError(f"bad reply from the server: {exc}"))
         if not isinstance(message, Welcome) or message.username != self.username:
             return describe_login_error(ChatError("the server sent something unexpected after login"))
-        self.members = list(message.members)
+        self.rooms = {room: [] for room in message.rooms}
+        self.active_room = message.rooms[0] if message.rooms else ""
         self.token, self.token_expires_at = message.token, message.expires_at
         return ""
 

@@ -166,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.gil:
                 command.append("--gil")
             result: dict[str, object] = {}
+            per_line = fanout.deliveries_per_line(clients)
 
             def load() -> None:
                 phases = fanout.Phases(warmup=1.0, duration=args.seconds + 1.0)
-                result.update(fanout.run_saturation(clients, server, phases, window))
+                result.update(fanout.run_saturation(clients, server, phases, window, per_line))
 
             driver = threading.Thread(target=load, name="profile-load")
             driver.start()

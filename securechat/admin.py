@@ -10,15 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from securechat import crypto_utils
 from securechat.accounts import (
+    MAX_PASSWORD_CHARS,
+    MIN_PASSWORD_CHARS,
     UserStore,
     UserStoreError,
+    password_problem,
 )
-from securechat.config import DEFAULT_DATA_DIR, DEFAULT_USERS, ServerConfig, default_send_workers
+from securechat.config import DEFAULT_USERS, add_options
 from securechat.protocol import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     validate_username,
 )
 
@@ -28,19 +28,38 @@ log = logging.getLogger("chat.server")
 # --------------------------------------------------------------------------- command line
 
 
-def read_new_password(name: str) -> str:
-    """Read a password: twice, hidden, on a terminal; one line of stdin otherwise."""
+def read_new_password(name: str, min_length: int = MIN_PASSWORD_CHARS) -> str:
+    """Read a new password for ``name``: twice, hidden, on a terminal; one line of stdin otherwise.
+
+    Raises ``ValueError`` saying why in one line if it breaks the password policy
+    (``password_problem``) or the two entries differ. On a terminal the policy is
+    checked before asking to repeat it.
+    """
     if sys.stdin.isatty():
-        first = getpass.getpass(f"New password for {name}: ")
-        second = getpass.getpass("Repeat it: ")
-        if first != second:
+        password = getpass.getpass(f"New password for {name}: ")
+        if problem := password_problem(password, name, min_length=min_length):
+            raise ValueError(problem)
+        if getpass.getpass("Repeat it: ") != password:
             raise ValueError("the passwords do not match")
-        password = first
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise ValueError("the password is empty")
+        return password
+    password = sys.stdin.readline().rstrip("\r\n")
+    if problem := password_problem(password, name, min_length=min_length):
+        raise ValueError(problem)
     return password
+
+
+def password_length(text: str) -> int:
+    """An argparse type: a minimum password length, from NIST's 8 up to the longest password allowed."""
+    try:
+        length = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not MIN_PASSWORD_CHARS <= length <= MAX_PASSWORD_CHARS:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS}")
+    return length
+
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -52,12 +71,7 @@ def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         metavar="FILE",
         help="the user store (default: users.json beside server.py)",
     )
-    parser.add_argument(
-        "--log-level",
-        default=default("INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default: INFO",
-    )
+    parser.add_argument("--log-level", default=default("INFO"), choices=LOG_LEVELS, help="default: INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,74 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Secure terminal group chat server.",
         epilog="Accounts: server.py adduser NAME | deluser NAME | passwd NAME | users",
     )
-    add_common_options(parser, suppress=False)
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free port")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA_DIR,
-        metavar="DIR",
-        help="where the server key and token secret live (default: server-data/ beside server.py)",
-    )
-    parser.add_argument(
-        "--key-size",
-        type=int,
-        default=crypto_utils.DEFAULT_KEY_SIZE,
-        choices=crypto_utils.ALLOWED_KEY_SIZES,
-        help="RSA size of a new server key (default: 2048)",
-    )
-    parser.add_argument(
-        "--allow-demo-accounts",
-        action="store_true",
-        help="let demo accounts log in even on a non-loopback address",
-    )
-    parser.add_argument("--max-clients", type=int, default=ServerConfig.max_clients)
-    parser.add_argument(
-        "--max-per-address",
-        type=int,
-        default=ServerConfig.max_connections_per_address,
-        help="connections allowed from one address",
-    )
-    parser.add_argument(
-        "--connect-rate",
-        type=float,
-        default=ServerConfig.connect_rate,
-        metavar="PER_S",
-        help="new connections per second from one address, after a burst of 30; 0 disables (default: 5)",
-    )
-    parser.add_argument("--handshake-timeout", type=float, default=ServerConfig.handshake_timeout, metavar="SECONDS")
-    parser.add_argument(
-        "--flood-burst",
-        type=int,
-        default=ServerConfig.flood_burst,
-        metavar="LINES",
-        help="lines one user may send at once (default: 20)",
-    )
-    parser.add_argument(
-        "--flood-rate",
-        type=float,
-        default=ServerConfig.flood_rate,
-        metavar="LINES_PER_S",
-        help="sustained lines per second per user; 0 disables (default: 2)",
-    )
-    parser.add_argument(
-        "--send-queue",
-        type=int,
-        default=ServerConfig.send_queue_size,
-        metavar="MESSAGES",
-        help="messages queued for a slow client before it is dropped (default: 512)",
-    )
-    parser.add_argument("--ping-interval", type=float, default=ServerConfig.ping_interval, metavar="SECONDS")
-    parser.add_argument("--ping-timeout", type=float, default=ServerConfig.ping_timeout, metavar="SECONDS")
-    parser.add_argument("--token-ttl", type=int, default=ServerConfig.token_ttl, metavar="SECONDS")
-    parser.add_argument("--hash-workers", type=int, default=ServerConfig.hash_workers)
-    parser.add_argument(
-        "--send-workers",
-        type=int,
-        default=default_send_workers(),
-        help="threads that seal and send for all clients (default: CPUs - 1, at most 2: %(default)s here)",
-    )
+    add_options(parser)  # every server option, from the configuration's fields
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="default: INFO")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command, help_text in (
         ("adduser", "create an account (password read hidden, or one line of stdin)"),
@@ -144,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_common_options(sub, suppress=True)
         if command != "users":
             sub.add_argument("name")
+        if command in ("adduser", "passwd"):
+            sub.add_argument(
+                "--min-password-length",
+                type=password_length,
+                default=MIN_PASSWORD_CHARS,
+                metavar="CHARS",
+                help=f"refuse shorter new passwords (default and least: {MIN_PASSWORD_CHARS})",
+            )
     return parser
 
 
@@ -157,9 +113,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         name = args.name
         if args.command == "adduser":
             validate_username(name)
-            if store.get(name) is not None:
-                raise ValueError(f"user {name!r} already exists")
-            store.add(name, read_new_password(name))
+            store.check_name_free(name, store.load())  # before asking for a password
+            store.add(name, read_new_password(name, args.min_password_length))
             print(f"added {name}")
         elif args.command == "deluser":
             store.delete(name)
@@ -167,7 +122,7 @@ def run_admin_command(args: argparse.Namespace) -> int:
         elif args.command == "passwd":
             if store.get(name) is None:
                 raise KeyError(name)
-            store.set_password(name, read_new_password(name))
+            store.set_password(name, read_new_password(name, args.min_password_length))
             print(f"password changed for {name}")
     except KeyError as exc:
         print(f"error: no user {exc.args[0]!r} in {args.users}", file=sys.stderr)
@@ -179,26 +134,3 @@ def run_admin_command(args: argparse.Namespace) -> int:
         print("\ncancelled", file=sys.stderr)
         return 130
     return 0
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        users_path=args.users,
-        data_dir=args.data_dir,
-        key_size=args.key_size,
-        allow_demo_accounts=args.allow_demo_accounts,
-        handshake_timeout=args.handshake_timeout,
-        max_clients=args.max_clients,
-        max_connections_per_address=args.max_per_address,
-        connect_rate=args.connect_rate,
-        send_queue_size=args.send_queue,
-        flood_burst=args.flood_burst,
-        flood_rate=args.flood_rate,
-        ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout,
-        token_ttl=args.token_ttl,
-        hash_workers=args.hash_workers,
-        send_workers=args.send_workers,
-    )

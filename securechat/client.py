@@ -26,21 +26,23 @@ from pathlib import Path
 
 from securechat import crypto_utils
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, read_frame
-from securechat.chat import FloodControl
 from securechat.crypto_utils import CryptoError, PrivateKey, PublicKey
 from securechat.protocol import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     HANDSHAKE_NONCE_SIZE,
     MAX_FRAME_SIZE,
+    MAX_SEEN_ROOMS,
     MAX_TEXT_BYTES,
     PROTOCOL_VERSION,
     SERVER_KINDS,
     Chat,
+    Command,
     Envelope,
     ErrorReply,
     FrameType,
     Goodbye,
+    History,
     Joined,
     Kind,
     Leave,
@@ -50,8 +52,11 @@ from securechat.protocol import (
     Private,
     ProtocolError,
     Resume,
+    Room,
+    RoomList,
     Roster,
     Say,
+    Sessions,
     TokenRefresh,
     Welcome,
     Who,
@@ -65,6 +70,7 @@ from securechat.protocol import (
     server_hello_digest,
     server_hello_signed_data,
 )
+from securechat.ratelimit import FloodControl
 
 __all__ = [
     "Chat",
@@ -73,12 +79,16 @@ __all__ = [
     "Disconnected",
     "ErrorReply",
     "Goodbye",
+    "History",
     "HostKeyError",
     "KnownHosts",
     "LoginRefused",
     "MessageRefused",
     "Notice",
+    "Room",
+    "RoomList",
     "Roster",
+    "Sessions",
     "Welcome",
 ]
 
@@ -124,7 +134,11 @@ class Disconnected:
     clean: bool = False
 
 
-Event = Chat | Notice | Roster | ErrorReply | Goodbye | Disconnected | TokenRefresh
+Event = Chat | Notice | Roster | Room | RoomList | History | Sessions | ErrorReply | Goodbye | Disconnected
+
+#: Events a client keeps while nobody reads them; past this the oldest is dropped and counted
+#: (see ``ChatClient.dropped_events``): a bot that only speaks must not grow without bound.
+MAX_QUEUED_EVENTS = 10_000
 
 
 def _shown(value: object, limit: int = 300) -> str:
@@ -148,7 +162,11 @@ def default_known_hosts_path() -> Path:
 
 
 class KnownHosts:
-    """Trust-on-first-use pins, one ``[host]:port SHA256:...`` line per server, as OpenSSH keeps."""
+    """Trust-on-first-use pins, one ``[host]:port SHA256:...`` line per server, as OpenSSH keeps.
+
+    A file that others can write is refused: they could pin their own key for a
+    server. Every failure to read or write the file is a one-line ``ChatError``.
+    """
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_known_hosts_path()
@@ -157,25 +175,38 @@ class KnownHosts:
     def host_id(host: str, port: int) -> str:
         return f"[{host}]:{port}"
 
+    def _check_permissions(self, fd: int) -> None:
+        try:
+            crypto_utils.check_not_writable_by_others(self.path, os.fstat(fd).st_mode)
+        except crypto_utils.InsecureFileError as exc:
+            raise ChatError(str(exc)) from None
+
     def lookup(self, host_id: str) -> tuple[str, int] | None:
         """The pinned fingerprint and its line number, or None if this server is new."""
         try:
-            lines = self.path.read_text("utf-8").splitlines()
+            with open(self.path, "rb") as handle:
+                self._check_permissions(handle.fileno())
+                content = handle.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise ChatError(f"cannot read {self.path}: {exc.strerror}") from exc
-        for number, line in enumerate(lines, start=1):
+            raise ChatError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        for number, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
             parts = line.split()
             if len(parts) >= 2 and parts[0] == host_id:
                 return parts[1], number
         return None
 
     def add(self, host_id: str, fingerprint: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as handle:
-            handle.write(f"{host_id} {fingerprint}\n")
+        """Pin ``fingerprint`` for ``host_id``, creating the file (0600) and its directory (0700) if need be."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as handle:
+                self._check_permissions(handle.fileno())
+                handle.write(f"{host_id} {fingerprint}\n".encode())
+        except OSError as exc:
+            raise ChatError(f"cannot save the server's key in {self.path}: {exc.strerror or exc}") from None
 
 
 class ChatClient:
@@ -207,6 +238,7 @@ class ChatClient:
         key_size: int = crypto_utils.DEFAULT_KEY_SIZE,
         timeout: float = LOGIN_TIMEOUT,
         pace: bool = True,
+        device: str = "",
     ) -> None:
         self.host = host
         self.port = port
@@ -221,7 +253,26 @@ class ChatClient:
         self.pace = pace
         self.server_fingerprint = ""
         self.username = ""
-        self.members: list[str] = []
+        #: The rooms this session is in, in the order it entered them, each with who is there.
+        self.rooms: dict[str, list[str]] = {}
+        #: Where ``say()`` goes when no room is named: the first room, or the last one joined.
+        self.active_room = ""
+        #: The newest message id seen, and each room's last sequence number seen: sent at login and
+        #: resume, so that the server sends exactly what this device missed.
+        self.last_id = 0
+        self.seen: dict[str, int] = {}
+        #: This device's label in /sessions.
+        self.device = device
+        #: The session's short id (as /sessions shows it) and how many devices the account has.
+        self.session = ""
+        #: Lines sent and not yet accepted: ref -> (room or "@recipient", text). The server's echo
+        #: (or refusal) carries the ref back and removes it.
+        self.pending: dict[str, tuple[str, str]] = {}
+        # Guards pending and _next_ref (the sender's thread adds, the reader removes).
+        self._pending_lock = threading.Lock()
+        self._next_ref = 0
+        #: Events dropped because nobody read them (the queue holds MAX_QUEUED_EVENTS).
+        self.dropped_events = 0
         self.token = ""
         self.token_expires_at = 0
         self.sock: socket.socket | None = None
@@ -234,7 +285,9 @@ class ChatClient:
         self.send_lock = threading.Lock()
         # Owned by the caller's thread (the one that sends).
         self._flood: FloodControl | None = None
-        self._events: queue.Queue[Event] = queue.Queue()
+        self._events: queue.Queue[Event] = queue.Queue(MAX_QUEUED_EVENTS)
+        # Roster pages received so far, per room (owned by the reader thread).
+        self._roster_pages: dict[str, list[str]] = {}
         self._reader: threading.Thread | None = None
         self._closing = threading.Event()
 
@@ -364,7 +417,16 @@ class ChatClient:
             client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
             session_key=session_key,
             client_signature=self._auth_signature(Kind.LOGIN),
+            since=self.last_id,
+            seen=self._seen_to_send(),
+            device=self.device,
         )
+
+    def _seen_to_send(self) -> dict[str, int]:
+        """What this device has seen of each room, as a login sends it (its rooms first, then others)."""
+        rooms = [room for room in self.rooms if room in self.seen]
+        rooms += [room for room in self.seen if room not in self.rooms]
+        return {room: self.seen[room] for room in rooms[:MAX_SEEN_ROOMS]}
 
     def _auth_signature(self, kind: Kind) -> str:
         """Our key's proof, for this connection only, that it is us logging in."""
@@ -385,6 +447,9 @@ class ChatClient:
                 client_key_fingerprint=crypto_utils.fingerprint(self.private_key.public_key()),
                 session_key=session_key,
                 client_signature=self._auth_signature(Kind.RESUME),
+                since=self.last_id,
+                seen=self._seen_to_send(),
+                device=self.device,
             ),
         )
 
@@ -443,7 +508,11 @@ class ChatClient:
             raise ChatError("the server sent something unexpected after login")
         self.username = message.username
         self.channel.username = message.username
-        self.members = list(message.members)
+        self.session = message.session
+        # Each room follows as a Room message with its roster; until then, its members are unknown.
+        self.rooms = {room: self.rooms.get(room, []) for room in message.rooms}
+        if self.active_room not in self.rooms:
+            self.active_room = message.rooms[0] if message.rooms else ""
         self.token, self.token_expires_at = message.token, message.expires_at
         if self.pace and message.flood_rate > 0 and message.flood_burst > 1:
             # A margin below the server's bucket, so network jitter never tips us over.
@@ -477,24 +546,73 @@ class ChatClient:
         reader = self._reader
         return reader is not None and reader.is_alive()
 
-    def say(self, text: str) -> None:
-        """Send a public line to everyone else."""
-        _check_length(text)
-        self._send(lambda token: Say(token=token, text=text), paced=True)
+    def _new_ref(self, target: str, text: str) -> str:
+        """A label for a line, remembered until the server echoes or refuses it."""
+        with self._pending_lock:
+            self._next_ref += 1
+            ref = f"r{self._next_ref}"
+            self.pending[ref] = (target, text)
+        return ref
 
-    def action(self, text: str) -> None:
-        """Send an action line ("* alice waves")."""
-        _check_length(text)
-        self._send(lambda token: Say(token=token, text=text, action=True), paced=True)
+    def _forget_ref(self, ref: str) -> tuple[str, str] | None:
+        with self._pending_lock:
+            return self.pending.pop(ref, None)
 
-    def private(self, recipient: str, text: str, *, action: bool = False) -> None:
-        """Send a line to one user only."""
-        _check_length(text)
-        self._send(lambda token: Private(token=token, recipient=recipient, text=text, action=action), paced=True)
+    def _room(self, room: str | None) -> str:
+        chosen = room or self.active_room
+        if not chosen:
+            raise ChatError("not sent: you are in no room (/join #room)")
+        return chosen
 
-    def who(self) -> None:
-        """Ask who is online; the answer arrives as a ``Roster`` event."""
-        self._send(lambda token: Who(token=token))
+    def say(self, text: str, room: str | None = None, *, action: bool = False) -> str:
+        """Send a line to a room (the active room by default); returns its ref.
+
+        The line is sent when this returns, and *accepted* when its echo (a ``Chat``
+        carrying the ref) comes back; a refusal is an ``ErrorReply`` carrying it.
+        """
+        _check_length(text)
+        target = self._room(room)
+        ref = self._new_ref(target, text)
+        try:
+            self._send(lambda token: Say(token=token, room=target, text=text, action=action, ref=ref), paced=True)
+        except ChatError:
+            self._forget_ref(ref)
+            raise
+        return ref
+
+    def action(self, text: str, room: str | None = None) -> str:
+        """Send an action line ("* alice waves") to a room; returns its ref."""
+        return self.say(text, room, action=True)
+
+    def private(self, recipient: str, text: str, *, action: bool = False) -> str:
+        """Send a line to one user only (every device of theirs, and ours); returns its ref."""
+        _check_length(text)
+        ref = self._new_ref("@" + recipient, text)
+        try:
+            self._send(
+                lambda token: Private(token=token, recipient=recipient, text=text, action=action, ref=ref), paced=True
+            )
+        except ChatError:
+            self._forget_ref(ref)
+            raise
+        return ref
+
+    def who(self, room: str | None = None) -> None:
+        """Ask who is in a room; the answer arrives as ``Roster`` events (pages)."""
+        target = self._room(room)
+        self._send(lambda token: Who(token=token, room=target))
+
+    def command(self, name: str, *args: str) -> None:
+        """Send a server command (join, part, list, topic, history, sessions, logout); the answer is an event."""
+        self._send(lambda token: Command(token=token, name=name, args=list(args)), paced=True)
+
+    def join(self, room: str) -> None:
+        """Join a room (created if new); a ``Room`` event says when we are in, and it becomes active."""
+        self.command("join", room)
+
+    def part(self, room: str | None = None, reason: str = "") -> None:
+        """Leave a room (the active one by default)."""
+        self.command("part", self._room(room), *([reason] if reason else []))
 
     def leave(self, reason: str = "") -> None:
         """Say goodbye (with an optional parting message), wait for the server, close."""
@@ -543,19 +661,8 @@ class ChatClient:
                 if isinstance(message, TokenRefresh):
                     self.token, self.token_expires_at = message.token, message.expires_at
                     continue
-                if isinstance(message, Joined):
-                    # Joins the server sent together while catching up: one event each, as if
-                    # they had come one by one.
-                    for name in message.names:
-                        notice = Notice(event="joined", name=name)
-                        self._track_members(notice)
-                        self._events.put(notice)
-                    continue
-                if isinstance(message, Notice):
-                    self._track_members(message)
-                elif isinstance(message, Roster):
-                    self.members = list(message.members)
-                self._events.put(message)  # type: ignore[arg-type]
+                for event in self._track(message):
+                    self._put_event(event)
                 if isinstance(message, Goodbye):
                     reason, clean = _shown(message.reason), not message.may_reconnect
                     return
@@ -577,19 +684,72 @@ class ChatClient:
             reason = "closed" if self._closing.is_set() else f"connection lost ({exc.strerror or exc})"
             clean = self._closing.is_set()
         finally:
-            self._events.put(Disconnected(reason=reason, clean=clean))
+            self._put_event(Disconnected(reason=reason, clean=clean))
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
-    def _track_members(self, notice: Notice) -> None:
-        members = set(self.members)
-        if notice.event == "joined":
-            members.add(notice.name)
-        elif notice.event == "left":
-            members.discard(notice.name)
-        self.members = sorted(members)
+    def _put_event(self, event: Event) -> None:
+        """Queue an event for the program; when nobody has read for a long while, drop the oldest."""
+        while True:
+            try:
+                self._events.put_nowait(event)
+                return
+            except queue.Full:
+                try:
+                    self._events.get_nowait()
+                    self.dropped_events += 1
+                except queue.Empty:
+                    pass
+
+    def _track(self, message: Message) -> list[Event]:
+        """Keep this client's view (rooms, members, what was seen) and return the events to hand on."""
+        if isinstance(message, Joined):
+            # Joins the server sent together while catching up: one event each, as if they came one by one.
+            return [event for name in message.names for event in self._track(Notice("joined", name, room=message.room))]
+        if isinstance(message, Chat):
+            self.last_id = max(self.last_id, message.id)
+            if message.room and message.seq:
+                self.seen[message.room] = max(self.seen.get(message.room, 0), message.seq)
+            if message.ref:
+                self._forget_ref(message.ref)
+        elif isinstance(message, Notice):
+            self.last_id = max(self.last_id, message.id)
+            members = self.rooms.get(message.room)
+            if members is not None and message.event in ("joined", "left"):
+                names = set(members)
+                if message.event == "joined":
+                    names.add(message.name)
+                else:
+                    names.discard(message.name)
+                self.rooms[message.room] = sorted(names)
+        elif isinstance(message, Room):
+            if message.joined:
+                self.rooms.setdefault(message.room, [])
+                if message.requested or not self.active_room:
+                    self.active_room = message.room
+            else:
+                self.rooms.pop(message.room, None)
+                if self.active_room == message.room:
+                    self.active_room = next(iter(self.rooms), "")
+        elif isinstance(message, Roster):
+            if message.room in self.rooms:
+                # Pages accumulate until the last: a page with "more" set is followed by another.
+                partial = self._roster_pages.setdefault(message.room, [])
+                partial.extend(message.members)
+                if not message.more:
+                    self.rooms[message.room] = sorted(self._roster_pages.pop(message.room))
+        elif isinstance(message, ErrorReply) and message.ref:
+            self._forget_ref(message.ref)
+        if isinstance(message, TokenRefresh):
+            return []
+        return [message]  # type: ignore[list-item]
+
+    @property
+    def members(self) -> list[str]:
+        """Who is in the active room."""
+        return list(self.rooms.get(self.active_room, []))
 
     # ------------------------------------------------------------------ closing
 

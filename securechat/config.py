@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from securechat import crypto_utils
 from securechat.accounts import (
@@ -16,8 +18,8 @@ from securechat.accounts import (
 from securechat.protocol import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    DEFAULT_ROOM,
     MAX_FRAME_SIZE,
-    encode_control,
 )
 
 log = logging.getLogger("chat.server")
@@ -42,16 +44,8 @@ DEFAULT_DATA_DIR = HOME / "server-data"
 SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
 REVOKED_SESSIONS_FILE = "revoked_sessions"
-WRONG_CREDENTIALS = "wrong user name or password"
-#: Most queued messages a send worker seals for one connection, and writes with one
-#: system call, before it turns to the next connection.
-SEND_BATCH_SIZE = 64
-PING_FRAME = encode_control("ping")
-PONG_FRAME = encode_control("pong")
-#: Seconds a closing connection may take to flush its last messages before it is cut off.
-FINISH_GRACE = 5.0
-#: Addresses whose connection rate is remembered before idle ones are forgotten.
-MAX_TRACKED_ADDRESSES = 10_000
+HISTORY_FILE = "history.sqlite3"
+HISTORY_KEY_FILE = "history_key"
 
 
 def default_send_workers() -> int:
@@ -70,39 +64,65 @@ def default_send_workers() -> int:
     return max(1, min(2, usable - 1))
 
 
+def option(default: Any, help: str, *, flag: str = "", dest: str = "", metavar: str | None = None, **extra: Any) -> Any:
+    """A configuration field that is also a command-line option (its one default lives here).
+
+    ``flag`` overrides the option's name (by default ``--field-name``); ``extra`` goes to
+    ``argparse`` (``choices``, for example). A ``default`` that is a callable is a factory.
+    """
+    metadata = {"help": help, "flag": flag, "dest": dest, "metavar": metavar, "extra": extra}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ServerConfig:
-    """Everything an operator can tune. Defaults are what ``python server.py`` uses."""
+    """Everything an operator can tune. Defaults are what ``python server.py`` uses.
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    users_path: Path = DEFAULT_USERS
-    data_dir: Path = DEFAULT_DATA_DIR
-    key_size: int = crypto_utils.DEFAULT_KEY_SIZE
-    allow_demo_accounts: bool = False
-    #: Seconds a new connection has to say hello and send its login.
-    handshake_timeout: float = 10.0
-    max_clients: int = 1000
-    max_connections_per_address: int = 20
+    Every field made with ``option()`` is also a command-line option (``add_options``).
+    """
+
+    host: str = option(DEFAULT_HOST, "address to listen on (0.0.0.0 for every interface)")
+    port: int = option(DEFAULT_PORT, "port to listen on; 0 picks a free one")
+    users_path: Path = option(DEFAULT_USERS, "the user store", flag="--users", dest="users", metavar="FILE")
+    data_dir: Path = option(
+        DEFAULT_DATA_DIR,
+        "server key, token secret, revoked sessions, history (created 0700/0600 on first run)",
+        metavar="DIR",
+    )
+    key_size: int = option(
+        crypto_utils.DEFAULT_KEY_SIZE, "RSA size of a new server key", choices=crypto_utils.ALLOWED_KEY_SIZES
+    )
+    allow_demo_accounts: bool = option(False, "let demo accounts log in even on a non-loopback address")
+    handshake_timeout: float = option(10.0, "seconds a new connection has to say hello and log in", metavar="SECONDS")
+    max_clients: int = option(1000, "connections held at once")
+    max_connections_per_address: int = option(20, "connections from one address", flag="--max-per-address")
     #: New connections one address may open: a burst, then this many per second (0: no limit).
     #: Each costs the server an RSA signature before the peer proves anything.
     connect_burst: int = 30
-    connect_rate: float = 5.0
-    #: Messages waiting for one slow recipient before it is dropped ("SendQ exceeded").
-    send_queue_size: int = 512
-    #: Flood control: a burst of this many lines, then this many lines per second.
-    flood_burst: int = 20
-    flood_rate: float = 2.0
-    #: Keepalive: ping a connection silent this long; drop it after ping_timeout.
-    ping_interval: float = 20.0
-    ping_timeout: float = 50.0
-    token_ttl: int = DEFAULT_TOKEN_TTL
-    #: Password hashes run at once (each takes 19 MiB and a few tens of ms).
-    hash_workers: int = 2
+    connect_rate: float = option(
+        5.0, "new connections per second from one address, after a burst of 30; 0: no limit", metavar="PER_S"
+    )
+    send_queue_size: int = option(
+        512, "messages queued for a slow client before it is dropped", flag="--send-queue", metavar="MESSAGES"
+    )
+    flood_burst: int = option(20, "lines one account may send at once", metavar="LINES")
+    flood_rate: float = option(2.0, "sustained lines per second per account; 0: no limit", metavar="LINES_PER_S")
+    ping_interval: float = option(20.0, "ping a connection silent this long", metavar="SECONDS")
+    ping_timeout: float = option(50.0, "drop a connection silent this long", metavar="SECONDS")
+    token_ttl: int = option(DEFAULT_TOKEN_TTL, "session token lifetime (refreshed while in use)", metavar="SECONDS")
+    hash_workers: int = option(2, "password hashes run at once (each takes 19 MiB)")
     #: How long a login waits for a free hashing slot before "server busy".
     hash_wait: float = 30.0
-    #: Threads that seal and send for every client (see default_send_workers).
-    send_workers: int = field(default_factory=default_send_workers)
+    send_workers: int = option(default_send_workers, "threads that seal and send for every client: CPUs - 1, at most 2")
+    default_room: str = option(DEFAULT_ROOM, "the room everyone lands in at login", metavar="#ROOM")
+    max_rooms: int = option(1000, "rooms the server holds")
+    max_rooms_per_account: int = option(50, "rooms one account may join", flag="--max-rooms-per-user")
+    max_sessions: int = option(5, "sessions (devices) one account may have at once")
+    history_limit: int = option(1000, "lines kept per room and per private conversation; 0 turns history off")
+    history_days: float = option(30.0, "days a line is kept", metavar="DAYS")
+    join_history: int = option(50, "recent lines shown to whoever joins a room", metavar="LINES")
     max_frame_size: int = MAX_FRAME_SIZE
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
@@ -112,3 +132,43 @@ class ServerConfig:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host == "localhost"
+
+
+def option_fields() -> list[Field[Any]]:
+    """The configuration fields that are command-line options, in order."""
+    return [spec for spec in fields(ServerConfig) if "help" in spec.metadata]
+
+
+def option_flag(spec: Field[Any]) -> str:
+    return spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
+
+
+def option_dest(spec: Field[Any]) -> str:
+    return spec.metadata["dest"] or spec.name
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One option per configuration field made with ``option()``, with its default and help."""
+    for spec in option_fields():
+        default = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[operator]
+        kind = type(default)
+        if kind is bool:
+            parser.add_argument(
+                option_flag(spec), dest=option_dest(spec), action="store_true", help=spec.metadata["help"]
+            )
+            continue
+        shown = "%(default)s"
+        parser.add_argument(
+            option_flag(spec),
+            dest=option_dest(spec),
+            type=kind,
+            default=default,
+            metavar=spec.metadata["metavar"] or ("N" if kind in (int, float) else None),
+            help=f"{spec.metadata['help']} (default: {shown})",
+            **spec.metadata["extra"],
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The configuration the parsed options describe."""
+    return ServerConfig(**{spec.name: getattr(args, option_dest(spec)) for spec in option_fields()})

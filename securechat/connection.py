@@ -17,9 +17,9 @@ from securechat.accounts import (
     new_session_id,
 )
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
-from securechat.chat import FloodControl, merge_join_notices
 from securechat.crypto_utils import CryptoError
 from securechat.hello_signer import HelloSigningError
+from securechat.hub import SESSION_ID_CHARS, HubError, run_command
 from securechat.outbound import OutboundQueue, Outbox
 from securechat.protocol import (
     CLIENT_KINDS,
@@ -27,6 +27,7 @@ from securechat.protocol import (
     MAX_REASON_CHARS,
     PROTOCOL_VERSION,
     Authenticated,
+    Command,
     ErrorReply,
     FrameType,
     Goodbye,
@@ -37,7 +38,6 @@ from securechat.protocol import (
     Private,
     ProtocolError,
     Resume,
-    Roster,
     Say,
     TokenRefresh,
     Welcome,
@@ -51,6 +51,8 @@ from securechat.protocol import (
     sanitize_text,
     server_hello_digest,
 )
+from securechat.ratelimit import FloodControl
+from securechat.rooms import merge_join_notices
 
 if TYPE_CHECKING:
     from securechat.listener import ChatServer
@@ -64,6 +66,8 @@ PING_FRAME = encode_control("ping")
 PONG_FRAME = encode_control("pong")
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
 FINISH_GRACE = 5.0
+#: Longest device label shown in /sessions.
+MAX_DEVICE_CHARS = 40
 
 
 class FloodError(Exception):
@@ -127,7 +131,6 @@ class ClientConnection:
         # Set once, by attach_sender() at login: queues its send worker. Until then the
         # reader thread sends (the handshake) directly.
         self._schedule: Callable[[ClientConnection], None] | None = None
-        self.flood = FloodControl(server.config.flood_rate, server.config.flood_burst)
         # Every frame costs a MAC check, a decryption and a JSON parse, so frames of any kind
         # are limited too (far above what the line limit lets through), before that work is done.
         self.frame_flood = FloodControl(server.config.flood_rate * 10, server.config.flood_burst * 5)
@@ -138,6 +141,10 @@ class ClientConnection:
         # When the first ping since the client last spoke was written (only the send worker writes this).
         self.ping_sent_at = 0.0
         self.in_room = False
+        #: The login or resume this session began with (what it has seen, its device label).
+        self.login_request: Login | Resume | None = None
+        #: The device label the client gave, shown in /sessions.
+        self.device = ""
         #: Shown to the others when this user leaves with /quit; never logged (it is message text).
         self.parting_message = ""
         # Guards close_reason and the closing of the socket, from whichever thread.
@@ -270,7 +277,7 @@ class ClientConnection:
         finally:
             self.close(reason)
             if self.in_room:
-                self.server.room.leave(self, self._public_reason())
+                self.server.hub.close_session(self, self._public_reason())
             self.server.forget(self)
             who = f" user={self.name}" if self.name else ""
             log.info("disconnect %s%s: %s", self.peer, who, self.close_reason or reason)
@@ -358,44 +365,48 @@ class ClientConnection:
             client_auth_signed_data(request.KIND, nonce, self.server.public_key_der),
         )
         self.sock.settimeout(None)  # from here the time spent is ours, not the client's
+        self.login_request = request
         if isinstance(request, Login):
             self.name = self.server.authenticate_password(self, request)
         else:
             self.name = self.server.authenticate_token(self, request)
 
     def _enter_room(self) -> None:
-        assert self.channel is not None
+        """Open the session: its token and welcome first, then its rooms and what it missed."""
+        assert self.channel is not None and self.login_request is not None
+        request = self.login_request
         self.channel.username = self.name
+        self.device = sanitize_text(request.device.strip())[:MAX_DEVICE_CHARS]
         token, expires_at = self.server.issue_token(self, self.verified_stamp)
         self.attach_sender(self.server.send_pool.assign())
         config = self.server.config
-
-        def welcome(roster: list[str]) -> None:
-            # Called by the room as we join: first in our queue, with exactly who was
-            # here then (we hear of every later join and leave, and of nothing earlier).
-            self.deliver(
-                Welcome(
-                    username=self.name,
-                    token=token,
-                    expires_at=expires_at,
-                    members=roster,
-                    flood_burst=config.flood_burst,
-                    flood_rate=config.flood_rate,
-                )
-            )
-
+        hub = self.server.hub
         try:
-            _, replaced = self.server.room.join(self, welcome)
-        finally:
-            self.in_room = True  # even if join failed half-way: the reader's leave() then tidies up
-        if isinstance(replaced, ClientConnection):
-            # Revoked, not just closed: whoever still holds that session (a stolen laptop,
-            # say) must not resume it and push this login out in turn.
-            # Told first (as for a leave), so nothing it does meanwhile meets a revoked token.
-            replaced.finish("logged in again from elsewhere", Goodbye(reason="logged in again from elsewhere"))
-            replaced_claims = replaced.claims
-            if replaced_claims is not None:
-                self.server.tokens.revoke(replaced_claims)
+            rooms, devices = hub.open_session(self, self.device, self.address)
+        except HubError as exc:
+            self.server.tokens.revoke(self.claims or self.server.tokens.verify(token, self.key_thumbprint))
+            raise AuthenticationFailed(exc.code, str(exc)) from None
+        self.in_room = True  # from here the reader's finally closes the session in the hub
+        self.deliver(
+            Welcome(
+                username=self.name,
+                token=token,
+                expires_at=expires_at,
+                rooms=rooms,
+                session=self.session_id[:SESSION_ID_CHARS],
+                devices=devices,
+                flood_burst=config.flood_burst,
+                flood_rate=config.flood_rate,
+            )
+        )
+        hub.enter_rooms(self, rooms, since=request.since, seen=request.seen)
+
+    def end(self, reason: str) -> None:
+        """End this session from another of the account's devices (/logout): its tokens are revoked."""
+        claims = self.claims
+        self.finish(reason, Goodbye(reason=reason))
+        if claims is not None:
+            self.server.tokens.revoke(claims)
 
     def _handle_frame(self, frame_type: FrameType, body: bytes) -> None:
         if not self.frame_flood.allow():  # pings too: parsing JSON is work, and so is each pong
@@ -419,56 +430,40 @@ class ClientConnection:
         if self.server.tokens.needs_refresh(claims):
             token, expires_at = self.server.issue_token(self, claims.account_stamp)
             self.deliver(TokenRefresh(token=token, expires_at=expires_at))
-        if isinstance(message, Say):
-            self._handle_say(message)
-        elif isinstance(message, Private):
-            self._handle_private(message)
-        elif isinstance(message, Who):
-            self.deliver(Roster(members=self.server.room.who()))
-        elif isinstance(message, Leave):
+        if isinstance(message, Leave):
             self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
             # Finishing first marks us closing, so the keepalive will not try to refresh a
             # token of the session being revoked (and lose the goodbye and parting message).
             self.finish("quit", Goodbye(reason="bye"))
             self.server.tokens.revoke(claims)
+            return
+        ref = getattr(message, "ref", "")
+        try:
+            self._dispatch(message)
+        except HubError as exc:
+            self.deliver(ErrorReply(code=exc.code, message=str(exc), ref=ref))
+
+    def _dispatch(self, message: Authenticated) -> None:
+        """Run one request of a logged-in user; a refusal raises ``HubError``."""
+        hub = self.server.hub
+        if isinstance(message, Say):
+            hub.say(self, message.room, self._checked_text(message.text), action=message.action, ref=message.ref)
+        elif isinstance(message, Private):
+            text = self._checked_text(message.text)
+            hub.private(self, message.recipient, text, action=message.action, ref=message.ref)
+        elif isinstance(message, Who):
+            hub.who(self, message.room)
+        elif isinstance(message, Command):
+            run_command(hub, self, message.name, message.args)
         else:
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
 
-    def _checked_text(self, text: str) -> str | None:
+    def _checked_text(self, text: str) -> str:
+        """The text of a line, sanitized; ``HubError`` if it cannot be sent as it is."""
         try:
-            checked = check_text(text)
+            return check_text(text)
         except ProtocolError as exc:
-            self.deliver(ErrorReply(code="bad_message", message=f"not sent: {exc}"))
-            return None
-        if not self.flood.allow():
-            config = self.server.config
-            self.deliver(
-                ErrorReply(
-                    code="flood",
-                    message=(
-                        f"not sent: you are sending too fast (limit: {config.flood_burst} lines "
-                        f"at once, then {config.flood_rate:g} per second)"
-                    ),
-                )
-            )
-            return None
-        return checked
-
-    def _handle_say(self, message: Say) -> None:
-        text = self._checked_text(message.text)
-        if text is not None:
-            self.server.room.say(self, text, action=message.action)
-
-    def _handle_private(self, message: Private) -> None:
-        if message.recipient == self.name:
-            self.deliver(ErrorReply(code="no_such_user", message="not sent: that is you"))
-            return
-        text = self._checked_text(message.text)
-        if text is None:
-            return
-        if not self.server.room.send_private(self, message.recipient, text, action=message.action):
-            shown = sanitize_text(message.recipient)[:40]
-            self.deliver(ErrorReply(code="no_such_user", message=f"not sent: {shown} is not online"))
+            raise HubError("bad_message", f"not sent: {exc}") from None
 
     # ------------------------------------------------------------------ run by this connection's send worker
 

@@ -28,8 +28,10 @@ from securechat.accounts import (
     hash_password,
     verify_password,
 )
-from securechat.chat import FloodControl, LocalRoom, Room
+from securechat.backend import MemoryBackend, RoomBackend
 from securechat.config import (
+    HISTORY_FILE,
+    HISTORY_KEY_FILE,
     REVOKED_SESSIONS_FILE,
     SERVER_KEY_FILE,
     TOKEN_SECRET_FILE,
@@ -42,6 +44,8 @@ from securechat.connection import (
     ClientConnection,
 )
 from securechat.hello_signer import HelloSigner
+from securechat.history import ChatStore, load_or_create_history_key
+from securechat.hub import ChatHub, HubConfig
 from securechat.outbound import SendPool
 from securechat.protocol import (
     ErrorReply,
@@ -50,7 +54,9 @@ from securechat.protocol import (
     Resume,
     TokenRefresh,
     encode_control,
+    normalize_room,
 )
+from securechat.ratelimit import FloodControl
 
 log = logging.getLogger("chat.server")
 
@@ -68,7 +74,10 @@ class ChatServer:
     (use port 0 for an ephemeral port).
     """
 
-    def __init__(self, config: ServerConfig, room: Room | None = None) -> None:
+    #: The chat rules' class (tests put a hostile one here).
+    hub_class: type[ChatHub] = ChatHub
+
+    def __init__(self, config: ServerConfig, backend: RoomBackend | None = None) -> None:
         self.config = config
         data_dir = Path(config.data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -86,7 +95,6 @@ class ChatServer:
         self.users.load()  # a corrupt store is reported now, not at the first login
         # Hashed for unknown user names, so they cost the same work as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))
-        self.room: Room = room if room is not None else LocalRoom()
         # The only threads that hash passwords. A pool rather than a semaphore: each thread
         # that runs Argon2 keeps its own 19 MiB malloc arena, so hashing on every connection's
         # thread would grow memory with the number of clients who ever logged in.
@@ -109,6 +117,33 @@ class ChatServer:
             backlog=512,
         )
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        try:
+            if backend is None:
+                store = ChatStore(
+                    data_dir / HISTORY_FILE,
+                    load_or_create_history_key(data_dir / HISTORY_KEY_FILE),
+                    history_limit=config.history_limit,
+                    history_max_age=config.history_days * 86400,
+                )
+                backend = MemoryBackend(store)
+            self.hub = self.hub_class(
+                backend,
+                HubConfig(
+                    default_room=normalize_room(config.default_room),
+                    max_rooms=config.max_rooms,
+                    max_rooms_per_account=config.max_rooms_per_account,
+                    max_sessions=config.max_sessions,
+                    join_history=min(config.join_history, config.history_limit),
+                    flood_burst=config.flood_burst,
+                    flood_rate=config.flood_rate,
+                ),
+                account_exists=self._account_exists,
+            )
+        except BaseException:
+            self.listener.close()
+            self._wakeup_read.close()
+            self._wakeup_write.close()
+            raise
         self.keepalive = threading.Thread(target=self._run_keepalive, name="keepalive", daemon=True)
         self._serve_thread: threading.Thread | None = None
 
@@ -178,7 +213,7 @@ class ChatServer:
             connection.outbox.close_socket()
         if self.keepalive.is_alive():
             self.keepalive.join(timeout=1.0)
-        self.room.close()
+        self.hub.close()
         self.send_pool.stop()
         self.hash_pool.shutdown(wait=True)  # a hash already running takes a few tens of ms
         self.listener.close()
@@ -381,6 +416,13 @@ class ChatServer:
             log.warning("login refused %s user=%s: demo account on a public address", connection.peer, record.name)
             raise AuthenticationFailed("demo_disabled", "demo accounts are disabled on this server")
 
+    def _account_exists(self, name: str) -> bool:
+        try:
+            return self.users.get(name) is not None
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            return False
+
     def _current_account_stamps(self) -> dict[str, str] | None:
         """Every account's stamp, or None if the store cannot be read just now (keep everyone)."""
         try:
@@ -449,6 +491,12 @@ class ChatServer:
             self._refuse_demo_account(connection, record)
         # The old session is spent, every token of it: the new connection starts a new one.
         self.tokens.revoke(claims)
+        # Its old connection, if the server still holds it (a link that died without a word), goes:
+        # this device is back on a new one. Other sessions of the account are not touched.
+        with self.connections_lock:
+            stale = [other for other in self.connections if other.session_id == claims.session_id]
+        for other in stale:
+            other.close("resumed on a new connection")
         connection.verified_stamp = claims.account_stamp
         log.info("resume ok %s user=%s", connection.peer, claims.username)
         return claims.username

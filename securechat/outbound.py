@@ -395,8 +395,8 @@ class Flusher:
             if not events:  # a quiet second: look at everything, in case a socket was missed
                 ready = list(watched)
             for fd in ready:
-                outbox = watched.get(fd)
-                if outbox is not None and self._flush(outbox):
+                ready_outbox = watched.get(fd)
+                if ready_outbox is not None and self._flush(ready_outbox):
                     del watched[fd]
                     poller.unregister(fd)
 

@@ -14,12 +14,13 @@ import json
 import math
 import re
 import struct
-from dataclasses import MISSING, dataclass, fields
+import unicodedata
+from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum
 from functools import cached_property
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: Largest frame payload accepted or sent. Checked before anything is allocated.
 MAX_FRAME_SIZE = 64 * 1024
@@ -38,6 +39,17 @@ GCM_TAG_SIZE = 16
 MAC_SIZE = 32
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+#: A room name once case-folded: "#" and 1-32 of a-z, 0-9, "_" and "-".
+ROOM_PATTERN = re.compile(r"#[a-z0-9_-]{1,32}")
+DEFAULT_ROOM = "#lobby"
+#: Longest client-chosen reference echoed back with a line (IRCv3's label).
+MAX_REF_CHARS = 32
+#: Longest room topic, in characters.
+MAX_TOPIC_CHARS = 300
+#: Longest command argument list a client may send.
+MAX_COMMAND_ARGS = 8
+#: Most rooms a login may name in ``seen`` (well above the rooms one account may join).
+MAX_SEEN_ROOMS = 200
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
@@ -89,6 +101,7 @@ class Kind(IntEnum):
     PRIVATE = 4
     WHO = 5
     LEAVE = 6
+    COMMAND = 7
     # server -> client
     WELCOME = 16
     CHAT = 17
@@ -98,6 +111,10 @@ class Kind(IntEnum):
     TOKEN = 21
     GOODBYE = 22
     JOINED = 23
+    ROOM = 24
+    ROOM_LIST = 25
+    HISTORY = 26
+    SESSIONS = 27
 
 
 # --------------------------------------------------------------------------- framing
@@ -304,19 +321,105 @@ def b64decode(text: Any, what: str) -> bytes:
         raise ProtocolError(f"{what}: invalid base64") from None
 
 
-# Control characters (C0, DEL, C1) and the bidirectional overrides that can make
-# text display as something other than what it is.
-_UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# What may never reach someone's terminal from a peer: control characters (Cc), format
+# characters (Cf: zero-width spaces and joiners, direction marks, isolates and overrides, tags),
+# lone surrogates (Cs), the line and paragraph separators (Zl, Zp), and the Hangul fillers,
+# letters that draw nothing and so make invisible names. Private use (Co) is left alone.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_HANGUL_FILLERS = "\u115f\u1160\u3164\uffa0"
+#: All the tag characters, assigned (Cf) or reserved: they can spell hidden ASCII.
+_TAG_CHARACTERS = range(0xE0000, 0xE0080)
+#: The planes where Unicode puts format characters (the BMP, the SMP and plane 14). Scanning only
+#: these takes 30 ms at import instead of 200; a test checks the result against every code point.
+_PLANES_WITH_FORMAT_CHARACTERS = (range(0x0000, 0x20000), range(0xE0000, 0xE1000))
+ZERO_WIDTH_JOINER = "\u200d"
+#: What may come before a zero-width joiner inside an emoji besides a symbol: the emoji
+#: presentation selector (as in the rainbow flag) and the five skin tones.
+_EMOJI_MODIFIERS = frozenset("\ufe0f\U0001f3fb\U0001f3fc\U0001f3fd\U0001f3fe\U0001f3ff")
 
 
-def sanitize_text(text: str) -> str:
-    """Make text safe to print on someone's terminal.
+def _unsafe_code_points() -> set[int]:
+    """Every code point ``sanitize_text`` replaces, except the zero-width joiner it judges apart."""
+    unsafe = {
+        code_point
+        for plane in _PLANES_WITH_FORMAT_CHARACTERS
+        for code_point in plane
+        if unicodedata.category(chr(code_point)) in _UNSAFE_CATEGORIES
+    }
+    unsafe.update(map(ord, _HANGUL_FILLERS), _TAG_CHARACTERS)
+    unsafe.discard(ord(ZERO_WIDTH_JOINER))
+    return unsafe
 
-    Tabs become spaces; every other control character, including ESC, becomes
-    U+FFFD, so a message cannot move the cursor, recolour or retitle a screen.
+
+def _character_class(code_points: set[int]) -> re.Pattern[str]:
+    """A compiled ``[...]`` matching exactly ``code_points``, written as ranges of escapes."""
+    ranges: list[list[int]] = []
+    for code_point in sorted(code_points):
+        if ranges and ranges[-1][1] == code_point - 1:
+            ranges[-1][1] = code_point
+        else:
+            ranges.append([code_point, code_point])
+    items = (rf"\U{low:08x}" if low == high else rf"\U{low:08x}-\U{high:08x}" for low, high in ranges)
+    return re.compile("[" + "".join(items) + "]")
+
+
+_UNSAFE_CODE_POINTS = _unsafe_code_points()
+# Two classes, because re tests a class of code points below U+10000 against one bitmap but
+# a class with any above it range by range: four times slower, so the second one only runs
+# on text that holds such a code point (an emoji, say).
+_UNSAFE_BMP_CHARACTERS = _character_class({cp for cp in _UNSAFE_CODE_POINTS if cp <= 0xFFFF})
+_UNSAFE_BMP_CHARACTERS_BUT_NEWLINE = _character_class({cp for cp in _UNSAFE_CODE_POINTS if cp <= 0xFFFF} - {ord("\n")})
+_UNSAFE_ASTRAL_CHARACTERS = _character_class({cp for cp in _UNSAFE_CODE_POINTS if cp > 0xFFFF})
+_ZERO_WIDTH_JOINERS = re.compile(ZERO_WIDTH_JOINER)
+
+
+def _keep_joiner_between_emoji(match: re.Match[str]) -> str:
+    """A joiner between two emoji draws them as one (👩‍👩‍👧): keep it. Replace any other."""
+    text, where = match.string, match.start()
+    before = text[where - 1] if where else ""
+    after = text[where + 1 : where + 2]
+    if (
+        after
+        and unicodedata.category(after) == "So"
+        and (before in _EMOJI_MODIFIERS or (before != "" and unicodedata.category(before) == "So"))
+    ):
+        return ZERO_WIDTH_JOINER
+    return "\ufffd"
+
+
+def sanitize_text(text: str, *, keep_newlines: bool = False) -> str:
+    """Make text safe to print on someone's terminal, and return it.
+
+    Tabs become four spaces. Every other control character (ESC included), format
+    character (zero-width spaces, joiners and no-breaks, direction marks, isolates and
+    overrides, tag characters), lone surrogate, line or paragraph separator and Hangul
+    filler becomes U+FFFD, so a message can neither move the cursor, recolour or retitle
+    a screen, nor hide, reorder or invisibly alter what it shows. The one exception is a
+    zero-width joiner between two emoji, which draws them as one picture. The result is
+    one line; with ``keep_newlines`` it keeps its "\\n" (only those: "\\r" still goes).
     """
     text = text.replace("\t", "    ")
-    return _UNSAFE_CHARACTERS.sub("\ufffd", text)
+    # Joiners first, while their neighbours are what was sent (U+FFFD is a symbol too).
+    if ZERO_WIDTH_JOINER in text:
+        text = _ZERO_WIDTH_JOINERS.sub(_keep_joiner_between_emoji, text)
+    unsafe = _UNSAFE_BMP_CHARACTERS_BUT_NEWLINE if keep_newlines else _UNSAFE_BMP_CHARACTERS
+    text = unsafe.sub("\ufffd", text)
+    # Any code point above U+FFFF takes two UTF-16 units; surrogates are gone by now.
+    if not text.isascii() and len(text.encode("utf-16-le")) != 2 * len(text):
+        text = _UNSAFE_ASTRAL_CHARACTERS.sub("\ufffd", text)
+    return text
+
+
+def normalize_room(name: str) -> str:
+    """The canonical form of a room name (``Dev`` and ``#DEV`` are ``#dev``); ``ValueError`` if it is not one."""
+    if not isinstance(name, str):
+        raise ValueError("a room name is text")
+    folded = name.strip().casefold()
+    if not folded.startswith("#"):
+        folded = "#" + folded
+    if not ROOM_PATTERN.fullmatch(folded):
+        raise ValueError("room names are # and 1-32 of a-z, 0-9, '_' or '-' (for example #dev)")
+    return folded
 
 
 def validate_username(name: str) -> str:
@@ -415,6 +518,34 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(item) for item in value)
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_number(item) for item in value)
+
+
+def _is_seen_map(value: Any) -> bool:
+    """A room -> sequence number map, as a client says what it has seen."""
+    return isinstance(value, dict) and all(isinstance(key, str) and _is_int(item) for key, item in value.items())
+
+
+def _require_text(message: Message, *names: str) -> None:
+    for name in names:
+        _require(isinstance(getattr(message, name), str), f"{name} must be text")
+
+
+def _require_flags(message: Message, *names: str) -> None:
+    for name in names:
+        _require(isinstance(getattr(message, name), bool), f"{name} must be true or false")
+
+
+def _require_ints(message: Message, *names: str) -> None:
+    for name in names:
+        _require(_is_int(getattr(message, name)), f"{name} must be a whole number")
+
+
 # client -> server ------------------------------------------------------------
 
 
@@ -423,7 +554,9 @@ class Login(Message):
     """Credentials, bound to this connection's client key and server nonce.
 
     ``client_signature`` is the client key's signature over
-    ``client_auth_signed_data``: whoever logs in holds the private key.
+    ``client_auth_signed_data``: whoever logs in holds the private key. ``since`` (the
+    newest message id this client has seen) and ``seen`` (room -> the last sequence
+    number seen there) ask for what was missed; both are empty for a new device.
     """
 
     KIND: ClassVar[Kind] = Kind.LOGIN
@@ -433,10 +566,16 @@ class Login(Message):
     client_key_fingerprint: str
     session_key: str
     client_signature: str
+    since: int = 0
+    seen: dict[str, int] = field(default_factory=dict)
+    #: A label for this device, shown in /sessions ("laptop", "ci-bot"); may be empty.
+    device: str = ""
 
     def __post_init__(self) -> None:
-        for spec in fields(self):
-            _require(isinstance(getattr(self, spec.name), str), f"{spec.name} must be text")
+        _require_text(self, "username", "password", "server_nonce", "client_key_fingerprint", "session_key")
+        _require_text(self, "client_signature", "device")
+        _require_ints(self, "since")
+        _require(_is_seen_map(self.seen) and len(self.seen) <= MAX_SEEN_ROOMS, "seen must map rooms to numbers")
 
     def __repr__(self) -> str:  # never let a password reach a log through repr()
         return f"Login(username={self.username!r}, password=<hidden>)"
@@ -447,6 +586,7 @@ class Resume(Message):
     """Re-authentication with a still-valid token instead of a password.
 
     The signature matters most here: a stolen token alone must not resume.
+    ``since`` and ``seen`` are as in ``Login``.
     """
 
     KIND: ClassVar[Kind] = Kind.RESUME
@@ -455,10 +595,15 @@ class Resume(Message):
     client_key_fingerprint: str
     session_key: str
     client_signature: str
+    since: int = 0
+    seen: dict[str, int] = field(default_factory=dict)
+    device: str = ""
 
     def __post_init__(self) -> None:
-        for spec in fields(self):
-            _require(isinstance(getattr(self, spec.name), str), f"{spec.name} must be text")
+        _require_text(self, "token", "server_nonce", "client_key_fingerprint", "session_key", "client_signature")
+        _require_text(self, "device")
+        _require_ints(self, "since")
+        _require(_is_seen_map(self.seen) and len(self.seen) <= MAX_SEEN_ROOMS, "seen must map rooms to numbers")
 
     def __repr__(self) -> str:
         return "Resume(token=<hidden>)"
@@ -476,54 +621,80 @@ class Authenticated(Message):
 
 @dataclass(frozen=True, repr=False)
 class Say(Authenticated):
-    """A public line, or an action (``/me``) when ``action`` is true."""
+    """A line for a room, or an action (``/me``) when ``action`` is true.
+
+    ``ref`` is the client's own label for the line: the server's echo of the accepted
+    line, or its refusal, carries it back.
+    """
 
     KIND: ClassVar[Kind] = Kind.SAY
+    room: str = ""
     text: str = ""
     action: bool = False
+    ref: str = ""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.token, str), "token must be text")
-        _require(isinstance(self.text, str), "text must be text")
-        _require(isinstance(self.action, bool), "action must be true or false")
+        _require_text(self, "token", "room", "text", "ref")
+        _require_flags(self, "action")
+        _require(len(self.ref) <= MAX_REF_CHARS, "ref is too long")
 
 
 @dataclass(frozen=True, repr=False)
 class Private(Authenticated):
-    """A line for one recipient only."""
+    """A line for one account only (every device of it)."""
 
     KIND: ClassVar[Kind] = Kind.PRIVATE
     recipient: str = ""
     text: str = ""
     action: bool = False
+    ref: str = ""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.token, str), "token must be text")
-        _require(isinstance(self.recipient, str), "recipient must be text")
-        _require(isinstance(self.text, str), "text must be text")
-        _require(isinstance(self.action, bool), "action must be true or false")
+        _require_text(self, "token", "recipient", "text", "ref")
+        _require_flags(self, "action")
+        _require(len(self.ref) <= MAX_REF_CHARS, "ref is too long")
 
 
 @dataclass(frozen=True, repr=False)
 class Who(Authenticated):
-    """Ask who is online."""
+    """Ask who is in a room (the answer is one or more ``Roster`` pages)."""
 
     KIND: ClassVar[Kind] = Kind.WHO
+    room: str = ""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.token, str), "token must be text")
+        _require_text(self, "token", "room")
 
 
 @dataclass(frozen=True, repr=False)
 class Leave(Authenticated):
-    """Leave the room, with an optional parting message."""
+    """End this session (``/quit``), with an optional parting message."""
 
     KIND: ClassVar[Kind] = Kind.LEAVE
     reason: str = ""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.token, str), "token must be text")
-        _require(isinstance(self.reason, str), "reason must be text")
+        _require_text(self, "token", "reason")
+
+
+@dataclass(frozen=True, repr=False)
+class Command(Authenticated):
+    """A server command (``/join``, ``/part``, ``/list``, ``/topic``, ``/history``, ``/sessions``, ``/logout``).
+
+    ``name`` and ``args`` are checked against the server's command table; the answer
+    is the command's own message (``Room``, ``RoomList``, ...) or an ``ErrorReply``
+    carrying ``ref``.
+    """
+
+    KIND: ClassVar[Kind] = Kind.COMMAND
+    name: str = ""
+    args: list[str] = field(default_factory=list)
+    ref: str = ""
+
+    def __post_init__(self) -> None:
+        _require_text(self, "token", "name", "ref")
+        _require(_is_str_list(self.args) and len(self.args) <= MAX_COMMAND_ARGS, "args must be a short list of text")
+        _require(len(self.ref) <= MAX_REF_CHARS, "ref is too long")
 
 
 # server -> client ------------------------------------------------------------
@@ -531,32 +702,42 @@ class Leave(Authenticated):
 
 @dataclass(frozen=True)
 class Welcome(Message):
-    """Login accepted: the token and who is already here."""
+    """Login accepted: the token, this session's id, and the rooms this account is in.
+
+    Each room then follows as a ``Room`` message with its roster and recent history.
+    """
 
     KIND: ClassVar[Kind] = Kind.WELCOME
     username: str
     token: str
     expires_at: int
-    members: list[str]
+    rooms: list[str] = field(default_factory=list)
+    #: This session's short id, as /sessions shows it.
+    session: str = ""
+    #: How many sessions (devices) the account has now, this one included.
+    devices: int = 1
     #: The server's flood limits, so a client can pace a pasted block instead of losing lines.
     flood_burst: int = 0
     flood_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.username, str), "username must be text")
-        _require(isinstance(self.token, str), "token must be text")
-        _require(_is_int(self.expires_at), "expires_at must be a number")
-        _require(_is_str_list(self.members), "members must be a list of names")
-        _require(_is_int(self.flood_burst), "flood_burst must be a number")
+        _require_text(self, "username", "token", "session")
+        _require_ints(self, "expires_at", "devices", "flood_burst")
+        _require(_is_str_list(self.rooms), "rooms must be a list of names")
         _require(_is_number(self.flood_rate), "flood_rate must be a number")
 
     def __repr__(self) -> str:
-        return f"Welcome(username={self.username!r}, members={self.members!r})"
+        return f"Welcome(username={self.username!r}, rooms={self.rooms!r})"
 
 
 @dataclass(frozen=True)
 class Chat(Message):
-    """A line someone wrote. ``sender`` is set by the server, never by the author."""
+    """A line someone wrote. ``sender`` is set by the server, never by the author.
+
+    ``id`` (server-wide, increasing) and ``sent_at`` come from the server; ``seq`` is the
+    line's place in its room (0 for a private line). ``history`` marks a line sent
+    again from history; ``ref`` is set only on the echo to the session that sent it.
+    """
 
     KIND: ClassVar[Kind] = Kind.CHAT
     sender: str
@@ -565,58 +746,81 @@ class Chat(Message):
     action: bool = False
     private: bool = False
     recipient: str = ""
+    room: str = ""
+    id: int = 0
+    seq: int = 0
+    history: bool = False
+    ref: str = ""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.sender, str), "sender must be text")
-        _require(isinstance(self.text, str), "text must be text")
+        _require_text(self, "sender", "text", "recipient", "room", "ref")
         _require(_is_number(self.sent_at), "sent_at must be a number")
-        _require(isinstance(self.action, bool), "action must be true or false")
-        _require(isinstance(self.private, bool), "private must be true or false")
-        _require(isinstance(self.recipient, str), "recipient must be text")
+        _require_flags(self, "action", "private", "history")
+        _require_ints(self, "id", "seq")
 
     def __repr__(self) -> str:  # message text stays out of logs
-        return f"Chat(sender={self.sender!r}, private={self.private})"
+        return f"Chat(sender={self.sender!r}, room={self.room!r}, private={self.private})"
+
+
+NOTICE_EVENTS = ("joined", "left", "info", "topic")
 
 
 @dataclass(frozen=True)
 class Notice(Message):
-    """Something happened in the room: ``event`` is joined, left or info."""
+    """Something happened: ``event`` is joined, left, topic (``text`` is the new topic) or info.
+
+    ``room`` is "" for a notice about the whole server (it is going down, say).
+    """
 
     KIND: ClassVar[Kind] = Kind.NOTICE
     event: str
     name: str = ""
     text: str = ""
+    room: str = ""
+    id: int = 0
+    sent_at: float = 0.0
+    history: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.event in ("joined", "left", "info"), "unknown notice event")
-        _require(isinstance(self.name, str), "name must be text")
-        _require(isinstance(self.text, str), "text must be text")
+        _require(self.event in NOTICE_EVENTS, "unknown notice event")
+        _require_text(self, "name", "text", "room")
+        _require_ints(self, "id")
+        _require(_is_number(self.sent_at), "sent_at must be a number")
+        _require_flags(self, "history")
 
 
 @dataclass(frozen=True)
 class Roster(Message):
-    """The reply to Who: everyone online, sorted."""
+    """Who is in a room, sorted; ``devices`` says how many sessions each has. Long rosters come in
+    pages: every page but the last has ``more`` set."""
 
     KIND: ClassVar[Kind] = Kind.ROSTER
     members: list[str]
+    room: str = ""
+    devices: list[int] = field(default_factory=list)
+    more: bool = False
 
     def __post_init__(self) -> None:
         _require(_is_str_list(self.members), "members must be a list of names")
+        _require_text(self, "room")
+        _require(_is_int_list(self.devices), "devices must be a list of numbers")
+        _require_flags(self, "more")
 
 
 @dataclass(frozen=True)
 class ErrorReply(Message):
-    """The server refused something. ``fatal`` means the connection is closing."""
+    """The server refused something. ``fatal`` means the connection is closing; ``ref`` names the
+    refused line or command when the client labelled it."""
 
     KIND: ClassVar[Kind] = Kind.ERROR
     code: str
     message: str
     fatal: bool = False
+    ref: str = ""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.code, str), "code must be text")
-        _require(isinstance(self.message, str), "message must be text")
-        _require(isinstance(self.fatal, bool), "fatal must be true or false")
+        _require_text(self, "code", "message", "ref")
+        _require_flags(self, "fatal")
 
 
 @dataclass(frozen=True)
@@ -628,8 +832,8 @@ class TokenRefresh(Message):
     expires_at: int
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.token, str), "token must be text")
-        _require(_is_int(self.expires_at), "expires_at must be a number")
+        _require_text(self, "token")
+        _require_ints(self, "expires_at")
 
     def __repr__(self) -> str:
         return "TokenRefresh(...)"
@@ -645,13 +849,13 @@ class Goodbye(Message):
     may_reconnect: bool = False
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.reason, str), "reason must be text")
-        _require(isinstance(self.may_reconnect, bool), "may_reconnect must be true or false")
+        _require_text(self, "reason")
+        _require_flags(self, "may_reconnect")
 
 
 @dataclass(frozen=True)
 class Joined(Message):
-    """Several people joined, in order: the "joined" notices a recipient had queued, in one frame.
+    """Several people joined a room, in order: the "joined" notices a recipient had queued, in one frame.
 
     Each notice costs one RSA wrap per recipient, so a burst of N logins would cost
     N(N-1)/2; a recipient whose queue fell behind gets the burst in far fewer frames.
@@ -659,9 +863,91 @@ class Joined(Message):
 
     KIND: ClassVar[Kind] = Kind.JOINED
     names: list[str]
+    room: str = ""
 
     def __post_init__(self) -> None:
         _require(_is_str_list(self.names) and len(self.names) > 0, "names must be a non-empty list of names")
+        _require_text(self, "room")
+
+
+@dataclass(frozen=True)
+class Room(Message):
+    """This session is now in ``room`` (``joined``), or has left it (``joined`` false, with ``reason``).
+
+    On joining, a ``Roster`` (in pages) and the room's recent history follow.
+    """
+
+    KIND: ClassVar[Kind] = Kind.ROOM
+    room: str
+    joined: bool = True
+    topic: str = ""
+    members: int = 0
+    #: True when this join created the room (the joiner owns it).
+    created: bool = False
+    reason: str = ""
+    #: True when the user asked for it (/join, /part) rather than a login or another device.
+    requested: bool = False
+
+    def __post_init__(self) -> None:
+        _require_text(self, "room", "topic", "reason")
+        _require_flags(self, "joined", "created", "requested")
+        _require_ints(self, "members")
+
+
+@dataclass(frozen=True)
+class RoomList(Message):
+    """The answer to /list: rooms with their member counts and topics, in pages (``more``)."""
+
+    KIND: ClassVar[Kind] = Kind.ROOM_LIST
+    names: list[str]
+    members: list[int]
+    topics: list[str]
+    more: bool = False
+
+    def __post_init__(self) -> None:
+        _require(_is_str_list(self.names) and _is_str_list(self.topics), "names and topics must be text")
+        _require(_is_int_list(self.members), "members must be numbers")
+        _require(len(self.names) == len(self.members) == len(self.topics), "the lists must be as long")
+        _require_flags(self, "more")
+
+
+@dataclass(frozen=True)
+class History(Message):
+    """Closes a run of history lines for ``room`` ("" for private lines): how many were sent,
+    and how many the client missed that are no longer kept."""
+
+    KIND: ClassVar[Kind] = Kind.HISTORY
+    room: str
+    count: int
+    missing: int = 0
+    #: The oldest id sent, for /history to page back from; 0 when none.
+    oldest_id: int = 0
+    #: True when older lines are still kept.
+    more: bool = False
+
+    def __post_init__(self) -> None:
+        _require_text(self, "room")
+        _require_ints(self, "count", "missing", "oldest_id")
+        _require_flags(self, "more")
+
+
+@dataclass(frozen=True)
+class Sessions(Message):
+    """The answer to /sessions: this account's sessions, one entry per list index."""
+
+    KIND: ClassVar[Kind] = Kind.SESSIONS
+    ids: list[str]
+    devices: list[str]
+    since: list[float]
+    addresses: list[str]
+    current: str = ""
+
+    def __post_init__(self) -> None:
+        _require(_is_str_list(self.ids) and _is_str_list(self.devices), "ids and devices must be text")
+        _require(_is_str_list(self.addresses), "addresses must be text")
+        _require(_is_number_list(self.since), "since must be numbers")
+        _require(len(self.ids) == len(self.devices) == len(self.since) == len(self.addresses), "lists differ")
+        _require_text(self, "current")
 
 
 MESSAGE_TYPES: dict[Kind, type[Message]] = {
@@ -673,6 +959,7 @@ MESSAGE_TYPES: dict[Kind, type[Message]] = {
         Private,
         Who,
         Leave,
+        Command,
         Welcome,
         Chat,
         Notice,
@@ -681,11 +968,15 @@ MESSAGE_TYPES: dict[Kind, type[Message]] = {
         TokenRefresh,
         Goodbye,
         Joined,
+        Room,
+        RoomList,
+        History,
+        Sessions,
     )
 }
 
 #: Which kinds each side may send, so a client cannot send a server message.
-CLIENT_KINDS = frozenset({Kind.LOGIN, Kind.RESUME, Kind.SAY, Kind.PRIVATE, Kind.WHO, Kind.LEAVE})
+CLIENT_KINDS = frozenset({Kind.LOGIN, Kind.RESUME, Kind.SAY, Kind.PRIVATE, Kind.WHO, Kind.LEAVE, Kind.COMMAND})
 SERVER_KINDS = frozenset(MESSAGE_TYPES) - CLIENT_KINDS
 
 

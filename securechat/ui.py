@@ -13,6 +13,7 @@ import argparse
 import codecs
 import getpass
 import os
+import platform
 import sys
 import threading
 import time
@@ -33,15 +34,19 @@ from securechat.client import (
     ChatError,
     Disconnected,
     ErrorReply,
+    History,
     HostKeyError,
     KnownHosts,
     LoginRefused,
     MessageRefused,
     Notice,
+    Room,
+    RoomList,
     Roster,
+    Sessions,
     default_known_hosts_path,
 )
-from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, sanitize_text
+from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, normalize_room, sanitize_text
 
 #: Reconnection back-off: the first wait, doubled after each failure up to the longest.
 RECONNECT_FIRST_DELAY = 1.0
@@ -85,44 +90,110 @@ class Style:
         text = sanitize_text(text)
         return f"{DIM}{text}{RESET}" if self.colour else text
 
+    def room(self, room: str) -> str:
+        room = sanitize_text(room)
+        return f"{BOLD}{room}{RESET}" if self.colour else room
+
+    def when(self, when: float) -> str:
+        """A time of day for today, with the date for any other day (history brings old lines)."""
+        moment = time.localtime(when)
+        if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d"):
+            return time.strftime("%H:%M", moment)
+        return time.strftime("%Y-%m-%d %H:%M", moment)
+
     def stamp(self, when: float) -> str:
         if not self.timestamps:
             return ""
-        text = time.strftime("%H:%M", time.localtime(when))
+        text = self.when(when)
         return f"{DIM}{text}{RESET} " if self.colour else f"{text} "
 
 
-def format_chat(message: Chat, style: Style, own_name: str = "") -> str:
-    """One line for a chat message; text is sanitized so it cannot drive the terminal."""
+def format_chat(message: Chat, style: Style, own_name: str = "", active_room: str | None = None) -> str:
+    """One line for a chat message; text is sanitized so it cannot drive the terminal.
+
+    A room line names its room unless it is ``active_room`` (the interactive client's
+    current room); batch mode passes None, so every room line names its room.
+    A line sent again from history starts with ``history: `` in batch mode.
+    """
     text = style.text(message.text)
     sender = style.name(message.sender)
+    stamp = style.stamp(message.sent_at)
+    if message.history and not style.timestamps:
+        stamp = "history: "
+    room = f"{style.room(message.room)} " if message.room and message.room != active_room else ""
     if message.private:
         marker = f" → {style.name(message.recipient)}" if message.sender == own_name else " (private)"
         if message.action:
-            return f"{style.stamp(message.sent_at)}* {sender}{marker} {text}"
-        return f"{style.stamp(message.sent_at)}{sender}{marker}: {text}"
+            return f"{stamp}* {sender}{marker} {text}"
+        return f"{stamp}{sender}{marker}: {text}"
     if message.action:
-        return f"{style.stamp(message.sent_at)}* {sender} {text}"
-    return f"{style.stamp(message.sent_at)}{sender}: {text}"
+        return f"{stamp}{room}* {sender} {text}"
+    return f"{stamp}{room}{sender}: {text}"
 
 
-def format_event(event: Any, style: Style, own_name: str = "") -> tuple[str, bool] | None:
+def format_event(
+    event: Any, style: Style, own_name: str = "", active_room: str | None = None
+) -> tuple[str, bool] | None:
     """(line, is_error) for an event, or None for events that print nothing."""
     now = time.time()
     if isinstance(event, Chat):
-        return format_chat(event, style, own_name), False
+        return format_chat(event, style, own_name, active_room), False
+
+    def about(room: str, text: str, when: float = now) -> str:
+        prefix = f"{room} " if room and room != active_room else ""
+        return style.stamp(when) + style.system(f"{prefix}*** {text}")
+
     if isinstance(event, Notice):
         if event.event == "joined":
-            return style.stamp(now) + style.system(f"*** {event.name} joined"), False
+            return about(event.room, f"{event.name} joined"), False
         if event.event == "left":
             reason = f" ({event.text})" if event.text else ""
-            return style.stamp(now) + style.system(f"*** {event.name} left{reason}"), False
-        return style.stamp(now) + style.system(f"*** {event.text}"), False
+            return about(event.room, f"{event.name} left{reason}"), False
+        if event.event == "topic":
+            return about(event.room, f"{event.name} set the topic: {event.text}", event.sent_at or now), False
+        return about(event.room, event.text), False
     if isinstance(event, Roster):
-        return style.system(f"*** online ({len(event.members)}): {', '.join(event.members)}"), False
+        shown = [name if count < 2 else f"{name} ({count} devices)" for name, count in _with_devices(event)]
+        more = " ..." if event.more else ""
+        return style.system(f"*** in {event.room} ({len(event.members)}): {', '.join(shown)}{more}"), False
+    if isinstance(event, Room):
+        if event.joined:
+            topic = f"; topic: {event.topic}" if event.topic else ""
+            created = " (new room: you own it)" if event.created else ""
+            return style.system(f"*** you are in {event.room}{created}{topic}"), False
+        reason = f" ({event.reason})" if event.reason else ""
+        return style.system(f"*** you left {event.room}{reason}"), False
+    if isinstance(event, RoomList):
+        rooms = [
+            f"{name} ({count}){': ' + topic if topic else ''}"
+            for name, count, topic in zip(event.names, event.members, event.topics, strict=True)
+        ]
+        return style.system("*** rooms: " + ("; ".join(rooms) if rooms else "none")), False
+    if isinstance(event, History):
+        where = event.room or "private messages"
+        missing = f"; {event.missing} more were missed and are no longer kept" if event.missing else ""
+        if not event.count:
+            return style.system(f"*** no earlier lines kept in {where}{missing}"), False
+        older = " (/history for earlier ones)" if event.more and event.room else ""
+        counted = "1 line" if event.count == 1 else f"{event.count} lines"
+        return style.system(f"*** {counted} of {where} from history{missing}{older}"), False
+    if isinstance(event, Sessions):
+        parts = []
+        for session_id, device, since, address in zip(
+            event.ids, event.devices, event.since, event.addresses, strict=True
+        ):
+            mine = " (this one)" if session_id == event.current else ""
+            label = device or "no label"
+            parts.append(f"{session_id} {label} from {address} since {style.when(since)}{mine}")
+        return style.system("*** your sessions: " + "; ".join(parts)), False
     if isinstance(event, ErrorReply):
         return style.text(f"error: {event.message}"), True
     return None  # Goodbye and Disconnected: the caller reports how the session ended
+
+
+def _with_devices(roster: Roster) -> list[tuple[str, int]]:
+    counts = roster.devices if len(roster.devices) == len(roster.members) else [1] * len(roster.members)
+    return list(zip(roster.members, counts, strict=True))
 
 
 # --------------------------------------------------------------------------- commands
@@ -141,10 +212,20 @@ class CommandContext:
     """What a command may use: the connection, a way to print, and a little memory."""
 
     client: ChatClient
-    say_line: Callable[[str], None]
     show: Callable[[str], None]
     last_private_sender: str = ""
     style: Style = field(default_factory=Style)
+    #: The oldest message id seen per room, so /history pages back from there.
+    oldest_seen: dict[str, int] = field(default_factory=dict)
+
+    def note(self, event: Any) -> None:
+        """Remember what /reply and /history need from an event."""
+        if isinstance(event, Chat):
+            if event.private and event.sender != self.client.username:
+                self.last_private_sender = event.sender
+            if event.room and event.id:
+                known = self.oldest_seen.get(event.room)
+                self.oldest_seen[event.room] = event.id if known is None else min(known, event.id)
 
 
 @dataclass(frozen=True)
@@ -157,12 +238,21 @@ class Command:
 
 def _cmd_help(context: CommandContext, _args: str) -> None:
     for command in COMMANDS.values():
-        context.show(f"  /{command.name} {command.usage}".rstrip().ljust(26) + command.help)
-    context.show("  //text".ljust(26) + "send a line that starts with /")
+        context.show(f"  /{command.name} {command.usage}".rstrip().ljust(28) + command.help)
+    context.show("  //text".ljust(28) + "send a line that starts with /")
 
 
-def _cmd_who(context: CommandContext, _args: str) -> None:
-    context.client.who()
+def _split_room(context: CommandContext, args: str) -> tuple[str, str]:
+    """(room, rest): a leading #room names the room, else the active room is meant."""
+    first, _, rest = args.strip().partition(" ")
+    if first.startswith("#"):
+        return first, rest.strip()
+    return context.client.active_room, args.strip()
+
+
+def _cmd_who(context: CommandContext, args: str) -> None:
+    room, _ = _split_room(context, args)
+    context.client.who(room or None)
 
 
 def _cmd_msg(context: CommandContext, args: str) -> None:
@@ -170,20 +260,7 @@ def _cmd_msg(context: CommandContext, args: str) -> None:
     if not recipient or not text.strip():
         context.show("usage: /msg NAME text")
         return
-    context.client.private(recipient, text)
-    context.say_line(
-        format_chat(
-            Chat(
-                sender=context.client.username,
-                text=text,
-                sent_at=time.time(),
-                private=True,
-                recipient=recipient,
-            ),
-            context.style,
-            context.client.username,
-        )
-    )
+    context.client.private(recipient, text)  # shown when the server's echo comes back
 
 
 def _cmd_reply(context: CommandContext, args: str) -> None:
@@ -198,9 +275,56 @@ def _cmd_me(context: CommandContext, args: str) -> None:
         context.show("usage: /me action")
         return
     context.client.action(args)
-    context.say_line(
-        format_chat(Chat(sender=context.client.username, text=args, sent_at=time.time(), action=True), context.style)
-    )
+
+
+def _cmd_join(context: CommandContext, args: str) -> None:
+    room = args.strip().split(" ")[0]
+    if not room:
+        context.show("usage: /join #room")
+        return
+    if room in context.client.rooms or "#" + room.lower() in context.client.rooms:
+        context.client.active_room = room if room in context.client.rooms else "#" + room.lower()
+        context.show(f"*** now talking in {context.client.active_room}")
+        return
+    context.client.join(room)
+
+
+def _cmd_part(context: CommandContext, args: str) -> None:
+    room, reason = _split_room(context, args)
+    context.client.part(room or None, reason)
+
+
+def _cmd_list(context: CommandContext, _args: str) -> None:
+    context.client.command("list")
+
+
+def _cmd_topic(context: CommandContext, args: str) -> None:
+    room, text = _split_room(context, args)
+    if not room:
+        context.show("usage: /topic [#room] [text]")
+        return
+    context.client.command("topic", room, *([text] if text else []))
+
+
+def _cmd_history(context: CommandContext, args: str) -> None:
+    room, rest = _split_room(context, args)
+    count = rest.split(" ")[0] if rest else ""
+    if count and not count.isdigit():
+        context.show("usage: /history [#room] [number of lines]")
+        return
+    oldest = context.oldest_seen.get(room, 0)
+    context.client.command("history", room, count, str(oldest) if oldest else "")
+
+
+def _cmd_sessions(context: CommandContext, _args: str) -> None:
+    context.client.command("sessions")
+
+
+def _cmd_logout(context: CommandContext, args: str) -> None:
+    if not args.strip():
+        context.show("usage: /logout ID (from /sessions) or /logout others")
+        return
+    context.client.command("logout", args.strip())
 
 
 def _cmd_quit(_context: CommandContext, args: str) -> None:
@@ -211,17 +335,25 @@ COMMANDS: dict[str, Command] = {
     command.name: command
     for command in (
         Command("help", "", "list the commands", _cmd_help),
-        Command("who", "", "who is online", _cmd_who),
-        Command("msg", "NAME text", "a private message to one person", _cmd_msg),
+        Command("join", "#room", "join a room (created if new) and talk there", _cmd_join),
+        Command("part", "[#room] [reason]", "leave a room (the current one by default)", _cmd_part),
+        Command("list", "", "every room, with how many are in it and its topic", _cmd_list),
+        Command("who", "[#room]", "who is in a room (also /names)", _cmd_who),
+        Command("names", "[#room]", "who is in a room", _cmd_who),
+        Command("topic", "[#room] [text]", "show or set a room's topic", _cmd_topic),
+        Command("history", "[#room] [n]", "n earlier lines of a room (default 50)", _cmd_history),
+        Command("msg", "NAME text", "a private message to one person (all their devices)", _cmd_msg),
         Command("reply", "text", "answer the last private message", _cmd_reply),
         Command("me", "action", 'an action line ("* alice waves")', _cmd_me),
+        Command("sessions", "", "your sessions (devices)", _cmd_sessions),
+        Command("logout", "ID|others", "end another of your sessions", _cmd_logout),
         Command("quit", "[message]", "leave, with an optional parting message", _cmd_quit),
     )
 }
 
 
 def handle_line(context: CommandContext, line: str) -> None:
-    """Run a command or send a line. Raises ``Quit`` for /quit, ``ChatError`` if offline."""
+    """Run a command or send a line to the active room. Raises ``Quit`` for /quit, ``ChatError`` if offline."""
     if not line.strip():
         return
     if line.startswith("//"):
@@ -236,8 +368,7 @@ def handle_line(context: CommandContext, line: str) -> None:
         return
     else:
         text = line
-    context.client.say(text)
-    context.say_line(format_chat(Chat(sender=context.client.username, text=text, sent_at=time.time()), context.style))
+    context.client.say(text)  # shown when the server's echo comes back
 
 
 # --------------------------------------------------------------------------- reconnection
@@ -349,7 +480,18 @@ def read_lines(fd: int, encoding: str, add: Callable[[str], None]) -> None:
         add(partial.rstrip("\r"))
 
 
-def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -> int:
+def enter_room(client: ChatClient, room: str) -> None:
+    """``--room``: join a room (if not in it already) and make it where lines go."""
+    try:
+        name = normalize_room(room)
+    except ValueError as exc:
+        raise ChatError(f"--room {room}: {exc}") from None
+    if name not in client.rooms:
+        client.join(name)  # the server handles it before any line sent after it
+    client.active_room = name
+
+
+def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], room: str = "") -> int:
     """Non-interactive mode: lines in, events out, one line each. Returns the exit status.
 
     Lines read while the link is down wait and are sent, in order, once the
@@ -369,8 +511,11 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
     client = ChatClient(host, port, **options)
     try:
         client.login(user, password)
+        if room:
+            enter_room(client, room)
     except ChatError as exc:
         print(style.text(f"error: {exc}"), file=sys.stderr)
+        client.close()
         return 1
     # Guards stdout and stderr, written by the main thread and the event thread.
     output_lock = threading.Lock()
@@ -405,6 +550,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
                 if isinstance(event, Disconnected):
                     ended = event
                     break
+                if isinstance(event, Chat) and event.ref:
+                    continue  # the echo of a line of ours: stdout carries what others said
                 formatted = format_event(event, style, client.username)
                 if formatted is not None:
                     line, is_error = formatted
@@ -444,7 +591,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
     printer.start()
     reader.start()
     # Our own lines are not echoed in batch mode: stdout carries only what others said.
-    context = CommandContext(client, say_line=lambda _line: None, show=report)
+    context = CommandContext(client, show=report)
 
     def ready() -> bool:
         return bool(state.ended) or state.input_ended or (state.online and bool(state.pending))
@@ -474,11 +621,11 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any]) -
             except ChatError:
                 # The link dropped under us: the line stays first; wait until the event thread has
                 # noticed (or already resumed), then try it again.
+                def link_changed(session: int = session) -> bool:
+                    return bool(state.ended) or not state.online or state.sessions != session
+
                 with state.changed:
-                    state.changed.wait_for(
-                        lambda session=session: bool(state.ended) or not state.online or state.sessions != session,
-                        timeout=RECONNECT_FIRST_DELAY,
-                    )
+                    state.changed.wait_for(link_changed, timeout=RECONNECT_FIRST_DELAY)
                 continue
             with state.changed:
                 state.pending.popleft()
@@ -543,11 +690,12 @@ def connect_and_login(client: ChatClient, user: str, password: str) -> None:
         client.confirm_host_key = original
 
 
-def run_interactive(host: str, port: int, user: str | None, options: dict[str, Any]) -> int:
+def run_interactive(host: str, port: int, user: str | None, options: dict[str, Any], room: str = "") -> int:
     """The terminal client. Returns the exit status."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import Completer, Completion
     from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
     from prompt_toolkit.patch_stdout import patch_stdout
 
     try:
@@ -560,6 +708,8 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
     try:
         connect_and_login(client, user, password)
+        if room:
+            enter_room(client, room)
     except ChatError as exc:
         print(style.text(f"error: {exc}"), file=sys.stderr)
         client.close()
@@ -570,8 +720,14 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         return 1
     del password  # not kept: an expired session asks again
 
+    # Unread lines and mentions per room, kept by the event thread and shown in the toolbar.
+    # Guards unread.
+    unread_lock = threading.Lock()
+    unread: dict[str, int] = {}
+
     class ChatCompleter(Completer):
-        """Completes /commands at the start of a line, and names of people online anywhere."""
+        """Completes /commands, #rooms, and names of people in the current room (followed by a space,
+        or by ": " at the start of a line, as IRC clients do)."""
 
         def get_completions(self, document: Any, complete_event: Any) -> Any:
             before = document.text_before_cursor
@@ -581,15 +737,66 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                     if name.startswith(word[1:]):
                         yield Completion(f"/{name} ", start_position=-len(word))
                 return
+            if word.startswith("#"):
+                for room_name in client.rooms:
+                    if room_name.startswith(word.lower()):
+                        yield Completion(f"{room_name} ", start_position=-len(word))
+                return
+            suffix = ": " if before == word else " "
             for name in client.members:
                 if name != client.username and word and name.lower().startswith(word.lower()):
-                    yield Completion(name, start_position=-len(word))
+                    yield Completion(name + suffix, start_position=-len(word))
+
+    def switch_room(step: int = 0, index: int | None = None) -> None:
+        rooms = list(client.rooms)
+        if not rooms:
+            return
+        if index is None:
+            current = rooms.index(client.active_room) if client.active_room in rooms else 0
+            index = (current + step) % len(rooms)
+        if 0 <= index < len(rooms):
+            client.active_room = rooms[index]
+            with unread_lock:
+                unread.pop(client.active_room, None)
+            session.app.invalidate()
+
+    bindings = KeyBindings()
+
+    @bindings.add("c-n")
+    def _next_room(_event: Any) -> None:
+        switch_room(+1)
+
+    @bindings.add("c-p")
+    def _previous_room(_event: Any) -> None:
+        switch_room(-1)
+
+    for digit in range(1, 10):
+
+        @bindings.add("escape", str(digit))
+        def _room_by_number(_event: Any, number: int = digit) -> None:
+            switch_room(index=number - 1)
+
+    def toolbar() -> Any:
+        parts = []
+        with unread_lock:
+            counts = dict(unread)
+        for number, room_name in enumerate(client.rooms, start=1):
+            count = counts.get(room_name, 0)
+            mark = f"({count})" if count else ""
+            shown = f"[{room_name}]" if room_name == client.active_room else room_name
+            parts.append(f"{number}:{shown}{mark}")
+        return " ".join(parts) + "   Ctrl-N/P, Alt-1..9: switch room"
+
+    def prompt_text() -> str:
+        return f"{sanitize_text(client.active_room or client.username)}> "
 
     session: PromptSession[str] = PromptSession(
         completer=ChatCompleter(),
         history=InMemoryHistory(),
         erase_when_done=True,
         complete_while_typing=False,
+        key_bindings=bindings,
+        bottom_toolbar=toolbar,
     )
     online = threading.Event()  # set while a session is up
     online.set()
@@ -600,7 +807,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     def show(text: str) -> None:
         print(style.system(text), flush=True)
 
-    context = CommandContext(client, say_line=lambda line: print(line, flush=True), show=show, style=style)
+    context = CommandContext(client, show=show, style=style)
 
     def exit_prompt() -> None:
         # Once only: the prompt's pre_run hook may have asked already, and a second exit raises.
@@ -627,11 +834,21 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                 if isinstance(event, Disconnected):
                     ended = event
                     break
-                if isinstance(event, Chat) and event.private and event.sender != client.username:
-                    context.last_private_sender = event.sender
-                formatted = format_event(event, style, client.username)
+                context.note(event)
+                if (
+                    isinstance(event, Chat)
+                    and event.room
+                    and event.room != client.active_room
+                    and not event.history
+                    and event.sender != client.username
+                ):
+                    with unread_lock:
+                        unread[event.room] = unread.get(event.room, 0) + 1
+                formatted = format_event(event, style, client.username, client.active_room)
                 if formatted is not None:
                     print(formatted[0], flush=True)
+                if session.app.is_running:
+                    session.app.invalidate()  # the prompt and toolbar show the active room and unread counts
             if ended is None or leaving.is_set():
                 return
             online.clear()
@@ -660,7 +877,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         reader.start()
         return reader
 
-    show(f"*** connected to {host}:{port} as {client.username}; online: {', '.join(client.members)}")
+    show(f"*** connected to {host}:{port} as {client.username}; rooms: {', '.join(client.rooms)}")
     show("*** type /help for commands, Ctrl-D or /quit to leave")
     parting = ""
     status = 0
@@ -668,7 +885,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         reader = start_reader()
         while True:
             try:
-                line = session.prompt(f"{style.text(client.username)}> ", pre_run=exit_if_reader_asked)
+                line = session.prompt(prompt_text, pre_run=exit_if_reader_asked)
             except (EOFError, KeyboardInterrupt):
                 if need_password.is_set():
                     need_password.clear()
@@ -722,6 +939,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument("--user", metavar="NAME", help="user name (asked for on a terminal if omitted)")
+    parser.add_argument("--room", metavar="#ROOM", default="", help="join this room at start and talk there")
+    parser.add_argument(
+        "--device", metavar="LABEL", default=platform.node()[:40], help="this device's name in /sessions"
+    )
     parser.add_argument(
         "--known-hosts",
         type=Path,
@@ -749,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
         "known_hosts": KnownHosts(args.known_hosts),
         "accept_new_host_key": args.accept_new_host_key,
         "key_size": args.key_size,
+        "device": args.device,
     }
     if sys.stdin.isatty():
-        return run_interactive(args.host, args.port, args.user, options)
-    return run_batch(args.host, args.port, args.user, options)
+        return run_interactive(args.host, args.port, args.user, options, args.room)
+    return run_batch(args.host, args.port, args.user, options, args.room)

@@ -95,7 +95,7 @@ def test_adduser_writes_a_0600_file_without_the_password_in_clear(users):
 
 @pytest.mark.parametrize("name", ["alice", "ALICE", "Alice"])
 def test_adduser_of_a_taken_name_fails_in_one_line(users, name):
-    assert admin("adduser", "alice", users=users, password="pw-one").returncode == 0
+    assert admin("adduser", "alice", users=users, password="plum orchard one").returncode == 0
     before = users.read_bytes()
     result = admin("adduser", name, users=users, password="pw-two")
     assert result.returncode == 1
@@ -119,7 +119,7 @@ def test_adduser_with_an_empty_password_fails(users):
 
 
 def test_deluser_of_an_unknown_name_fails_in_one_line(users):
-    assert admin("adduser", "alice", users=users, password="pw").returncode == 0
+    assert admin("adduser", "alice", users=users, password="plum orchard two").returncode == 0
     before = users.read_bytes()
     result = admin("deluser", "nobody", users=users)
     assert result.returncode == 1
@@ -223,7 +223,10 @@ def test_the_server_creates_its_data_dir_0700_and_its_secrets_0600(tmp_path, ser
     server = server_process()
     data_dir = tmp_path / "data"
     assert mode_of(data_dir) == 0o700
-    assert sorted(p.name for p in data_dir.iterdir()) == ["server_key.pem", "token_secret"]
+    names = {p.name for p in data_dir.iterdir()}
+    made = {"server_key.pem", "token_secret", "history_key", "history.sqlite3"}
+    # SQLite's write-ahead log and its index exist while the database is open.
+    assert made <= names <= made | {"history.sqlite3-wal", "history.sqlite3-shm"}
     for path in data_dir.iterdir():
         assert mode_of(path) == 0o600, path
     status, stderr = server.stop()

@@ -13,9 +13,8 @@ import time
 import pytest
 from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
-from securechat import chat
+from securechat import rooms
 from securechat.accounts import LoginThrottle
-from securechat.chat import LocalRoom, merge_join_notices
 from securechat.client import (
     Chat,
     ChatClient,
@@ -28,6 +27,7 @@ from securechat.client import (
     Roster,
 )
 from securechat.protocol import Joined, Say
+from securechat.rooms import Room, merge_join_notices
 
 # --------------------------------------------------------------------------- helpers
 
@@ -92,11 +92,12 @@ def test_every_line_reaches_every_other_member_once_in_order(make_server, connec
             client.say(f"{client.username} line {number}")
 
     for receiver in clients:
-        received = collect_chats(receiver, rounds * (len(clients) - 1))
-        assert all(message.sender != receiver.username for message in received), "echoed to its sender"
+        # Everyone's lines, and its own back as echoes (each carrying the ref it was sent with).
+        received = collect_chats(receiver, rounds * len(clients))
+        own = [message for message in received if message.sender == receiver.username]
+        assert own and all(message.ref for message in own), "an own line came back without its ref"
+        assert not [message for message in received if message.sender != receiver.username and message.ref]
         for sender in clients:
-            if sender is receiver:
-                continue
             from_sender = [message.text for message in received if message.sender == sender.username]
             assert from_sender == [f"{sender.username} line {number}" for number in range(rounds)]
         assert not chats_in(drain(receiver)), "a line arrived twice"
@@ -179,10 +180,11 @@ def test_queued_join_notices_merge_only_when_adjacent():
 
 
 class Listener:
-    """A room member that keeps what it is handed (the room needs only a name and deliver)."""
+    """A room member that keeps what it is handed (the room needs a name, a session id and deliver)."""
 
-    def __init__(self, name):
+    def __init__(self, name, session_id=""):
         self.name = name
+        self.session_id = session_id or f"{name}-session"
         self.received = []
 
     def deliver(self, message):
@@ -198,9 +200,31 @@ class Listener:
         return names
 
 
+def new_room(**options):
+    """A room for these tests, "#test", that no server holds."""
+    return Room("#test", **options)
+
+
+def joined_notice(name):
+    return Notice(event="joined", name=name, room="#test")
+
+
+def say(room, sender, text):
+    """What the hub does for a line: its sender's join goes out first, then the numbered line."""
+    room.before_line_from(sender.name)
+    room.deliver_published(Chat(sender=sender.name, text=text, sent_at=time.time(), room="#test", id=1, seq=1))
+
+
+def roster_of(room, member):
+    """Join ``member`` and return the roster its welcome was given."""
+    seen = []
+    room.join(member, welcome=lambda roster, devices, recent: seen.append(roster))
+    return seen[0]
+
+
 def room_with(*names):
     """A room whose notices go out only when a test sends them, holding ``names``, already announced."""
-    room = LocalRoom(join_notice_delay=60)
+    room = new_room(join_notice_delay=60)
     members = [Listener(name) for name in names]
     for member in members:
         room.join(member)
@@ -212,13 +236,13 @@ def test_joins_in_a_burst_go_out_together_and_each_member_hears_of_those_after_i
     room, (old,) = room_with("old")
     burst = [Listener(name) for name in ("a", "b", "c")]
     for member in burst:
-        roster, _ = room.join(member)
+        roster = roster_of(room, member)
     assert roster == ["a", "b", "c", "old"]
     assert old.received == []  # gathered, not sent one by one
     room.send_join_notices()
-    assert old.received == [Joined(names=["a", "b", "c"])]  # one frame for the whole burst
-    assert burst[0].received == [Joined(names=["b", "c"])]  # "a" saw "old" in its welcome roster
-    assert burst[1].received == [Notice(event="joined", name="c")]
+    assert old.received == [Joined(names=["a", "b", "c"], room="#test")]  # one frame for the whole burst
+    assert burst[0].received == [Joined(names=["b", "c"], room="#test")]  # "a" saw "old" in its welcome roster
+    assert burst[1].received == [joined_notice("c")]
     assert burst[2].received == []
     room.close()
 
@@ -227,18 +251,18 @@ def test_nothing_about_a_member_overtakes_its_join_notice():
     room, (old,) = room_with("old")
     quick = Listener("quick")
     room.join(quick)
-    room.say(quick, "hello at once")
+    say(room, quick, "hello at once")
     assert old.joins() == ["quick"] and isinstance(old.received[-1], Chat)
     leaver = Listener("leaver")
     room.join(leaver)
     room.leave(leaver, "gone")
     assert old.joins() == ["quick", "leaver"]
-    assert old.received[-1] == Notice(event="left", name="leaver", text="gone")
+    assert old.received[-1] == Notice(event="left", name="leaver", text="gone", room="#test")
     room.close()
 
 
 def test_the_join_notice_timer_sends_by_itself_and_stops_with_the_room():
-    room = LocalRoom(join_notice_delay=0.05)
+    room = new_room(join_notice_delay=0.05)
     old = Listener("old")
     room.join(old)
     new = Listener("new")
@@ -249,7 +273,7 @@ def test_the_join_notice_timer_sends_by_itself_and_stops_with_the_room():
     assert old.joins() == ["new"]
     room.join(Listener("late"))
     room.close()  # a pending timer is cancelled and joined: no thread outlives the room
-    assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("join-notices")]
 
 
 def test_members_there_before_a_round_share_one_message():
@@ -258,7 +282,7 @@ def test_members_there_before_a_round_share_one_message():
         room.join(Listener(name))
     room.send_join_notices()
     first = earlier[0].received[-1]
-    assert first == Joined(names=["a", "b"])
+    assert first == Joined(names=["a", "b"], room="#test")
     # The same object, so its JSON is encoded once for the whole room.
     assert all(member.received[-1] is first for member in earlier)
     room.close()
@@ -273,7 +297,7 @@ def wait_for_joins(listener, names, timeout=TIMEOUT):
 
 def test_the_wait_for_a_round_follows_the_room_size_and_the_last_round(monkeypatch):
     now = [1000.0]  # the pacing's clock, moved by hand (a round sent by a timer is stamped with it too)
-    room = LocalRoom(join_notice_delay=0.01, join_notice_rate=10, clock=lambda: now[0])
+    room = new_room(join_notice_delay=0.01, join_notice_rate=10, clock=lambda: now[0])
     for name in ("old", "a", "b", "c", "d"):
         room.join(Listener(name))
     room.send_join_notices()  # the last round: at 1000.0
@@ -282,12 +306,12 @@ def test_the_wait_for_a_round_follows_the_room_size_and_the_last_round(monkeypat
     assert room._join_notice_wait() == pytest.approx(0.2)
     now[0] += 10.0  # long after the last round: only the short delay
     assert room._join_notice_wait() == pytest.approx(0.01)
-    monkeypatch.setattr(chat, "JOIN_NOTICE_MAX_DELAY", 0.3)
+    monkeypatch.setattr(rooms, "JOIN_NOTICE_MAX_DELAY", 0.3)
     room.join_notice_rate = 0.001  # 5,000 s a round: the pacing is capped
     assert room._join_notice_wait() == pytest.approx(0.3)
     room.close()
     # The cap limits the pacing only, never the delay the room was given.
-    patient = LocalRoom(join_notice_delay=60, join_notice_rate=0.001)
+    patient = new_room(join_notice_delay=60, join_notice_rate=0.001)
     patient.join(Listener("old"))
     assert patient._join_notice_wait() == 60
     patient.close()
@@ -308,7 +332,7 @@ def test_a_timer_that_lost_the_race_to_an_earlier_round_sends_nothing():
 def test_rounds_of_join_notices_are_spaced_by_the_size_of_the_room():
     # 5 members at 10 frames a second: after any round, the next waits at least 0.5 s.
     start = time.monotonic()  # every round happens after this
-    room = LocalRoom(join_notice_delay=0.2, join_notice_rate=10)
+    room = new_room(join_notice_delay=0.2, join_notice_rate=10)
     old = Listener("old")
     room.join(old)
     for name in ("a", "b", "c"):
@@ -325,41 +349,41 @@ def test_rounds_of_join_notices_are_spaced_by_the_size_of_the_room():
 
 
 def test_the_welcome_roster_is_taken_as_the_member_joins_and_comes_first():
-    room = LocalRoom(join_notice_delay=60)
+    room = new_room(join_notice_delay=60)
     old = Listener("old")
-    room.join(old, welcome=lambda roster: old.deliver(("welcome", roster)))
+    room.join(old, welcome=lambda roster, devices, recent: old.deliver(("welcome", roster)))
     room.send_join_notices()
     new = Listener("new")
-    room.join(new, welcome=lambda roster: new.deliver(("welcome", roster)))
-    room.say(old, "hello")  # reaches new after its welcome, never before
+    room.join(new, welcome=lambda roster, devices, recent: new.deliver(("welcome", roster)))
+    say(room, old, "hello")  # reaches new after its welcome, never before
     assert new.received[0] == ("welcome", ["new", "old"])
     assert isinstance(new.received[1], Chat) and new.joins() == []
     room.close()
 
 
 def test_without_a_delay_each_join_is_announced_at_once():
-    room = LocalRoom(join_notice_delay=0)
+    room = new_room(join_notice_delay=0)
     first, second = Listener("first"), Listener("second")
     room.join(first)
     room.join(second)
-    assert first.received == [Notice(event="joined", name="second")]
+    assert first.received == [joined_notice("second")]
     assert second.received == []
-    assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("join-notices")]
 
 
 def test_a_closed_room_starts_no_timer():
-    room = LocalRoom(join_notice_delay=60)
+    room = new_room(join_notice_delay=60)
     room.close()
-    roster, _ = room.join(Listener("late"))
-    assert roster == ["late"]
-    assert not [thread for thread in threading.enumerate() if thread.name == "join-notices"]
+    assert roster_of(room, Listener("late")) == ["late"]
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("join-notices")]
 
 
 def test_a_burst_of_joins_reaches_the_client_as_one_notice_each(make_server, connect):
     quick = make_server()
     alice = connect("alice", to=quick)
     connection = next(c for c in quick.connections if c.name == "alice")
-    connection.deliver(Joined(names=["bob", "carol", "dave"]))  # what the writer sends when behind
+    wait_for(alice, lambda event: isinstance(event, Roster))  # in the lobby, with its members known
+    connection.deliver(Joined(names=["bob", "carol", "dave"], room="#lobby"))  # what the writer sends when behind
     notices = [wait_for(alice, lambda event: isinstance(event, Notice)) for _ in range(3)]
     assert [(notice.event, notice.name) for notice in notices] == [
         ("joined", "bob"),
@@ -378,7 +402,7 @@ def test_the_server_names_the_sender(connect):
         def to_dict(self):
             return {**super().to_dict(), "sender": "bob", "private": True, "recipient": "carol"}
 
-    send_sealed(alice, SpoofedSay(token=alice.token, text="this is bob speaking"))
+    send_sealed(alice, SpoofedSay(token=alice.token, room="#lobby", text="this is bob speaking"))
     for listener in (bob, carol):
         message = wait_for(listener, chat_with("this is bob speaking"))
         assert message.sender == "alice"
@@ -398,12 +422,14 @@ def test_private_lines_reach_only_their_recipient(connect):
         "bob",
     )
     assert not chats_in(drain(carol)), "a private line reached a third person"
-    assert not chats_in(drain(alice)), "a private line came back to its sender"
+    echoes = chats_in(drain(alice))
+    assert [(echo.text, echo.recipient, bool(echo.ref)) for echo in echoes] == [("just between us", "bob", True)]
 
-    alice.private("dave", "are you there?")  # dave has an account but is not online
+    alice.private("nobody", "are you there?")  # no such account
     refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
     assert refusal.code == "no_such_user"
     assert not refusal.fatal
+    assert not chats_in(drain(alice)), "a refused private line was echoed"
     assert_chatting(alice, bob, "still connected after the refusal")
 
 
@@ -494,18 +520,19 @@ def test_password_hashing_yields_the_cpu_to_the_room(server, connect):
     assert os.getpriority(os.PRIO_PROCESS, server.keepalive.native_id) == ours  # the rest of the server is not lowered
 
 
-def test_a_second_login_replaces_the_first_session(connect):
+def test_a_second_login_keeps_the_first_session(connect):
     first, bob = log_in_all(connect, "alice", "bob")
     second = connect("alice")
-    goodbye = wait_for(first, lambda event: isinstance(event, Goodbye))
-    assert "elsewhere" in goodbye.reason
-    wait_for(first, is_disconnected)
     bob.say("which alice hears this?")
+    assert wait_for(first, chat_with("which alice hears this?")).sender == "bob"
     assert wait_for(second, chat_with("which alice hears this?")).sender == "bob"
-    assert not chats_in(drain(first, quiet=0.1))
+    assert not [event for event in drain(first, quiet=0.1) if isinstance(event, Goodbye | Disconnected)]
+    drain(bob, quiet=0.1)  # the roster bob got when he came in
     bob.who()
-    assert wait_for(bob, lambda event: isinstance(event, Roster)).members == ["alice", "bob"]
+    roster = wait_for(bob, lambda event: isinstance(event, Roster))
+    assert (roster.members, roster.devices) == (["alice", "bob"], [2, 1])
     assert_chatting(second, bob, "the new session speaks")
+    assert_chatting(first, bob, "and so does the first")
 
 
 def test_resume_after_a_lost_connection(connect):
@@ -614,14 +641,16 @@ def test_a_password_changed_while_a_login_is_being_checked_still_ends_that_sessi
     wait_for(bob, left("alice"))
 
 
-def test_a_session_pushed_out_by_a_new_login_cannot_come_back(make_server, connect):
+def test_a_session_logged_out_from_another_device_cannot_come_back(make_server, connect):
     quick = make_server()
     bob = connect("bob", to=quick)
     old = connect("alice", to=quick)
     old_token = old.token
     new = connect("alice", to=quick)
+    new.command("logout", "others")
+    wait_for(new, lambda event: isinstance(event, Notice) and event.text == "ended 1 other session")
     goodbye = wait_for(old, lambda event: isinstance(event, Goodbye))
-    assert "elsewhere" in goodbye.reason and not goodbye.may_reconnect
+    assert "another device" in goodbye.reason and not goodbye.may_reconnect
     wait_for(old, is_disconnected)
     old.close()
     old.token = old_token

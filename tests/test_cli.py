@@ -23,9 +23,9 @@ import pytest
 from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
 from terminal import Terminal
 
-from securechat.chat import LocalRoom
-from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice
+from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Roster
 from securechat.connection import AuthenticationFailed
+from securechat.hub import ChatHub
 from securechat.listener import ChatServer, ServerConfig
 
 CLIENT = str(ROOT / "client.py")
@@ -117,9 +117,9 @@ def terminals(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
         terminal.close()
 
 
-def at_prompt(name: str, text: str = "") -> Callable[[Terminal], bool]:
-    """The cursor sits on ``NAME> text`` at the end of what has been typed."""
-    row = f"{name}> {text}"
+def at_prompt(room: str = "#lobby", text: str = "") -> Callable[[Terminal], bool]:
+    """The cursor sits on ``#ROOM> text`` (the prompt names the active room) at the end of what was typed."""
+    row = f"{room}> {text}"
 
     def check(terminal: Terminal) -> bool:
         cursor = terminal.screen.cursor
@@ -141,22 +141,27 @@ def chat_in_terminal(terminals, tmp_path: Path) -> Callable[..., Terminal]:
         known_hosts = pin(tmp_path / f"known_hosts_{name}", server)
         terminal = terminals(client_args(server.port, name, known_hosts))
         type_password(terminal, name)
-        terminal.wait_until(at_prompt(name), START, f"the {name}> prompt")
+        terminal.wait_until(at_prompt(), START, f"{name}'s #lobby> prompt")
         return terminal
 
     return start
 
 
+def heard(event: object) -> bool:
+    """A chat line from someone else (not the server's echo of one of this client's own lines)."""
+    return isinstance(event, Chat) and not event.ref
+
+
 def chats(client: ChatClient, count: int) -> list[Chat]:
-    """The next ``count`` chat messages ``client`` receives (other events skipped)."""
-    return [wait_for(client, lambda event: isinstance(event, Chat)) for _ in range(count)]
+    """The next ``count`` lines ``client`` hears from others (other events, and its own echoes, skipped)."""
+    return [wait_for(client, heard) for _ in range(count)]
 
 
 def drain_chats(client: ChatClient, quiet: float = 0.3) -> list[str]:
-    """Chat texts that arrive until the client has been quiet for ``quiet`` seconds."""
+    """Texts heard from others until the client has been quiet for ``quiet`` seconds."""
     texts = []
     while (event := client.next_event(timeout=quiet)) is not None:
-        if isinstance(event, Chat):
+        if heard(event):
             texts.append(event.text)
     return texts
 
@@ -283,13 +288,13 @@ def test_interactive_login_hides_the_password_and_chats_both_ways(chat_server, c
     assert "*** connected to 127.0.0.1" in alice.text
 
     alice.type("hello bob\r")
-    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    message = wait_for(bob, heard)
     assert (message.sender, message.text, message.private) == ("alice", "hello bob", False)
     alice.wait_for_text("alice: hello bob", TIMEOUT)
 
     bob.say("hi alice, welcome")
     alice.wait_for_text("bob: hi alice, welcome", TIMEOUT)
-    alice.wait_until(at_prompt("alice"), TIMEOUT, "the prompt below the messages")
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt below the messages")
     assert row_of(alice, "bob: hi alice, welcome") < alice.screen.cursor.y
 
 
@@ -298,17 +303,17 @@ def test_a_message_arriving_mid_line_leaves_the_half_typed_line_intact(chat_serv
     alice = chat_in_terminal("alice", chat_server)
 
     alice.type("half-typed words")
-    alice.wait_until(at_prompt("alice", "half-typed words"), TIMEOUT, "the typed keys on the prompt")
+    alice.wait_until(at_prompt("#lobby", "half-typed words"), TIMEOUT, "the typed keys on the prompt")
     bob.say("news from bob")
     alice.wait_for_text("bob: news from bob", TIMEOUT)
-    alice.wait_until(at_prompt("alice", "half-typed words"), TIMEOUT, "the half-typed line redrawn")
+    alice.wait_until(at_prompt("#lobby", "half-typed words"), TIMEOUT, "the half-typed line redrawn")
 
     assert row_of(alice, "bob: news from bob") < alice.screen.cursor.y
-    assert alice.cursor_row == "alice> half-typed words"
+    assert alice.cursor_row == "#lobby> half-typed words"
     assert sum("half-typed words" in line for line in alice.lines) == 1
 
     alice.type("\r")
-    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    message = wait_for(bob, heard)
     assert (message.sender, message.text) == ("alice", "half-typed words")
 
 
@@ -323,14 +328,14 @@ def test_first_contact_asks_about_the_key_and_pins_it(chat_server, terminals, tm
     assert f"[127.0.0.1]:{chat_server.port}" in first.text
     assert chat_server.fingerprint in first.text
     first.type("yes\r")
-    first.wait_until(at_prompt("alice"), START, "the prompt after yes")
+    first.wait_until(at_prompt(), START, "the prompt after yes")
     assert known_hosts.read_text().split() == [f"[127.0.0.1]:{chat_server.port}", chat_server.fingerprint]
     first.type("\x04")
     assert first.wait_exit(TIMEOUT) == 0
 
     second = terminals(client_args(chat_server.port, "alice", known_hosts))
     type_password(second, "alice")
-    second.wait_until(at_prompt("alice"), START, "the prompt without a question")
+    second.wait_until(at_prompt(), START, "the prompt without a question")
     assert "yes/no" not in second.text
     assert chat_server.fingerprint not in second.text
     second.type("\x04")
@@ -373,8 +378,8 @@ def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batc
     carol.say("over to you")
 
     expected = {
-        "alice": [f"bob: {line}" for line in lines["bob"]] + ["carol: over to you"],
-        "bob": [f"alice: {line}" for line in lines["alice"]] + ["carol: over to you"],
+        "alice": [f"#lobby bob: {line}" for line in lines["bob"]] + ["#lobby carol: over to you"],
+        "bob": [f"#lobby alice: {line}" for line in lines["alice"]] + ["#lobby carol: over to you"],
     }
     for name, client in (("alice", alice), ("bob", bob)):
         client.stdout.wait_for(
@@ -387,7 +392,7 @@ def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batc
         output = client.stdout.lines
         for line in expected[name]:
             assert output.count(line) == 1, f"{name} got {line[:40]!r} {output.count(line)} times"
-        assert not [line for line in output if line.startswith(f"{name}:")], "own lines are not echoed"
+        assert not [line for line in output if line.startswith(f"#lobby {name}:")], "own lines are not echoed"
         assert client.stderr.lines == []
     assert drain_chats(carol) == [], "carol heard a line twice"
 
@@ -478,7 +483,7 @@ def test_batch_input_ending_while_offline_reports_what_was_not_sent_and_exits_at
 
 
 def test_batch_lines_read_while_offline_are_sent_in_order_after_resuming(lying_server, batch_clients, join):
-    first = lying_server(LocalRoom())
+    first = lying_server()
     bob = join("bob", first)
     alice = batch_clients(first, "alice", "--accept-new-host-key")
     wait_for(bob, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
@@ -488,7 +493,7 @@ def test_batch_lines_read_while_offline_are_sent_in_order_after_resuming(lying_s
     alice.send(*offline_lines)
     # Restart after the first failed retry: the next one is 2 s away, time enough for carol to be in first.
     alice.stderr.wait_for(has_line("reconnecting in 2 s"), RECONNECT, "a second retry planned")
-    second = lying_server(LocalRoom(), port=first.port)
+    second = lying_server(port=first.port)
     carol = join("carol", second)
 
     assert [(message.sender, message.text) for message in chats(carol, 3)] == [
@@ -503,9 +508,10 @@ def test_batch_sent_away_by_the_server_stops_with_an_error(chat_server, batch_cl
     carol = join("carol", chat_server)
     alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
     wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
-    join("alice", chat_server)  # the same user logs in elsewhere: this session is over, not lost
+    other_device = join("alice", chat_server)
+    other_device.command("logout", "others")  # this session is over, not lost
 
-    alice.stderr.wait_for(has_line("error: disconnected: logged in again from elsewhere"), TIMEOUT, "the reason")
+    alice.stderr.wait_for(has_line("error: disconnected: logged out from another device"), TIMEOUT, "the reason")
     assert alice.process.wait(timeout=TIMEOUT) == 1, "exits without waiting for the end of its input"
 
 
@@ -518,7 +524,7 @@ def test_who_me_and_a_private_message_nobody_else_sees(chat_server, chat_in_term
     alice = chat_in_terminal("alice", chat_server)
 
     alice.type("/who\r")
-    alice.wait_for_text("*** online (3): alice, bob, carol", TIMEOUT)
+    alice.wait_for_text("*** in #lobby (3): alice, bob, carol", TIMEOUT)
 
     alice.type("/me waves\r")
     alice.wait_for_text("* alice waves", TIMEOUT)
@@ -545,7 +551,7 @@ def test_unknown_command_hints_and_sends_nothing_and_double_slash_sends(chat_ser
     alice.type("//shrug is not a command\r")
 
     # The first chat bob gets is the // line: the unknown command sent nothing before it.
-    message = wait_for(bob, lambda event: isinstance(event, Chat))
+    message = wait_for(bob, heard)
     assert (message.sender, message.text) == ("alice", "/shrug is not a command")
 
 
@@ -554,15 +560,20 @@ def test_tab_completes_commands_and_online_names(chat_server, chat_in_terminal, 
     alice = chat_in_terminal("alice", chat_server)
 
     alice.type("/wh\t")
-    alice.wait_until(at_prompt("alice", "/who "), TIMEOUT, "'/wh' completed to '/who '")
+    alice.wait_until(at_prompt("#lobby", "/who "), TIMEOUT, "'/wh' completed to '/who '")
     alice.type("\x15")  # Ctrl-U: clear the line
-    alice.wait_until(at_prompt("alice"), TIMEOUT, "an empty prompt")
+    alice.wait_until(at_prompt(), TIMEOUT, "an empty prompt")
 
     alice.type("thanks ca\t")
-    alice.wait_until(at_prompt("alice", "thanks carol"), TIMEOUT, "'ca' completed to 'carol'")
-    alice.type("\r")
-    message = wait_for(carol, lambda event: isinstance(event, Chat))
-    assert message.text == "thanks carol"
+    alice.wait_until(at_prompt("#lobby", "thanks carol "), TIMEOUT, "'ca' completed to 'carol '")
+    alice.type("for the tea\r")  # the completed name is followed by a space: the next word is not glued on
+    message = wait_for(carol, heard)
+    assert message.text == "thanks carol for the tea"
+
+    alice.type("ca\t")  # at the start of a line a name is followed by ": ", as IRC clients do
+    alice.wait_until(at_prompt("#lobby", "carol: "), TIMEOUT, "'ca' completed to 'carol: '")
+    alice.type("got it?\r")
+    assert wait_for(carol, heard).text == "carol: got it?"
 
 
 def test_quit_with_a_message_is_seen_by_the_others(chat_server, chat_in_terminal, join):
@@ -599,32 +610,40 @@ def test_escape_sequences_in_a_message_are_shown_harmlessly(chat_server, chat_in
 ESCAPES = "\x1b[2J\x1b[31mRED\x1b]0;pwned\x07"
 
 
-class HostileRoom(LocalRoom):
-    """A room that forwards raw escape sequences, as a compromised or buggy server might.
+class HostileHub(ChatHub):
+    """A hub that forwards raw escape sequences, as a compromised or buggy server might.
 
     The real server sanitizes text before fan-out; this one does not, so what
     the screen shows is the client's own defence.
     """
 
-    def say(self, sender, text: str, *, action: bool = False) -> None:
+    def say(self, member, room_name: str, text: str, *, action: bool = False, ref: str = "") -> None:
         if text != "inject":
-            super().say(sender, text, action=action)
+            super().say(member, room_name, text, action=action, ref=ref)
             return
-        with self.members_lock:
-            recipients = [member for member in self.members.values() if member is not sender]
-        for recipient in recipients:
-            recipient.deliver(Chat(sender=f"{sender.name}\x1b[1;1H", text=ESCAPES, sent_at=time.time()))
-            recipient.deliver(Notice(event="info", text=f"notice {ESCAPES}"))
+        room = self.local_room(room_name)
+        names, _ = room.roster()
+        for name in names:
+            for session in room.sessions_of(name):
+                if session is member:
+                    continue
+                session.deliver(
+                    Chat(sender=f"{member.name}\x1b[1;1H", text=ESCAPES, sent_at=time.time(), room=room_name)
+                )
+                session.deliver(Notice(event="info", text=f"notice {ESCAPES}", room=room_name))
 
 
 @pytest.fixture
 def lying_server(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., SimpleNamespace]]:
-    """Factory: an in-process server with the given room (and server class); stopped at teardown."""
+    """Factory: an in-process server with the given hub (and server class); stopped at teardown."""
     started: list[ChatServer] = []
 
-    def start(room: LocalRoom, server_class: type[ChatServer] = ChatServer, port: int = 0) -> SimpleNamespace:
+    def start(
+        hub_class: type[ChatHub] = ChatHub, server_class: type[ChatServer] = ChatServer, port: int = 0
+    ) -> SimpleNamespace:
         config = ServerConfig(host="127.0.0.1", port=port, users_path=users_file, data_dir=tmp_path / "hostile")
-        server = server_class(config, room=room).start()
+        with_hub = type(f"{server_class.__name__}With{hub_class.__name__}", (server_class,), {"hub_class": hub_class})
+        server = with_hub(config).start()
         started.append(server)
         return SimpleNamespace(port=server.address[1], fingerprint=server.fingerprint, stop=server.stop)
 
@@ -635,8 +654,8 @@ def lying_server(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., Sim
 
 @pytest.fixture
 def hostile_server(lying_server) -> SimpleNamespace:
-    """An in-process server with a ``HostileRoom``."""
-    return lying_server(HostileRoom())
+    """An in-process server with a ``HostileHub``."""
+    return lying_server(HostileHub)
 
 
 def test_the_client_itself_neutralises_escapes_a_server_forwards(hostile_server, chat_in_terminal, join):
@@ -660,27 +679,23 @@ def test_the_client_itself_neutralises_escapes_a_server_forwards(hostile_server,
 SHORT_ESCAPES = "\x1b[2J\x1b]0;pwned\x07"
 
 
-class LyingRoom(HostileRoom):
+class LyingHub(HostileHub):
     """Escapes in everything else a server says: member names, errors, reasons for closing."""
 
-    def who(self) -> list[str]:
-        return sorted([*super().who(), f"mal{SHORT_ESCAPES}"])
+    def who(self, member, room_name: str) -> None:
+        names, _ = self.local_room(room_name).roster()
+        lying = sorted([*names, f"mal{SHORT_ESCAPES}"])
+        member.deliver(Roster(members=lying, devices=[1] * len(lying), room=room_name))
 
-    def join(self, member, welcome=None):
-        def lying_welcome(roster):
-            welcome(sorted([*roster, f"mal{SHORT_ESCAPES}"]))
-
-        return super().join(member, lying_welcome if welcome else None)
-
-    def say(self, sender, text: str, *, action: bool = False) -> None:
+    def say(self, member, room_name: str, text: str, *, action: bool = False, ref: str = "") -> None:
         if text == "inject-error":
-            sender.deliver(ErrorReply(code="nope", message=f"refused {ESCAPES}"))
+            member.deliver(ErrorReply(code="nope", message=f"refused {ESCAPES}"))
         elif text == "inject-goodbye":
-            sender.finish("kicked", Goodbye(reason=f"kicked {ESCAPES}"))
+            member.finish("kicked", Goodbye(reason=f"kicked {ESCAPES}"))
         elif text == "inject-fatal":
-            sender.finish("kicked", ErrorReply(code="kicked", message=f"dropped {ESCAPES}", fatal=True))
+            member.finish("kicked", ErrorReply(code="kicked", message=f"dropped {ESCAPES}", fatal=True))
         else:
-            super().say(sender, text, action=action)
+            super().say(member, room_name, text, action=action, ref=ref)
 
 
 class LyingLogin(ChatServer):
@@ -700,9 +715,10 @@ def assert_nothing_drove_the_screen(terminal: Terminal, first_line: str) -> None
 
 
 def test_names_errors_and_goodbyes_from_a_lying_server_are_shown_harmlessly(lying_server, chat_in_terminal):
-    server = lying_server(LyingRoom())
+    server = lying_server(LyingHub)
     alice = chat_in_terminal("alice", server)
-    alice.wait_for_text("online: alice, mal\ufffd[2J\ufffd]0;pwned\ufffd", TIMEOUT)
+    alice.type("/who\r")
+    alice.wait_for_text("*** in #lobby (2): alice, mal\ufffd[2J\ufffd]0;pwned\ufffd", TIMEOUT)
 
     alice.type("inject-error\r")
     alice.wait_for_text("error: refused \ufffd[2J\ufffd[31mRED", TIMEOUT)
@@ -721,23 +737,23 @@ def test_a_user_name_the_server_makes_up_is_shown_harmlessly(lying_server, termi
         "Welcome",
         lambda **fields: real_welcome(**{**fields, "username": fields["username"] + SHORT_ESCAPES}),
     )
-    server = lying_server(LocalRoom())
+    server = lying_server()
     alice = terminals(client_args(server.port, "alice", pin(tmp_path / "known_hosts", server)))
     type_password(alice, "alice")
-    alice.wait_for_text("as alice\ufffd[2J\ufffd]0;pwned\ufffd; online:", START)
-    alice.wait_until(at_prompt("alice\ufffd[2J\ufffd]0;pwned\ufffd"), TIMEOUT, "the prompt with the name")
+    alice.wait_for_text("as alice\ufffd[2J\ufffd]0;pwned\ufffd; rooms:", START)
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt")
     assert_nothing_drove_the_screen(alice, "Password for alice:")
 
 
 def test_batch_shows_a_lying_refusal_harmlessly(lying_server, tmp_path):
-    server = lying_server(LocalRoom(), LyingLogin)
+    server = lying_server(server_class=LyingLogin)
     result = run_batch(tmp_path, server.port, "alice", "--accept-new-host-key", password=password_of("alice"))
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["error: no entry \ufffd[2J\ufffd[31mRED\ufffd]0;pwned\ufffd"]
 
 
 def test_batch_shows_why_a_lying_server_dropped_it_harmlessly(lying_server, batch_clients, join):
-    server = lying_server(LyingRoom())
+    server = lying_server(LyingHub)
     carol = join("carol", server)
     alice = batch_clients(server, "alice", "--accept-new-host-key")
     wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
@@ -756,7 +772,7 @@ def test_ctrl_d_leaves_cleanly_and_restores_the_terminal(chat_server, terminals,
     argv = ["/bin/sh", "-c", report, *client_args(chat_server.port, "alice", known_hosts)]
     alice = terminals(argv)
     type_password(alice, "alice")
-    alice.wait_until(at_prompt("alice"), START, "the prompt")
+    alice.wait_until(at_prompt(), START, "the prompt")
 
     alice.type("\x04")
     notice = wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "left")
@@ -790,9 +806,9 @@ def test_reconnects_after_a_server_restart_without_asking_the_password(
     alice.wait_for_text("*** reconnected as alice", RECONNECT)
     assert alice.output.count(b"Password for") == asked_before
     bob_again = join("bob", restarted)
-    alice.wait_until(at_prompt("alice"), TIMEOUT, "the prompt back")
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt back")
     alice.type("still here\r")
-    message = wait_for(bob_again, lambda event: isinstance(event, Chat))
+    message = wait_for(bob_again, heard)
     assert (message.sender, message.text) == ("alice", "still here")
 
 
@@ -824,7 +840,7 @@ def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_pro
 
     alice.type(password_of("alice") + "\r")
     alice.wait_for_text("logged in again as alice", START)
-    alice.wait_until(at_prompt("alice"), TIMEOUT, "the prompt after logging in again")
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt after logging in again")
     alice.type("back again\r")
     message = wait_for(bob, lambda event: isinstance(event, Chat), timeout=TIMEOUT)
     assert (message.sender, message.text) == ("alice", "back again")

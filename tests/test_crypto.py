@@ -337,7 +337,7 @@ def test_login_round_trip_establishes_the_session_key(pair):
 def test_messages_flow_both_ways_after_login(logged_in):
     say = protocol.Say(token="jwt", text="hello ünïcode 👋")
     assert logged_in.server.open(body_of(logged_in.client.seal(say))) == say
-    welcome = protocol.Welcome(username="alice", token="jwt", expires_at=1, members=["alice"])
+    welcome = protocol.Welcome(username="alice", token="jwt", expires_at=1, rooms=["#lobby"])
     chat = protocol.Chat(sender="bob", text="hi", sent_at=1.0)
     assert logged_in.client.open(body_of(logged_in.server.seal(welcome))) == welcome
     assert logged_in.client.open(body_of(logged_in.server.seal(chat))) == chat
@@ -411,7 +411,7 @@ def test_any_altered_byte_of_a_login_is_refused(pair):
     "message",
     [
         protocol.Chat(sender="admin", text="forged", sent_at=0.0),
-        protocol.Welcome(username="alice", token="t", expires_at=1, members=[]),
+        protocol.Welcome(username="alice", token="t", expires_at=1, rooms=[]),
         protocol.ErrorReply(code="x", message="y"),
         protocol.Notice(event="info", text="z"),
     ],

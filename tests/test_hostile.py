@@ -160,6 +160,14 @@ class RawPeer:
             return decode_control(body)
         return self.channel.open(body)
 
+    def receive_reply(self):
+        """The next message that is not part of entering the rooms (room, roster, history, notices)."""
+        while True:
+            message = self.receive()
+            entering = protocol.Room | protocol.Roster | protocol.History | protocol.Notice | protocol.Joined | Chat
+            if not isinstance(message, entering):
+                return message
+
     def frames_until_closed(self, timeout=TIMEOUT):
         """Every frame the server sends until it closes; fails if it keeps the connection open."""
         deadline = time.monotonic() + timeout
@@ -269,7 +277,7 @@ def test_a_4_gib_length_prefix_before_login(make_server, connect, peers):
 def test_a_4_gib_length_prefix_after_login(make_server, connect, peers):
     alice, bob, attacker = pair_and_raw_carol(connect, peers, make_server())
     attacker.sock.sendall(b"\xff\xff\xff\xff")
-    refusal = attacker.receive()
+    refusal = attacker.receive_reply()
     assert isinstance(refusal, ErrorReply) and refusal.code == "protocol_error" and refusal.fatal
     attacker.frames_until_closed()
     assert "protocol error" in wait_for(alice, left("carol")).text
@@ -293,7 +301,7 @@ def test_garbage_after_login_is_dropped(make_server, connect, peers):
     alice, bob, attacker = pair_and_raw_carol(connect, peers, make_server())
     # A well-framed sealed frame whose envelope is noise.
     attacker.sock.sendall(encode_frame(FrameType.SEALED, random.Random(7).randbytes(600)))
-    refusal = attacker.receive()
+    refusal = attacker.receive_reply()
     assert isinstance(refusal, ErrorReply) and refusal.code == "protocol_error" and refusal.fatal
     attacker.frames_until_closed()
     wait_for(bob, left("carol"))
@@ -711,13 +719,13 @@ def test_a_line_wrapped_with_rsa_after_login_is_refused(make_server, connect, pe
     """Version 1 wrapped every client frame; now only the login may be, so the server never unwraps a line."""
     alice, bob, carol = pair_and_raw_carol(connect, peers, make_server(), "carol")
     channel = carol.channel
-    say = Say(token=carol.token, text="wrapped the old way")
+    say = Say(token=carol.token, room="#lobby", text="wrapped the old way")
     aad = associated_data(Kind.SAY, channel.send_seq, "carol", "server")
     wrapped, nonce, ciphertext = crypto_utils.seal(carol.server_key, say.encoded, aad)
     mac_input = protocol.envelope_mac_input(Kind.SAY, channel.send_seq, wrapped, nonce, ciphertext)
     mac = crypto_utils.session_mac(channel.session_key, b"c2s", mac_input)
     carol.sock.sendall(protocol.encode_sealed_frame(mac_input, mac))
-    refusal = carol.receive()
+    refusal = carol.receive_reply()
     assert isinstance(refusal, ErrorReply) and refusal.code == "protocol_error" and refusal.fatal
     wait_for(alice, left("carol"))
     assert not [event for event in drain(bob, quiet=0.1) if chat_with("wrapped the old way")(event)]

@@ -281,7 +281,7 @@ def test_a_message_too_large_to_send_is_skipped_and_the_connection_lives_on(serv
     wait_for(alice, lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == "bob")
     secret_text = "unsendable " * (MAX_FRAME_SIZE // 10)
     with caplog.at_level(logging.INFO, logger="chat.server"):
-        server.room.announce(secret_text)
+        server.hub.announce(secret_text)
         alice.say("still here?")
         heard = wait_for(bob, lambda event: isinstance(event, Chat) and event.text == "still here?")
     assert heard.sender == "alice"

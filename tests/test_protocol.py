@@ -357,7 +357,7 @@ VALID_MESSAGES = [
     protocol.Private(token="t", recipient="bob", text="psst"),
     protocol.Who(token="t"),
     protocol.Leave(token="t", reason="bye"),
-    protocol.Welcome(username="alice", token="t", expires_at=10, members=["alice"], flood_burst=3, flood_rate=1.5),
+    protocol.Welcome(username="alice", token="t", expires_at=10, rooms=["#lobby"], flood_burst=3, flood_rate=1.5),
     protocol.Chat(sender="alice", text="hi", sent_at=1.5, action=False, private=True, recipient="bob"),
     protocol.Notice(event="joined", name="bob"),
     protocol.Roster(members=["alice", "bob"]),
@@ -391,8 +391,8 @@ WRONG_FIELD_TYPES = [
     (protocol.Who, "token", None),
     (protocol.Leave, "reason", 3.5),
     (protocol.Welcome, "expires_at", "soon"),
-    (protocol.Welcome, "members", ["alice", 2]),
-    (protocol.Welcome, "members", "alice"),
+    (protocol.Welcome, "rooms", ["#lobby", 2]),
+    (protocol.Welcome, "rooms", "#lobby"),
     (protocol.Welcome, "flood_rate", "fast"),
     (protocol.Chat, "sender", None),
     (protocol.Chat, "sent_at", "now"),
@@ -447,7 +447,7 @@ def test_login_and_resume_keep_secrets_out_of_repr():
     )
     assert "s3cret-pw" not in repr(login) and "k3y" not in repr(login)
     assert "tok3n" not in repr(resume) and "k3y" not in repr(resume)
-    assert "tok3n" not in repr(protocol.Welcome(username="a", token="tok3n", expires_at=1, members=[]))
+    assert "tok3n" not in repr(protocol.Welcome(username="a", token="tok3n", expires_at=1, rooms=[]))
     assert "tok3n" not in repr(protocol.TokenRefresh(token="tok3n", expires_at=1))
     assert "private words" not in repr(protocol.Chat(sender="a", text="private words", sent_at=0.0))
 
@@ -473,13 +473,33 @@ def test_authenticated_messages_keep_the_token_and_text_out_of_repr(message):
 BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
 
+UNSAFE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+HANGUL_FILLERS = "\u115f\u1160\u3164\uffa0"
+SKIN_TONES_AND_EMOJI_STYLE = "\ufe0f\U0001f3fb\U0001f3fc\U0001f3fd\U0001f3fe\U0001f3ff"
+
+
 def expected_sanitized(text: str) -> str:
-    """An independent statement of the rule: tabs widen, control and bidi characters become U+FFFD."""
+    """An independent statement of the rule: tabs widen; control, format, surrogate, separator and
+    Hangul filler characters become U+FFFD, but for a zero-width joiner between two emoji."""
     out = []
-    for character in text:
+    for index, character in enumerate(text):
+        before = text[index - 1] if index else ""
+        after = text[index + 1] if index + 1 < len(text) else ""
+        joins_emoji = (
+            character == "\u200d"
+            and after != ""
+            and unicodedata.category(after) == "So"
+            and (before in SKIN_TONES_AND_EMOJI_STYLE or (before != "" and unicodedata.category(before) == "So"))
+        )
         if character == "\t":
             out.append("    ")
-        elif unicodedata.category(character) == "Cc" or character in BIDI_CONTROLS:
+        elif joins_emoji:
+            out.append(character)
+        elif (
+            unicodedata.category(character) in UNSAFE_CATEGORIES
+            or character in HANGUL_FILLERS
+            or 0xE0000 <= ord(character) <= 0xE007F  # tag characters, assigned or not
+        ):
             out.append("\ufffd")
         else:
             out.append(character)
@@ -551,7 +571,7 @@ def test_check_text_refuses_a_lone_surrogate():
         (Kind.SAY, b'{"token":"t","text":"\\ud800"}'),
         (Kind.LEAVE, b'{"token":"t","reason":"bye \\udfff"}'),
         (Kind.PRIVATE, b'{"token":"t","recipient":"\\ud800","text":"hi"}'),
-        (Kind.WELCOME, b'{"username":"a","token":"t","expires_at":1,"members":["\\ud800"]}'),
+        (Kind.WELCOME, b'{"username":"a","token":"t","expires_at":1,"rooms":["\\ud800"]}'),
     ],
 )
 def test_a_lone_surrogate_in_any_field_is_refused_when_decoding(kind, body):

@@ -34,7 +34,7 @@ def test_the_echo_bot_from_the_readme_echoes(server, connect, tmp_path):
     try:
         wait_for(alice, lambda event: getattr(event, "event", "") == "joined", timeout=TIMEOUT * 2)
         alice.say("ping")
-        reply = wait_for(alice, lambda event: isinstance(event, Chat), timeout=TIMEOUT * 2)
+        reply = wait_for(alice, lambda event: isinstance(event, Chat) and event.sender == "echo", timeout=TIMEOUT * 2)
         assert (reply.sender, reply.text) == ("echo", "alice said: ping")
     finally:
         bot.terminate()

@@ -10,4 +10,7 @@ def test_two_people_chat(connect):
     alice.say("hello bob")
     message = wait_for(bob, lambda e: isinstance(e, Chat))
     assert (message.sender, message.text) == ("alice", "hello bob")
-    assert not [e for e in drain(alice) if isinstance(e, Chat)]
+    # alice hears only her own line back: the server's echo of it, carrying her ref
+    assert [(e.sender, e.text, bool(e.ref)) for e in drain(alice) if isinstance(e, Chat)] == [
+        ("alice", "hello bob", True)
+    ]

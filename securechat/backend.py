@@ -1,0 +1,265 @@
+"""The room backend: the one interface between the chat rules and where rooms really live.
+
+The hub (``securechat.hub``) keeps the chat's rules and this process's sessions; a
+backend numbers what is said (ids, sequence numbers and times come from here),
+hands it back for delivery, keeps presence, room state and history. This module
+holds the interface and the in-process implementation (``MemoryBackend``), which
+keeps live state in memory and makes it durable in the SQLite store
+(``securechat.history``). A backend shared by several processes (through a broker)
+implements the same calls: nothing a call returns is an object that exists only
+in this process — every value is plain data or a protocol message.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from securechat.history import ChatStore, RoomRecord, StoredMessage, private_stream
+from securechat.protocol import Chat, Kind, Notice, ProtocolError, decode_message
+
+#: What a room's stream carries besides lines: topic changes (joins and leaves are presence, not history).
+RoomEvent = Chat | Notice
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One logged-in session (device) of an account, as /sessions lists it."""
+
+    account: str
+    session_id: str
+    device: str
+    since: float
+    address: str
+
+
+class Subscriber(Protocol):
+    """Who the backend hands numbered events to, for delivery to this process's sessions."""
+
+    def on_room_event(self, room: str, message: RoomEvent, origin_session: str, ref: str) -> None: ...
+
+    def on_private(self, account: str, message: Chat, origin_session: str, ref: str) -> None: ...
+
+
+class RoomBackend(Protocol):
+    """Publish to a room or an account, presence, room state and history."""
+
+    def start(self, subscriber: Subscriber) -> None: ...
+    def close(self) -> None: ...
+    def health(self) -> str: ...
+
+    # what is said: numbered here, then handed to the subscriber (in order, per room)
+    def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent: ...
+    def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat: ...
+
+    # presence
+    def add_session(self, info: SessionInfo, limit: int) -> int: ...
+    def remove_session(self, account: str, session_id: str) -> int: ...
+    def sessions(self, account: str) -> list[SessionInfo]: ...
+
+    # room state
+    def room(self, name: str) -> RoomRecord | None: ...
+    def rooms(self) -> list[RoomRecord]: ...
+    def create_room(self, record: RoomRecord, limit: int) -> bool: ...
+    def set_topic(self, name: str, topic: str) -> None: ...
+    def memberships(self, account: str) -> list[str]: ...
+    def add_membership(self, account: str, room: str) -> None: ...
+    def remove_membership(self, account: str, room: str) -> None: ...
+
+    # history, oldest first
+    def recent(self, room: str, limit: int) -> list[RoomEvent]: ...
+    def history_before(self, room: str, before_id: int, limit: int) -> list[RoomEvent]: ...
+    def history_since(self, room: str, after_id: int, limit: int) -> tuple[list[RoomEvent], int]: ...
+    def private_since(self, account: str, after_id: int, limit: int) -> list[Chat]: ...
+    def private_recent(self, account: str, limit: int) -> list[Chat]: ...
+
+
+class BackendLimit(Exception):
+    """A limit of the backend was reached (too many rooms, too many sessions); the message says which."""
+
+
+def encode_event(message: RoomEvent) -> bytes:
+    """What a stored event's payload is: its kind, then its JSON."""
+    return bytes((message.KIND,)) + message.encoded
+
+
+def decode_event(payload: bytes) -> RoomEvent | None:
+    """The event a stored payload holds, or None if it is not one (an older or damaged row)."""
+    try:
+        message = decode_message(Kind(payload[0]), payload[1:])
+    except (ValueError, IndexError, ProtocolError):
+        return None
+    return message if isinstance(message, Chat | Notice) else None
+
+
+class MemoryBackend:
+    """Rooms in this process, made durable in a ``ChatStore``.
+
+    ``publish_lock`` numbers and hands out one event at a time, so every session
+    sees a room's events in id order and one sender's lines stay in order (handing
+    out is queue puts: nothing under it blocks). Presence and room state live in
+    memory under their own locks; the store is written behind, by its writer thread.
+    """
+
+    def __init__(self, store: ChatStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self._clock = clock
+        self._subscriber: Subscriber | None = None
+        # Held while an event is numbered and handed to the subscriber (see the class docstring).
+        self.publish_lock = threading.Lock()
+        self._last_id = store.last_id()
+        # stream -> its last sequence number (read from the store the first time it is used).
+        self._last_seq: dict[str, int] = {}
+        # Guards _sessions: account -> session id -> SessionInfo.
+        self._sessions_lock = threading.Lock()
+        self._sessions: dict[str, dict[str, SessionInfo]] = {}
+        # Guards _rooms and _memberships, loaded once from the store.
+        self._state_lock = threading.Lock()
+        self._rooms: dict[str, RoomRecord] = {record.name: record for record in store.load_rooms()}
+        self._memberships: dict[str, list[str]] = store.load_memberships()
+
+    def start(self, subscriber: Subscriber) -> None:
+        self._subscriber = subscriber
+
+    def close(self) -> None:
+        self.store.close()
+
+    def health(self) -> str:
+        return self.store.health()
+
+    # ------------------------------------------------------------------ publishing
+
+    def _number(self, stream: str) -> tuple[int, int, float]:
+        """The next id, the stream's next sequence number and the time; called under ``publish_lock``."""
+        self._last_id += 1
+        last_seq = self._last_seq.get(stream)
+        if last_seq is None:
+            last_seq = self.store.last_seq(stream)
+        self._last_seq[stream] = last_seq + 1
+        return self._last_id, last_seq + 1, self._clock()
+
+    def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent:
+        with self.publish_lock:
+            message_id, seq, now = self._number(room)
+            numbered: RoomEvent
+            if isinstance(message, Chat):
+                numbered = replace(message, room=room, id=message_id, seq=seq, sent_at=now)
+            else:
+                numbered = replace(message, room=room, id=message_id, sent_at=now)
+            self.store.append(StoredMessage(message_id, room, seq, now, encode_event(numbered)))
+            if self._subscriber is not None:
+                self._subscriber.on_room_event(room, numbered, origin_session, ref)
+        return numbered
+
+    def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat:
+        stream = private_stream(message.sender, message.recipient)
+        with self.publish_lock:
+            message_id, _, now = self._number(stream)
+            numbered = replace(message, private=True, room="", id=message_id, seq=0, sent_at=now)
+            self.store.append(StoredMessage(message_id, stream, self._last_seq[stream], now, encode_event(numbered)))
+            if self._subscriber is not None:
+                self._subscriber.on_private(message.recipient, numbered, origin_session, ref)
+                if message.sender != message.recipient:
+                    self._subscriber.on_private(message.sender, numbered, origin_session, ref)
+        return numbered
+
+    # ------------------------------------------------------------------ presence
+
+    def add_session(self, info: SessionInfo, limit: int) -> int:
+        """Register a session; returns how many the account has now. ``BackendLimit`` past ``limit``."""
+        with self._sessions_lock:
+            sessions = self._sessions.setdefault(info.account, {})
+            if info.session_id not in sessions and limit > 0 and len(sessions) >= limit:
+                raise BackendLimit(f"{info.account} already has {len(sessions)} sessions, the most allowed")
+            sessions[info.session_id] = info
+            return len(sessions)
+
+    def remove_session(self, account: str, session_id: str) -> int:
+        """Forget a session; returns how many the account still has."""
+        with self._sessions_lock:
+            sessions = self._sessions.get(account, {})
+            sessions.pop(session_id, None)
+            if not sessions:
+                self._sessions.pop(account, None)
+            return len(sessions)
+
+    def sessions(self, account: str) -> list[SessionInfo]:
+        with self._sessions_lock:
+            return sorted(self._sessions.get(account, {}).values(), key=lambda info: info.since)
+
+    # ------------------------------------------------------------------ room state
+
+    def room(self, name: str) -> RoomRecord | None:
+        with self._state_lock:
+            return self._rooms.get(name)
+
+    def rooms(self) -> list[RoomRecord]:
+        with self._state_lock:
+            return sorted(self._rooms.values(), key=lambda record: record.name)
+
+    def create_room(self, record: RoomRecord, limit: int) -> bool:
+        """Create a room unless it exists; True if created. ``BackendLimit`` when ``limit`` rooms exist."""
+        with self._state_lock:
+            if record.name in self._rooms:
+                return False
+            if limit > 0 and len(self._rooms) >= limit:
+                raise BackendLimit(f"the server has {len(self._rooms)} rooms, the most allowed")
+            self._rooms[record.name] = record
+        self.store.save_room(record)
+        return True
+
+    def set_topic(self, name: str, topic: str) -> None:
+        with self._state_lock:
+            record = self._rooms.get(name)
+            if record is None:
+                return
+            record = self._rooms[name] = replace(record, topic=topic)
+        self.store.save_room(record)
+
+    def memberships(self, account: str) -> list[str]:
+        with self._state_lock:
+            return list(self._memberships.get(account, ()))
+
+    def add_membership(self, account: str, room: str) -> None:
+        with self._state_lock:
+            rooms = self._memberships.setdefault(account, [])
+            if room in rooms:
+                return
+            rooms.append(room)
+        self.store.add_membership(account, room)
+
+    def remove_membership(self, account: str, room: str) -> None:
+        with self._state_lock:
+            rooms = self._memberships.get(account, [])
+            if room not in rooms:
+                return
+            rooms.remove(room)
+        self.store.remove_membership(account, room)
+
+    # ------------------------------------------------------------------ history
+
+    def _events(self, rows: list[StoredMessage]) -> list[RoomEvent]:
+        return [event for event in (decode_event(row.payload) for row in rows) if event is not None]
+
+    def recent(self, room: str, limit: int) -> list[RoomEvent]:
+        return self._events(self.store.recent(room, limit)) if limit > 0 else []
+
+    def history_before(self, room: str, before_id: int, limit: int) -> list[RoomEvent]:
+        return self._events(self.store.before(room, before_id, limit))
+
+    def history_since(self, room: str, after_id: int, limit: int) -> tuple[list[RoomEvent], int]:
+        rows, over = self.store.since(room, after_id, limit)
+        return self._events(rows), over
+
+    def private_since(self, account: str, after_id: int, limit: int) -> list[Chat]:
+        return _chats(self._events(self.store.private_since(account, after_id, limit)))
+
+    def private_recent(self, account: str, limit: int) -> list[Chat]:
+        return _chats(self._events(self.store.private_recent(account, limit)))
+
+
+def _chats(events: list[RoomEvent]) -> list[Chat]:
+    return [event for event in events if isinstance(event, Chat)]

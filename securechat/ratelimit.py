@@ -1,0 +1,52 @@
+"""Token buckets: how many things one party may do at once, and how fast after that.
+
+Used by the server (lines per account, frames per connection, connections per
+address) and by the client (pacing its own lines below the server's limit).
+No sockets, no chat: a bucket only counts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class FloodControl:
+    """A token bucket: ``burst`` at once, then ``rate`` per second (``rate`` 0: no limit).
+
+    Safe to share between threads (one account's devices each have a reader thread):
+    ``_tokens_lock`` guards the count, and is held only for the arithmetic.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        # Guards _tokens and _updated.
+        self._tokens_lock = threading.Lock()
+        self._tokens = float(burst)
+        self._updated = time.monotonic()
+
+    def allow(self, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are that many; False means the action is over the limit.
+
+        A cost above the burst is allowed only from a full bucket (and empties it), so a
+        request the size of the whole budget can still be made after a quiet spell.
+        """
+        if self.rate <= 0:
+            return True
+        with self._tokens_lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+            self._updated = now
+            needed = min(cost, float(self.burst))
+            if self._tokens >= needed:
+                self._tokens -= cost
+                return True
+            return False
+
+    def is_full(self) -> bool:
+        """True when the bucket has refilled: its owner has been quiet, nothing to remember."""
+        if self.rate <= 0:
+            return True
+        with self._tokens_lock:
+            return self._tokens + (time.monotonic() - self._updated) * self.rate >= self.burst

@@ -1,0 +1,323 @@
+"""A room as this process sees it: which local sessions are in it, and who receives what.
+
+No sockets, no cryptography, no storage: a member is anything with an account
+``name``, a ``session_id`` and a non-blocking ``deliver``. One account may be in a
+room from several sessions (devices); presence is per account: the others hear
+"alice joined" when her first session comes in and "alice left" when her last
+one goes. What the room says is published through the backend (which gives it
+its id and time), and comes back to ``deliver_published`` for local delivery.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Protocol
+
+from securechat.protocol import Chat, Joined, Message, Notice
+
+
+class Member(Protocol):
+    """One session of an account: a user name, a session id and a way to hand it a message."""
+
+    name: str
+    session_id: str
+
+    def deliver(self, message: Message) -> None:
+        """Queue ``message`` for this session. Must never block, nor call back into the room; may drop it."""
+
+
+#: Seconds a "joined" notice waits for others to go out with it. Every notice costs
+#: each member an RSA wrap, so a burst of N logins would cost about N²/2 of them;
+#: gathered, it costs each member one frame per interval.
+JOIN_NOTICE_DELAY = 0.25
+#: In a long burst (a login storm, everyone coming back after a restart) rounds are also
+#: spaced by the room's size, so that they cost about this many frames a second: at 520
+#: members, one round every 1.3 s instead of every 0.25 s. A join that comes when no round
+#: went out for that long waits only JOIN_NOTICE_DELAY. Not a hard bound: a line or a
+#: leave from someone still pending sends a round at once (ordering comes first).
+JOIN_NOTICE_FRAMES_PER_SECOND = 400
+#: ... but pacing never holds a notice longer than this, however big the room (so above
+#: 800 members a burst costs more than JOIN_NOTICE_FRAMES_PER_SECOND).
+JOIN_NOTICE_MAX_DELAY = 2.0
+#: Recent lines a room keeps in memory, sent to whoever joins (as history) with no disk read.
+DEFAULT_RECENT_LINES = 50
+
+#: What a room's recent-lines buffer holds: lines and topic changes, with their ids.
+RoomEvent = Chat | Notice
+
+
+class Welcome(Protocol):
+    """Called by ``Room.join`` under the room's lock, as the session joins: a few queue puts."""
+
+    def __call__(self, roster: list[str], devices: list[int], recent: list[RoomEvent]) -> None: ...
+
+
+class Room:
+    """One room's local members, its recent lines, and the pacing of its join notices.
+
+    Delivery never happens under the lock but for the joiner's own welcome (its
+    roster and the recent lines, queue puts): the member list is copied under
+    ``members_lock`` and each member's ``deliver`` runs after, so one member can
+    never hold up the others.
+
+    "Joined" notices are gathered for ``join_notice_delay`` seconds and go out
+    together (one ``Joined`` per member), on a timer thread. Rounds of notices are
+    also spaced by the room's size over ``join_notice_rate`` (frames a second);
+    that pacing adds at most ``JOIN_NOTICE_MAX_DELAY``. ``clock`` is the time
+    source of the pacing (tests set it). They still come before anything else
+    about the people they name: a leave, or a line from one of them, sends the
+    gathered notices first.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        topic: str = "",
+        recent: list[RoomEvent] | None = None,
+        recent_size: int = DEFAULT_RECENT_LINES,
+        join_notice_delay: float = JOIN_NOTICE_DELAY,
+        join_notice_rate: float = JOIN_NOTICE_FRAMES_PER_SECOND,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.join_notice_delay = join_notice_delay
+        self.join_notice_rate = join_notice_rate
+        self._clock = clock
+        # Guards sessions, topic, _recent, _pending_joins, _join_timer, _last_join_notices, _closed.
+        self.members_lock = threading.Lock()
+        #: account name -> its sessions in this room, oldest first.
+        self.sessions: dict[str, list[Member]] = {}
+        self.topic = topic
+        # The last lines said here (already numbered by the backend), oldest first.
+        self._recent: deque[RoomEvent] = deque(recent or (), maxlen=max(0, recent_size))
+        # Accounts whose "joined" notice has not gone out yet, in the order they arrived.
+        self._pending_joins: list[str] = []
+        # Sends the pending notices when the delay is up; None when nothing is pending.
+        self._join_timer: threading.Timer | None = None
+        # When the last round of join notices went out, by ``_clock``.
+        self._last_join_notices = -math.inf
+        # Held while join notices are taken and handed out (taken before members_lock),
+        # so a line or a leave that must come after them cannot overtake them.
+        self._join_notices_lock = threading.Lock()
+        # Set by close(): no more notices or timers after it.
+        self._closed = False
+
+    # ------------------------------------------------------------------ membership
+
+    def join(self, member: Member, welcome: Welcome | None = None) -> bool:
+        """Add a session; True if it is its account's first here (the others will hear of it).
+
+        ``welcome(roster, devices, recent)`` is called with who is here and the recent
+        lines, at the moment of joining and before anything else can reach the session:
+        it hears of later joins, lines and leaves only.
+        """
+        timer = None
+        with self.members_lock:
+            sessions = self.sessions.setdefault(member.name, [])
+            first = not sessions
+            if all(existing is not member for existing in sessions):
+                sessions.append(member)
+            if welcome is not None:
+                roster = sorted(self.sessions)
+                welcome(roster, [len(self.sessions[name]) for name in roster], list(self._recent))
+            if not first or self._closed:
+                return first
+            self._pending_joins.append(member.name)
+            if self._join_timer is None and self.join_notice_delay > 0:
+                timer = self._join_timer = threading.Timer(self._join_notice_wait(), self._on_join_timer)
+                timer.name = f"join-notices {self.name}"
+                timer.daemon = True
+        if timer is not None:
+            timer.start()
+        elif self.join_notice_delay <= 0:
+            self.send_join_notices()
+        return first
+
+    def leave(self, member: Member, reason: str = "") -> bool:
+        """Remove a session; True if it was its account's last here (the others are told)."""
+        self._announced_before(member.name)
+        with self.members_lock:
+            sessions = self.sessions.get(member.name)
+            if not sessions or all(existing is not member for existing in sessions):
+                return False
+            sessions[:] = [existing for existing in sessions if existing is not member]
+            if sessions:
+                return False
+            del self.sessions[member.name]
+            others = self._everyone()
+        notice = Notice(event="left", name=member.name, text=reason, room=self.name)
+        for other in others:
+            other.deliver(notice)
+        return True
+
+    def has_account(self, name: str) -> bool:
+        with self.members_lock:
+            return name in self.sessions
+
+    def sessions_of(self, name: str) -> list[Member]:
+        with self.members_lock:
+            return list(self.sessions.get(name, ()))
+
+    def roster(self) -> tuple[list[str], list[int]]:
+        """Who is here, sorted, and how many sessions each has."""
+        with self.members_lock:
+            names = sorted(self.sessions)
+            return names, [len(self.sessions[name]) for name in names]
+
+    def member_count(self) -> int:
+        with self.members_lock:
+            return len(self.sessions)
+
+    def is_empty(self) -> bool:
+        with self.members_lock:
+            return not self.sessions
+
+    def _everyone(self) -> list[Member]:
+        """Every session here; called under ``members_lock``."""
+        return [member for sessions in self.sessions.values() for member in sessions]
+
+    # ------------------------------------------------------------------ what is said
+
+    def before_line_from(self, sender: str) -> None:
+        """Call before publishing a line from ``sender``: its join notice must go out first."""
+        self._announced_before(sender)
+
+    def deliver_published(self, message: RoomEvent, origin_session: str = "", ref: str = "") -> None:
+        """Hand a numbered line (or topic change) to every local session here, and remember it.
+
+        The session it came from (``origin_session``) gets its own copy carrying
+        ``ref``: the echo that tells it the line was accepted. Every session of every
+        account here gets it, the sender's other devices included.
+        """
+        with self.members_lock:
+            if isinstance(message, Notice) and message.event == "topic":
+                self.topic = message.text
+            if self._recent.maxlen:
+                self._recent.append(message)
+            recipients = self._everyone()
+        echo = replace(message, ref=ref) if ref and isinstance(message, Chat) else message
+        for recipient in recipients:
+            recipient.deliver(echo if recipient.session_id == origin_session else message)
+
+    def announce(self, text: str) -> None:
+        """A system notice to everyone here, not kept (for example: the server is shutting down)."""
+        with self.members_lock:
+            everyone = self._everyone()
+        notice = Notice(event="info", text=text, room=self.name)
+        for member in everyone:
+            member.deliver(notice)
+
+    # ------------------------------------------------------------------ join notices
+
+    def _join_notice_wait(self) -> float:
+        """Seconds until the next round of join notices; called under ``members_lock``."""
+        spacing = len(self.sessions) / self.join_notice_rate if self.join_notice_rate > 0 else 0.0
+        paced = self._last_join_notices + spacing - self._clock()
+        return max(self.join_notice_delay, min(JOIN_NOTICE_MAX_DELAY, paced))
+
+    def send_join_notices(self) -> None:
+        """Tell everyone of the joins not yet announced: each account hears of those who came after it."""
+        with self._join_notices_lock:
+            self._send_join_notices()
+
+    def _on_join_timer(self) -> None:
+        with self._join_notices_lock:
+            self._send_join_notices(from_timer=threading.current_thread())
+
+    def _send_join_notices(self, from_timer: threading.Thread | None = None) -> None:
+        """Send the pending round; called by ``from_timer``, only if it is still the room's timer."""
+        with self.members_lock:  # the swap, the filter and the snapshot in one hold: no join can fall between
+            if from_timer is not None and from_timer is not self._join_timer:
+                # A round went out while this timer waited for the lock (too late to cancel it): the
+                # joins since then have a timer of their own, paced from that round.
+                return
+            joined, self._pending_joins = self._pending_joins, []
+            timer, self._join_timer = self._join_timer, None
+            # An account that left again before its notice went out is not announced.
+            joined = [name for name in joined if name in self.sessions]
+            everyone = [(name, list(sessions)) for name, sessions in self.sessions.items()]
+            if joined:
+                self._last_join_notices = self._clock()
+        if timer is not None:
+            timer.cancel()  # sent early (a line or a leave could not wait): the timer has nothing to do
+        if not joined:
+            return
+        position = {name: index for index, name in enumerate(joined)}
+        # Those who were here before the round all hear the same: one message, encoded once.
+        for_earlier_members = joined_notice(joined, self.name)
+        for name, sessions in everyone:
+            index = position.get(name)
+            if index is None:
+                message: Message | None = for_earlier_members
+            else:
+                # The welcome roster named those who came before this account.
+                later = joined[index + 1 :]
+                message = joined_notice(later, self.name) if later else None
+            if message is not None:
+                for session in sessions:
+                    session.deliver(message)
+
+    def _announced_before(self, name: str) -> None:
+        """Send pending join notices now if ``name`` is among them: nothing about it may overtake its join."""
+        with self._join_notices_lock:
+            with self.members_lock:
+                pending = name in self._pending_joins
+            if pending:
+                self._send_join_notices()
+
+    def close(self) -> None:
+        """Stop the notice timer (the server is shutting down); pending notices are dropped."""
+        with self.members_lock:
+            self._closed = True
+            timer, self._join_timer = self._join_timer, None
+            self._pending_joins = []
+        if timer is not None:
+            timer.cancel()
+            # join() starts the timer after releasing the lock: it may not have started yet.
+            if timer is not threading.current_thread() and timer.ident is not None:
+                timer.join()
+
+
+def joined_notice(names: list[str], room: str) -> Notice | Joined:
+    """The message that tells of ``names`` joining ``room``: a ``Notice`` for one, a ``Joined`` for several."""
+    if len(names) == 1:
+        return Notice(event="joined", name=names[0], room=room)
+    return Joined(names=names, room=room)
+
+
+def merge_join_notices(queued: list[Any]) -> list[Any]:
+    """Turn each run of two or more adjacent "joined" notices of one room in a queued batch into one ``Joined``.
+
+    A recipient whose queue keeps up gets every notice on its own, at once (a batch of
+    one is left alone); one that has fallen behind a burst of logins gets the run in one
+    frame. Only adjacent notices merge, so nothing is reordered.
+    """
+    merged: list[Any] = []
+    for item in queued:
+        previous = merged[-1] if merged else None
+        if (
+            _is_join(item)
+            and isinstance(previous, Notice | Joined)
+            and previous.room == item.room
+            and _joined_names(previous)
+        ):
+            merged[-1] = Joined(names=[*_joined_names(previous), item.name], room=item.room)
+        else:
+            merged.append(item)
+    return merged
+
+
+def _is_join(item: Any) -> bool:
+    return isinstance(item, Notice) and item.event == "joined"
+
+
+def _joined_names(item: Notice | Joined) -> list[str]:
+    if isinstance(item, Joined):
+        return item.names
+    return [item.name] if item.event == "joined" else []

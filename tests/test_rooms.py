@@ -1,0 +1,207 @@
+"""Rooms, history and several devices per account, tried from outside: a real server, real clients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TIMEOUT, drain, password_of, wait_for
+
+from securechat.client import Chat, ErrorReply, History, Notice, Room, Roster
+
+CLIENT = str(ROOT / "client.py")
+
+
+def room_entered(name: str):
+    return lambda event: isinstance(event, Room) and event.room == name and event.joined
+
+
+def line(text: str, room: str | None = None):
+    return lambda event: isinstance(event, Chat) and event.text == text and (room is None or event.room == room)
+
+
+def test_everyone_lands_in_the_lobby_and_lines_go_to_the_active_room(connect):
+    alice, bob = connect("alice"), connect("bob")
+    assert alice.active_room == "#lobby" and bob.active_room == "#lobby"
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.name == "bob")
+    alice.say("hello lobby")
+    heard = wait_for(bob, line("hello lobby"))
+    assert (heard.room, heard.sender, heard.history) == ("#lobby", "alice", False)
+    assert heard.id > 0 and heard.seq > 0
+
+
+def test_two_rooms_never_cross(connect):
+    alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
+    alice.join("#dev")
+    wait_for(alice, room_entered("#dev"))
+    bob.join("#dev")
+    wait_for(bob, room_entered("#dev"))
+    alice.say("for dev only", "#dev")
+    carol.say("for the lobby")
+    assert wait_for(bob, line("for dev only")).room == "#dev"
+    seen_by_carol = drain(carol, quiet=0.5)
+    assert not any(isinstance(event, Chat) and event.room == "#dev" for event in seen_by_carol)
+    # bob hears the lobby line too, marked with its room
+    assert wait_for(bob, line("for the lobby")).room == "#lobby"
+
+
+def test_a_late_joiner_is_shown_the_rooms_recent_lines_as_history(connect):
+    alice = connect("alice")
+    alice.join("#dev")
+    wait_for(alice, room_entered("#dev"))
+    for number in range(3):
+        alice.say(f"earlier {number}", "#dev")
+    wait_for(alice, line("earlier 2"))
+    bob = connect("bob")
+    bob.join("#dev")
+    wait_for(bob, room_entered("#dev"))
+    shown = [event for event in drain(bob) if isinstance(event, Chat) and event.room == "#dev"]
+    assert [event.text for event in shown] == ["earlier 0", "earlier 1", "earlier 2"]
+    assert all(event.history for event in shown)
+
+
+def test_one_account_on_two_devices_gets_everything_and_neither_is_pushed_out(connect):
+    laptop = connect("alice", device="laptop")
+    phone = connect("alice", device="phone")
+    bob = connect("bob")
+    bob.say("to the room")
+    wait_for(laptop, line("to the room"))
+    wait_for(phone, line("to the room"))
+    bob.private("alice", "to alice")
+    assert wait_for(laptop, line("to alice")).private
+    assert wait_for(phone, line("to alice")).private
+    laptop.say("from the laptop")
+    mine = wait_for(phone, line("from the laptop"))
+    assert mine.sender == "alice" and not mine.ref  # shown as her own, without the laptop's ref
+    echo = wait_for(laptop, line("from the laptop"))
+    assert echo.ref  # the laptop's own echo says its line was accepted
+    assert laptop.connected and phone.connected
+
+
+def test_a_second_device_does_not_announce_a_second_join(connect):
+    bob = connect("bob")
+    connect("alice")
+    wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == "alice")
+    connect("alice")
+    later = drain(bob, quiet=0.6)
+    assert not any(isinstance(event, Notice) and event.name == "alice" for event in later)
+    bob.who()
+    roster = wait_for(bob, lambda event: isinstance(event, Roster))
+    assert dict(zip(roster.members, roster.devices, strict=True))["alice"] == 2
+
+
+def test_a_private_message_to_someone_offline_is_kept_and_shown_at_their_next_login(connect):
+    alice = connect("alice")
+    alice.private("dave", "read this later")
+    wait_for(alice, lambda event: isinstance(event, Notice) and "offline" in event.text)
+    dave = connect("dave")
+    kept = wait_for(dave, line("read this later"))
+    assert kept.history and kept.sender == "alice"
+
+
+def test_bad_room_names_and_parting_a_room_you_are_not_in_are_refused_in_one_line(connect):
+    alice = connect("alice")
+    alice.command("join", "#no spaces!")
+    error = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert error.code == "bad_room" and "\n" not in error.message
+    alice.part("#elsewhere")
+    error = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert error.code == "not_in_room" and "#elsewhere" in error.message
+    assert alice.connected
+
+
+def test_a_refused_private_message_gets_only_an_error(connect):
+    carol = connect("carol")
+    ref = carol.private("nobody-here", "hi")
+    error = wait_for(carol, lambda event: isinstance(event, ErrorReply))
+    assert error.ref == ref and error.code == "no_such_user"
+    assert not any(isinstance(event, Chat) for event in drain(carol))
+
+
+def test_history_and_remembered_rooms_survive_a_restart(make_server, connect, tmp_path):
+    first = make_server()
+    alice = connect("alice", to=first)
+    alice.join("#dev")
+    wait_for(alice, room_entered("#dev"))
+    alice.say("said before the restart", "#dev")
+    wait_for(alice, line("said before the restart"))
+    alice.close()
+    first.stop()
+    second = make_server()
+    back = connect("alice", to=second)
+    assert "#dev" in back.rooms
+    kept = wait_for(back, line("said before the restart"))
+    assert kept.history and kept.room == "#dev"
+
+
+def test_a_device_that_resumes_gets_exactly_what_it_missed(connect, server):
+    alice, bob = connect("alice"), connect("bob")
+    alice.say("before the drop")
+    wait_for(bob, line("before the drop"))
+    # bob's link dies without a word; alice goes on talking
+    bob._shutdown_socket()
+    wait_for(bob, lambda event: type(event).__name__ == "Disconnected")
+    for number in range(3):
+        alice.say(f"missed {number}")
+    wait_for(alice, line("missed 2"))
+    bob.close()
+    bob.connect()
+    bob.resume()
+    caught_up = [event for event in drain(bob, quiet=0.6) if isinstance(event, Chat)]
+    assert [event.text for event in caught_up] == ["missed 0", "missed 1", "missed 2"]
+    history = [event for event in drain(bob, quiet=0.1) if isinstance(event, History)]
+    assert not any(event.missing for event in history)
+
+
+def test_nothing_of_a_message_text_is_readable_in_the_data_directory(make_server, connect, tmp_path):
+    server = make_server()
+    alice = connect("alice", to=server)
+    marker = "zebra-marker-4417"
+    alice.say(f"secret {marker}")
+    bob_chat = wait_for(alice, line(f"secret {marker}"))
+    assert bob_chat.id
+    alice.private("bob", f"private {marker}")
+    wait_for(alice, line(f"private {marker}"))
+    server.stop()
+    for path in (tmp_path / "data").rglob("*"):
+        if path.is_file():
+            assert marker.encode() not in path.read_bytes(), path
+
+
+def test_batch_mode_names_the_room_of_every_line_and_joins_with_room_option(server, connect, tmp_path):
+    bob = connect("bob")
+    bob.join("#ops")
+    wait_for(bob, room_entered("#ops"))
+    bob.say("ops only", "#ops")
+    wait_for(bob, line("ops only"))
+    env = {
+        **os.environ,
+        "CHAT_PASSWORD": password_of("carol"),
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+    command = [sys.executable, CLIENT, "--port", str(server.address[1]), "--user", "carol", "--accept-new-host-key"]
+    done = subprocess.run(
+        [*command, "--room", "#ops"],
+        input="from carol\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT * 4,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "history: #ops bob: ops only" in done.stdout
+    heard = wait_for(bob, line("from carol"))
+    assert heard.room == "#ops"
+
+
+@pytest.mark.parametrize("limit", [0])
+def test_history_can_be_turned_off(make_server, connect, tmp_path, limit):
+    server = make_server(history_limit=limit)
+    alice = connect("alice", to=server)
+    alice.say("not kept")
+    wait_for(alice, line("not kept"))
+    bob = connect("bob", to=server)
+    assert not any(isinstance(event, Chat) for event in drain(bob))
