@@ -17,7 +17,9 @@ from securechat.accounts import (
 from securechat.admin import build_parser, run_admin_command
 from securechat.config import ServerConfig, config_from_args
 from securechat.crypto_utils import CryptoError
+from securechat.history import StoreError
 from securechat.listener import ChatServer
+from securechat.protocol import normalize_room
 
 log = logging.getLogger("chat.server")
 
@@ -88,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: port {config.port} is out of range: use 1-{MAX_PORT}, or 0 for any free port", file=sys.stderr)
         return 1
     try:
+        normalize_room(config.default_room)
+    except ValueError as exc:
+        print(f"error: --default-room {config.default_room}: {exc}", file=sys.stderr)
+        return 1
+    try:
         server = ChatServer(config)
-    except (CryptoError, UserStoreError) as exc:
+    except (CryptoError, UserStoreError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -278,3 +278,26 @@ def test_the_server_refuses_a_data_directory_others_can_write(tmp_path, users_fi
     data.chmod(0o777)
     with pytest.raises(RuntimeError, match=r"writable by other users.*chmod 700"):
         server_process()
+
+
+def test_a_corrupt_history_database_stops_the_server_in_one_line_and_is_left_as_it_was(tmp_path, users):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    database = data_dir / "history.sqlite3"
+    database.write_bytes(b"this is not a database, but someone's data" * 100)
+    database.chmod(0o600)
+    before = database.read_bytes()
+    try:
+        result = start_server(users, data_dir)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server started on a corrupt history database")
+    assert_one_line_error(result, str(database))
+    assert "Listening" not in result.stdout
+    assert database.read_bytes() == before
+
+
+def test_a_bad_default_room_stops_the_server_in_one_line(tmp_path, users):
+    result = run_server_py(
+        "--port", "0", "--users", str(users), "--data-dir", str(tmp_path / "data"), "--default-room", "no spaces!"
+    )
+    assert_one_line_error(result, "--default-room", "room names are")
