@@ -44,6 +44,9 @@ JOIN_NOTICE_FRAMES_PER_SECOND = 400
 #: ... but pacing never holds a notice longer than this, however big the room (so above
 #: 800 members a burst costs more than JOIN_NOTICE_FRAMES_PER_SECOND).
 JOIN_NOTICE_MAX_DELAY = 2.0
+#: Most names in one ``Joined`` frame: 1,000 names of 32 characters are about 35 KB of JSON,
+#: well within a 64 KiB frame beside the envelope.
+MAX_NAMES_PER_JOINED = 1000
 #: Recent lines a room keeps in memory, sent to whoever joins (as history) with no disk read.
 DEFAULT_RECENT_LINES = 50
 
@@ -250,16 +253,12 @@ class Room:
             return
         position = {name: index for index, name in enumerate(joined)}
         # Those who were here before the round all hear the same: one message, encoded once.
-        for_earlier_members = joined_notice(joined, self.name)
+        for_earlier_members = joined_notices(joined, self.name)
         for name, sessions in everyone:
             index = position.get(name)
-            if index is None:
-                message: Message | None = for_earlier_members
-            else:
-                # The welcome roster named those who came before this account.
-                later = joined[index + 1 :]
-                message = joined_notice(later, self.name) if later else None
-            if message is not None:
+            # The welcome roster named those who came before this account.
+            messages = for_earlier_members if index is None else joined_notices(joined[index + 1 :], self.name)
+            for message in messages:
                 for session in sessions:
                     session.deliver(message)
 
@@ -284,11 +283,15 @@ class Room:
                 timer.join()
 
 
-def joined_notice(names: list[str], room: str) -> Notice | Joined:
-    """The message that tells of ``names`` joining ``room``: a ``Notice`` for one, a ``Joined`` for several."""
+def joined_notices(names: list[str], room: str) -> list[Notice | Joined]:
+    """The messages that tell of ``names`` joining ``room``: a ``Notice`` for one, else ``Joined`` frames
+    of at most ``MAX_NAMES_PER_JOINED`` names each (a frame is 64 KiB); none for no names."""
     if len(names) == 1:
-        return Notice(event="joined", name=names[0], room=room)
-    return Joined(names=names, room=room)
+        return [Notice(event="joined", name=names[0], room=room)]
+    return [
+        Joined(names=names[start : start + MAX_NAMES_PER_JOINED], room=room)
+        for start in range(0, len(names), MAX_NAMES_PER_JOINED)
+    ]
 
 
 def merge_join_notices(queued: list[Any]) -> list[Any]:
@@ -305,7 +308,7 @@ def merge_join_notices(queued: list[Any]) -> list[Any]:
             _is_join(item)
             and isinstance(previous, Notice | Joined)
             and previous.room == item.room
-            and _joined_names(previous)
+            and 0 < len(_joined_names(previous)) < MAX_NAMES_PER_JOINED
         ):
             merged[-1] = Joined(names=[*_joined_names(previous), item.name], room=item.room)
         else:

@@ -26,7 +26,8 @@ from securechat.client import (
     Notice,
     Roster,
 )
-from securechat.protocol import Joined, Say
+from securechat.hub import PAGE_BUDGET, paginate
+from securechat.protocol import MAX_FRAME_SIZE, Joined, Say, sealed_frame_size
 from securechat.rooms import Room, merge_join_notices
 
 # --------------------------------------------------------------------------- helpers
@@ -836,3 +837,26 @@ def test_stop_in_process_leaves_no_thread(make_server, connect):
     for client in (alice, bob):
         assert wait_for(client, lambda event: isinstance(event, Goodbye)).reason == "server shutting down"
         wait_for(client, is_disconnected)
+
+
+def test_a_round_of_1900_long_names_goes_out_in_frames_that_fit():
+    # 1,900 names of 32 characters: one Joined of them all would be 67 KB, over the 64 KiB frame.
+    room, (old,) = room_with("old")
+    names = [f"{index:04d}".ljust(32, "x") for index in range(1900)]
+    for name in names:
+        room.join(Listener(name))
+    room.send_join_notices()
+    assert old.joins() == names
+    assert len(old.received) == 2
+    # Each fits a frame sealed for the largest key (a 4096-bit wrap is 512 bytes).
+    assert all(sealed_frame_size(512, len(message.encoded)) <= MAX_FRAME_SIZE for message in old.received)
+    room.close()
+
+
+def test_a_roster_of_1900_long_names_is_sent_in_pages_that_fit():
+    names = [f"{index:04d}".ljust(32, "x") for index in range(1900)]
+    pages = list(paginate(names, [1] * len(names)))
+    assert [name for page in pages for name in page[0]] == names
+    assert [page[2] for page in pages] == [True] * (len(pages) - 1) + [False]
+    for members, devices, more in pages:
+        assert len(Roster(members=members, devices=devices, room="#lobby", more=more).encoded) <= PAGE_BUDGET
