@@ -268,8 +268,8 @@ class ChatClient:
         #: Lines sent and not yet accepted: ref -> (room or "@recipient", text). The server's echo
         #: (or refusal) carries the ref back and removes it.
         self.pending: dict[str, tuple[str, str]] = {}
-        # Guards pending and _next_ref (the sender's thread adds, the reader removes).
-        self._pending_lock = threading.Lock()
+        #: Guards pending and _next_ref (the sender's thread adds, the reader removes).
+        self.pending_lock = threading.Lock()
         self._next_ref = 0
         #: Events dropped because nobody read them (the queue holds MAX_QUEUED_EVENTS).
         self.dropped_events = 0
@@ -548,14 +548,14 @@ class ChatClient:
 
     def _new_ref(self, target: str, text: str) -> str:
         """A label for a line, remembered until the server echoes or refuses it."""
-        with self._pending_lock:
+        with self.pending_lock:
             self._next_ref += 1
             ref = f"r{self._next_ref}"
             self.pending[ref] = (target, text)
         return ref
 
     def _forget_ref(self, ref: str) -> tuple[str, str] | None:
-        with self._pending_lock:
+        with self.pending_lock:
             return self.pending.pop(ref, None)
 
     def _room(self, room: str | None) -> str:

@@ -634,20 +634,32 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
         pass
     leaving.set()
     with state.changed:
-        # After /quit, what follows in the input is not for sending (it was only read ahead).
-        unsent = [line for line in state.pending if line.strip()] if not quitting else []
+        # Lines read but never sent; after /quit they are what followed it in the input.
+        unsent = [line for line in state.pending if line.strip()]
+        if quitting:
+            unsent = unsent[1:]  # the /quit line itself
         state.pending.clear()
         state.ended = state.ended or "leaving"  # stops the input thread adding more
         state.changed.notify_all()
-    if failure or unsent:
+    if failure or (unsent and not quitting):
         report(f"error: {failure or 'interrupted'}")
-        for line in unsent:
+        # A line counts as sent once the server echoed it: those it never confirmed come first.
+        for line in unconfirmed_lines(client) + unsent:
             report(f"not sent: {line}")
         client.close()
         return 1
-    client.leave(parting)
+    client.leave(parting)  # the server echoes every line it took before it says goodbye
     printer.join(timeout=LEAVE_TIMEOUT)
-    return 0
+    not_sent = unconfirmed_lines(client) + unsent
+    for line in not_sent:
+        report(f"not sent: {line}")
+    return 1 if not_sent else 0
+
+
+def unconfirmed_lines(client: ChatClient) -> list[str]:
+    """Lines sent whose echo never came back: the server did not (or cannot be known to) take them."""
+    with client.pending_lock:
+        return [text for _, text in client.pending.values()]
 
 
 # --------------------------------------------------------------------------- interactive mode
@@ -777,18 +789,17 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
             switch_room(index=number - 1)
 
     def toolbar() -> Any:
-        parts = []
-        with unread_lock:
-            counts = dict(unread)
-        for number, room_name in enumerate(client.rooms, start=1):
-            count = counts.get(room_name, 0)
-            mark = f"({count})" if count else ""
-            shown = f"[{room_name}]" if room_name == client.active_room else room_name
-            parts.append(f"{number}:{shown}{mark}")
-        return " ".join(parts) + "   Ctrl-N/P, Alt-1..9: switch room"
+        # Shown where the terminal answers cursor-position queries (most do): the room numbers.
+        rooms = [f"{number}:{name}" for number, name in enumerate(client.rooms, start=1)]
+        return " ".join(rooms) + "   Ctrl-N/P, Alt-1..9: switch room"
 
     def prompt_text() -> str:
-        return f"{sanitize_text(client.active_room or client.username)}> "
+        """The current room, then the other rooms with unread lines: ``#lobby [#dev:2]> ``."""
+        with unread_lock:
+            unread.pop(client.active_room, None)  # however we got here (/join, a key), this room is read
+            waiting = [f"{room}:{count}" for room, count in unread.items() if count and room in client.rooms]
+        shown = sanitize_text(client.active_room or client.username)
+        return f"{shown} [{' '.join(waiting)}]> " if waiting else f"{shown}> "
 
     session: PromptSession[str] = PromptSession(
         completer=ChatCompleter(),

@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
 from terminal import Terminal
 
-from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Roster
+from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Room, Roster
 from securechat.connection import AuthenticationFailed
 from securechat.hub import ChatHub
 from securechat.listener import ChatServer, ServerConfig
@@ -759,7 +759,9 @@ def test_batch_shows_why_a_lying_server_dropped_it_harmlessly(lying_server, batc
     wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
     alice.send("inject-fatal")
     alice.stderr.wait_for(lambda lines: any("reconnected" in line for line in lines), RECONNECT, "a reconnection")
-    assert alice.finish(TIMEOUT * 2) == 0
+    # The server never took that line (it dropped us instead): it is reported, and the run fails.
+    assert alice.finish(TIMEOUT * 2) == 1
+    assert "not sent: inject-fatal" in alice.stderr.lines
     assert "*** connection lost: dropped \ufffd[2J\ufffd[31mRED\ufffd]0;pwned\ufffd" in alice.stderr.lines
     assert b"\x1b" not in alice.stderr.data
 
@@ -864,3 +866,64 @@ def test_a_changed_key_on_reconnection_ends_the_session_with_a_failure(
     assert alice.wait_exit(RECONNECT) == 1
     assert "HAS CHANGED" in alice.text.upper()
     assert alice.output.count(b"Password for") == asked_before
+
+
+# --------------------------------------------------------------------------- interactive: rooms
+
+
+def test_switching_rooms_keeps_a_half_typed_line_and_the_bar_counts_unread_lines(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("/join #dev\r")
+    alice.wait_until(at_prompt("#dev"), TIMEOUT, "the #dev prompt after /join")
+    bob.join("#dev")
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#dev")
+
+    alice.type("half a thought")
+    alice.type("\x10")  # Ctrl-P: the previous room
+    alice.wait_until(at_prompt("#lobby", "half a thought"), TIMEOUT, "#lobby, with the half-typed line")
+    bob.say("news in dev", "#dev")
+    bob.say("more dev news", "#dev")
+    alice.wait_for_text("#dev bob: more dev news", TIMEOUT)  # a line from another room names it
+    # The prompt counts what is unread elsewhere, and the half-typed line stays.
+    alice.wait_until(at_prompt("#lobby [#dev:2]", "half a thought"), TIMEOUT, "two unread lines in #dev")
+
+    alice.type("\x0e")  # Ctrl-N: the next room
+    alice.wait_until(at_prompt("#dev", "half a thought"), TIMEOUT, "#dev, read now, with the half-typed line")
+    alice.type(" about builds\r")
+    heard_line = wait_for(bob, heard)
+    assert (heard_line.room, heard_line.text) == ("#dev", "half a thought about builds")
+
+    alice.type("\x1b1")  # Alt-1: the first room
+    alice.wait_until(at_prompt("#lobby"), TIMEOUT, "#lobby by its number")
+    alice.type("/part #d\t")  # Tab completes a room name, with a space after it
+    alice.wait_until(at_prompt("#lobby", "/part #dev "), TIMEOUT, "'#d' completed to '#dev '")
+
+
+def test_batch_reports_the_lines_after_quit_as_not_sent(chat_server, join, tmp_path):
+    bob = join("bob", chat_server)
+    result = run_batch(
+        tmp_path,
+        chat_server.port,
+        "alice",
+        "--accept-new-host-key",
+        password=password_of("alice"),
+        stdin="before quit\n/quit bye\nafter quit\nand this\n",
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == ["not sent: after quit", "not sent: and this"]
+    assert [message.text for message in chats(bob, 1)] == ["before quit"]
+    assert drain_chats(bob) == []
+
+
+def test_a_refused_private_message_prints_only_the_error(chat_server, join, tmp_path):
+    result = run_batch(
+        tmp_path,
+        chat_server.port,
+        "carol",
+        "--accept-new-host-key",
+        password=password_of("carol"),
+        stdin="/msg nobody-by-that-name hi\n",
+    )
+    assert result.stderr.splitlines() == ["error: not sent: there is no user nobody-by-that-name"]
+    assert "hi" not in result.stdout
