@@ -546,6 +546,18 @@ def _require_ints(message: Message, *names: str) -> None:
         _require(_is_int(getattr(message, name)), f"{name} must be a whole number")
 
 
+def _require_ref(message: Message) -> None:
+    _require_text(message, "ref")
+    _require(len(message.ref) <= MAX_REF_CHARS, "ref is too long")  # type: ignore[attr-defined]
+
+
+def _require_catch_up(message: Login | Resume) -> None:
+    """A login's or resume's ``since``, ``seen`` and ``device``: what the device saw, and its label."""
+    _require_text(message, "device")
+    _require_ints(message, "since")
+    _require(_is_seen_map(message.seen) and len(message.seen) <= MAX_SEEN_ROOMS, "seen must map rooms to numbers")
+
+
 # client -> server ------------------------------------------------------------
 
 
@@ -573,9 +585,8 @@ class Login(Message):
 
     def __post_init__(self) -> None:
         _require_text(self, "username", "password", "server_nonce", "client_key_fingerprint", "session_key")
-        _require_text(self, "client_signature", "device")
-        _require_ints(self, "since")
-        _require(_is_seen_map(self.seen) and len(self.seen) <= MAX_SEEN_ROOMS, "seen must map rooms to numbers")
+        _require_text(self, "client_signature")
+        _require_catch_up(self)
 
     def __repr__(self) -> str:  # never let a password reach a log through repr()
         return f"Login(username={self.username!r}, password=<hidden>)"
@@ -601,9 +612,7 @@ class Resume(Message):
 
     def __post_init__(self) -> None:
         _require_text(self, "token", "server_nonce", "client_key_fingerprint", "session_key", "client_signature")
-        _require_text(self, "device")
-        _require_ints(self, "since")
-        _require(_is_seen_map(self.seen) and len(self.seen) <= MAX_SEEN_ROOMS, "seen must map rooms to numbers")
+        _require_catch_up(self)
 
     def __repr__(self) -> str:
         return "Resume(token=<hidden>)"
@@ -634,9 +643,9 @@ class Say(Authenticated):
     ref: str = ""
 
     def __post_init__(self) -> None:
-        _require_text(self, "token", "room", "text", "ref")
+        _require_text(self, "token", "room", "text")
         _require_flags(self, "action")
-        _require(len(self.ref) <= MAX_REF_CHARS, "ref is too long")
+        _require_ref(self)
 
 
 @dataclass(frozen=True, repr=False)
@@ -650,9 +659,9 @@ class Private(Authenticated):
     ref: str = ""
 
     def __post_init__(self) -> None:
-        _require_text(self, "token", "recipient", "text", "ref")
+        _require_text(self, "token", "recipient", "text")
         _require_flags(self, "action")
-        _require(len(self.ref) <= MAX_REF_CHARS, "ref is too long")
+        _require_ref(self)
 
 
 @dataclass(frozen=True, repr=False)
@@ -692,9 +701,9 @@ class Command(Authenticated):
     ref: str = ""
 
     def __post_init__(self) -> None:
-        _require_text(self, "token", "name", "ref")
+        _require_text(self, "token", "name")
         _require(_is_str_list(self.args) and len(self.args) <= MAX_COMMAND_ARGS, "args must be a short list of text")
-        _require(len(self.ref) <= MAX_REF_CHARS, "ref is too long")
+        _require_ref(self)
 
 
 # server -> client ------------------------------------------------------------

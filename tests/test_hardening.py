@@ -21,7 +21,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TIMEOUT, wait_until
+from conftest import ROOT, TIMEOUT, ServerProcess, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,38 +74,13 @@ def unprivileged() -> tuple[str, ...]:
     return ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--")
 
 
-class RunningServer:
-    """``python server.py ARGS`` until it prints its address; ``stop()`` sends SIGTERM."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, SERVER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        self.port = 0
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.startswith("Listening on "):
-                self.port = int(line.rsplit(":", 1)[1])
-                return
-        raise AssertionError(f"the server did not start: {self.process.stderr.read() if self.process.stderr else ''}")
-
-    def stop(self) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = self.process.communicate(timeout=TIMEOUT * 2)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, stderr = self.process.communicate()
-        return self.process.returncode, stderr
-
-
 @pytest.fixture
 def start_server():
     """Factory: ``start_server(*args)`` runs the real server; every one started is stopped at teardown."""
-    servers: list[RunningServer] = []
+    servers: list[ServerProcess] = []
 
-    def start(*args: str) -> RunningServer:
-        servers.append(RunningServer(*args))
+    def start(*args: str) -> ServerProcess:
+        servers.append(ServerProcess(list(args)))
         return servers[-1]
 
     yield start

@@ -127,45 +127,35 @@ def test_the_demo_accounts_still_log_in_with_their_short_passwords():
     assert verify_password("alice-demo", demo.password_hash)
 
 
-def test_on_a_terminal_an_empty_password_is_refused_before_the_repeat_prompt(users):
+def adduser_on_a_terminal(users, name: str, typed: str, expected_error: str) -> int:
+    """``adduser NAME`` on a pseudo-terminal, typing ``typed`` at the first prompt; the refusal
+    must come before "Repeat it". Returns the exit status."""
     child = pexpect.spawn(
         sys.executable,
-        [SERVER, "adduser", "bob", "--users", str(users)],
+        [SERVER, "adduser", name, "--users", str(users)],
         cwd=str(ROOT),
         env={**os.environ, "TERM": "dumb"},
         encoding="utf-8",
         timeout=TIMEOUT * 4,
     )
     try:
-        child.expect("New password for bob: ")
-        child.sendline("")
-        index = child.expect(["Repeat it", "error: the password is empty", pexpect.EOF])
+        child.expect(f"New password for {name}: ")
+        child.sendline(typed)
+        index = child.expect(["Repeat it", expected_error, pexpect.EOF])
         assert index == 1, child.before
         child.expect(pexpect.EOF)
     finally:
         child.close()
-    assert child.exitstatus == 1
+    return child.exitstatus
+
+
+def test_on_a_terminal_an_empty_password_is_refused_before_the_repeat_prompt(users):
+    assert adduser_on_a_terminal(users, "bob", "", "error: the password is empty") == 1
     assert "bob" not in users.read_text()
 
 
 def test_on_a_terminal_a_weak_password_is_refused_before_the_repeat_prompt(users):
-    child = pexpect.spawn(
-        sys.executable,
-        [SERVER, "adduser", "bob", "--users", str(users)],
-        cwd=str(ROOT),
-        env={**os.environ, "TERM": "dumb"},
-        encoding="utf-8",
-        timeout=TIMEOUT * 4,
-    )
-    try:
-        child.expect("New password for bob: ")
-        child.sendline("password")
-        index = child.expect(["Repeat it", "error: the password is too easy to guess", pexpect.EOF])
-        assert index == 1, child.before
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 1
+    assert adduser_on_a_terminal(users, "bob", "password", "error: the password is too easy to guess") == 1
 
 
 def test_on_a_terminal_a_good_password_is_asked_twice(users):
