@@ -375,18 +375,19 @@ class ClientConnection:
         """Open the session: its token and welcome first, then its rooms and what it missed."""
         assert self.channel is not None and self.login_request is not None
         request = self.login_request
-        self.channel.username = self.name
         self.device = sanitize_text(request.device.strip())[:MAX_DEVICE_CHARS]
+        hub = self.server.hub
+        try:
+            # Before anything is issued: a refusal here leaves no token to take back.
+            rooms, devices = hub.open_session(self, self.device, self.address)
+        except HubError as exc:
+            raise AuthenticationFailed(exc.code, str(exc)) from None
+        self.in_room = True  # from here the reader's finally closes the session in the hub
+        self.channel.username = self.name
         token, expires_at = self.server.issue_token(self, self.verified_stamp)
         self.attach_sender(self.server.send_pool.assign())
         config = self.server.config
-        hub = self.server.hub
-        try:
-            rooms, devices = hub.open_session(self, self.device, self.address)
-        except HubError as exc:
-            self.server.tokens.revoke(self.claims or self.server.tokens.verify(token, self.key_thumbprint))
-            raise AuthenticationFailed(exc.code, str(exc)) from None
-        self.in_room = True  # from here the reader's finally closes the session in the hub
+        # First in the queue: nothing can reach this session before enter_rooms() makes it a member.
         self.deliver(
             Welcome(
                 username=self.name,

@@ -128,9 +128,10 @@ class ChatHub:
     # ------------------------------------------------------------------ sessions
 
     def open_session(self, member: Session, device: str, address: str) -> tuple[list[str], int]:
-        """Register a logged-in session; returns the rooms it will enter and its account's session count.
+        """Count a logged-in session against its account's limit; returns the rooms it will enter
+        and how many sessions the account has now. Raises ``HubError`` past ``max_sessions``.
 
-        Raises ``HubError`` when the account has ``max_sessions`` already.
+        Nothing is delivered to it until ``enter_rooms``, so its welcome can go first.
         """
         info = SessionInfo(member.name, member.session_id, device, time.time(), address)
         try:
@@ -141,20 +142,22 @@ class ChatHub:
                 f"you already have {self.config.max_sessions} sessions open (the limit): "
                 "list them with /sessions and end one with /logout ID",
             ) from None
-        with self.sessions_lock:
-            self._local.setdefault(member.name, {})[member.session_id] = member
-            self._session_rooms[member.session_id] = []
         rooms = [self.config.default_room]
         rooms += [room for room in self.backend.memberships(member.name) if room != self.config.default_room]
         return rooms, devices
 
-    def enter_rooms(self, member: Member, rooms: list[str], since: int = 0, seen: dict[str, int] | None = None) -> None:
-        """Put a new session in its rooms, then send what it missed of its private messages.
+    def enter_rooms(
+        self, member: Session, rooms: list[str], since: int = 0, seen: dict[str, int] | None = None
+    ) -> None:
+        """Make an opened session a member: it enters its rooms, then gets what it missed of its private lines.
 
         With ``since`` (the newest id the device saw) and ``seen`` (room -> last sequence
         number seen), each room sends exactly what was missed, up to the catch-up limit;
         a room the device has not seen sends its recent lines, as a join does.
         """
+        with self.sessions_lock:
+            self._local.setdefault(member.name, {})[member.session_id] = member
+            self._session_rooms[member.session_id] = []
         seen = seen or {}
         for room in rooms:
             try:
