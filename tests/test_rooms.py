@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, TIMEOUT, drain, password_of, wait_for, wait_until
 
-from securechat.client import Chat, ErrorReply, History, LoginRefused, Notice, Room, Roster
+from securechat.client import Chat, ErrorReply, History, LoginRefused, Notice, Room, RoomList, Roster, Sessions
 
 CLIENT = str(ROOT / "client.py")
 
@@ -221,3 +221,56 @@ def test_a_login_over_the_session_limit_is_refused_and_names_sessions(make_serve
     wait_until(lambda: not server.hub.local_sessions("alice"))
     again = connect("alice", to=server)  # the slot is free again once the first session ended
     assert again.connected
+
+
+def test_topic_list_and_history_paging(connect):
+    alice = connect("alice")
+    alice.join("#dev")
+    wait_for(alice, room_entered("#dev"))
+    alice.command("topic", "#dev", "release on friday")
+    topic = wait_for(alice, lambda event: isinstance(event, Notice) and event.event == "topic")
+    assert (topic.room, topic.name, topic.text) == ("#dev", "alice", "release on friday")
+    for number in range(5):
+        alice.say(f"line {number}", "#dev")
+    last = wait_for(alice, line("line 4"))
+
+    bob = connect("bob")
+    bob.join("#dev")
+    entered = wait_for(bob, room_entered("#dev"))
+    assert entered.topic == "release on friday"  # shown on join
+    bob.command("list")
+    listing = wait_for(bob, lambda event: isinstance(event, RoomList))
+    rooms = dict(zip(listing.names, zip(listing.members, listing.topics, strict=True), strict=True))
+    assert rooms["#dev"] == (2, "release on friday") and rooms["#lobby"][0] == 2
+
+    drain(bob)
+    bob.command("history", "#dev", "2", str(last.id))  # the two lines before "line 4"
+    paged = [event for event in drain(bob) if isinstance(event, Chat)]
+    assert [event.text for event in paged] == ["line 2", "line 3"] and all(event.history for event in paged)
+    bob.command("history", "#dev", "501")
+    refusal = wait_for(bob, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "bad_history" and "500" in refusal.message
+
+
+def test_the_rooms_per_account_limit_is_refused_in_one_line(make_server, connect):
+    server = make_server(max_rooms_per_account=2)
+    alice = connect("alice", to=server)  # #lobby is the first
+    alice.join("#one")
+    wait_for(alice, room_entered("#one"))
+    alice.join("#two")
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "too_many_rooms" and "/part" in refusal.message
+    assert "#two" not in alice.rooms
+
+
+def test_sessions_lists_every_device_and_logout_ends_one(connect):
+    laptop = connect("alice", device="laptop")
+    phone = connect("alice", device="phone")
+    laptop.command("sessions")
+    listing = wait_for(laptop, lambda event: isinstance(event, Sessions))
+    assert sorted(listing.devices) == ["laptop", "phone"] and listing.current == laptop.session
+    phone_id = listing.ids[listing.devices.index("phone")]
+    laptop.command("logout", phone_id)
+    wait_for(phone, lambda event: type(event).__name__ == "Goodbye")
+    wait_for(phone, lambda event: type(event).__name__ == "Disconnected")
+    assert laptop.connected
