@@ -236,7 +236,8 @@ class ChatHub:
         room = self._room_name(room_name)
         if self._in_room(member, room):
             raise HubError("already_joined", f"you are already in {room}")
-        joined = self.backend.memberships(member.name)
+        # The default room counts too: every session is in it.
+        joined = {self.config.default_room, *self.backend.memberships(member.name)}
         if room not in joined and len(joined) >= self.config.max_rooms_per_account:
             raise HubError(
                 "too_many_rooms",
