@@ -3,8 +3,12 @@
 The layers, bottom up (imports only point down):
 
 - ``protocol`` (framing, message types), ``crypto_utils`` (keys, sealing): no I/O;
-- ``channel`` (one connection's sealing state), ``accounts`` (users, passwords, tokens);
-- the server: ``config``, ``hello_signer``, ``connection`` (one client's reader),
-  ``listener`` (accept loop and lifecycle), ``admin`` and ``server_cli`` (command line);
+- ``ratelimit`` (token buckets), ``channel`` (one connection's sealing state),
+  ``accounts`` (users, passwords, tokens);
+- ``history`` (the SQLite store), ``rooms`` (one room's local sessions), ``backend``
+  (the room backend interface and its in-process implementation), ``hub`` (the chat's rules);
+- the server: ``config``, ``hello_signer``, ``handshake`` (its side, socket-free),
+  ``connection`` (one client's reader), ``listener`` (accept loop and lifecycle),
+  ``admin`` and ``server_cli`` (command line);
 - the client: ``client`` (the ``ChatClient`` library) and ``ui`` (the terminal program).
 """

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from securechat import crypto_utils
 from securechat.accounts import (
     TokenClaims,
     TokenError,
@@ -18,16 +16,16 @@ from securechat.accounts import (
 )
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
 from securechat.crypto_utils import CryptoError
+from securechat.handshake import ServerHandshake
 from securechat.hello_signer import HelloSigningError
 from securechat.hub import SESSION_ID_CHARS, HubError, run_command
 from securechat.outbound import OutboundQueue, Outbox
 from securechat.protocol import (
-    CLIENT_KINDS,
-    HANDSHAKE_NONCE_SIZE,
     MAX_REASON_CHARS,
     PROTOCOL_VERSION,
     Authenticated,
     Command,
+    ControlError,
     ErrorReply,
     FrameType,
     Goodbye,
@@ -35,21 +33,19 @@ from securechat.protocol import (
     Login,
     Message,
     MessageTooLarge,
+    Ping,
+    Pong,
     Private,
     ProtocolError,
     Resume,
     Say,
     TokenRefresh,
+    VersionMismatch,
     Welcome,
     Who,
-    b64decode,
-    b64encode,
     check_text,
-    client_auth_signed_data,
-    decode_control,
-    encode_control,
+    decode_control_message,
     sanitize_text,
-    server_hello_digest,
 )
 from securechat.ratelimit import FloodControl
 from securechat.rooms import merge_join_notices
@@ -62,8 +58,8 @@ log = logging.getLogger("chat.server")
 #: Most queued messages a send worker seals for one connection, and writes with one
 #: system call, before it turns to the next connection.
 SEND_BATCH_SIZE = 64
-PING_FRAME = encode_control("ping")
-PONG_FRAME = encode_control("pong")
+PING_FRAME = Ping().encode()
+PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
 FINISH_GRACE = 5.0
 #: Longest device label shown in /sessions.
@@ -72,15 +68,6 @@ MAX_DEVICE_CHARS = 40
 
 class FloodError(Exception):
     """A connection sent frames far faster than any client would."""
-
-
-class VersionMismatch(ProtocolError):
-    """A hello for another protocol version: told to the client plainly, since it is no attack."""
-
-    def __init__(self, version: object) -> None:
-        known = isinstance(version, int) and not isinstance(version, bool) and 0 <= version < 1000
-        shown = version if known else "unknown"
-        super().__init__(f"hello for protocol version {shown}, not {PROTOCOL_VERSION}")
 
 
 class AuthenticationFailed(Exception):
@@ -307,7 +294,7 @@ class ClientConnection:
             self._send_control_error(code, message)
 
     def _send_control_error(self, code: str, message: str) -> None:
-        self._send_now(encode_control("error", code=code, message=message))
+        self._send_now(ControlError(code=code, message=message).encode())
 
     def _send_now(self, data: bytes) -> None:
         """Best-effort direct send, only before the send pool owns the socket."""
@@ -320,50 +307,12 @@ class ClientConnection:
     def _handshake(self) -> None:
         config = self.server.config
         deadline = Deadline(config.handshake_timeout)
-        frame_type, body = read_frame(self.sock, config.max_frame_size, deadline)
-        if frame_type is not FrameType.CONTROL:
-            raise ProtocolError("expected hello")
-        hello = decode_control(body)
-        if hello["type"] != "hello":
-            raise ProtocolError("expected hello")
-        if hello.get("version") != PROTOCOL_VERSION:
-            raise VersionMismatch(hello.get("version"))
-        client_key_der = b64decode(hello.get("client_key"), "client_key")
-        client_nonce = b64decode(hello.get("nonce"), "nonce")
-        if len(client_nonce) != HANDSHAKE_NONCE_SIZE:
-            raise ProtocolError("hello nonce has the wrong size")
-        client_key = crypto_utils.load_public_key(client_key_der)
-        self.key_thumbprint = crypto_utils.jwk_thumbprint(client_key)
-        nonce = secrets.token_bytes(HANDSHAKE_NONCE_SIZE)
-        batch, signature = self.server.hello_signer.sign(server_hello_digest(nonce, client_nonce, client_key_der))
-        self._send_now(
-            encode_control(
-                "server_hello",
-                version=PROTOCOL_VERSION,
-                server_key=b64encode(self.server.public_key_der),
-                nonce=b64encode(nonce),
-                batch=b64encode(batch),
-                signature=b64encode(signature),
-            )
-        )
-        self.channel = SecureChannel(self.server.private_key, client_key, is_server=True, allowed_incoming=CLIENT_KINDS)
-        frame_type, body = read_frame(self.sock, config.max_frame_size, deadline)
-        if frame_type is not FrameType.SEALED:
-            raise ProtocolError("expected login")
-        request = self.channel.open(body)
-        assert isinstance(request, Login | Resume)
-        # The login is bound to this connection: a relayed or replayed one fails here.
-        if not secrets.compare_digest(b64decode(request.server_nonce, "server_nonce"), nonce):
-            raise ProtocolError("login is not for this connection (nonce)")
-        if request.client_key_fingerprint != crypto_utils.fingerprint(client_key):
-            raise ProtocolError("login is bound to another client key")
-        # Whoever sent the hello key must hold its private half: a stolen token plus the
-        # victim's public key must not be enough to resume the victim's session.
-        crypto_utils.verify_signature(
-            client_key,
-            b64decode(request.client_signature, "client_signature"),
-            client_auth_signed_data(request.KIND, nonce, self.server.public_key_der),
-        )
+        handshake = ServerHandshake(self.server.private_key, self.server.public_key_der, self.server.hello_signer.sign)
+        server_hello = handshake.receive_hello(*read_frame(self.sock, config.max_frame_size, deadline))
+        self.key_thumbprint = handshake.key_thumbprint
+        self._send_now(server_hello)
+        self.channel = handshake.channel
+        request = handshake.receive_login(*read_frame(self.sock, config.max_frame_size, deadline))
         self.sock.settimeout(None)  # from here the time spent is ours, not the client's
         self.login_request = request
         if isinstance(request, Login):
@@ -413,11 +362,11 @@ class ClientConnection:
         if not self.frame_flood.allow():  # pings too: parsing JSON is work, and so is each pong
             raise FloodError("far too many frames")
         if frame_type is FrameType.CONTROL:
-            control = decode_control(body)
-            if control["type"] == "ping":
+            control = decode_control_message(body)
+            if isinstance(control, Ping):
                 self.send_queue.put_urgent(PONG_FRAME)
-            elif control["type"] != "pong":
-                raise ProtocolError(f"unexpected control message {control['type']!r}")
+            elif not isinstance(control, Pong):
+                raise ProtocolError(f"unexpected control message {control.TYPE!r}")
             return
         assert self.channel is not None
         message = self.channel.open(body)

@@ -48,6 +48,8 @@ MAX_REF_CHARS = 32
 MAX_TOPIC_CHARS = 300
 #: Longest command argument list a client may send.
 MAX_COMMAND_ARGS = 8
+#: Longest text (a refusal's code or message) kept from a control frame.
+MAX_CONTROL_TEXT_CHARS = 300
 #: Most rooms a login may name in ``seen`` (well above the rooms one account may join).
 MAX_SEEN_ROOMS = 200
 
@@ -1018,3 +1020,117 @@ def decode_control(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("control frame has no type")
     return data
+
+
+class VersionMismatch(ProtocolError):
+    """A hello for another protocol version: told to the peer plainly, since it is no attack."""
+
+    def __init__(self, version: object) -> None:
+        known = _is_int(version) and 0 <= version < 1000  # type: ignore[operator]
+        shown = version if known else "unknown"
+        super().__init__(f"hello for protocol version {shown}, not {PROTOCOL_VERSION}")
+
+
+@dataclass(frozen=True)
+class Control:
+    """Base of the cleartext control messages: the handshake, refusals before a session, keepalive.
+
+    Bytes fields travel as base64; ``decode`` checks every field once, at the edge.
+    """
+
+    TYPE: ClassVar[str]
+
+    def encode(self) -> bytes:
+        """The whole control frame."""
+        values = {
+            spec.name: b64encode(value) if isinstance(value := getattr(self, spec.name), bytes) else value
+            for spec in fields(self)
+        }
+        return encode_control(self.TYPE, **values)
+
+
+@dataclass(frozen=True)
+class Hello(Control):
+    """The client's first frame: its public key (DER) and a fresh nonce the server must sign."""
+
+    TYPE: ClassVar[str] = "hello"
+    version: int
+    client_key: bytes
+    nonce: bytes
+
+    def __repr__(self) -> str:
+        return f"Hello(version={self.version})"
+
+
+@dataclass(frozen=True)
+class ServerHello(Control):
+    """The server's answer: its key, its nonce, and a signature over a batch of hello digests holding this one."""
+
+    TYPE: ClassVar[str] = "server_hello"
+    version: int
+    server_key: bytes
+    nonce: bytes
+    batch: bytes
+    signature: bytes
+
+    def __repr__(self) -> str:
+        return f"ServerHello(version={self.version}, digests={len(self.batch) // HELLO_DIGEST_SIZE})"
+
+
+@dataclass(frozen=True)
+class ControlError(Control):
+    """A refusal before a session exists (or of a connection): ``code`` for programs, ``message`` for people."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Ping(Control):
+    """Keepalive: are you there?"""
+
+    TYPE: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True)
+class Pong(Control):
+    """Keepalive: yes."""
+
+    TYPE: ClassVar[str] = "pong"
+
+
+CONTROL_TYPES: dict[str, type[Control]] = {cls.TYPE: cls for cls in (Hello, ServerHello, ControlError, Ping, Pong)}
+
+
+def decode_control_message(body: bytes) -> Control:
+    """The typed control message of a frame body; ``ProtocolError`` if it is malformed.
+
+    A hello for another protocol version raises ``VersionMismatch`` before its other
+    fields are looked at: they may differ in another version.
+    """
+    data = decode_control(body)
+    cls = CONTROL_TYPES.get(data["type"])
+    if cls is None:
+        raise ProtocolError(f"unknown control message {data['type'][:40]!r}")
+    if cls in (Hello, ServerHello) and data.get("version") != PROTOCOL_VERSION:
+        raise VersionMismatch(data.get("version"))
+    values: dict[str, Any] = {}
+    for spec in fields(cls):
+        value = data.get(spec.name)
+        if spec.type == "bytes":
+            values[spec.name] = b64decode(value, spec.name)
+        elif spec.type == "int":
+            _require_protocol(_is_int(value), f"{spec.name}: expected a number")
+            values[spec.name] = value
+        else:
+            # Text from the peer is shown to a person: made safe here, and kept short.
+            if not isinstance(value, str):
+                raise ProtocolError(f"{spec.name}: expected text")
+            values[spec.name] = sanitize_text(value)[:MAX_CONTROL_TEXT_CHARS]
+    return cls(**values)
+
+
+def _require_protocol(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ProtocolError(problem)
