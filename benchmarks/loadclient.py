@@ -177,7 +177,9 @@ class SamplingChatClient(ChatClient):
             return describe_login_error(ChatError("the server sent something unexpected after login"))
         self.rooms = {room: [] for room in message.rooms}
         self.active_room = message.rooms[0] if message.rooms else ""
-        self.token, self.token_expires_at = message.token, message.expires_at
+        with self.send_lock:  # as accept_welcome does: the session may be used from here on
+            self.token, self.token_expires_at = message.token, message.expires_at
+            self._session_ready = True
         return ""
 
     def _verifier(self) -> SecureChannel:

@@ -713,18 +713,22 @@ class TokenAuthority:
         """True once a token is past half its life."""
         return time.time() >= (claims.issued_at + claims.expires_at) / 2
 
-    def revoke(self, claims: TokenClaims) -> None:
+    def revoke(self, claims: TokenClaims) -> bool:
         """Refuse every token of this session from now on (none can resume it again).
 
-        One line is appended to the journal per revocation; it is rewritten without
-        the expired entries only once it has doubled since the last rewrite, so the
-        cost per revocation stays constant on average however many there are.
+        Returns True if this call revoked it, False if it already was: checking and
+        revoking are one step, so of two resumes of one token racing each other only
+        one can spend it. One line is appended to the journal per revocation; it is
+        rewritten without the expired entries only once it has doubled since the last
+        rewrite, so the cost per revocation stays constant on average however many there are.
         """
         now = time.time()
         # A refresh may have issued a token up to one lifetime from now, never later.
         until = int(now) + self.ttl + 1
         with self._revoked_file_lock:
             with self._revoked_lock:
+                if claims.session_id in self._revoked:
+                    return False
                 self._revoked[claims.session_id] = until
                 self._journal_lines += 1
                 compact = self._journal_lines > max(MIN_JOURNAL_LINES, 2 * self._compacted_lines)
@@ -738,3 +742,4 @@ class TokenAuthority:
                 self._rewrite_revoked(live)
             else:
                 self._append_revoked(claims.session_id, until)
+        return True

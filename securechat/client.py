@@ -38,10 +38,12 @@ from securechat.protocol import (
     SERVER_KINDS,
     Chat,
     Command,
+    ControlError,
     Envelope,
     ErrorReply,
     FrameType,
     Goodbye,
+    Hello,
     History,
     Joined,
     Kind,
@@ -49,6 +51,8 @@ from securechat.protocol import (
     Login,
     Message,
     Notice,
+    Ping,
+    Pong,
     Private,
     ProtocolError,
     Resume,
@@ -56,15 +60,15 @@ from securechat.protocol import (
     RoomList,
     Roster,
     Say,
+    ServerHello,
     Sessions,
     TokenRefresh,
+    VersionMismatch,
     Welcome,
     Who,
-    b64decode,
     b64encode,
     client_auth_signed_data,
-    decode_control,
-    encode_control,
+    decode_control_message,
     hello_batch_digests,
     sanitize_text,
     server_hello_digest,
@@ -99,6 +103,8 @@ IDLE_TIMEOUT = 75.0
 #: How long leave() waits for the server's goodbye.
 LEAVE_TIMEOUT = 5.0
 
+
+PONG_FRAME = Pong().encode()
 
 #: Refusal codes meaning the token itself is no good: only a password can log in again.
 TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
@@ -281,8 +287,11 @@ class ChatClient:
         self._server_nonce = b""
         self._server_key: PublicKey | None = None
         self._server_key_der = b""
-        # Guards the socket's send side and the outgoing sequence numbers.
+        # Guards the socket's send side, the outgoing sequence numbers, and which session lines
+        # go out on (_session_ready and the token it goes with).
         self.send_lock = threading.Lock()
+        # True from a welcome until the connection is closed or replaced: lines may be sent.
+        self._session_ready = False
         # Owned by the caller's thread (the one that sends).
         self._flood: FloodControl | None = None
         self._events: queue.Queue[Event] = queue.Queue(MAX_QUEUED_EVENTS)
@@ -296,6 +305,8 @@ class ChatClient:
     def connect(self) -> None:
         """Open the connection, send our key and verify the server's identity."""
         self._closing.clear()
+        with self.send_lock:
+            self._session_ready = False  # until the welcome of the session this connection opens
         deadline = Deadline(self.timeout)
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=deadline.timeout())
@@ -319,12 +330,7 @@ class ChatClient:
     def hello_frame(self) -> bytes:
         """Our first frame: our public key and a fresh nonce the server must sign."""
         self._client_nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
-        return encode_control(
-            "hello",
-            version=PROTOCOL_VERSION,
-            client_key=b64encode(self.public_key_der),
-            nonce=b64encode(self._client_nonce),
-        )
+        return Hello(version=PROTOCOL_VERSION, client_key=self.public_key_der, nonce=self._client_nonce).encode()
 
     def accept_server_hello(self, frame_type: FrameType, body: bytes) -> None:
         """Check the server's answer to our hello and, if it proves a trusted key, set up the channel.
@@ -335,18 +341,18 @@ class ChatClient:
         """
         if frame_type is not FrameType.CONTROL:
             raise ChatError("the server sent something unexpected during the handshake")
-        reply = decode_control(body)
-        if reply["type"] == "error":
-            raise LoginRefused(_shown(reply.get("code")), f"server refused: {_shown(reply.get('message'))}")
-        if reply["type"] != "server_hello" or reply.get("version") != PROTOCOL_VERSION:
-            raise ChatError("the server speaks another protocol version")
-        server_key_der = b64decode(reply.get("server_key"), "server_key")
+        try:
+            reply = decode_control_message(body)
+        except VersionMismatch:
+            raise ChatError("the server speaks another protocol version") from None
+        if isinstance(reply, ControlError):
+            raise LoginRefused(_shown(reply.code), f"server refused: {_shown(reply.message)}")
+        if not isinstance(reply, ServerHello):
+            raise ChatError("the server sent something unexpected during the handshake")
+        server_key_der, nonce, batch, signature = reply.server_key, reply.nonce, reply.batch, reply.signature
         server_key = crypto_utils.load_public_key(server_key_der)
-        nonce = b64decode(reply.get("nonce"), "nonce")
         if len(nonce) != HANDSHAKE_NONCE_SIZE:
             raise ProtocolError("server_hello nonce has the wrong size")
-        batch = b64decode(reply.get("batch"), "batch")
-        signature = b64decode(reply.get("signature"), "signature")
         fingerprint = crypto_utils.fingerprint(server_key)
         # First that the peer holds the key it shows (it signed a batch of hello digests
         # holding ours, which covers our fresh nonce, so a recording cannot pass), and only
@@ -492,10 +498,10 @@ class ChatClient:
         """
         assert self.channel is not None
         if frame_type is FrameType.CONTROL:
-            reply = decode_control(body)
-            if reply["type"] != "error":
+            reply = decode_control_message(body)
+            if not isinstance(reply, ControlError):
                 raise ProtocolError("unexpected cleartext frame after login")
-            raise LoginRefused(_shown(reply.get("code")), _shown(reply.get("message", "refused")))
+            raise LoginRefused(_shown(reply.code), _shown(reply.message or "refused"))
         # The server names us in the associated data once it has accepted us.
         kind = Envelope.decode(body).kind
         self.channel.username = username if kind is Kind.WELCOME else ""
@@ -513,7 +519,11 @@ class ChatClient:
         self.rooms = {room: self.rooms.get(room, []) for room in message.rooms}
         if self.active_room not in self.rooms:
             self.active_room = message.rooms[0] if message.rooms else ""
-        self.token, self.token_expires_at = message.token, message.expires_at
+        with self.send_lock:
+            # The token and "ready" change together: a line sent meanwhile (one waking from
+            # flood pacing, say) would otherwise go out on the new session with the old token.
+            self.token, self.token_expires_at = message.token, message.expires_at
+            self._session_ready = True
         if self.pace and message.flood_rate > 0 and message.flood_burst > 1:
             # A margin below the server's bucket, so network jitter never tips us over.
             self._flood = FloodControl(message.flood_rate * 0.9, message.flood_burst - 1)
@@ -529,7 +539,7 @@ class ChatClient:
                 time.sleep(0.05)
         with self.send_lock:
             sock, channel = self.sock, self.channel
-            if sock is None or channel is None or channel.session_key is None:
+            if not self._session_ready or sock is None or channel is None:
                 raise ChatError("not sent: not connected")
             try:
                 frame = channel.seal(build(self.token))
@@ -652,10 +662,10 @@ class ChatClient:
                 if frame_type is FrameType.CONTROL:
                     # After login everything that matters is sealed: a cleartext frame other
                     # than a keepalive could come from anyone on the path, so it is not believed.
-                    if decode_control(body)["type"] != "ping":
+                    if not isinstance(decode_control_message(body), Ping):
                         raise ProtocolError("unexpected cleartext frame")
                     with self.send_lock:
-                        sock.sendall(encode_control("pong"))
+                        sock.sendall(PONG_FRAME)
                     continue
                 message = channel.open(body)
                 if isinstance(message, TokenRefresh):
@@ -768,6 +778,7 @@ class ChatClient:
         if reader is not None and reader is not threading.current_thread():
             reader.join(timeout=2.0)
         with self.send_lock:
+            self._session_ready = False
             if self.sock is not None:
                 self.sock.close()
             self.sock = None

@@ -48,12 +48,12 @@ from securechat.history import ChatStore, load_or_create_history_key
 from securechat.hub import ChatHub, HubConfig
 from securechat.outbound import SendPool
 from securechat.protocol import (
+    ControlError,
     ErrorReply,
     Goodbye,
     Login,
     Resume,
     TokenRefresh,
-    encode_control,
     normalize_room,
 )
 from securechat.ratelimit import FloodControl
@@ -161,7 +161,10 @@ class ChatServer:
             while not self.stopping.is_set():
                 for key, _ in selector.select():
                     if key.fileobj is self.listener:
-                        self._accept()
+                        try:
+                            self._accept()
+                        except Exception:  # one bad connection never stops the server accepting
+                            log.exception("error while accepting a connection")
         finally:
             selector.close()
             self._serving.clear()
@@ -248,7 +251,11 @@ class ChatServer:
             elif self.connections_per_address[address] >= self.config.max_connections_per_address:
                 refusal = ("too_many_connections", "too many connections from your address")
             else:
-                connection = ClientConnection(self, sock, peer)
+                try:
+                    connection = ClientConnection(self, sock, peer)
+                except BaseException:
+                    sock.close()
+                    raise
                 # Registered before its thread starts, so server_close() cannot miss it.
                 self.connections.add(connection)
                 self.connections_per_address[address] += 1
@@ -256,13 +263,18 @@ class ChatServer:
             log.info("refused %s:%s: %s", peer[0], peer[1], refusal[1])
             try:
                 sock.settimeout(0.5)
-                sock.sendall(encode_control("error", code=refusal[0], message=refusal[1]))
+                sock.sendall(ControlError(code=refusal[0], message=refusal[1]).encode())
             except OSError:
                 pass
             sock.close()
             return
         log.info("connect %s", connection.peer)
-        connection.reader.start()
+        try:
+            connection.reader.start()
+        except Exception:  # a thread that cannot be started, say: this connection alone is lost
+            log.exception("%s: cannot start its reader; closing it", connection.peer)
+            connection.close("internal error")
+            self.forget(connection)
 
     def _connect_allowed(self, address: str) -> bool:
         """Per-address rate of new connections. Only the accepting thread touches the buckets."""
@@ -489,8 +501,10 @@ class ChatServer:
             raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
         if record is not None:  # None only if deleted this instant; the next frame's check ends it
             self._refuse_demo_account(connection, record)
-        # The old session is spent, every token of it: the new connection starts a new one.
-        self.tokens.revoke(claims)
+        # The old session is spent, every token of it: the new connection starts a new one. Only
+        # one resume may spend it: a second one racing this one finds it already revoked.
+        if not self.tokens.revoke(claims):
+            raise TokenError("token_revoked", "token was given up; log in again")
         # Its old connection, if the server still holds it (a link that died without a word), goes:
         # this device is back on a new one. Other sessions of the account are not touched.
         with self.connections_lock:

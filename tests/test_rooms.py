@@ -5,11 +5,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import ROOT, TIMEOUT, drain, password_of, wait_for, wait_until
 
-from securechat.client import Chat, ErrorReply, History, LoginRefused, Notice, Room, RoomList, Roster, Sessions
+from securechat.client import (
+    Chat,
+    ChatError,
+    ErrorReply,
+    History,
+    LoginRefused,
+    Notice,
+    Room,
+    RoomList,
+    Roster,
+    Sessions,
+)
 
 CLIENT = str(ROOT / "client.py")
 
@@ -274,3 +286,53 @@ def test_sessions_lists_every_device_and_logout_ends_one(connect):
     wait_for(phone, lambda event: type(event).__name__ == "Goodbye")
     wait_for(phone, lambda event: type(event).__name__ == "Disconnected")
     assert laptop.connected
+
+
+def test_two_resumes_of_one_token_racing_each_other_spend_it_once(server, connect):
+    alice = connect("alice")
+    claims = server.tokens.verify(alice.token, next(iter(server.connections)).key_thumbprint)
+    results = []
+    barrier = threading.Barrier(2)
+
+    def spend() -> None:
+        barrier.wait()
+        results.append(server.tokens.revoke(claims))
+
+    racers = [threading.Thread(target=spend) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    assert sorted(results) == [False, True]
+
+
+def test_a_line_sent_while_a_new_session_is_being_opened_is_refused_not_sent_with_the_old_token(connect):
+    alice = connect("alice")
+    alice.close()
+    drain(alice, quiet=0.1)  # what the closed session left, up to its Disconnected
+    alice.connect()  # a new connection, its welcome not yet received: nothing may go out on it
+    with pytest.raises(ChatError, match="not connected"):
+        alice.say("too early")
+    alice.resume()
+    alice.say("now it goes")
+    assert wait_for(alice, line("now it goes")).ref
+
+
+def test_the_server_keeps_accepting_when_a_connection_cannot_be_started(make_server, connect, monkeypatch):
+    from securechat import listener
+
+    server = make_server()
+    failures = []
+
+    class Unstartable(listener.ClientConnection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not failures:
+                failures.append(self)
+                self.reader.start = lambda: (_ for _ in ()).throw(RuntimeError("can't start new thread"))
+
+    monkeypatch.setattr(listener, "ClientConnection", Unstartable)
+    with pytest.raises(ChatError):
+        connect("alice", to=server)
+    assert failures and failures[0] not in server.connections  # closed and unregistered
+    assert connect("bob", to=server).connected  # and the next one is served
