@@ -260,6 +260,9 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
     # From a copy taken now, as fanout.py does: edits to the checkout cannot leak into the run.
     server_path = harness.snapshot_server(args.server, work_dir / "server-src")
     report["source"] = harness.source_info(server_path)
+    if args.rooms_per_user:
+        remember_rooms(work_dir / "server-data", names[background_count:], args.rooms_per_user)
+        log(f"each storm account remembers {args.rooms_per_user} rooms besides the lobby")
     server = harness.start_chat_server(work_dir, users_path, *server_args, server_path=server_path)
     talkers: Talkers | None = None
     driver: LoginDriver | None = None
@@ -339,6 +342,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             "hash_workers": args.hash_workers,
             "hash_threads_measured": hash_threads,
             "key_pool": args.keys,
+            "rooms_per_user": args.rooms_per_user,
             "server_args": server_args,
         }
         report["hashing"] = {"before": hash_before, "after": hash_after, "ceiling_per_s": ceiling}
@@ -442,13 +446,20 @@ def fmt_ms(summary: dict[str, Any]) -> str:
     )
 
 
+def rejoining(settings: dict[str, Any]) -> str:
+    rooms = settings.get("rooms_per_user")
+    return f" each rejoining {rooms} rooms" if rooms else ""
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     storm, hashing, talkers = report["storm"], report["hashing"], report["talkers"]
     settings = report["settings"]
     ratio = storm["ratio_to_hashing_ceiling"]
     during = talkers["during_storm"]
     lines = [
-        f"Login storm: {settings['storm_clients']} clients at once, {settings['background_clients']} talkers "
+        f"Login storm: {settings['storm_clients']} clients at once"
+        f"{rejoining(settings)}, "
+        f"{settings['background_clients']} talkers "
         f"({settings['background_rate_lines_per_s']:g} lines/s), server --hash-workers {settings['hash_workers']}",
         f"  logins: {storm['logins_ok']} ok, {storm['logins_failed']} failed in {storm['seconds']:.2f} s "
         f"= {storm['logins_per_s']:.1f} logins/s (each login p50 {storm['login_ms_p50'] or 0:.0f} ms, "
@@ -491,6 +502,27 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def remember_rooms(data_dir: Path, names: Sequence[str], count: int) -> None:
+    """Have every account of ``names`` remember ``count`` rooms (#storm-0, #storm-1, ...), as if each
+    had joined them before: the server rejoins them all at login. Written into the server's own store
+    before it starts."""
+    from securechat.history import ChatStore, RoomRecord, load_or_create_history_key
+
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    store = ChatStore(data_dir / "history.sqlite3", load_or_create_history_key(data_dir / "history_key"))
+    try:
+        rooms = [f"#storm-{index}" for index in range(count)]
+        for room in rooms:
+            store.save_room(RoomRecord(room, owner=names[0], created_at=time.time()))
+        for name in names:
+            for room in rooms:
+                store.add_membership(name, room)
+        if not store.flush(timeout=60.0):
+            raise SystemExit("could not write the remembered rooms")
+    finally:
+        store.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and short windows (under a minute)")
@@ -499,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--background-rate", type=float, default=DEFAULT_BACKGROUND_RATE, help="talkers' lines/s")
     parser.add_argument("--hash-workers", type=int, default=DEFAULT_HASH_WORKERS, help="passed to the server")
     parser.add_argument("--keys", type=int, default=DEFAULT_KEY_COUNT, help="RSA key pairs shared by the clients")
+    parser.add_argument(
+        "--rooms-per-user", type=int, default=0, metavar="N", help="rooms each storm account rejoins at login"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here (besides benchmarks/results/)")
     parser.add_argument("--work-dir", type=Path, help="keep the server's files and log here")
     harness.add_server_option(parser)
