@@ -74,6 +74,7 @@ class SecureChannel:
         # Derived from the session key when it is set: the keyed MAC state for outgoing
         # frames, and the client-to-server cipher (see SessionCipher).
         self._send_mac: crypto_utils.SessionMac | None = None
+        self._recv_mac: crypto_utils.SessionMac | None = None
         self._cipher: crypto_utils.SessionCipher | None = None
 
     @property
@@ -85,6 +86,7 @@ class SecureChannel:
     def session_key(self, key: bytes) -> None:
         self._session_key = key
         self._send_mac = crypto_utils.SessionMac(key, self._send_direction)
+        self._recv_mac = crypto_utils.SessionMac(key, self._recv_direction)
         self._cipher = crypto_utils.SessionCipher(key, b"c2s")
 
     def _labels(self, outgoing: bool) -> tuple[str, str]:
@@ -169,7 +171,10 @@ class SecureChannel:
 
     def _check_mac(self, envelope: Envelope, session_key: bytes | None) -> None:
         assert session_key is not None
-        expected = crypto_utils.session_mac(session_key, self._recv_direction, envelope.mac_input())
+        if session_key is self._session_key and self._recv_mac is not None:
+            expected = self._recv_mac.digest(envelope.mac_input())  # the keyed state, derived once
+        else:  # the login's own frame, whose key it carries
+            expected = crypto_utils.session_mac(session_key, self._recv_direction, envelope.mac_input())
         if not crypto_utils.macs_equal(expected, envelope.mac):
             raise CryptoError("frame MAC does not verify: not from this session")
 

@@ -207,10 +207,16 @@ class SessionCipher:
             raise CryptoError("message failed authentication") from exc
 
 
+def session_mac_key(session_key: bytes) -> bytes:
+    """The MAC key of a session: HKDF of the session key with its own label, so that no key
+    serves two jobs (the cipher's key is another derivation, ``SessionCipher``)."""
+    return HKDF(algorithm=hashes.SHA256(), length=AES_KEY_SIZE, salt=None, info=b"chat mac").derive(session_key)
+
+
 def session_mac(session_key: bytes, direction: bytes, data: bytes) -> bytes:
-    """HMAC-SHA256 under the per-connection session key, labelled by direction."""
+    """HMAC-SHA256 under the session's MAC key (see ``session_mac_key``), labelled by direction."""
     # hmac.digest is the one-shot C path: same MAC as hmac.new(...).digest(), less Python.
-    return hmac.digest(session_key, direction + b"\0" + data, "sha256")
+    return hmac.digest(session_mac_key(session_key), direction + b"\0" + data, "sha256")
 
 
 class SessionMac:
@@ -221,7 +227,7 @@ class SessionMac:
     """
 
     def __init__(self, session_key: bytes, direction: bytes) -> None:
-        self._keyed = hmac.new(session_key, direction + b"\0", hashlib.sha256)
+        self._keyed = hmac.new(session_mac_key(session_key), direction + b"\0", hashlib.sha256)
 
     def digest(self, data: bytes) -> bytes:
         """HMAC-SHA256 of ``data``: equal to ``session_mac(session_key, direction, data)``."""
