@@ -47,7 +47,7 @@ from securechat.protocol import (
     decode_control_message,
     sanitize_text,
 )
-from securechat.ratelimit import FloodControl
+from securechat.ratelimit import FloodControl, address_bucket
 from securechat.rooms import merge_join_notices
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ PING_FRAME = Ping().encode()
 PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
 FINISH_GRACE = 5.0
+#: Longest reason a disconnect's log line carries.
+MAX_LOGGED_REASON_CHARS = 200
 #: Longest device label shown in /sessions.
 MAX_DEVICE_CHARS = 40
 
@@ -92,6 +94,8 @@ class ClientConnection:
         self.server = server
         self.sock = sock
         self.address = peer[0]
+        #: What per-address limits count this peer under (its IPv6 /64, say).
+        self.address_bucket = address_bucket(peer[0])
         self.peer = f"{peer[0]}:{peer[1]}"
         self.name = ""
         self.channel: SecureChannel | None = None
@@ -174,7 +178,7 @@ class ClientConnection:
         self.send_queue.close()
         self._shutdown_socket()
 
-    def finish(self, reason: str, *last_messages: Message) -> None:
+    def finish(self, reason: str, *last_messages: Message, urgent: bool = False) -> None:
         """Send ``last_messages`` (typically an error or goodbye), then close.
 
         A peer that does not read could hold the flush forever; the keepalive
@@ -186,7 +190,7 @@ class ClientConnection:
             if not self.finishing_since:
                 self.finishing_since = time.monotonic()
         if self.attached:
-            self.send_queue.finish(*last_messages)
+            self.send_queue.finish(*last_messages, drop_queued=urgent)
         else:
             self.close(reason)
 
@@ -267,7 +271,9 @@ class ClientConnection:
                 self.server.hub.close_session(self, self._public_reason())
             self.server.forget(self)
             who = f" user={self.name}" if self.name else ""
-            log.info("disconnect %s%s: %s", self.peer, who, self.close_reason or reason)
+            # A protocol error's text can quote the peer (a field name, say): bounded and made safe.
+            logged = sanitize_text(self.close_reason or reason)[:MAX_LOGGED_REASON_CHARS]
+            log.info("disconnect %s%s: %s", self.peer, who, logged)
 
     def _public_reason(self) -> str:
         """What the others see in the leave notice: the parting message, or why the link ended."""
@@ -331,6 +337,9 @@ class ClientConnection:
             rooms, devices = hub.open_session(self, self.device, self.address)
         except HubError as exc:
             raise AuthenticationFailed(exc.code, str(exc)) from None
+        # The time since the client's last frame was ours (a queue for hashing, say): the keepalive
+        # counts silence from now, or it could put a ping ahead of the welcome.
+        self.last_inbound = time.monotonic()
         self.in_room = True  # from here the reader's finally closes the session in the hub
         self.channel.username = self.name
         token, expires_at = self.server.issue_token(self, self.verified_stamp)
@@ -418,25 +427,35 @@ class ClientConnection:
     # ------------------------------------------------------------------ run by this connection's send worker
 
     def pump(self) -> bool:
-        """Seal one batch of what is queued and write it without blocking; True if more is queued.
+        """Seal what is queued, up to the outbox's room, and write it without blocking; True if more is queued.
 
         Only ever run by this connection's one send worker, so frames are sealed in order.
+        The outbox's high-water mark holds per frame: sealing stops once the frames of this
+        round fill the room left, and the rest waits in the queue, unsealed.
         """
-        if self.closed.is_set() or not self.outbox.has_room():
+        room = self.outbox.room()
+        if self.closed.is_set() or room <= 0:
             return False  # a full outbox has the flusher schedule us again when it drains
         assert self.channel is not None
         batch, more = self.send_queue.take_batch(SEND_BATCH_SIZE)
         frames: list[bytes] = []
         close_after = False
-        for item in merge_join_notices(batch):
+        items = merge_join_notices(batch)
+        for index, item in enumerate(items):
+            if room <= 0:
+                self.send_queue.put_back(items[index:])  # sealed later, once the outbox has drained
+                more = True
+                break
             if item is OutboundQueue.CLOSE_AFTER_FLUSH:
                 close_after = True  # always the last item queued: finish() closes the queue
                 break
             if isinstance(item, bytes):
                 frames.append(item)
+                room -= len(item)
                 continue
             try:
                 frames.append(self.channel.seal(item))
+                room -= len(frames[-1])
             except MessageTooLarge as exc:
                 # One unsendable message must not cost the client its connection; the
                 # channel's state is unchanged, so the next message seals as usual.

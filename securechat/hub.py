@@ -10,7 +10,6 @@ the connection turns into an error reply.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -522,6 +521,11 @@ def _has_older(lines: list[RoomEvent]) -> bool:
     return first_seq > 1
 
 
+def _json_size(field: object) -> int:
+    """About how many bytes ``field`` takes in JSON: a str's UTF-8 and its quotes, or its digits."""
+    return len(field.encode()) + 3 if isinstance(field, str) else len(str(field)) + 1
+
+
 def paginate(names: list[str], devices: list[int]) -> Iterator[tuple[list[str], list[int], bool]]:
     """A roster in pages that each fit a frame: (names, devices, more). An empty roster is one empty page."""
     pages = _pages(list(zip(names, devices, strict=True)))
@@ -537,7 +541,10 @@ def _pages(items: list[Item]) -> list[list[Item]]:
     pages: list[list[Item]] = [[]]
     size = 0
     for item in items:
-        item_size = len(json.dumps(item, ensure_ascii=False).encode()) + 4
+        # Counted field by field, not by encoding each item: a login that rejoins 50 rooms of
+        # 500 pages 25,000 names. Escaped quotes could make a page up to twice its count, which
+        # a budget of half a frame leaves room for.
+        item_size = sum(_json_size(field) for field in item) + 4
         if pages[-1] and size + item_size > PAGE_BUDGET:
             pages.append([])
             size = 0

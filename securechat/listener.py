@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import logging
 import math
 import os
@@ -56,7 +57,7 @@ from securechat.protocol import (
     TokenRefresh,
     normalize_room,
 )
-from securechat.ratelimit import FloodControl
+from securechat.ratelimit import FloodControl, address_bucket
 
 log = logging.getLogger("chat.server")
 
@@ -203,7 +204,9 @@ class ChatServer:
             connections = list(self.connections)
         for connection in connections:
             if connection.in_room:
-                connection.finish("server shutting down", Goodbye(reason="server shutting down", may_reconnect=True))
+                # Ahead of whatever a slow reader still has queued: it must hear why the link ends.
+                goodbye = Goodbye(reason="server shutting down", may_reconnect=True)
+                connection.finish("server shutting down", goodbye, urgent=True)
             else:
                 connection.close("server shutting down")
         give_up = time.monotonic() + grace
@@ -241,7 +244,7 @@ class ChatServer:
         except OSError:
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        address = peer[0]
+        address = address_bucket(peer[0])  # an IPv6 peer counts by its /64
         with self.connections_lock:
             refusal = None
             if not self._connect_allowed(address):
@@ -292,9 +295,9 @@ class ChatServer:
         with self.connections_lock:
             if connection in self.connections:
                 self.connections.discard(connection)
-                self.connections_per_address[connection.address] -= 1
-                if self.connections_per_address[connection.address] <= 0:
-                    del self.connections_per_address[connection.address]
+                self.connections_per_address[connection.address_bucket] -= 1
+                if self.connections_per_address[connection.address_bucket] <= 0:
+                    del self.connections_per_address[connection.address_bucket]
         if not self.stopping.is_set():
             connection.outbox.close_socket()  # never under a send in flight on the pool's threads
 
@@ -369,7 +372,7 @@ class ChatServer:
     def authenticate_password(self, connection: ClientConnection, login: Login) -> str:
         """Check a password login; returns the user name or raises ``AuthenticationFailed``."""
         name = login.username
-        address_key, account_key = ("address", connection.address), ("user", name.casefold()[:64])
+        address_key, account_key = ("address", connection.address_bucket), ("user", name.casefold()[:64])
         keys = [address_key, account_key]
         # Guesses at one account fired in parallel are counted as they start; the address is
         # counted when a guess fails (many people may log in at once from one address, and
@@ -424,7 +427,10 @@ class ChatServer:
         return True
 
     def _refuse_demo_account(self, connection: ClientConnection, record: UserRecord) -> None:
-        if record.demo and not self.config.allow_demo_accounts and not self.config.is_loopback:
+        # Both the address we listen on and the peer's: a server on loopback can still be reached
+        # from afar through a tunnel or a proxy that connects from another address.
+        local_only = self.config.is_loopback and is_loopback_address(connection.address)
+        if record.demo and not self.config.allow_demo_accounts and not local_only:
             log.warning("login refused %s user=%s: demo account on a public address", connection.peer, record.name)
             raise AuthenticationFailed("demo_disabled", "demo accounts are disabled on this server")
 
@@ -514,6 +520,13 @@ class ChatServer:
         connection.verified_stamp = claims.account_stamp
         log.info("resume ok %s user=%s", connection.peer, claims.username)
         return claims.username
+
+
+def is_loopback_address(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 #: How much lower than the rest of the server a password-hashing thread runs (a nice value).

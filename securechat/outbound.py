@@ -30,10 +30,11 @@ from typing import Any, Protocol
 
 log = logging.getLogger("chat.server")
 
-#: Sealed bytes an outbox may hold before its worker stops sealing more for it. A soft
-#: limit, checked once per batch: one more batch (usually a few KiB, at worst 64 frames
-#: of the largest size) can go past it. The kernel's socket buffer holds more; a client
-#: this far behind is left to its message queue, whose limit drops it.
+#: Sealed bytes an outbox may hold before its worker stops sealing more for it, checked per
+#: frame: at most one frame (64 KiB) past it. The kernel's socket buffer holds more; a client
+#: this far behind is left to its message queue (unsealed messages, mostly shared with the
+#: other recipients), whose limit drops it. So a client that stops reading costs the server
+#: at most this, one frame, and its socket's send buffer in sealed bytes.
 OUTBOX_HIGH_WATER = 128 * 1024
 #: Once the flusher has brought an outbox down to this, its worker seals again.
 OUTBOX_LOW_WATER = 32 * 1024
@@ -56,12 +57,14 @@ class OutboundQueue:
         self.max_size = max_size
         #: Called when there is something to take; set once, before anything is queued.
         self.on_ready = on_ready
-        # Guards _items, _urgent and _closed.
+        # Guards _items, _urgent, _closed and _discarded.
         self._items_lock = threading.Lock()
         self._items: deque[Any] = deque()
         # Keepalive frames: they go out before _items.
         self._urgent: deque[bytes] = deque()
+        # _closed: nothing more may be put (finish() or close()); _discarded: close() dropped it all.
         self._closed = False
+        self._discarded = False
 
     def put(self, item: Any) -> bool:
         """Queue ``item``; False if the queue is full. A closed queue drops silently."""
@@ -75,11 +78,17 @@ class OutboundQueue:
         """
         return self._add(self._urgent, frame)
 
-    def finish(self, *last_items: Any) -> None:
-        """Queue ``last_items`` past the limit, then the sign to close once they are sent."""
+    def finish(self, *last_items: Any, drop_queued: bool = False) -> None:
+        """Queue ``last_items`` past the limit, then the sign to close once they are sent.
+
+        With ``drop_queued`` what is still queued is dropped first, so the last items go out
+        next however far behind the reader is (the server's goodbye when it shuts down).
+        """
         with self._items_lock:
             if self._closed:
                 return
+            if drop_queued:
+                self._items.clear()
             was_empty = not self._items and not self._urgent
             self._items.extend(last_items)
             self._items.append(self.CLOSE_AFTER_FLUSH)
@@ -87,10 +96,18 @@ class OutboundQueue:
         if was_empty:
             self._ready()
 
+    def put_back(self, items: list[Any]) -> None:
+        """Return items taken but not sent to the front of the queue, in their order (the send worker,
+        when the outbox is full). They were already counted, so no bound is checked; a closed queue drops them."""
+        with self._items_lock:
+            if self._discarded:
+                return
+            self._items.extendleft(reversed(items))
+
     def close(self) -> None:
         """Drop whatever is queued; later puts are dropped too."""
         with self._items_lock:
-            self._closed = True
+            self._closed = self._discarded = True
             self._items.clear()
             self._urgent.clear()
 
@@ -247,13 +264,18 @@ class Outbox:
         self._starved = False
         self._failed = False
 
+    def room(self) -> int:
+        """Bytes the worker may seal now, up to the high-water mark; if none, ``on_room`` is called
+        once there is room again."""
+        with self._pending_lock:
+            left = OUTBOX_HIGH_WATER - len(self._pending)
+            if left <= 0:
+                self._starved = True
+            return left
+
     def has_room(self) -> bool:
         """Whether the worker may seal more now; if not, ``on_room`` is called once there is room."""
-        with self._pending_lock:
-            if len(self._pending) < OUTBOX_HIGH_WATER:
-                return True
-            self._starved = True
-            return False
+        return self.room() > 0
 
     def write(self, data: bytes, close_when_empty: bool = False) -> None:
         """Send ``data`` after whatever is pending; with ``close_when_empty``, close once all is out."""

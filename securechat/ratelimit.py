@@ -7,6 +7,7 @@ No sockets, no chat: a bucket only counts.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 
@@ -50,3 +51,24 @@ class FloodControl:
             return True
         with self._tokens_lock:
             return self._tokens + (time.monotonic() - self._updated) * self.rate >= self.burst
+
+
+#: The IPv6 prefix one host (or one home) gets: per-address limits count the whole network.
+IPV6_HOST_PREFIX = 64
+
+
+def address_bucket(address: str) -> str:
+    """What per-address limits count a peer under: its IPv4 address, or its IPv6 /64.
+
+    One IPv6 host may pick any address in its /64, so counting whole addresses would give
+    it some 2^64 budgets. An IPv4-mapped IPv6 address counts as its IPv4 address.
+    """
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{parsed}/{IPV6_HOST_PREFIX}", strict=False))
+    return str(parsed)

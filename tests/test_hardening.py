@@ -631,3 +631,27 @@ def test_a_port_out_of_range_is_named(tmp_path, users):
     result = run_program(SERVER, *args)
     assert result.returncode == 1
     assert_one_line_error(result, "error: port 70000 is out of range")
+
+
+def test_per_address_limits_count_an_ipv6_host_by_its_64():
+    from securechat.ratelimit import address_bucket
+
+    assert address_bucket("2001:db8:1:2:aaaa::1") == address_bucket("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"
+    assert address_bucket("2001:db8:1:3::1") != address_bucket("2001:db8:1:2::1")
+    assert address_bucket("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_bucket("192.0.2.7") == "192.0.2.7"
+
+
+def test_demo_accounts_are_refused_to_a_peer_that_is_not_on_this_machine(make_server):
+    from types import SimpleNamespace
+
+    from securechat.accounts import UserRecord
+    from securechat.connection import AuthenticationFailed
+
+    server = make_server()  # listening on loopback
+    demo = UserRecord(name="alice", password_hash="unused", demo=True)
+    server._refuse_demo_account(SimpleNamespace(address="127.0.0.1", peer="127.0.0.1:5000"), demo)
+    # A tunnel or a proxy on this machine can make a far peer reach a loopback server.
+    with pytest.raises(AuthenticationFailed) as refused:
+        server._refuse_demo_account(SimpleNamespace(address="192.0.2.7", peer="192.0.2.7:5000"), demo)
+    assert refused.value.code == "demo_disabled"

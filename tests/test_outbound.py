@@ -7,7 +7,8 @@ import threading
 import time
 
 import pytest
-from conftest import TIMEOUT, wait_for
+from conftest import TIMEOUT, password_of, wait_for, wait_until
+from test_hostile import RawPeer, spare_key
 
 from securechat.client import Chat, Notice
 from securechat.connection import PING_FRAME
@@ -290,3 +291,31 @@ def test_a_message_too_large_to_send_is_skipped_and_the_connection_lives_on(serv
     assert "NOTICE message not sent" in caplog.text
     assert "unsendable" not in caplog.text
     assert "disconnect" not in caplog.text
+
+
+def test_a_goodbye_finished_urgently_goes_out_next_however_much_is_queued():
+    queue = OutboundQueue(max_size=10)
+    for number in range(10):
+        assert queue.put(f"line {number}")
+    queue.finish("goodbye", drop_queued=True)
+    batch, more = queue.take_batch(64)
+    assert batch == ["goodbye", OutboundQueue.CLOSE_AFTER_FLUSH] and not more
+
+
+def test_a_client_that_stops_reading_is_held_to_the_mark_and_one_frame(make_server, connect):
+    # The mark was checked once per batch of 64, so each non-reading listener held up to 855 KiB.
+    server = make_server(send_queue_size=100_000, flood_rate=0)
+    talker = connect("alice", to=server)
+    lazy = RawPeer(server, private_key=spare_key("lazy"), receive_buffer=4096)
+    try:
+        lazy.login("bob", password_of("bob"))  # and then never reads again
+        wait_until(lambda: any(c.name == "bob" and c.in_room for c in server.connections))
+        connection = next(c for c in server.connections if c.name == "bob")
+        # 12 MB: more than the kernel's socket buffers take, so the rest must wait in the server.
+        for _ in range(400):
+            talker.say("x" * 30_000)
+        wait_until(lambda: not talker.pending, timeout=TIMEOUT * 4)  # every line was taken by the server
+        wait_until(lambda: len(connection.send_queue) > 0)  # what did not fit waits unsealed
+        assert len(connection.outbox._pending) <= OUTBOX_HIGH_WATER + MAX_FRAME_SIZE
+    finally:
+        lazy.close()
