@@ -138,6 +138,8 @@ class Disconnected:
     #: True when the session ended for good (we left, or the server said not to come back);
     #: False when the link was lost or the server is restarting: worth reconnecting.
     clean: bool = False
+    #: True when the server said it was going down and to come back: it may be back at once.
+    restarting: bool = False
 
 
 Event = Chat | Notice | Roster | Room | RoomList | History | Sessions | ErrorReply | Goodbye | Disconnected
@@ -655,7 +657,7 @@ class ChatClient:
         # This thread's own references: close() may clear the attributes under us.
         sock, channel = self.sock, self.channel
         assert sock is not None and channel is not None
-        reason, clean = "connection closed", False
+        reason, clean, restarting = "connection closed", False, False
         try:
             while True:
                 frame_type, body = read_frame(sock, MAX_FRAME_SIZE)
@@ -675,6 +677,7 @@ class ChatClient:
                     self._put_event(event)
                 if isinstance(message, Goodbye):
                     reason, clean = _shown(message.reason), not message.may_reconnect
+                    restarting = message.may_reconnect
                     return
                 if isinstance(message, ErrorReply) and message.fatal:
                     reason = _shown(message.message)
@@ -694,7 +697,7 @@ class ChatClient:
             reason = "closed" if self._closing.is_set() else f"connection lost ({exc.strerror or exc})"
             clean = self._closing.is_set()
         finally:
-            self._put_event(Disconnected(reason=reason, clean=clean))
+            self._put_event(Disconnected(reason=reason, clean=clean, restarting=restarting))
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -14,6 +14,7 @@ import codecs
 import getpass
 import os
 import platform
+import random
 import sys
 import threading
 import time
@@ -51,6 +52,11 @@ from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, normalize_room, sani
 #: Reconnection back-off: the first wait, doubled after each failure up to the longest.
 RECONNECT_FIRST_DELAY = 1.0
 RECONNECT_MAX_DELAY = 30.0
+#: The first wait after the server said it is going down: a restart is usually quick.
+RECONNECT_RESTART_DELAY = 0.3
+#: Each wait is the delay times a random factor within this much of 1, so that the clients a
+#: restart sent away together do not all come back in the same instant.
+RECONNECT_JITTER = 0.25
 #: Refusals that mean the session itself is over: only the password can open a new one.
 #: Refusals that mean "not now" (the server is full, busy, or briefly cannot check us): keep backing off.
 RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
@@ -215,6 +221,8 @@ class CommandContext:
     show: Callable[[str], None]
     last_private_sender: str = ""
     style: Style = field(default_factory=Style)
+    #: Set by /reconnect: the reconnection loop tries at once (interactive mode only).
+    reconnect_now: threading.Event | None = None
     #: The oldest message id seen per room, so /history pages back from there.
     oldest_seen: dict[str, int] = field(default_factory=dict)
 
@@ -327,6 +335,14 @@ def _cmd_logout(context: CommandContext, args: str) -> None:
     context.client.command("logout", args.strip())
 
 
+def _cmd_reconnect(context: CommandContext, _args: str) -> None:
+    if context.reconnect_now is None or context.client.connected:
+        context.show("*** already connected" if context.client.connected else "/reconnect works on a terminal")
+        return
+    context.reconnect_now.set()
+    context.show("*** reconnecting now")
+
+
 def _cmd_quit(_context: CommandContext, args: str) -> None:
     raise Quit(args.strip())
 
@@ -347,6 +363,7 @@ COMMANDS: dict[str, Command] = {
         Command("me", "action", 'an action line ("* alice waves")', _cmd_me),
         Command("sessions", "", "your sessions (devices)", _cmd_sessions),
         Command("logout", "ID|others", "end another of your sessions", _cmd_logout),
+        Command("reconnect", "", "while offline: try to reconnect now", _cmd_reconnect),
         Command("quit", "[message]", "leave, with an optional parting message", _cmd_quit),
     )
 }
@@ -386,21 +403,26 @@ def reconnect(
     cancelled: threading.Event,
     give_up_after: float | None = None,
     on_resumed: Callable[[], None] | None = None,
+    first_delay: float = RECONNECT_FIRST_DELAY,
+    retry_now: threading.Event | None = None,
 ) -> tuple[Reconnected, str]:
-    """Retry with growing delays and resume with the token; never asks for a password.
+    """Retry with growing, jittered delays and resume with the token; never asks for a password.
 
-    A lost link and a "not now" refusal (``RETRYABLE_CODES``) are retried.
+    A lost link and a "not now" refusal (``RETRYABLE_CODES``) are retried, the first
+    time after ``first_delay`` (``RECONNECT_RESTART_DELAY`` when the server said it was
+    restarting); ``retry_now`` (set by /reconnect) ends a wait at once.
     Returns RESUMED; NEED_PASSWORD when the server refused the token itself
     (``TOKEN_CODES``: expired, revoked, gone); or FAILED, with a one-line
     reason, for a host key problem, any other refusal (retrying would only get
     the same answer), cancellation, or running out of time. ``on_resumed`` runs
     before "reconnected" is shown, so whoever reads that message finds us online.
     """
-    delay = RECONNECT_FIRST_DELAY
+    delay = first_delay
     give_up = time.monotonic() + give_up_after if give_up_after is not None else None
     while True:
-        show(f"*** reconnecting in {delay:g} s...")
-        if cancelled.wait(delay):
+        wait = delay * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
+        show(f"*** reconnecting in {wait:.1f} s...")
+        if wait_unless(cancelled, retry_now, wait):
             return Reconnected.FAILED, "cancelled"
         try:
             client.close()
@@ -423,6 +445,22 @@ def reconnect(
         if give_up is not None and time.monotonic() + delay > give_up:
             return Reconnected.FAILED, f"gave up reconnecting to {client.host}:{client.port}"
         delay = min(RECONNECT_MAX_DELAY, delay * 2)
+
+
+#: How often a wait that /reconnect can cut short looks whether it was cancelled meanwhile.
+WAIT_POLL_INTERVAL = 0.1
+
+
+def wait_unless(cancelled: threading.Event, retry_now: threading.Event | None, seconds: float) -> bool:
+    """Wait ``seconds``, or less if ``retry_now`` is set (and then clear it); True if ``cancelled``."""
+    if retry_now is None:
+        return cancelled.wait(seconds)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not cancelled.is_set():
+        if retry_now.wait(min(left, WAIT_POLL_INTERVAL)):
+            break
+    retry_now.clear()
+    return cancelled.is_set()
 
 
 # --------------------------------------------------------------------------- batch mode
@@ -563,7 +601,10 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 return
             set_online(False)  # before saying so: a line read after this message waits
             report(f"*** connection lost: {ended.reason}")
-            result, why = reconnect(client, report, leaving, BATCH_RECONNECT_LIMIT, lambda: set_online(True))
+            first_delay = RECONNECT_RESTART_DELAY if ended.restarting else RECONNECT_FIRST_DELAY
+            result, why = reconnect(
+                client, report, leaving, BATCH_RECONNECT_LIMIT, lambda: set_online(True), first_delay=first_delay
+            )
             if result is Reconnected.RESUMED:
                 continue
             if not leaving.is_set():
@@ -675,31 +716,36 @@ def ask_yes_no(host_id: str, fingerprint: str) -> bool:
         print("Please type 'yes' or 'no'.")
 
 
-def connect_and_login(client: ChatClient, user: str, password: str) -> None:
-    """Log in; if we spent long on the host-key question and the server gave up, retry once."""
-    asked = []
-    original = client.confirm_host_key
+#: What may be typed while offline: the rest waits for the link.
+OFFLINE_COMMANDS = ("/reconnect", "/quit", "/help")
+#: Password tries on a terminal before giving up, as ssh gives.
+PASSWORD_TRIES = 3
 
-    def confirm(host_id: str, fingerprint: str) -> bool:
-        asked.append(True)
-        return original is not None and original(host_id, fingerprint)
 
-    client.confirm_host_key = confirm
-    try:
+def log_in_on_terminal(client: ChatClient, user: str, ask_password: Callable[[], str]) -> None:
+    """Reach the server and check its key first, then ask for the password: up to ``PASSWORD_TRIES`` tries.
+
+    A wrong password is said on stderr and asked again (on a new connection: the server
+    closes one after a failed login). Raises ``ChatError`` (``LoginRefused`` for the last
+    refusal), ``KeyboardInterrupt`` or ``EOFError``.
+    """
+    for attempt in range(1, PASSWORD_TRIES + 1):
         client.close()
-        client.connect()
+        client.connect()  # a closed port or a wrong key fails here, before any password is typed
+        password = ask_password()
         try:
             client.login(user, password)
-        except LoginRefused:
-            raise
-        except ChatError:
-            if not asked:
+            return
+        except LoginRefused as exc:
+            if exc.code != "auth_failed" or attempt == PASSWORD_TRIES:
                 raise
+            print(sanitize_text(f"error: {exc}; try again"), file=sys.stderr)
+        except ChatError:
+            # The server gives a connection 10 s to log in: a slow typist may have outlived it.
             client.close()
             client.connect()
             client.login(user, password)
-    finally:
-        client.confirm_host_key = original
+            return
 
 
 def run_interactive(host: str, port: int, user: str | None, options: dict[str, Any], room: str = "") -> int:
@@ -712,14 +758,13 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
 
     try:
         user = user or input("User name: ").strip()
-        password = getpass.getpass(f"Password for {user}: ")
     except (EOFError, KeyboardInterrupt):
         print()
         return 1
     style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
     try:
-        connect_and_login(client, user, password)
+        log_in_on_terminal(client, user, lambda: getpass.getpass(f"Password for {user}: "))
         if room:
             enter_room(client, room)
     except ChatError as exc:
@@ -730,8 +775,6 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         print()
         client.close()
         return 1
-    del password  # not kept: an expired session asks again
-
     # Unread lines and mentions per room, kept by the event thread and shown in the toolbar.
     # Guards unread.
     unread_lock = threading.Lock()
@@ -818,7 +861,8 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     def show(text: str) -> None:
         print(style.system(text), flush=True)
 
-    context = CommandContext(client, show=show, style=style)
+    reconnect_now = threading.Event()  # set by /reconnect: stop waiting, try now
+    context = CommandContext(client, show=show, style=style, reconnect_now=reconnect_now)
 
     def exit_prompt() -> None:
         # Once only: the prompt's pre_run hook may have asked already, and a second exit raises.
@@ -869,7 +913,10 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                 stop_prompt()
                 return
             show(f"*** connection lost: {ended.reason}")
-            result, why = reconnect(client, show, leaving, on_resumed=online.set)
+            first_delay = RECONNECT_RESTART_DELAY if ended.restarting else RECONNECT_FIRST_DELAY
+            result, why = reconnect(
+                client, show, leaving, on_resumed=online.set, first_delay=first_delay, retry_now=reconnect_now
+            )
             if result is Reconnected.RESUMED:
                 continue
             if leaving.is_set():
@@ -908,8 +955,8 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                 break
             if leaving.is_set():
                 break
-            if not online.is_set() and line.strip():
-                show("not sent: offline (reconnecting); your line is in the history (up arrow)")
+            if not online.is_set() and line.strip() and line.split(" ")[0] not in OFFLINE_COMMANDS:
+                show("not sent: offline (reconnecting; /reconnect tries now); your line is in the history (up arrow)")
                 continue
             try:
                 handle_line(context, line)
@@ -931,8 +978,9 @@ def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
         # prompt_toolkit's own prompt: getpass would write past patch_stdout's pending output.
         from prompt_toolkit import prompt
 
-        password = prompt(f"Password for {client.username}: ", is_password=True)
-        connect_and_login(client, client.username, password)
+        log_in_on_terminal(
+            client, client.username, lambda: prompt(f"Password for {client.username}: ", is_password=True)
+        )
     except (EOFError, KeyboardInterrupt):
         return False
     except ChatError as exc:
