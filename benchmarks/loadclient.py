@@ -65,6 +65,10 @@ MAX_SAMPLES_PER_CLIENT = 5000
 #: How long close() waits for a reader thread.
 READER_JOIN_TIMEOUT = 2.0
 PONG = encode_control("pong")
+#: Frames a load client checks in order and counts without opening: chat lines and notices (what the
+#: benchmarks count), and what entering a room at login brings (with 50 rooms, 150 frames a login,
+#: whose RSA unwraps would cost the load generator more than the server's work it measures).
+COUNTED_UNOPENED = frozenset({Kind.CHAT, Kind.NOTICE, Kind.ROOM, Kind.ROSTER, Kind.HISTORY})
 #: Bytes a LoginDriver reads from a socket at once.
 RECEIVE_SIZE = 65536
 AES_GCM_TAG_SIZE = 16
@@ -249,7 +253,7 @@ class SamplingChatClient(ChatClient):
             channel.recv_seq += 1
             self.notice_frames += merged_joins
             return None
-        if envelope.kind is Kind.CHAT or envelope.kind is Kind.NOTICE:
+        if envelope.kind in COUNTED_UNOPENED:
             # What channel.open() checks before any cryptography, then its bookkeeping.
             if envelope.seq != channel.recv_seq:
                 raise SequenceError(f"sequence number {envelope.seq}, expected {channel.recv_seq}")
@@ -257,6 +261,8 @@ class SamplingChatClient(ChatClient):
             if envelope.kind is Kind.NOTICE:
                 self.notice_frames += 1
                 return None
+            if envelope.kind is not Kind.CHAT:
+                return None  # a room entered at login (its roster, its history): checked in order
             self.chat_frames += 1
             keep_sample(self, arrived, body)
             return None
@@ -302,13 +308,20 @@ class SamplingChatClient(ChatClient):
         """How many names a JOINED frame carries, from its size alone; 0 if that cannot tell.
 
         Every benchmark user name has the length of ours, and the plaintext is
-        ``{"names":["n1",...,"nk"]}``: 11 + k * (length + 3) bytes. Opening each of these
-        frames would cost the load clients an RSA unwrap a real client pays anyway, but
-        one the load generator cannot afford beside the server it measures.
+        ``{"names":["n1",...,"nk"],"room":"#r"}``: 21 + len(room) + k * (length + 3) bytes,
+        for one of the rooms we are in (their name lengths differ by less than a name's
+        step, so at most one fits). Opening each of these frames would cost the load
+        clients an RSA unwrap a real client pays anyway, but one the load generator cannot
+        afford beside the server it measures.
         """
         plaintext_size = len(envelope.ciphertext) - AES_GCM_TAG_SIZE
-        count, rest = divmod(plaintext_size - 11, len(self.username) + 3)
-        return count if rest == 0 and count >= 2 else 0
+        step = len(self.username) + 3
+        counts = set()
+        for room_length in {len(room) for room in self.rooms} or {len("#lobby")}:
+            count, rest = divmod(plaintext_size - 21 - room_length, step)
+            if rest == 0 and count >= 2:
+                counts.add(count)
+        return counts.pop() if len(counts) == 1 else 0
 
     def take_raw_samples(self) -> list[tuple[float, bytes]]:
         samples, self.raw_samples = self.raw_samples, []

@@ -34,7 +34,7 @@ from securechat.protocol import (
 )
 from securechat.protocol import Room as RoomMessage
 from securechat.ratelimit import FloodControl
-from securechat.rooms import Member, Room
+from securechat.rooms import Member, NoticePacer, Room
 
 log = logging.getLogger("chat.server")
 
@@ -108,6 +108,8 @@ class ChatHub:
         self.flood_lock = threading.Lock()
         # account -> its line budget, shared by all its devices.
         self._flood: dict[str, FloodControl] = {}
+        # Every room's join notices share one budget of frames a second (see rooms.NoticePacer).
+        self._notice_pacer = NoticePacer()
         self._closed = False
         backend.start(self)
         self.ensure_room(self.config.default_room, owner="")
@@ -226,6 +228,7 @@ class ChatHub:
             recent=recent,
             recent_size=self.config.join_history,
             join_notice_delay=self.config.join_notice_delay,
+            pacer=self._notice_pacer,
         )
         with self.rooms_lock:
             return self._rooms.setdefault(name, fresh)

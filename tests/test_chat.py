@@ -860,3 +860,18 @@ def test_a_roster_of_1900_long_names_is_sent_in_pages_that_fit():
     assert [page[2] for page in pages] == [True] * (len(pages) - 1) + [False]
     for members, devices, more in pages:
         assert len(Roster(members=members, devices=devices, room="#lobby", more=more).encoded) <= PAGE_BUDGET
+
+
+def test_rooms_sharing_a_pacer_take_turns_within_one_budget():
+    now = [500.0]
+    pacer = rooms.NoticePacer(rate=100, clock=lambda: now[0])
+    assert pacer.book(50) == 0  # the first round goes at once...
+    assert pacer.book(50) == pytest.approx(0.5)  # ...the next room's waits for the first's 50 frames
+    assert pacer.book(100) == pytest.approx(1.0)
+    now[0] += 10.0  # long after: the budget is free again
+    assert pacer.book(10) == 0
+    # In a room, the shared turn replaces the room's own spacing (a short delay stays the least).
+    shared = Room("#a", join_notice_delay=0.01, pacer=rooms.NoticePacer(rate=10, clock=lambda: now[0]))
+    shared.join(Listener("x"))  # its round books 1 frame: 0.1 s of a 10-frames-a-second budget
+    assert shared._join_notice_wait() == pytest.approx(0.1)  # the next round waits its turn
+    shared.close()
