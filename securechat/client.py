@@ -70,6 +70,7 @@ from securechat.protocol import (
     client_auth_signed_data,
     decode_control_message,
     hello_batch_digests,
+    normalize_room,
     sanitize_text,
     server_hello_digest,
     server_hello_signed_data,
@@ -619,8 +620,17 @@ class ChatClient:
         self._send(lambda token: Command(token=token, name=name, args=list(args)), paced=True)
 
     def join(self, room: str) -> None:
-        """Join a room (created if new); a ``Room`` event says when we are in, and it becomes active."""
-        self.command("join", room)
+        """Join a room (created if new) and make it where ``say()`` goes; a ``Room`` event says we are in.
+
+        The server handles the join before any line sent after it, so a line said right after
+        goes to the new room. Raises ``MessageRefused`` for a name that is not a room name.
+        """
+        try:
+            name = normalize_room(room)
+        except ValueError as exc:
+            raise MessageRefused(f"not sent: {exc}") from None
+        self.command("join", name)
+        self.active_room = name
 
     def part(self, room: str | None = None, reason: str = "") -> None:
         """Leave a room (the active one by default)."""

@@ -290,11 +290,16 @@ def _cmd_join(context: CommandContext, args: str) -> None:
     if not room:
         context.show("usage: /join #room")
         return
-    if room in context.client.rooms or "#" + room.lower() in context.client.rooms:
-        context.client.active_room = room if room in context.client.rooms else "#" + room.lower()
-        context.show(f"*** now talking in {context.client.active_room}")
+    try:
+        name = normalize_room(room)
+    except ValueError as exc:
+        context.show(f"error: {exc}")
         return
-    context.client.join(room)
+    if name in context.client.rooms:
+        context.client.active_room = name
+        context.show(f"*** now talking in {name}")
+        return
+    context.client.join(name)  # lines after this go to the new room
 
 
 def _cmd_part(context: CommandContext, args: str) -> None:
@@ -525,7 +530,7 @@ def enter_room(client: ChatClient, room: str) -> None:
     except ValueError as exc:
         raise ChatError(f"--room {room}: {exc}") from None
     if name not in client.rooms:
-        client.join(name)  # the server handles it before any line sent after it
+        client.join(name)
     client.active_room = name
 
 

@@ -958,3 +958,20 @@ def test_a_wrong_password_gets_three_tries_on_a_terminal(chat_server, terminals,
         )
     type_password(alice, "alice")  # the third try is the right one
     alice.wait_until(at_prompt(), START, "the prompt after the third try")
+
+
+def test_batch_lines_after_a_join_go_to_the_joined_room(chat_server, join, tmp_path):
+    bob = join("bob", chat_server)
+    bob.join("#dev")
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#dev")
+    result = run_batch(
+        tmp_path,
+        chat_server.port,
+        "alice",
+        "--accept-new-host-key",
+        password=password_of("alice"),
+        stdin="/join #dev\nfor dev\n/join #lobby\nfor the lobby\n",
+    )
+    assert result.returncode == 0, result.stderr
+    heard = [(message.room, message.text) for message in chats(bob, 2)]
+    assert heard == [("#dev", "for dev"), ("#lobby", "for the lobby")]

@@ -34,6 +34,17 @@ def line(text: str, room: str | None = None):
     return lambda event: isinstance(event, Chat) and event.text == text and (room is None or event.room == room)
 
 
+def until_history(client, room: str) -> tuple[list[Chat], History]:
+    """The lines a client is sent up to the History message that closes a run of them for ``room``."""
+    lines = []
+    while True:
+        event = wait_for(client, lambda event: isinstance(event, Chat | History))
+        if isinstance(event, History) and event.room == room:
+            return lines, event
+        if isinstance(event, Chat):
+            lines.append(event)
+
+
 def test_everyone_lands_in_the_lobby_and_lines_go_to_the_active_room(connect):
     alice, bob = connect("alice"), connect("bob")
     assert alice.active_room == "#lobby" and bob.active_room == "#lobby"
@@ -72,7 +83,7 @@ def test_a_late_joiner_is_shown_the_rooms_recent_lines_as_history(connect):
     bob = connect("bob")
     bob.join("#dev")
     wait_for(bob, room_entered("#dev"))
-    shown = [event for event in drain(bob) if isinstance(event, Chat) and event.room == "#dev"]
+    shown, _ = until_history(bob, "#dev")
     assert [event.text for event in shown] == ["earlier 0", "earlier 1", "earlier 2"]
     assert all(event.history for event in shown)
 
@@ -164,10 +175,9 @@ def test_a_device_that_resumes_gets_exactly_what_it_missed(connect, server):
     bob.close()
     bob.connect()
     bob.resume()
-    caught_up = [event for event in drain(bob, quiet=0.6) if isinstance(event, Chat)]
+    caught_up, history = until_history(bob, "#lobby")
     assert [event.text for event in caught_up] == ["missed 0", "missed 1", "missed 2"]
-    history = [event for event in drain(bob, quiet=0.1) if isinstance(event, History)]
-    assert not any(event.missing for event in history)
+    assert history.missing == 0
 
 
 def test_nothing_of_a_message_text_is_readable_in_the_data_directory(make_server, connect, tmp_path):
@@ -257,7 +267,7 @@ def test_topic_list_and_history_paging(connect):
 
     drain(bob)
     bob.command("history", "#dev", "2", str(last.id))  # the two lines before "line 4"
-    paged = [event for event in drain(bob) if isinstance(event, Chat)]
+    paged, _ = until_history(bob, "#dev")
     assert [event.text for event in paged] == ["line 2", "line 3"] and all(event.history for event in paged)
     bob.command("history", "#dev", "501")
     refusal = wait_for(bob, lambda event: isinstance(event, ErrorReply))
