@@ -248,6 +248,7 @@ class ChatClient:
         timeout: float = LOGIN_TIMEOUT,
         pace: bool = True,
         device: str = "",
+        source_address: tuple[str, int] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -260,6 +261,8 @@ class ChatClient:
         self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
         self.timeout = timeout
         self.pace = pace
+        #: The local address to connect from (a machine with several), or None for any.
+        self.source_address = source_address
         self.server_fingerprint = ""
         self.username = ""
         #: The rooms this session is in, in the order it entered them, each with who is there.
@@ -312,7 +315,9 @@ class ChatClient:
             self._session_ready = False  # until the welcome of the session this connection opens
         deadline = Deadline(self.timeout)
         try:
-            self.sock = socket.create_connection((self.host, self.port), timeout=deadline.timeout())
+            self.sock = socket.create_connection(
+                (self.host, self.port), timeout=deadline.timeout(), source_address=self.source_address
+            )
         except OSError as exc:
             raise ChatError(f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

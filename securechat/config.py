@@ -124,7 +124,11 @@ class ServerConfig:
     history_days: float = option(30.0, "days a line is kept", metavar="DAYS")
     join_history: int = option(50, "recent lines shown to whoever joins a room", metavar="LINES")
     max_frame_size: int = MAX_FRAME_SIZE
+    #: Failed logins per (account, address) and per address: a few free, then doubling delays.
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    #: Failed logins per account from anywhere: a much gentler ceiling, so that guesses from
+    #: elsewhere cannot lock the real user out (OWASP: lockout as denial of service).
+    account_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(free_failures=100, max_delay=10.0))
 
     @property
     def is_loopback(self) -> bool:

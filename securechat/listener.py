@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ipaddress
 import logging
 import math
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from securechat import crypto_utils
@@ -62,6 +64,8 @@ from securechat.ratelimit import FloodControl, address_bucket
 log = logging.getLogger("chat.server")
 
 WRONG_CREDENTIALS = "wrong user name or password"
+#: Passwords hashed at once for one address (its guesses in parallel wait their turn at this).
+MAX_HASHING_PER_ADDRESS = 4
 #: Addresses whose connection rate is remembered before idle ones are forgotten.
 MAX_TRACKED_ADDRESSES = 10_000
 
@@ -109,6 +113,9 @@ class ChatServer:
         self.connections: set[ClientConnection] = set()
         self.connections_per_address: Counter[str] = Counter()
         self._connect_buckets: dict[str, FloodControl] = {}
+        # Guards _hashing_per_address: passwords being hashed for each address (see _hashing_slot).
+        self.hashing_lock = threading.Lock()
+        self._hashing_per_address: Counter[str] = Counter()
         self.stopping = threading.Event()
         self._serving = threading.Event()
         self._wakeup_read, self._wakeup_write = socket.socketpair()
@@ -370,34 +377,61 @@ class ChatServer:
     # ------------------------------------------------------------------ authentication
 
     def authenticate_password(self, connection: ClientConnection, login: Login) -> str:
-        """Check a password login; returns the user name or raises ``AuthenticationFailed``."""
+        """Check a password login; returns the user name or raises ``AuthenticationFailed``.
+
+        Failures are throttled as OWASP advises against lockout: strictly per (account,
+        address) and per address, and only gently per account, so a guesser elsewhere
+        cannot keep the real user out. Guesses are counted when they start, and an
+        address has at most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once.
+        """
         name = login.username
-        address_key, account_key = ("address", connection.address_bucket), ("user", name.casefold()[:64])
-        keys = [address_key, account_key]
-        # Guesses at one account fired in parallel are counted as they start; the address is
-        # counted when a guess fails (many people may log in at once from one address, and
-        # its parallelism is already bounded by the per-address connection limit).
-        wait = self.config.login_throttle.begin_attempt(keys, reserve=[account_key])
+        account = name.casefold()[:64]
+        pair_key = ("user at address", f"{account} {connection.address_bucket}")
+        address_key, account_key = ("address", connection.address_bucket), ("user", account)
+        strict, gentle = self.config.login_throttle, self.config.account_throttle
+        wait = max(strict.retry_after([address_key]), gentle.retry_after([account_key]))
+        if wait <= 0:
+            # Counted as failures until they succeed, so guesses fired in parallel are throttled
+            # like the same guesses one after another.
+            wait = strict.begin_attempt([pair_key], reserve=[pair_key])
+        if wait <= 0 and (wait := gentle.begin_attempt([account_key], reserve=[account_key])) > 0:
+            strict.cancel_attempt([pair_key])
         if wait > 0:
             log.info("login throttled from %s", connection.peer)
             raise AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
         outcome = "error"  # until _check_password returns: busy, shutting down, store unreadable...
         try:
-            accepted = self._check_password(connection, login)
+            with self._hashing_slot(connection.address_bucket):
+                accepted = self._check_password(connection, login)
             outcome = "accepted" if accepted else "wrong"
         finally:
-            throttle = self.config.login_throttle
             if outcome == "accepted":
-                # The account only, never the address: owning one account must not reset
-                # the count of guesses made at others.
-                throttle.record_success([account_key])
+                # Never the address: owning one account must not reset the guesses made at others.
+                strict.record_success([pair_key])
+                gentle.record_success([account_key])
             elif outcome == "wrong":
-                throttle.record_failure([address_key])  # the account was counted when it began
-            else:
-                throttle.cancel_attempt([account_key])  # not the user's fault: give it back
+                strict.record_failure([address_key])  # the pair and the account were counted as it began
+            else:  # not the user's fault: give the attempts back
+                strict.cancel_attempt([pair_key])
+                gentle.cancel_attempt([account_key])
         if not accepted:
             raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
         return name
+
+    @contextlib.contextmanager
+    def _hashing_slot(self, address: str) -> Iterator[None]:
+        """Hold one of an address's hashing slots; ``AuthenticationFailed`` (busy) when it has none free."""
+        with self.hashing_lock:
+            if self._hashing_per_address[address] >= MAX_HASHING_PER_ADDRESS:
+                raise AuthenticationFailed("busy", "too many logins at once from your address; try again in a moment")
+            self._hashing_per_address[address] += 1
+        try:
+            yield
+        finally:
+            with self.hashing_lock:
+                self._hashing_per_address[address] -= 1
+                if self._hashing_per_address[address] <= 0:
+                    del self._hashing_per_address[address]
 
     def _check_password(self, connection: ClientConnection, login: Login) -> bool:
         """True if the password is right, False if not; raises for anything else."""

@@ -21,13 +21,13 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TIMEOUT, ServerProcess, wait_until
+from conftest import ROOT, TIMEOUT, USER_NAMES, ServerProcess, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securechat import crypto_utils, protocol
 from securechat.accounts import LoginThrottle, UserStore, hash_password
-from securechat.client import ChatError, KnownHosts
+from securechat.client import ChatError, KnownHosts, LoginRefused
 
 SERVER = str(ROOT / "server.py")
 CLIENT = str(ROOT / "client.py")
@@ -655,3 +655,34 @@ def test_demo_accounts_are_refused_to_a_peer_that_is_not_on_this_machine(make_se
     with pytest.raises(AuthenticationFailed) as refused:
         server._refuse_demo_account(SimpleNamespace(address="192.0.2.7", peer="192.0.2.7:5000"), demo)
     assert refused.value.code == "demo_disabled"
+
+
+def test_guesses_from_another_address_do_not_keep_the_real_user_out(connect):
+    guesses = []
+    for _ in range(8):  # far past the free failures of one (account, address)
+        with pytest.raises(LoginRefused) as refused:
+            connect("alice", password="not alices password", source_address=("127.0.0.2", 0))
+        guesses.append(refused.value.code)
+    assert "rate_limited" in guesses  # the guesser is slowed down...
+    alice = connect("alice")  # ...and alice, from her own address, logs in at once
+    assert alice.connected
+
+
+def test_parallel_guesses_from_one_address_are_hashed_a_few_at_a_time(make_server, connect):
+    # 17 guesses at 17 accounts at once were all hashed; now an address has 4 hashing slots.
+    server = make_server(hash_workers=1)
+    results = []
+
+    def guess(index: int) -> None:
+        try:
+            connect(USER_NAMES[index % len(USER_NAMES)], password=f"guess {index}")
+        except LoginRefused as exc:
+            results.append(exc.code)
+
+    threads = [threading.Thread(target=guess, args=(index,)) for index in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "busy" in results and "auth_failed" in results
+    assert server._hashing_per_address == {}  # every slot given back
