@@ -98,6 +98,9 @@ class ServerConfig:
     handshake_timeout: float = option(10.0, "seconds a new connection has to say hello and log in", metavar="SECONDS")
     max_clients: int = option(1000, "connections held at once")
     max_connections_per_address: int = option(20, "connections from one address", flag="--max-per-address")
+    max_startups: int = option(
+        100, "connections still logging in held at once (at most half of --max-clients); past it the oldest goes"
+    )
     #: New connections one address may open: a burst, then this many per second (0: no limit).
     #: Each costs the server an RSA signature before the peer proves anything.
     connect_burst: int = 30

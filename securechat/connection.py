@@ -319,6 +319,7 @@ class ClientConnection:
         self._send_now(server_hello)
         self.channel = handshake.channel
         request = handshake.receive_login(*read_frame(self.sock, config.max_frame_size, deadline))
+        self.server.logged_in(self)  # its login is here: it no longer counts among those logging in
         self.sock.settimeout(None)  # from here the time spent is ours, not the client's
         self.login_request = request
         if isinstance(request, Login):

@@ -108,13 +108,19 @@ class ChatServer:
         )
         # Seals and sends for every logged-in connection (see outbound.py).
         self.send_pool = SendPool(config.send_workers)
-        # Guards connections and connections_per_address.
+        # Guards connections, connections_per_address and _logging_in.
         self.connections_lock = threading.Lock()
         self.connections: set[ClientConnection] = set()
         self.connections_per_address: Counter[str] = Counter()
+        # Connections that have not sent their login yet, oldest first (a dict keeps the order).
+        self._logging_in: dict[ClientConnection, None] = {}
+        # Idle connections may take at most half the server, and half of one address's share.
+        self._startup_budget = max(1, min(config.max_startups, config.max_clients // 2))
+        self._startups_per_address = max(1, config.max_connections_per_address // 2)
         self._connect_buckets: dict[str, FloodControl] = {}
-        # Guards _hashing_per_address: passwords being hashed for each address (see _hashing_slot).
-        self.hashing_lock = threading.Lock()
+        # Guards _hashing_per_address (passwords being hashed for each address), and is notified
+        # when one is done (see _hashing_slot).
+        self.hashing_slot_freed = threading.Condition()
         self._hashing_per_address: Counter[str] = Counter()
         self.stopping = threading.Event()
         self._serving = threading.Event()
@@ -254,13 +260,26 @@ class ChatServer:
         address = address_bucket(peer[0])  # an IPv6 peer counts by its /64
         with self.connections_lock:
             refusal = None
+            # A connection still logging in makes room for this one when a limit is reached: an
+            # honest client logs in within milliseconds, so the oldest of them is the idle one.
+            victim = None
             if not self._connect_allowed(address):
                 refusal = ("too_many_connections", "too many new connections from your address; slow down")
             elif len(self.connections) >= self.config.max_clients:
-                refusal = ("server_full", "server is full; try again later")
+                victim = self._oldest_logging_in()
+                if victim is None:
+                    refusal = ("server_full", "server is full; try again later")
             elif self.connections_per_address[address] >= self.config.max_connections_per_address:
-                refusal = ("too_many_connections", "too many connections from your address")
-            else:
+                victim = self._oldest_logging_in(address)
+                if victim is None:
+                    refusal = ("too_many_connections", "too many connections from your address")
+            elif len(self._logging_in) >= self._startup_budget:
+                victim = self._oldest_logging_in()
+            elif sum(1 for other in self._logging_in if other.address_bucket == address) >= self._startups_per_address:
+                victim = self._oldest_logging_in(address)
+            if victim is not None:
+                del self._logging_in[victim]  # chosen once: its reader forgets it as it closes
+            if refusal is None:
                 try:
                     connection = ClientConnection(self, sock, peer)
                 except BaseException:
@@ -269,6 +288,7 @@ class ChatServer:
                 # Registered before its thread starts, so server_close() cannot miss it.
                 self.connections.add(connection)
                 self.connections_per_address[address] += 1
+                self._logging_in[connection] = None
         if refusal is not None:
             log.info("refused %s:%s: %s", peer[0], peer[1], refusal[1])
             try:
@@ -278,6 +298,9 @@ class ChatServer:
                 pass
             sock.close()
             return
+        if victim is not None:
+            log.info("dropped %s: still logging in when a new connection needed room", victim.peer)
+            victim.close("dropped: too many connections still logging in")
         log.info("connect %s", connection.peer)
         try:
             connection.reader.start()
@@ -285,6 +308,15 @@ class ChatServer:
             log.exception("%s: cannot start its reader; closing it", connection.peer)
             connection.close("internal error")
             self.forget(connection)
+
+    def _oldest_logging_in(self, address: str | None = None) -> ClientConnection | None:
+        """The connection (of ``address``, if given) logging in the longest; call under ``connections_lock``."""
+        return next((c for c in self._logging_in if address is None or c.address_bucket == address), None)
+
+    def logged_in(self, connection: ClientConnection) -> None:
+        """The connection sent its login: it no longer counts against the budget of those logging in."""
+        with self.connections_lock:
+            self._logging_in.pop(connection, None)
 
     def _connect_allowed(self, address: str) -> bool:
         """Per-address rate of new connections. Only the accepting thread touches the buckets."""
@@ -300,6 +332,7 @@ class ChatServer:
     def forget(self, connection: ClientConnection) -> None:
         """Drop a finished connection from the books (called by its reader thread)."""
         with self.connections_lock:
+            self._logging_in.pop(connection, None)
             if connection in self.connections:
                 self.connections.discard(connection)
                 self.connections_per_address[connection.address_bucket] -= 1
@@ -420,18 +453,23 @@ class ChatServer:
 
     @contextlib.contextmanager
     def _hashing_slot(self, address: str) -> Iterator[None]:
-        """Hold one of an address's hashing slots; ``AuthenticationFailed`` (busy) when it has none free."""
-        with self.hashing_lock:
-            if self._hashing_per_address[address] >= MAX_HASHING_PER_ADDRESS:
+        """Wait for one of an address's hashing slots (its logins past them queue here, not in the pool);
+        ``AuthenticationFailed`` (busy) if none frees up within ``hash_wait``."""
+        with self.hashing_slot_freed:
+            got_one = self.hashing_slot_freed.wait_for(
+                lambda: self._hashing_per_address[address] < MAX_HASHING_PER_ADDRESS, self.config.hash_wait
+            )
+            if not got_one:
                 raise AuthenticationFailed("busy", "too many logins at once from your address; try again in a moment")
             self._hashing_per_address[address] += 1
         try:
             yield
         finally:
-            with self.hashing_lock:
+            with self.hashing_slot_freed:
                 self._hashing_per_address[address] -= 1
                 if self._hashing_per_address[address] <= 0:
                     del self._hashing_per_address[address]
+                self.hashing_slot_freed.notify_all()
 
     def _check_password(self, connection: ClientConnection, login: Login) -> bool:
         """True if the password is right, False if not; raises for anything else."""

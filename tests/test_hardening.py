@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from securechat import crypto_utils, protocol
 from securechat.accounts import LoginThrottle, UserStore, hash_password
-from securechat.client import ChatError, KnownHosts, LoginRefused
+from securechat.client import ChatClient, ChatError, KnownHosts, LoginRefused
 
 SERVER = str(ROOT / "server.py")
 CLIENT = str(ROOT / "client.py")
@@ -668,14 +668,32 @@ def test_guesses_from_another_address_do_not_keep_the_real_user_out(connect):
     assert alice.connected
 
 
-def test_parallel_guesses_from_one_address_are_hashed_a_few_at_a_time(make_server, connect):
-    # 17 guesses at 17 accounts at once were all hashed; now an address has 4 hashing slots.
-    server = make_server(hash_workers=1)
+def test_parallel_guesses_from_one_address_are_hashed_a_few_at_a_time(make_server, connect, monkeypatch):
+    # 17 guesses at 17 accounts at once were all hashed at once; now an address has 4 hashing slots.
+    from securechat import listener
+
+    server = make_server(hash_workers=8)
+    running, peak = [0], [0]
+    count_lock = threading.Lock()
+    real_verify = listener.verify_password
+
+    def counting_verify(password: str, stored_hash: str) -> bool:
+        with count_lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.05)  # long enough for the others to pile up behind
+            return real_verify(password, stored_hash)
+        finally:
+            with count_lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(listener, "verify_password", counting_verify)
     results = []
 
     def guess(index: int) -> None:
         try:
-            connect(USER_NAMES[index % len(USER_NAMES)], password=f"guess {index}")
+            connect(USER_NAMES[index % len(USER_NAMES)], to=server, password=f"guess {index}")
         except LoginRefused as exc:
             results.append(exc.code)
 
@@ -684,5 +702,45 @@ def test_parallel_guesses_from_one_address_are_hashed_a_few_at_a_time(make_serve
         thread.start()
     for thread in threads:
         thread.join()
-    assert "busy" in results and "auth_failed" in results
+    assert peak[0] <= 4, f"{peak[0]} hashed at once for one address"
+    assert set(results) <= {"auth_failed", "rate_limited"} and len(results) == 12
     assert server._hashing_per_address == {}  # every slot given back
+
+
+def test_a_server_full_of_idle_connections_still_admits_an_honest_login(make_server, tmp_path):
+    # With --max-clients 60, 57 idle connections re-opened in a loop kept 10 of 10 logins out.
+    server = make_server(max_clients=12, max_connections_per_address=12, connect_rate=0)
+    stop = threading.Event()
+    idle: list[socket.socket] = []
+
+    def hold_the_door() -> None:  # from 127.0.0.2, re-opening whatever the server drops
+        while not stop.is_set():
+            try:
+                idle.append(socket.create_connection(server.address, timeout=1, source_address=("127.0.0.2", 0)))
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    attacker = threading.Thread(target=hold_the_door)
+    attacker.start()
+    try:
+        # Before, they filled all 12 places; now they may hold half (6), evicting their own oldest.
+        wait_until(lambda: len(server.connections) >= 6)
+        started = time.monotonic()
+        client = ChatClient(
+            *server.address,
+            server_fingerprint=server.fingerprint,
+            known_hosts=KnownHosts(tmp_path / "kh"),
+            timeout=TIMEOUT * 2,
+        )
+        try:
+            client.login("alice", "alice-pass-5")
+            assert client.connected
+        finally:
+            client.close()
+        assert time.monotonic() - started < TIMEOUT
+    finally:
+        stop.set()
+        attacker.join()
+        for sock in idle:
+            sock.close()

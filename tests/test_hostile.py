@@ -17,7 +17,7 @@ import time
 
 import jwt
 import pytest
-from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
+from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for, wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -410,8 +410,14 @@ def test_fifty_silent_connections_do_not_stop_the_room(make_server, connect, pee
     assert_still_chatting(alice, bob)
     carol = connect("carol", to=server)  # logging in still works while they hang around
     wait_for(alice, joined("carol"))
-    for peer in silent:
-        assert_refused_in_clear(peer.frames_until_closed(timeout=1.0 + TIMEOUT), "timeout")
+    # Each is told it timed out, or was dropped (the oldest first) to make room for a newer
+    # connection: an address's connections still logging in may hold half its places.
+    outcomes = [
+        tuple(error.get("code") for error in control_errors(peer.frames_until_closed(timeout=1.0 + TIMEOUT)))
+        for peer in silent
+    ]
+    assert set(outcomes) <= {("timeout",), ()}
+    assert outcomes.count(("timeout",)) <= 64 // 2 < len(outcomes)
     assert_still_chatting(alice, bob)
     assert_still_chatting(carol, alice)
 
@@ -426,30 +432,26 @@ def test_an_address_opening_connections_too_fast_is_refused_before_any_rsa_work(
     assert_still_chatting(alice, bob)
 
 
-def test_the_per_address_limit_refuses_the_extra_connection(make_server, connect, peers):
+def test_the_per_address_limit_makes_room_by_dropping_an_idle_connection(make_server, connect, peers):
     server = make_server(max_connections_per_address=3, handshake_timeout=5.0)
     alice, bob = honest_pair(connect, server)
-    third = peers(server)
-    fourth = peers(server)
-    assert_refused_in_clear(fourth.frames_until_closed(), "too_many_connections")
+    third = peers(server)  # it never says hello
+    wait_until(lambda: len(server.connections) == 3)
+    fourth = peers(server, private_key=spare_key("attacker"))
+    # The address's users must not be locked out by its idle connections: the idle one goes.
+    assert not control_errors(third.frames_until_closed())
+    fourth.login("carol", password_of("carol"))
     assert_still_chatting(alice, bob)
 
-    # The slot is given back when the third connection ends.
-    third.close()
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        again = peers(server, private_key=spare_key("attacker"))
-        again.sock.settimeout(0.2)
-        try:
-            refused = again.sock.recv(4096)
-        except TimeoutError:
-            break  # no refusal: the server is waiting for our hello
-        assert refused, "closed without a word"
-        assert time.monotonic() < deadline, "the closed connection still counts against the address"
-        again.close()
-    again.sock.settimeout(TIMEOUT)
+    # With every place taken by someone logged in, the next connection is refused.
+    fifth = peers(server, private_key=spare_key("attacker"))
+    assert_refused_in_clear(fifth.frames_until_closed(), "too_many_connections")
+
+    # The place is given back when a connection ends.
+    bob.close()
+    wait_until(lambda: len(server.connections) == 2)
+    again = peers(server, private_key=spare_key("attacker"))
     assert again.hello()["type"] == "server_hello"
-    assert_still_chatting(alice, bob)
 
 
 def test_a_client_that_never_reads_is_dropped_with_sendq_exceeded(make_server, connect, peers):
