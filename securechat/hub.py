@@ -193,10 +193,6 @@ class ChatHub:
         with self.sessions_lock:
             return list(self._local.get(account, {}).values())
 
-    def rooms_of(self, member: Member) -> list[str]:
-        with self.sessions_lock:
-            return list(self._session_rooms.get(member.session_id, ()))
-
     def _in_room(self, member: Member, room: str) -> bool:
         with self.sessions_lock:
             return room in self._session_rooms.get(member.session_id, ())
@@ -489,10 +485,6 @@ class ChatHub:
         notice = Notice(event="info", text=text)
         for session in everyone:
             session.deliver(notice)
-
-    def room_names(self) -> list[str]:
-        with self.rooms_lock:
-            return list(self._rooms)
 
     def local_room(self, name: str) -> Room | None:
         """The local ``Room`` of a room with sessions here (tests and benchmarks look inside)."""

@@ -351,6 +351,7 @@ class ChatServer:
                 log.exception("keepalive pass failed")
 
     def _keepalive_pass(self) -> None:
+        self.hub.forget_idle_flood_buckets()  # accounts quiet long enough have nothing to remember
         now = time.monotonic()
         with self.connections_lock:
             connections = [c for c in self.connections if c.in_room]
@@ -589,6 +590,9 @@ class ChatServer:
             stale = [other for other in self.connections if other.session_id == claims.session_id]
         for other in stale:
             other.close("resumed on a new connection")
+        # Its place among the account's sessions is this connection's now, before the old reader
+        # gets round to closing: a resume must never be refused as one session too many.
+        self.hub.backend.remove_session(claims.username, claims.session_id)
         connection.verified_stamp = claims.account_stamp
         log.info("resume ok %s user=%s", connection.peer, claims.username)
         return claims.username

@@ -197,10 +197,6 @@ class Room:
             other.deliver(notice)
         return True
 
-    def has_account(self, name: str) -> bool:
-        with self.members_lock:
-            return name in self.sessions
-
     def sessions_of(self, name: str) -> list[Member]:
         with self.members_lock:
             return list(self.sessions.get(name, ()))
@@ -214,10 +210,6 @@ class Room:
     def member_count(self) -> int:
         with self.members_lock:
             return len(self.sessions)
-
-    def is_empty(self) -> bool:
-        with self.members_lock:
-            return not self.sessions
 
     def _everyone(self) -> list[Member]:
         """Every session here; called under ``members_lock``."""

@@ -408,21 +408,21 @@ def reconnect(
     cancelled: threading.Event,
     give_up_after: float | None = None,
     on_resumed: Callable[[], None] | None = None,
-    first_delay: float = RECONNECT_FIRST_DELAY,
+    restarting: bool = False,
     retry_now: threading.Event | None = None,
 ) -> tuple[Reconnected, str]:
     """Retry with growing, jittered delays and resume with the token; never asks for a password.
 
     A lost link and a "not now" refusal (``RETRYABLE_CODES``) are retried, the first
-    time after ``first_delay`` (``RECONNECT_RESTART_DELAY`` when the server said it was
-    restarting); ``retry_now`` (set by /reconnect) ends a wait at once.
+    time after ``RECONNECT_FIRST_DELAY``, or ``RECONNECT_RESTART_DELAY`` when the server
+    said it was ``restarting``; ``retry_now`` (set by /reconnect) ends a wait at once.
     Returns RESUMED; NEED_PASSWORD when the server refused the token itself
     (``TOKEN_CODES``: expired, revoked, gone); or FAILED, with a one-line
     reason, for a host key problem, any other refusal (retrying would only get
     the same answer), cancellation, or running out of time. ``on_resumed`` runs
     before "reconnected" is shown, so whoever reads that message finds us online.
     """
-    delay = first_delay
+    delay = RECONNECT_RESTART_DELAY if restarting else RECONNECT_FIRST_DELAY
     give_up = time.monotonic() + give_up_after if give_up_after is not None else None
     while True:
         wait = delay * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
@@ -606,9 +606,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 return
             set_online(False)  # before saying so: a line read after this message waits
             report(f"*** connection lost: {ended.reason}")
-            first_delay = RECONNECT_RESTART_DELAY if ended.restarting else RECONNECT_FIRST_DELAY
             result, why = reconnect(
-                client, report, leaving, BATCH_RECONNECT_LIMIT, lambda: set_online(True), first_delay=first_delay
+                client, report, leaving, BATCH_RECONNECT_LIMIT, lambda: set_online(True), restarting=ended.restarting
             )
             if result is Reconnected.RESUMED:
                 continue
@@ -918,9 +917,8 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                 stop_prompt()
                 return
             show(f"*** connection lost: {ended.reason}")
-            first_delay = RECONNECT_RESTART_DELAY if ended.restarting else RECONNECT_FIRST_DELAY
             result, why = reconnect(
-                client, show, leaving, on_resumed=online.set, first_delay=first_delay, retry_now=reconnect_now
+                client, show, leaving, on_resumed=online.set, restarting=ended.restarting, retry_now=reconnect_now
             )
             if result is Reconnected.RESUMED:
                 continue
