@@ -528,6 +528,13 @@ class LoginThrottle:
 # --------------------------------------------------------------------------- tokens
 
 
+class RevocationNotSaved(Exception):
+    """A session was revoked in memory, but the journal that keeps it across a restart could not be written."""
+
+    def __init__(self, path: Path | None, cause: OSError) -> None:
+        super().__init__(f"{path}: cannot save revoked sessions: {cause.strerror or cause}")
+
+
 class TokenError(Exception):
     """A token was refused. ``code`` is sent to the client, the message is for humans."""
 
@@ -606,16 +613,20 @@ class TokenAuthority:
                 damaged += line.strip() != ""
         if damaged:
             log.warning("%s: skipped %d damaged line(s)", self.revoked_path, damaged)
-        self._rewrite_revoked(revoked)  # drop what expired while we were down
+        try:
+            self._rewrite_revoked(revoked)  # drop what expired while we were down
+        except RevocationNotSaved as exc:  # what was read is still in force; the old file stays
+            log.error("%s", exc)
         return revoked
 
     def _rewrite_revoked(self, revoked: dict[str, int]) -> None:
+        """Write the journal anew with ``revoked``; ``RevocationNotSaved`` if it cannot be."""
         if self.revoked_path is None:
             return
         try:
             write_file_atomically(self.revoked_path, "".join(f"{sid} {until}\n" for sid, until in revoked.items()))
         except OSError as exc:
-            log.error("%s: cannot save revoked sessions: %s", self.revoked_path, exc.strerror or exc)
+            raise RevocationNotSaved(self.revoked_path, exc) from exc
 
     def _append_revoked(self, session_id: str, until: int) -> None:
         if self.revoked_path is None:
@@ -632,7 +643,7 @@ class TokenAuthority:
             finally:
                 os.close(fd)
         except OSError as exc:
-            log.error("%s: cannot save revoked sessions: %s", self.revoked_path, exc.strerror or exc)
+            raise RevocationNotSaved(self.revoked_path, exc) from exc
 
     def issue(self, username: str, key_thumbprint: str, account: str = "", session_id: str = "") -> tuple[str, int]:
         """A new token for ``username`` bound to the key with ``key_thumbprint``.
@@ -718,7 +729,9 @@ class TokenAuthority:
 
         Returns True if this call revoked it, False if it already was: checking and
         revoking are one step, so of two resumes of one token racing each other only
-        one can spend it. One line is appended to the journal per revocation; it is
+        one can spend it. Raises ``RevocationNotSaved`` when the journal cannot be written:
+        the session is refused from now on, but a restart would forget it, so the caller
+        must say so. One line is appended to the journal per revocation; it is
         rewritten without the expired entries only once it has doubled since the last
         rewrite, so the cost per revocation stays constant on average however many there are.
         """

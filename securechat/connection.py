@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from securechat.accounts import (
+    RevocationNotSaved,
     TokenClaims,
     TokenError,
     new_session_id,
@@ -366,7 +367,7 @@ class ClientConnection:
         claims = self.claims
         self.finish(reason, Goodbye(reason=reason))
         if claims is not None:
-            self.server.tokens.revoke(claims)
+            self.server.tokens.revoke(claims)  # RevocationNotSaved reaches whoever asked (/logout)
 
     def _handle_frame(self, frame_type: FrameType, body: bytes) -> None:
         if not self.frame_flood.allow():  # pings too: parsing JSON is work, and so is each pong
@@ -394,14 +395,28 @@ class ClientConnection:
             self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
             # Finishing first marks us closing, so the keepalive will not try to refresh a
             # token of the session being revoked (and lose the goodbye and parting message).
-            self.finish("quit", Goodbye(reason="bye"))
-            self.server.tokens.revoke(claims)
+            goodbye = "bye"
+            try:
+                self.server.tokens.revoke(claims)
+            except RevocationNotSaved as exc:
+                log.error("%s", exc)
+                goodbye = "bye; but the server could not record that this session ended: tell its operator"
+            self.finish("quit", Goodbye(reason=goodbye))
             return
         ref = getattr(message, "ref", "")
         try:
             self._dispatch(message)
         except HubError as exc:
             self.deliver(ErrorReply(code=exc.code, message=str(exc), ref=ref))
+        except RevocationNotSaved as exc:  # /logout ended the sessions, but a restart would forget it
+            log.error("%s", exc)
+            self.deliver(
+                ErrorReply(
+                    code="server_error",
+                    message="the sessions were ended, but the server could not record it: tell its operator",
+                    ref=ref,
+                )
+            )
 
     def _dispatch(self, message: Authenticated) -> None:
         """Run one request of a logged-in user; a refusal raises ``HubError``."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
+from securechat.accounts import RevocationNotSaved
 from securechat.backend import BackendLimit, RoomBackend, RoomEvent, SessionInfo
 from securechat.history import RoomRecord
 from securechat.protocol import (
@@ -450,8 +451,14 @@ class ChatHub:
                 chosen.append(session)
         if not chosen:
             raise HubError("no_such_session", f"no other session {_clean(target, 20)} (see /sessions)")
+        not_saved: RevocationNotSaved | None = None
         for session in chosen:
-            session.end("logged out from another device")
+            try:
+                session.end("logged out from another device")
+            except RevocationNotSaved as exc:  # that session ended all the same: end the others, then say so
+                not_saved = exc
+        if not_saved is not None:
+            raise not_saved
         return len(chosen)
 
     # ------------------------------------------------------------------ limits and lifecycle

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from securechat import crypto_utils
 from securechat.accounts import (
+    RevocationNotSaved,
     TokenAuthority,
     TokenClaims,
     TokenError,
@@ -582,7 +583,14 @@ class ChatServer:
             self._refuse_demo_account(connection, record)
         # The old session is spent, every token of it: the new connection starts a new one. Only
         # one resume may spend it: a second one racing this one finds it already revoked.
-        if not self.tokens.revoke(claims):
+        try:
+            spent = self.tokens.revoke(claims)
+        except RevocationNotSaved as exc:  # unrecorded, the old session could be resumed again after a restart
+            log.error("%s", exc)
+            raise AuthenticationFailed(
+                "server_error", "the server cannot record sessions just now; try again"
+            ) from None
+        if not spent:
             raise TokenError("token_revoked", "token was given up; log in again")
         # Its old connection, if the server still holds it (a link that died without a word), goes:
         # this device is back on a new one. Other sessions of the account are not touched.

@@ -21,7 +21,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TIMEOUT, USER_NAMES, ServerProcess, wait_until
+from conftest import ROOT, TIMEOUT, USER_NAMES, ServerProcess, drain, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -744,3 +744,33 @@ def test_a_server_full_of_idle_connections_still_admits_an_honest_login(make_ser
         attacker.join()
         for sock in idle:
             sock.close()
+
+
+def test_a_revocation_that_cannot_be_saved_is_said_loudly_and_the_session_still_ends(server, connect, caplog):
+    alice = connect("alice")
+    journal = server.tokens.revoked_path
+    if journal.exists():
+        journal.unlink()
+    journal.mkdir()  # the journal cannot be written now (a full or failing disk acts alike)
+    try:
+        with caplog.at_level("ERROR", logger="chat.accounts"):
+            alice.leave("see you")
+        goodbyes = [event for event in drain(alice) if type(event).__name__ == "Goodbye"]
+        assert not alice.connected
+        assert goodbyes and "could not record" in goodbyes[0].reason
+        assert "cannot save revoked sessions" in caplog.text
+    finally:
+        journal.rmdir()
+
+
+def test_the_journal_is_kept_whole_across_a_compaction(tmp_path, monkeypatch):
+    from securechat import accounts
+    from securechat.accounts import TokenAuthority, TokenClaims
+
+    monkeypatch.setattr(accounts, "MIN_JOURNAL_LINES", 3)
+    path = tmp_path / "revoked"
+    authority = TokenAuthority(b"k" * 32, revoked_path=path)
+    for index in range(10):  # enough to compact several times
+        assert authority.revoke(TokenClaims("alice", 0, 0, f"jti{index}", "kt", "", f"session-{index}"))
+    reloaded = TokenAuthority(b"k" * 32, revoked_path=path)
+    assert all(reloaded.is_revoked(f"session-{index}") for index in range(10))
