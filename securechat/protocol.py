@@ -436,9 +436,11 @@ def validate_username(name: str) -> str:
 def check_text(text: str) -> str:
     """Validate chat text from a peer and return it sanitized.
 
-    Refuses empty text, text over ``MAX_TEXT_BYTES``, and text whose sanitized,
-    JSON-escaped form would not fit a frame (tabs widen, quotes are escaped):
-    the size that matters is the one that goes on the wire to every recipient.
+    A message may hold several lines (a paste): its newlines are kept ("\r\n" and "\r"
+    become "\n"), every other control character is replaced. Refuses empty text, text
+    over ``MAX_TEXT_BYTES``, and text whose sanitized, JSON-escaped form would not fit a
+    frame (tabs widen, quotes are escaped): the size that matters is the one that goes
+    on the wire to every recipient.
     """
     if not text.strip():
         raise ProtocolError("empty message")
@@ -448,7 +450,7 @@ def check_text(text: str) -> str:
         raise ProtocolError("message is not valid Unicode") from None
     if size > MAX_TEXT_BYTES:
         raise ProtocolError(f"message longer than {MAX_TEXT_BYTES} bytes")
-    sanitized = sanitize_text(text)
+    sanitized = sanitize_text(text.replace("\r\n", "\n").replace("\r", "\n"), keep_newlines=True)
     if len(json.dumps(sanitized, ensure_ascii=False).encode("utf-8")) > MAX_TEXT_WIRE_BYTES:
         raise ProtocolError("message too long once tabs and quotes are escaped")
     return sanitized

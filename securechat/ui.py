@@ -79,10 +79,18 @@ class Style:
 
     colour: bool = False
     timestamps: bool = False
+    #: What starts each further line of a multi-line message. In batch mode a tab: text never
+    #: holds one (tabs arrive as spaces), so a line starting with a tab always continues the
+    #: message above it, one record per message.
+    continuation: str = "\t"
 
     def text(self, text: str) -> str:
         """Plain text, made safe to print."""
         return sanitize_text(text)
+
+    def message(self, text: str) -> str:
+        """A message's text, made safe to print, its further lines set off by ``continuation``."""
+        return sanitize_text(text, keep_newlines=True).replace("\n", "\n" + self.continuation)
 
     def name(self, name: str) -> str:
         name = sanitize_text(name)
@@ -121,7 +129,7 @@ def format_chat(message: Chat, style: Style, own_name: str = "", active_room: st
     current room); batch mode passes None, so every room line names its room.
     A line sent again from history starts with ``history: `` in batch mode.
     """
-    text = style.text(message.text)
+    text = style.message(message.text)
     sender = style.name(message.sender)
     stamp = style.stamp(message.sent_at)
     if message.history and not style.timestamps:
@@ -765,7 +773,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     except (EOFError, KeyboardInterrupt):
         print()
         return 1
-    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True)
+    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True, continuation="    ")
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
     try:
         log_in_on_terminal(client, user, lambda: getpass.getpass(f"Password for {user}: "))

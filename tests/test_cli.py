@@ -975,3 +975,26 @@ def test_batch_lines_after_a_join_go_to_the_joined_room(chat_server, join, tmp_p
     assert result.returncode == 0, result.stderr
     heard = [(message.room, message.text) for message in chats(bob, 2)]
     assert heard == [("#dev", "for dev"), ("#lobby", "for the lobby")]
+
+
+def test_a_bracketed_paste_of_several_lines_is_sent_as_one_message(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    # What a terminal sends for a paste: the text between the bracketed-paste markers.
+    alice.type("\x1b[200~first line\nsecond line\r\nthird\x1b[201~")
+    alice.type("\r")
+    message = wait_for(bob, heard)
+    assert message.text == "first line\nsecond line\nthird"  # one message, its newlines kept
+    alice.wait_for_text("alice: first line", TIMEOUT)
+    alice.wait_for_text("    second line", TIMEOUT)  # shown with its further lines indented
+    assert drain_chats(bob) == []  # not three messages
+
+
+def test_batch_prints_a_multi_line_message_as_one_record(chat_server, join, tmp_path):
+    bob = join("bob", chat_server)
+    bob.say("top\nmiddle\n\x1b[2Jbottom")
+    result = run_batch(
+        tmp_path, chat_server.port, "alice", "--accept-new-host-key", password=password_of("alice"), stdin="one\ntwo\n"
+    )
+    assert "history: #lobby bob: top\n\tmiddle\n\t\ufffd[2Jbottom\n" in result.stdout
+    assert [message.text for message in chats(bob, 2)] == ["one", "two"]  # typed lines stay apart
