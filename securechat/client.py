@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -90,6 +91,8 @@ __all__ = [
     "LoginRefused",
     "MessageRefused",
     "Notice",
+    "Reconnected",
+    "Reconnecting",
     "Room",
     "RoomList",
     "Roster",
@@ -106,6 +109,17 @@ LEAVE_TIMEOUT = 5.0
 
 
 PONG_FRAME = Pong().encode()
+
+#: Reconnection back-off: the first wait, doubled after each failure up to the longest.
+RECONNECT_FIRST_DELAY = 1.0
+RECONNECT_MAX_DELAY = 30.0
+#: The first wait after the server said it is going down: a restart is usually quick.
+RECONNECT_RESTART_DELAY = 0.3
+#: Each wait is the delay times a random factor within this much of 1, so that the clients a
+#: restart sent away together do not all come back in the same instant.
+RECONNECT_JITTER = 0.25
+#: Refusals that mean "not now" (the server is full, busy, or briefly cannot check us): keep backing off.
+RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
 
 #: Refusal codes meaning the token itself is no good: only a password can log in again.
 TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
@@ -143,7 +157,32 @@ class Disconnected:
     restarting: bool = False
 
 
-Event = Chat | Notice | Roster | Room | RoomList | History | Sessions | ErrorReply | Goodbye | Disconnected
+@dataclass(frozen=True)
+class Reconnecting:
+    """Local event (with ``reconnect=True``): the link was lost, and the client is getting it back by itself."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """Local event: the session goes on over a new connection (what was missed follows, as history)."""
+
+
+Event = (
+    Chat
+    | Notice
+    | Roster
+    | Room
+    | RoomList
+    | History
+    | Sessions
+    | ErrorReply
+    | Goodbye
+    | Reconnecting
+    | Reconnected
+    | Disconnected
+)
 
 #: Events a client keeps while nobody reads them; past this the oldest is dropped and counted
 #: (see ``ChatClient.dropped_events``): a bot that only speaks must not grow without bound.
@@ -249,6 +288,7 @@ class ChatClient:
         pace: bool = True,
         device: str = "",
         source_address: tuple[str, int] | None = None,
+        reconnect: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -263,6 +303,11 @@ class ChatClient:
         self.pace = pace
         #: The local address to connect from (a machine with several), or None for any.
         self.source_address = source_address
+        #: Get a lost link back by itself (``Reconnecting``, then ``Reconnected``), as the terminal
+        #: client does: ``events()`` then ends only when the session is over, or on ``close()``.
+        self.reconnect = reconnect
+        # Set by close(): a reconnection under way gives up (connect() never clears it).
+        self._stop_reconnecting = threading.Event()
         self.server_fingerprint = ""
         self.username = ""
         #: The rooms this session is in, in the order it entered them, each with who is there.
@@ -418,6 +463,7 @@ class ChatClient:
 
     def login(self, username: str, password: str) -> Welcome:
         """Log in with a password. Raises ``LoginRefused`` with the server's reason."""
+        self._stop_reconnecting.clear()  # a new session: an earlier close() no longer holds
         if self.channel is None:
             self.connect()
         return self._authenticate(username, self.login_builder(username, password))
@@ -712,11 +758,43 @@ class ChatClient:
             reason = "closed" if self._closing.is_set() else f"connection lost ({exc.strerror or exc})"
             clean = self._closing.is_set()
         finally:
-            self._put_event(Disconnected(reason=reason, clean=clean, restarting=restarting))
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            if self.reconnect and not clean and self.token and not self._stop_reconnecting.is_set():
+                self._put_event(Reconnecting(reason=reason))
+                self._put_event(self._resume_by_itself(restarting))
+            else:
+                self._put_event(Disconnected(reason=reason, clean=clean, restarting=restarting))
+
+    def _resume_by_itself(self, restarting: bool) -> Reconnected | Disconnected:
+        """Retry with growing, jittered delays and resume the session (run by the reader that lost it).
+
+        Returns ``Reconnected``, or the ``Disconnected`` that ends the session: the server
+        refused the token or any retry with a lasting reason, the server's key changed, or
+        ``close()`` was called. A lost link and a "not now" refusal are retried without end.
+        """
+        delay = RECONNECT_RESTART_DELAY if restarting else RECONNECT_FIRST_DELAY
+        while not self._stop_reconnecting.wait(delay * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)):
+            try:
+                self._reset_connection()
+                self.connect()
+                self.resume()
+            except LoginRefused as exc:
+                if exc.code in TOKEN_CODES or exc.code not in RETRYABLE_CODES:
+                    return Disconnected(reason=f"cannot resume the session: {exc}", clean=True)
+            except HostKeyError as exc:
+                return Disconnected(reason=str(exc), clean=True)
+            except ChatError:
+                pass
+            else:
+                if self._stop_reconnecting.is_set():  # close() came while we were resuming
+                    self._reset_connection()
+                    break
+                return Reconnected()
+            delay = min(RECONNECT_MAX_DELAY, delay * 2)
+        return Disconnected(reason="closed", clean=True)
 
     def _put_event(self, event: Event) -> None:
         """Queue an event for the program; when nobody has read for a long while, drop the oldest."""
@@ -789,7 +867,12 @@ class ChatClient:
                 pass
 
     def close(self) -> None:
-        """Close the connection and stop the reader thread. Safe to call twice."""
+        """Close the connection, stop the reader thread and any reconnection. Safe to call twice."""
+        self._stop_reconnecting.set()
+        self._reset_connection()
+
+    def _reset_connection(self) -> None:
+        """Close the connection and stop its reader; a reconnection (which calls this) goes on."""
         self._closing.set()
         self._shutdown_socket()
         reader = self._reader

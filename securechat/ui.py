@@ -29,6 +29,11 @@ from typing import Any, TextIO
 from securechat import crypto_utils
 from securechat.client import (
     LEAVE_TIMEOUT,
+    RECONNECT_FIRST_DELAY,
+    RECONNECT_JITTER,
+    RECONNECT_MAX_DELAY,
+    RECONNECT_RESTART_DELAY,
+    RETRYABLE_CODES,
     TOKEN_CODES,
     Chat,
     ChatClient,
@@ -48,18 +53,6 @@ from securechat.client import (
     default_known_hosts_path,
 )
 from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, normalize_room, sanitize_text
-
-#: Reconnection back-off: the first wait, doubled after each failure up to the longest.
-RECONNECT_FIRST_DELAY = 1.0
-RECONNECT_MAX_DELAY = 30.0
-#: The first wait after the server said it is going down: a restart is usually quick.
-RECONNECT_RESTART_DELAY = 0.3
-#: Each wait is the delay times a random factor within this much of 1, so that the clients a
-#: restart sent away together do not all come back in the same instant.
-RECONNECT_JITTER = 0.25
-#: Refusals that mean the session itself is over: only the password can open a new one.
-#: Refusals that mean "not now" (the server is full, busy, or briefly cannot check us): keep backing off.
-RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
 
 # --------------------------------------------------------------------------- formatting
 

@@ -875,3 +875,13 @@ def test_rooms_sharing_a_pacer_take_turns_within_one_budget():
     shared.join(Listener("x"))  # its round books 1 frame: 0.1 s of a 10-frames-a-second budget
     assert shared._join_notice_wait() == pytest.approx(0.1)  # the next round waits its turn
     shared.close()
+
+
+def test_a_client_that_reconnects_by_itself_stops_when_closed(make_server, connect):
+    quick = make_server()
+    alice = connect("alice", to=quick, reconnect=True)
+    quick.stop()  # gone, and not coming back
+    wait_for(alice, lambda event: type(event).__name__ == "Reconnecting")
+    alice.close()  # the program gives up: the reconnection stops, and events() ends
+    ended = wait_for(alice, is_disconnected, timeout=TIMEOUT * 2)
+    assert ended.clean

@@ -6,10 +6,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 
-from conftest import ROOT, TIMEOUT, password_of, wait_for
+import pytest
+from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
 
-from securechat.client import Chat
+from securechat.client import Chat, ChatClient, KnownHosts
 
 
 def readme_python_block() -> str:
@@ -94,3 +96,66 @@ def test_the_readme_lists_every_command_the_client_has():
     table = [line for line in readme_section("Commands").splitlines() if line.startswith("| `/")]
     documented = {name for row in table for name in re.findall(r"`/([a-z]+)", row.split("|")[1])}
     assert documented == set(COMMANDS)
+
+
+def test_the_readme_bot_runs_from_any_folder_answers_only_chat_lines_and_survives_a_restart(tmp_path, users_file):
+    data_dir = tmp_path / "data"
+    first = ServerProcess(["--port", "0", "--users", str(users_file), "--data-dir", str(data_dir)])
+    port = first.port
+    elsewhere = tmp_path / "empty folder"  # the bot is saved away from the checkout
+    elsewhere.mkdir()
+    (elsewhere / "bot.py").write_text(readme_python_block().replace("7878", str(port)))
+    bot = subprocess.Popen(
+        [sys.executable, "bot.py"],
+        cwd=elsewhere,
+        # The package as an installed one would be found (pip install . puts it on the path).
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "CHAT_PASSWORD": password_of("echo"),
+            "HOME": str(tmp_path),
+            "XDG_CONFIG_HOME": "",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = None
+    try:
+
+        def alice_on(server: ServerProcess):
+            client = ChatClient(
+                "127.0.0.1", server.port, server_fingerprint=server.fingerprint, known_hosts=KnownHosts(tmp_path / "kh")
+            )
+            client.login("alice", password_of("alice"))
+            return client
+
+        def answer_to(client, text: str):
+            deadline = time.monotonic() + TIMEOUT * 4
+            while time.monotonic() < deadline:  # the bot may still be (re)connecting: say it again
+                client.say(text)
+                event = client.next_event(timeout=1.0)
+                while event is not None:
+                    if isinstance(event, Chat) and event.sender == "echo" and not event.history:
+                        return event.text
+                    event = client.next_event(timeout=0.2)
+            pytest.fail(f"the bot never answered {text!r}")
+
+        alice = alice_on(first)
+        assert answer_to(alice, "ping") == "alice said: ping"
+        alice.close()
+        status, _ = first.stop()  # the server restarts under the bot
+        assert status == 0
+        second = ServerProcess(["--port", str(port), "--users", str(users_file), "--data-dir", str(data_dir)])
+        alice = alice_on(second)
+        alice.action("waves")  # not a chat line: no answer
+        assert answer_to(alice, "after the restart") == "alice said: after the restart"
+        alice.close()
+        assert bot.poll() is None, bot.stderr.read() if bot.stderr else ""
+    finally:
+        bot.terminate()
+        _, errors = bot.communicate(timeout=TIMEOUT)
+        if second is not None:
+            second.stop()
+        first.stop()
+    assert "Traceback" not in errors
