@@ -8,6 +8,7 @@ tokens are HS256 JWTs bound to the client's public key (RFC 7800 ``cnf``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -20,7 +21,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,12 +183,46 @@ def write_file_atomically(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- the user store
 
 
+#: The server-wide roles an account may have: an admin can act in every room and server-wide.
+SERVER_ROLES = ("user", "admin")
+
+
+@dataclass(frozen=True)
+class AccountBan:
+    """A server-wide ban: until when (0: until lifted), why, and who set it."""
+
+    until: float = 0.0
+    reason: str = ""
+    by: str = ""
+
+    def active(self, now: float | None = None) -> bool:
+        return not self.until or self.until > (time.time() if now is None else now)
+
+    def describe(self) -> str:
+        """ "banned until 2026-12-08 10:00 UTC: spam" (or "until lifted")."""
+        when = "until lifted" if not self.until else "until " + format_utc(self.until)
+        return f"banned {when}" + (f": {self.reason}" if self.reason else "")
+
+
+def format_utc(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 @dataclass(frozen=True)
 class UserRecord:
     name: str
     password_hash: str
     demo: bool = False
     created: str = ""
+    role: str = "user"
+    ban: AccountBan | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def active_ban(self, now: float | None = None) -> AccountBan | None:
+        return self.ban if self.ban is not None and self.ban.active(now) else None
 
 
 def _now_text() -> str:
@@ -272,13 +307,29 @@ class UserStore:
                 validate_username(name)
             except ValueError:
                 raise UserStoreError(f"{self.path}: invalid user name {name!r}") from None
+            role = entry.get("role", "user")
+            if role not in SERVER_ROLES:
+                raise UserStoreError(f"{self.path}: user {name!r} has an unknown role {role!r}")
             users[name] = UserRecord(
                 name=name,
                 password_hash=entry["password_hash"],
                 demo=bool(entry.get("demo", False)),
                 created=str(entry.get("created", "")),
+                role=role,
+                ban=self._parse_ban(name, entry.get("ban")),
             )
         return users
+
+    def _parse_ban(self, name: str, entry: object) -> AccountBan | None:
+        if entry is None:
+            return None
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("until", 0), int | float)
+            or not all(isinstance(entry.get(key, ""), str) for key in ("reason", "by"))
+        ):
+            raise UserStoreError(f"{self.path}: user {name!r} has a malformed ban")
+        return AccountBan(float(entry.get("until", 0)), entry.get("reason", ""), entry.get("by", ""))
 
     def load(self) -> dict[str, UserRecord]:
         """All accounts, re-read if the file changed. Raises ``UserStoreError``."""
@@ -368,6 +419,8 @@ class UserStore:
                     "password_hash": record.password_hash,
                     "demo": record.demo,
                     "created": record.created,
+                    "role": record.role,
+                    **({"ban": dataclasses.asdict(record.ban)} if record.ban is not None else {}),
                 }
                 for record in sorted(users.values(), key=lambda record: record.name)
             },
@@ -404,9 +457,45 @@ class UserStore:
             users = self._read()
             if name not in users:
                 raise KeyError(name)
-            old = users[name]
-            users[name] = UserRecord(name, password_hash, demo=False, created=old.created)
+            users[name] = dataclasses.replace(users[name], password_hash=password_hash, demo=False)
             self._write(users)
+
+    def _change(self, name: str, change: Callable[[UserRecord, dict[str, UserRecord]], UserRecord]) -> UserRecord:
+        """Replace one account's record with ``change(record, users)``, under the lock; returns the new one.
+
+        Raises ``KeyError`` if there is no such account, and whatever ``change`` raises.
+        """
+        with self._locked():
+            users = self._read()
+            if name not in users:
+                raise KeyError(name)
+            users[name] = change(users[name], users)
+            self._write(users)
+            return users[name]
+
+    def set_role(self, name: str, role: str) -> None:
+        """Make an account an admin or a plain user. ``ValueError`` for an unknown role, or for taking
+        the last admin's role (there would be nobody left to act server-wide)."""
+        if role not in SERVER_ROLES:
+            raise ValueError(f"unknown role {role!r}: choose one of {', '.join(SERVER_ROLES)}")
+
+        def change(record: UserRecord, users: dict[str, UserRecord]) -> UserRecord:
+            admins = [other for other in users.values() if other.is_admin]
+            if record.is_admin and role != "admin" and len(admins) == 1:
+                raise ValueError(f"{name} is the last admin; make another admin first")
+            return dataclasses.replace(record, role=role)
+
+        self._change(name, change)
+
+    def ban(self, name: str, ban: AccountBan) -> None:
+        """Ban an account server-wide (replacing any ban it has)."""
+        self._change(name, lambda record, _users: dataclasses.replace(record, ban=ban))
+
+    def unban(self, name: str) -> bool:
+        """Lift an account's server-wide ban; False if it had none."""
+        had = self.get(name)
+        self._change(name, lambda record, _users: dataclasses.replace(record, ban=None))
+        return had is not None and had.ban is not None
 
 
 # --------------------------------------------------------------------------- login throttling

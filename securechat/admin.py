@@ -6,6 +6,7 @@ import argparse
 import getpass
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,13 @@ from typing import Any
 from securechat.accounts import (
     MAX_PASSWORD_CHARS,
     MIN_PASSWORD_CHARS,
+    SERVER_ROLES,
+    AccountBan,
     UserStore,
     UserStoreError,
     password_problem,
 )
+from securechat.commands import split_duration
 from securechat.config import DEFAULT_USERS, add_options
 from securechat.protocol import (
     validate_username,
@@ -77,7 +81,8 @@ def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Secure terminal group chat server.",
-        epilog="Accounts: server.py adduser NAME | deluser NAME | passwd NAME | users",
+        epilog="Accounts: server.py adduser NAME | deluser NAME | passwd NAME | users | role NAME admin|user"
+        " | ban NAME [DURATION] [REASON] | unban NAME",
     )
     add_options(parser)  # every server option, from the configuration's fields
     parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="default: INFO")
@@ -86,12 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("adduser", "create an account (password read hidden, or one line of stdin)"),
         ("deluser", "delete an account"),
         ("passwd", "change an account's password"),
-        ("users", "list the accounts"),
+        ("users", "list the accounts, with their roles and bans"),
+        ("role", "make an account a server admin, or a plain user again"),
+        ("ban", "refuse an account's logins (ends its sessions on a running server)"),
+        ("unban", "lift an account's server-wide ban"),
     ):
         sub = commands.add_parser(command, help=help_text)
         add_common_options(sub, suppress=True)
         if command != "users":
             sub.add_argument("name")
+        if command == "role":
+            sub.add_argument("role", choices=SERVER_ROLES)
+        if command == "ban":
+            sub.add_argument("reason", nargs="*", help="a duration first (10m, 2h, 7d; none: until lifted), then why")
         if command in ("adduser", "passwd"):
             sub.add_argument(
                 "--min-password-length",
@@ -108,7 +120,11 @@ def run_admin_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "users":
             for record in store.load().values():
-                print(f"{record.name}{'  (demo)' if record.demo else ''}")
+                notes = [note for note in ("admin" if record.is_admin else "", "demo" if record.demo else "") if note]
+                ban = record.active_ban()
+                if ban is not None:
+                    notes.append(ban.describe())
+                print(record.name + (f"  ({'; '.join(notes)})" if notes else ""))
             return 0
         name = args.name
         if args.command == "adduser":
@@ -124,6 +140,17 @@ def run_admin_command(args: argparse.Namespace) -> int:
                 raise KeyError(name)
             store.set_password(name, read_new_password(name, args.min_password_length))
             print(f"password changed for {name}")
+        elif args.command == "role":
+            store.set_role(name, args.role)
+            print(f"{name} is now {'an admin' if args.role == 'admin' else 'a plain user'}")
+        elif args.command == "ban":
+            seconds, reason = split_duration(" ".join(args.reason))
+            ban = AccountBan(time.time() + seconds if seconds else 0.0, reason[:200], by="(admin command line)")
+            store.ban(name, ban)
+            log.info("account banned user=%s by the admin command line", name)
+            print(f"{name} is {ban.describe()}")
+        elif args.command == "unban":
+            print(f"{name} is no longer banned" if store.unban(name) else f"{name} was not banned")
     except KeyError as exc:
         print(f"error: no user {exc.args[0]!r} in {args.users}", file=sys.stderr)
         return 1

@@ -34,6 +34,10 @@ class SessionInfo:
     device: str
     since: float
     address: str
+    #: The away message, or None while the device is not away (an account is away when all are).
+    away: str | None = None
+    #: When this session last said something (0: not yet).
+    active: float = 0.0
 
 
 class Subscriber(Protocol):
@@ -59,6 +63,7 @@ class RoomBackend(Protocol):
     def add_session(self, info: SessionInfo, limit: int) -> int: ...
     def remove_session(self, account: str, session_id: str) -> int: ...
     def sessions(self, account: str) -> list[SessionInfo]: ...
+    def update_session(self, account: str, session_id: str, **changes: object) -> None: ...
 
     # room state
     def room(self, name: str) -> RoomRecord | None: ...
@@ -68,6 +73,10 @@ class RoomBackend(Protocol):
     def memberships(self, account: str) -> list[str]: ...
     def add_membership(self, account: str, room: str) -> None: ...
     def remove_membership(self, account: str, room: str) -> None: ...
+    # the rest of a room's state (scope "#room": roles, modes, bans) and an account's (scope
+    # "@account": its ignore list): text values under text keys
+    def state(self, scope: str) -> dict[str, str]: ...
+    def set_state(self, scope: str, key: str, value: str | None) -> None: ...
 
     # history, oldest first
     def recent(self, room: str, limit: int) -> list[RoomEvent]: ...
@@ -116,10 +125,11 @@ class MemoryBackend:
         # Guards _sessions: account -> session id -> SessionInfo.
         self._sessions_lock = threading.Lock()
         self._sessions: dict[str, dict[str, SessionInfo]] = {}
-        # Guards _rooms and _memberships, loaded once from the store.
+        # Guards _rooms, _memberships and _state, loaded once from the store.
         self._state_lock = threading.Lock()
         self._rooms: dict[str, RoomRecord] = {record.name: record for record in store.load_rooms()}
         self._memberships: dict[str, list[str]] = store.load_memberships()
+        self._state: dict[str, dict[str, str]] = store.load_state()
 
     def start(self, subscriber: Subscriber) -> None:
         self._subscriber = subscriber
@@ -190,7 +200,33 @@ class MemoryBackend:
         with self._sessions_lock:
             return sorted(self._sessions.get(account, {}).values(), key=lambda info: info.since)
 
+    def update_session(self, account: str, session_id: str, **changes: object) -> None:
+        """Change fields of a session's ``SessionInfo`` (``away``, ``active``); nothing if it is gone."""
+        with self._sessions_lock:
+            sessions = self._sessions.get(account, {})
+            info = sessions.get(session_id)
+            if info is not None:
+                sessions[session_id] = replace(info, **changes)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ room state
+
+    def state(self, scope: str) -> dict[str, str]:
+        with self._state_lock:
+            return dict(self._state.get(scope, {}))
+
+    def set_state(self, scope: str, key: str, value: str | None) -> None:
+        with self._state_lock:
+            values = self._state.setdefault(scope, {})
+            if value is None:
+                if values.pop(key, None) is None:
+                    return
+                if not values:
+                    del self._state[scope]
+            else:
+                if values.get(key) == value:
+                    return
+                values[key] = value
+        self.store.set_state(scope, key, value)
 
     def room(self, name: str) -> RoomRecord | None:
         with self._state_lock:

@@ -40,7 +40,7 @@ from securechat.crypto_utils import AES_KEY_SIZE, NONCE_SIZE, CryptoError, load_
 
 log = logging.getLogger("chat.history")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: How often, by the store's clock, rows older than the age limit are deleted; also the writer's longest idle sleep.
 AGE_TRIM_INTERVAL = 60.0
 #: A failed batch is retried after this delay, doubled after each failure up to the maximum.
@@ -69,6 +69,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " created_at REAL NOT NULL)",
         # Rowid order is join order: a re-join gets a rowid above every existing one.
         "CREATE TABLE memberships (account TEXT NOT NULL, room TEXT NOT NULL, UNIQUE (account, room))",
+    ),
+    2: (
+        # Room state beyond the topic (roles, modes, invites, bans, mutes: scope "#room") and an
+        # account's own (its ignore list, when it was last online: scope "@account"), as keys
+        # and text values: the shape a Redis hash per scope holds just as well.
+        "CREATE TABLE state (scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (scope, key))",
     ),
 }
 
@@ -400,6 +406,13 @@ class ChatStore:
         """Queue recording that ``account`` left ``room``; False only if the store is closed."""
         return self._queue_statements(("DELETE FROM memberships WHERE account = ? AND room = ?", (account, room)))
 
+    def set_state(self, scope: str, key: str, value: str | None) -> bool:
+        """Queue setting (or, with None, removing) one key of a scope's state; False only if closed."""
+        if value is None:
+            return self._queue_statements(("DELETE FROM state WHERE scope = ? AND key = ?", (scope, key)))
+        statement = "INSERT OR REPLACE INTO state (scope, key, value) VALUES (?, ?, ?)"
+        return self._queue_statements((statement, (scope, key, value)))
+
     def _run_on_writer(self, action: Callable[[sqlite3.Connection], object]) -> bool:
         """Queue ``action(connection)`` for the writer, in order (tests use it to fill the disk)."""
         return self._queue(_WriterAction(action))
@@ -712,6 +725,14 @@ class ChatStore:
         with self._reading() as connection:
             rows = connection.execute("SELECT name, topic, owner, created_at FROM rooms ORDER BY created_at, name")
             return [RoomRecord(*row) for row in rows]
+
+    def load_state(self) -> dict[str, dict[str, str]]:
+        """Scope -> its keys and values, from the database."""
+        state: dict[str, dict[str, str]] = {}
+        with self._reading() as connection:
+            for scope, key, value in connection.execute("SELECT scope, key, value FROM state"):
+                state.setdefault(scope, {})[key] = value
+        return state
 
     def load_memberships(self) -> dict[str, list[str]]:
         """Account -> the rooms it has joined, in the order joined, from the database."""
