@@ -318,6 +318,7 @@ class ChatClient:
         #: resume, so that the server sends exactly what this device missed.
         self.last_id = 0
         self.seen: dict[str, int] = {}
+        self.away_since = 0.0
         #: This device's label in /sessions.
         self.device = device
         #: The session's short id (as /sessions shows it) and how many devices the account has.
@@ -569,6 +570,8 @@ class ChatClient:
         self.username = message.username
         self.channel.username = message.username
         self.session = message.session
+        #: When the account was last online before this login (0: unknown, or another device was on).
+        self.away_since = message.away_since
         # Each room follows as a Room message with its roster; until then, its members are unknown.
         self.rooms = {room: self.rooms.get(room, []) for room in message.rooms}
         if self.active_room not in self.rooms:

@@ -45,6 +45,8 @@ SERVER_KEY_FILE = "server_key.pem"
 TOKEN_SECRET_FILE = "token_secret"
 REVOKED_SESSIONS_FILE = "revoked_sessions"
 HISTORY_FILE = "history.sqlite3"
+#: The message of the day, shown at every login: edit it, or set it with /motd TEXT as an admin.
+MOTD_FILE = "motd.txt"
 HISTORY_KEY_FILE = "history_key"
 
 

@@ -358,6 +358,7 @@ class ClientConnection:
                 devices=devices,
                 flood_burst=config.flood_burst,
                 flood_rate=config.flood_rate,
+                away_since=hub.away_since(self.name) if devices == 1 else 0.0,
             )
         )
         hub.enter_rooms(self, rooms, since=request.since, seen=request.seen)

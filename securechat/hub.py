@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol, TypeVar
 
-from securechat.accounts import RevocationNotSaved
+from securechat.accounts import AccountBan, RevocationNotSaved, format_utc, write_file_atomically
 from securechat.backend import BackendLimit, RoomBackend, RoomEvent, SessionInfo
+from securechat.commands import COMMANDS_BY_NAME, ROLE_RANK, CommandSpec, split_duration
 from securechat.history import RoomRecord
 from securechat.protocol import (
     DEFAULT_ROOM,
@@ -36,6 +38,18 @@ from securechat.protocol import (
 from securechat.protocol import Room as RoomMessage
 from securechat.ratelimit import FloodControl
 from securechat.rooms import Member, NoticePacer, Room
+from securechat.roomstate import (
+    MAX_REASON_CHARS,
+    MODES,
+    MODES_KEY,
+    Restriction,
+    RoomState,
+    ban_key,
+    invite_key,
+    mute_key,
+    parse_mode_change,
+    role_key,
+)
 
 log = logging.getLogger("chat.server")
 
@@ -47,6 +61,11 @@ SESSION_ID_CHARS = 8
 #: Lines /history sends when no number is given, and the most it sends at once.
 HISTORY_PAGE = 50
 MAX_HISTORY_PAGE = 500
+#: An away account answers a /msg from one sender at most this often.
+AWAY_REPLY_INTERVAL = 3600.0
+#: The longest message of the day and away message.
+MAX_MOTD_CHARS = 2000
+MAX_AWAY_CHARS = 200
 
 
 class HubError(Exception):
@@ -55,6 +74,77 @@ class HubError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class AccountDirectory(Protocol):
+    """The accounts, as the hub needs them (the server's user store)."""
+
+    def exists(self, name: str) -> bool: ...
+    def is_admin(self, name: str) -> bool: ...
+    def ban(self, name: str, ban: AccountBan) -> None:
+        """Ban an account server-wide; ``KeyError`` if there is none, ``HubError`` if it cannot be saved."""
+
+    def unban(self, name: str) -> bool: ...
+
+
+class OpenDirectory:
+    """Every name is an account and nobody is an admin (for a hub without a user store: tests, benchmarks)."""
+
+    def exists(self, name: str) -> bool:
+        return True
+
+    def is_admin(self, name: str) -> bool:
+        return False
+
+    def ban(self, name: str, ban: AccountBan) -> None:
+        raise HubError("not_supported", "this server has no user store to ban accounts in")
+
+    def unban(self, name: str) -> bool:
+        return False
+
+
+class MessageOfTheDay:
+    """The message of the day: a text file in the data directory, re-read when it changes.
+
+    An admin sets it with /motd TEXT (the file is replaced atomically) or by editing
+    the file. ``_cache_lock`` guards the cached text and the file's stamp.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._cache_lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._text = ""
+
+    def get(self) -> str:
+        if self.path is None:
+            return ""
+        try:
+            info = self.path.stat()
+            stamp = (info.st_mtime_ns, info.st_size)
+        except OSError:
+            return ""
+        with self._cache_lock:
+            if stamp == self._stamp:
+                return self._text
+        try:
+            text = self.path.read_text("utf-8", errors="replace")
+        except OSError:
+            return ""
+        text = sanitize_text(text.strip(), keep_newlines=True)[:MAX_MOTD_CHARS]
+        with self._cache_lock:
+            self._stamp, self._text = stamp, text
+        return text
+
+    def set(self, text: str) -> None:
+        """Replace the message (empty: none). ``HubError`` if it cannot be saved."""
+        if self.path is None:
+            raise HubError("not_supported", "this server keeps no message of the day")
+        try:
+            write_file_atomically(self.path, text + "\n" if text else "")
+        except OSError as exc:
+            log.error("cannot save the message of the day to %s: %s", self.path, exc.strerror or exc)
+            raise HubError("server_error", "the message of the day could not be saved") from None
 
 
 class Session(Member, Protocol):
@@ -94,11 +184,20 @@ class ChatHub:
         self,
         backend: RoomBackend,
         config: HubConfig | None = None,
-        account_exists: Callable[[str], bool] = lambda _name: True,
+        accounts: AccountDirectory | None = None,
+        motd_path: Path | None = None,
     ) -> None:
         self.backend = backend
         self.config = config or HubConfig()
-        self.account_exists = account_exists
+        self.accounts: AccountDirectory = accounts or OpenDirectory()
+        self.motd = MessageOfTheDay(motd_path)
+        # Guards _ignores, _ignorers and _away_replies.
+        self.personal_lock = threading.Lock()
+        #: account with sessions here -> whom it ignores; and the reverse, for delivery.
+        self._ignores: dict[str, frozenset[str]] = {}
+        self._ignorers: dict[str, set[str]] = {}
+        #: (away account, sender) -> when the sender was last told the account is away.
+        self._away_replies: dict[tuple[str, str], float] = {}
         self.sessions_lock = threading.Lock()
         #: account -> session id -> the session, for the sessions of this process.
         self._local: dict[str, dict[str, Session]] = {}
@@ -120,9 +219,18 @@ class ChatHub:
     def on_room_event(self, room: str, message: RoomEvent, origin_session: str, ref: str) -> None:
         local = self._local_room(room, create=False)
         if local is not None:
-            local.deliver_published(message, origin_session, ref)
+            skip: frozenset[str] = frozenset()
+            if isinstance(message, Chat):
+                with self.personal_lock:
+                    skip = frozenset(self._ignorers.get(message.sender, ()))
+            local.deliver_published(message, origin_session, ref, skip_accounts=skip)
+        if isinstance(message, Notice) and message.event == "moderation" and message.action in ("kick", "ban"):
+            # Published by whichever process the moderator is on: each process removes its own sessions.
+            self._remove_from_room(message.target, room, message.text)
 
     def on_private(self, account: str, message: Chat, origin_session: str, ref: str) -> None:
+        if account != message.sender and message.sender in self.ignored_by(account):
+            return
         echo = replace(message, ref=ref) if ref else message
         for session in self.local_sessions(account):
             session.deliver(echo if session.session_id == origin_session else message)
@@ -144,9 +252,17 @@ class ChatHub:
                 f"you already have {self.config.max_sessions} sessions open (the limit): "
                 "list them with /sessions and end one with /logout ID",
             ) from None
+        self._load_ignores(member.name)
         rooms = [self.config.default_room]
         rooms += [room for room in self.backend.memberships(member.name) if room != self.config.default_room]
         return rooms, devices
+
+    def away_since(self, account: str) -> float:
+        """When the account's last session ended (0: never, or unknown)."""
+        try:
+            return float(self.backend.state(f"@{account}").get("last_seen", 0))
+        except ValueError:
+            return 0.0
 
     def enter_rooms(
         self, member: Session, rooms: list[str], since: int = 0, seen: dict[str, int] | None = None
@@ -160,6 +276,9 @@ class ChatHub:
         with self.sessions_lock:
             self._local.setdefault(member.name, {})[member.session_id] = member
             self._session_rooms[member.session_id] = []
+        motd = self.motd.get()
+        if motd:
+            member.deliver(Notice(event="info", text=f"message of the day: {motd}"))
         seen = seen or {}
         for room in rooms:
             try:
@@ -170,6 +289,8 @@ class ChatHub:
             missed = self.backend.private_since(member.name, since, self.config.catch_up_limit)
         else:
             missed = self.backend.private_recent(member.name, self.config.join_history)
+        ignored = self.ignored_by(member.name)
+        missed = [message for message in missed if message.sender not in ignored]
         for message in missed:
             member.deliver(replace(message, history=True))
         if missed:
@@ -188,7 +309,9 @@ class ChatHub:
             local = self._local_room(room, create=False)
             if local is not None:
                 local.leave(member, reason)
-        self.backend.remove_session(member.name, member.session_id)
+        if self.backend.remove_session(member.name, member.session_id) == 0:
+            # Its last session: lines from now on were said while the account was away.
+            self.backend.set_state(f"@{member.name}", "last_seen", f"{time.time():.3f}")
 
     def local_sessions(self, account: str) -> list[Session]:
         with self.sessions_lock:
@@ -242,9 +365,19 @@ class ChatHub:
                 "too_many_rooms",
                 f"you are in {len(joined)} rooms, the most allowed: /part one first",
             )
+        if self.backend.room(room) is not None:
+            state = self.room_state(room)
+            ban = state.ban_of(member.name)
+            if ban is not None:
+                raise HubError("banned", f"you are banned from {room} {_until(ban.until)}{_reason(ban.reason)}")
+            invited = member.name in state.invited or state.rank(member.name) > 0
+            if "i" in state.modes and not invited and not self.accounts.is_admin(member.name):
+                raise HubError("invite_only", f"{room} is invite-only (+i): ask one of its ops to /invite you")
         created = self.ensure_room(room, owner=member.name)
         if created:
+            self.backend.set_state(room, role_key(member.name), "owner")
             log.info("room created %s by user=%s", room, member.name)
+        self.backend.set_state(room, invite_key(member.name), None)  # an invitation lets one in, once
         self.backend.add_membership(member.name, room)
         for session in self.local_sessions(member.name):
             if not self._in_room(session, room):
@@ -263,12 +396,16 @@ class ChatHub:
         """Put one session in a room: it gets the room, its roster, then its recent lines or what it missed."""
         if self.backend.room(room) is None:
             raise HubError("no_such_room", f"{room} no longer exists")
+        ban = self.room_state(room).ban_of(member.name)
+        if ban is not None:
+            raise HubError("banned", f"you are banned from {room} {_until(ban.until)}{_reason(ban.reason)}")
         local = self._local_room(room)
         assert local is not None
         # A device catching up reads what it missed before entering (a disk read, never under the
         # room's lock); lines said meanwhile are in the room's recent lines, sent after these.
         missed: list[RoomEvent] = []
         over = 0
+        ignored = self.ignored_by(member.name)
         if since > 0:
             missed, over = self.backend.history_since(room, since, self.config.catch_up_limit)
 
@@ -289,6 +426,8 @@ class ChatHub:
                 lines = missed + [event for event in recent if event.id > newest]
             else:
                 lines = recent
+            if ignored:
+                lines = [event for event in lines if not (isinstance(event, Chat) and event.sender in ignored)]
             for event in lines:
                 member.deliver(replace(event, history=True))
             missing = over
@@ -320,9 +459,12 @@ class ChatHub:
         if not self._in_room(member, room):
             raise HubError("not_in_room", f"you are not in {room}")
         self.backend.remove_membership(member.name, room)
+        self._remove_from_room(member.name, room, _clean(reason, MAX_TOPIC_CHARS), requested_by=member)
+
+    def _remove_from_room(self, account: str, room: str, reason: str, requested_by: Member | None = None) -> None:
+        """Take every local session of ``account`` out of ``room`` (/part, or a kick or ban)."""
         local = self._local_room(room, create=False)
-        reason = _clean(reason, MAX_TOPIC_CHARS)
-        for session in self.local_sessions(member.name):
+        for session in self.local_sessions(account):
             with self.sessions_lock:
                 rooms = self._session_rooms.get(session.session_id, [])
                 if room not in rooms:
@@ -330,14 +472,16 @@ class ChatHub:
                 rooms.remove(room)
             if local is not None:
                 local.leave(session, reason)
-            session.deliver(RoomMessage(room=room, joined=False, reason=reason, requested=session is member))
+            session.deliver(RoomMessage(room=room, joined=False, reason=reason, requested=session is requested_by))
 
     def say(self, member: Member, room_name: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for a room the session is in: numbered, stored, and echoed to the sender with ``ref``."""
         room = self._room_name(room_name)
         if not self._in_room(member, room):
             raise HubError("not_in_room", f"not sent: you are not in {room} (/join {room} first)")
+        self._check_may_speak(member.name, room)
         self.check_flood(member.name)
+        self.backend.update_session(member.name, member.session_id, active=time.time())
         local = self._local_room(room, create=False)
         if local is not None:
             local.before_line_from(member.name)
@@ -348,15 +492,32 @@ class ChatHub:
         """A line for one account: every device of it, and of the sender; kept for whoever is offline."""
         if recipient == member.name:
             raise HubError("no_such_user", "not sent: that is you")
-        if not self.account_exists(recipient):
+        if not self.accounts.exists(recipient):
             raise HubError("no_such_user", f"not sent: there is no user {_clean(recipient, 40)}")
         self.check_flood(member.name)
+        self.backend.update_session(member.name, member.session_id, active=time.time())
         message = Chat(sender=member.name, text=text, sent_at=0.0, action=action, private=True, recipient=recipient)
         self.backend.publish_private(message, member.session_id, ref)
-        if not self.backend.sessions(recipient):
+        devices = self.backend.sessions(recipient)
+        if not devices:
             member.deliver(
                 Notice(event="info", text=f"{recipient} is offline; they will see your message when they next log in")
             )
+        elif all(device.away is not None for device in devices) and self._should_tell_away(recipient, member.name):
+            away = next((device.away for device in devices if device.away), "")
+            member.deliver(Notice(event="info", text=f"{recipient} is away" + (f": {away}" if away else "")))
+
+    def _should_tell_away(self, account: str, sender: str) -> bool:
+        """True at most once an hour per sender: an away account answers a /msg, not every /msg."""
+        now = time.monotonic()
+        with self.personal_lock:
+            if len(self._away_replies) > 10_000:  # a bound, not a policy: the oldest answers are forgotten
+                self._away_replies = dict(sorted(self._away_replies.items(), key=lambda item: item[1])[5_000:])
+            last = self._away_replies.get((account, sender))
+            if last is not None and now - last < AWAY_REPLY_INTERVAL:
+                return False
+            self._away_replies[(account, sender)] = now
+            return True
 
     def who(self, member: Member, room_name: str) -> None:
         """/who, /names: a room's roster, in pages; counted against flood control by its size."""
@@ -366,8 +527,19 @@ class ChatHub:
         local = self._local_room(room, create=False)
         names, devices = local.roster() if local is not None else ([], [])
         self.check_flood(member.name, cost=1 + len(names) / 200)
+        away = set(self._away_accounts(names))
         for page in paginate(names, devices):
-            member.deliver(Roster(members=page[0], devices=page[1], room=room, more=page[2]))
+            page_away = [name for name in page[0] if name in away]
+            member.deliver(Roster(members=page[0], devices=page[1], room=room, more=page[2], away=page_away))
+
+    def _away_accounts(self, names: list[str]) -> list[str]:
+        """Those of ``names`` whose every session is away."""
+        away = []
+        for name in names:
+            devices = self.backend.sessions(name)
+            if devices and all(device.away is not None for device in devices):
+                away.append(name)
+        return away
 
     def list_rooms(self, member: Member) -> None:
         """/list: every room with how many are in it now and its topic, in pages."""
@@ -400,6 +572,8 @@ class ChatHub:
             return
         if not self._in_room(member, room):
             raise HubError("not_in_room", f"you are not in {room}")
+        if "t" in self.room_state(room).modes:
+            self.require_role(member, room, "topic", "op")
         topic = _clean(text, MAX_TOPIC_CHARS + 1)
         if len(topic) > MAX_TOPIC_CHARS:
             raise HubError("bad_topic", f"a topic is at most {MAX_TOPIC_CHARS} characters")
@@ -461,6 +635,320 @@ class ChatHub:
             raise not_saved
         return len(chosen)
 
+    # ------------------------------------------------------------------ roles and moderation
+
+    def room_state(self, room: str) -> RoomState:
+        record = self.backend.room(room)
+        return RoomState.parse(self.backend.state(room), creator=record.owner if record is not None else "")
+
+    def rank(self, account: str, room: str, state: RoomState | None = None) -> int:
+        """How much ``account`` may do in ``room``: its room role's rank, or an admin's (the highest)."""
+        if self.accounts.is_admin(account):
+            return ROLE_RANK["admin"]
+        return (state or self.room_state(room)).rank(account)
+
+    def require_role(self, member: Member, room: str, command: str, role: str) -> int:
+        """The acting member's rank, if it may use ``command`` (needing ``role``) in ``room``; else ``HubError``.
+
+        Acting in a room needs being in it (admins act in any room). ``room`` is "" for a server-wide command.
+        """
+        if not room:
+            if role == "admin" and not self.accounts.is_admin(member.name):
+                raise HubError("not_allowed", f"/{command} needs a server admin")
+            return self.rank(member.name, "")
+        if self.backend.room(room) is None:
+            raise HubError("no_such_room", f"there is no room {room}")
+        rank = self.rank(member.name, room)
+        if rank < ROLE_RANK["admin"] and not self._in_room(member, room):
+            raise HubError("not_in_room", f"you are not in {room}")
+        if rank < ROLE_RANK[role]:
+            held = {value: key for key, value in ROLE_RANK.items()}[rank]
+            raise HubError("not_allowed", f"/{command} needs {_a(role)} {role} of {room} (you are {_a(held)} {held})")
+        return rank
+
+    def _check_may_speak(self, account: str, room: str) -> None:
+        values = self.backend.state(room)
+        if not values:  # most rooms: no roles beyond the owner, no modes, nobody muted
+            return
+        record = self.backend.room(room)
+        state = RoomState.parse(values, creator=record.owner if record is not None else "")
+        mute = state.mute_of(account)
+        if mute is not None:
+            raise HubError("muted", f"not sent: you are muted in {room} {_until(mute.until)}")
+        if "m" in state.modes and self.rank(account, room, state) < ROLE_RANK["voice"]:
+            raise HubError("moderated", f"not sent: {room} is moderated (+m): only its owner, ops and voiced speak")
+
+    def _target(self, actor: Member, name: str) -> str:
+        """A named account that exists and is not the actor; ``HubError`` otherwise."""
+        name = name.strip()
+        if not name:
+            raise HubError("bad_command", "name someone")
+        if name == actor.name:
+            raise HubError("bad_target", "that is you")
+        if not self.accounts.exists(name):
+            raise HubError("no_such_user", f"there is no user {_clean(name, 40)}")
+        return name
+
+    def _check_outranks(self, actor: Member, rank: int, target: str, room: str, state: RoomState) -> None:
+        """An op cannot act on an owner or an admin: only on those below them (an admin on anyone else)."""
+        target_rank = self.rank(target, room, state)
+        if rank <= target_rank and rank < ROLE_RANK["admin"]:
+            held = {value: key for key, value in ROLE_RANK.items()}[target_rank]
+            raise HubError("not_allowed", f"{target} is {_a(held)} {held} of {room}: you cannot act on them")
+
+    def _moderation_notice(self, actor: Member, room: str, action: str, target: str, text: str) -> None:
+        """Tell the room (kept in its history) and the server log what a moderator did."""
+        log.info("moderation room=%s user=%s action=%s target=%s", room, actor.name, action, target or "-")
+        notice = Notice(event="moderation", name=actor.name, action=action, target=target, text=text, room=room)
+        self.backend.publish_room(room, notice)
+
+    def set_room_role(self, member: Member, room: str, name: str, role: str, command: str) -> None:
+        """/owner, /op, /voice (``role``) or /deop, /devoice ("member"), with the role ``command`` needs.
+
+        Nobody demotes someone at or above their own rank but themselves (admins anyone), and
+        the last owner stays an owner.
+        """
+        rank = self.require_role(member, room, command, COMMANDS_BY_NAME[command].role)
+        target = self._target(member, name) if name.strip() != member.name else member.name
+        state = self.room_state(room)
+        current = state.role(target)
+        if role == current:
+            raise HubError("no_change", f"{target} is already {_a(role)} {role} of {room}")
+        if current == "owner" and role != "owner" and state.owners() == [target]:
+            raise HubError("last_owner", f"{target} is the last owner of {room}: make another owner first")
+        demoting = ROLE_RANK[current] > ROLE_RANK[role]
+        if demoting and ROLE_RANK[current] >= rank and rank < ROLE_RANK["admin"] and target != member.name:
+            raise HubError("not_allowed", f"{target} is {_a(current)} {current} of {room}: you cannot demote them")
+        self.backend.set_state(room, role_key(target), None if role == "member" else role)
+        what = f"made {target} {_a(role)} {role}" if role != "member" else f"took {target}'s {current} away"
+        action = role if role != "member" else "de" + current
+        self._moderation_notice(member, room, action, target, f"{member.name} {what}")
+
+    def unset_room_role(self, member: Member, room: str, name: str, only: tuple[str, ...], command: str) -> None:
+        """/deop (an op or an owner) and /devoice: back to member, if the target has one of ``only``."""
+        target = name.strip()
+        current = self.room_state(room).role(target) if target else "member"
+        if current not in only:
+            self.require_role(member, room, command, COMMANDS_BY_NAME[command].role)
+            raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not {_a(only[0])} {only[0]} of {room}")
+        self.set_room_role(member, room, target, "member", command)
+
+    def mode(self, member: Member, room: str, change: str) -> None:
+        """/mode: show a room's modes, or change them (ops)."""
+        room = self._room_name(room)
+        if not change.strip():
+            if self.backend.room(room) is None:
+                raise HubError("no_such_room", f"there is no room {room}")
+            current = self.room_state(room).modes
+            shown = ", ".join(f"+{letter} ({MODES[letter].split(':')[0]})" for letter in current) or "none"
+            member.deliver(Notice(event="info", text=f"modes of {room}: {shown}", room=room))
+            return
+        try:
+            adding, letters = parse_mode_change(change)
+        except ValueError as exc:
+            raise HubError("bad_mode", str(exc)) from None
+        self.require_role(member, room, "mode", "op")
+        modes = set(self.room_state(room).modes)
+        modes = modes | set(letters) if adding else modes - set(letters)
+        self.backend.set_state(room, MODES_KEY, "".join(sorted(modes)) or None)
+        sign = "+" if adding else "-"
+        self._moderation_notice(member, room, "mode", "", f"{member.name} set mode {sign}{letters} on {room}")
+
+    def invite(self, member: Member, room: str, name: str) -> None:
+        self.require_role(member, room, "invite", "op")
+        target = self._target(member, name)
+        if self.room_state(room).ban_of(target) is not None:
+            raise HubError("banned", f"{target} is banned from {room}: /unban them first")
+        self.backend.set_state(room, invite_key(target), "1")
+        self._moderation_notice(member, room, "invite", target, f"{member.name} invited {target}")
+        for session in self.local_sessions(target):
+            session.deliver(Notice(event="info", text=f"{member.name} invited you to {room}: /join {room}"))
+
+    def kick(self, member: Member, room: str, name: str, reason: str) -> None:
+        rank = self.require_role(member, room, "kick", "op")
+        target = self._target(member, name)
+        state = self.room_state(room)
+        if not self._account_in_room(target, room):
+            raise HubError("not_in_room", f"{target} is not in {room}")
+        self._check_outranks(member, rank, target, room, state)
+        self.backend.remove_membership(target, room)
+        reason = _clean(reason, MAX_REASON_CHARS)
+        self._moderation_notice(member, room, "kick", target, f"{member.name} kicked {target}{_reason(reason)}")
+
+    def ban(self, member: Member, room: str, name: str, rest: str) -> None:
+        rank = self.require_role(member, room, "ban", "op")
+        target = self._target(member, name)
+        seconds, reason = _duration_and_reason(rest)
+        state = self.room_state(room)
+        self._check_outranks(member, rank, target, room, state)
+        until = time.time() + seconds if seconds else 0.0
+        self.backend.set_state(room, ban_key(target), Restriction(until, reason, member.name).value())
+        self.backend.set_state(room, invite_key(target), None)
+        self.backend.remove_membership(target, room)
+        text = f"{member.name} banned {target} {_for(seconds)}{_reason(reason)}"
+        self._moderation_notice(member, room, "ban", target, text)
+
+    def unban(self, member: Member, room: str, name: str) -> None:
+        self.require_role(member, room, "unban", "op")
+        target = name.strip()
+        if self.room_state(room).ban_of(target) is None:
+            raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not banned from {room}")
+        self.backend.set_state(room, ban_key(target), None)
+        self._moderation_notice(member, room, "unban", target, f"{member.name} lifted {target}'s ban")
+
+    def mute(self, member: Member, room: str, name: str, rest: str) -> None:
+        rank = self.require_role(member, room, "mute", "op")
+        target = self._target(member, name)
+        seconds, reason = _duration_and_reason(rest)
+        self._check_outranks(member, rank, target, room, self.room_state(room))
+        until = time.time() + seconds if seconds else 0.0
+        self.backend.set_state(room, mute_key(target), Restriction(until, reason, member.name).value())
+        self._moderation_notice(
+            member, room, "mute", target, f"{member.name} muted {target} {_for(seconds)}{_reason(reason)}"
+        )
+
+    def unmute(self, member: Member, room: str, name: str) -> None:
+        self.require_role(member, room, "unmute", "op")
+        target = name.strip()
+        if self.room_state(room).mute_of(target) is None:
+            raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not muted in {room}")
+        self.backend.set_state(room, mute_key(target), None)
+        self._moderation_notice(member, room, "unmute", target, f"{member.name} unmuted {target}")
+
+    def list_bans(self, member: Member, room: str) -> None:
+        self.require_role(member, room, "bans", "op")
+        state = self.room_state(room)
+        lines = [
+            f"{name} banned {_until(ban.until)} by {ban.by}{_reason(ban.reason)}"
+            for name, ban in sorted(state.bans.items())
+            if ban.active()
+        ]
+        lines += [
+            f"{name} muted {_until(mute.until)} by {mute.by}"
+            for name, mute in sorted(state.mutes.items())
+            if mute.active()
+        ]
+        text = f"bans and mutes in {room}: " + ("; ".join(lines) if lines else "none")
+        member.deliver(Notice(event="info", text=text[:PAGE_BUDGET], room=room))
+
+    def global_ban(self, member: Member, name: str, rest: str) -> None:
+        """/gban: refuse an account's logins, end its sessions here (their tokens revoked), tell the lobby."""
+        target = self._target(member, name)
+        seconds, reason = _duration_and_reason(rest)
+        ban = AccountBan(time.time() + seconds if seconds else 0.0, reason, member.name)
+        try:
+            self.accounts.ban(target, ban)
+        except KeyError:
+            raise HubError("no_such_user", f"there is no user {target}") from None
+        not_saved: RevocationNotSaved | None = None
+        for session in self.local_sessions(target):
+            try:
+                session.end(f"this account was {ban.describe()}")
+            except RevocationNotSaved as exc:
+                not_saved = exc
+        text = f"{member.name} banned {target} from the server {_for(seconds)}{_reason(reason)}"
+        self._moderation_notice(member, self.config.default_room, "gban", target, text)
+        if not_saved is not None:
+            raise not_saved
+
+    def global_unban(self, member: Member, name: str) -> None:
+        target = name.strip()
+        if not self.accounts.unban(target):
+            raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not banned from the server")
+        self._moderation_notice(
+            member, self.config.default_room, "ungban", target, f"{member.name} lifted {target}'s server ban"
+        )
+
+    def _account_in_room(self, account: str, room: str) -> bool:
+        if room in self.backend.memberships(account):
+            return True
+        local = self._local_room(room, create=False)
+        return local is not None and bool(local.sessions_of(account))
+
+    # ------------------------------------------------------------------ presence and personal controls
+
+    def set_message_of_the_day(self, member: Member, text: str | None) -> None:
+        """/motd: show it, or (admins) set it; an empty text clears it."""
+        if text is None:
+            motd = self.motd.get()
+            member.deliver(
+                Notice(event="info", text=f"message of the day: {motd}" if motd else "no message of the day")
+            )
+            return
+        self.require_role(member, "", "motd TEXT", "admin")
+        motd = sanitize_text(text.strip(), keep_newlines=True)[:MAX_MOTD_CHARS]
+        self.motd.set(motd)
+        log.info("message of the day set by user=%s", member.name)
+        member.deliver(Notice(event="info", text="message of the day set" if motd else "message of the day cleared"))
+
+    def set_away(self, member: Member, message: str | None) -> None:
+        """/away [message] and /back, for this device; the account is away when all its devices are."""
+        shown = None if message is None else (_clean(message, MAX_AWAY_CHARS) or "away")
+        self.backend.update_session(member.name, member.session_id, away=shown)
+        member.deliver(Notice(event="info", text=f"you are marked away: {shown}" if shown else "you are back"))
+
+    def whois(self, member: Member, name: str) -> None:
+        """/whois: devices online, rooms in common, idle time, away message, roles."""
+        name = name.strip()
+        if not self.accounts.exists(name):
+            raise HubError("no_such_user", f"there is no user {_clean(name, 40)}")
+        self.check_flood(member.name)
+        devices = self.backend.sessions(name)
+        parts = [f"{name}:"]
+        if devices:
+            labels = ", ".join(device.device or "no label" for device in devices)
+            parts.append(f"online on {len(devices)} device{'s' if len(devices) != 1 else ''} ({labels})")
+            active = max(max(device.active, device.since) for device in devices)
+            parts.append(f"idle {_span(time.time() - active)}")
+            if all(device.away is not None for device in devices):
+                parts.append(f"away: {next((d.away for d in devices if d.away), 'away')}")
+        else:
+            parts.append("offline")
+        parts.append("server admin" if self.accounts.is_admin(name) else "user")
+        theirs = {self.config.default_room, *self.backend.memberships(name)}
+        mine = {self.config.default_room, *self.backend.memberships(member.name)}
+        common = []
+        for room in sorted(theirs & mine):
+            role = self.room_state(room).role(name)
+            common.append(room if role == "member" else f"{room} ({role})")
+        parts.append("rooms in common: " + (", ".join(common) or "none"))
+        member.deliver(Notice(event="info", text=" ".join(parts[:2]) + "; " + "; ".join(parts[2:])))
+
+    def ignored_by(self, account: str) -> frozenset[str]:
+        with self.personal_lock:
+            return self._ignores.get(account, frozenset())
+
+    def _load_ignores(self, account: str) -> None:
+        ignores = frozenset(key[7:] for key in self.backend.state(f"@{account}") if key.startswith("ignore:"))
+        self._set_ignores(account, ignores)
+
+    def _set_ignores(self, account: str, ignores: frozenset[str]) -> None:
+        with self.personal_lock:
+            for name in self._ignores.get(account, frozenset()) - ignores:
+                self._ignorers.get(name, set()).discard(account)
+            for name in ignores:
+                self._ignorers.setdefault(name, set()).add(account)
+            self._ignores[account] = ignores
+
+    def ignore(self, member: Member, name: str) -> None:
+        """/ignore NAME: their room lines and private messages stop reaching this account; /ignore: the list."""
+        if not name.strip():
+            ignored = sorted(self.ignored_by(member.name))
+            member.deliver(Notice(event="info", text="you ignore: " + (", ".join(ignored) if ignored else "nobody")))
+            return
+        target = self._target(member, name)
+        self.backend.set_state(f"@{member.name}", f"ignore:{target}", "1")
+        self._set_ignores(member.name, self.ignored_by(member.name) | {target})
+        member.deliver(Notice(event="info", text=f"you ignore {target} now, on all your devices (/unignore {target})"))
+
+    def unignore(self, member: Member, name: str) -> None:
+        target = name.strip()
+        if target not in self.ignored_by(member.name):
+            raise HubError("no_change", f"you do not ignore {_clean(target, 40) or 'anybody by that name'}")
+        self.backend.set_state(f"@{member.name}", f"ignore:{target}", None)
+        self._set_ignores(member.name, self.ignored_by(member.name) - {target})
+        member.deliver(Notice(event="info", text=f"you see {target}'s lines again"))
+
     # ------------------------------------------------------------------ limits and lifecycle
 
     def check_flood(self, account: str, cost: float = 1.0) -> None:
@@ -506,6 +994,10 @@ class ChatHub:
             room.close()
         self.backend.close()
 
+    def room_name(self, name: str) -> str:
+        """``name`` as a room name (``#lobby``); ``HubError`` if it cannot be one."""
+        return self._room_name(name)
+
     def _room_name(self, name: str) -> str:
         try:
             return normalize_room(name)
@@ -515,6 +1007,39 @@ class ChatHub:
 
 def _clean(text: str, limit: int) -> str:
     return sanitize_text(text.strip())[:limit]
+
+
+def _a(role: str) -> str:
+    return "an" if role[:1] in "aeiou" else "a"
+
+
+def _until(until: float) -> str:
+    return "until lifted" if not until else f"until {format_utc(until)}"
+
+
+def _for(seconds: int) -> str:
+    return "until lifted" if not seconds else f"for {_span(seconds)}"
+
+
+def _reason(reason: str) -> str:
+    return f": {reason}" if reason else ""
+
+
+def _span(seconds: float) -> str:
+    """3d, 2h, 10m or 5s: the largest unit that fits."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _duration_and_reason(text: str) -> tuple[int, str]:
+    try:
+        seconds, reason = split_duration(text)
+    except ValueError as exc:
+        raise HubError("bad_duration", str(exc)) from None
+    return seconds, _clean(reason, MAX_REASON_CHARS)
 
 
 def _has_older(lines: list[RoomEvent]) -> bool:
@@ -558,16 +1083,6 @@ def _pages(items: list[Item]) -> list[list[Item]]:
 # --------------------------------------------------------------------------- the server's commands
 
 
-@dataclass(frozen=True)
-class ServerCommand:
-    """A command the client sends as a ``Command`` message: its arguments and what runs it."""
-
-    name: str
-    min_args: int
-    max_args: int
-    run: Callable[[ChatHub, Member, list[str]], None]
-
-
 def _whole_number(text: str, what: str) -> int:
     try:
         return int(text)
@@ -581,32 +1096,62 @@ def _run_history(hub: ChatHub, member: Member, args: list[str]) -> None:
     hub.history(member, args[0], count, before)
 
 
-#: Every command the server runs: the client's table (securechat.commands) sends these.
-SERVER_COMMANDS: dict[str, ServerCommand] = {
-    command.name: command
-    for command in (
-        ServerCommand("join", 1, 1, lambda hub, member, args: hub.join(member, args[0])),
-        ServerCommand("part", 1, 2, lambda hub, member, args: hub.part(member, args[0], " ".join(args[1:]))),
-        ServerCommand("list", 0, 0, lambda hub, member, _args: hub.list_rooms(member)),
-        ServerCommand(
-            "topic", 1, 2, lambda hub, member, args: hub.topic(member, args[0], args[1] if len(args) > 1 else None)
-        ),
-        ServerCommand("history", 1, 3, _run_history),
-        ServerCommand("sessions", 0, 0, lambda hub, member, _args: hub.list_sessions(member)),
-        ServerCommand("logout", 1, 1, lambda hub, member, args: _report_logout(member, hub.logout(member, args[0]))),
-    )
-}
-
-
 def _report_logout(member: Member, count: int) -> None:
     member.deliver(Notice(event="info", text=f"ended {count} other session{'s' if count != 1 else ''}"))
 
 
+def _arg(args: list[str], index: int) -> str:
+    return args[index] if len(args) > index else ""
+
+
+ServerRun = Callable[[ChatHub, Member, list[str]], None]
+
+#: What the server runs for each of its commands in the one table (``securechat.commands``).
+#: For a room's command ``args[0]`` is the room (already checked to be a room name).
+SERVER_RUNNERS: dict[str, ServerRun] = {
+    "join": lambda hub, member, args: hub.join(member, args[0]),
+    "part": lambda hub, member, args: hub.part(member, args[0], " ".join(args[1:])),
+    "list": lambda hub, member, _args: hub.list_rooms(member),
+    "topic": lambda hub, member, args: hub.topic(member, args[0], args[1] if len(args) > 1 else None),
+    "history": _run_history,
+    "away": lambda hub, member, args: hub.set_away(member, _arg(args, 0)),
+    "back": lambda hub, member, _args: hub.set_away(member, None),
+    "whois": lambda hub, member, args: hub.whois(member, args[0]),
+    "ignore": lambda hub, member, args: hub.ignore(member, _arg(args, 0)),
+    "unignore": lambda hub, member, args: hub.unignore(member, args[0]),
+    "motd": lambda hub, member, args: hub.set_message_of_the_day(member, args[0] if args else None),
+    "mode": lambda hub, member, args: hub.mode(member, args[0], _arg(args, 1)),
+    "owner": lambda hub, member, args: hub.set_room_role(member, args[0], args[1], "owner", "owner"),
+    "op": lambda hub, member, args: hub.set_room_role(member, args[0], args[1], "op", "op"),
+    "deop": lambda hub, member, args: hub.unset_room_role(member, args[0], args[1], ("op", "owner"), "deop"),
+    "voice": lambda hub, member, args: hub.set_room_role(member, args[0], args[1], "voice", "voice"),
+    "devoice": lambda hub, member, args: hub.unset_room_role(member, args[0], args[1], ("voice",), "devoice"),
+    "invite": lambda hub, member, args: hub.invite(member, args[0], args[1]),
+    "kick": lambda hub, member, args: hub.kick(member, args[0], args[1], _arg(args, 2)),
+    "ban": lambda hub, member, args: hub.ban(member, args[0], args[1], _arg(args, 2)),
+    "unban": lambda hub, member, args: hub.unban(member, args[0], args[1]),
+    "bans": lambda hub, member, args: hub.list_bans(member, args[0]),
+    "mute": lambda hub, member, args: hub.mute(member, args[0], args[1], _arg(args, 2)),
+    "unmute": lambda hub, member, args: hub.unmute(member, args[0], args[1]),
+    "gban": lambda hub, member, args: hub.global_ban(member, args[0], _arg(args, 1)),
+    "ungban": lambda hub, member, args: hub.global_unban(member, args[0]),
+    "sessions": lambda hub, member, _args: hub.list_sessions(member),
+    "logout": lambda hub, member, args: _report_logout(member, hub.logout(member, args[0])),
+}
+
+
 def run_command(hub: ChatHub, member: Member, name: str, args: list[str]) -> None:
-    """Run a ``Command`` from a client: an unknown name or a wrong number of arguments is a ``HubError``."""
-    command = SERVER_COMMANDS.get(name)
-    if command is None:
+    """Run a ``Command`` from a client, as the one command table says: an unknown name, a wrong
+    number of arguments, a bad room name or a role the member lacks is a ``HubError``."""
+    spec: CommandSpec | None = COMMANDS_BY_NAME.get(name)
+    run = SERVER_RUNNERS.get(name)
+    if spec is None or run is None or not spec.server:
         raise HubError("unknown_command", f"the server has no command {_clean(name, 20)!r}")
-    if not command.min_args <= len(args) <= command.max_args:
-        raise HubError("bad_command", f"/{name} takes {command.min_args} to {command.max_args} arguments")
-    command.run(hub, member, args)
+    low, high = spec.wire_args
+    if not low <= len(args) <= high:
+        raise HubError("bad_command", f"usage: {spec.synopsis}")
+    if spec.room_scoped:
+        args = [hub.room_name(args[0]), *args[1:]]
+    if spec.role != "member":
+        hub.require_role(member, args[0] if spec.room_scoped else "", name, spec.role)
+    run(hub, member, args)

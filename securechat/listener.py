@@ -21,6 +21,7 @@ from pathlib import Path
 
 from securechat import crypto_utils
 from securechat.accounts import (
+    AccountBan,
     RevocationNotSaved,
     TokenAuthority,
     TokenClaims,
@@ -36,6 +37,7 @@ from securechat.backend import MemoryBackend, RoomBackend
 from securechat.config import (
     HISTORY_FILE,
     HISTORY_KEY_FILE,
+    MOTD_FILE,
     REVOKED_SESSIONS_FILE,
     SERVER_KEY_FILE,
     TOKEN_SECRET_FILE,
@@ -49,7 +51,7 @@ from securechat.connection import (
 )
 from securechat.hello_signer import HelloSigner
 from securechat.history import ChatStore, load_or_create_history_key
-from securechat.hub import ChatHub, HubConfig
+from securechat.hub import ChatHub, HubConfig, HubError
 from securechat.outbound import SendPool
 from securechat.protocol import (
     ControlError,
@@ -69,6 +71,47 @@ WRONG_CREDENTIALS = "wrong user name or password"
 MAX_HASHING_PER_ADDRESS = 4
 #: Addresses whose connection rate is remembered before idle ones are forgotten.
 MAX_TRACKED_ADDRESSES = 10_000
+
+
+class StoreDirectory:
+    """The user store as the hub sees it: who exists, who is an admin, and server-wide bans.
+
+    A store that cannot be read counts as "no such account" and "not an admin" (and is
+    logged): refusing is the safe side.
+    """
+
+    def __init__(self, users: UserStore) -> None:
+        self.users = users
+
+    def _record(self, name: str) -> UserRecord | None:
+        try:
+            return self.users.get(name)
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            return None
+
+    def exists(self, name: str) -> bool:
+        return self._record(name) is not None
+
+    def is_admin(self, name: str) -> bool:
+        record = self._record(name)
+        return record is not None and record.is_admin
+
+    def ban(self, name: str, ban: AccountBan) -> None:
+        try:
+            self.users.ban(name, ban)
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise HubError("server_error", "the ban could not be saved: tell the server's operator") from None
+
+    def unban(self, name: str) -> bool:
+        try:
+            return self.users.unban(name)
+        except KeyError:
+            return False
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            raise HubError("server_error", "the ban could not be lifted: tell the server's operator") from None
 
 
 class ChatServer:
@@ -152,7 +195,8 @@ class ChatServer:
                     flood_burst=config.flood_burst,
                     flood_rate=config.flood_rate,
                 ),
-                account_exists=self._account_exists,
+                accounts=StoreDirectory(self.users),
+                motd_path=data_dir / MOTD_FILE,
             )
         except BaseException:
             self.listener.close()
@@ -378,11 +422,13 @@ class ChatServer:
         if stamps is not None and stamps.get(claims.username) != claims.account_stamp:
             # A listener sends nothing for the per-frame check to catch: a password
             # change or a deleted account must still end its session.
-            log.info("closing %s user=%s: account changed", connection.peer, connection.name)
+            log.info("closing %s user=%s: account changed or banned", connection.peer, connection.name)
             connection.finish(
                 "account changed",
                 ErrorReply(
-                    code="token_revoked", message="your account was changed or deleted; log in again", fatal=True
+                    code="token_revoked",
+                    message="your account was changed, deleted or banned; log in again",
+                    fatal=True,
                 ),
             )
             return
@@ -496,9 +542,16 @@ class ChatServer:
             log.info("login failed %s %s: wrong password", connection.peer, who)
             return False
         self._refuse_demo_account(connection, record)
+        self._refuse_banned_account(connection, record)
         connection.verified_stamp = account_stamp(record)
         log.info("login ok %s user=%s", connection.peer, name)
         return True
+
+    def _refuse_banned_account(self, connection: ClientConnection, record: UserRecord) -> None:
+        ban = record.active_ban()
+        if ban is not None:
+            log.info("login refused %s user=%s: banned", connection.peer, record.name)
+            raise AuthenticationFailed("banned", f"this account is {ban.describe()}")
 
     def _refuse_demo_account(self, connection: ClientConnection, record: UserRecord) -> None:
         # Both the address we listen on and the peer's: a server on loopback can still be reached
@@ -508,17 +561,15 @@ class ChatServer:
             log.warning("login refused %s user=%s: demo account on a public address", connection.peer, record.name)
             raise AuthenticationFailed("demo_disabled", "demo accounts are disabled on this server")
 
-    def _account_exists(self, name: str) -> bool:
-        try:
-            return self.users.get(name) is not None
-        except UserStoreError as exc:
-            log.error("%s", exc)
-            return False
-
     def _current_account_stamps(self) -> dict[str, str] | None:
-        """Every account's stamp, or None if the store cannot be read just now (keep everyone)."""
+        """Every account's stamp, or None if the store cannot be read just now (keep everyone).
+
+        A banned account has none: a ban set by the admin command line ends its sessions too.
+        """
         try:
-            return {name: account_stamp(record) for name, record in self.users.load().items()}
+            return {
+                name: account_stamp(record) for name, record in self.users.load().items() if record.active_ban() is None
+            }
         except UserStoreError as exc:
             log.error("%s", exc)
             return None
@@ -532,6 +583,9 @@ class ChatServer:
             raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
         if record is None:
             raise TokenError("token_revoked", "that account no longer exists")
+        ban = record.active_ban()
+        if ban is not None:
+            raise TokenError("banned", f"this account is {ban.describe()}")
         return account_stamp(record)
 
     def issue_token(self, connection: ClientConnection, stamp: str) -> tuple[str, int]:
@@ -581,6 +635,7 @@ class ChatServer:
             raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
         if record is not None:  # None only if deleted this instant; the next frame's check ends it
             self._refuse_demo_account(connection, record)
+            self._refuse_banned_account(connection, record)
         # The old session is spent, every token of it: the new connection starts a new one. Only
         # one resume may spend it: a second one racing this one finds it already revoked.
         try:

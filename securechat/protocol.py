@@ -20,7 +20,7 @@ from enum import IntEnum
 from functools import cached_property
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: Largest frame payload accepted or sent. Checked before anything is allocated.
 MAX_FRAME_SIZE = 64 * 1024
@@ -732,12 +732,17 @@ class Welcome(Message):
     #: The server's flood limits, so a client can pace a pasted block instead of losing lines.
     flood_burst: int = 0
     flood_rate: float = 0.0
+    #: When the account's last session before this one ended (0: another was open, or never):
+    #: lines from history newer than this were said while the user was away.
+    away_since: float = 0.0
 
     def __post_init__(self) -> None:
         _require_text(self, "username", "token", "session")
         _require_ints(self, "expires_at", "devices", "flood_burst")
         _require(_is_str_list(self.rooms), "rooms must be a list of names")
-        _require(_is_number(self.flood_rate), "flood_rate must be a number")
+        _require(
+            _is_number(self.flood_rate) and _is_number(self.away_since), "flood_rate and away_since must be numbers"
+        )
 
     def __repr__(self) -> str:
         return f"Welcome(username={self.username!r}, rooms={self.rooms!r})"
@@ -775,12 +780,13 @@ class Chat(Message):
         return f"Chat(sender={self.sender!r}, room={self.room!r}, private={self.private})"
 
 
-NOTICE_EVENTS = ("joined", "left", "info", "topic")
+NOTICE_EVENTS = ("joined", "left", "info", "topic", "moderation")
 
 
 @dataclass(frozen=True)
 class Notice(Message):
-    """Something happened: ``event`` is joined, left, topic (``text`` is the new topic) or info.
+    """Something happened: ``event`` is joined, left, topic (``text`` is the new topic), info or
+    moderation (``name`` did ``action`` to ``target``; ``text`` says it for people).
 
     ``room`` is "" for a notice about the whole server (it is going down, say).
     """
@@ -793,10 +799,13 @@ class Notice(Message):
     id: int = 0
     sent_at: float = 0.0
     history: bool = False
+    #: For moderation: what was done (kick, ban, mute, op, mode, ...) and to whom.
+    action: str = ""
+    target: str = ""
 
     def __post_init__(self) -> None:
         _require(self.event in NOTICE_EVENTS, "unknown notice event")
-        _require_text(self, "name", "text", "room")
+        _require_text(self, "name", "text", "room", "action", "target")
         _require_ints(self, "id")
         _require(_is_number(self.sent_at), "sent_at must be a number")
         _require_flags(self, "history")
@@ -812,9 +821,11 @@ class Roster(Message):
     room: str = ""
     devices: list[int] = field(default_factory=list)
     more: bool = False
+    #: Those of ``members`` who are away (every device of theirs is): /who shows it.
+    away: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(_is_str_list(self.members), "members must be a list of names")
+        _require(_is_str_list(self.members) and _is_str_list(self.away), "members must be a list of names")
         _require_text(self, "room")
         _require(_is_int_list(self.devices), "devices must be a list of numbers")
         _require_flags(self, "more")

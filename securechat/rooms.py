@@ -221,12 +221,15 @@ class Room:
         """Call before publishing a line from ``sender``: its join notice must go out first."""
         self._announced_before(sender)
 
-    def deliver_published(self, message: RoomEvent, origin_session: str = "", ref: str = "") -> None:
+    def deliver_published(
+        self, message: RoomEvent, origin_session: str = "", ref: str = "", skip_accounts: frozenset[str] = frozenset()
+    ) -> None:
         """Hand a numbered line (or topic change) to every local session here, and remember it.
 
         The session it came from (``origin_session``) gets its own copy carrying
         ``ref``: the echo that tells it the line was accepted. Every session of every
-        account here gets it, the sender's other devices included.
+        account here gets it, the sender's other devices included, but for ``skip_accounts``
+        (those who ignore the sender).
         """
         with self.members_lock:
             if isinstance(message, Notice) and message.event == "topic":
@@ -236,6 +239,8 @@ class Room:
             recipients = self._everyone()
         echo = replace(message, ref=ref) if ref and isinstance(message, Chat) else message
         for recipient in recipients:
+            if skip_accounts and recipient.name in skip_accounts:
+                continue
             recipient.deliver(echo if recipient.session_id == origin_session else message)
 
     def announce(self, text: str) -> None:

@@ -15,6 +15,7 @@ import getpass
 import os
 import platform
 import random
+import re
 import sys
 import threading
 import time
@@ -52,12 +53,13 @@ from securechat.client import (
     Sessions,
     default_known_hosts_path,
 )
+from securechat.commands import COMMAND_TABLE, COMMANDS_BY_NAME, CommandSpec
 from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, normalize_room, sanitize_text
 
 # --------------------------------------------------------------------------- formatting
 
 NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
-DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+DIM, BOLD, REVERSE, RESET = "\x1b[2m", "\x1b[1m", "\x1b[7m", "\x1b[0m"
 
 
 @dataclass
@@ -107,6 +109,10 @@ class Style:
         if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d"):
             return time.strftime("%H:%M", moment)
         return time.strftime("%Y-%m-%d %H:%M", moment)
+
+    def mention(self, line: str) -> str:
+        """A line that names the user, made to stand out (reverse video; a "!" mark without colour)."""
+        return f"{REVERSE}{line}{RESET}" if self.colour else f"! {line}"
 
     def stamp(self, when: float) -> str:
         if not self.timestamps:
@@ -160,7 +166,11 @@ def format_event(
             return about(event.room, f"{event.name} set the topic: {event.text}", event.sent_at or now), False
         return about(event.room, event.text), False
     if isinstance(event, Roster):
-        shown = [name if count < 2 else f"{name} ({count} devices)" for name, count in _with_devices(event)]
+        away = set(event.away)
+        shown = [
+            name + (f" ({count} devices)" if count > 1 else "") + (" (away)" if name in away else "")
+            for name, count in _with_devices(event)
+        ]
         more = " ..." if event.more else ""
         return style.system(f"*** in {event.room} ({len(event.members)}): {', '.join(shown)}{more}"), False
     if isinstance(event, Room):
@@ -196,6 +206,33 @@ def format_event(
     if isinstance(event, ErrorReply):
         return style.text(f"error: {event.message}"), True
     return None  # Goodbye and Disconnected: the caller reports how the session ended
+
+
+def names_user(message: Chat, own_name: str) -> bool:
+    """True if someone else's line names ``own_name`` as a word ("carol", "@carol", "Carol:"), any case."""
+    if not own_name or message.sender == own_name:
+        return False
+    pattern = rf"(?<![A-Za-z0-9_-]){re.escape(own_name)}(?![A-Za-z0-9_-])"
+    return re.search(pattern, message.text, flags=re.IGNORECASE) is not None
+
+
+class MentionsWhileAway:
+    """Counts, per room, the lines from history said since ``away_since`` that name the user, and
+    says so once the room's history is in (``History``): "you were mentioned 2 times in #dev"."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def note(self, event: Any, own_name: str, away_since: float) -> str | None:
+        """Take one event; returns the line to show, if this event ends a room's history with mentions."""
+        if isinstance(event, Chat) and event.history and event.room and away_since:
+            if event.sent_at > away_since and names_user(event, own_name):
+                self.counts[event.room] = self.counts.get(event.room, 0) + 1
+        elif isinstance(event, History) and event.room in self.counts:
+            count = self.counts.pop(event.room)
+            times = "once" if count == 1 else f"{count} times"
+            return f"*** you were mentioned {times} in {event.room} while you were away"
+        return None
 
 
 def _with_devices(roster: Roster) -> list[tuple[str, int]]:
@@ -239,16 +276,34 @@ class CommandContext:
 
 @dataclass(frozen=True)
 class Command:
-    name: str
-    usage: str
-    help: str
+    """A command of the one table (``securechat.commands``) with what the client does for it."""
+
+    spec: CommandSpec
     run: Callable[[CommandContext, str], None]
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
-def _cmd_help(context: CommandContext, _args: str) -> None:
+    @property
+    def usage(self) -> str:
+        return self.spec.usage
+
+    @property
+    def help(self) -> str:
+        return self.spec.help
+
+
+def _cmd_help(context: CommandContext, args: str) -> None:
+    wanted = args.strip().lstrip("/").lower()
+    if wanted:
+        spec = COMMANDS_BY_NAME.get(wanted)
+        context.show(spec.describe() if spec else f"unknown command /{wanted[:20]}: /help lists them all")
+        return
     for command in COMMANDS.values():
-        context.show(f"  /{command.name} {command.usage}".rstrip().ljust(28) + command.help)
-    context.show("  //text".ljust(28) + "send a line that starts with /")
+        needs = "" if command.spec.role == "member" else f" [{command.spec.role}]"
+        context.show(f"  {command.spec.synopsis}".ljust(34) + command.help + needs)
+    context.show("  //text".ljust(34) + "send a line that starts with /")
 
 
 def _split_room(context: CommandContext, args: str) -> tuple[str, str]:
@@ -308,10 +363,6 @@ def _cmd_part(context: CommandContext, args: str) -> None:
     context.client.part(room or None, reason)
 
 
-def _cmd_list(context: CommandContext, _args: str) -> None:
-    context.client.command("list")
-
-
 def _cmd_topic(context: CommandContext, args: str) -> None:
     room, text = _split_room(context, args)
     if not room:
@@ -330,17 +381,6 @@ def _cmd_history(context: CommandContext, args: str) -> None:
     context.client.command("history", room, count, str(oldest) if oldest else "")
 
 
-def _cmd_sessions(context: CommandContext, _args: str) -> None:
-    context.client.command("sessions")
-
-
-def _cmd_logout(context: CommandContext, args: str) -> None:
-    if not args.strip():
-        context.show("usage: /logout ID (from /sessions) or /logout others")
-        return
-    context.client.command("logout", args.strip())
-
-
 def _cmd_reconnect(context: CommandContext, _args: str) -> None:
     if context.reconnect_now is None or context.client.connected:
         context.show("*** already connected" if context.client.connected else "/reconnect works on a terminal")
@@ -353,25 +393,44 @@ def _cmd_quit(_context: CommandContext, args: str) -> None:
     raise Quit(args.strip())
 
 
+def _send_to_server(spec: CommandSpec) -> Callable[[CommandContext, str], None]:
+    """The client side of a plain server command: the room first (named, or the active one) when the
+    command is about a room, then the words, the last one taking the rest of the line."""
+    low, high = spec.wire_args
+
+    def run(context: CommandContext, args: str) -> None:
+        room: list[str] = []
+        if spec.room_scoped:
+            name, args = _split_room(context, args)
+            room = [name]
+        words_wanted = high - len(room)
+        words = args.split(maxsplit=words_wanted - 1) if words_wanted > 0 and args.strip() else []
+        if len(room) + len(words) < low:
+            context.show(f"usage: {spec.synopsis}")
+            return
+        context.client.command(spec.name, *room, *words)
+
+    return run
+
+
+#: What the client does for the commands that are more than "send it to the server".
+CLIENT_RUNNERS: dict[str, Callable[[CommandContext, str], None]] = {
+    "help": _cmd_help,
+    "join": _cmd_join,
+    "part": _cmd_part,
+    "who": _cmd_who,
+    "names": _cmd_who,
+    "topic": _cmd_topic,
+    "history": _cmd_history,
+    "msg": _cmd_msg,
+    "reply": _cmd_reply,
+    "me": _cmd_me,
+    "reconnect": _cmd_reconnect,
+    "quit": _cmd_quit,
+}
+
 COMMANDS: dict[str, Command] = {
-    command.name: command
-    for command in (
-        Command("help", "", "list the commands", _cmd_help),
-        Command("join", "#room", "join a room (created if new) and talk there", _cmd_join),
-        Command("part", "[#room] [reason]", "leave a room (the current one by default)", _cmd_part),
-        Command("list", "", "every room, with how many are in it and its topic", _cmd_list),
-        Command("who", "[#room]", "who is in a room (also /names)", _cmd_who),
-        Command("names", "[#room]", "who is in a room", _cmd_who),
-        Command("topic", "[#room] [text]", "show or set a room's topic", _cmd_topic),
-        Command("history", "[#room] [n]", "n earlier lines of a room (default 50)", _cmd_history),
-        Command("msg", "NAME text", "a private message to one person (all their devices)", _cmd_msg),
-        Command("reply", "text", "answer the last private message", _cmd_reply),
-        Command("me", "action", 'an action line ("* alice waves")', _cmd_me),
-        Command("sessions", "", "your sessions (devices)", _cmd_sessions),
-        Command("logout", "ID|others", "end another of your sessions", _cmd_logout),
-        Command("reconnect", "", "while offline: try to reconnect now", _cmd_reconnect),
-        Command("quit", "[message]", "leave, with an optional parting message", _cmd_quit),
-    )
+    spec.name: Command(spec, CLIENT_RUNNERS.get(spec.name) or _send_to_server(spec)) for spec in COMMAND_TABLE
 }
 
 
@@ -753,7 +812,9 @@ def log_in_on_terminal(client: ChatClient, user: str, ask_password: Callable[[],
             return
 
 
-def run_interactive(host: str, port: int, user: str | None, options: dict[str, Any], room: str = "") -> int:
+def run_interactive(
+    host: str, port: int, user: str | None, options: dict[str, Any], room: str = "", *, bell: bool = True
+) -> int:
     """The terminal client. Returns the exit status."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import Completer, Completion
@@ -784,6 +845,8 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
     # Guards unread.
     unread_lock = threading.Lock()
     unread: dict[str, int] = {}
+    mentioned: dict[str, int] = {}
+    while_away = MentionsWhileAway()
 
     class ChatCompleter(Completer):
         """Completes /commands, #rooms, and names of people in the current room (followed by a space,
@@ -818,6 +881,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
             client.active_room = rooms[index]
             with unread_lock:
                 unread.pop(client.active_room, None)
+                mentioned.pop(client.active_room, None)
             session.app.invalidate()
 
     bindings = KeyBindings()
@@ -842,10 +906,16 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
         return " ".join(rooms) + "   Ctrl-N/P, Alt-1..9: switch room"
 
     def prompt_text() -> str:
-        """The current room, then the other rooms with unread lines: ``#lobby [#dev:2]> ``."""
+        """The current room, then the other rooms with unread lines (and of them, how many name you):
+        ``#lobby [#dev:2 #ops:3@1]> ``."""
         with unread_lock:
             unread.pop(client.active_room, None)  # however we got here (/join, a key), this room is read
-            waiting = [f"{room}:{count}" for room, count in unread.items() if count and room in client.rooms]
+            mentioned.pop(client.active_room, None)
+            waiting = [
+                f"{room}:{count}" + (f"@{mentioned[room]}" if mentioned.get(room) else "")
+                for room, count in unread.items()
+                if count and room in client.rooms
+            ]
         shown = sanitize_text(client.active_room or client.username)
         return f"{shown} [{' '.join(waiting)}]> " if waiting else f"{shown}> "
 
@@ -895,6 +965,7 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                     ended = event
                     break
                 context.note(event)
+                mention = isinstance(event, Chat) and not event.history and names_user(event, client.username)
                 if (
                     isinstance(event, Chat)
                     and event.room
@@ -904,9 +975,15 @@ def run_interactive(host: str, port: int, user: str | None, options: dict[str, A
                 ):
                     with unread_lock:
                         unread[event.room] = unread.get(event.room, 0) + 1
+                        if mention:
+                            mentioned[event.room] = mentioned.get(event.room, 0) + 1
                 formatted = format_event(event, style, client.username, client.active_room)
                 if formatted is not None:
-                    print(formatted[0], flush=True)
+                    line = style.mention(formatted[0]) if mention else formatted[0]
+                    print(line + ("\a" if mention and bell else ""), flush=True)
+                summary = while_away.note(event, client.username, client.away_since)
+                if summary is not None:
+                    show(summary)
                 if session.app.is_running:
                     session.app.invalidate()  # the prompt and toolbar show the active room and unread counts
             if ended is None or leaving.is_set():
@@ -1024,6 +1101,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=crypto_utils.ALLOWED_KEY_SIZES,
         help="RSA size of this session's key",
     )
+    parser.add_argument(
+        "--no-bell", dest="bell", action="store_false", help="do not ring the terminal bell when a line names you"
+    )
     return parser
 
 
@@ -1036,5 +1116,5 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
     }
     if sys.stdin.isatty():
-        return run_interactive(args.host, args.port, args.user, options, args.room)
+        return run_interactive(args.host, args.port, args.user, options, args.room, bell=args.bell)
     return run_batch(args.host, args.port, args.user, options, args.room)

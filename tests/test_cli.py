@@ -564,8 +564,8 @@ def test_tab_completes_commands_and_online_names(chat_server, chat_in_terminal, 
     carol = join("carol", chat_server)
     alice = chat_in_terminal("alice", chat_server)
 
-    alice.type("/wh\t")
-    alice.wait_until(at_prompt("#lobby", "/who "), TIMEOUT, "'/wh' completed to '/who '")
+    alice.type("/whoi\t")
+    alice.wait_until(at_prompt("#lobby", "/whois "), TIMEOUT, "'/whoi' completed to '/whois '")
     alice.type("\x15")  # Ctrl-U: clear the line
     alice.wait_until(at_prompt(), TIMEOUT, "an empty prompt")
 
@@ -998,3 +998,50 @@ def test_batch_prints_a_multi_line_message_as_one_record(chat_server, join, tmp_
     )
     assert "history: #lobby bob: top\n\tmiddle\n\t\ufffd[2Jbottom\n" in result.stdout
     assert [message.text for message in chats(bob, 2)] == ["one", "two"]  # typed lines stay apart
+
+
+def test_a_line_naming_you_stands_out_rings_the_bell_and_counts_as_a_mention(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    carol = chat_in_terminal("carol", chat_server)
+    carol.type("/join #dev\r")
+    carol.wait_until(at_prompt("#dev"), TIMEOUT, "the #dev prompt after /join")
+    bob.join("#dev")
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#dev")
+    before = len(carol.output)
+    bob.say("nothing for anyone", "#dev")
+    carol.wait_for_text("bob: nothing for anyone", TIMEOUT)
+    assert b"\x07" not in carol.output[before:]
+    bob.say("carol: can you look at the build?", "#dev")
+    carol.wait_for_text("bob: carol: can you look at the build?", TIMEOUT)
+    assert b"\x07" in carol.output[before:], "no bell for a line naming carol"
+    assert b"\x1b[7m" in carol.output[before:], "the line naming carol is not highlighted"
+
+    carol.type("\x10")  # Ctrl-P: back to #lobby; #dev's lines now count as unread
+    carol.wait_until(at_prompt("#lobby"), TIMEOUT, "#lobby")
+    bob.say("ping @Carol again", "#dev")
+    bob.say("and an unrelated line", "#dev")
+    carol.wait_until(at_prompt("#lobby [#dev:2@1]"), TIMEOUT, "two unread lines in #dev, one naming carol")
+
+
+def test_at_login_the_client_says_where_you_were_mentioned_while_away(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    carol = chat_in_terminal("carol", chat_server)
+    carol.type("/join #dev\r")
+    carol.wait_until(at_prompt("#dev"), TIMEOUT, "the #dev prompt after /join")
+    bob.join("#dev")
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#dev")
+    bob.say("carol: seen at once")
+    carol.wait_for_text("bob: carol: seen at once", TIMEOUT)
+    carol.type("\x04")  # Ctrl-D: carol leaves
+    assert carol.wait_exit(TIMEOUT * 2) == 0
+    time.sleep(0.05)  # lines after this are said while carol is away (the server stamps both)
+    bob.say("carol, the release is out", "#dev")
+    bob.say("did carol see it?", "#dev")
+    bob.say("nothing about anyone", "#dev")
+    wait_for(bob, lambda event: isinstance(event, Chat) and event.text == "nothing about anyone")
+
+    carol = chat_in_terminal("carol", chat_server)
+    carol.wait_for_text("*** you were mentioned 2 times in #dev while you were away", TIMEOUT)
+    carol.settle()
+    # The lobby's line naming her was said while she was there: not counted.
+    assert carol.text.count("you were mentioned") == 1, carol.text

@@ -80,6 +80,6 @@ def test_control_messages_are_typed_and_checked_at_the_edge():
     refusal = decode_control_message(payload(ControlError(code="busy", message="try \x1b[2J later").encode())[1])
     assert refusal == ControlError(code="busy", message="try \ufffd[2J later")  # made safe to show
     with pytest.raises(ProtocolError, match="nonce"):
-        decode_control_message(b'{"type":"hello","version":4,"client_key":"AA==","nonce":"not base64!"}')
+        decode_control_message(b'{"type":"hello","version":5,"client_key":"AA==","nonce":"not base64!"}')
     with pytest.raises(ProtocolError, match="unknown control message"):
         decode_control_message(b'{"type":"teleport"}')

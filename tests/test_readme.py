@@ -90,12 +90,15 @@ def test_the_readme_lists_every_client_option():
     assert set(re.findall(r"--[a-z][a-z-]*", paragraph)) == set(parser_options(build_parser()))
 
 
-def test_the_readme_lists_every_command_the_client_has():
+def test_the_readme_command_table_is_the_one_the_programs_use():
+    from securechat.commands import COMMAND_TABLE, command_reference
     from securechat.ui import COMMANDS
 
-    table = [line for line in readme_section("Commands").splitlines() if line.startswith("| `/")]
-    documented = {name for row in table for name in re.findall(r"`/([a-z]+)", row.split("|")[1])}
-    assert documented == set(COMMANDS)
+    section = readme_section("Commands")
+    assert command_reference() in section, "regenerate the README's table from securechat.commands.command_reference()"
+    table = [line for line in section.splitlines() if line.startswith("| `/")]
+    documented = {re.match(r"\| `/([a-z]+)", row).group(1) for row in table if not row.startswith("| `//")}
+    assert documented == set(COMMANDS) == {spec.name for spec in COMMAND_TABLE}
 
 
 def test_the_readme_bot_runs_from_any_folder_answers_only_chat_lines_and_survives_a_restart(tmp_path, users_file):

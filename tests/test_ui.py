@@ -15,6 +15,7 @@ from conftest import TIMEOUT, is_disconnected, joined, left, wait_for
 
 from securechat import ui
 from securechat.client import LoginRefused
+from securechat.protocol import Chat
 
 
 @pytest.fixture
@@ -149,3 +150,27 @@ def test_any_other_refusal_is_a_final_error_that_says_why(code, quick_reconnect)
     assert result is ui.Reconnected.FAILED
     assert why == f"cannot resume the session: refused ({code})"
     assert client.resumes == 1
+
+
+def test_every_command_of_the_one_table_is_run_by_the_side_that_should_run_it():
+    from securechat.commands import COMMAND_TABLE
+    from securechat.hub import SERVER_RUNNERS
+    from securechat.ui import CLIENT_RUNNERS
+
+    server_side = {spec.name for spec in COMMAND_TABLE if spec.server}
+    client_side = {spec.name for spec in COMMAND_TABLE if not spec.server}
+    assert set(SERVER_RUNNERS) == server_side
+    assert client_side <= set(CLIENT_RUNNERS)
+
+
+def test_a_line_names_you_as_a_word_in_any_case_but_not_inside_another_word():
+    from securechat.ui import names_user
+
+    def line(text: str, sender: str = "bob") -> Chat:
+        return Chat(sender=sender, text=text, sent_at=0.0, room="#lobby")
+
+    assert names_user(line("carol: look"), "carol")
+    assert names_user(line("ask @Carol about it"), "carol")
+    assert not names_user(line("carolina is here"), "carol")
+    assert not names_user(line("bob-carol2 no"), "carol")
+    assert not names_user(line("carol, me"), "bob") and not names_user(line("I am carol", "carol"), "carol")
