@@ -428,7 +428,7 @@ def validate_username(name: str) -> str:
     """Return ``name`` if it is a valid user name, else raise ``ValueError``."""
     if not isinstance(name, str) or not USERNAME_PATTERN.fullmatch(name):
         raise ValueError(
-            "user names are 1-32 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "user names are 1-32 characters: ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
 

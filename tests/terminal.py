@@ -18,10 +18,12 @@ ROWS, COLUMNS = 24, 80
 
 
 class Terminal:
-    """One child process on an 80x24 terminal, with its screen."""
+    """One child process on an 80-column terminal (24 rows unless ``rows`` says more), with its screen."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
-        self.screen = pyte.Screen(COLUMNS, ROWS)
+    def __init__(
+        self, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None, rows: int = ROWS
+    ) -> None:
+        self.screen = pyte.Screen(COLUMNS, rows)
         self.stream = pyte.ByteStream(self.screen)
         #: Everything the child has written, undecoded (for checks on what was ever sent).
         self.output = bytearray()
@@ -30,7 +32,7 @@ class Terminal:
             argv[1:],
             env=env if env is not None else dict(os.environ),
             cwd=cwd,
-            dimensions=(ROWS, COLUMNS),
+            dimensions=(rows, COLUMNS),
             encoding=None,
             echo=True,
         )
