@@ -1,7 +1,7 @@
-"""The configuration file: ``--config FILE`` and ``--print-config``.
+"""The configuration file: ``--config FILE``, ``--print-config`` and the sample ``chat.toml``.
 
 The file's keys, types and checks come from the same fields as the command-line options,
-so these tests hold the two to one another.
+so these tests hold the three (options, file, sample) to one another.
 """
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ import re
 import subprocess
 import sys
 import tomllib
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TIMEOUT
+from conftest import ROOT, TIMEOUT, ServerProcess, password_of
 from test_hardening import unprivileged
 
 from securechat import crypto_utils
+from securechat.client import ChatClient, KnownHosts
 from securechat.config import (
     ConfigFileError,
     ServerConfig,
@@ -31,6 +33,7 @@ from securechat.config import (
 )
 
 SERVER = str(ROOT / "server.py")
+SAMPLE = ROOT / "chat.toml"
 OPTION_KEYS = [option_key(spec) for spec in option_fields()]
 
 
@@ -233,3 +236,45 @@ def test_an_account_command_after_config_uses_the_files_user_store(tmp_path, use
     listed = run_server_py("--config", str(path), "users")
     assert (listed.returncode, listed.stderr) == (0, "")
     assert sorted(listed.stdout.split()) == ["alice", "bob", "carol", "dave", "echo", "erin"]
+
+
+# --------------------------------------------------------------------------- the sample chat.toml
+
+
+def test_the_sample_lists_every_option_with_its_default():
+    text = SAMPLE.read_text("utf-8")
+    lines = text.splitlines()
+    keys = [match.group(1) for line in lines if (match := re.match(r"(?:# )?([a-z][a-z-]*) = ", line))]
+    assert keys == OPTION_KEYS, "chat.toml and the options differ (or are in another order)"
+    for index, line in enumerate(lines):
+        if re.match(r"(?:# )?[a-z][a-z-]* = ", line):
+            assert lines[index - 1].startswith("# ") and " = " not in lines[index - 1], f"no comment above {line!r}"
+    values = read_config_file(SAMPLE)
+    for spec in option_fields():
+        if option_dest(spec) not in values:  # commented out: only a default that depends on the machine
+            assert spec.default_factory is not MISSING, f"{option_key(spec)} is commented out, but has a fixed default"
+            continue
+        # In a checkout the paths are the defaults: beside server.py, like the sample.
+        assert values[option_dest(spec)] == option_default(spec), option_key(spec)
+
+
+def test_the_sample_as_shipped_changes_nothing():
+    assert printed_config("--config", str(SAMPLE)) == printed_config()
+
+
+def test_a_server_started_with_the_sample_lets_a_client_log_in(tmp_path, users_file):
+    server = ServerProcess(
+        ["--config", str(SAMPLE), "--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    )
+    try:
+        client = ChatClient(
+            "127.0.0.1", server.port, server_fingerprint=server.fingerprint, known_hosts=KnownHosts(tmp_path / "kh")
+        )
+        try:
+            assert client.login("alice", password_of("alice")).username == "alice"
+        finally:
+            client.close()
+    finally:
+        status, stderr = server.stop()
+    assert status == 0, stderr
+    assert "Traceback" not in stderr
