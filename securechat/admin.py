@@ -21,7 +21,7 @@ from securechat.accounts import (
     password_problem,
 )
 from securechat.commands import split_duration
-from securechat.config import DEFAULT_USERS, add_options
+from securechat.config import DEFAULT_USERS, LOG_LEVELS, add_options, read_config_file
 from securechat.protocol import (
     validate_username,
 )
@@ -63,9 +63,6 @@ def password_length(text: str) -> int:
     return length
 
 
-LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
-
-
 def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default: Callable[[Any], Any] = (lambda _: argparse.SUPPRESS) if suppress else (lambda value: value)
     parser.add_argument(
@@ -84,8 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Accounts: server.py adduser NAME | deluser NAME | passwd NAME | users | role NAME admin|user"
         " | ban NAME [DURATION] [REASON] | unban NAME",
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read the options from this TOML file (see chat.toml); the command line overrides it",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the options in effect, as TOML for --config, and exit"
+    )
     add_options(parser)  # every server option, from the configuration's fields
-    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="default: INFO")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command, help_text in (
         ("adduser", "create an account (password read hidden, or one line of stdin)"),
@@ -113,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"refuse shorter new passwords (default and least: {MIN_PASSWORD_CHARS})",
             )
     return parser
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line over the options of the ``--config`` file, if it names one.
+
+    The file's values become the parser's defaults and the command line is parsed again,
+    so what the command line says wins, and the defaults fill what neither says. Exits
+    as ``argparse`` does on a bad command line; raises ``ConfigFileError`` for a bad file.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.print_config and args.command:
+        parser.error(f"--print-config prints the server's options; it takes no command ({args.command})")
+    if args.config is None:
+        return args
+    parser.set_defaults(**read_config_file(args.config))
+    return parser.parse_args(argv)
 
 
 def run_admin_command(args: argparse.Namespace) -> int:

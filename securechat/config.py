@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import logging
+import math
 import os
+import tomllib
+from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from securechat.protocol import (
     DEFAULT_PORT,
     DEFAULT_ROOM,
     MAX_FRAME_SIZE,
+    normalize_room,
 )
 
 log = logging.getLogger("chat.server")
@@ -66,27 +71,66 @@ def default_send_workers() -> int:
     return max(1, min(2, usable - 1))
 
 
-def option(default: Any, help: str, *, flag: str = "", dest: str = "", metavar: str | None = None, **extra: Any) -> Any:
+#: The highest TCP port number.
+MAX_PORT = 65535
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str = "",
+    dest: str = "",
+    metavar: str | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    check: Callable[[Any], object] | None = None,
+    **extra: Any,
+) -> Any:
     """A configuration field that is also a command-line option (its one default lives here).
 
     ``flag`` overrides the option's name (by default ``--field-name``); ``extra`` goes to
     ``argparse`` (``choices``, for example). A ``default`` that is a callable is a factory.
+    ``at_least``, ``above`` and ``at_most`` bound a number; ``check`` raises ``ValueError``
+    saying what is wrong with a value. ``option_problem`` applies them all, to values from
+    the command line and from a configuration file alike.
     """
-    metadata = {"help": help, "flag": flag, "dest": dest, "metavar": metavar, "extra": extra}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "dest": dest,
+        "metavar": metavar,
+        "extra": extra,
+        "at_least": at_least,
+        "above": above,
+        "at_most": at_most,
+        "check": check,
+    }
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def check_host(host: str) -> None:
+    """Refuse an empty host, which would listen on every interface without saying so."""
+    if not host:
+        raise ValueError("must not be empty (0.0.0.0 listens on every interface)")
 
 
 @dataclass
 class ServerConfig:
     """Everything an operator can tune. Defaults are what ``python server.py`` uses.
 
-    Every field made with ``option()`` is also a command-line option (``add_options``).
+    Every field made with ``option()`` is also a command-line option (``add_options``)
+    and a key of the configuration file (``read_config_file``).
     """
 
-    host: str = option(DEFAULT_HOST, "address to listen on (0.0.0.0 for every interface)")
-    port: int = option(DEFAULT_PORT, "port to listen on; 0 picks a free one")
+    host: str = option(DEFAULT_HOST, "address to listen on (0.0.0.0 for every interface)", check=check_host)
+    # Bounded here: bind() would raise OverflowError past 65535, not an OSError that start-up explains.
+    port: int = option(DEFAULT_PORT, "port to listen on; 0 picks a free one", at_least=0, at_most=MAX_PORT)
     users_path: Path = option(DEFAULT_USERS, "the user store", flag="--users", dest="users", metavar="FILE")
     data_dir: Path = option(
         DEFAULT_DATA_DIR,
@@ -96,38 +140,60 @@ class ServerConfig:
     key_size: int = option(
         crypto_utils.DEFAULT_KEY_SIZE, "RSA size of a new server key", choices=crypto_utils.ALLOWED_KEY_SIZES
     )
+    log_level: str = option("INFO", "how much the server logs", choices=LOG_LEVELS)
     allow_demo_accounts: bool = option(False, "let demo accounts log in even on a non-loopback address")
-    handshake_timeout: float = option(10.0, "seconds a new connection has to say hello and log in", metavar="SECONDS")
-    max_clients: int = option(1000, "connections held at once")
-    max_connections_per_address: int = option(20, "connections from one address", flag="--max-per-address")
+    handshake_timeout: float = option(
+        10.0, "seconds a new connection has to say hello and log in", metavar="SECONDS", above=0
+    )
+    max_clients: int = option(1000, "connections held at once", at_least=1)
+    max_connections_per_address: int = option(20, "connections from one address", flag="--max-per-address", at_least=1)
     max_startups: int = option(
-        100, "connections still logging in held at once (at most half of --max-clients); past it the oldest goes"
+        100,
+        "connections still logging in held at once (at most half of --max-clients); past it the oldest goes",
+        at_least=1,
     )
     #: New connections one address may open: a burst, then this many per second (0: no limit).
     #: Each costs the server an RSA signature before the peer proves anything.
     connect_burst: int = 30
     connect_rate: float = option(
-        5.0, "new connections per second from one address, after a burst of 30; 0: no limit", metavar="PER_S"
+        5.0,
+        "new connections per second from one address, after a burst of 30; 0: no limit",
+        metavar="PER_S",
+        at_least=0,
     )
     send_queue_size: int = option(
-        512, "messages queued for a slow client before it is dropped", flag="--send-queue", metavar="MESSAGES"
+        512,
+        "messages queued for a slow client before it is dropped",
+        flag="--send-queue",
+        metavar="MESSAGES",
+        at_least=1,
     )
-    flood_burst: int = option(20, "lines one account may send at once", metavar="LINES")
-    flood_rate: float = option(2.0, "sustained lines per second per account; 0: no limit", metavar="LINES_PER_S")
-    ping_interval: float = option(20.0, "ping a connection silent this long", metavar="SECONDS")
-    ping_timeout: float = option(50.0, "drop a connection silent this long", metavar="SECONDS")
-    token_ttl: int = option(DEFAULT_TOKEN_TTL, "session token lifetime (refreshed while in use)", metavar="SECONDS")
-    hash_workers: int = option(2, "password hashes run at once (each takes 19 MiB)")
+    flood_burst: int = option(20, "lines one account may send at once", metavar="LINES", at_least=1)
+    flood_rate: float = option(
+        2.0, "sustained lines per second per account; 0: no limit", metavar="LINES_PER_S", at_least=0
+    )
+    ping_interval: float = option(20.0, "ping a connection silent this long", metavar="SECONDS", above=0)
+    ping_timeout: float = option(50.0, "drop a connection silent this long", metavar="SECONDS", above=0)
+    token_ttl: int = option(
+        DEFAULT_TOKEN_TTL, "session token lifetime (refreshed while in use)", metavar="SECONDS", at_least=1
+    )
+    hash_workers: int = option(2, "password hashes run at once (each takes 19 MiB)", at_least=1)
     #: How long a login waits for a free hashing slot before "server busy".
     hash_wait: float = 30.0
-    send_workers: int = option(default_send_workers, "threads that seal and send for every client: CPUs - 1, at most 2")
-    default_room: str = option(DEFAULT_ROOM, "the room everyone lands in at login", metavar="#ROOM")
-    max_rooms: int = option(1000, "rooms the server holds")
-    max_rooms_per_account: int = option(50, "rooms one account may join", flag="--max-rooms-per-user")
-    max_sessions: int = option(5, "sessions (devices) one account may have at once")
-    history_limit: int = option(1000, "lines kept per room and per private conversation; 0 turns history off")
-    history_days: float = option(30.0, "days a line is kept", metavar="DAYS")
-    join_history: int = option(50, "recent lines shown to whoever joins a room", metavar="LINES")
+    send_workers: int = option(
+        default_send_workers, "threads that seal and send for every client: CPUs - 1, at most 2", at_least=1
+    )
+    default_room: str = option(
+        DEFAULT_ROOM, "the room everyone lands in at login", metavar="#ROOM", check=normalize_room
+    )
+    max_rooms: int = option(1000, "rooms the server holds", at_least=1)
+    max_rooms_per_account: int = option(50, "rooms one account may join", flag="--max-rooms-per-user", at_least=1)
+    max_sessions: int = option(5, "sessions (devices) one account may have at once", at_least=1)
+    history_limit: int = option(
+        1000, "lines kept per room and per private conversation; 0 turns history off", at_least=0
+    )
+    history_days: float = option(30.0, "days a line is kept", metavar="DAYS", above=0)
+    join_history: int = option(50, "recent lines shown to whoever joins a room", metavar="LINES", at_least=0)
     max_frame_size: int = MAX_FRAME_SIZE
     #: Failed logins per (account, address) and per address: a few free, then doubling delays.
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
@@ -152,18 +218,37 @@ def option_flag(spec: Field[Any]) -> str:
     return spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
 
 
+def option_key(spec: Field[Any]) -> str:
+    """The option's key in a configuration file: its long option without the dashes (``max-clients``)."""
+    return option_flag(spec).removeprefix("--")
+
+
 def option_dest(spec: Field[Any]) -> str:
     return spec.metadata["dest"] or spec.name
+
+
+def option_default(spec: Field[Any]) -> Any:
+    return spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[operator]
+
+
+def option_type(spec: Field[Any]) -> type:
+    """The type of the option's values: ``bool``, ``int``, ``float``, ``str`` or ``Path``."""
+    kind = type(option_default(spec))
+    return Path if issubclass(kind, Path) else kind
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """One option per configuration field made with ``option()``, with its default and help."""
     for spec in option_fields():
-        default = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[operator]
-        kind = type(default)
+        kind = option_type(spec)
         if kind is bool:
+            # --no-... as well, so that the command line can turn off what a configuration file turned on.
             parser.add_argument(
-                option_flag(spec), dest=option_dest(spec), action="store_true", help=spec.metadata["help"]
+                option_flag(spec),
+                dest=option_dest(spec),
+                action=argparse.BooleanOptionalAction,
+                default=option_default(spec),
+                help=spec.metadata["help"],
             )
             continue
         shown = "%(default)s"
@@ -171,13 +256,146 @@ def add_options(parser: argparse.ArgumentParser) -> None:
             option_flag(spec),
             dest=option_dest(spec),
             type=kind,
-            default=default,
+            default=option_default(spec),
             metavar=spec.metadata["metavar"] or ("N" if kind in (int, float) else None),
             help=f"{spec.metadata['help']} (default: {shown})",
             **spec.metadata["extra"],
         )
 
 
+def option_problem(spec: Field[Any], value: Any) -> str | None:
+    """What is wrong with ``value`` for this option, in a few words; ``None`` if it will do.
+
+    The one check of an option's value, whether it came from the command line or a file.
+    """
+    meta = spec.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    choices = meta["extra"].get("choices")
+    if choices is not None and value not in choices:
+        return "must be one of " + ", ".join(str(choice) for choice in choices)
+    at_least, above, at_most = meta["at_least"], meta["above"], meta["at_most"]
+    if at_least is not None and at_most is not None and not at_least <= value <= at_most:
+        return f"must be from {at_least} to {at_most}"
+    if at_least is not None and value < at_least:
+        return f"must be at least {at_least}"
+    if above is not None and value <= above:
+        return f"must be more than {above}"
+    if meta["check"] is not None:
+        try:
+            meta["check"](value)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The configuration the parsed options describe."""
     return ServerConfig(**{spec.name: getattr(args, option_dest(spec)) for spec in option_fields()})
+
+
+# --------------------------------------------------------------------------- the configuration file
+
+
+class ConfigFileError(Exception):
+    """A configuration file that cannot be used. The message is one line naming the file (and the key)."""
+
+
+#: How a file's value of each option type is described in an error ("expected a whole number").
+EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", Path: "a path (a string)"}
+
+
+def toml_type_name(value: object) -> str:
+    """The TOML name of a value parsed by ``tomllib``: an integer, a string, a table..."""
+    names: tuple[tuple[type, str], ...] = (
+        (bool, "a boolean"),  # before int: a bool is an int to isinstance
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+    )
+    return next((name for kind, name in names if isinstance(value, kind)), "a date or time")
+
+
+def takes(kind: type, value: object) -> bool:
+    """Whether an option of type ``kind`` takes this TOML value (an integer will do for a float)."""
+    if isinstance(value, bool):  # a bool is an int to isinstance
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, str if kind is Path else kind)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The options a TOML file sets, as ``{argparse destination: value}`` (for ``set_defaults``).
+
+    Each key is an option's long name without its dashes (``max-clients = 60`` sets
+    ``--max-clients``); a relative path is taken from the file's folder. Each value
+    is checked as the same option on the command line is (``option_problem``).
+    Raises ``ConfigFileError`` for a file that cannot be read or parsed, an unknown key,
+    a value of the wrong type or out of range.
+    """
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    specs = {option_key(spec): spec for spec in option_fields()}
+    folder = Path(path).absolute().parent
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        spec = specs.get(key)
+        if spec is None:
+            guess = difflib.get_close_matches(key.replace("_", "-"), specs, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
+        kind = option_type(spec)
+        shown = f"{key} = {toml_value(value)}" if isinstance(value, bool | int | float | str) else key
+        if not takes(kind, value):
+            raise ConfigFileError(f"{path}: {shown}: expected {EXPECTED[kind]}, not {toml_type_name(value)}")
+        if kind is float:
+            value = float(value)
+        elif kind is Path:
+            value = folder / value  # an absolute value stays as it is
+        if problem := option_problem(spec, value):
+            raise ConfigFileError(f"{path}: {shown}: {problem}")
+        values[option_dest(spec)] = value
+    return values
+
+
+def toml_value(value: bool | int | float | str | Path) -> str:
+    """``value`` written as TOML (a basic string for text and paths)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)  # a finite float's repr is a TOML float; inf and nan are refused as options
+    escaped = []
+    for char in str(value):
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
+
+
+def config_to_toml(config: ServerConfig) -> str:
+    """The configuration as a TOML document that ``read_config_file`` reads back to the same options.
+
+    Every option, one ``key = value`` line under its help; paths are absolute, so the
+    document means the same wherever it is saved. Options hold no secret (those live in
+    files of the data directory), so nothing here needs hiding.
+    """
+    lines = []
+    for spec in option_fields():
+        value = getattr(config, spec.name)
+        if option_type(spec) is Path:
+            value = Path(value).absolute()
+        lines += [f"# {spec.metadata['help']}", f"{option_key(spec)} = {toml_value(value)}"]
+    return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ import errno
 import gc
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -14,18 +15,26 @@ from pathlib import Path
 from securechat.accounts import (
     UserStoreError,
 )
-from securechat.admin import build_parser, run_admin_command
-from securechat.config import ServerConfig, config_from_args
+from securechat.admin import parse_arguments, run_admin_command
+from securechat.config import (
+    ConfigFileError,
+    ServerConfig,
+    config_from_args,
+    config_to_toml,
+    option_fields,
+    option_flag,
+    option_problem,
+)
 from securechat.crypto_utils import CryptoError
 from securechat.history import StoreError
 from securechat.listener import ChatServer
-from securechat.protocol import normalize_room
 
 log = logging.getLogger("chat.server")
 
 
-#: The highest TCP port number.
-MAX_PORT = 65535
+#: The exit status for a configuration that cannot be used, from the command line or a file
+#: (argparse's own for a bad command line; the systemd unit does not restart on it).
+EXIT_BAD_CONFIG = 2
 
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 10_000
@@ -81,19 +90,24 @@ def describe_start_error(exc: OSError, config: ServerConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_arguments(argv)
+    except ConfigFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command:
         return run_admin_command(args)
     config = config_from_args(args)
-    if not 0 <= config.port <= MAX_PORT:  # bind() would raise OverflowError, not OSError
-        print(f"error: port {config.port} is out of range: use 1-{MAX_PORT}, or 0 for any free port", file=sys.stderr)
-        return 1
-    try:
-        normalize_room(config.default_room)
-    except ValueError as exc:
-        print(f"error: --default-room {config.default_room}: {exc}", file=sys.stderr)
-        return 1
+    # A file's values were checked as it was read: what is left to check came from the command line.
+    for spec in option_fields():
+        value = getattr(config, spec.name)
+        if problem := option_problem(spec, value):
+            print(f"error: {option_flag(spec)} {shlex.quote(str(value))}: {problem}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+    if args.print_config:
+        print(config_to_toml(config), end="")
+        return 0
     try:
         server = ChatServer(config)
     except (CryptoError, UserStoreError, StoreError) as exc:

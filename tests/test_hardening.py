@@ -629,8 +629,8 @@ def test_a_port_out_of_range_is_named(tmp_path, users):
     args = server_args(users, tmp_path / "data")
     args[args.index("--port") + 1] = "70000"
     result = run_program(SERVER, *args)
-    assert result.returncode == 1
-    assert_one_line_error(result, "error: port 70000 is out of range")
+    assert result.returncode == 2  # a configuration error, as in a configuration file
+    assert_one_line_error(result, "error: --port 70000: must be from 0 to 65535")
 
 
 def test_per_address_limits_count_an_ipv6_host_by_its_64():
