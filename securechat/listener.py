@@ -351,8 +351,9 @@ class ChatServer:
             connection.reader.start()
         except Exception:  # a thread that cannot be started, say: this connection alone is lost
             log.exception("%s: cannot start its reader; closing it", connection.peer)
-            connection.close("internal error")
+            # Unregistered first: once closed, its peer may already be back with a new connection.
             self.forget(connection)
+            connection.close("internal error")
 
     def _oldest_logging_in(self, address: str | None = None) -> ClientConnection | None:
         """The connection (of ``address``, if given) logging in the longest; call under ``connections_lock``."""
