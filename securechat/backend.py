@@ -58,6 +58,8 @@ class RoomBackend(Protocol):
     # what is said: numbered here, then handed to the subscriber (in order, per room)
     def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent: ...
     def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat: ...
+    # hand this process the events of a room after ``after_id`` (a room its sessions are in)
+    def watch(self, room: str, after_id: int) -> None: ...
 
     # presence
     def add_session(self, info: SessionInfo, limit: int) -> int: ...
@@ -84,6 +86,10 @@ class RoomBackend(Protocol):
     def history_since(self, room: str, after_id: int, limit: int) -> tuple[list[RoomEvent], int]: ...
     def private_since(self, account: str, after_id: int, limit: int) -> list[Chat]: ...
     def private_recent(self, account: str, limit: int) -> list[Chat]: ...
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot be reached just now (a broker restarting); the message says so in one line."""
 
 
 class BackendLimit(Exception):
@@ -175,6 +181,9 @@ class MemoryBackend:
                 if message.sender != message.recipient:
                     self._subscriber.on_private(message.sender, numbered, origin_session, ref)
         return numbered
+
+    def watch(self, room: str, after_id: int) -> None:
+        """Nothing to do: in one process every event reaches the subscriber as it is published."""
 
     # ------------------------------------------------------------------ presence
 

@@ -53,6 +53,8 @@ HISTORY_FILE = "history.sqlite3"
 #: The message of the day, shown at every login: edit it, or set it with /motd TEXT as an admin.
 MOTD_FILE = "motd.txt"
 HISTORY_KEY_FILE = "history_key"
+#: Seals what the Redis backend stores; every node sharing a Redis needs the same one.
+CLUSTER_KEY_FILE = "cluster_key"
 
 
 def default_send_workers() -> int:
@@ -112,6 +114,21 @@ def option(
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def check_backend(backend: str) -> None:
+    """``memory`` (this process alone), or a Redis URL shared by several server processes."""
+    if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be memory, or a Redis URL: redis://HOST:PORT/DB, rediss://… (TLS) or unix://PATH")
+
+
+def hide_password(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: a URL fit for logs and output."""
+    scheme, separator, rest = url.partition("://")
+    credentials, at, place = rest.rpartition("@")
+    if not separator or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{place}"
 
 
 def check_host(host: str) -> None:
@@ -189,6 +206,12 @@ class ServerConfig:
     max_rooms: int = option(1000, "rooms the server holds", at_least=1)
     max_rooms_per_account: int = option(50, "rooms one account may join", flag="--max-rooms-per-user", at_least=1)
     max_sessions: int = option(5, "sessions (devices) one account may have at once", at_least=1)
+    backend: str = option(
+        "memory",
+        "where rooms live: memory (this process), or redis://[USER:PASSWORD@]HOST:PORT/DB to share them",
+        metavar="URL",
+        check=check_backend,
+    )
     history_limit: int = option(
         1000, "lines kept per room and per private conversation; 0 turns history off", at_least=0
     )
@@ -389,13 +412,15 @@ def config_to_toml(config: ServerConfig) -> str:
     """The configuration as a TOML document that ``read_config_file`` reads back to the same options.
 
     Every option, one ``key = value`` line under its help; paths are absolute, so the
-    document means the same wherever it is saved. Options hold no secret (those live in
-    files of the data directory), so nothing here needs hiding.
+    document means the same wherever it is saved. The one secret an option may hold, a
+    password in the ``backend`` URL, is printed as ``***`` (that line no longer reads back).
     """
     lines = []
     for spec in option_fields():
         value = getattr(config, spec.name)
         if option_type(spec) is Path:
             value = Path(value).absolute()
+        if spec.name == "backend":
+            value = hide_password(value)
         lines += [f"# {spec.metadata['help']}", f"{option_key(spec)} = {toml_value(value)}"]
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from securechat.accounts import (
     TokenError,
     new_session_id,
 )
+from securechat.backend import BackendUnavailable
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
 from securechat.crypto_utils import CryptoError
 from securechat.handshake import ServerHandshake
@@ -339,6 +340,8 @@ class ClientConnection:
             rooms, devices = hub.open_session(self, self.device, self.address)
         except HubError as exc:
             raise AuthenticationFailed(exc.code, str(exc)) from None
+        except BackendUnavailable as exc:
+            raise AuthenticationFailed("unavailable", f"{exc}; try again in a moment") from None
         # The time since the client's last frame was ours (a queue for hashing, say): the keepalive
         # counts silence from now, or it could put a ping ahead of the welcome.
         self.last_inbound = time.monotonic()
@@ -409,6 +412,8 @@ class ClientConnection:
             self._dispatch(message)
         except HubError as exc:
             self.deliver(ErrorReply(code=exc.code, message=str(exc), ref=ref))
+        except BackendUnavailable as exc:  # a line or a command that could not be carried out: say so
+            self.deliver(ErrorReply(code="unavailable", message=f"not sent: {exc}", ref=ref))
         except RevocationNotSaved as exc:  # /logout ended the sessions, but a restart would forget it
             log.error("%s", exc)
             self.deliver(

@@ -351,7 +351,10 @@ class ChatHub:
             pacer=self._notice_pacer,
         )
         with self.rooms_lock:
-            return self._rooms.setdefault(name, fresh)
+            room = self._rooms.setdefault(name, fresh)
+        if room is fresh:  # from here on the room's events reach this process (after its recent lines)
+            self.backend.watch(name, recent[-1].id if recent else 0)
+        return room
 
     def join(self, member: Member, room_name: str) -> None:
         """/join: enter a room (created if new, the joiner owning it) on every device of the account."""

@@ -35,6 +35,7 @@ from securechat.accounts import (
 )
 from securechat.backend import MemoryBackend, RoomBackend
 from securechat.config import (
+    CLUSTER_KEY_FILE,
     HISTORY_FILE,
     HISTORY_KEY_FILE,
     MOTD_FILE,
@@ -176,6 +177,15 @@ class ChatServer:
         )
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         try:
+            if backend is None and config.backend != "memory":
+                from securechat.redis_backend import RedisBackend  # only a shared deployment needs redis
+
+                backend = RedisBackend(
+                    config.backend,
+                    crypto_utils.load_or_create_secret(data_dir / CLUSTER_KEY_FILE),
+                    history_limit=config.history_limit,
+                    history_max_age=config.history_days * 86400,
+                )
             if backend is None:
                 store = ChatStore(
                     data_dir / HISTORY_FILE,

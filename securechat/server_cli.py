@@ -16,11 +16,13 @@ from securechat.accounts import (
     UserStoreError,
 )
 from securechat.admin import parse_arguments, run_admin_command
+from securechat.backend import BackendUnavailable
 from securechat.config import (
     ConfigFileError,
     ServerConfig,
     config_from_args,
     config_to_toml,
+    hide_password,
     option_fields,
     option_flag,
     option_problem,
@@ -103,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     for spec in option_fields():
         value = getattr(config, spec.name)
         if problem := option_problem(spec, value):
-            print(f"error: {option_flag(spec)} {shlex.quote(str(value))}: {problem}", file=sys.stderr)
+            shown = hide_password(value) if spec.name == "backend" else str(value)
+            print(f"error: {option_flag(spec)} {shlex.quote(shown)}: {problem}", file=sys.stderr)
             return EXIT_BAD_CONFIG
     if args.print_config:
         print(config_to_toml(config), end="")
         return 0
     try:
         server = ChatServer(config)
-    except (CryptoError, UserStoreError, StoreError) as exc:
+    except (CryptoError, UserStoreError, StoreError, BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.address
     key_bits = server.private_key.key_size
     print(f"Server key fingerprint: {key_bits} {server.fingerprint} (RSA)", flush=True)
+    if config.backend != "memory":
+        print(f"Rooms shared through {hide_password(config.backend)}", flush=True)
     print(f"Listening on {host}:{port}", flush=True)
     tune_garbage_collector()
     try:

@@ -70,6 +70,7 @@ def test_every_option_can_be_set_in_a_file(tmp_path):
         "log-level": "WARNING",
         "allow-demo-accounts": True,
         "default-room": "#hall",
+        "backend": "redis://redis.internal:6379/2",
     }
     for spec in option_fields():
         if option_key(spec) not in changed:  # a number: one more than its default
@@ -278,3 +279,12 @@ def test_a_server_started_with_the_sample_lets_a_client_log_in(tmp_path, users_f
         status, stderr = server.stop()
     assert status == 0, stderr
     assert "Traceback" not in stderr
+
+
+def test_print_config_hides_a_redis_password():
+    from securechat.config import hide_password
+
+    assert hide_password("redis://chat:s3cret@redis.internal:6379/0") == "redis://chat:***@redis.internal:6379/0"
+    assert hide_password("rediss://:s3cret@host/1") == "rediss://:***@host/1"
+    assert hide_password("redis://host:6379/0") == "redis://host:6379/0"
+    assert hide_password("memory") == "memory"

@@ -1,0 +1,590 @@
+"""The room backend on Redis: several server processes (on one machine or many) share rooms.
+
+What each process keeps for itself is only its own sessions and their local delivery
+(``securechat.hub``); everything shared lives in Redis:
+
+* every room is a **stream** (``chat:stream:#room``), trimmed to the history bound: it is
+  both the live feed and the room's history. Entry ids are the chat's message ids (a
+  counter, ``chat:id``), so a stream's order is id order and ``since`` catch-up works
+  across processes. A private conversation has a stream per pair of accounts, and its
+  lines are also announced on ``chat:privates`` for live delivery.
+* one **reader thread** per process reads the streams of the rooms its sessions are in
+  (and the private feed) with blocking reads, resuming from the last entry it saw: a
+  short Redis outage loses nothing within the bound, and a gap beyond it is told to the
+  room's members.
+* **presence** is a hash per account of its sessions, each with an expiry its process
+  refreshes: the sessions of a process that died vanish within ``SESSION_TTL``.
+* **room state** (topic, owner, roles, modes, bans: hashes) and memberships (sorted sets).
+
+Redis never sees a message text: every payload is sealed with AES-256-GCM under the
+cluster key, with the stream, the message id and the sender as associated data (and a
+key id, so the key can be rotated). Names of rooms and accounts are visible to Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from typing import Any
+
+import redis
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from securechat.backend import (
+    BackendLimit,
+    BackendUnavailable,
+    RoomEvent,
+    SessionInfo,
+    Subscriber,
+    decode_event,
+    encode_event,
+)
+from securechat.config import hide_password
+from securechat.history import RoomRecord, private_stream
+from securechat.protocol import Chat, Notice
+
+log = logging.getLogger("chat.server")
+
+PREFIX = "chat:"
+#: Seconds a session stays present without its process refreshing it (a crashed node's users
+#: vanish within this); refreshed every SESSION_REFRESH seconds.
+SESSION_TTL = 30.0
+SESSION_REFRESH = 10.0
+#: How long one blocking read waits before looking at the set of rooms again.
+READ_BLOCK_MS = 250
+#: Entries one read takes at most, per stream.
+READ_COUNT = 500
+#: The live feed of private lines keeps about this many entries (history is in the pair streams).
+PRIVATE_FEED_LENGTH = 10_000
+NONCE_SIZE = 12
+#: The Redis password, when the URL does not carry one (a URL on the command line is seen by ps).
+PASSWORD_VARIABLE = "CHAT_REDIS_PASSWORD"
+#: A room's stream is its live feed too: with history off (``history_limit`` 0) it still keeps
+#: this many entries, so that a process that falls briefly behind loses nothing.
+LIVE_FEED_LENGTH = 100
+
+# Adds a sealed event to a stream with the id given, refusing an id not above the stream's last
+# (another process numbered a later line first: the caller takes a new id), and gives it the
+# stream's next sequence number. KEYS: stream, sequence hash, [private feed]. ARGV: id, stream
+# name, history bound, key id, sealed payload, recipient ("" for a room), sender, feed bound.
+_APPEND = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local last_id = tonumber(string.match(last[1][1], '^(%d+)'))
+  if last_id >= tonumber(ARGV[1]) then return -1 end
+end
+local seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local entry = ARGV[1] .. '-1'
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], entry, 's', seq, 'k', ARGV[4], 'from', ARGV[7], 'p', ARGV[5])
+if #KEYS > 2 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[1], 'to', ARGV[6], 'from', ARGV[7],
+             'stream', ARGV[2], 'k', ARGV[4], 'p', ARGV[5])
+end
+return seq
+"""
+
+# Registers a session unless the account has `limit` live ones. KEYS: the account's sessions.
+# ARGV: session id, its JSON, now, limit. Returns the count, or -1 past the limit.
+_ADD_SESSION = """
+local live = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local info = cjson.decode(entries[i + 1])
+  if info.expires < tonumber(ARGV[3]) then
+    redis.call('HDEL', KEYS[1], entries[i])
+  elseif entries[i] ~= ARGV[1] then
+    live = live + 1
+  end
+end
+if tonumber(ARGV[4]) > 0 and live >= tonumber(ARGV[4]) then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return live + 1
+"""
+
+# Creates a room unless it exists or `limit` rooms do. KEYS: the room's hash, the set of rooms.
+# ARGV: name, topic, owner, created_at, limit. Returns 1 (created), 0 (exists), -1 (limit).
+_CREATE_ROOM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if tonumber(ARGV[5]) > 0 and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then return -1 end
+redis.call('HSET', KEYS[1], 'topic', ARGV[2], 'owner', ARGV[3], 'created_at', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def key_id(key: bytes) -> str:
+    """A short public name for a cluster key (so a rotated key can be told apart)."""
+    return hashlib.sha256(b"chat cluster key id\0" + key).hexdigest()[:8]
+
+
+def _entry_id(message_id: int) -> str:
+    return f"{message_id}-1"
+
+
+def _message_id(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-")[0])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisBackend:
+    """Rooms shared through Redis (see the module's docstring).
+
+    ``_watch_lock`` guards ``_watched`` (room -> last entry id read); ``_local_lock``
+    guards ``_local_sessions`` (the sessions this process refreshes). Neither is held
+    over a Redis call. ``node`` is this process's random identity, never stored.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cluster_key: bytes,
+        *,
+        history_limit: int = 1000,
+        history_max_age: float = 30 * 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self._aead = AESGCM(cluster_key)
+        self._key_id = key_id(cluster_key)
+        self.history_limit = history_limit
+        self.history_max_age = history_max_age
+        self._clock = clock
+        self.node = uuid.uuid4().hex[:12]
+        extra: dict[str, Any] = {}
+        if os.environ.get(PASSWORD_VARIABLE) and "@" not in url:
+            extra["password"] = os.environ[PASSWORD_VARIABLE]  # kept off the command line and out of ps
+        self.redis = redis.Redis.from_url(
+            url,
+            **extra,
+            socket_timeout=5.0,
+            socket_connect_timeout=3.0,
+            health_check_interval=10,
+            retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        )
+        try:
+            self.redis.ping()
+        except redis.exceptions.RedisError as exc:
+            raise BackendUnavailable(f"cannot reach Redis at {_shown_url(url)}: {exc}") from None
+        self._append = self.redis.register_script(_APPEND)
+        self._add_session = self.redis.register_script(_ADD_SESSION)
+        self._create_room = self.redis.register_script(_CREATE_ROOM)
+        self._subscriber: Subscriber | None = None
+        self._watch_lock = threading.Lock()
+        self._watched: dict[str, str] = {}
+        # room -> the sequence number of the last line read, to tell a gap after an outage.
+        self._last_seq: dict[str, int] = {}
+        self._private_feed_from = "$"
+        self._local_lock = threading.Lock()
+        self._local_sessions: dict[tuple[str, str], SessionInfo] = {}
+        self._stopping = threading.Event()
+        self._problem = ""
+        self._reader = threading.Thread(target=self._read_loop, name="redis-reader", daemon=True)
+        self._refresher = threading.Thread(target=self._refresh_loop, name="redis-presence", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, subscriber: Subscriber) -> None:
+        self._subscriber = subscriber
+        newest: Any = self.redis.xrevrange(f"{PREFIX}privates", "+", "-", count=1)
+        self._private_feed_from = _text(newest[0][0]) if newest else "0-0"
+        self._reader.start()
+        self._refresher.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        for thread in (self._reader, self._refresher):
+            if thread.ident is not None:
+                thread.join(timeout=2.0)
+        with self._local_lock:
+            local = list(self._local_sessions.values())
+            self._local_sessions.clear()
+        try:  # this process's sessions go at once, not after SESSION_TTL
+            for info in local:
+                self.redis.hdel(self._sessions_key(info.account), info.session_id)
+        except redis.exceptions.RedisError:
+            pass
+        self.redis.close()
+
+    def health(self) -> str:
+        return self._problem or "ok"
+
+    # ------------------------------------------------------------------ sealing
+
+    def _associated_data(self, stream: str, message_id: int, sender: str) -> bytes:
+        return b"chat-redis\0" + stream.encode() + b"\0" + str(message_id).encode() + b"\0" + sender.encode()
+
+    def _seal(self, stream: str, message: RoomEvent, origin_session: str, ref: str) -> bytes:
+        body = json.dumps(
+            {"event": base64.b64encode(encode_event(message)).decode(), "origin": origin_session, "ref": ref}
+        ).encode()
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, body, self._associated_data(stream, message.id, _sender(message)))
+
+    def _open(self, stream: str, message_id: int, fields: dict[Any, Any]) -> tuple[RoomEvent, str, str] | None:
+        """The event, origin session and ref of an entry; None (logged) if it fails to open or its
+        content is not what its place says (another id, stream or sender: a replayed or moved entry)."""
+        try:
+            if _text(fields[b"k"]) != self._key_id:
+                raise ValueError("sealed under another cluster key")
+            sender = _text(fields[b"from"])
+            sealed = fields[b"p"]
+            associated = self._associated_data(stream, message_id, sender)
+            body = json.loads(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
+            event = decode_event(base64.b64decode(body["event"]))
+        except (KeyError, ValueError, TypeError, InvalidTag) as exc:
+            log.warning(
+                "skipped a message in %s that failed to open (id %d): %s", stream, message_id, type(exc).__name__
+            )
+            return None
+        if event is None or event.id != message_id or _sender(event) != sender:
+            log.warning("skipped a message in %s whose content does not match its place (id %d)", stream, message_id)
+            return None
+        return event, str(body.get("origin", "")), str(body.get("ref", ""))
+
+    # ------------------------------------------------------------------ publishing
+
+    def _publish(
+        self, stream: str, message: RoomEvent, origin_session: str, ref: str, private_to: str = ""
+    ) -> RoomEvent:
+        for _attempt in range(20):
+            try:
+                message_id = int(self.redis.incr(f"{PREFIX}id"))
+                numbered = replace(message, id=message_id, sent_at=self._clock())
+                sealed = self._seal(stream, numbered, origin_session, ref)
+                keys = [self._stream_key(stream), f"{PREFIX}seq"]
+                bound = max(self.history_limit, LIVE_FEED_LENGTH)
+                args: list[Any] = [message_id, stream, bound, self._key_id, sealed]
+                args += [private_to, _sender(message), PRIVATE_FEED_LENGTH]
+                if private_to:
+                    keys.append(f"{PREFIX}privates")
+                    self.redis.sadd(f"{PREFIX}pairs:{private_to}", stream)
+                    self.redis.sadd(f"{PREFIX}pairs:{_sender(message)}", stream)
+                seq = int(self._append(keys=keys, args=args))
+            except redis.exceptions.RedisError as exc:
+                self._note_problem(exc)
+                raise BackendUnavailable("the server cannot reach its message broker just now") from None
+            if seq < 0:  # another process numbered a later line of this stream first: take a new id
+                continue
+            return replace(numbered, seq=seq) if isinstance(numbered, Chat) and not private_to else numbered
+        raise BackendUnavailable("the line could not be numbered (too many at once); try again")
+
+    def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent:
+        """Number and append a room event; every process reading the room delivers it (this one too)."""
+        return self._publish(room, replace(message, room=room), origin_session, ref)
+
+    def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat:
+        stream = private_stream(message.sender, message.recipient)
+        numbered = self._publish(
+            stream, replace(message, private=True, room="", seq=0), origin_session, ref, private_to=message.recipient
+        )
+        assert isinstance(numbered, Chat)
+        return numbered
+
+    # ------------------------------------------------------------------ reading
+
+    def watch(self, room: str, after_id: int) -> None:
+        """Deliver ``room``'s events after ``after_id`` (and every later one) to the subscriber."""
+        start = f"{after_id}-1" if after_id else "0-0"
+        if not after_id and self.history_limit <= 0:  # no history: what the stream holds is not news
+            newest = self._call(self.redis.xrevrange, self._stream_key(room), "+", "-", count=1)
+            start = _text(newest[0][0]) if newest else "0-0"
+        with self._watch_lock:
+            self._watched.setdefault(room, start)
+
+    def _read_loop(self) -> None:
+        delay = 0.0
+        while not self._stopping.is_set():
+            with self._watch_lock:
+                streams: dict[str, str] = {self._stream_key(room): last for room, last in self._watched.items()}
+            streams[f"{PREFIX}privates"] = self._private_feed_from
+            try:
+                replies: Any = self.redis.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)  # type: ignore[arg-type]
+            except redis.exceptions.RedisError as exc:
+                self._note_problem(exc)
+                delay = min(2.0, max(0.1, delay * 2))
+                self._stopping.wait(delay * random.uniform(0.5, 1.0))  # backoff with jitter
+                continue
+            if delay:
+                log.info("the link to Redis is back")
+                self._problem, delay = "", 0.0
+            for key, entries in replies or []:
+                key_text = _text(key)
+                if key_text == f"{PREFIX}privates":
+                    self._deliver_privates(entries)
+                else:
+                    self._deliver_room(key_text[len(f"{PREFIX}stream:") :], entries)
+
+    def _deliver_room(self, room: str, entries: list[Any]) -> None:
+        subscriber = self._subscriber
+        for entry_id, fields in entries:
+            message_id = _message_id(entry_id)
+            with self._watch_lock:
+                self._watched[room] = _text(entry_id)
+            opened = self._open(room, message_id, fields)
+            if opened is None or subscriber is None:
+                continue
+            event, origin, ref = opened
+            if event.sent_at < self._clock() - self.history_max_age:
+                continue  # older than history keeps: not news either
+            seq = int(fields.get(b"s", 0))
+            last = self._last_seq.get(room)
+            if last is not None and seq > last + 1:
+                missed = seq - last - 1
+                log.warning("%d lines of %s were trimmed before this process could read them", missed, room)
+                subscriber.on_room_event(
+                    room,
+                    Notice(event="info", room=room, text=f"{missed} lines of {room} were lost to an outage"),
+                    "",
+                    "",
+                )
+            self._last_seq[room] = seq
+            if isinstance(event, Chat):
+                event = replace(event, seq=seq)
+            subscriber.on_room_event(room, event, origin, ref)
+
+    def _deliver_privates(self, entries: list[Any]) -> None:
+        subscriber = self._subscriber
+        for entry_id, fields in entries:
+            self._private_feed_from = _text(entry_id)
+            if subscriber is None:
+                continue
+            try:
+                message_id = int(fields[b"id"])
+                stream = _text(fields[b"stream"])
+            except (KeyError, ValueError):
+                continue
+            opened = self._open(stream, message_id, fields)
+            if opened is None:
+                continue
+            message, origin, ref = opened
+            if not isinstance(message, Chat):
+                continue
+            subscriber.on_private(message.recipient, message, origin, ref)
+            if message.sender != message.recipient:
+                subscriber.on_private(message.sender, message, origin, ref)
+
+    # ------------------------------------------------------------------ presence
+
+    def _sessions_key(self, account: str) -> str:
+        return f"{PREFIX}sessions:{account}"
+
+    def _session_json(self, info: SessionInfo) -> str:
+        return json.dumps({**asdict(info), "node": self.node, "expires": self._clock() + SESSION_TTL})
+
+    def add_session(self, info: SessionInfo, limit: int) -> int:
+        try:
+            count = int(
+                self._add_session(
+                    keys=[self._sessions_key(info.account)],
+                    args=[info.session_id, self._session_json(info), self._clock(), limit],
+                )
+            )
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+        if count < 0:
+            raise BackendLimit(f"{info.account} already has {limit} sessions, the most allowed")
+        with self._local_lock:
+            self._local_sessions[(info.account, info.session_id)] = info
+        return count
+
+    def remove_session(self, account: str, session_id: str) -> int:
+        with self._local_lock:
+            self._local_sessions.pop((account, session_id), None)
+        try:
+            self.redis.hdel(self._sessions_key(account), session_id)
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)  # it expires by itself within SESSION_TTL
+        return len(self.sessions(account))
+
+    def sessions(self, account: str) -> list[SessionInfo]:
+        try:
+            entries = self.redis.hgetall(self._sessions_key(account))
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            with self._local_lock:  # what this process knows of
+                return [info for (name, _), info in self._local_sessions.items() if name == account]
+        now = self._clock()
+        infos = []
+        for value in entries.values():
+            data = json.loads(value)
+            if data.pop("expires", 0) < now:
+                continue
+            data.pop("node", None)
+            infos.append(SessionInfo(**data))
+        return sorted(infos, key=lambda info: info.since)
+
+    def update_session(self, account: str, session_id: str, **changes: object) -> None:
+        with self._local_lock:
+            info = self._local_sessions.get((account, session_id))
+            if info is None:
+                return
+            info = self._local_sessions[(account, session_id)] = replace(info, **changes)  # type: ignore[arg-type]
+        if set(changes) == {"active"}:
+            return  # idle time is refreshed with the presence, not written for every line
+        try:
+            self.redis.hset(self._sessions_key(account), session_id, self._session_json(info))
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+
+    def _refresh_loop(self) -> None:
+        while not self._stopping.wait(SESSION_REFRESH):
+            with self._local_lock:
+                local = list(self._local_sessions.values())
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for info in local:
+                        pipe.hset(self._sessions_key(info.account), info.session_id, self._session_json(info))
+                    pipe.execute()
+            except redis.exceptions.RedisError as exc:
+                self._note_problem(exc)
+
+    # ------------------------------------------------------------------ room state
+
+    def room(self, name: str) -> RoomRecord | None:
+        values = self._call(self.redis.hgetall, f"{PREFIX}room:{name}")
+        return _record(name, values) if values else None
+
+    def rooms(self) -> list[RoomRecord]:
+        names = sorted(_text(name) for name in self._call(self.redis.smembers, f"{PREFIX}rooms"))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(f"{PREFIX}room:{name}")
+            values = self._call(pipe.execute)
+        return [_record(name, value) for name, value in zip(names, values, strict=True) if value]
+
+    def create_room(self, record: RoomRecord, limit: int) -> bool:
+        created = int(
+            self._call(
+                self._create_room,
+                keys=[f"{PREFIX}room:{record.name}", f"{PREFIX}rooms"],
+                args=[record.name, record.topic, record.owner, record.created_at, limit],
+            )
+        )
+        if created < 0:
+            raise BackendLimit(f"the server has {limit} rooms, the most allowed")
+        return created == 1
+
+    def set_topic(self, name: str, topic: str) -> None:
+        if self._call(self.redis.exists, f"{PREFIX}room:{name}"):
+            self._call(self.redis.hset, f"{PREFIX}room:{name}", "topic", topic)
+
+    def memberships(self, account: str) -> list[str]:
+        return [_text(room) for room in self._call(self.redis.zrange, f"{PREFIX}memberships:{account}", 0, -1)]
+
+    def add_membership(self, account: str, room: str) -> None:
+        self._call(self.redis.zadd, f"{PREFIX}memberships:{account}", {room: self._clock()}, nx=True)
+
+    def remove_membership(self, account: str, room: str) -> None:
+        self._call(self.redis.zrem, f"{PREFIX}memberships:{account}", room)
+
+    def state(self, scope: str) -> dict[str, str]:
+        values = self._call(self.redis.hgetall, f"{PREFIX}state:{scope}")
+        return {_text(key): _text(value) for key, value in values.items()}
+
+    def set_state(self, scope: str, key: str, value: str | None) -> None:
+        if value is None:
+            self._call(self.redis.hdel, f"{PREFIX}state:{scope}", key)
+        else:
+            self._call(self.redis.hset, f"{PREFIX}state:{scope}", key, value)
+
+    # ------------------------------------------------------------------ history
+
+    def _stream_key(self, stream: str) -> str:
+        return f"{PREFIX}stream:{stream}"
+
+    def _events(self, stream: str, entries: list[Any]) -> list[RoomEvent]:
+        if self.history_limit <= 0:
+            return []  # history is off: the streams are only the live feed
+        oldest = self._clock() - self.history_max_age
+        events: list[RoomEvent] = []
+        for entry_id, fields in entries:
+            opened = self._open(stream, _message_id(entry_id), fields)
+            if opened is None or opened[0].sent_at < oldest:
+                continue
+            event = opened[0]
+            if isinstance(event, Chat) and not event.private:
+                event = replace(event, seq=int(fields.get(b"s", 0)))
+            events.append(event)
+        return events
+
+    def recent(self, room: str, limit: int) -> list[RoomEvent]:
+        if limit <= 0:
+            return []
+        entries = self._call(self.redis.xrevrange, self._stream_key(room), "+", "-", count=limit)
+        return self._events(room, list(reversed(entries)))
+
+    def history_before(self, room: str, before_id: int, limit: int) -> list[RoomEvent]:
+        entries = self._call(self.redis.xrevrange, self._stream_key(room), f"{before_id}-0", "-", count=limit)
+        return self._events(room, list(reversed(entries)))
+
+    def history_since(self, room: str, after_id: int, limit: int) -> tuple[list[RoomEvent], int]:
+        key = self._stream_key(room)
+        newer = self._call(self.redis.xrevrange, key, "+", f"{after_id + 1}-0", count=max(limit, 0))
+        over = 0
+        if len(newer) >= limit and newer:
+            oldest_returned = _message_id(newer[-1][0])
+            over = len(self._call(self.redis.xrange, key, f"{after_id + 1}-0", f"{oldest_returned}-0"))
+        return self._events(room, list(reversed(newer))), over
+
+    def private_since(self, account: str, after_id: int, limit: int) -> list[Chat]:
+        pairs = sorted(_text(stream) for stream in self._call(self.redis.smembers, f"{PREFIX}pairs:{account}"))
+        found: list[RoomEvent] = []
+        for stream in pairs:
+            entries = self._call(
+                self.redis.xrevrange, self._stream_key(stream), "+", f"{after_id + 1}-0", count=max(limit, 0)
+            )
+            found += self._events(stream, list(reversed(entries)))
+        chats = sorted((event for event in found if isinstance(event, Chat)), key=lambda event: event.id)
+        return chats[-limit:] if limit > 0 else []
+
+    def private_recent(self, account: str, limit: int) -> list[Chat]:
+        return self.private_since(account, 0, limit)
+
+    # ------------------------------------------------------------------ errors
+
+    def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+
+    def _note_problem(self, exc: Exception) -> None:
+        problem = f"Redis: {type(exc).__name__}: {exc}"
+        if problem != self._problem:
+            log.error("%s", problem)  # once per kind of failure, not once per line
+        self._problem = problem
+
+
+def _sender(message: RoomEvent) -> str:
+    return message.sender if isinstance(message, Chat) else message.name
+
+
+def _record(name: str, values: dict[Any, Any]) -> RoomRecord:
+    return RoomRecord(
+        name,
+        topic=_text(values.get(b"topic", b"")),
+        owner=_text(values.get(b"owner", b"")),
+        created_at=float(values.get(b"created_at", 0)),
+    )
+
+
+def _shown_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return hide_password(url)

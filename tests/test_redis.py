@@ -1,0 +1,175 @@
+"""Several server processes share rooms through a real Redis (started by the test, on a free port).
+
+Two nodes on two ports, sharing Redis and a copied data directory (so the same server key,
+token secret and cluster key), as a second machine would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import TIMEOUT, ServerProcess, password_of, wait_for
+
+from securechat.client import ChatClient, KnownHosts
+from securechat.protocol import Chat, ErrorReply
+from securechat.protocol import Room as RoomMessage
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, users_file: Path, redis_url: str) -> None:
+        self.tmp_path = tmp_path
+        self.users_file = users_file
+        self.redis_url = redis_url
+        self.nodes: list[ServerProcess] = []
+        self.clients: list[ChatClient] = []
+
+    def node(self, data_dir: Path) -> ServerProcess:
+        args = ["--port", "0", "--users", str(self.users_file), "--data-dir", str(data_dir)]
+        node = ServerProcess([*args, "--backend", self.redis_url, "--log-level", "WARNING"])
+        self.nodes.append(node)
+        return node
+
+    def log_in(self, name: str, node: ServerProcess) -> ChatClient:
+        client = ChatClient(
+            "127.0.0.1",
+            node.port,
+            server_fingerprint=node.fingerprint,
+            known_hosts=KnownHosts(self.tmp_path / f"known_hosts_{name}"),
+            timeout=TIMEOUT * 2,
+        )
+        self.clients.append(client)
+        client.login(name, password_of(name))
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, users_file, redis_server):
+    cluster = Cluster(tmp_path, users_file, redis_server.url)
+    yield cluster
+    cluster.close()
+
+
+def two_nodes(cluster: Cluster, tmp_path: Path) -> tuple[ServerProcess, ServerProcess]:
+    first = cluster.node(tmp_path / "node1")
+    # The second machine starts from a copy of the first one's data directory.
+    shutil.copytree(tmp_path / "node1", tmp_path / "node2")
+    second = cluster.node(tmp_path / "node2")
+    assert first.fingerprint == second.fingerprint  # one server key: a pinned key works on both
+    return first, second
+
+
+def said(text: str):
+    return lambda event: isinstance(event, Chat) and event.text == text
+
+
+def entered(room: str):
+    return lambda event: isinstance(event, RoomMessage) and event.room == room and event.joined
+
+
+def test_users_on_two_nodes_chat_in_rooms_and_privately_and_share_history(cluster, tmp_path, redis_server):
+    first, second = two_nodes(cluster, tmp_path)
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    alice.join("#dev")
+    wait_for(alice, entered("#dev"))
+    bob.join("#dev")
+    wait_for(bob, entered("#dev"))
+    alice.say("hello from node one", "#dev")
+    heard = wait_for(bob, said("hello from node one"))
+    assert (heard.sender, heard.room) == ("alice", "#dev")
+    bob.say("and back from node two", "#dev")
+    echo = wait_for(bob, said("and back from node two"))
+    assert echo.ref  # the sender's own echo carries its ref, across the broker too
+    assert wait_for(alice, said("and back from node two")).seq == heard.seq + 1
+    bob.private("alice", "a secret between nodes")
+    private = wait_for(alice, said("a secret between nodes"))
+    assert private.private and private.sender == "bob"
+
+    # History written through one node is read through the other: carol logs in to the second.
+    carol = cluster.log_in("carol", second)
+    carol.join("#dev")
+    history = [
+        event.text
+        for event in [wait_for(carol, lambda event: isinstance(event, Chat) and event.history) for _ in range(2)]
+    ]
+    assert history == ["hello from node one", "and back from node two"]
+
+    # Redis holds no message text: every value of every key is searched.
+    texts = [b"hello from node one", b"and back from node two", b"a secret between nodes"]
+    store = redis.Redis.from_url(redis_server.url)
+    for key in store.scan_iter():
+        kind = store.type(key)
+        if kind == b"stream":
+            values = [v for _, fields in store.xrange(key) for pair in fields.items() for v in pair]
+        elif kind == b"hash":
+            values = [v for pair in store.hgetall(key).items() for v in pair]
+        elif kind == b"set":
+            values = list(store.smembers(key))
+        elif kind == b"zset":
+            values = list(store.zrange(key, 0, -1))
+        else:
+            values = [store.get(key) or b""]
+        for value in values:
+            assert not any(text in value for text in texts), (key, value)
+    store.close()
+
+
+def test_a_redis_restart_loses_no_line_silently(cluster, tmp_path, redis_server):
+    first, second = two_nodes(cluster, tmp_path)
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    alice.say("before the restart")
+    wait_for(bob, said("before the restart"))
+    redis_server.stop()
+    alice.say("during the outage")
+    # Either the line is refused in one line (the sender knows), or it arrives after the restart.
+    outcome = wait_for(
+        alice, lambda event: isinstance(event, ErrorReply) or said("during the outage")(event), timeout=TIMEOUT * 2
+    )
+    refused = isinstance(outcome, ErrorReply)
+    if refused:
+        assert outcome.message.startswith("not sent: ") and "message broker" in outcome.message
+    redis_server.start()
+    deadline = time.monotonic() + TIMEOUT * 3
+    while time.monotonic() < deadline:  # the nodes reconnect with backoff: say it until it goes
+        alice.say("after the restart")
+        event = alice.next_event(timeout=1.0)
+        while event is not None and not said("after the restart")(event):
+            event = alice.next_event(timeout=0.2)
+        if event is not None:
+            break
+    seen = []
+    event = bob.next_event(timeout=TIMEOUT)
+    while event is not None and not said("after the restart")(event):
+        seen.append(event)
+        event = bob.next_event(timeout=TIMEOUT)
+    assert event is not None, f"bob never heard a line after the restart; saw {seen!r}"
+    if not refused:
+        assert any(said("during the outage")(item) for item in seen), "accepted during the outage, then lost"
+
+
+def test_an_unreachable_redis_is_one_line_without_its_password(tmp_path, users_file):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    closed = f"redis://chat:s3cret@127.0.0.1:{free_port()}/0"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *where, "--backend", closed],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: cannot reach Redis at redis://chat:***@127.0.0.1:")
+    assert len(done.stderr.strip().splitlines()) == 1 and "s3cret" not in done.stderr + done.stdout
