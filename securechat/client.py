@@ -21,7 +21,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,9 +289,13 @@ class ChatClient:
         device: str = "",
         source_address: tuple[str, int] | None = None,
         reconnect: bool = False,
+        other_servers: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.host = host
         self.port = port
+        #: The nodes of one chat service, tried in turn (from the one that last worked) when one
+        #: cannot be reached. They share one server key: it is pinned under the first one's name.
+        self.servers: list[tuple[str, int]] = [(host, port), *other_servers]
         self.known_hosts = known_hosts if known_hosts is not None else KnownHosts()
         self.expected_fingerprint = server_fingerprint
         self.accept_new_host_key = accept_new_host_key
@@ -360,12 +364,7 @@ class ChatClient:
         with self.send_lock:
             self._session_ready = False  # until the welcome of the session this connection opens
         deadline = Deadline(self.timeout)
-        try:
-            self.sock = socket.create_connection(
-                (self.host, self.port), timeout=deadline.timeout(), source_address=self.source_address
-            )
-        except OSError as exc:
-            raise ChatError(f"cannot reach the server at {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.sock = self._reach_a_server(deadline)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.sock.sendall(self.hello_frame())
@@ -376,6 +375,28 @@ class ChatClient:
         except BaseException:
             self.close()
             raise
+
+    def _reach_a_server(self, deadline: Deadline) -> socket.socket:
+        """A connection to the first server that answers, starting from the one that last did.
+
+        A host name with several addresses is tried address by address too (``create_connection``).
+        """
+        start = next((index for index, server in enumerate(self.servers) if server == (self.host, self.port)), 0)
+        failures = []
+        for offset in range(len(self.servers)):
+            host, port = self.servers[(start + offset) % len(self.servers)]
+            try:
+                sock = socket.create_connection(
+                    (host, port), timeout=deadline.timeout(), source_address=self.source_address
+                )
+            except OSError as exc:
+                failures.append(f"{host}:{port}: {exc.strerror or exc}")
+                continue
+            self.host, self.port = host, port
+            return sock
+        if len(failures) == 1:
+            raise ChatError(f"cannot reach the server at {failures[0]}")
+        raise ChatError("cannot reach any of the servers (" + "; ".join(failures) + ")")
 
     # The handshake's steps without the socket: connect() and _authenticate() run them over
     # a blocking socket, and an event-driven caller (the benchmarks' load generator) can
@@ -426,7 +447,7 @@ class ChatClient:
         self.channel = SecureChannel(self.private_key, server_key, is_server=False, allowed_incoming=SERVER_KINDS)
 
     def _check_host_key(self, fingerprint: str) -> None:
-        host_id = KnownHosts.host_id(self.host, self.port)
+        host_id = KnownHosts.host_id(*self.servers[0])  # every node of the service shows one key
         if self.expected_fingerprint is not None:
             if fingerprint != self.expected_fingerprint:
                 raise HostKeyError(f"server key {fingerprint} is not the expected {self.expected_fingerprint}")

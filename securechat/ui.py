@@ -1078,6 +1078,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Secure terminal group chat client.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
+    parser.add_argument(
+        "--server",
+        dest="servers",
+        action="append",
+        type=server_address,
+        metavar="HOST:PORT",
+        help="a node of the chat service (repeat for several: the client fails over between them); "
+        "instead of --host and --port",
+    )
     parser.add_argument("--user", metavar="NAME", help="user name (asked for on a terminal if omitted)")
     parser.add_argument("--room", metavar="#ROOM", default="", help="join this room at start and talk there")
     parser.add_argument(
@@ -1107,6 +1116,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def server_address(text: str) -> tuple[str, int]:
+    """An argparse type: ``HOST:PORT`` (``[::1]:7878`` for an IPv6 address)."""
+    host, separator, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not separator or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host, int(port)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options: dict[str, Any] = {
@@ -1115,6 +1133,9 @@ def main(argv: list[str] | None = None) -> int:
         "key_size": args.key_size,
         "device": args.device,
     }
+    host, port = args.host, args.port
+    if args.servers:
+        (host, port), options["other_servers"] = args.servers[0], args.servers[1:]
     if sys.stdin.isatty():
-        return run_interactive(args.host, args.port, args.user, options, args.room, bell=args.bell)
-    return run_batch(args.host, args.port, args.user, options, args.room)
+        return run_interactive(host, port, args.user, options, args.room, bell=args.bell)
+    return run_batch(host, port, args.user, options, args.room)

@@ -173,3 +173,48 @@ def test_an_unreachable_redis_is_one_line_without_its_password(tmp_path, users_f
     assert done.returncode == 1
     assert done.stderr.startswith("error: cannot reach Redis at redis://chat:***@127.0.0.1:")
     assert len(done.stderr.strip().splitlines()) == 1 and "s3cret" not in done.stderr + done.stdout
+
+
+def test_a_killed_nodes_clients_resume_on_the_other_and_nothing_is_shown_twice(cluster, tmp_path):
+    from securechat.client import Reconnected, Reconnecting
+
+    first, second = two_nodes(cluster, tmp_path)
+    alice = ChatClient(
+        "127.0.0.1",
+        first.port,
+        other_servers=[("127.0.0.1", second.port)],
+        server_fingerprint=first.fingerprint,
+        known_hosts=KnownHosts(tmp_path / "known_hosts_alice"),
+        timeout=TIMEOUT * 2,
+        reconnect=True,
+    )
+    cluster.clients.append(alice)
+    alice.login("alice", password_of("alice"))
+    bob = cluster.log_in("bob", second)
+    carol = cluster.log_in("carol", second)
+    bob.say("before the crash")
+    shown = [wait_for(alice, said("before the crash"))]
+    first.process.kill()  # kill -9: no goodbye, no clean-up
+    wait_for(alice, lambda event: isinstance(event, Reconnecting))
+    bob.say("while alice moves")
+    events = []
+    event = alice.next_event(timeout=TIMEOUT * 3)
+    while event is not None and not isinstance(event, Reconnected):
+        events.append(event)
+        event = alice.next_event(timeout=TIMEOUT * 3)
+    assert isinstance(event, Reconnected), events
+    assert (alice.host, alice.port) == ("127.0.0.1", second.port)  # the same session, on the other node
+    alice.say("alice is back")
+    wait_for(carol, said("alice is back"))
+    bob.say("after the move")
+    event = alice.next_event(timeout=TIMEOUT)
+    while event is not None:
+        events.append(event)
+        if said("after the move")(event):
+            break
+        event = alice.next_event(timeout=TIMEOUT)
+    shown += [event for event in events if isinstance(event, Chat)]
+    texts = [event.text for event in shown]
+    assert texts.count("before the crash") == 1 and texts.count("after the move") == 1, texts
+    assert "while alice moves" in texts  # missed while moving, caught up on the other node
+    assert len({event.id for event in shown}) == len(shown), "a line was shown twice"
