@@ -131,6 +131,12 @@ def hide_password(url: str) -> str:
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{place}"
 
 
+def check_workers(text: str) -> None:
+    """``auto`` (one per core) or a number of server processes from 1 to 64."""
+    if text != "auto" and (not text.isdigit() or not 1 <= int(text) <= 64):
+        raise ValueError("must be auto (one per core) or a number from 1 to 64")
+
+
 def check_host(host: str) -> None:
     """Refuse an empty host, which would listen on every interface without saying so."""
     if not host:
@@ -212,6 +218,14 @@ class ServerConfig:
         metavar="URL",
         check=check_backend,
     )
+    workers: str = option(
+        "1",
+        "server processes on this port, sharing rooms through --backend redis://… (auto: one per core)",
+        metavar="N",
+        check=check_workers,
+    )
+    #: Set in a worker of --workers: listen with SO_REUSEPORT beside the others.
+    reuse_port: bool = False
     history_limit: int = option(
         1000, "lines kept per room and per private conversation; 0 turns history off", at_least=0
     )

@@ -174,6 +174,7 @@ class ChatServer:
             (config.host, config.port),
             family=socket.AF_INET6 if ":" in config.host else socket.AF_INET,
             backlog=512,
+            reuse_port=config.reuse_port,
         )
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         try:

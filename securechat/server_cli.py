@@ -30,6 +30,7 @@ from securechat.config import (
 from securechat.crypto_utils import CryptoError
 from securechat.history import StoreError
 from securechat.listener import ChatServer
+from securechat.workers import run_workers, worker_count, worker_number
 
 log = logging.getLogger("chat.server")
 
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    worker = worker_number()
+    tag = f"worker {worker} " if worker else ""  # which process of --workers said it
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {tag}%(levelname)s %(message)s", stream=sys.stderr)
     if args.command:
         return run_admin_command(args)
     config = config_from_args(args)
@@ -111,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_to_toml(config), end="")
         return 0
+    workers = 1 if worker else worker_count(config.workers)
+    if workers > 1:
+        if config.backend == "memory":
+            print(
+                "error: --workers needs rooms the processes share: add --backend redis://HOST:PORT/DB", file=sys.stderr
+            )
+            return EXIT_BAD_CONFIG
+        return run_workers(config, workers, list(sys.argv[1:] if argv is None else argv))
+    config.reuse_port = bool(worker)
     try:
         server = ChatServer(config)
     except (CryptoError, UserStoreError, StoreError, BackendUnavailable) as exc:
@@ -156,3 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("shutting down")
         server.server_close()
     return 0
+
+
+if __name__ == "__main__":  # how --workers starts each worker: python -m securechat.server_cli
+    sys.exit(main())

@@ -71,6 +71,7 @@ def test_every_option_can_be_set_in_a_file(tmp_path):
         "allow-demo-accounts": True,
         "default-room": "#hall",
         "backend": "redis://redis.internal:6379/2",
+        "workers": "auto",
     }
     for spec in option_fields():
         if option_key(spec) not in changed:  # a number: one more than its default

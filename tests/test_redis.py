@@ -218,3 +218,63 @@ def test_a_killed_nodes_clients_resume_on_the_other_and_nothing_is_shown_twice(c
     assert texts.count("before the crash") == 1 and texts.count("after the move") == 1, texts
     assert "while alice moves" in texts  # missed while moving, caught up on the other node
     assert len({event.id for event in shown}) == len(shown), "a line was shown twice"
+
+
+def test_workers_serve_clients_from_every_process_and_stop_together(tmp_path, users_file, redis_server):
+    import signal
+
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    node = ServerProcess([*where, "--backend", redis_server.url, "--workers", "2"])
+    clients = []
+    try:
+        for index in range(12):  # the kernel spreads connections by their addresses: both get some
+            name = ("alice", "bob", "carol")[index % 3]
+            client = ChatClient(
+                "127.0.0.1",
+                node.port,
+                server_fingerprint=node.fingerprint,
+                known_hosts=KnownHosts(tmp_path / "known_hosts"),
+                timeout=TIMEOUT * 2,
+            )
+            clients.append(client)
+            client.login(name, password_of(name))
+        clients[0].say("heard in every process")
+        for client in clients[1:]:
+            wait_for(client, said("heard in every process"))
+        pid = node.process.pid
+        children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert len(children) == 2
+        started = time.monotonic()
+        node.process.send_signal(signal.SIGTERM)
+        status = node.process.wait(timeout=TIMEOUT)
+        assert status == 0 and time.monotonic() - started < 2.5
+        assert not any(_alive(child) for child in children)
+    finally:
+        for client in clients:
+            client.close()
+        _, errors = node.stop()
+    logins = [line for line in errors.splitlines() if "login ok" in line]
+    assert {line.split(" worker ")[1][0] for line in logins} == {"1", "2"}, logins
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_need_a_shared_backend(tmp_path, users_file):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--port", "0", "--users", str(users_file), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: --workers needs rooms the processes share")

@@ -1,0 +1,168 @@
+"""``--workers N``: several server processes on one port, sharing rooms through the backend.
+
+One process holds one core (its RSA work runs under one GIL), and the server's cost is
+per recipient: each process encrypts only for the clients connected to it. So the
+supervisor here starts N ordinary server processes that each listen on the same port
+with ``SO_REUSEPORT`` (the kernel spreads new connections among them) and share rooms
+through Redis. It makes the data directory's keys first (so the workers do not race to
+create them), restarts a worker that dies, and stops them all on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import securechat
+from securechat import crypto_utils
+from securechat.config import (
+    CLUSTER_KEY_FILE,
+    SERVER_KEY_FILE,
+    TOKEN_SECRET_FILE,
+    ServerConfig,
+    hide_password,
+)
+from securechat.listener import check_private_directory
+
+log = logging.getLogger("chat.server")
+
+#: Set in a worker's environment: its number (1, 2, ...). A worker listens with SO_REUSEPORT.
+WORKER_VARIABLE = "CHAT_WORKER"
+#: How long a worker has to start (load its key, reach Redis, listen).
+START_TIMEOUT = 30.0
+#: A worker that died is started again after this long (longer if it keeps dying at once).
+RESTART_DELAY = 1.0
+#: How long the workers have to stop before they are killed (the whole stop stays within 2 s).
+STOP_TIMEOUT = 1.8
+
+
+def worker_count(text: str) -> int:
+    """``auto`` (one per core this process may use) or a number of workers."""
+    if text == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    return int(text)
+
+
+def worker_number() -> int:
+    """This process's worker number, or 0 when it is not a worker."""
+    value = os.environ.get(WORKER_VARIABLE, "")
+    return int(value) if value.isdigit() else 0
+
+
+class Worker:
+    """One server process and what the supervisor knows of it."""
+
+    def __init__(self, number: int, command: list[str]) -> None:
+        self.number = number
+        self.command = command
+        self.process: subprocess.Popen[str] | None = None
+        self.started_at = 0.0
+        self.restart_delay = RESTART_DELAY
+
+    def start(self) -> None:
+        env = {**os.environ, WORKER_VARIABLE: str(self.number)}
+        package_home = str(Path(securechat.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_home, env.get("PYTHONPATH", "")]))
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
+        )
+        self.started_at = time.monotonic()
+
+    def wait_listening(self) -> bool:
+        """Read the worker's output until it says it listens; False if it exited first."""
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("Listening on"):
+                threading.Thread(target=_drain, args=(self.process.stdout,), daemon=True).start()
+                return True
+        return False
+
+
+def _drain(stream: IO[str]) -> None:
+    for _line in stream:  # a worker prints nothing more; read so that it never blocks on a full pipe
+        pass
+
+
+def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
+    """Start ``count`` workers on one port and supervise them until Ctrl-C or SIGTERM; returns the exit status."""
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private_directory(data_dir)
+    # Made here, once: N workers starting together must not each make a different key.
+    private_key = crypto_utils.load_or_create_private_key(data_dir / SERVER_KEY_FILE, config.key_size)
+    crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE)
+    crypto_utils.load_or_create_secret(data_dir / CLUSTER_KEY_FILE)
+    # Holds the port (bound, never listening: the kernel routes no connection to it) while
+    # workers come and go; with --port 0 it is also how the workers learn which port.
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    reservation = socket.socket(family, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reservation.bind((config.host, config.port))
+    port = reservation.getsockname()[1]
+    command = [sys.executable, "-m", "securechat.server_cli", *argv, "--workers", "1", "--port", str(port)]
+    workers = [Worker(number, command) for number in range(1, count + 1)]
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            if not worker.wait_listening():
+                log.error("worker %d could not start (its error is above)", worker.number)
+                return 1
+        fingerprint = crypto_utils.fingerprint(private_key.public_key())
+        print(f"Server key fingerprint: {private_key.key_size} {fingerprint} (RSA)")
+        print(f"Rooms shared through {hide_password(config.backend)}")
+        print(f"Listening on {config.host}:{port} ({count} worker processes)", flush=True)
+        while not stopping.wait(0.2):
+            for worker in workers:
+                _restart_if_dead(worker, stopping)
+        return 0
+    finally:
+        _stop_all(workers)
+        reservation.close()
+
+
+def _restart_if_dead(worker: Worker, stopping: threading.Event) -> None:
+    process = worker.process
+    if process is None or process.poll() is None:
+        return
+    lived = time.monotonic() - worker.started_at
+    log.warning("worker %d exited with status %s; starting it again", worker.number, process.returncode)
+    # One that dies at once (a bad disk, Redis gone) is restarted ever more slowly, not in a tight loop.
+    worker.restart_delay = RESTART_DELAY if lived > 30 else min(30.0, worker.restart_delay * 2)
+    if stopping.wait(worker.restart_delay):
+        return
+    worker.start()
+    if not worker.wait_listening():
+        log.error("worker %d could not start again", worker.number)
+
+
+def _stop_all(workers: list[Worker]) -> None:
+    running = [worker.process for worker in workers if worker.process is not None and worker.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for process in running:
+        try:
+            process.wait(timeout=max(0.01, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
