@@ -1,0 +1,237 @@
+"""No lock held over I/O or crypto, and nobody kept waiting behind one (issue 15, item 15).
+
+Each place the review found is tested by making its slow step slow on purpose (an
+fsync, a member's delivery) and checking what must not wait for it does not: token
+checks and revocations while the journal is on disk, a member's line while a room's
+join round goes out. The group writer under the journal and the client's socket is
+tested on its own first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import types
+
+import pytest
+from conftest import TIMEOUT, wait_until
+
+from securechat import accounts
+from securechat.accounts import RevocationNotSaved, TokenAuthority, TokenClaims
+from securechat.group_writer import GroupWriter
+
+#: What "at once" means here: far below the deliberately slow step, far above a lock's cost.
+PROMPTLY = TIMEOUT / 10
+
+
+class HeldWrite:
+    """A ``write`` for a GroupWriter that records its batches and can be held inside its first call."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        #: The number of the call (from 1) that fails as on a full disk; 0 for none.
+        self.failing_call = 0
+
+    def __call__(self, items: list[str]) -> None:
+        self.batches.append(items)
+        if len(self.batches) == 1:
+            self.inside.set()
+            assert self.release.wait(TIMEOUT)
+        if len(self.batches) == self.failing_call:
+            raise OSError(28, "No space left on device")
+
+
+def in_thread(target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args)
+    thread.start()
+    return thread
+
+
+# --------------------------------------------------------------------------- the group writer
+
+
+def test_callers_waiting_for_a_busy_writer_go_out_together_in_order():
+    write = HeldWrite()
+    writer: GroupWriter[str] = GroupWriter(write)
+    first = in_thread(lambda: writer.flush(writer.put("a")))
+    assert write.inside.wait(TIMEOUT)
+    waiters = []
+    for item in ("b", "c", "d"):  # put in this order, then each waits in its own thread
+        ticket = writer.put(item)
+        waiters.append(in_thread(writer.flush, ticket))
+    write.release.set()
+    for thread in (first, *waiters):
+        thread.join(TIMEOUT)
+    assert write.batches == [["a"], ["b", "c", "d"]]  # one write for the three that waited
+
+
+def test_a_failed_batch_fails_each_of_its_items_and_the_next_batch_is_tried():
+    write = HeldWrite()
+    writer: GroupWriter[str] = GroupWriter(write)
+    first = in_thread(lambda: writer.flush(writer.put("a")))
+    assert write.inside.wait(TIMEOUT)
+    errors: list[BaseException | None] = []
+
+    def put_and_flush(item: str) -> None:
+        ticket = writer.put(item)
+        try:
+            writer.flush(ticket)
+        except OSError as exc:
+            errors.append(exc)
+        else:
+            errors.append(None)
+
+    waiters = [in_thread(put_and_flush, item) for item in ("b", "c")]
+    wait_until(lambda: len(writer._queued) == 2)
+    write.failing_call = 2  # the second batch ("b", "c") meets a full disk
+    write.release.set()
+    for thread in (first, *waiters):
+        thread.join(TIMEOUT)
+    assert len(errors) == 2 and all(isinstance(error, OSError) and error.errno == 28 for error in errors)
+    writer.flush(writer.put("e"))  # the disk has room again
+    assert write.batches[-1] == ["e"]
+
+
+def test_an_item_that_need_not_wait_is_left_to_the_writer_at_work():
+    write = HeldWrite()
+    writer: GroupWriter[str] = GroupWriter(write)
+    first = in_thread(lambda: writer.flush(writer.put("a")))
+    assert write.inside.wait(TIMEOUT)
+    started = time.monotonic()
+    writer.put("pong")
+    writer.flush(wait=False)  # returns at once: the writer at work sends it before it stops
+    assert time.monotonic() - started < PROMPTLY
+    write.release.set()
+    first.join(TIMEOUT)
+    assert write.batches == [["a"], ["pong"]]
+
+
+def test_close_waits_for_the_write_under_way_and_refuses_later_items():
+    write = HeldWrite()
+    writer: GroupWriter[str] = GroupWriter(write)
+    first = in_thread(lambda: writer.flush(writer.put("a")))
+    assert write.inside.wait(TIMEOUT)
+    closer = in_thread(writer.close)
+    time.sleep(PROMPTLY)
+    assert closer.is_alive()  # a socket must not be closed under the thread writing to it
+    write.release.set()
+    closer.join(TIMEOUT)
+    first.join(TIMEOUT)
+    with pytest.raises(OSError, match="closed"):
+        writer.flush(writer.put("late"))
+    assert write.batches == [["a"]]
+
+
+# --------------------------------------------------------------------------- the revocation journal
+
+
+def claims_of(session_id: str) -> TokenClaims:
+    return TokenClaims("alice", 0, 0, f"jti-{session_id}", "kt", "", session_id)
+
+
+class HeldFsync:
+    """``os.fsync`` that can be held inside its next call, counting the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.hold_next = False
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self._real = os.fsync
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        if self.hold_next:
+            self.hold_next = False
+            self.inside.set()
+            assert self.release.wait(TIMEOUT)
+        self._real(fd)
+
+
+@pytest.fixture
+def held_fsync(monkeypatch) -> HeldFsync:
+    fsync = HeldFsync()
+    monkeypatch.setattr(os, "fsync", fsync)
+    yield fsync
+    fsync.release.set()  # a failed test must not leave a thread held
+
+
+def test_a_slow_fsync_delays_no_token_check_and_one_fsync_covers_the_revocations_waiting(tmp_path, held_fsync):
+    path = tmp_path / "revoked"
+    authority = TokenAuthority(b"k" * 32, revoked_path=path)
+    live_token, _ = authority.issue("bob", "kt")
+    held_fsync.calls, held_fsync.hold_next = 0, True
+    results: list[bool] = []
+    first = in_thread(lambda: results.append(authority.revoke(claims_of("session-0"))))
+    assert held_fsync.inside.wait(TIMEOUT)  # the disk is slow: session-0's fsync has not returned
+    others = [
+        in_thread(lambda index=index: results.append(authority.revoke(claims_of(f"session-{index}"))))
+        for index in range(1, 6)
+    ]
+    wait_until(lambda: authority._journal is not None and len(authority._journal._queued) == 5)
+    # Meanwhile every revocation is in force already, and token checks answer at once.
+    started = time.monotonic()
+    assert all(authority.is_revoked(f"session-{index}") for index in range(6))
+    assert authority.verify(live_token, "kt", "bob").username == "bob"
+    assert time.monotonic() - started < PROMPTLY
+    held_fsync.release.set()
+    for thread in (first, *others):
+        thread.join(TIMEOUT)
+    assert results == [True] * 6
+    assert held_fsync.calls == 2  # session-0's, then one for the five that waited behind it
+    reloaded = TokenAuthority(b"k" * 32, revoked_path=path)
+    assert all(reloaded.is_revoked(f"session-{index}") for index in range(6))
+
+
+def test_a_compaction_on_a_slow_disk_keeps_revocations_in_force_and_loses_none(tmp_path, held_fsync, monkeypatch):
+    now = [1_000_000.0]
+    monkeypatch.setattr(accounts, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic))
+    monkeypatch.setattr(accounts, "MIN_JOURNAL_LINES", 4)
+    path = tmp_path / "revoked"
+    authority = TokenAuthority(b"k" * 32, ttl=60, revoked_path=path)
+    for index in range(4):
+        authority.revoke(claims_of(f"old-{index}"))
+    now[0] += 3600  # every one of them has expired
+    held_fsync.hold_next = True
+    compacting = in_thread(authority.revoke, claims_of("new-0"))  # the fifth line: the journal is rewritten
+    assert held_fsync.inside.wait(TIMEOUT)
+    started = time.monotonic()
+    spender = in_thread(authority.revoke, claims_of("new-1"))  # revoked while the rewrite is on disk
+    wait_until(lambda: authority.is_revoked("new-1"), timeout=PROMPTLY)  # in force at once, not after the rewrite
+    assert authority.is_revoked("new-0") and time.monotonic() - started < PROMPTLY
+    held_fsync.release.set()
+    compacting.join(TIMEOUT)
+    spender.join(TIMEOUT)
+    assert not authority.is_revoked("old-0")  # forgotten once the rewrite was safe
+    reloaded = TokenAuthority(b"k" * 32, ttl=60, revoked_path=path)
+    assert reloaded.is_revoked("new-0") and reloaded.is_revoked("new-1") and not reloaded.is_revoked("old-3")
+
+
+def test_every_revocation_of_a_batch_the_disk_refused_says_so(tmp_path, held_fsync):
+    path = tmp_path / "revoked"
+    authority = TokenAuthority(b"k" * 32, revoked_path=path)
+    held_fsync.hold_next = True
+    first = in_thread(authority.revoke, claims_of("session-0"))
+    assert held_fsync.inside.wait(TIMEOUT)
+    outcomes: list[str] = []
+
+    def revoke(session_id: str) -> None:
+        try:
+            authority.revoke(claims_of(session_id))
+            outcomes.append("saved")
+        except RevocationNotSaved:
+            outcomes.append("not saved")
+
+    waiting = [in_thread(revoke, f"session-{index}") for index in (1, 2)]
+    wait_until(lambda: authority._journal is not None and len(authority._journal._queued) == 2)
+    path.unlink()
+    path.mkdir()  # the next append fails (a failing disk acts alike)
+    held_fsync.release.set()
+    for thread in (first, *waiting):
+        thread.join(TIMEOUT)
+    assert outcomes == ["not saved", "not saved"]
+    assert authority.is_revoked("session-1") and authority.is_revoked("session-2")  # refused all the same
+    path.rmdir()
