@@ -20,6 +20,8 @@ from conftest import TIMEOUT, wait_until
 from securechat import accounts
 from securechat.accounts import RevocationNotSaved, TokenAuthority, TokenClaims
 from securechat.group_writer import GroupWriter
+from securechat.protocol import Chat, Notice
+from securechat.rooms import Room
 
 #: What "at once" means here: far below the deliberately slow step, far above a lock's cost.
 PROMPTLY = TIMEOUT / 10
@@ -235,3 +237,60 @@ def test_every_revocation_of_a_batch_the_disk_refused_says_so(tmp_path, held_fsy
     assert outcomes == ["not saved", "not saved"]
     assert authority.is_revoked("session-1") and authority.is_revoked("session-2")  # refused all the same
     path.rmdir()
+
+
+# --------------------------------------------------------------------------- join notices
+
+
+class SlowMember:
+    """A room member whose ``deliver`` can be held at its first join notice (a round to 10,000 takes a while)."""
+
+    def __init__(self, name: str, *, hold_at_join_notice: bool = False) -> None:
+        self.name = name
+        self.session_id = f"session-{name}"
+        self.received: list[object] = []
+        self.hold_at_join_notice = hold_at_join_notice
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def deliver(self, message: object) -> None:
+        if self.hold_at_join_notice and isinstance(message, Notice) and message.event == "joined":
+            self.hold_at_join_notice = False
+            self.inside.set()
+            assert self.release.wait(TIMEOUT)
+        self.received.append(message)
+
+
+def say_in(room: Room, sender: SlowMember, text: str) -> None:
+    """What the hub does for a line: its sender's join notice first, then the numbered line."""
+    room.before_line_from(sender.name)
+    room.deliver_published(Chat(sender=sender.name, text=text, sent_at=0.0, room=room.name, id=1, seq=1))
+
+
+def test_a_round_of_join_notices_going_out_holds_up_only_what_is_about_those_it_announces():
+    room = Room("#test", join_notice_delay=60)  # rounds go out when the test says
+    old, slow = SlowMember("old"), SlowMember("slow", hold_at_join_notice=True)
+    for member in (old, slow):
+        room.join(member)
+    room.send_join_notices()  # "slow" is announced to "old" (a round, but nobody is held yet)
+    slow.hold_at_join_notice = True
+    new = SlowMember("new")
+    room.join(new)
+    round_ = in_thread(room.send_join_notices)  # "new joined": handed to old, then held at slow
+    assert slow.inside.wait(TIMEOUT)
+    try:
+        started = time.monotonic()
+        say_in(room, old, "not kept waiting")  # before: queued behind the whole round
+        assert time.monotonic() - started < PROMPTLY
+        assert any(isinstance(message, Chat) for message in new.received)
+        early = in_thread(say_in, room, new, "hello")  # about "new": must wait for its notice
+        time.sleep(PROMPTLY)
+        assert early.is_alive()
+    finally:
+        slow.release.set()
+    round_.join(TIMEOUT)
+    early.join(TIMEOUT)
+    notice = next(index for index, item in enumerate(slow.received) if isinstance(item, Notice))
+    line = next(index for index, item in enumerate(slow.received) if isinstance(item, Chat) and item.sender == "new")
+    assert notice < line  # nothing about "new" overtook its join notice
+    room.close()
