@@ -15,10 +15,11 @@ import time
 import types
 
 import pytest
-from conftest import TIMEOUT, wait_until
+from conftest import TIMEOUT, drain, password_of, wait_for, wait_until
 
 from securechat import accounts
 from securechat.accounts import RevocationNotSaved, TokenAuthority, TokenClaims
+from securechat.client import ChatClient, ChatError, KnownHosts
 from securechat.group_writer import GroupWriter
 from securechat.protocol import Chat, Notice
 from securechat.rooms import Room
@@ -294,3 +295,93 @@ def test_a_round_of_join_notices_going_out_holds_up_only_what_is_about_those_it_
     line = next(index for index, item in enumerate(slow.received) if isinstance(item, Chat) and item.sender == "new")
     assert notice < line  # nothing about "new" overtook its join notice
     room.close()
+
+
+# --------------------------------------------------------------------------- the client's sends
+
+
+class HeldSend:
+    """Wraps a client's frame writer's send so that its next call is held before it sends; counts frames per send."""
+
+    def __init__(self, client: ChatClient) -> None:
+        assert client._frames is not None
+        self._send = client._frames._write
+        client._frames._write = self
+        self.frames_per_send: list[int] = []
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, frames: list[bytes]) -> None:
+        self.frames_per_send.append(len(frames))
+        if len(self.frames_per_send) == 1:
+            self.inside.set()
+            assert self.release.wait(TIMEOUT)
+        self._send(frames)
+
+
+def test_a_send_held_on_the_wire_holds_no_lock_and_the_lines_behind_it_keep_their_order(connect):
+    alice, bob = connect("alice"), connect("bob")
+    send = HeldSend(alice)
+    first = in_thread(alice.say, "one")
+    assert send.inside.wait(TIMEOUT)  # "one" is sealed, its sendall has not returned
+    try:
+        assert alice.send_lock.acquire(timeout=PROMPTLY)  # free: before, held over the sendall
+        alice.send_lock.release()
+        second = in_thread(alice.say, "two")
+        wait_until(lambda: alice._frames is not None and len(alice._frames._queued) == 1)
+        started = time.monotonic()
+        alice.answer_ping(alice._frames)  # what the reader does for a ping: it never waits on a send
+        assert time.monotonic() - started < PROMPTLY
+    finally:
+        send.release.set()
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert [wait_for(bob, lambda event: isinstance(event, Chat)).text for _ in range(2)] == ["one", "two"]
+    assert send.frames_per_send == [1, 2]  # "two" and the pong went out together, after "one"
+
+
+def test_the_login_is_signed_and_sealed_with_the_send_lock_free(server, tmp_path):
+    client = ChatClient(
+        *server.address, server_fingerprint=server.fingerprint, known_hosts=KnownHosts(tmp_path / "kh"), timeout=TIMEOUT
+    )
+    sign = client._auth_signature
+    lock_held_while_signing: list[bool] = []
+
+    def watched_sign(kind):
+        lock_held_while_signing.append(client.send_lock.locked())
+        return sign(kind)
+
+    client._auth_signature = watched_sign
+    try:
+        client.login("alice", password_of("alice"))
+        assert lock_held_while_signing == [False]  # before: the RSA signature and key wrap were made under it
+    finally:
+        client.close()
+
+
+def test_a_line_held_on_the_wire_when_its_link_is_replaced_never_goes_out_on_the_new_one(connect):
+    alice, bob = connect("alice"), connect("bob")
+    send = HeldSend(alice)
+    outcome: list[str] = []
+
+    def say_from_the_old_link() -> None:
+        try:
+            alice.say("from the old link")
+            outcome.append("sent")
+        except ChatError as exc:
+            outcome.append(str(exc))
+
+    speaker = in_thread(say_from_the_old_link)
+    assert send.inside.wait(TIMEOUT)
+    closer = in_thread(alice.close)  # as a reconnection begins: the old link is shut and given up
+    wait_until(lambda: alice.sock is None)
+    send.release.set()  # the held send goes on, onto the old, shut socket
+    closer.join(TIMEOUT)
+    speaker.join(TIMEOUT)
+    assert outcome and outcome[0].startswith("not sent: connection lost")
+    drain(alice, quiet=0.1)
+    alice.connect()
+    alice.resume()
+    alice.say("from the new link")
+    heard = [event.text for event in drain(bob, quiet=0.5) if isinstance(event, Chat)]
+    assert heard == ["from the new link"]
