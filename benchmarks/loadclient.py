@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from securechat.channel import ConnectionClosed, SecureChannel, SequenceError, read_frame  # noqa: E402
-from securechat.client import ChatClient, ChatError, Disconnected, KnownHosts, LoginRefused  # noqa: E402
+from securechat.client import ChatClient, ChatError, Disconnected, KnownHosts, LoginRefused, frame_writer  # noqa: E402
 from securechat.crypto_utils import CryptoError, PrivateKey  # noqa: E402
 from securechat.protocol import (  # noqa: E402
     MAX_FRAME_SIZE,
@@ -54,7 +54,6 @@ from securechat.protocol import (  # noqa: E402
     TokenRefresh,
     Welcome,
     decode_control,
-    encode_control,
     encode_frame,
 )
 
@@ -64,7 +63,6 @@ TEXT_LENGTH = 100
 MAX_SAMPLES_PER_CLIENT = 5000
 #: How long close() waits for a reader thread.
 READER_JOIN_TIMEOUT = 2.0
-PONG = encode_control("pong")
 #: Frames a load client checks in order and counts without opening: chat lines and notices (what the
 #: benchmarks count), and what entering a room at login brings (with 50 rooms, 150 frames a login,
 #: whose RSA unwraps would cost the load generator more than the server's work it measures).
@@ -206,6 +204,7 @@ class SamplingChatClient(ChatClient):
         """Take ``sock`` (not yet connected) as this client's connection, for a ``LoginDriver`` to run."""
         self._closing.clear()
         self.sock = sock  # so that close() closes it
+        self._frames = frame_writer(sock)
 
     def close(self) -> None:
         self.driven = False
@@ -238,8 +237,9 @@ class SamplingChatClient(ChatClient):
         if frame_type is FrameType.CONTROL:
             control = decode_control(body)
             if control["type"] == "ping":
-                with self.send_lock:
-                    sock.sendall(PONG)
+                frames = self._frames
+                if frames is not None:  # None once close() has begun
+                    self.answer_ping(frames)
             elif control["type"] == "error":
                 self.failure = str(control.get("message", "error"))
                 return self.failure, False
@@ -665,8 +665,7 @@ class LoginDriver:
             if connection.state == "hello":
                 client.accept_server_hello(frame_type, body)
                 login = client.login_builder(connection.outcome.name, connection.password)
-                with client.send_lock:
-                    sock.sendall(client.login_frame(login))
+                sock.sendall(client.login_frame(login))  # no lock: nothing else is sent before the welcome
                 connection.state = "login"
             elif connection.state == "login":
                 name = connection.outcome.name

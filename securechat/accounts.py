@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from securechat.crypto_utils import CryptoError, InsecureFileError, check_not_writable_by_others, check_owner_only
+from securechat.group_writer import GroupWriter
 from securechat.protocol import validate_username
 
 log = logging.getLogger("chat.accounts")
@@ -65,6 +66,8 @@ TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "sid", "cnf", "iss", "acct")
 DEFAULT_TOKEN_TTL = 12 * 3600
 #: The revocation journal is compacted once it holds this many lines and twice the live ones.
 MIN_JOURNAL_LINES = 1000
+#: Expired revocations a compaction forgets per hold of the lock that every token check takes.
+FORGET_BATCH = 1000
 
 
 class UserStoreError(Exception):
@@ -668,15 +671,21 @@ class TokenAuthority:
         #: Where revoked token ids are kept across restarts (None: in memory only).
         self.revoked_path = revoked_path
         # Guards _revoked: session id -> when its last token expires at the latest. Sessions
-        # are revoked when spent by a resume or given up by a leave. Held only for lookups.
+        # are revoked when spent by a resume or given up by a leave. Every frame's verification
+        # takes it, so it is held for lookups and single changes only: never over the journal's
+        # I/O, and over nothing longer than a copy of the dict (a compaction's snapshot).
         self._revoked_lock = threading.Lock()
-        # Serializes writes of the file that mirrors _revoked, so they land in order without
-        # holding _revoked_lock (which every frame's verification takes) during an fsync.
-        self._revoked_file_lock = threading.Lock()
         self._revoked: dict[str, int] = self._load_revoked()
         #: Lines in the journal file (live or expired), and how many it had after the last
-        #: compaction: it is compacted again once it has doubled.
+        #: compaction: it is compacted again once it has doubled. Only the journal's writer
+        #: (the one caller at a time that ``_journal`` lets write) touches them.
         self._journal_lines = self._compacted_lines = len(self._revoked)
+        # Writes revocations to the journal in batches, one fsync each (group commit): a
+        # revoking thread waits for its batch without holding any lock, and whoever finds
+        # the journal free writes for everyone waiting. None when there is no journal.
+        self._journal: GroupWriter[tuple[str, int]] | None = (
+            GroupWriter(self._write_journal) if revoked_path is not None else None
+        )
 
     def _load_revoked(self) -> dict[str, int]:
         """Read the revocation journal (one ``session-id until`` line each), keeping what is live."""
@@ -704,35 +713,54 @@ class TokenAuthority:
             log.warning("%s: skipped %d damaged line(s)", self.revoked_path, damaged)
         try:
             self._rewrite_revoked(revoked)  # drop what expired while we were down
-        except RevocationNotSaved as exc:  # what was read is still in force; the old file stays
-            log.error("%s", exc)
+        except OSError as exc:  # what was read is still in force; the old file stays
+            log.error("%s", RevocationNotSaved(self.revoked_path, exc))
         return revoked
 
     def _rewrite_revoked(self, revoked: dict[str, int]) -> None:
-        """Write the journal anew with ``revoked``; ``RevocationNotSaved`` if it cannot be."""
-        if self.revoked_path is None:
-            return
-        try:
-            write_file_atomically(self.revoked_path, "".join(f"{sid} {until}\n" for sid, until in revoked.items()))
-        except OSError as exc:
-            raise RevocationNotSaved(self.revoked_path, exc) from exc
+        """Write the journal anew with ``revoked``. Raises ``OSError``."""
+        assert self.revoked_path is not None
+        write_file_atomically(self.revoked_path, "".join(f"{sid} {until}\n" for sid, until in revoked.items()))
 
-    def _append_revoked(self, session_id: str, until: int) -> None:
-        if self.revoked_path is None:
-            return
+    def _append_revoked(self, entries: list[tuple[str, int]]) -> None:
+        """Append one line per entry to the journal, then fsync once. Raises ``OSError``."""
+        assert self.revoked_path is not None
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(self.revoked_path, flags, 0o600)
         try:
-            fd = os.open(self.revoked_path, flags, 0o600)
-            try:
-                # A leading newline ends any line an earlier crash left torn (empty lines are skipped).
-                line = memoryview(f"\n{session_id} {until}\n".encode("ascii"))
-                while line:
-                    line = line[os.write(fd, line) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise RevocationNotSaved(self.revoked_path, exc) from exc
+            # A leading newline ends any line an earlier crash left torn (empty lines are skipped).
+            lines = memoryview(("\n" + "".join(f"{sid} {until}\n" for sid, until in entries)).encode("ascii"))
+            while lines:
+                lines = lines[os.write(fd, lines) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_journal(self, entries: list[tuple[str, int]]) -> None:
+        """Make a batch of revocations durable (``_journal``'s write: one caller at a time, no lock held).
+
+        Appends them, or, once the journal has doubled since it was last compacted,
+        rewrites it with every revocation still live: the batch's are in ``_revoked``
+        already (revoke() puts them there first), and any revoked after the snapshot
+        are in a later batch, appended after this one. Raises ``OSError``.
+        """
+        if self._journal_lines + len(entries) <= max(MIN_JOURNAL_LINES, 2 * self._compacted_lines):
+            self._append_revoked(entries)
+            self._journal_lines += len(entries)
+            return
+        now = time.time()
+        with self._revoked_lock:
+            snapshot = list(self._revoked.items())  # the only O(N) step under the lock, at C speed
+        live = {sid: until for sid, until in snapshot if until >= now}
+        self._rewrite_revoked(live)
+        self._journal_lines = self._compacted_lines = len(live)
+        # Only this writer removes entries, and an entry's time never changes, so these are
+        # still the expired ones. A few at a time: lookups go on in between.
+        expired = [sid for sid, until in snapshot if until < now]
+        for start in range(0, len(expired), FORGET_BATCH):
+            with self._revoked_lock:
+                for sid in expired[start : start + FORGET_BATCH]:
+                    del self._revoked[sid]
 
     def issue(self, username: str, key_thumbprint: str, account: str = "", session_id: str = "") -> tuple[str, int]:
         """A new token for ``username`` bound to the key with ``key_thumbprint``.
@@ -820,28 +848,24 @@ class TokenAuthority:
         revoking are one step, so of two resumes of one token racing each other only
         one can spend it. Raises ``RevocationNotSaved`` when the journal cannot be written:
         the session is refused from now on, but a restart would forget it, so the caller
-        must say so. One line is appended to the journal per revocation; it is
-        rewritten without the expired entries only once it has doubled since the last
-        rewrite, so the cost per revocation stays constant on average however many there are.
+        must say so. Returns once the revocation is on disk: revocations made at the
+        same time share one fsync. One line is appended to the journal per revocation;
+        it is rewritten without the expired entries only once it has doubled since the
+        last rewrite, so the cost per revocation stays constant on average however many
+        there are.
         """
         now = time.time()
         # A refresh may have issued a token up to one lifetime from now, never later.
         until = int(now) + self.ttl + 1
-        with self._revoked_file_lock:
-            with self._revoked_lock:
-                if claims.session_id in self._revoked:
-                    return False
-                self._revoked[claims.session_id] = until
-                self._journal_lines += 1
-                compact = self._journal_lines > max(MIN_JOURNAL_LINES, 2 * self._compacted_lines)
-                if compact:
-                    expired = [sid for sid, end in self._revoked.items() if end < now]
-                    for session_id in expired:
-                        del self._revoked[session_id]
-                    live = dict(self._revoked)
-                    self._journal_lines = self._compacted_lines = len(live)
-            if compact:
-                self._rewrite_revoked(live)
-            else:
-                self._append_revoked(claims.session_id, until)
+        with self._revoked_lock:
+            if claims.session_id in self._revoked:
+                return False
+            self._revoked[claims.session_id] = until
+        if self._journal is None:
+            return True
+        # Refused from now on; the wait below is for the journal only, with no lock held.
+        try:
+            self._journal.flush(self._journal.put((claims.session_id, until)))
+        except OSError as exc:
+            raise RevocationNotSaved(self.revoked_path, exc) from exc
         return True

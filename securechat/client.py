@@ -28,6 +28,7 @@ from pathlib import Path
 from securechat import crypto_utils
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, read_frame
 from securechat.crypto_utils import CryptoError, PrivateKey, PublicKey
+from securechat.group_writer import GroupWriter
 from securechat.protocol import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -194,6 +195,11 @@ def _shown(value: object, limit: int = 300) -> str:
     return sanitize_text(str(value))[:limit]
 
 
+def frame_writer(sock: socket.socket) -> GroupWriter[bytes]:
+    """What sends ``sock``'s frames: those that pile up while a send is under way go in one ``sendall``."""
+    return GroupWriter(lambda frames: sock.sendall(b"".join(frames)))
+
+
 def _check_length(text: str) -> None:
     """Refuse before sending what the server would refuse for its size."""
     try:
@@ -338,13 +344,16 @@ class ChatClient:
         self.token = ""
         self.token_expires_at = 0
         self.sock: socket.socket | None = None
+        # Sends sock's frames in the order they were queued, with no lock held over a send.
+        self._frames: GroupWriter[bytes] | None = None
         self.channel: SecureChannel | None = None
         self._client_nonce = b""
         self._server_nonce = b""
         self._server_key: PublicKey | None = None
         self._server_key_der = b""
-        # Guards the socket's send side, the outgoing sequence numbers, and which session lines
-        # go out on (_session_ready and the token it goes with).
+        # Guards which session lines go out on (_session_ready, the token it goes with, sock,
+        # _frames) and the outgoing sequence numbers. Held to seal a frame (AES-GCM, cheap) and
+        # queue it in order; never over a send or RSA work.
         self.send_lock = threading.Lock()
         # True from a welcome until the connection is closed or replaced: lines may be sent.
         self._session_ready = False
@@ -366,6 +375,7 @@ class ChatClient:
         deadline = Deadline(self.timeout)
         self.sock = self._reach_a_server(deadline)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._frames = frame_writer(self.sock)
         try:
             self.sock.sendall(self.hello_frame())
             self.accept_server_hello(*self._read(deadline))
@@ -538,8 +548,11 @@ class ChatClient:
     def _authenticate(self, username: str, build: Callable[[str], Message]) -> Welcome:
         assert self.channel is not None and self.sock is not None
         try:
-            with self.send_lock:
-                self.sock.sendall(self.login_frame(build))
+            # Signed, sealed (RSA work both) and sent with no lock held: nothing else is sealed
+            # or sent on a connection before its welcome.
+            frames = self._frames
+            assert frames is not None
+            frames.flush(frames.put(self.login_frame(build)))
             welcome = self.accept_welcome(username, *self._read(Deadline(self.timeout)))
         except (ProtocolError, CryptoError) as exc:
             self.close()
@@ -558,8 +571,8 @@ class ChatClient:
     def login_frame(self, build: Callable[[str], Message]) -> bytes:
         """The sealed login (or resume) that ``build`` makes, under a fresh session key.
 
-        Call it with ``send_lock`` held until the frame is sent: it starts the
-        channel's session.
+        It starts the channel's session: nothing else may be sealed or sent on this
+        connection until the frame is sent (``say()`` and the others wait for the welcome).
         """
         assert self.channel is not None
         session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
@@ -616,17 +629,20 @@ class ChatClient:
             while not self._flood.allow():
                 time.sleep(0.05)
         with self.send_lock:
-            sock, channel = self.sock, self.channel
-            if not self._session_ready or sock is None or channel is None:
+            frames, channel = self._frames, self.channel
+            if not self._session_ready or frames is None or channel is None:
                 raise ChatError("not sent: not connected")
             try:
                 frame = channel.seal(build(self.token))
             except (ValueError, ProtocolError):  # the sealed frame would exceed the limit
                 raise MessageRefused("not sent: message too long") from None
-            try:
-                sock.sendall(frame)
-            except OSError as exc:
-                raise ChatError(f"not sent: connection lost ({exc.strerror or exc})") from None
+            # Queued in sequence order; sent below, by us or by whoever is sending on this
+            # connection. A reconnection replaces ``_frames``: this frame can only go out here.
+            queued = frames.put(frame)
+        try:
+            frames.flush(queued)
+        except OSError as exc:
+            raise ChatError(f"not sent: connection lost ({exc.strerror or exc})") from None
 
     @property
     def connected(self) -> bool:
@@ -721,6 +737,12 @@ class ChatClient:
                 pass
         self.close()
 
+    def answer_ping(self, frames: GroupWriter[bytes]) -> None:
+        """Send a pong on the connection ``frames`` writes to. Never waits for another sender:
+        if one is at work, it sends the pong too (a reader that waited would stop reading)."""
+        frames.put(PONG_FRAME)
+        frames.flush(wait=False)
+
     # ------------------------------------------------------------------ receiving
 
     def next_event(self, timeout: float | None = None) -> Event | None:
@@ -740,8 +762,8 @@ class ChatClient:
 
     def _run_reader(self) -> None:
         # This thread's own references: close() may clear the attributes under us.
-        sock, channel = self.sock, self.channel
-        assert sock is not None and channel is not None
+        sock, channel, frames = self.sock, self.channel, self._frames
+        assert sock is not None and channel is not None and frames is not None
         reason, clean, restarting = "connection closed", False, False
         try:
             while True:
@@ -751,8 +773,7 @@ class ChatClient:
                     # than a keepalive could come from anyone on the path, so it is not believed.
                     if not isinstance(decode_control_message(body), Ping):
                         raise ProtocolError("unexpected cleartext frame")
-                    with self.send_lock:
-                        sock.sendall(PONG_FRAME)
+                    self.answer_ping(frames)
                     continue
                 message = channel.open(body)
                 if isinstance(message, TokenRefresh):
@@ -904,10 +925,13 @@ class ChatClient:
             reader.join(timeout=2.0)
         with self.send_lock:
             self._session_ready = False
-            if self.sock is not None:
-                self.sock.close()
-            self.sock = None
+            sock, frames = self.sock, self._frames
+            self.sock, self._frames = None, None
             self.channel = None
+        if frames is not None:
+            frames.close()  # waits for a send under way (the shutdown above ended it): then none can start
+        if sock is not None:
+            sock.close()
         self._reader = None
 
     def __enter__(self) -> ChatClient:

@@ -130,7 +130,8 @@ class Room:
         self.join_notice_delay = join_notice_delay
         self.join_notice_rate = join_notice_rate
         self._clock = clock
-        # Guards sessions, topic, _recent, _pending_joins, _join_timer, _last_join_notices, _closed.
+        # Guards sessions, topic, _recent, _pending_joins, _join_timer, _last_join_notices,
+        # _announcing, _closed.
         self.members_lock = threading.Lock()
         #: account name -> its sessions in this room, oldest first.
         self.sessions: dict[str, list[Member]] = {}
@@ -143,9 +144,12 @@ class Room:
         self._join_timer: threading.Timer | None = None
         # When the last round of join notices went out, by ``_clock``.
         self._last_join_notices = -math.inf
-        # Held while join notices are taken and handed out (taken before members_lock),
-        # so a line or a leave that must come after them cannot overtake them.
-        self._join_notices_lock = threading.Lock()
+        # The accounts whose round of join notices is being handed out (with no lock held), or
+        # None: a line or a leave from one of them waits for the round, so it cannot overtake
+        # its notice, and the next round goes out after it. Nobody else waits for a round.
+        self._announcing: frozenset[str] | None = None
+        # Notified (with members_lock) when a round has been handed out.
+        self._round_done = threading.Condition(self.members_lock)
         # Set by close(): no more notices or timers after it.
         self._closed = False
 
@@ -182,7 +186,9 @@ class Room:
 
     def leave(self, member: Member, reason: str = "") -> bool:
         """Remove a session; True if it was its account's last here (the others are told)."""
-        self._announced_before(member.name)
+        # After any round going out too: the leaver is among its recipients, and must not hear
+        # of a join after it hears it left (a /part).
+        self._announced_before(member.name, any_round=True)
         with self.members_lock:
             sessions = self.sessions.get(member.name)
             if not sessions or all(existing is not member for existing in sessions):
@@ -263,17 +269,20 @@ class Room:
         return max(self.join_notice_delay, min(JOIN_NOTICE_MAX_DELAY, paced))
 
     def send_join_notices(self) -> None:
-        """Tell everyone of the joins not yet announced: each account hears of those who came after it."""
-        with self._join_notices_lock:
-            self._send_join_notices()
+        """Tell everyone of the joins not yet announced: each account hears of those who came after it.
+
+        Returns once they are handed out, and those of any round that was going out before.
+        """
+        self._send_join_notices()
 
     def _on_join_timer(self) -> None:
-        with self._join_notices_lock:
-            self._send_join_notices(from_timer=threading.current_thread())
+        self._send_join_notices(from_timer=threading.current_thread())
 
     def _send_join_notices(self, from_timer: threading.Thread | None = None) -> None:
         """Send the pending round; called by ``from_timer``, only if it is still the room's timer."""
-        with self.members_lock:  # the swap, the filter and the snapshot in one hold: no join can fall between
+        with self._round_done:  # the swap, the filter and the snapshot in one hold: no join can fall between
+            while self._announcing is not None:  # one round at a time, in order
+                self._round_done.wait()
             if from_timer is not None and from_timer is not self._join_timer:
                 # A round went out while this timer waited for the lock (too late to cancel it): the
                 # joins since then have a timer of their own, paced from that round.
@@ -285,10 +294,20 @@ class Room:
             everyone = [(name, list(sessions)) for name, sessions in self.sessions.items()]
             if joined:
                 self._last_join_notices = self._clock()
+                self._announcing = frozenset(joined)
         if timer is not None:
             timer.cancel()  # sent early (a line or a leave could not wait): the timer has nothing to do
         if not joined:
             return
+        try:
+            self._hand_out(joined, everyone)
+        finally:
+            with self._round_done:
+                self._announcing = None
+                self._round_done.notify_all()
+
+    def _hand_out(self, joined: list[str], everyone: list[tuple[str, list[Member]]]) -> None:
+        """Deliver a round's notices (O(members), no lock held): each account hears of those after it."""
         position = {name: index for index, name in enumerate(joined)}
         # Those who were here before the round all hear the same: one message, encoded once.
         for_earlier_members = joined_notices(joined, self.name)
@@ -300,13 +319,16 @@ class Room:
                 for session in sessions:
                     session.deliver(message)
 
-    def _announced_before(self, name: str) -> None:
-        """Send pending join notices now if ``name`` is among them: nothing about it may overtake its join."""
-        with self._join_notices_lock:
-            with self.members_lock:
-                pending = name in self._pending_joins
-            if pending:
-                self._send_join_notices()
+    def _announced_before(self, name: str, *, any_round: bool = False) -> None:
+        """Return once ``name``'s join notice is handed out, if it is pending or going out: nothing about
+        it may overtake it. A line from anyone else goes on at once, whatever a round is announcing;
+        ``any_round`` waits for a round going out in any case."""
+        with self._round_done:
+            while self._announcing is not None and (any_round or name in self._announcing):
+                self._round_done.wait()
+            pending = name in self._pending_joins
+        if pending:
+            self._send_join_notices()  # with any round going out meanwhile (which may have taken it) before
 
     def close(self) -> None:
         """Stop the notice timer (the server is shutting down); pending notices are dropped."""
