@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography.exceptions import InvalidKey
@@ -660,6 +660,21 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+class SharedRevocations(Protocol):
+    """Revocations several server processes share (the Redis backend's): ``revoke`` is the one
+    atomic arbiter (a session is spent once, whichever node asks), and every revocation is
+    announced to each process's ``on_revoked`` at once."""
+
+    def revoke(self, session_id: str, until: int) -> bool:
+        """Record it; False if it already was. Raises ``OSError`` if it cannot be recorded."""
+
+    def live(self) -> dict[str, int]:
+        """Every revocation still in force: session id -> until when."""
+
+    def subscribe(self, on_revoked: Callable[[str, int], None]) -> None:
+        """Call ``on_revoked(session_id, until)`` for every revocation made anywhere from now on."""
+
+
 class TokenAuthority:
     """Issues and verifies the server's JWTs. The secret never leaves this object."""
 
@@ -686,6 +701,21 @@ class TokenAuthority:
         self._journal: GroupWriter[tuple[str, int]] | None = (
             GroupWriter(self._write_journal) if revoked_path is not None else None
         )
+        #: Revocations shared with the other server processes (None: this process alone).
+        self._shared: SharedRevocations | None = None
+
+    def share_revocations(self, shared: SharedRevocations) -> None:
+        """From now on revocations go through ``shared`` (the journal file is no longer written:
+        processes sharing a data directory must not rewrite one file each)."""
+        self._shared = shared
+        self._journal = None
+        shared.subscribe(self._revoked_elsewhere)
+        with self._revoked_lock:
+            self._revoked.update(shared.live())
+
+    def _revoked_elsewhere(self, session_id: str, until: int) -> None:
+        with self._revoked_lock:
+            self._revoked[session_id] = until
 
     def _load_revoked(self) -> dict[str, int]:
         """Read the revocation journal (one ``session-id until`` line each), keeping what is live."""
@@ -842,6 +872,10 @@ class TokenAuthority:
         return time.time() >= (claims.issued_at + claims.expires_at) / 2
 
     def revoke(self, claims: TokenClaims) -> bool:
+        """Revoke the session of ``claims``: see ``revoke_session``."""
+        return self.revoke_session(claims.session_id)
+
+    def revoke_session(self, session_id: str) -> bool:
         """Refuse every token of this session from now on (none can resume it again).
 
         Returns True if this call revoked it, False if it already was: checking and
@@ -858,14 +892,19 @@ class TokenAuthority:
         # A refresh may have issued a token up to one lifetime from now, never later.
         until = int(now) + self.ttl + 1
         with self._revoked_lock:
-            if claims.session_id in self._revoked:
+            if session_id in self._revoked:
                 return False
-            self._revoked[claims.session_id] = until
+            self._revoked[session_id] = until
+        if self._shared is not None:  # the shared store decides which of two racing nodes spent it
+            try:
+                return self._shared.revoke(session_id, until)
+            except OSError as exc:
+                raise RevocationNotSaved(Path("(the shared store)"), exc) from exc
         if self._journal is None:
             return True
         # Refused from now on; the wait below is for the journal only, with no lock held.
         try:
-            self._journal.flush(self._journal.put((claims.session_id, until)))
+            self._journal.flush(self._journal.put((session_id, until)))
         except OSError as exc:
             raise RevocationNotSaved(self.revoked_path, exc) from exc
         return True

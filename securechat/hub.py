@@ -186,11 +186,14 @@ class ChatHub:
         config: HubConfig | None = None,
         accounts: AccountDirectory | None = None,
         motd_path: Path | None = None,
+        revoke_session: Callable[[str], object] | None = None,
     ) -> None:
         self.backend = backend
         self.config = config or HubConfig()
         self.accounts: AccountDirectory = accounts or OpenDirectory()
         self.motd = MessageOfTheDay(motd_path)
+        #: Ends a session of another server process by revoking its tokens (its process ends it).
+        self.revoke_session = revoke_session
         # Guards _ignores, _ignorers and _away_replies.
         self.personal_lock = threading.Lock()
         #: account with sessions here -> whom it ignores; and the reverse, for delivery.
@@ -626,7 +629,15 @@ class ChatHub:
                 continue
             if target == "others" or session.session_id.startswith(target):
                 chosen.append(session)
-        if not chosen:
+        local = {session.session_id for session in chosen} | {member.session_id}
+        elsewhere = [
+            info.session_id
+            for info in self.backend.sessions(member.name)
+            if info.session_id not in local and (target == "others" or info.session_id.startswith(target))
+        ]
+        if self.revoke_session is None:
+            elsewhere = []
+        if not chosen and not elsewhere:
             raise HubError("no_such_session", f"no other session {_clean(target, 20)} (see /sessions)")
         not_saved: RevocationNotSaved | None = None
         for session in chosen:
@@ -634,9 +645,15 @@ class ChatHub:
                 session.end("logged out from another device")
             except RevocationNotSaved as exc:  # that session ended all the same: end the others, then say so
                 not_saved = exc
+        for session_id in elsewhere:  # on another server process, which ends it once it sees the revocation
+            assert self.revoke_session is not None
+            try:
+                self.revoke_session(session_id)
+            except RevocationNotSaved as exc:
+                not_saved = exc
         if not_saved is not None:
             raise not_saved
-        return len(chosen)
+        return len(chosen) + len(elsewhere)
 
     # ------------------------------------------------------------------ roles and moderation
 

@@ -181,12 +181,15 @@ class ChatServer:
             if backend is None and config.backend != "memory":
                 from securechat.redis_backend import RedisBackend  # only a shared deployment needs redis
 
-                backend = RedisBackend(
+                shared = RedisBackend(
                     config.backend,
                     crypto_utils.load_or_create_secret(data_dir / CLUSTER_KEY_FILE),
                     history_limit=config.history_limit,
                     history_max_age=config.history_days * 86400,
                 )
+                # A /quit, /logout or resume on one node holds on every node, at once.
+                self.tokens.share_revocations(shared)
+                backend = shared
             if backend is None:
                 store = ChatStore(
                     data_dir / HISTORY_FILE,
@@ -208,6 +211,7 @@ class ChatServer:
                 ),
                 accounts=StoreDirectory(self.users),
                 motd_path=data_dir / MOTD_FILE,
+                revoke_session=self.tokens.revoke_session,
             )
         except BaseException:
             self.listener.close()
@@ -424,6 +428,13 @@ class ChatServer:
             return
         claims = connection.claims
         if claims is None:
+            return
+        if self.tokens.is_revoked(claims.session_id):
+            # Ended from another server process (a /logout there): a listener sends nothing to be refused.
+            connection.finish(
+                "session ended elsewhere",
+                ErrorReply(code="token_revoked", message="this session was ended; log in again", fatal=True),
+            )
             return
         if claims.expires_at <= time.time():
             # Only a listener gets here (a speaker's frames are refused): end it the same way.

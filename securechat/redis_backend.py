@@ -122,6 +122,17 @@ return 1
 """
 
 
+# Revokes a session once, whichever process asks first, and tells every process. KEYS: the
+# revocations, the control stream. ARGV: session id, until (seconds), control stream bound.
+_REVOKE = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'revoked', ARGV[1], 'until', ARGV[2])
+return 1
+"""
+CONTROL_STREAM_LENGTH = 10_000
+
+
 def key_id(key: bytes) -> str:
     """A short public name for a cluster key (so a rotated key can be told apart)."""
     return hashlib.sha256(b"chat cluster key id\0" + key).hexdigest()[:8]
@@ -183,6 +194,9 @@ class RedisBackend:
         self._append = self.redis.register_script(_APPEND)
         self._add_session = self.redis.register_script(_ADD_SESSION)
         self._create_room = self.redis.register_script(_CREATE_ROOM)
+        self._revoke = self.redis.register_script(_REVOKE)
+        self._on_revoked: Callable[[str, int], None] | None = None
+        self._control_from = "$"
         self._subscriber: Subscriber | None = None
         self._watch_lock = threading.Lock()
         self._watched: dict[str, str] = {}
@@ -202,6 +216,8 @@ class RedisBackend:
         self._subscriber = subscriber
         newest: Any = self.redis.xrevrange(f"{PREFIX}privates", "+", "-", count=1)
         self._private_feed_from = _text(newest[0][0]) if newest else "0-0"
+        newest = self.redis.xrevrange(f"{PREFIX}control", "+", "-", count=1)
+        self._control_from = _text(newest[0][0]) if newest else "0-0"
         self._reader.start()
         self._refresher.start()
 
@@ -312,6 +328,7 @@ class RedisBackend:
             with self._watch_lock:
                 streams: dict[str, str] = {self._stream_key(room): last for room, last in self._watched.items()}
             streams[f"{PREFIX}privates"] = self._private_feed_from
+            streams[f"{PREFIX}control"] = self._control_from
             try:
                 replies: Any = self.redis.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)  # type: ignore[arg-type]
             except redis.exceptions.RedisError as exc:
@@ -326,6 +343,8 @@ class RedisBackend:
                 key_text = _text(key)
                 if key_text == f"{PREFIX}privates":
                     self._deliver_privates(entries)
+                elif key_text == f"{PREFIX}control":
+                    self._apply_control(entries)
                 else:
                     self._deliver_room(key_text[len(f"{PREFIX}stream:") :], entries)
 
@@ -377,6 +396,30 @@ class RedisBackend:
             subscriber.on_private(message.recipient, message, origin, ref)
             if message.sender != message.recipient:
                 subscriber.on_private(message.sender, message, origin, ref)
+
+    def _apply_control(self, entries: list[Any]) -> None:
+        for entry_id, fields in entries:
+            self._control_from = _text(entry_id)
+            if b"revoked" in fields and self._on_revoked is not None:
+                self._on_revoked(_text(fields[b"revoked"]), int(fields.get(b"until", 0)))
+
+    # ------------------------------------------------------------------ shared revocations
+
+    def revoke(self, session_id: str, until: int) -> bool:
+        """Revoke a session for every process; False if one already had. ``OSError`` if Redis cannot say."""
+        try:
+            keys = [f"{PREFIX}revoked", f"{PREFIX}control"]
+            return bool(self._revoke(keys=keys, args=[session_id, until, CONTROL_STREAM_LENGTH]))
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            raise OSError(f"Redis: {exc}") from None
+
+    def live(self) -> dict[str, int]:
+        entries = self._call(self.redis.zrangebyscore, f"{PREFIX}revoked", int(self._clock()), "+inf", withscores=True)
+        return {_text(session_id): int(until) for session_id, until in entries}
+
+    def subscribe(self, on_revoked: Callable[[str, int], None]) -> None:
+        self._on_revoked = on_revoked
 
     # ------------------------------------------------------------------ presence
 
@@ -450,6 +493,7 @@ class RedisBackend:
                 with self.redis.pipeline(transaction=False) as pipe:
                     for info in local:
                         pipe.hset(self._sessions_key(info.account), info.session_id, self._session_json(info))
+                    pipe.zremrangebyscore(f"{PREFIX}revoked", "-inf", int(self._clock()))  # expired ones
                     pipe.execute()
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)

@@ -7,6 +7,7 @@ token secret and cluster key), as a second machine would.
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class Cluster:
 
     def node(self, data_dir: Path) -> ServerProcess:
         args = ["--port", "0", "--users", str(self.users_file), "--data-dir", str(data_dir)]
-        node = ServerProcess([*args, "--backend", self.redis_url, "--log-level", "WARNING"])
+        node = ServerProcess([*args, "--backend", self.redis_url, "--log-level", "WARNING", "--ping-interval", "4"])
         self.nodes.append(node)
         return node
 
@@ -278,3 +279,47 @@ def test_workers_need_a_shared_backend(tmp_path, users_file):
         timeout=TIMEOUT * 4,
     )
     assert done.returncode == 2 and done.stderr.startswith("error: --workers needs rooms the processes share")
+
+
+def test_revocations_hold_on_every_node_at_once(cluster, tmp_path):
+    from securechat.client import LoginRefused
+    from securechat.protocol import Notice
+
+    first, second = two_nodes(cluster, tmp_path)
+
+    def device(node: ServerProcess, **options) -> ChatClient:
+        client = ChatClient(
+            "127.0.0.1",
+            node.port,
+            server_fingerprint=node.fingerprint,
+            known_hosts=KnownHosts(tmp_path / "known_hosts"),
+            timeout=TIMEOUT * 2,
+            **options,
+        )
+        cluster.clients.append(client)
+        return client
+
+    # A token is spent once: resumed on the second node, it cannot be resumed on the first.
+    laptop = device(first)
+    laptop.login("alice", password_of("alice"))
+    token, key = laptop.token, laptop.private_key
+    laptop.sock.shutdown(socket.SHUT_RDWR)  # the link drops, no goodbye
+    moved = device(second, private_key=key)
+    moved.token, moved.username = token, "alice"
+    moved.connect()
+    moved.resume()
+    again = device(first, private_key=key)
+    again.token, again.username = token, "alice"
+    again.connect()
+    with pytest.raises(LoginRefused, match="given up"):
+        again.resume()
+
+    # /logout on one node ends a session held by the other.
+    phone = device(first)
+    phone.login("alice", password_of("alice"))
+    moved.command("sessions")
+    listed = wait_for(moved, lambda event: type(event).__name__ == "Sessions")
+    assert phone.session in listed.ids
+    moved.command("logout", phone.session)
+    wait_for(moved, lambda event: isinstance(event, Notice) and event.text == "ended 1 other session")
+    wait_for(phone, lambda event: type(event).__name__ == "Disconnected", timeout=TIMEOUT * 2)
