@@ -47,6 +47,8 @@ class Subscriber(Protocol):
 
     def on_private(self, account: str, message: Chat, origin_session: str, ref: str) -> None: ...
 
+    def on_presence(self, room: str, notice: Notice) -> None: ...
+
 
 class RoomBackend(Protocol):
     """Publish to a room or an account, presence, room state and history."""
@@ -60,6 +62,13 @@ class RoomBackend(Protocol):
     def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat: ...
     # hand this process the events of a room after ``after_id`` (a room its sessions are in)
     def watch(self, room: str, after_id: int) -> None: ...
+
+    # who is in a room on the other processes (this process knows its own), and news of their
+    # joins and leaves: presence, never history
+    def enter_room(self, room: str, account: str, session_id: str) -> None: ...
+    def leave_room(self, room: str, account: str, session_id: str) -> None: ...
+    def members_elsewhere(self, room: str) -> dict[str, int]: ...
+    def announce(self, room: str, notice: Notice) -> None: ...
 
     # presence
     def add_session(self, info: SessionInfo, limit: int) -> int: ...
@@ -184,6 +193,20 @@ class MemoryBackend:
 
     def watch(self, room: str, after_id: int) -> None:
         """Nothing to do: in one process every event reaches the subscriber as it is published."""
+
+    # ------------------------------------------------------------------ rooms on other processes: none
+
+    def enter_room(self, room: str, account: str, session_id: str) -> None:
+        pass
+
+    def leave_room(self, room: str, account: str, session_id: str) -> None:
+        pass
+
+    def members_elsewhere(self, room: str) -> dict[str, int]:
+        return {}
+
+    def announce(self, room: str, notice: Notice) -> None:
+        pass
 
     # ------------------------------------------------------------------ presence
 

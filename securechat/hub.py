@@ -231,6 +231,13 @@ class ChatHub:
             # Published by whichever process the moderator is on: each process removes its own sessions.
             self._remove_from_room(message.target, room, message.text)
 
+    def on_presence(self, room: str, notice: Notice) -> None:
+        """Someone joined or left ``room`` on another server process: told to this process's members
+        (unless the account is here too, on a device of this process: then nothing changed for them)."""
+        local = self._local_room(room, create=False)
+        if local is not None and not local.sessions_of(notice.name):
+            local.announce_notice(notice)
+
     def on_private(self, account: str, message: Chat, origin_session: str, ref: str) -> None:
         if account != message.sender and message.sender in self.ignored_by(account):
             return
@@ -309,9 +316,7 @@ class ChatHub:
             if not sessions:
                 self._local.pop(member.name, None)
         for room in rooms:
-            local = self._local_room(room, create=False)
-            if local is not None:
-                local.leave(member, reason)
+            self._leave(member, room, reason)
         if self.backend.remove_session(member.name, member.session_id) == 0:
             # Its last session: lines from now on were said while the account was away.
             self.backend.set_state(f"@{member.name}", "last_seen", f"{time.time():.3f}")
@@ -407,6 +412,7 @@ class ChatHub:
             raise HubError("banned", f"you are banned from {room} {_until(ban.until)}{_reason(ban.reason)}")
         local = self._local_room(room)
         assert local is not None
+        elsewhere = self.backend.members_elsewhere(room)
         # A device catching up reads what it missed before entering (a disk read, never under the
         # room's lock); lines said meanwhile are in the room's recent lines, sent after these.
         missed: list[RoomEvent] = []
@@ -416,6 +422,7 @@ class ChatHub:
             missed, over = self.backend.history_since(room, since, self.config.catch_up_limit)
 
         def welcome(roster: list[str], devices: list[int], recent: list[RoomEvent]) -> None:
+            roster, devices = _merged(roster, devices, elsewhere)
             member.deliver(
                 RoomMessage(
                     room=room,
@@ -457,7 +464,9 @@ class ChatHub:
                 return
             if room not in rooms:
                 rooms.append(room)
-        local.join(member, welcome)
+        self.backend.enter_room(room, member.name, member.session_id)
+        if local.join(member, welcome) and member.name not in elsewhere:
+            self.backend.announce(room, Notice(event="joined", name=member.name, room=room))
 
     def part(self, member: Member, room_name: str, reason: str = "") -> None:
         """/part: leave a room on every device of the account; it is no longer rejoined at login."""
@@ -469,16 +478,22 @@ class ChatHub:
 
     def _remove_from_room(self, account: str, room: str, reason: str, requested_by: Member | None = None) -> None:
         """Take every local session of ``account`` out of ``room`` (/part, or a kick or ban)."""
-        local = self._local_room(room, create=False)
         for session in self.local_sessions(account):
             with self.sessions_lock:
                 rooms = self._session_rooms.get(session.session_id, [])
                 if room not in rooms:
                     continue
                 rooms.remove(room)
-            if local is not None:
-                local.leave(session, reason)
+            self._leave(session, room, reason)
             session.deliver(RoomMessage(room=room, joined=False, reason=reason, requested=session is requested_by))
+
+    def _leave(self, member: Member, room: str, reason: str) -> None:
+        """One session leaves a room; the other processes hear of it if it was the account's last anywhere."""
+        local = self._local_room(room, create=False)
+        self.backend.leave_room(room, member.name, member.session_id)
+        last_here = local is not None and local.leave(member, reason)
+        if last_here and member.name not in self.backend.members_elsewhere(room):
+            self.backend.announce(room, Notice(event="left", name=member.name, text=reason, room=room))
 
     def say(self, member: Member, room_name: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for a room the session is in: numbered, stored, and echoed to the sender with ``ref``."""
@@ -532,6 +547,7 @@ class ChatHub:
             raise HubError("no_such_room", f"there is no room {room}")
         local = self._local_room(room, create=False)
         names, devices = local.roster() if local is not None else ([], [])
+        names, devices = _merged(names, devices, self.backend.members_elsewhere(room))
         self.check_flood(member.name, cost=1 + len(names) / 200)
         away = set(self._away_accounts(names))
         for page in paginate(names, devices):
@@ -554,7 +570,8 @@ class ChatHub:
         counts = []
         for record in records:
             local = self._local_room(record.name, create=False)
-            counts.append(local.member_count() if local is not None else 0)
+            here = set(local.roster()[0]) if local is not None else set()
+            counts.append(len(here | set(self.backend.members_elsewhere(record.name))))
         pages = _pages([(r.name, n, r.topic) for r, n in zip(records, counts, strict=True)])
         for index, page in enumerate(pages):
             member.deliver(
@@ -1027,6 +1044,17 @@ class ChatHub:
 
 def _clean(text: str, limit: int) -> str:
     return sanitize_text(text.strip())[:limit]
+
+
+def _merged(names: list[str], devices: list[int], elsewhere: dict[str, int]) -> tuple[list[str], list[int]]:
+    """A room's roster here joined with who is in it on other server processes, sorted."""
+    if not elsewhere:
+        return names, devices
+    counts = dict(zip(names, devices, strict=True))
+    for name, count in elsewhere.items():
+        counts[name] = counts.get(name, 0) + count
+    merged = sorted(counts)
+    return merged, [counts[name] for name in merged]
 
 
 def _a(role: str) -> str:

@@ -131,6 +131,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'revoked', ARGV[1], 'un
 return 1
 """
 CONTROL_STREAM_LENGTH = 10_000
+#: Joins and leaves kept per room for the processes that read them (news, not history).
+PRESENCE_STREAM_LENGTH = 1000
 
 
 def key_id(key: bytes) -> str:
@@ -205,6 +207,10 @@ class RedisBackend:
         self._private_feed_from = "$"
         self._local_lock = threading.Lock()
         self._local_sessions: dict[tuple[str, str], SessionInfo] = {}
+        #: (room, session id) -> account, for the sessions of this process in each room (refreshed).
+        self._local_rooms: dict[tuple[str, str], str] = {}
+        # room -> the last entry read of its presence stream (guarded by _watch_lock).
+        self._presence_from: dict[str, str] = {}
         self._stopping = threading.Event()
         self._problem = ""
         self._reader = threading.Thread(target=self._read_loop, name="redis-reader", daemon=True)
@@ -229,9 +235,13 @@ class RedisBackend:
         with self._local_lock:
             local = list(self._local_sessions.values())
             self._local_sessions.clear()
+            rooms = list(self._local_rooms)
+            self._local_rooms.clear()
         try:  # this process's sessions go at once, not after SESSION_TTL
             for info in local:
                 self.redis.hdel(self._sessions_key(info.account), info.session_id)
+            for room, session_id in rooms:
+                self.redis.hdel(self._roster_key(room), session_id)
         except redis.exceptions.RedisError:
             pass
         self.redis.close()
@@ -319,14 +329,17 @@ class RedisBackend:
         if not after_id and self.history_limit <= 0:  # no history: what the stream holds is not news
             newest = self._call(self.redis.xrevrange, self._stream_key(room), "+", "-", count=1)
             start = _text(newest[0][0]) if newest else "0-0"
+        newest_news = self._call(self.redis.xrevrange, self._presence_key(room), "+", "-", count=1)
         with self._watch_lock:
             self._watched.setdefault(room, start)
+            self._presence_from.setdefault(room, _text(newest_news[0][0]) if newest_news else "0-0")
 
     def _read_loop(self) -> None:
         delay = 0.0
         while not self._stopping.is_set():
             with self._watch_lock:
                 streams: dict[str, str] = {self._stream_key(room): last for room, last in self._watched.items()}
+                streams.update((self._presence_key(room), last) for room, last in self._presence_from.items())
             streams[f"{PREFIX}privates"] = self._private_feed_from
             streams[f"{PREFIX}control"] = self._control_from
             try:
@@ -345,6 +358,8 @@ class RedisBackend:
                     self._deliver_privates(entries)
                 elif key_text == f"{PREFIX}control":
                     self._apply_control(entries)
+                elif key_text.startswith(f"{PREFIX}presence:"):
+                    self._deliver_presence(key_text[len(f"{PREFIX}presence:") :], entries)
                 else:
                     self._deliver_room(key_text[len(f"{PREFIX}stream:") :], entries)
 
@@ -397,11 +412,93 @@ class RedisBackend:
             if message.sender != message.recipient:
                 subscriber.on_private(message.sender, message, origin, ref)
 
+    def _deliver_presence(self, room: str, entries: list[Any]) -> None:
+        subscriber = self._subscriber
+        for entry_id, fields in entries:
+            with self._watch_lock:
+                self._presence_from[room] = _text(entry_id)
+            node = _text(fields.get(b"node", b""))
+            if node == self.node or subscriber is None:
+                continue  # this process told its own members already
+            notice = self._open_presence(room, node, fields)
+            if notice is not None:
+                subscriber.on_presence(room, notice)
+
     def _apply_control(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
             self._control_from = _text(entry_id)
             if b"revoked" in fields and self._on_revoked is not None:
                 self._on_revoked(_text(fields[b"revoked"]), int(fields.get(b"until", 0)))
+
+    # ------------------------------------------------------------------ rooms on other processes
+
+    def _presence_key(self, room: str) -> str:
+        return f"{PREFIX}presence:{room}"
+
+    def _roster_key(self, room: str) -> str:
+        return f"{PREFIX}roster:{room}"
+
+    def _roster_entry(self, account: str) -> str:
+        return json.dumps({"account": account, "node": self.node, "expires": self._clock() + SESSION_TTL})
+
+    def enter_room(self, room: str, account: str, session_id: str) -> None:
+        with self._local_lock:
+            self._local_rooms[(room, session_id)] = account
+        self._call(self.redis.hset, self._roster_key(room), session_id, self._roster_entry(account))
+
+    def leave_room(self, room: str, account: str, session_id: str) -> None:
+        with self._local_lock:
+            self._local_rooms.pop((room, session_id), None)
+        try:
+            self.redis.hdel(self._roster_key(room), session_id)
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)  # it expires by itself within SESSION_TTL
+
+    def members_elsewhere(self, room: str) -> dict[str, int]:
+        """Accounts in ``room`` through other processes, with how many sessions each (live ones only)."""
+        try:
+            entries = self.redis.hgetall(self._roster_key(room))
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            return {}
+        now = self._clock()
+        counts: dict[str, int] = {}
+        for value in entries.values():
+            data = json.loads(value)
+            if data.get("node") != self.node and data.get("expires", 0) >= now:
+                counts[data["account"]] = counts.get(data["account"], 0) + 1
+        return counts
+
+    def announce(self, room: str, notice: Notice) -> None:
+        """Tell the other processes' members of ``room`` that someone joined or left (sealed: a
+        parting reason is the user's text)."""
+        nonce = os.urandom(NONCE_SIZE)
+        associated = self._associated_data(f"presence:{room}", 0, self.node)
+        sealed = nonce + self._aead.encrypt(nonce, encode_event(notice), associated)
+        fields: dict[str | bytes, str | bytes] = {"node": self.node, "k": self._key_id, "p": sealed}
+        try:
+            self.redis.xadd(
+                self._presence_key(room),
+                fields,  # type: ignore[arg-type]
+                maxlen=PRESENCE_STREAM_LENGTH,
+                approximate=True,
+            )
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)  # presence news is lost, not the presence: /who still tells
+
+    def _open_presence(self, room: str, node: str, fields: dict[Any, Any]) -> Notice | None:
+        try:
+            if _text(fields[b"k"]) != self._key_id:
+                raise ValueError("sealed under another cluster key")
+            sealed = fields[b"p"]
+            associated = self._associated_data(f"presence:{room}", 0, node)
+            event = decode_event(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
+        except (KeyError, ValueError, InvalidTag):
+            log.warning("skipped presence news of %s that failed to open", room)
+            return None
+        if not isinstance(event, Notice) or event.event not in ("joined", "left") or event.room != room:
+            return None
+        return event
 
     # ------------------------------------------------------------------ shared revocations
 
@@ -489,10 +586,13 @@ class RedisBackend:
         while not self._stopping.wait(SESSION_REFRESH):
             with self._local_lock:
                 local = list(self._local_sessions.values())
+                rooms = list(self._local_rooms.items())
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
                     for info in local:
                         pipe.hset(self._sessions_key(info.account), info.session_id, self._session_json(info))
+                    for (room, session_id), account in rooms:
+                        pipe.hset(self._roster_key(room), session_id, self._roster_entry(account))
                     pipe.zremrangebyscore(f"{PREFIX}revoked", "-inf", int(self._clock()))  # expired ones
                     pipe.execute()
             except redis.exceptions.RedisError as exc:

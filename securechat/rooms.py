@@ -249,6 +249,13 @@ class Room:
                 continue
             recipient.deliver(echo if recipient.session_id == origin_session else message)
 
+    def announce_notice(self, notice: Notice) -> None:
+        """A joined or left notice from another server process, to everyone here (presence, not kept)."""
+        with self.members_lock:
+            everyone = self._everyone()
+        for member in everyone:
+            member.deliver(notice)
+
     def announce(self, text: str) -> None:
         """A system notice to everyone here, not kept (for example: the server is shutting down)."""
         with self.members_lock:

@@ -323,3 +323,27 @@ def test_revocations_hold_on_every_node_at_once(cluster, tmp_path):
     moved.command("logout", phone.session)
     wait_for(moved, lambda event: isinstance(event, Notice) and event.text == "ended 1 other session")
     wait_for(phone, lambda event: type(event).__name__ == "Disconnected", timeout=TIMEOUT * 2)
+
+
+def test_who_is_in_a_room_and_its_joins_and_leaves_are_seen_across_nodes(cluster, tmp_path):
+    from securechat.protocol import Notice, Roster
+
+    first, second = two_nodes(cluster, tmp_path)
+    alice = cluster.log_in("alice", first)
+    alice.join("#dev")
+    wait_for(alice, entered("#dev"))
+    bob = cluster.log_in("bob", second)
+    bob.join("#dev")
+    roster = wait_for(bob, lambda event: isinstance(event, Roster) and event.room == "#dev")
+    assert roster.members == ["alice", "bob"]  # alice is on the other node
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == "bob")
+    alice.who("#dev")
+    assert wait_for(alice, lambda event: isinstance(event, Roster) and event.room == "#dev").members == [
+        "alice",
+        "bob",
+    ]
+    bob.part("#dev", "lunch")
+    left = wait_for(alice, lambda event: isinstance(event, Notice) and event.event == "left")
+    assert (left.name, left.text, left.room) == ("bob", "lunch", "#dev")
+    alice.who("#dev")
+    assert wait_for(alice, lambda event: isinstance(event, Roster) and event.room == "#dev").members == ["alice"]
