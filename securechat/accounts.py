@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import jwt
 from cryptography.exceptions import InvalidKey
@@ -232,7 +232,160 @@ def _now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class UserStore:
+def record_from_entry(where: str, name: str, entry: object) -> UserRecord:
+    """An account from its entry in a store (``users.json``, or a Redis hash holding the same JSON).
+
+    Raises ``UserStoreError`` naming ``where`` and the account if the entry is malformed.
+    """
+    if not isinstance(entry, dict) or not isinstance(entry.get("password_hash"), str):
+        raise UserStoreError(f"{where}: user {name!r} has no password_hash")
+    try:
+        validate_username(name)
+    except ValueError:
+        raise UserStoreError(f"{where}: invalid user name {name!r}") from None
+    role = entry.get("role", "user")
+    if role not in SERVER_ROLES:
+        raise UserStoreError(f"{where}: user {name!r} has an unknown role {role!r}")
+    ban = entry.get("ban")
+    if ban is not None and (
+        not isinstance(ban, dict)
+        or not isinstance(ban.get("until", 0), int | float)
+        or not all(isinstance(ban.get(key, ""), str) for key in ("reason", "by"))
+    ):
+        raise UserStoreError(f"{where}: user {name!r} has a malformed ban")
+    return UserRecord(
+        name=name,
+        password_hash=entry["password_hash"],
+        demo=bool(entry.get("demo", False)),
+        created=str(entry.get("created", "")),
+        role=role,
+        ban=AccountBan(float(ban.get("until", 0)), ban.get("reason", ""), ban.get("by", "")) if ban else None,
+    )
+
+
+def entry_of(record: UserRecord) -> dict[str, Any]:
+    """An account as its store keeps it: what ``record_from_entry`` reads back."""
+    entry: dict[str, Any] = {
+        "password_hash": record.password_hash,
+        "demo": record.demo,
+        "created": record.created,
+        "role": record.role,
+    }
+    if record.ban is not None:
+        entry["ban"] = dataclasses.asdict(record.ban)
+    return entry
+
+
+class AccountStore(Protocol):
+    """Where the accounts live: ``users.json`` (``UserStore``) or, for several server processes,
+    Redis (``securechat.redis_accounts.RedisUserStore``). Both raise ``UserStoreError``."""
+
+    def load(self) -> dict[str, UserRecord]: ...
+    def get(self, name: str) -> UserRecord | None: ...
+    def add(self, name: str, password: str, *, demo: bool = False) -> None: ...
+    def put(self, record: UserRecord) -> bool: ...
+    def delete(self, name: str) -> None: ...
+    def set_password(self, name: str, password: str) -> None: ...
+    def set_role(self, name: str, role: str) -> None: ...
+    def ban(self, name: str, ban: AccountBan) -> None: ...
+    def unban(self, name: str) -> bool: ...
+    def remove_orphaned_copies(self) -> int: ...
+
+
+T = TypeVar("T")
+
+
+class AccountEdits:
+    """The changes an account store makes, each one atomic through the store's own ``_update``
+    (``users.json``: a file lock and an atomic rewrite; Redis: an optimistic transaction)."""
+
+    def _update(self, edit: Callable[[dict[str, UserRecord]], T]) -> T:
+        raise NotImplementedError
+
+    def add(self, name: str, password: str, *, demo: bool = False) -> None:
+        """Create an account. Raises ``ValueError`` for a bad or taken name."""
+        validate_username(name)
+        password_hash = hash_password(password)
+
+        def edit(users: dict[str, UserRecord]) -> None:
+            UserStore.check_name_free(name, users)
+            users[name] = UserRecord(name, password_hash, demo=demo, created=_now_text())
+
+        self._update(edit)
+
+    def put(self, record: UserRecord) -> bool:
+        """Add an account as it is (``import-users``); False if the name is taken."""
+
+        def edit(users: dict[str, UserRecord]) -> bool:
+            try:
+                UserStore.check_name_free(record.name, users)
+            except ValueError:
+                return False
+            users[record.name] = record
+            return True
+
+        return self._update(edit)
+
+    def delete(self, name: str) -> None:
+        """Remove an account. Raises ``KeyError`` if there is none by that name."""
+
+        def edit(users: dict[str, UserRecord]) -> None:
+            if name not in users:
+                raise KeyError(name)
+            del users[name]
+
+        self._update(edit)
+
+    def _change(self, name: str, change: Callable[[UserRecord, dict[str, UserRecord]], UserRecord]) -> UserRecord:
+        """Replace one account's record with ``change(record, users)``, atomically; returns the new one.
+
+        Raises ``KeyError`` if there is no such account, and whatever ``change`` raises.
+        """
+
+        def edit(users: dict[str, UserRecord]) -> UserRecord:
+            if name not in users:
+                raise KeyError(name)
+            users[name] = change(users[name], users)
+            return users[name]
+
+        return self._update(edit)
+
+    def set_password(self, name: str, password: str) -> None:
+        """Replace an account's password (and clear its demo mark)."""
+        password_hash = hash_password(password)
+        self._change(name, lambda record, _users: dataclasses.replace(record, password_hash=password_hash, demo=False))
+
+    def set_role(self, name: str, role: str) -> None:
+        """Make an account an admin or a plain user. ``ValueError`` for an unknown role, or for taking
+        the last admin's role (there would be nobody left to act server-wide)."""
+        if role not in SERVER_ROLES:
+            raise ValueError(f"unknown role {role!r}: choose one of {', '.join(SERVER_ROLES)}")
+
+        def change(record: UserRecord, users: dict[str, UserRecord]) -> UserRecord:
+            admins = [other for other in users.values() if other.is_admin]
+            if record.is_admin and role != "admin" and len(admins) == 1:
+                raise ValueError(f"{name} is the last admin; make another admin first")
+            return dataclasses.replace(record, role=role)
+
+        self._change(name, change)
+
+    def ban(self, name: str, ban: AccountBan) -> None:
+        """Ban an account server-wide (replacing any ban it has)."""
+        self._change(name, lambda record, _users: dataclasses.replace(record, ban=ban))
+
+    def unban(self, name: str) -> bool:
+        """Lift an account's server-wide ban; False if it had none."""
+        had: list[bool] = []
+
+        def change(record: UserRecord, _users: dict[str, UserRecord]) -> UserRecord:
+            had.append(record.ban is not None)
+            return dataclasses.replace(record, ban=None)
+
+        self._change(name, change)
+        return had[-1]
+
+
+class UserStore(AccountEdits):
     """The accounts in ``users.json``.
 
     Reads are cached and refreshed when the file changes, so accounts added
@@ -302,37 +455,7 @@ class UserStore:
             raise UserStoreError(f'{self.path}: expected an object with a "users" object')
         if data.get("format", STORE_FORMAT) != STORE_FORMAT:
             raise UserStoreError(f"{self.path}: unsupported format {data.get('format')!r}")
-        users: dict[str, UserRecord] = {}
-        for name, entry in data["users"].items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("password_hash"), str):
-                raise UserStoreError(f"{self.path}: user {name!r} has no password_hash")
-            try:
-                validate_username(name)
-            except ValueError:
-                raise UserStoreError(f"{self.path}: invalid user name {name!r}") from None
-            role = entry.get("role", "user")
-            if role not in SERVER_ROLES:
-                raise UserStoreError(f"{self.path}: user {name!r} has an unknown role {role!r}")
-            users[name] = UserRecord(
-                name=name,
-                password_hash=entry["password_hash"],
-                demo=bool(entry.get("demo", False)),
-                created=str(entry.get("created", "")),
-                role=role,
-                ban=self._parse_ban(name, entry.get("ban")),
-            )
-        return users
-
-    def _parse_ban(self, name: str, entry: object) -> AccountBan | None:
-        if entry is None:
-            return None
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("until", 0), int | float)
-            or not all(isinstance(entry.get(key, ""), str) for key in ("reason", "by"))
-        ):
-            raise UserStoreError(f"{self.path}: user {name!r} has a malformed ban")
-        return AccountBan(float(entry.get("until", 0)), entry.get("reason", ""), entry.get("by", ""))
+        return {name: record_from_entry(str(self.path), name, entry) for name, entry in data["users"].items()}
 
     def load(self) -> dict[str, UserRecord]:
         """All accounts, re-read if the file changed. Raises ``UserStoreError``."""
@@ -417,16 +540,7 @@ class UserStore:
     def _write(self, users: dict[str, UserRecord]) -> None:
         data = {
             "format": STORE_FORMAT,
-            "users": {
-                record.name: {
-                    "password_hash": record.password_hash,
-                    "demo": record.demo,
-                    "created": record.created,
-                    "role": record.role,
-                    **({"ban": dataclasses.asdict(record.ban)} if record.ban is not None else {}),
-                }
-                for record in sorted(users.values(), key=lambda record: record.name)
-            },
+            "users": {name: entry_of(users[name]) for name in sorted(users)},
         }
         try:
             write_file_atomically(self.path, json.dumps(data, indent=2) + "\n")
@@ -434,71 +548,13 @@ class UserStore:
             reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
             raise UserStoreError(f"{self.path}: cannot save: {reason}; the store is unchanged") from exc
 
-    def add(self, name: str, password: str, *, demo: bool = False) -> None:
-        """Create an account. Raises ``ValueError`` for a bad or taken name."""
-        validate_username(name)
-        password_hash = hash_password(password)
+    def _update(self, edit: Callable[[dict[str, UserRecord]], T]) -> T:
+        """Run ``edit`` on every account under the store's lock, then save what it changed."""
         with self._locked():
             users = self._read()
-            self.check_name_free(name, users)
-            users[name] = UserRecord(name, password_hash, demo=demo, created=_now_text())
+            result = edit(users)
             self._write(users)
-
-    def delete(self, name: str) -> None:
-        """Remove an account. Raises ``KeyError`` if there is none by that name."""
-        with self._locked():
-            users = self._read()
-            if name not in users:
-                raise KeyError(name)
-            del users[name]
-            self._write(users)
-
-    def set_password(self, name: str, password: str) -> None:
-        """Replace an account's password (and clear its demo mark)."""
-        password_hash = hash_password(password)
-        with self._locked():
-            users = self._read()
-            if name not in users:
-                raise KeyError(name)
-            users[name] = dataclasses.replace(users[name], password_hash=password_hash, demo=False)
-            self._write(users)
-
-    def _change(self, name: str, change: Callable[[UserRecord, dict[str, UserRecord]], UserRecord]) -> UserRecord:
-        """Replace one account's record with ``change(record, users)``, under the lock; returns the new one.
-
-        Raises ``KeyError`` if there is no such account, and whatever ``change`` raises.
-        """
-        with self._locked():
-            users = self._read()
-            if name not in users:
-                raise KeyError(name)
-            users[name] = change(users[name], users)
-            self._write(users)
-            return users[name]
-
-    def set_role(self, name: str, role: str) -> None:
-        """Make an account an admin or a plain user. ``ValueError`` for an unknown role, or for taking
-        the last admin's role (there would be nobody left to act server-wide)."""
-        if role not in SERVER_ROLES:
-            raise ValueError(f"unknown role {role!r}: choose one of {', '.join(SERVER_ROLES)}")
-
-        def change(record: UserRecord, users: dict[str, UserRecord]) -> UserRecord:
-            admins = [other for other in users.values() if other.is_admin]
-            if record.is_admin and role != "admin" and len(admins) == 1:
-                raise ValueError(f"{name} is the last admin; make another admin first")
-            return dataclasses.replace(record, role=role)
-
-        self._change(name, change)
-
-    def ban(self, name: str, ban: AccountBan) -> None:
-        """Ban an account server-wide (replacing any ban it has)."""
-        self._change(name, lambda record, _users: dataclasses.replace(record, ban=ban))
-
-    def unban(self, name: str) -> bool:
-        """Lift an account's server-wide ban; False if it had none."""
-        had = self.get(name)
-        self._change(name, lambda record, _users: dataclasses.replace(record, ban=None))
-        return had is not None and had.ban is not None
+            return result
 
 
 # --------------------------------------------------------------------------- login throttling

@@ -16,6 +16,7 @@ from securechat.accounts import (
     MIN_PASSWORD_CHARS,
     SERVER_ROLES,
     AccountBan,
+    AccountStore,
     UserStore,
     UserStoreError,
     password_problem,
@@ -73,6 +74,12 @@ def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help="the user store (default: users.json beside server.py)",
     )
     parser.add_argument("--log-level", default=default("INFO"), choices=LOG_LEVELS, help="default: INFO")
+    parser.add_argument(
+        "--backend",
+        default=default("memory"),
+        metavar="URL",
+        help="redis://HOST:PORT/DB: the accounts of a Redis deployment, instead of --users",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("role", "make an account a server admin, or a plain user again"),
         ("ban", "refuse an account's logins (ends its sessions on a running server)"),
         ("unban", "lift an account's server-wide ban"),
+        ("import-users", "copy the accounts of a users.json into the Redis store of --backend"),
     ):
         sub = commands.add_parser(command, help=help_text)
         add_common_options(sub, suppress=True)
-        if command != "users":
+        if command == "import-users":
+            sub.add_argument("file", type=Path, help="the users.json to copy in (left as it is)")
+        elif command != "users":
             sub.add_argument("name")
         if command == "role":
             sub.add_argument("role", choices=SERVER_ROLES)
@@ -137,9 +147,28 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def open_account_store(backend: str, users: Path) -> AccountStore:
+    """The accounts: ``users.json``, or the Redis store all nodes of a Redis deployment share."""
+    if backend == "memory":
+        return UserStore(users)
+    from securechat.redis_accounts import RedisUserStore  # only a shared deployment needs redis
+
+    return RedisUserStore(backend)
+
+
 def run_admin_command(args: argparse.Namespace) -> int:
-    store = UserStore(args.users)
+    backend = getattr(args, "backend", "memory")
+    store = open_account_store(backend, args.users)
     try:
+        if args.command == "import-users":
+            if backend == "memory":
+                print("error: import-users copies users.json into Redis: give --backend redis://…", file=sys.stderr)
+                return 2
+            records = UserStore(args.file).load()
+            added = [record.name for record in records.values() if store.put(record)]
+            kept = len(records) - len(added)
+            print(f"imported {len(added)} accounts" + (f"; {kept} were there already and were kept" if kept else ""))
+            return 0
         if args.command == "users":
             for record in store.load().values():
                 notes = [note for note in ("admin" if record.is_admin else "", "demo" if record.demo else "") if note]
@@ -151,7 +180,7 @@ def run_admin_command(args: argparse.Namespace) -> int:
         name = args.name
         if args.command == "adduser":
             validate_username(name)
-            store.check_name_free(name, store.load())  # before asking for a password
+            UserStore.check_name_free(name, store.load())  # before asking for a password
             store.add(name, read_new_password(name, args.min_password_length))
             print(f"added {name}")
         elif args.command == "deluser":

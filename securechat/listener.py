@@ -22,17 +22,18 @@ from pathlib import Path
 from securechat import crypto_utils
 from securechat.accounts import (
     AccountBan,
+    AccountStore,
     RevocationNotSaved,
     TokenAuthority,
     TokenClaims,
     TokenError,
     UserRecord,
-    UserStore,
     UserStoreError,
     account_stamp,
     hash_password,
     verify_password,
 )
+from securechat.admin import open_account_store
 from securechat.backend import MemoryBackend, RoomBackend
 from securechat.config import (
     CLUSTER_KEY_FILE,
@@ -81,7 +82,7 @@ class StoreDirectory:
     logged): refusing is the safe side.
     """
 
-    def __init__(self, users: UserStore) -> None:
+    def __init__(self, users: AccountStore) -> None:
         self.users = users
 
     def _record(self, name: str) -> UserRecord | None:
@@ -141,7 +142,8 @@ class ChatServer:
             config.token_ttl,
             revoked_path=data_dir / REVOKED_SESSIONS_FILE,
         )
-        self.users = UserStore(config.users_path)
+        # With a shared backend the accounts are shared too: adduser on one node lets the user in on all.
+        self.users: AccountStore = open_account_store(config.backend, config.users_path)
         self.users.load()  # a corrupt store is reported now, not at the first login
         # Hashed for unknown user names, so they cost the same work as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))

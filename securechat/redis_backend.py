@@ -135,6 +135,26 @@ CONTROL_STREAM_LENGTH = 10_000
 PRESENCE_STREAM_LENGTH = 1000
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A client for ``url`` that retries a short outage with backoff before it gives up.
+
+    The password may come from ``CHAT_REDIS_PASSWORD`` instead of the URL (a command line is
+    seen by everyone on the machine).
+    """
+    extra: dict[str, Any] = {}
+    if os.environ.get(PASSWORD_VARIABLE) and "@" not in url:
+        extra["password"] = os.environ[PASSWORD_VARIABLE]
+    return redis.Redis.from_url(
+        url,
+        **extra,
+        socket_timeout=5.0,
+        socket_connect_timeout=3.0,
+        health_check_interval=10,
+        retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
+
+
 def key_id(key: bytes) -> str:
     """A short public name for a cluster key (so a rotated key can be told apart)."""
     return hashlib.sha256(b"chat cluster key id\0" + key).hexdigest()[:8]
@@ -177,18 +197,7 @@ class RedisBackend:
         self.history_max_age = history_max_age
         self._clock = clock
         self.node = uuid.uuid4().hex[:12]
-        extra: dict[str, Any] = {}
-        if os.environ.get(PASSWORD_VARIABLE) and "@" not in url:
-            extra["password"] = os.environ[PASSWORD_VARIABLE]  # kept off the command line and out of ps
-        self.redis = redis.Redis.from_url(
-            url,
-            **extra,
-            socket_timeout=5.0,
-            socket_connect_timeout=3.0,
-            health_check_interval=10,
-            retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), 3),
-            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        )
+        self.redis = redis_client(url)
         try:
             self.redis.ping()
         except redis.exceptions.RedisError as exc:

@@ -8,16 +8,30 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import TIMEOUT, ServerProcess, password_of, wait_for
+from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
 
 from securechat.client import ChatClient, KnownHosts
 from securechat.protocol import Chat, ErrorReply
 from securechat.protocol import Room as RoomMessage
+
+
+def server_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True, timeout=TIMEOUT * 4
+    )
+
+
+def import_accounts(users_file: Path, redis_url: str) -> None:
+    """The accounts of a Redis deployment live in Redis: the test's users.json is copied in."""
+    done = server_command("import-users", str(users_file), "--backend", redis_url)
+    assert done.returncode == 0 and done.stdout.startswith("imported 6 accounts"), done.stderr
 
 
 class Cluster:
@@ -27,6 +41,7 @@ class Cluster:
         self.redis_url = redis_url
         self.nodes: list[ServerProcess] = []
         self.clients: list[ChatClient] = []
+        import_accounts(users_file, redis_url)
 
     def node(self, data_dir: Path) -> ServerProcess:
         args = ["--port", "0", "--users", str(self.users_file), "--data-dir", str(data_dir)]
@@ -158,10 +173,7 @@ def test_a_redis_restart_loses_no_line_silently(cluster, tmp_path, redis_server)
 
 
 def test_an_unreachable_redis_is_one_line_without_its_password(tmp_path, users_file):
-    import subprocess
-    import sys
-
-    from conftest import ROOT, free_port
+    from conftest import free_port
 
     where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
     closed = f"redis://chat:s3cret@127.0.0.1:{free_port()}/0"
@@ -224,6 +236,7 @@ def test_a_killed_nodes_clients_resume_on_the_other_and_nothing_is_shown_twice(c
 def test_workers_serve_clients_from_every_process_and_stop_together(tmp_path, users_file, redis_server):
     import signal
 
+    import_accounts(users_file, redis_server.url)
     where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
     node = ServerProcess([*where, "--backend", redis_server.url, "--workers", "2"])
     clients = []
@@ -267,11 +280,6 @@ def _alive(pid: int) -> bool:
 
 
 def test_workers_need_a_shared_backend(tmp_path, users_file):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     done = subprocess.run(
         [sys.executable, str(ROOT / "server.py"), "--port", "0", "--users", str(users_file), "--workers", "2"],
         capture_output=True,
@@ -347,3 +355,29 @@ def test_who_is_in_a_room_and_its_joins_and_leaves_are_seen_across_nodes(cluster
     assert (left.name, left.text, left.room) == ("bob", "lunch", "#dev")
     alice.who("#dev")
     assert wait_for(alice, lambda event: isinstance(event, Roster) and event.room == "#dev").members == ["alice"]
+
+
+def test_accounts_live_in_redis_an_account_added_on_one_node_logs_in_on_every_node(cluster, tmp_path):
+    first, second = two_nodes(cluster, tmp_path)
+    again = server_command("import-users", str(cluster.users_file), "--backend", cluster.redis_url)
+    assert again.stdout.startswith("imported 0 accounts; 6 were there already and were kept")
+    added = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "adduser", "frank", "--backend", cluster.redis_url],
+        input="Correct-Horse-Battery-42\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert added.returncode == 0 and added.stdout.strip() == "added frank", added.stderr
+    assert "frank" in server_command("users", "--backend", cluster.redis_url).stdout
+    for node in (first, second):
+        client = ChatClient(
+            "127.0.0.1",
+            node.port,
+            server_fingerprint=node.fingerprint,
+            known_hosts=KnownHosts(tmp_path / "known_hosts_frank"),
+            timeout=TIMEOUT * 2,
+        )
+        cluster.clients.append(client)
+        client.login("frank", "Correct-Horse-Battery-42")
+    assert server_command("import-users", str(cluster.users_file)).returncode == 2  # without Redis: refused
