@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import unicodedata
 from pathlib import Path
 
@@ -774,3 +776,41 @@ def test_the_journal_is_kept_whole_across_a_compaction(tmp_path, monkeypatch):
         assert authority.revoke(TokenClaims("alice", 0, 0, f"jti{index}", "kt", "", f"session-{index}"))
     reloaded = TokenAuthority(b"k" * 32, revoked_path=path)
     assert all(reloaded.is_revoked(f"session-{index}") for index in range(10))
+
+
+# --------------------------------------------------------------------------- malloc arenas (issue 15, item 9)
+
+
+class FakeMallopt:
+    """Stands in for glibc's ``mallopt``: records its calls, says yes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return 1
+
+
+def test_the_server_limits_malloc_arenas_unless_malloc_arena_max_chose(monkeypatch):
+    from securechat import server_cli
+
+    mallopt = FakeMallopt()
+    monkeypatch.setattr(server_cli.ctypes, "CDLL", lambda name: types.SimpleNamespace(mallopt=mallopt))
+    monkeypatch.setattr(server_cli.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert "at most 1" in server_cli.limit_malloc_arenas()
+    assert mallopt.calls == [(server_cli.M_ARENA_MAX, 1)]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the operator's choice stands
+    assert "MALLOC_ARENA_MAX='4' from the environment" in server_cli.limit_malloc_arenas()
+    assert len(mallopt.calls) == 1
+
+
+def test_the_server_says_at_start_how_many_malloc_arenas_it_uses(server_process):
+    _, log = server_process("--log-level", "INFO").stop()
+    if "MALLOC_ARENA_MAX" in os.environ:
+        assert "from the environment" in log
+    elif platform.libc_ver()[0] == "glibc":
+        assert "malloc arenas: at most 1" in log
+    else:
+        assert "malloc arenas: left to the C library" in log
