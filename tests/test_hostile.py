@@ -32,6 +32,7 @@ from securechat.client import (
     HostKeyError,
     KnownHosts,
     LoginRefused,
+    frame_writer,
 )
 from securechat.crypto_utils import CryptoError
 from securechat.protocol import (
@@ -507,7 +508,8 @@ def test_a_replayed_frame_is_refused(make_server, connect):
     for listener in (dave, erin):
         wait_for(listener, joined("carol"))
     recorder = RecordingSocket(alice.sock)
-    alice.sock = recorder
+    with alice.send_lock:  # what alice sends from now on goes through the recorder
+        alice._frames = frame_writer(recorder)
     alice.say("say this only once")
     for listener in (dave, erin):
         wait_for(listener, chat_with("say this only once"))
