@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command:
         return run_admin_command(args)
-    log.info("%s", limit_malloc_arenas())
+    # Before the server's threads start; said once it has started (a start-up error is one line).
+    arenas = limit_malloc_arenas()
     config = config_from_args(args)
     if not 0 <= config.port <= MAX_PORT:  # bind() would raise OverflowError, not OSError
         print(f"error: port {config.port} is out of range: use 1-{MAX_PORT}, or 0 for any free port", file=sys.stderr)
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {describe_start_error(exc, config)}", file=sys.stderr)
         return 1
+    log.info("%s", arenas)
     try:
         server.users.remove_orphaned_copies()
     except UserStoreError as exc:
