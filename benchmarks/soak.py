@@ -3,6 +3,7 @@
     python benchmarks/soak.py                   # 200 clients, 500,000 deliveries, 1,000 cycles (about 10 minutes)
     python benchmarks/soak.py --quick           # 20 clients, 5,000 deliveries, 50 cycles (under a minute)
     python benchmarks/soak.py --clients 100 --deliveries 100000 --cycles 300 --json benchmarks/soak-results.json
+    python benchmarks/soak.py --only-slow-readers   # phase 3 alone: RSS across rounds of slow readers (about a minute)
 
 It starts the real server (``python server.py``, flood limit off as in
 ``fanout.py``) and runs two phases:
@@ -15,6 +16,12 @@ It starts the real server (``python server.py``, flood limit off as in
 2. Cycles: the soak clients disconnect, the thread count settles, then
    ``--cycles`` times a client connects, logs in and leaves (a few at a time).
    The server's thread count after a settle wait is compared with before.
+3. Slow readers, on a server of their own with its default send queue (512
+   messages): ``--slow-rounds`` times, ``--slow-clients`` clients log in and
+   never read while one talker sends large lines until the server has dropped
+   them all (SendQ exceeded). The server's RSS is read after each round: with a
+   thread per connection, glibc's malloc arenas used to make it creep round after
+   round (issue 15, item 9).
 
 What is verified, and how (``loadclient.SamplingChatClient`` does not decrypt
 every delivery: that would cost the load side ~0.7 ms of RSA per delivery,
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import threading
@@ -92,6 +100,20 @@ THREAD_SLACK = 0
 DEFAULT_HASH_WORKERS = 2
 #: The soak's backlog of join notices may delay pongs past the default keepalive timeout.
 DEFAULT_SERVER_ARGS: tuple[str, ...] = ("--ping-timeout", "600")
+DEFAULT_SLOW_ROUNDS = 6
+DEFAULT_SLOW_CLIENTS = 100
+QUICK_SLOW_ROUNDS = 2
+QUICK_SLOW_CLIENTS = 10
+#: The slow readers' server keeps its default queue per client, so that they are dropped.
+SLOW_SEND_QUEUE = 512
+#: Characters in each of the talker's lines: large, so that queues fill in a few hundred lines.
+SLOW_LINE_CHARS = 16 * 1024
+#: Lines the talker may have sent and not yet heard back (its own echo): it never falls behind itself.
+SLOW_LINES_IN_FLIGHT = 20
+#: Longest a round may take to get every slow reader dropped.
+SLOW_ROUND_TIMEOUT = 120.0
+#: Seconds the server is left alone after a round, before its RSS is read.
+SLOW_SETTLE = 1.0
 
 
 class ServerSampler:
@@ -396,10 +418,102 @@ def soak_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any]) 
             log(f"server exited with status {status}: {server.log_tail(5)}")
 
 
+class SlowReader(SamplingChatClient):
+    """Logs in like any client, then never reads: the server queues for it until it drops it."""
+
+    def _run_reader(self) -> None:
+        self._closing.wait()  # set by close(); not a byte is read meanwhile
+
+
+def run_slow_rounds(
+    work_dir: Path, slow_clients: int, rounds: int, keys: Sequence[crypto_utils.PrivateKey], server_args: Sequence[str]
+) -> dict[str, Any]:
+    """``rounds`` times, ``slow_clients`` slow readers log in and are flooded until dropped; RSS after each."""
+    slow_dir = work_dir / "slow-readers"
+    slow_dir.mkdir(exist_ok=True)
+    names = harness.bench_user_names(slow_clients + 1)
+    users_path = slow_dir / "users.json"
+    harness.write_users_file(users_path, names)
+    args = [*DEFAULT_SERVER_ARGS, "--send-queue", str(SLOW_SEND_QUEUE), *server_args]
+    server = harness.start_chat_server(slow_dir, users_path, *args)
+    known_hosts = KnownHosts(slow_dir / "known_hosts")
+    (talker,) = new_clients(server, 1, keys, known_hosts)
+    per_round: list[dict[str, Any]] = []
+    try:
+        talker.login(names[0], harness.BENCH_PASSWORD)
+        threads_base = server.threads() + hash_workers(args)  # the hashing pool starts at the first logins
+        rss_start = server.rss_kib()
+        log(f"slow readers: {rounds} rounds of {slow_clients}; server RSS {rss_start / 1024:.1f} MiB")
+        sent = 0
+        for number in range(rounds):
+            slow = [
+                SlowReader(
+                    server.host,
+                    server.port,
+                    server_fingerprint=server.fingerprint,
+                    known_hosts=known_hosts,
+                    private_key=keys[index % len(keys)],
+                    pace=False,
+                )
+                for index in range(slow_clients)
+            ]
+            started = time.perf_counter()
+            try:
+                with ThreadPoolExecutor(max_workers=LOGIN_WORKERS, thread_name_prefix="soak-slow") as pool:
+                    for future in [
+                        pool.submit(client.login, name, harness.BENCH_PASSWORD)
+                        for client, name in zip(slow, names[1:], strict=True)
+                    ]:
+                        future.result()
+                peak_threads = server.threads()
+                lines = 0
+                deadline = time.monotonic() + SLOW_ROUND_TIMEOUT
+                while server.threads() > threads_base:
+                    if time.monotonic() > deadline or talker.failure:
+                        raise BenchmarkError(f"round {number + 1}: the slow readers were not all dropped")
+                    if sent - talker.chat_frames >= SLOW_LINES_IN_FLIGHT:
+                        time.sleep(0.001)
+                        continue
+                    talker.send_text(bench_text(sent, time.perf_counter(), SLOW_LINE_CHARS))
+                    sent += 1
+                    lines += 1
+            finally:
+                close_all(slow)
+            seconds = time.perf_counter() - started
+            time.sleep(SLOW_SETTLE)
+            rss = server.rss_kib()
+            per_round.append({"lines": lines, "seconds": seconds, "peak_threads": peak_threads, "rss_kib": rss})
+            log(f"slow readers: round {number + 1}: {lines} lines in {seconds:.1f} s, RSS {rss / 1024:.1f} MiB")
+        return {
+            "rounds": per_round,
+            "slow_clients": slow_clients,
+            "rss_start_kib": rss_start,
+            "peak_rss_kib": server.peak_rss_kib(),
+            "malloc_arena_max_env": os.environ.get("MALLOC_ARENA_MAX", ""),
+            "server_args": args,
+        }
+    finally:
+        talker.close()
+        server.stop()
+
+
 # --------------------------------------------------------------------------- report
 
 
+def slow_reader_lines(slow: dict[str, Any]) -> list[str]:
+    rss = [slow["rss_start_kib"]] + [entry["rss_kib"] for entry in slow["rounds"]]
+    arenas = slow["malloc_arena_max_env"]
+    return [
+        f"Slow readers: {len(slow['rounds'])} rounds of {slow['slow_clients']} clients that never read, all dropped "
+        f"({sum(entry['lines'] for entry in slow['rounds'])} lines of {SLOW_LINE_CHARS} characters); "
+        + (f"MALLOC_ARENA_MAX={arenas} in the environment" if arenas else "MALLOC_ARENA_MAX not set"),
+        "  server RSS before the first and after each round (MiB): " + " -> ".join(f"{kib / 1024:.1f}" for kib in rss),
+    ]
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
+    if "soak" not in report:
+        return slow_reader_lines(report["slow_readers"])
     settings, soak, cycles, server = report["settings"], report["soak"], report["cycles"], report["server"]
     edges = soak["server"]
     lines = [
@@ -438,6 +552,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     ]
     if cycles["failures"]:
         lines.append("  cycle failures: " + ", ".join(f"{n} x {why}" for why, n in cycles["failures"].items()))
+    if "slow_readers" in report:
+        lines += slow_reader_lines(report["slow_readers"])
     return lines
 
 
@@ -449,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cycles", type=int, help=f"default {DEFAULT_CYCLES}; quick {QUICK_CYCLES}")
     parser.add_argument("--rate", type=float, help=f"lines/s from all clients (default {DEFAULT_RATE:g})")
     parser.add_argument("--verify-samples", type=int, default=DEFAULT_VERIFY_SAMPLES, help="deliveries opened in full")
+    parser.add_argument(
+        "--slow-rounds", type=int, help=f"slow-reader rounds (default {DEFAULT_SLOW_ROUNDS}; quick {QUICK_SLOW_ROUNDS})"
+    )
+    parser.add_argument(
+        "--slow-clients", type=int, help=f"readers a round (default {DEFAULT_SLOW_CLIENTS}; quick {QUICK_SLOW_CLIENTS})"
+    )
+    parser.add_argument("--only-slow-readers", action="store_true", help="run the slow-reader rounds alone")
     parser.add_argument("--json", type=Path, help="also write the results here (besides benchmarks/results/)")
     parser.add_argument("--work-dir", type=Path, help="keep the server's files and log here")
     parser.add_argument(
@@ -463,14 +586,25 @@ def main(argv: list[str] | None = None) -> int:
     args.deliveries = args.deliveries or (QUICK_DELIVERIES if args.quick else DEFAULT_DELIVERIES)
     args.cycles = args.cycles if args.cycles is not None else (QUICK_CYCLES if args.quick else DEFAULT_CYCLES)
     args.rate = args.rate or (QUICK_RATE if args.quick else DEFAULT_RATE)
+    if args.slow_rounds is None:
+        args.slow_rounds = QUICK_SLOW_ROUNDS if args.quick else DEFAULT_SLOW_ROUNDS
+    args.slow_clients = args.slow_clients or (QUICK_SLOW_CLIENTS if args.quick else DEFAULT_SLOW_CLIENTS)
     if args.clients < 2:
         raise SystemExit("--clients must be at least 2")
-    harness.raise_open_file_limit(4 * (args.clients + CYCLE_WORKERS) + 256)
+    if args.only_slow_readers and args.slow_rounds < 1:
+        raise SystemExit("--only-slow-readers needs --slow-rounds of at least 1")
+    harness.raise_open_file_limit(4 * (max(args.clients, args.slow_clients) + CYCLE_WORKERS) + 256)
     report = start_report("soak.py", argv)
     with tempfile.TemporaryDirectory(prefix="chat-soak-") as temp:
         work_dir = args.work_dir or Path(temp)
         work_dir.mkdir(parents=True, exist_ok=True)
-        soak_once(args, work_dir, report)
+        if not args.only_slow_readers:
+            soak_once(args, work_dir, report)
+        if args.slow_rounds > 0:
+            keys = [crypto_utils.generate_private_key() for _ in range(KEY_COUNT)]
+            report["slow_readers"] = run_slow_rounds(
+                work_dir, args.slow_clients, args.slow_rounds, keys, args.server_arg
+            )
     save_report(report, "soak", summary_lines(report), args.json)
     return 0
 

@@ -29,7 +29,9 @@ from typing import Any, Protocol, TypeVar
 
 import jwt
 from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securechat.crypto_utils import CryptoError, InsecureFileError, check_not_writable_by_others, check_owner_only
 from securechat.group_writer import GroupWriter
@@ -64,6 +66,9 @@ TOKEN_ALGORITHM = "HS256"
 TOKEN_ISSUER = "chat-server"
 TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "sid", "cnf", "iss", "acct")
 DEFAULT_TOKEN_TTL = 12 * 3600
+#: How long a device token lets its device skip the account-wide login delay.
+DEVICE_TOKEN_TTL = 90 * 24 * 3600
+DEVICE_TOKEN_CLAIMS = ("sub", "iat", "exp", "jti", "iss", "acct", "typ")
 #: The revocation journal is compacted once it holds this many lines and twice the live ones.
 MIN_JOURNAL_LINES = 1000
 #: Expired revocations a compaction forgets per hold of the lock that every token check takes.
@@ -964,3 +969,56 @@ class TokenAuthority:
         except OSError as exc:
             raise RevocationNotSaved(self.revoked_path, exc) from exc
         return True
+
+
+class DeviceTokens:
+    """Device tokens, as OWASP's "device cookies": proof that a device logged in to an account before.
+
+    A successful password login is given one; the device sends it with its next login, and a
+    valid one exempts that login from the account-wide delay, never from the per-address ones.
+    Each is an HS256 JWT under a key of its own (derived from the token secret with its own
+    label, so that neither kind of token passes for the other), names the account, carries its
+    stamp (a password change voids them all) and expires after ``ttl``. Its id (``jti``) is
+    throttled like an address, so guesses made with a stolen one are delayed all the same.
+    """
+
+    def __init__(self, secret: bytes, ttl: int = DEVICE_TOKEN_TTL) -> None:
+        if len(secret) < 32:
+            raise ValueError("the token secret must be at least 32 bytes")
+        self._key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"chat device tokens").derive(secret)
+        self.ttl = ttl
+
+    def issue(self, username: str, account: str) -> str:
+        """A new device token for ``username``, whose ``account_stamp`` is ``account``."""
+        now = int(time.time())
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "typ": "device",
+            "sub": username,
+            "acct": account,
+            "iat": now,
+            "exp": now + self.ttl,
+            "jti": secrets.token_urlsafe(16),
+        }
+        return jwt.encode(claims, self._key, algorithm=TOKEN_ALGORITHM)
+
+    def check(self, token: str, username: str, account: str) -> str | None:
+        """The token's id if ``token`` is a live device token of ``username`` at stamp ``account``, else None.
+
+        Never raises for a bad token: a login without a good one is only throttled as any other.
+        """
+        if not token:
+            return None
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[TOKEN_ALGORITHM],
+                issuer=TOKEN_ISSUER,
+                options={"require": list(DEVICE_TOKEN_CLAIMS)},
+            )
+        except jwt.InvalidTokenError:
+            return None
+        if claims["typ"] != "device" or claims["sub"] != username or claims["acct"] != account:
+            return None
+        return str(claims["jti"])

@@ -15,10 +15,13 @@ A bot in five lines::
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import queue
 import random
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +36,7 @@ from securechat.protocol import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     HANDSHAKE_NONCE_SIZE,
+    MAX_DEVICE_TOKEN_CHARS,
     MAX_FRAME_SIZE,
     MAX_SEEN_ROOMS,
     MAX_TEXT_BYTES,
@@ -263,6 +267,56 @@ class KnownHosts:
             raise ChatError(f"cannot save the server's key in {self.path}: {exc.strerror or exc}") from None
 
 
+class DeviceTokens:
+    """The device tokens this device was given, one file per server and account, in ``directory``.
+
+    A password login sends the one it has for that server and user: a server that gave it
+    lets the login skip the delay that failed logins from elsewhere put on the account (not
+    the delay on our own address). The directory is made 0700 and each file 0600, replaced
+    whole; a token that cannot be read or saved, or that others could read or write, is not
+    used: the login goes on, throttled as any other.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, host_id: str, username: str) -> Path:
+        return self.directory / hashlib.sha256(f"{host_id} {username}".encode()).hexdigest()[:32]
+
+    def lookup(self, host_id: str, username: str) -> str:
+        """The token saved for ``username`` at ``host_id``, or "" if there is none (or none to trust)."""
+        try:
+            with open(self._path(host_id, username), "rb") as handle:
+                if os.fstat(handle.fileno()).st_mode & 0o077:
+                    return ""
+                token = handle.read(MAX_DEVICE_TOKEN_CHARS + 1)
+        except OSError:
+            return ""
+        if not token.isascii() or len(token) > MAX_DEVICE_TOKEN_CHARS:
+            return ""
+        return token.decode("ascii").strip()
+
+    def save(self, host_id: str, username: str, token: str) -> bool:
+        """Keep ``token`` for ``username`` at ``host_id`` (in place of any before); False if it could not be."""
+        if not token.isascii() or len(token) > MAX_DEVICE_TOKEN_CHARS:
+            return False
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkstemp makes the file 0600; the rename puts it in place whole.
+            fd, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(token.encode("ascii"))
+                os.replace(temp_name, self._path(host_id, username))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp_name)
+                raise
+        except OSError:
+            return False
+        return True
+
+
 class ChatClient:
     """One connection to a chat server.
 
@@ -276,7 +330,10 @@ class ChatClient:
     trust on first use) or against ``server_fingerprint`` if given. A new key
     is accepted when ``accept_new_host_key`` is true or ``confirm_host_key``
     (called with host id and fingerprint) returns true; a changed key always
-    raises ``HostKeyError``.
+    raises ``HostKeyError``. The device tokens password logins are given are
+    kept in ``device_tokens`` and sent with the next password login; by default
+    in a ``device_tokens`` directory beside the known_hosts file, or nowhere for
+    a client given ``server_fingerprint`` (it uses no file of its own).
     """
 
     def __init__(
@@ -296,6 +353,7 @@ class ChatClient:
         source_address: tuple[str, int] | None = None,
         reconnect: bool = False,
         other_servers: Sequence[tuple[str, int]] = (),
+        device_tokens: DeviceTokens | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -303,6 +361,9 @@ class ChatClient:
         #: cannot be reached. They share one server key: it is pinned under the first one's name.
         self.servers: list[tuple[str, int]] = [(host, port), *other_servers]
         self.known_hosts = known_hosts if known_hosts is not None else KnownHosts()
+        if device_tokens is None and server_fingerprint is None:
+            device_tokens = DeviceTokens(self.known_hosts.path.with_name("device_tokens"))
+        self.device_tokens = device_tokens
         self.expected_fingerprint = server_fingerprint
         self.accept_new_host_key = accept_new_host_key
         self.confirm_host_key = confirm_host_key
@@ -502,6 +563,8 @@ class ChatClient:
 
     def login_builder(self, username: str, password: str) -> Callable[[str], Message]:
         """What ``login_frame`` seals for a password login, given the session key (base64)."""
+        host_id = KnownHosts.host_id(*self.servers[0])  # the service's name, whichever node answers
+        device_token = self.device_tokens.lookup(host_id, username) if self.device_tokens is not None else ""
         return lambda session_key: Login(
             username=username,
             password=password,
@@ -512,6 +575,7 @@ class ChatClient:
             since=self.last_id,
             seen=self._seen_to_send(),
             device=self.device,
+            device_token=device_token,
         )
 
     def _seen_to_send(self) -> dict[str, int]:
@@ -606,6 +670,8 @@ class ChatClient:
         self.session = message.session
         #: When the account was last online before this login (0: unknown, or another device was on).
         self.away_since = message.away_since
+        if message.device_token and self.device_tokens is not None:  # unsaved, the next login is merely throttled
+            self.device_tokens.save(KnownHosts.host_id(*self.servers[0]), message.username, message.device_token)
         # Each room follows as a Room message with its roster; until then, its members are unknown.
         self.rooms = {room: self.rooms.get(room, []) for room in message.rooms}
         if self.active_room not in self.rooms:

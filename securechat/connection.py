@@ -113,6 +113,8 @@ class ClientConnection:
         self.key_thumbprint = ""
         #: The account stamp checked at login or resume (see ChatServer.issue_token).
         self.verified_stamp = ""
+        #: The device token a password login earned, for the welcome ("" after a resume).
+        self.device_token = ""
         self.send_queue = OutboundQueue(server.config.send_queue_size, on_ready=self._schedule_send)
         self.outbox = Outbox(
             sock,
@@ -362,6 +364,7 @@ class ClientConnection:
                 flood_burst=config.flood_burst,
                 flood_rate=config.flood_rate,
                 away_since=hub.away_since(self.name) if devices == 1 else 0.0,
+                device_token=self.device_token,
             )
         )
         hub.enter_rooms(self, rooms, since=request.since, seen=request.seen)

@@ -23,6 +23,7 @@ from securechat import crypto_utils
 from securechat.accounts import (
     AccountBan,
     AccountStore,
+    DeviceTokens,
     RevocationNotSaved,
     TokenAuthority,
     TokenClaims,
@@ -137,11 +138,9 @@ class ChatServer:
         self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
         self.fingerprint = crypto_utils.fingerprint(self.private_key.public_key())
         self.hello_signer = HelloSigner(lambda data: crypto_utils.sign(self.private_key, data))
-        self.tokens = TokenAuthority(
-            crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE),
-            config.token_ttl,
-            revoked_path=data_dir / REVOKED_SESSIONS_FILE,
-        )
+        token_secret = crypto_utils.load_or_create_secret(data_dir / TOKEN_SECRET_FILE)
+        self.tokens = TokenAuthority(token_secret, config.token_ttl, revoked_path=data_dir / REVOKED_SESSIONS_FILE)
+        self.device_tokens = DeviceTokens(token_secret)
         # With a shared backend the accounts are shared too: adduser on one node lets the user in on all.
         self.users: AccountStore = open_account_store(config.backend, config.users_path)
         self.users.load()  # a corrupt store is reported now, not at the first login
@@ -487,21 +486,30 @@ class ChatServer:
 
         Failures are throttled as OWASP advises against lockout: strictly per (account,
         address) and per address, and only gently per account, so a guesser elsewhere
-        cannot keep the real user out. Guesses are counted when they start, and an
-        address has at most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once.
+        cannot keep the real user out. A login carrying a valid device token (one an
+        earlier login from that device was given) skips the account-wide delay; its own
+        failures count against the token instead. Guesses are counted when they start, and
+        an address has at most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once. A
+        successful login is given a new device token (``connection.device_token``).
         """
         name = login.username
         account = name.casefold()[:64]
         pair_key = ("user at address", f"{account} {connection.address_bucket}")
         address_key, account_key = ("address", connection.address_bucket), ("user", account)
         strict, gentle = self.config.login_throttle, self.config.account_throttle
-        wait = max(strict.retry_after([address_key]), gentle.retry_after([account_key]))
+        device_id = self._known_device(login)
+        # The keys this attempt is counted on until it succeeds: the account's own ceiling,
+        # or the device token's in its place.
+        own_keys = [pair_key] if device_id is None else [pair_key, ("device", device_id)]
+        wait = strict.retry_after([address_key])
+        if device_id is None:
+            wait = max(wait, gentle.retry_after([account_key]))
         if wait <= 0:
             # Counted as failures until they succeed, so guesses fired in parallel are throttled
             # like the same guesses one after another.
-            wait = strict.begin_attempt([pair_key], reserve=[pair_key])
-        if wait <= 0 and (wait := gentle.begin_attempt([account_key], reserve=[account_key])) > 0:
-            strict.cancel_attempt([pair_key])
+            wait = strict.begin_attempt(own_keys, reserve=own_keys)
+        if wait <= 0 and device_id is None and (wait := gentle.begin_attempt([account_key], reserve=[account_key])) > 0:
+            strict.cancel_attempt(own_keys)
         if wait > 0:
             log.info("login throttled from %s", connection.peer)
             raise AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
@@ -513,16 +521,30 @@ class ChatServer:
         finally:
             if outcome == "accepted":
                 # Never the address: owning one account must not reset the guesses made at others.
-                strict.record_success([pair_key])
+                strict.record_success(own_keys)
                 gentle.record_success([account_key])
             elif outcome == "wrong":
-                strict.record_failure([address_key])  # the pair and the account were counted as it began
+                strict.record_failure([address_key])  # the others were counted as it began
             else:  # not the user's fault: give the attempts back
-                strict.cancel_attempt([pair_key])
-                gentle.cancel_attempt([account_key])
+                strict.cancel_attempt(own_keys)
+                if device_id is None:
+                    gentle.cancel_attempt([account_key])
         if not accepted:
             raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
+        connection.device_token = self.device_tokens.issue(name, connection.verified_stamp)
         return name
+
+    def _known_device(self, login: Login) -> str | None:
+        """The id of the login's device token if it is valid for this account as it is now, else None."""
+        if not login.device_token:
+            return None
+        try:
+            record = self.users.get(login.username)
+        except UserStoreError:  # the password check will say so
+            return None
+        if record is None:
+            return None
+        return self.device_tokens.check(login.device_token, record.name, account_stamp(record))
 
     @contextlib.contextmanager
     def _hashing_slot(self, address: str) -> Iterator[None]:

@@ -52,6 +52,8 @@ MAX_COMMAND_ARGS = 8
 MAX_CONTROL_TEXT_CHARS = 300
 #: Most rooms a login may name in ``seen`` (well above the rooms one account may join).
 MAX_SEEN_ROOMS = 200
+#: Longest device token a login may carry (the server's are about 300 characters).
+MAX_DEVICE_TOKEN_CHARS = 1024
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
@@ -586,10 +588,13 @@ class Login(Message):
     seen: dict[str, int] = field(default_factory=dict)
     #: A label for this device, shown in /sessions ("laptop", "ci-bot"); may be empty.
     device: str = ""
+    #: The device token an earlier login from this device was given (``Welcome``), or "".
+    device_token: str = ""
 
     def __post_init__(self) -> None:
         _require_text(self, "username", "password", "server_nonce", "client_key_fingerprint", "session_key")
-        _require_text(self, "client_signature")
+        _require_text(self, "client_signature", "device_token")
+        _require(len(self.device_token) <= MAX_DEVICE_TOKEN_CHARS, "device_token is too long")
         _require_catch_up(self)
 
     def __repr__(self) -> str:  # never let a password reach a log through repr()
@@ -735,9 +740,12 @@ class Welcome(Message):
     #: When the account's last session before this one ended (0: another was open, or never):
     #: lines from history newer than this were said while the user was away.
     away_since: float = 0.0
+    #: After a password login: a token for this device to send with its next login (it then
+    #: skips the account-wide delay of failed logins). "" after a resume.
+    device_token: str = ""
 
     def __post_init__(self) -> None:
-        _require_text(self, "username", "token", "session")
+        _require_text(self, "username", "token", "session", "device_token")
         _require_ints(self, "expires_at", "devices", "flood_burst")
         _require(_is_str_list(self.rooms), "rooms must be a list of names")
         _require(

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from securechat import accounts
 from securechat.accounts import (
+    DeviceTokens,
     LoginThrottle,
     TokenAuthority,
     TokenError,
@@ -677,3 +678,25 @@ def test_needs_refresh_after_half_the_lifetime(clock):
     assert not authority.needs_refresh(claims)
     clock.now = 1050.0
     assert authority.needs_refresh(claims)
+
+
+# --------------------------------------------------------------------------- device tokens
+
+
+def test_a_device_token_vouches_only_for_its_account_as_it_is_now():
+    devices = DeviceTokens(SECRET)
+    token = devices.issue("alice", "stamp-1")
+    assert devices.check(token, "alice", "stamp-1")  # its id, for throttling
+    assert devices.check(token, "bob", "stamp-1") is None  # another account
+    assert devices.check(token, "alice", "stamp-2") is None  # the password changed since
+    assert DeviceTokens(b"another secret, just as long....").check(token, "alice", "stamp-1") is None
+    assert devices.check("not a token", "alice", "stamp-1") is None
+    expired = DeviceTokens(SECRET, ttl=-1).issue("alice", "stamp-1")
+    assert devices.check(expired, "alice", "stamp-1") is None
+
+
+def test_device_tokens_and_session_tokens_never_pass_for_each_other():
+    devices, sessions = DeviceTokens(SECRET), TokenAuthority(SECRET)
+    session_token, _ = sessions.issue("alice", THUMBPRINT, "stamp-1")
+    assert devices.check(session_token, "alice", "stamp-1") is None
+    assert refused_code(sessions, devices.issue("alice", "stamp-1")) == "token_invalid"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import unicodedata
 from pathlib import Path
 
@@ -774,3 +776,111 @@ def test_the_journal_is_kept_whole_across_a_compaction(tmp_path, monkeypatch):
         assert authority.revoke(TokenClaims("alice", 0, 0, f"jti{index}", "kt", "", f"session-{index}"))
     reloaded = TokenAuthority(b"k" * 32, revoked_path=path)
     assert all(reloaded.is_revoked(f"session-{index}") for index in range(10))
+
+
+# --------------------------------------------------------------------------- malloc arenas (issue 15, item 9)
+
+
+class FakeMallopt:
+    """Stands in for glibc's ``mallopt``: records its calls, says yes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return 1
+
+
+def test_the_server_limits_malloc_arenas_unless_malloc_arena_max_chose(monkeypatch):
+    from securechat import server_cli
+
+    mallopt = FakeMallopt()
+    monkeypatch.setattr(server_cli.ctypes, "CDLL", lambda name: types.SimpleNamespace(mallopt=mallopt))
+    monkeypatch.setattr(server_cli.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert "at most 1" in server_cli.limit_malloc_arenas()
+    assert mallopt.calls == [(server_cli.M_ARENA_MAX, 1)]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the operator's choice stands
+    assert "MALLOC_ARENA_MAX='4' from the environment" in server_cli.limit_malloc_arenas()
+    assert len(mallopt.calls) == 1
+
+
+def test_the_server_says_at_start_how_many_malloc_arenas_it_uses(server_process):
+    _, log = server_process("--log-level", "INFO").stop()
+    if "MALLOC_ARENA_MAX" in os.environ:
+        assert "from the environment" in log
+    elif platform.libc_ver()[0] == "glibc":
+        assert "malloc arenas: at most 1" in log
+    else:
+        assert "malloc arenas: left to the C library" in log
+
+
+# --------------------------------------------------------------------------- device tokens (issue 15, item 2)
+
+
+def device_client(server, tmp_path: Path, device: str, source: str = "127.0.0.1", **options) -> ChatClient:
+    """A client of one device, as the terminal client is: its known_hosts file, and so its device tokens,
+    in ``tmp_path/device`` (the server's key pinned there in advance)."""
+    known_hosts = KnownHosts(tmp_path / device / "known_hosts")
+    if known_hosts.lookup(KnownHosts.host_id(*server.address)) is None:
+        known_hosts.add(KnownHosts.host_id(*server.address), server.fingerprint)
+    return ChatClient(
+        *server.address, known_hosts=known_hosts, source_address=(source, 0), timeout=TIMEOUT * 2, **options
+    )
+
+
+def login_outcome(client: ChatClient, name: str, password: str) -> str:
+    """ "ok", or the code of the refusal; the client is closed either way."""
+    try:
+        client.login(name, password)
+    except LoginRefused as exc:
+        return exc.code
+    finally:
+        client.close()
+    return "ok"
+
+
+def test_a_device_that_logged_in_before_skips_the_account_wide_delay(make_server, tmp_path):
+    server = make_server(account_throttle=LoginThrottle(free_failures=2, base_delay=60.0, max_delay=60.0))
+    assert login_outcome(device_client(server, tmp_path, "laptop"), "alice", "alice-pass-5") == "ok"
+    tokens = tmp_path / "laptop" / "device_tokens"  # beside known_hosts, the owner's alone
+    (saved,) = tokens.iterdir()
+    assert mode_of(tokens) == 0o700 and mode_of(saved) == 0o600
+    guesser = device_client(server, tmp_path, "guesser", source="127.0.0.2")
+    guesses = [login_outcome(guesser, "alice", "not alices password") for _ in range(3)]
+    assert guesses == ["auth_failed", "auth_failed", "rate_limited"]  # the account-wide delay is on
+    # A device the server does not know waits it out, even on alice's own address...
+    assert login_outcome(device_client(server, tmp_path, "new phone"), "alice", "alice-pass-5") == "rate_limited"
+    # ...the laptop, which logged in before, does not.
+    assert login_outcome(device_client(server, tmp_path, "laptop"), "alice", "alice-pass-5") == "ok"
+
+
+def test_a_device_token_does_not_skip_the_delay_on_its_own_address(server, tmp_path):
+    assert login_outcome(device_client(server, tmp_path, "laptop"), "alice", "alice-pass-5") == "ok"
+    typos = [login_outcome(device_client(server, tmp_path, "laptop"), "alice", "typo") for _ in range(4)]
+    assert typos == ["auth_failed"] * 3 + ["rate_limited"]
+
+
+def test_a_stolen_device_token_guesses_no_faster_from_many_addresses(server, tmp_path):
+    from securechat.client import DeviceTokens
+
+    assert login_outcome(device_client(server, tmp_path, "laptop"), "alice", "alice-pass-5") == "ok"
+    stolen = DeviceTokens(tmp_path / "laptop" / "device_tokens")
+    guesses = [
+        login_outcome(device_client(server, tmp_path, f"thief {n}", f"127.0.0.{n}", device_tokens=stolen), "alice", "x")
+        for n in range(3, 7)  # a fresh address each time: only the token's own count can slow it
+    ]
+    assert guesses == ["auth_failed"] * 3 + ["rate_limited"]
+
+
+def test_a_device_token_file_others_can_read_is_not_sent(tmp_path):
+    from securechat.client import DeviceTokens
+
+    store = DeviceTokens(tmp_path / "device_tokens")
+    assert store.save("[127.0.0.1]:7878", "alice", "the-token")
+    assert store.lookup("[127.0.0.1]:7878", "alice") == "the-token"
+    assert store.lookup("[127.0.0.1]:7878", "bob") == "" and store.lookup("[127.0.0.1]:7879", "alice") == ""
+    (saved,) = store.directory.iterdir()
+    saved.chmod(0o640)
+    assert store.lookup("[127.0.0.1]:7878", "alice") == ""

@@ -508,7 +508,8 @@ def test_a_replayed_frame_is_refused(make_server, connect):
     for listener in (dave, erin):
         wait_for(listener, joined("carol"))
     recorder = RecordingSocket(alice.sock)
-    alice.sock, alice._frames = recorder, frame_writer(recorder)  # its frames go out through the recorder
+    with alice.send_lock:  # what alice sends from now on goes through the recorder
+        alice._frames = frame_writer(recorder)
     alice.say("say this only once")
     for listener in (dave, erin):
         wait_for(listener, chat_with("say this only once"))
