@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {describe_start_error(exc, config)}", file=sys.stderr)
         return 1
-    log.info("%s", arenas)
+    log.debug("%s", arenas)  # for whoever looks into memory (--log-level DEBUG); noise for everyone else
     try:
         server.users.remove_orphaned_copies()
     except UserStoreError as exc:

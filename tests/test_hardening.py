@@ -807,7 +807,7 @@ def test_the_server_limits_malloc_arenas_unless_malloc_arena_max_chose(monkeypat
 
 
 def test_the_server_says_at_start_how_many_malloc_arenas_it_uses(server_process):
-    _, log = server_process("--log-level", "INFO").stop()
+    _, log = server_process("--log-level", "DEBUG").stop()
     if "MALLOC_ARENA_MAX" in os.environ:
         assert "from the environment" in log
     elif platform.libc_ver()[0] == "glibc":
