@@ -147,6 +147,13 @@ class MessageOfTheDay:
             raise HubError("server_error", "the message of the day could not be saved") from None
 
 
+class FloodBudget(Protocol):
+    """Account line budgets shared by several server processes (``securechat.redis_limits``)."""
+
+    def take(self, account: str, cost: float, rate: float, burst: int) -> bool | None:
+        """True if allowed, False if over, None if it cannot say (the hub then counts by itself)."""
+
+
 class Session(Member, Protocol):
     """What the hub needs of a logged-in connection beyond ``Member``: ending it from elsewhere."""
 
@@ -187,6 +194,7 @@ class ChatHub:
         accounts: AccountDirectory | None = None,
         motd_path: Path | None = None,
         revoke_session: Callable[[str], object] | None = None,
+        flood_budget: FloodBudget | None = None,
     ) -> None:
         self.backend = backend
         self.config = config or HubConfig()
@@ -194,6 +202,8 @@ class ChatHub:
         self.motd = MessageOfTheDay(motd_path)
         #: Ends a session of another server process by revoking its tokens (its process ends it).
         self.revoke_session = revoke_session
+        #: Each account's line budget shared with the other server processes (None: counted here).
+        self.flood_budget = flood_budget
         # Guards _ignores, _ignorers and _away_replies.
         self.personal_lock = threading.Lock()
         #: account with sessions here -> whom it ignores; and the reverse, for delivery.
@@ -992,16 +1002,28 @@ class ChatHub:
         """Count a request against the account's budget (shared by its devices); ``HubError`` past it."""
         if self.config.flood_rate <= 0:
             return
+        shared = (
+            self.flood_budget.take(account, cost, self.config.flood_rate, self.config.flood_burst)
+            if self.flood_budget is not None
+            else None
+        )
+        if shared is True:
+            return
+        if shared is False:
+            raise self._flood_refusal()
         with self.flood_lock:
             bucket = self._flood.get(account)
             if bucket is None:
                 bucket = self._flood[account] = FloodControl(self.config.flood_rate, self.config.flood_burst)
         if not bucket.allow(cost):
-            raise HubError(
-                "flood",
-                f"not sent: you are sending too fast (limit: {self.config.flood_burst} lines at once, "
-                f"then {self.config.flood_rate:g} per second)",
-            )
+            raise self._flood_refusal()
+
+    def _flood_refusal(self) -> HubError:
+        return HubError(
+            "flood",
+            f"not sent: you are sending too fast (limit: {self.config.flood_burst} lines at once, "
+            f"then {self.config.flood_rate:g} per second)",
+        )
 
     def forget_idle_flood_buckets(self) -> None:
         """Drop the budgets of accounts that have been quiet long enough to be full again."""

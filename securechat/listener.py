@@ -18,12 +18,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from securechat import crypto_utils
 from securechat.accounts import (
     AccountBan,
     AccountStore,
     DeviceTokens,
+    LoginThrottle,
     RevocationNotSaved,
     TokenAuthority,
     TokenClaims,
@@ -66,6 +68,9 @@ from securechat.protocol import (
     normalize_room,
 )
 from securechat.ratelimit import FloodControl, address_bucket
+
+if TYPE_CHECKING:
+    from securechat.redis_limits import SharedFloodBudget
 
 log = logging.getLogger("chat.server")
 
@@ -178,9 +183,13 @@ class ChatServer:
             reuse_port=config.reuse_port,
         )
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.login_throttle: LoginThrottle = config.login_throttle
+        self.account_throttle: LoginThrottle = config.account_throttle
+        flood_budget: SharedFloodBudget | None = None
         try:
             if backend is None and config.backend != "memory":
                 from securechat.redis_backend import RedisBackend  # only a shared deployment needs redis
+                from securechat.redis_limits import SharedFloodBudget, SharedLoginThrottle
 
                 shared = RedisBackend(
                     config.backend,
@@ -188,8 +197,12 @@ class ChatServer:
                     history_limit=config.history_limit,
                     history_max_age=config.history_days * 86400,
                 )
-                # A /quit, /logout or resume on one node holds on every node, at once.
+                # A /quit, /logout or resume on one node holds on every node, at once; and an attacker
+                # spreading over the nodes gets no more guesses, nor lines, than on one.
                 self.tokens.share_revocations(shared)
+                self.login_throttle = SharedLoginThrottle(shared.redis, "login", config.login_throttle)
+                self.account_throttle = SharedLoginThrottle(shared.redis, "account", config.account_throttle)
+                flood_budget = SharedFloodBudget(shared.redis)
                 backend = shared
             if backend is None:
                 store = ChatStore(
@@ -213,6 +226,7 @@ class ChatServer:
                 accounts=StoreDirectory(self.users),
                 motd_path=data_dir / MOTD_FILE,
                 revoke_session=self.tokens.revoke_session,
+                flood_budget=flood_budget,
             )
         except BaseException:
             self.listener.close()
@@ -496,7 +510,7 @@ class ChatServer:
         account = name.casefold()[:64]
         pair_key = ("user at address", f"{account} {connection.address_bucket}")
         address_key, account_key = ("address", connection.address_bucket), ("user", account)
-        strict, gentle = self.config.login_throttle, self.config.account_throttle
+        strict, gentle = self.login_throttle, self.account_throttle
         device_id = self._known_device(login)
         # The keys this attempt is counted on until it succeeds: the account's own ceiling,
         # or the device token's in its place.

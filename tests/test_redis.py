@@ -43,8 +43,8 @@ class Cluster:
         self.clients: list[ChatClient] = []
         import_accounts(users_file, redis_url)
 
-    def node(self, data_dir: Path) -> ServerProcess:
-        args = ["--port", "0", "--users", str(self.users_file), "--data-dir", str(data_dir)]
+    def node(self, data_dir: Path, *extra: str) -> ServerProcess:
+        args = ["--port", "0", "--users", str(self.users_file), "--data-dir", str(data_dir), *extra]
         node = ServerProcess([*args, "--backend", self.redis_url, "--log-level", "WARNING", "--ping-interval", "4"])
         self.nodes.append(node)
         return node
@@ -75,11 +75,11 @@ def cluster(tmp_path, users_file, redis_server):
     cluster.close()
 
 
-def two_nodes(cluster: Cluster, tmp_path: Path) -> tuple[ServerProcess, ServerProcess]:
-    first = cluster.node(tmp_path / "node1")
+def two_nodes(cluster: Cluster, tmp_path: Path, *extra: str) -> tuple[ServerProcess, ServerProcess]:
+    first = cluster.node(tmp_path / "node1", *extra)
     # The second machine starts from a copy of the first one's data directory.
     shutil.copytree(tmp_path / "node1", tmp_path / "node2")
-    second = cluster.node(tmp_path / "node2")
+    second = cluster.node(tmp_path / "node2", *extra)
     assert first.fingerprint == second.fingerprint  # one server key: a pinned key works on both
     return first, second
 
@@ -381,3 +381,37 @@ def test_accounts_live_in_redis_an_account_added_on_one_node_logs_in_on_every_no
         cluster.clients.append(client)
         client.login("frank", "Correct-Horse-Battery-42")
     assert server_command("import-users", str(cluster.users_file)).returncode == 2  # without Redis: refused
+
+
+def test_spreading_over_nodes_gives_no_more_guesses_nor_lines(cluster, tmp_path):
+    from securechat.client import LoginRefused
+
+    first, second = two_nodes(cluster, tmp_path, "--flood-burst", "3", "--flood-rate", "0.05")
+
+    def attempt(node: ServerProcess, password: str) -> None:
+        client = ChatClient(
+            "127.0.0.1",
+            node.port,
+            server_fingerprint=node.fingerprint,
+            known_hosts=KnownHosts(tmp_path / "known_hosts_guesser"),
+            timeout=TIMEOUT * 2,
+            source_address=("127.0.0.2", 0),  # a guesser's own address: the users' is not delayed
+        )
+        cluster.clients.append(client)
+        client.login("bob", password)
+
+    for node in (first, second, first):  # the free failures, spread over both nodes
+        with pytest.raises(LoginRefused, match="wrong user name or password"):
+            attempt(node, "not-the-password")
+    with pytest.raises(LoginRefused, match="too many failed logins"):
+        attempt(second, "not-the-password")  # the next guess waits, whichever node takes it
+
+    laptop, phone = cluster.log_in("alice", first), cluster.log_in("alice", second)
+    laptop.say("one")
+    phone.say("two")
+    laptop.say("three")
+    for client, text in ((laptop, "one"), (phone, "two"), (laptop, "three")):
+        assert wait_for(client, said(text)).ref
+    phone.say("four")  # the account's budget of 3 is spent, on whichever node
+    refusal = wait_for(phone, lambda event: isinstance(event, ErrorReply))
+    assert refusal.message.startswith("not sent: you are sending too fast")

@@ -1,0 +1,152 @@
+"""Limits counted across every server process of a Redis deployment.
+
+An attacker must not get N times the budget by spreading over N nodes: failed-login
+delays (``SharedLoginThrottle``, the same rules as ``accounts.LoginThrottle``) and each
+account's flood budget (``shared_flood_budget``, a token bucket) are counted in Redis,
+each check one atomic script. If Redis cannot answer, each process falls back to
+counting on its own (logged): slower to throttle, never open to a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+
+from securechat.accounts import LoginThrottle
+from securechat.redis_backend import PREFIX
+
+log = logging.getLogger("chat.server")
+
+# Checks every key (KEYS[1..n]) and, if none is delaying, counts one failure on the rest.
+# ARGV: n, now, free failures, base delay, max delay, seconds a record is kept. Returns the
+# seconds to wait (as text: a Lua number would be cut to an integer), "0" if reserved.
+_BEGIN = """
+local n, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local free, base, most = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local wait = 0
+for i = 1, n do
+  local v = redis.call('HMGET', KEYS[i], 'count', 'last')
+  local count = tonumber(v[1]) or 0
+  if count >= free then
+    local w = tonumber(v[2]) + math.min(most, base * 2 ^ (count - free)) - now
+    if w > wait then wait = w end
+  end
+end
+if wait > 0 then return tostring(wait) end
+for i = n + 1, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'count', 1)
+  redis.call('HSET', KEYS[i], 'last', ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[6])
+end
+return '0'
+"""
+
+_CANCEL = """
+for i = 1, #KEYS do
+  if (tonumber(redis.call('HGET', KEYS[i], 'count')) or 0) <= 1 then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('HINCRBY', KEYS[i], 'count', -1)
+  end
+end
+return 0
+"""
+
+# A token bucket: KEYS[1]; ARGV: now, rate per second, burst, cost. Returns 1 if allowed.
+_TAKE = """
+local now, rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local v = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(v[1]) or burst, tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local allowed = 0
+if tokens >= cost then tokens = tokens - cost; allowed = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return allowed
+"""
+
+
+class SharedLoginThrottle(LoginThrottle):
+    """``LoginThrottle`` counted in Redis by every process; ``name`` keeps two throttles apart."""
+
+    def __init__(self, client: redis.Redis, name: str, rules: LoginThrottle) -> None:
+        super().__init__(rules.free_failures, rules.base_delay, rules.max_delay, rules.forget_after, rules.max_entries)
+        self.redis = client
+        self.name = name
+        self._begin = client.register_script(_BEGIN)
+        self._cancel = client.register_script(_CANCEL)
+        self._failed_over = False
+
+    def _key(self, key: tuple[str, str]) -> str:
+        return f"{PREFIX}throttle:{self.name}:{key[0]}:{key[1]}"
+
+    def _args(self, count: int) -> list[Any]:
+        return [count, time.time(), self.free_failures, self.base_delay, self.max_delay, int(self.forget_after)]
+
+    def _fall_back(self, exc: Exception) -> None:
+        if not self._failed_over:
+            log.error("Redis: %s; failed logins are counted by this process alone until it is back", exc)
+        self._failed_over = True
+
+    def _back(self) -> None:
+        if self._failed_over:
+            log.info("failed logins are counted in Redis again")
+        self._failed_over = False
+
+    def retry_after(self, keys: list[tuple[str, str]]) -> float:
+        try:
+            wait = float(self._begin(keys=[self._key(key) for key in keys], args=self._args(len(keys))))
+        except redis.exceptions.RedisError as exc:
+            self._fall_back(exc)
+            return super().retry_after(keys)
+        self._back()
+        return max(0.0, wait)
+
+    def begin_attempt(self, keys: list[tuple[str, str]], reserve: list[tuple[str, str]]) -> float:
+        names = [self._key(key) for key in keys] + [self._key(key) for key in reserve]
+        try:
+            wait = float(self._begin(keys=names, args=self._args(len(keys))))
+        except redis.exceptions.RedisError as exc:
+            self._fall_back(exc)
+            return super().begin_attempt(keys, reserve)
+        self._back()
+        return max(0.0, wait)
+
+    def cancel_attempt(self, reserved: list[tuple[str, str]]) -> None:
+        try:
+            self._cancel(keys=[self._key(key) for key in reserved])
+        except redis.exceptions.RedisError as exc:
+            self._fall_back(exc)
+            super().cancel_attempt(reserved)
+
+    def record_failure(self, keys: list[tuple[str, str]]) -> None:
+        try:
+            self._begin(keys=[self._key(key) for key in keys], args=self._args(0))
+        except redis.exceptions.RedisError as exc:
+            self._fall_back(exc)
+            super().record_failure(keys)
+
+    def record_success(self, keys: list[tuple[str, str]]) -> None:
+        super().record_success(keys)
+        try:
+            self.redis.delete(*[self._key(key) for key in keys])
+        except redis.exceptions.RedisError as exc:
+            self._fall_back(exc)
+
+
+class SharedFloodBudget:
+    """Each account's line budget, one token bucket in Redis for all its devices on every node."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._take = client.register_script(_TAKE)
+
+    def take(self, account: str, cost: float, rate: float, burst: int) -> bool | None:
+        """True if allowed, False if over the budget, None if Redis cannot say (count locally)."""
+        try:
+            return bool(self._take(keys=[f"{PREFIX}flood:{account}"], args=[time.time(), rate, burst, cost]))
+        except redis.exceptions.RedisError:
+            return None
