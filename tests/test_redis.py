@@ -415,3 +415,22 @@ def test_spreading_over_nodes_gives_no_more_guesses_nor_lines(cluster, tmp_path)
     phone.say("four")  # the account's budget of 3 is spent, on whichever node
     refusal = wait_for(phone, lambda event: isinstance(event, ErrorReply))
     assert refusal.message.startswith("not sent: you are sending too fast")
+
+
+def test_a_stopped_node_blocks_nobody_and_catches_up_when_it_wakes(cluster, tmp_path):
+    import signal
+
+    first, second = two_nodes(cluster, tmp_path)
+    alice = cluster.log_in("alice", first)
+    bob, carol = cluster.log_in("bob", second), cluster.log_in("carol", second)
+    first.process.send_signal(signal.SIGSTOP)  # a node that does nothing at all: the slowest there is
+    try:
+        for text in ("while node one sleeps", "and again"):
+            bob.say(text)
+            wait_for(carol, said(text))  # the others go on at once
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    assert [wait_for(alice, said(text)).text for text in ("while node one sleeps", "and again")] == [
+        "while node one sleeps",
+        "and again",
+    ]
