@@ -49,9 +49,14 @@ class Subscriber(Protocol):
 
     def on_presence(self, room: str, notice: Notice) -> None: ...
 
+    def on_account_changed(self, account: str) -> None: ...
+
 
 class RoomBackend(Protocol):
     """Publish to a room or an account, presence, room state and history."""
+
+    #: True when several server processes share it (what one process sets, the others see).
+    shared: bool
 
     def start(self, subscriber: Subscriber) -> None: ...
     def close(self) -> None: ...
@@ -88,6 +93,8 @@ class RoomBackend(Protocol):
     # "@account": its ignore list): text values under text keys
     def state(self, scope: str) -> dict[str, str]: ...
     def set_state(self, scope: str, key: str, value: str | None) -> None: ...
+    # tell every process that an account's own state changed (its ignore list): they reload it
+    def account_changed(self, account: str) -> None: ...
 
     # history, oldest first
     def recent(self, room: str, limit: int) -> list[RoomEvent]: ...
@@ -127,6 +134,8 @@ class MemoryBackend:
     out is queue puts: nothing under it blocks). Presence and room state live in
     memory under their own locks; the store is written behind, by its writer thread.
     """
+
+    shared = False
 
     def __init__(self, store: ChatStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -207,6 +216,9 @@ class MemoryBackend:
 
     def announce(self, room: str, notice: Notice) -> None:
         pass
+
+    def account_changed(self, account: str) -> None:
+        pass  # one process: the hub that changed it knows
 
     # ------------------------------------------------------------------ presence
 

@@ -110,13 +110,21 @@ class MessageOfTheDay:
     the file. ``_cache_lock`` guards the cached text and the file's stamp.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    #: Where a shared backend keeps it, so that every node shows the one an admin set on any.
+    SCOPE, KEY = "!server", "motd"
+
+    def __init__(self, path: Path | None, shared: RoomBackend | None = None) -> None:
         self.path = path
+        self.shared = shared
         self._cache_lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._text = ""
 
     def get(self) -> str:
+        if self.shared is not None:
+            text = self.shared.state(self.SCOPE).get(self.KEY)
+            if text is not None:
+                return text
         if self.path is None:
             return ""
         try:
@@ -138,6 +146,9 @@ class MessageOfTheDay:
 
     def set(self, text: str) -> None:
         """Replace the message (empty: none). ``HubError`` if it cannot be saved."""
+        if self.shared is not None:
+            self.shared.set_state(self.SCOPE, self.KEY, text)  # "" too: it overrides each node's file
+            return
         if self.path is None:
             raise HubError("not_supported", "this server keeps no message of the day")
         try:
@@ -199,7 +210,7 @@ class ChatHub:
         self.backend = backend
         self.config = config or HubConfig()
         self.accounts: AccountDirectory = accounts or OpenDirectory()
-        self.motd = MessageOfTheDay(motd_path)
+        self.motd = MessageOfTheDay(motd_path, backend if backend.shared else None)
         #: Ends a session of another server process by revoking its tokens (its process ends it).
         self.revoke_session = revoke_session
         #: Each account's line budget shared with the other server processes (None: counted here).
@@ -247,6 +258,11 @@ class ChatHub:
         local = self._local_room(room, create=False)
         if local is not None and not local.sessions_of(notice.name):
             local.announce_notice(notice)
+
+    def on_account_changed(self, account: str) -> None:
+        """Another process changed what ``account`` ignores: reload it if its sessions are here."""
+        if self.local_sessions(account):
+            self._load_ignores(account)
 
     def on_private(self, account: str, message: Chat, origin_session: str, ref: str) -> None:
         if account != message.sender and message.sender in self.ignored_by(account):
@@ -986,6 +1002,7 @@ class ChatHub:
         target = self._target(member, name)
         self.backend.set_state(f"@{member.name}", f"ignore:{target}", "1")
         self._set_ignores(member.name, self.ignored_by(member.name) | {target})
+        self.backend.account_changed(member.name)  # its devices on other processes too
         member.deliver(Notice(event="info", text=f"you ignore {target} now, on all your devices (/unignore {target})"))
 
     def unignore(self, member: Member, name: str) -> None:
@@ -994,6 +1011,7 @@ class ChatHub:
             raise HubError("no_change", f"you do not ignore {_clean(target, 40) or 'anybody by that name'}")
         self.backend.set_state(f"@{member.name}", f"ignore:{target}", None)
         self._set_ignores(member.name, self.ignored_by(member.name) - {target})
+        self.backend.account_changed(member.name)
         member.deliver(Notice(event="info", text=f"you see {target}'s lines again"))
 
     # ------------------------------------------------------------------ limits and lifecycle

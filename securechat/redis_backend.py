@@ -181,6 +181,8 @@ class RedisBackend:
     over a Redis call. ``node`` is this process's random identity, never stored.
     """
 
+    shared = True
+
     def __init__(
         self,
         url: str,
@@ -438,6 +440,8 @@ class RedisBackend:
             self._control_from = _text(entry_id)
             if b"revoked" in fields and self._on_revoked is not None:
                 self._on_revoked(_text(fields[b"revoked"]), int(fields.get(b"until", 0)))
+            elif b"account" in fields and self._subscriber is not None:
+                self._subscriber.on_account_changed(_text(fields[b"account"]))
 
     # ------------------------------------------------------------------ rooms on other processes
 
@@ -526,6 +530,11 @@ class RedisBackend:
 
     def subscribe(self, on_revoked: Callable[[str, int], None]) -> None:
         self._on_revoked = on_revoked
+
+    def account_changed(self, account: str) -> None:
+        """Tell every process (this one too) to reload ``account``'s own state."""
+        fields: Any = {"account": account}
+        self._call(self.redis.xadd, f"{PREFIX}control", fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
 
     # ------------------------------------------------------------------ presence
 

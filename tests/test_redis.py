@@ -434,3 +434,30 @@ def test_a_stopped_node_blocks_nobody_and_catches_up_when_it_wakes(cluster, tmp_
         "while node one sleeps",
         "and again",
     ]
+
+
+def test_the_message_of_the_day_and_an_ignore_list_hold_on_every_node(cluster, tmp_path):
+    from securechat.protocol import Notice
+
+    assert server_command("role", "alice", "admin", "--backend", cluster.redis_url).returncode == 0
+    first, second = two_nodes(cluster, tmp_path)
+    alice = cluster.log_in("alice", first)
+    alice.command("motd", "one message for the whole service")
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "message of the day set")
+    bob = cluster.log_in("bob", second)
+    wait_for(bob, lambda event: isinstance(event, Notice) and "one message for the whole service" in event.text)
+
+    carol_laptop, carol_phone = cluster.log_in("carol", first), cluster.log_in("carol", second)
+    carol_laptop.command("ignore", "bob")
+    wait_for(carol_laptop, lambda event: isinstance(event, Notice) and event.text.startswith("you ignore bob"))
+    deadline = time.monotonic() + TIMEOUT  # the other node hears of it through Redis; its /ignore tells
+    while time.monotonic() < deadline:
+        carol_phone.command("ignore")
+        listed = wait_for(carol_phone, lambda event: isinstance(event, Notice) and event.text.startswith("you ignore:"))
+        if listed.text == "you ignore: bob":
+            break
+    else:
+        pytest.fail("carol's other device never learnt whom she ignores")
+    bob.say("carol's phone must not show this")
+    alice.say("but this")
+    assert wait_for(carol_phone, lambda event: isinstance(event, Chat) and not event.history).text == "but this"
