@@ -31,6 +31,7 @@ from securechat.accounts import (
     TokenClaims,
     TokenError,
     UserRecord,
+    UserStore,
     UserStoreError,
     account_stamp,
     hash_password,
@@ -148,7 +149,8 @@ class ChatServer:
         self.device_tokens = DeviceTokens(token_secret)
         # With a shared backend the accounts are shared too: adduser on one node lets the user in on all.
         self.users: AccountStore = open_account_store(config.backend, config.users_path)
-        self.users.load()  # a corrupt store is reported now, not at the first login
+        if not self.users.load() and config.backend != "memory":  # also: a corrupt store is reported now
+            self._seed_accounts(config.users_path)
         # Hashed for unknown user names, so they cost the same work as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))
         # The only threads that hash passwords. A pool rather than a semaphore: each thread
@@ -235,6 +237,20 @@ class ChatServer:
             raise
         self.keepalive = threading.Thread(target=self._run_keepalive, name="keepalive", daemon=True)
         self._serve_thread: threading.Thread | None = None
+
+    def _seed_accounts(self, users_path: Path) -> None:
+        """A Redis deployment's first start: its (empty) account store gets the accounts of users.json.
+
+        What ``import-users`` does, so that the demo accounts (or yours) work on every node at once.
+        """
+        try:
+            records = UserStore(users_path).load()
+        except UserStoreError as exc:
+            log.warning("no accounts in Redis yet, and %s", exc)
+            return
+        added = [record.name for record in records.values() if self.users.put(record)]
+        if added:
+            log.warning("Redis held no accounts: copied %d from %s (%s)", len(added), users_path, ", ".join(added))
 
     # ------------------------------------------------------------------ lifecycle
 

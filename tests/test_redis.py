@@ -461,3 +461,22 @@ def test_the_message_of_the_day_and_an_ignore_list_hold_on_every_node(cluster, t
     bob.say("carol's phone must not show this")
     alice.say("but this")
     assert wait_for(carol_phone, lambda event: isinstance(event, Chat) and not event.history).text == "but this"
+
+
+def test_a_first_start_on_an_empty_redis_copies_the_accounts_of_users_json(tmp_path, users_file, redis_server):
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    node = ServerProcess([*where, "--backend", redis_server.url, "--log-level", "WARNING"])
+    try:
+        client = ChatClient(
+            "127.0.0.1",
+            node.port,
+            server_fingerprint=node.fingerprint,
+            known_hosts=KnownHosts(tmp_path / "known_hosts"),
+            timeout=TIMEOUT * 2,
+        )
+        client.login("alice", password_of("alice"))
+        client.close()
+    finally:
+        _, errors = node.stop()
+    assert "Redis held no accounts: copied 6 from" in errors
+    assert "alice" in server_command("users", "--backend", redis_server.url).stdout
