@@ -764,6 +764,8 @@ class TokenAuthority:
         )
         #: Revocations shared with the other server processes (None: this process alone).
         self._shared: SharedRevocations | None = None
+        # When forget_expired last looked (only the keepalive thread calls it).
+        self._last_forgotten = 0.0
 
     def share_revocations(self, shared: SharedRevocations) -> None:
         """From now on revocations go through ``shared`` (the journal file is no longer written:
@@ -773,6 +775,22 @@ class TokenAuthority:
         shared.subscribe(self._revoked_elsewhere)
         with self._revoked_lock:
             self._revoked.update(shared.live())
+
+    def forget_expired(self) -> None:
+        """Drop revocations whose tokens have all expired (with a shared store there is no journal
+        compaction to do it), a batch per hold of the lock: every frame's check waits on it.
+        Does the work at most once a minute, however often it is called."""
+        now = time.time()
+        if now - self._last_forgotten < 60:
+            return
+        self._last_forgotten = now
+        with self._revoked_lock:
+            expired = [session_id for session_id, until in self._revoked.items() if until < now]
+        for start in range(0, len(expired), FORGET_BATCH):
+            with self._revoked_lock:
+                for session_id in expired[start : start + FORGET_BATCH]:
+                    if self._revoked.get(session_id, now) < now:
+                        del self._revoked[session_id]
 
     def _revoked_elsewhere(self, session_id: str, until: int) -> None:
         with self._revoked_lock:

@@ -99,7 +99,11 @@ class RoomBackend(Protocol):
     # history, oldest first
     def recent(self, room: str, limit: int) -> list[RoomEvent]: ...
     def history_before(self, room: str, before_id: int, limit: int) -> list[RoomEvent]: ...
-    def history_since(self, room: str, after_id: int, limit: int) -> tuple[list[RoomEvent], int]: ...
+    # after_seq: the room's last sequence number the device saw, when it knows it (a backend whose
+    # ids can land out of order across rooms catches up by it)
+    def history_since(
+        self, room: str, after_id: int, limit: int, after_seq: int | None = None
+    ) -> tuple[list[RoomEvent], int]: ...
     def private_since(self, account: str, after_id: int, limit: int) -> list[Chat]: ...
     def private_recent(self, account: str, limit: int) -> list[Chat]: ...
 
@@ -330,7 +334,10 @@ class MemoryBackend:
     def history_before(self, room: str, before_id: int, limit: int) -> list[RoomEvent]:
         return self._events(self.store.before(room, before_id, limit))
 
-    def history_since(self, room: str, after_id: int, limit: int) -> tuple[list[RoomEvent], int]:
+    def history_since(
+        self, room: str, after_id: int, limit: int, after_seq: int | None = None
+    ) -> tuple[list[RoomEvent], int]:
+        # Ids are given and stored under one lock here: every room's are in order, after_id suffices.
         rows, over = self.store.since(room, after_id, limit)
         return self._events(rows), over
 

@@ -271,9 +271,13 @@ class ClientConnection:
             reason = "internal error"
         finally:
             self.close(reason)
-            if self.in_room:
-                self.server.hub.close_session(self, self._public_reason())
-            self.server.forget(self)
+            try:
+                if self.in_room:
+                    self.server.hub.close_session(self, self._public_reason())
+            except Exception:  # never leave the connection on the books (it holds its address's share)
+                log.exception("%s: closing the session failed", self.peer)
+            finally:
+                self.server.forget(self)
             who = f" user={self.name}" if self.name else ""
             # A protocol error's text can quote the peer (a field name, say): bounded and made safe.
             logged = sanitize_text(self.close_reason or reason)[:MAX_LOGGED_REASON_CHARS]
@@ -367,7 +371,10 @@ class ClientConnection:
                 device_token=self.device_token,
             )
         )
-        hub.enter_rooms(self, rooms, since=request.since, seen=request.seen)
+        try:
+            hub.enter_rooms(self, rooms, since=request.since, seen=request.seen)
+        except BackendUnavailable as exc:  # the welcome went out; the session ends with one clear line
+            raise AuthenticationFailed("unavailable", f"{exc}; try again in a moment") from None
 
     def end(self, reason: str) -> None:
         """End this session from another of the account's devices (/logout): its tokens are revoked."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from securechat.accounts import AccountBan, RevocationNotSaved, format_utc, write_file_atomically
-from securechat.backend import BackendLimit, RoomBackend, RoomEvent, SessionInfo
+from securechat.backend import BackendLimit, BackendUnavailable, RoomBackend, RoomEvent, SessionInfo
 from securechat.commands import COMMANDS_BY_NAME, ROLE_RANK, CommandSpec, split_duration
 from securechat.history import RoomRecord
 from securechat.protocol import (
@@ -343,9 +343,16 @@ class ChatHub:
                 self._local.pop(member.name, None)
         for room in rooms:
             self._leave(member, room, reason)
-        if self.backend.remove_session(member.name, member.session_id) == 0:
-            # Its last session: lines from now on were said while the account was away.
-            self.backend.set_state(f"@{member.name}", "last_seen", f"{time.time():.3f}")
+        try:
+            if self.backend.remove_session(member.name, member.session_id) == 0:
+                # Its last session: lines from now on were said while the account was away.
+                self.backend.set_state(f"@{member.name}", "last_seen", f"{time.time():.3f}")
+        except BackendUnavailable:
+            pass  # a shared backend forgets the session by itself (its presence expires)
+        if not self.local_sessions(member.name):
+            self._set_ignores(member.name, frozenset())  # nothing to filter for it here any more
+            with self.personal_lock:
+                self._ignores.pop(member.name, None)
 
     def local_sessions(self, account: str) -> list[Session]:
         with self.sessions_lock:
@@ -375,7 +382,10 @@ class ChatHub:
                 return room
         # Read outside the lock (a disk read); if another thread made it meanwhile, theirs wins.
         record = self.backend.room(name)
-        recent = self.backend.recent(name, self.config.join_history)
+        # At least the newest line, even with no join history: it is where this process starts
+        # reading the room's events (none before it may come as news).
+        newest = self.backend.recent(name, max(1, self.config.join_history))
+        recent = newest if self.config.join_history > 0 else []
         fresh = Room(
             name,
             topic=record.topic if record is not None else "",
@@ -387,7 +397,7 @@ class ChatHub:
         with self.rooms_lock:
             room = self._rooms.setdefault(name, fresh)
         if room is fresh:  # from here on the room's events reach this process (after its recent lines)
-            self.backend.watch(name, recent[-1].id if recent else 0)
+            self.backend.watch(name, newest[-1].id if newest else 0)
         return room
 
     def join(self, member: Member, room_name: str) -> None:
@@ -445,7 +455,7 @@ class ChatHub:
         over = 0
         ignored = self.ignored_by(member.name)
         if since > 0:
-            missed, over = self.backend.history_since(room, since, self.config.catch_up_limit)
+            missed, over = self.backend.history_since(room, since, self.config.catch_up_limit, after_seq=seen)
 
         def welcome(roster: list[str], devices: list[int], recent: list[RoomEvent]) -> None:
             roster, devices = _merged(roster, devices, elsewhere)
@@ -491,8 +501,11 @@ class ChatHub:
             if room not in rooms:
                 rooms.append(room)
         self.backend.enter_room(room, member.name, member.session_id)
-        if local.join(member, welcome) and member.name not in elsewhere:
+        if local.join(member, welcome, quiet=member.name in elsewhere) and member.name not in elsewhere:
             self.backend.announce(room, Notice(event="joined", name=member.name, room=room))
+        ban = self.room_state(room).ban_of(member.name)
+        if ban is not None:  # banned while it entered: a ban's removal may have run before it was in
+            self._remove_from_room(member.name, room, f"banned {_until(ban.until)}")
 
     def part(self, member: Member, room_name: str, reason: str = "") -> None:
         """/part: leave a room on every device of the account; it is no longer rejoined at login."""
@@ -517,8 +530,9 @@ class ChatHub:
         """One session leaves a room; the other processes hear of it if it was the account's last anywhere."""
         local = self._local_room(room, create=False)
         self.backend.leave_room(room, member.name, member.session_id)
-        last_here = local is not None and local.leave(member, reason)
-        if last_here and member.name not in self.backend.members_elsewhere(room):
+        elsewhere = member.name in self.backend.members_elsewhere(room)
+        last_here = local is not None and local.leave(member, reason, quiet=elsewhere)
+        if last_here and not elsewhere:
             self.backend.announce(room, Notice(event="left", name=member.name, text=reason, room=room))
 
     def say(self, member: Member, room_name: str, text: str, *, action: bool = False, ref: str = "") -> None:
@@ -735,6 +749,9 @@ class ChatHub:
             return
         record = self.backend.room(room)
         state = RoomState.parse(values, creator=record.owner if record is not None else "")
+        ban = state.ban_of(account)
+        if ban is not None:  # banned while entering (the removal missed the session): refused all the same
+            raise HubError("banned", f"not sent: you are banned from {room} {_until(ban.until)}")
         mute = state.mute_of(account)
         if mute is not None:
             raise HubError("muted", f"not sent: you are muted in {room} {_until(mute.until)}")
@@ -871,8 +888,9 @@ class ChatHub:
         )
 
     def unmute(self, member: Member, room: str, name: str) -> None:
-        self.require_role(member, room, "unmute", "op")
-        target = name.strip()
+        rank = self.require_role(member, room, "unmute", "op")
+        target = self._target(member, name)  # not oneself: a muted op stays muted
+        self._check_outranks(member, rank, target, room, self.room_state(room))
         if self.room_state(room).mute_of(target) is None:
             raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not muted in {room}")
         self.backend.set_state(room, mute_key(target), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import math
@@ -193,17 +194,21 @@ class ChatServer:
                 from securechat.redis_backend import RedisBackend  # only a shared deployment needs redis
                 from securechat.redis_limits import SharedFloodBudget, SharedLoginThrottle
 
+                cluster_key = crypto_utils.load_or_create_secret(data_dir / CLUSTER_KEY_FILE)
                 shared = RedisBackend(
                     config.backend,
-                    crypto_utils.load_or_create_secret(data_dir / CLUSTER_KEY_FILE),
+                    cluster_key,
                     history_limit=config.history_limit,
                     history_max_age=config.history_days * 86400,
                 )
                 # A /quit, /logout or resume on one node holds on every node, at once; and an attacker
                 # spreading over the nodes gets no more guesses, nor lines, than on one.
                 self.tokens.share_revocations(shared)
-                self.login_throttle = SharedLoginThrottle(shared.redis, "login", config.login_throttle)
-                self.account_throttle = SharedLoginThrottle(shared.redis, "account", config.account_throttle)
+                throttle_key = hashlib.sha256(b"chat throttle keys\0" + cluster_key).digest()
+                self.login_throttle = SharedLoginThrottle(shared.redis, "login", config.login_throttle, throttle_key)
+                self.account_throttle = SharedLoginThrottle(
+                    shared.redis, "account", config.account_throttle, throttle_key
+                )
                 flood_budget = SharedFloodBudget(shared.redis)
                 backend = shared
             if backend is None:
@@ -444,6 +449,7 @@ class ChatServer:
 
     def _keepalive_pass(self) -> None:
         self.hub.forget_idle_flood_buckets()  # accounts quiet long enough have nothing to remember
+        self.tokens.forget_expired()
         now = time.monotonic()
         with self.connections_lock:
             connections = [c for c in self.connections if c.in_room]

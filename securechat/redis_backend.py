@@ -24,6 +24,7 @@ key id, so the key can be rotated). Names of rooms and accounts are visible to R
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -78,6 +79,14 @@ LIVE_FEED_LENGTH = 100
 # stream's next sequence number. KEYS: stream, sequence hash, [private feed]. ARGV: id, stream
 # name, history bound, key id, sealed payload, recipient ("" for a room), sender, feed bound.
 _APPEND = """
+local mine = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', ARGV[1] .. '-1')
+if #mine > 0 then  -- a retry of a call whose answer was lost: it is there already, once
+  local fields = mine[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 's' then return tonumber(fields[i + 1]) end
+  end
+  return 0
+end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then
   local last_id = tonumber(string.match(last[1][1], '^(%d+)'))
@@ -123,9 +132,14 @@ return 1
 
 
 # Revokes a session once, whichever process asks first, and tells every process. KEYS: the
-# revocations, the control stream. ARGV: session id, until (seconds), control stream bound.
+# revocations, the control stream, this revocation's marker. ARGV: session id, until (seconds),
+# control stream bound, a nonce of this call (a retry whose first answer was lost is told 1 again).
 _REVOKE = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('GET', KEYS[3]) == ARGV[4] then return 1 end
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[4], 'EX', 60)
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'revoked', ARGV[1], 'until', ARGV[2])
 return 1
@@ -153,6 +167,18 @@ def redis_client(url: str) -> redis.Redis:
         retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
+
+
+# The next message id, never at or below ARGV[1] (the highest this process has seen): if Redis
+# came back with less than it had, ids must not start over under lines already delivered.
+_NEXT_ID = """
+local raised = 0
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  raised = 1
+end
+return {redis.call('INCR', KEYS[1]), raised}
+"""
 
 
 def key_id(key: bytes) -> str:
@@ -208,6 +234,9 @@ class RedisBackend:
         self._add_session = self.redis.register_script(_ADD_SESSION)
         self._create_room = self.redis.register_script(_CREATE_ROOM)
         self._revoke = self.redis.register_script(_REVOKE)
+        self._next_id = self.redis.register_script(_NEXT_ID)
+        #: The highest message id this process has issued or read (see _NEXT_ID).
+        self._highest_id = 0
         self._on_revoked: Callable[[str, int], None] | None = None
         self._control_from = "$"
         self._subscriber: Subscriber | None = None
@@ -300,7 +329,11 @@ class RedisBackend:
     ) -> RoomEvent:
         for _attempt in range(20):
             try:
-                message_id = int(self.redis.incr(f"{PREFIX}id"))
+                message_id, raised = self._next_id(keys=[f"{PREFIX}id"], args=[self._highest_id])
+                message_id = int(message_id)
+                if raised:
+                    log.error("Redis's message counter was behind this process's (data lost?): raised past it")
+                self._highest_id = max(self._highest_id, message_id)
                 numbered = replace(message, id=message_id, sent_at=self._clock())
                 sealed = self._seal(stream, numbered, origin_session, ref)
                 keys = [self._stream_key(stream), f"{PREFIX}seq"]
@@ -346,6 +379,14 @@ class RedisBackend:
             self._presence_from.setdefault(room, _text(newest_news[0][0]) if newest_news else "0-0")
 
     def _read_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._read_until_stopped()
+            except Exception:  # a bug, not Redis: logged, and reading goes on after a pause
+                log.exception("the Redis reader failed; it starts again")
+                self._stopping.wait(1.0)
+
+    def _read_until_stopped(self) -> None:
         delay = 0.0
         while not self._stopping.is_set():
             with self._watch_lock:
@@ -375,53 +416,61 @@ class RedisBackend:
                     self._deliver_room(key_text[len(f"{PREFIX}stream:") :], entries)
 
     def _deliver_room(self, room: str, entries: list[Any]) -> None:
-        subscriber = self._subscriber
         for entry_id, fields in entries:
-            message_id = _message_id(entry_id)
             with self._watch_lock:
                 self._watched[room] = _text(entry_id)
-            opened = self._open(room, message_id, fields)
-            if opened is None or subscriber is None:
-                continue
-            event, origin, ref = opened
-            if event.sent_at < self._clock() - self.history_max_age:
-                continue  # older than history keeps: not news either
-            seq = int(fields.get(b"s", 0))
-            last = self._last_seq.get(room)
-            if last is not None and seq > last + 1:
-                missed = seq - last - 1
-                log.warning("%d lines of %s were trimmed before this process could read them", missed, room)
-                subscriber.on_room_event(
-                    room,
-                    Notice(event="info", room=room, text=f"{missed} lines of {room} were lost to an outage"),
-                    "",
-                    "",
-                )
-            self._last_seq[room] = seq
-            if isinstance(event, Chat):
-                event = replace(event, seq=seq)
-            subscriber.on_room_event(room, event, origin, ref)
+            with _guarded(f"a line of {room}"):
+                self._deliver_room_entry(room, _message_id(entry_id), fields)
+
+    def _deliver_room_entry(self, room: str, message_id: int, fields: dict[Any, Any]) -> None:
+        self._highest_id = max(self._highest_id, message_id)
+        subscriber = self._subscriber
+        opened = self._open(room, message_id, fields)
+        if opened is None or subscriber is None:
+            return
+        event, origin, ref = opened
+        if event.sent_at < self._clock() - self.history_max_age:
+            return  # older than history keeps: not news either
+        seq = int(fields.get(b"s", 0))
+        last = self._last_seq.get(room)
+        if last is not None and seq > last + 1:
+            missed = seq - last - 1
+            log.warning("%d lines of %s were trimmed before this process could read them", missed, room)
+            subscriber.on_room_event(
+                room,
+                Notice(event="info", room=room, text=f"{missed} lines of {room} were lost to an outage"),
+                "",
+                "",
+            )
+        self._last_seq[room] = seq
+        if isinstance(event, Chat):
+            event = replace(event, seq=seq)
+        subscriber.on_room_event(room, event, origin, ref)
 
     def _deliver_privates(self, entries: list[Any]) -> None:
-        subscriber = self._subscriber
         for entry_id, fields in entries:
             self._private_feed_from = _text(entry_id)
-            if subscriber is None:
-                continue
-            try:
-                message_id = int(fields[b"id"])
-                stream = _text(fields[b"stream"])
-            except (KeyError, ValueError):
-                continue
-            opened = self._open(stream, message_id, fields)
-            if opened is None:
-                continue
-            message, origin, ref = opened
-            if not isinstance(message, Chat):
-                continue
-            subscriber.on_private(message.recipient, message, origin, ref)
-            if message.sender != message.recipient:
-                subscriber.on_private(message.sender, message, origin, ref)
+            with _guarded("a private line"):
+                self._deliver_private_entry(fields)
+
+    def _deliver_private_entry(self, fields: dict[Any, Any]) -> None:
+        subscriber = self._subscriber
+        if subscriber is None:
+            return
+        try:
+            message_id = int(fields[b"id"])
+            stream = _text(fields[b"stream"])
+        except (KeyError, ValueError):
+            return
+        opened = self._open(stream, message_id, fields)
+        if opened is None:
+            return
+        message, origin, ref = opened
+        if not isinstance(message, Chat):
+            return
+        subscriber.on_private(message.recipient, message, origin, ref)
+        if message.sender != message.recipient:
+            subscriber.on_private(message.sender, message, origin, ref)
 
     def _deliver_presence(self, room: str, entries: list[Any]) -> None:
         subscriber = self._subscriber
@@ -431,17 +480,19 @@ class RedisBackend:
             node = _text(fields.get(b"node", b""))
             if node == self.node or subscriber is None:
                 continue  # this process told its own members already
-            notice = self._open_presence(room, node, fields)
-            if notice is not None:
-                subscriber.on_presence(room, notice)
+            with _guarded(f"news of {room}"):
+                notice = self._open_presence(room, node, fields)
+                if notice is not None:
+                    subscriber.on_presence(room, notice)
 
     def _apply_control(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
             self._control_from = _text(entry_id)
-            if b"revoked" in fields and self._on_revoked is not None:
-                self._on_revoked(_text(fields[b"revoked"]), int(fields.get(b"until", 0)))
-            elif b"account" in fields and self._subscriber is not None:
-                self._subscriber.on_account_changed(_text(fields[b"account"]))
+            with _guarded("a control message"):
+                if b"revoked" in fields and self._on_revoked is not None:
+                    self._on_revoked(_text(fields[b"revoked"]), int(fields.get(b"until", 0)))
+                elif b"account" in fields and self._subscriber is not None:
+                    self._subscriber.on_account_changed(_text(fields[b"account"]))
 
     # ------------------------------------------------------------------ rooms on other processes
 
@@ -518,8 +569,9 @@ class RedisBackend:
     def revoke(self, session_id: str, until: int) -> bool:
         """Revoke a session for every process; False if one already had. ``OSError`` if Redis cannot say."""
         try:
-            keys = [f"{PREFIX}revoked", f"{PREFIX}control"]
-            return bool(self._revoke(keys=keys, args=[session_id, until, CONTROL_STREAM_LENGTH]))
+            keys = [f"{PREFIX}revoked", f"{PREFIX}control", f"{PREFIX}revoker:{session_id}"]
+            nonce = uuid.uuid4().hex
+            return bool(self._revoke(keys=keys, args=[session_id, until, CONTROL_STREAM_LENGTH, nonce]))
         except redis.exceptions.RedisError as exc:
             self._note_problem(exc)
             raise OSError(f"Redis: {exc}") from None
@@ -695,8 +747,17 @@ class RedisBackend:
         entries = self._call(self.redis.xrevrange, self._stream_key(room), f"{before_id}-0", "-", count=limit)
         return self._events(room, list(reversed(entries)))
 
-    def history_since(self, room: str, after_id: int, limit: int) -> tuple[list[RoomEvent], int]:
+    def history_since(
+        self, room: str, after_id: int, limit: int, after_seq: int | None = None
+    ) -> tuple[list[RoomEvent], int]:
         key = self._stream_key(room)
+        if after_seq is not None:
+            # By the room's own numbering: an id is taken before its line is appended, so a lower
+            # id may land in this room after a higher one elsewhere that the device already saw.
+            # Sequence numbers rise with the stream; the lines after after_seq are its newest.
+            newest = self._call(self.redis.xrevrange, key, "+", "-", count=max(limit, 0))
+            after = [entry for entry in newest if int(entry[1].get(b"s", 0)) > after_seq]
+            return self._events(room, list(reversed(after))), 0  # what is beyond: the seq gap tells
         newer = self._call(self.redis.xrevrange, key, "+", f"{after_id + 1}-0", count=max(limit, 0))
         over = 0
         if len(newer) >= limit and newer:
@@ -732,6 +793,16 @@ class RedisBackend:
         if problem != self._problem:
             log.error("%s", problem)  # once per kind of failure, not once per line
         self._problem = problem
+
+
+@contextlib.contextmanager
+def _guarded(what: str) -> Iterator[None]:
+    """Whatever one entry does wrong is logged and skipped: the reader thread must never die, or
+    this process would stop hearing every room, revocation and ban."""
+    try:
+        yield
+    except Exception:
+        log.exception("the Redis reader skipped %s it could not handle", what)
 
 
 def _sender(message: RoomEvent) -> str:

@@ -9,6 +9,8 @@ counting on its own (logged): slower to throttle, never open to a crash.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
 from typing import Any
@@ -72,16 +74,20 @@ return allowed
 class SharedLoginThrottle(LoginThrottle):
     """``LoginThrottle`` counted in Redis by every process; ``name`` keeps two throttles apart."""
 
-    def __init__(self, client: redis.Redis, name: str, rules: LoginThrottle) -> None:
+    def __init__(self, client: redis.Redis, name: str, rules: LoginThrottle, secret: bytes) -> None:
         super().__init__(rules.free_failures, rules.base_delay, rules.max_delay, rules.forget_after, rules.max_entries)
         self.redis = client
         self.name = name
+        # What was typed as a user name may be a password typed in the wrong box: Redis sees
+        # only a keyed hash of it.
+        self._secret = secret
         self._begin = client.register_script(_BEGIN)
         self._cancel = client.register_script(_CANCEL)
         self._failed_over = False
 
     def _key(self, key: tuple[str, str]) -> str:
-        return f"{PREFIX}throttle:{self.name}:{key[0]}:{key[1]}"
+        digest = hmac.new(self._secret, f"{self.name}\0{key[0]}\0{key[1]}".encode(), hashlib.sha256)
+        return f"{PREFIX}throttle:{digest.hexdigest()[:32]}"
 
     def _args(self, count: int) -> list[Any]:
         return [count, time.time(), self.free_failures, self.base_delay, self.max_delay, int(self.forget_after)]

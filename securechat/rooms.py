@@ -155,12 +155,13 @@ class Room:
 
     # ------------------------------------------------------------------ membership
 
-    def join(self, member: Member, welcome: Welcome | None = None) -> bool:
+    def join(self, member: Member, welcome: Welcome | None = None, *, quiet: bool = False) -> bool:
         """Add a session; True if it is its account's first here (the others will hear of it).
 
         ``welcome(roster, devices, recent)`` is called with who is here and the recent
         lines, at the moment of joining and before anything else can reach the session:
-        it hears of later joins, lines and leaves only.
+        it hears of later joins, lines and leaves only. ``quiet``: the account is already in
+        the room through another server process, so nobody is told it joined.
         """
         timer = None
         with self.members_lock:
@@ -171,7 +172,7 @@ class Room:
             if welcome is not None:
                 roster = sorted(self.sessions)
                 welcome(roster, [len(self.sessions[name]) for name in roster], list(self._recent))
-            if not first or self._closed:
+            if not first or self._closed or quiet:
                 return first
             self._pending_joins.append(member.name)
             if self._join_timer is None and self.join_notice_delay > 0:
@@ -184,8 +185,9 @@ class Room:
             self.send_join_notices()
         return first
 
-    def leave(self, member: Member, reason: str = "") -> bool:
-        """Remove a session; True if it was its account's last here (the others are told)."""
+    def leave(self, member: Member, reason: str = "", *, quiet: bool = False) -> bool:
+        """Remove a session; True if it was its account's last here (the others are told, unless
+        ``quiet``: the account is still in the room through another server process)."""
         # After any round going out too: the leaver is among its recipients, and must not hear
         # of a join after it hears it left (a /part).
         self._announced_before(member.name, any_round=True)
@@ -197,7 +199,7 @@ class Room:
             if sessions:
                 return False
             del self.sessions[member.name]
-            others = self._everyone()
+            others = [] if quiet else self._everyone()
         notice = Notice(event="left", name=member.name, text=reason, room=self.name)
         for other in others:
             other.deliver(notice)

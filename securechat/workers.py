@@ -78,20 +78,30 @@ class Worker:
             self.command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
         )
         self.started_at = time.monotonic()
+        self.listening = threading.Event()
+        assert self.process.stdout is not None
+        # Ends when the worker does (its output closes).
+        threading.Thread(
+            target=_watch_output, args=(self.process.stdout, self.listening), name=f"worker {self.number}", daemon=True
+        ).start()
 
-    def wait_listening(self) -> bool:
-        """Read the worker's output until it says it listens; False if it exited first."""
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.startswith("Listening on"):
-                threading.Thread(target=_drain, args=(self.process.stdout,), daemon=True).start()
+    def wait_listening(self, stopping: threading.Event) -> bool:
+        """Wait until the worker says it listens; False if it exited, took too long, or we are stopping."""
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and not stopping.is_set():
+            if self.listening.wait(0.1):
                 return True
+            if self.process.poll() is not None:
+                return False
         return False
 
 
-def _drain(stream: IO[str]) -> None:
-    for _line in stream:  # a worker prints nothing more; read so that it never blocks on a full pipe
-        pass
+def _watch_output(stream: IO[str], listening: threading.Event) -> None:
+    """Read a worker's output: it says when it listens, and it must never block on a full pipe."""
+    for line in stream:
+        if line.startswith("Listening on"):
+            listening.set()
 
 
 def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
@@ -124,7 +134,9 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
         for worker in workers:
             worker.start()
         for worker in workers:
-            if not worker.wait_listening():
+            if not worker.wait_listening(stopping):
+                if stopping.is_set():
+                    return 0  # told to stop while starting
                 log.error("worker %d could not start (its error is above)", worker.number)
                 return 1
         fingerprint = crypto_utils.fingerprint(private_key.public_key())
@@ -151,7 +163,7 @@ def _restart_if_dead(worker: Worker, stopping: threading.Event) -> None:
     if stopping.wait(worker.restart_delay):
         return
     worker.start()
-    if not worker.wait_listening():
+    if not worker.wait_listening(stopping):
         log.error("worker %d could not start again", worker.number)
 
 

@@ -437,3 +437,18 @@ def test_roles_and_bans_are_kept_in_the_user_store_and_the_last_admin_stays(user
     assert store.unban("carol") and not store.unban("carol")
     store.ban("dave", AccountBan(until=1.0))  # long over
     assert UserStore(users_file).get("dave").active_ban() is None
+
+
+def test_a_session_whose_ban_missed_it_still_cannot_speak(make_server, connect):
+    # A ban set while the session was entering the room (its removal ran before it was in).
+    from securechat.roomstate import Restriction, ban_key
+
+    server = make_server()
+    alice, bob = connect("alice", to=server), connect("bob", to=server)
+    alice.join("#ops")
+    wait_for(alice, in_room("#ops"))
+    bob.join("#ops")
+    wait_for(bob, in_room("#ops"))
+    server.hub.backend.set_state("#ops", ban_key("bob"), Restriction(0, "spam", "alice").value())
+    bob.say("sneaking in", "#ops")
+    wait_for(bob, error_saying(r"^not sent: you are banned from #ops until lifted$"))

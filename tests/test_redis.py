@@ -480,3 +480,99 @@ def test_a_first_start_on_an_empty_redis_copies_the_accounts_of_users_json(tmp_p
         _, errors = node.stop()
     assert "Redis held no accounts: copied 6 from" in errors
     assert "alice" in server_command("users", "--backend", redis_server.url).stdout
+
+
+# --------------------------------------------------------------------------- the backend's own guarantees
+
+
+def backend_of(redis_server, **options):
+    from securechat.redis_backend import RedisBackend
+
+    return RedisBackend(redis_server.url, b"k" * 32, **options)
+
+
+class Recorder:
+    """A subscriber that keeps what it is handed, and can be told to fail once."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.fail_next = False
+
+    def on_room_event(self, room, message, origin_session, ref):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("a bug in the hub")
+        self.lines.append(getattr(message, "text", ""))
+
+    def on_private(self, account, message, origin_session, ref):
+        pass
+
+    def on_presence(self, room, notice):
+        pass
+
+    def on_account_changed(self, account):
+        pass
+
+
+def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_once(redis_server):
+    backend = backend_of(redis_server)
+    recorder = Recorder()
+    backend.start(recorder)
+    try:
+        backend.watch("#r", 0)
+        recorder.fail_next = True
+        backend.publish_room("#r", Chat(sender="alice", text="lost to a bug", sent_at=0.0))
+        backend.publish_room("#r", Chat(sender="alice", text="still heard", sent_at=0.0))
+        deadline = time.monotonic() + TIMEOUT
+        while "still heard" not in recorder.lines and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert recorder.lines == ["still heard"]
+
+        # The script ran but its answer was lost: the client library sends it again. Same id, once.
+        numbered = backend.publish_room("#r", Chat(sender="alice", text="once", sent_at=0.0))
+        sealed = backend._seal("#r", numbered, "", "")
+        keys = [backend._stream_key("#r"), "chat:seq"]
+        args = [numbered.id, "#r", 1000, backend._key_id, sealed, "", "alice", 100]
+        assert int(backend._append(keys=keys, args=args)) == numbered.seq
+        texts = [event.text for event in backend.recent("#r", 10)]
+        assert texts.count("once") == 1
+    finally:
+        backend.close()
+
+
+def test_typed_user_names_reach_redis_only_as_keyed_hashes(cluster, tmp_path):
+    from securechat.client import LoginRefused
+
+    first, _ = two_nodes(cluster, tmp_path)
+    client = ChatClient(
+        "127.0.0.1",
+        first.port,
+        server_fingerprint=first.fingerprint,
+        known_hosts=KnownHosts(tmp_path / "known_hosts_typo"),
+        timeout=TIMEOUT * 2,
+    )
+    cluster.clients.append(client)
+    with pytest.raises(LoginRefused):
+        client.login("correct horse battery staple", "whatever")  # a password in the name box
+    store = redis.Redis.from_url(cluster.redis_url)
+    try:
+        keys = list(store.scan_iter())
+        assert any(key.startswith(b"chat:throttle:") for key in keys)
+        assert not any(b"horse" in key for key in keys)
+    finally:
+        store.close()
+
+
+def test_with_no_join_history_old_lines_are_not_sent_as_news(cluster, tmp_path):
+    first, second = two_nodes(cluster, tmp_path, "--join-history", "0")
+    alice = cluster.log_in("alice", first)
+    alice.join("#old")
+    wait_for(alice, entered("#old"))
+    alice.say("said before bob came", "#old")
+    wait_for(alice, said("said before bob came"))
+    bob = cluster.log_in("bob", second)  # the first of node two in #old: it starts reading the room
+    bob.join("#old")
+    wait_for(bob, entered("#old"))
+    alice.say("news", "#old")
+    heard = wait_for(bob, lambda event: isinstance(event, Chat))
+    assert heard.text == "news"
