@@ -9,9 +9,9 @@ that reads and writes those keys. No I/O: ``RoomState`` is a snapshot, and the
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
+from securechat.accounts import AccountBan
 from securechat.commands import ROLE_RANK
 
 #: The modes a room may have, with what each means (IRC's letters).
@@ -26,15 +26,8 @@ MAX_REASON_CHARS = 200
 
 
 @dataclass(frozen=True)
-class Restriction:
-    """A ban or a mute in one room: until when (0: until lifted), why, and who set it."""
-
-    until: float = 0.0
-    reason: str = ""
-    by: str = ""
-
-    def active(self, now: float | None = None) -> bool:
-        return not self.until or self.until > (time.time() if now is None else now)
+class Restriction(AccountBan):
+    """A ban or a mute in one room: until when (0: until lifted), why, and who set it; kept as JSON."""
 
     def value(self) -> str:
         return json.dumps({"until": self.until, "reason": self.reason, "by": self.by})

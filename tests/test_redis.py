@@ -22,6 +22,18 @@ from securechat.protocol import Chat, ErrorReply
 from securechat.protocol import Room as RoomMessage
 
 
+def client_of(node: ServerProcess, known_hosts: Path, **options) -> ChatClient:
+    """A client of ``node`` (not yet connected) that trusts its key."""
+    return ChatClient(
+        "127.0.0.1",
+        node.port,
+        server_fingerprint=node.fingerprint,
+        known_hosts=KnownHosts(known_hosts),
+        timeout=TIMEOUT * 2,
+        **options,
+    )
+
+
 def server_command(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True, timeout=TIMEOUT * 4
@@ -50,13 +62,7 @@ class Cluster:
         return node
 
     def log_in(self, name: str, node: ServerProcess) -> ChatClient:
-        client = ChatClient(
-            "127.0.0.1",
-            node.port,
-            server_fingerprint=node.fingerprint,
-            known_hosts=KnownHosts(self.tmp_path / f"known_hosts_{name}"),
-            timeout=TIMEOUT * 2,
-        )
+        client = client_of(node, self.tmp_path / f"known_hosts_{name}")
         self.clients.append(client)
         client.login(name, password_of(name))
         return client
@@ -192,15 +198,7 @@ def test_a_killed_nodes_clients_resume_on_the_other_and_nothing_is_shown_twice(c
     from securechat.client import Reconnected, Reconnecting
 
     first, second = two_nodes(cluster, tmp_path)
-    alice = ChatClient(
-        "127.0.0.1",
-        first.port,
-        other_servers=[("127.0.0.1", second.port)],
-        server_fingerprint=first.fingerprint,
-        known_hosts=KnownHosts(tmp_path / "known_hosts_alice"),
-        timeout=TIMEOUT * 2,
-        reconnect=True,
-    )
+    alice = client_of(first, tmp_path / "known_hosts_alice", other_servers=[("127.0.0.1", second.port)], reconnect=True)
     cluster.clients.append(alice)
     alice.login("alice", password_of("alice"))
     bob = cluster.log_in("bob", second)
@@ -243,13 +241,7 @@ def test_workers_serve_clients_from_every_process_and_stop_together(tmp_path, us
     try:
         for index in range(12):  # the kernel spreads connections by their addresses: both get some
             name = ("alice", "bob", "carol")[index % 3]
-            client = ChatClient(
-                "127.0.0.1",
-                node.port,
-                server_fingerprint=node.fingerprint,
-                known_hosts=KnownHosts(tmp_path / "known_hosts"),
-                timeout=TIMEOUT * 2,
-            )
+            client = client_of(node, tmp_path / "known_hosts")
             clients.append(client)
             client.login(name, password_of(name))
         clients[0].say("heard in every process")
@@ -296,14 +288,7 @@ def test_revocations_hold_on_every_node_at_once(cluster, tmp_path):
     first, second = two_nodes(cluster, tmp_path)
 
     def device(node: ServerProcess, **options) -> ChatClient:
-        client = ChatClient(
-            "127.0.0.1",
-            node.port,
-            server_fingerprint=node.fingerprint,
-            known_hosts=KnownHosts(tmp_path / "known_hosts"),
-            timeout=TIMEOUT * 2,
-            **options,
-        )
+        client = client_of(node, tmp_path / "known_hosts", **options)
         cluster.clients.append(client)
         return client
 
@@ -371,13 +356,7 @@ def test_accounts_live_in_redis_an_account_added_on_one_node_logs_in_on_every_no
     assert added.returncode == 0 and added.stdout.strip() == "added frank", added.stderr
     assert "frank" in server_command("users", "--backend", cluster.redis_url).stdout
     for node in (first, second):
-        client = ChatClient(
-            "127.0.0.1",
-            node.port,
-            server_fingerprint=node.fingerprint,
-            known_hosts=KnownHosts(tmp_path / "known_hosts_frank"),
-            timeout=TIMEOUT * 2,
-        )
+        client = client_of(node, tmp_path / "known_hosts_frank")
         cluster.clients.append(client)
         client.login("frank", "Correct-Horse-Battery-42")
     assert server_command("import-users", str(cluster.users_file)).returncode == 2  # without Redis: refused
@@ -389,14 +368,8 @@ def test_spreading_over_nodes_gives_no_more_guesses_nor_lines(cluster, tmp_path)
     first, second = two_nodes(cluster, tmp_path, "--flood-burst", "3", "--flood-rate", "0.05")
 
     def attempt(node: ServerProcess, password: str) -> None:
-        client = ChatClient(
-            "127.0.0.1",
-            node.port,
-            server_fingerprint=node.fingerprint,
-            known_hosts=KnownHosts(tmp_path / "known_hosts_guesser"),
-            timeout=TIMEOUT * 2,
-            source_address=("127.0.0.2", 0),  # a guesser's own address: the users' is not delayed
-        )
+        # From a guesser's own address: the users' is not delayed.
+        client = client_of(node, tmp_path / "known_hosts_guesser", source_address=("127.0.0.2", 0))
         cluster.clients.append(client)
         client.login("bob", password)
 
@@ -467,13 +440,7 @@ def test_a_first_start_on_an_empty_redis_copies_the_accounts_of_users_json(tmp_p
     where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
     node = ServerProcess([*where, "--backend", redis_server.url, "--log-level", "WARNING"])
     try:
-        client = ChatClient(
-            "127.0.0.1",
-            node.port,
-            server_fingerprint=node.fingerprint,
-            known_hosts=KnownHosts(tmp_path / "known_hosts"),
-            timeout=TIMEOUT * 2,
-        )
+        client = client_of(node, tmp_path / "known_hosts")
         client.login("alice", password_of("alice"))
         client.close()
     finally:
@@ -544,13 +511,7 @@ def test_typed_user_names_reach_redis_only_as_keyed_hashes(cluster, tmp_path):
     from securechat.client import LoginRefused
 
     first, _ = two_nodes(cluster, tmp_path)
-    client = ChatClient(
-        "127.0.0.1",
-        first.port,
-        server_fingerprint=first.fingerprint,
-        known_hosts=KnownHosts(tmp_path / "known_hosts_typo"),
-        timeout=TIMEOUT * 2,
-    )
+    client = client_of(first, tmp_path / "known_hosts_typo")
     cluster.clients.append(client)
     with pytest.raises(LoginRefused):
         client.login("correct horse battery staple", "whatever")  # a password in the name box
