@@ -26,8 +26,10 @@ from securechat.protocol import (
     DEFAULT_ROOM,
     MAX_FRAME_SIZE,
     MAX_TOPIC_CHARS,
+    Batch,
     Chat,
     History,
+    Message,
     Notice,
     RoomList,
     Roster,
@@ -291,10 +293,10 @@ class ChatHub:
             missed = self.backend.private_recent(member.name, self.config.join_history)
         ignored = self.ignored_by(member.name)
         missed = [message for message in missed if message.sender not in ignored]
-        for message in missed:
-            member.deliver(replace(message, history=True))
         if missed:
-            member.deliver(History(room="", count=len(missed), oldest_id=missed[0].id))
+            # One queued item, as a room's entry is (see _enter): up to the catch-up limit of lines.
+            lines: list[Message] = [replace(message, history=True) for message in missed]
+            member.deliver(Batch(messages=[*lines, History(room="", count=len(missed), oldest_id=missed[0].id)]))
 
     def close_session(self, member: Member, reason: str) -> None:
         """The session ended: it leaves its rooms (the others hear of it if it was the account's last)."""
@@ -410,7 +412,10 @@ class ChatHub:
             missed, over = self.backend.history_since(room, since, self.config.catch_up_limit)
 
         def welcome(roster: list[str], devices: list[int], recent: list[RoomEvent]) -> None:
-            member.deliver(
+            # The room's whole entry is one queued item: a login entering 50 rooms queues 50, not
+            # thousands (the queue's bound is counted in items), and the send worker packs them
+            # into as few frames as fit. Nothing is encoded here, under the room's lock.
+            entry: list[Message] = [
                 RoomMessage(
                     room=room,
                     topic=local.topic,
@@ -418,9 +423,9 @@ class ChatHub:
                     created=created,
                     requested=requested,
                 )
-            )
+            ]
             for page in paginate(roster, devices):
-                member.deliver(Roster(members=page[0], devices=page[1], room=room, more=page[2]))
+                entry.append(Roster(members=page[0], devices=page[1], room=room, more=page[2]))
             if since > 0:
                 newest = missed[-1].id if missed else since
                 lines = missed + [event for event in recent if event.id > newest]
@@ -428,14 +433,13 @@ class ChatHub:
                 lines = recent
             if ignored:
                 lines = [event for event in lines if not (isinstance(event, Chat) and event.sender in ignored)]
-            for event in lines:
-                member.deliver(replace(event, history=True))
+            entry.extend(replace(event, history=True) for event in lines)
             missing = over
             if seen is not None and lines:
                 first_seq = next((event.seq for event in lines if isinstance(event, Chat)), 0)
                 missing += max(0, first_seq - seen - 1) if first_seq else 0
             if lines or missing:
-                member.deliver(
+                entry.append(
                     History(
                         room=room,
                         count=len(lines),
@@ -444,6 +448,7 @@ class ChatHub:
                         more=_has_older(lines),
                     )
                 )
+            member.deliver(Batch(messages=entry))
 
         with self.sessions_lock:
             rooms = self._session_rooms.get(member.session_id)
@@ -590,11 +595,11 @@ class ChatHub:
             raise HubError("bad_history", f"/history takes 1 to {MAX_HISTORY_PAGE} lines at a time")
         self.check_flood(member.name, cost=1 + count / 50)
         lines = self.backend.history_before(room, before_id or (1 << 62), count)
-        for event in lines:
-            member.deliver(replace(event, history=True))
-        member.deliver(
+        answer: list[Message] = [replace(event, history=True) for event in lines]
+        answer.append(
             History(room=room, count=len(lines), oldest_id=lines[0].id if lines else 0, more=_has_older(lines))
         )
+        member.deliver(Batch(messages=answer))  # one queued item, however many lines (see _enter)
 
     def list_sessions(self, member: Member) -> None:
         """/sessions: this account's sessions."""
