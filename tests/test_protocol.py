@@ -400,6 +400,8 @@ WRONG_FIELD_TYPES = [
     (protocol.Notice, "event", "exploded"),
     (protocol.Notice, "name", 1),
     (protocol.Roster, "members", [None]),
+    (protocol.Roster, "devices", [1, True]),  # a bool is no count, though Python calls it an int
+    (protocol.Roster, "devices", [1, 2.0]),
     (protocol.ErrorReply, "fatal", "true"),
     (protocol.TokenRefresh, "expires_at", None),
     (protocol.Goodbye, "reason", False),
