@@ -135,6 +135,9 @@ class SamplingChatClient(ChatClient):
         self.chat_frames = 0
         #: Notices received: one per NOTICE frame, one per name of a merged JOINED frame.
         self.notice_frames = 0
+        #: When (``time.perf_counter``) the frame bringing the last notice counted arrived: for a
+        #: kept batch, when it arrived, not when it was opened.
+        self.last_notice_arrived = 0.0
         self.sample_probability = 0.0
         # (arrival time, sealed frame body); appended by the reader, taken by open_samples().
         self.raw_samples: list[tuple[float, bytes]] = []
@@ -149,8 +152,9 @@ class SamplingChatClient(ChatClient):
         #: Keep BATCH frames unopened (checked in order) for ``open_kept_batches``, instead of
         #: opening each on arrival: set by a ``LoginDriver`` that keeps welcomes.
         self.keep_batches = False
-        # Sealed batch bodies kept by the reader (a LoginDriver's thread), taken by open_kept_batches().
-        self.kept_batches: deque[bytes] = deque()
+        # (arrival time, sealed body) of the batches kept by the reader (a LoginDriver's thread),
+        # taken by open_kept_batches().
+        self.kept_batches: deque[tuple[float, bytes]] = deque()
 
     def accept_welcome(self, username: str, frame_type: FrameType, body: bytes) -> Welcome:
         welcome = super().accept_welcome(username, frame_type, body)
@@ -258,13 +262,13 @@ class SamplingChatClient(ChatClient):
         envelope = Envelope.decode(body)
         if envelope.kind is Kind.BATCH:
             if not self.keep_batches:
-                self._count_batch(channel.open(body))
+                self._count_batch(channel.open(body), arrived)
                 return None
             # As for a kept welcome: checked in order now, opened (an RSA unwrap) later.
             if envelope.seq != channel.recv_seq:
                 raise SequenceError(f"sequence number {envelope.seq}, expected {channel.recv_seq}")
             channel.recv_seq += 1
-            self.kept_batches.append(body)
+            self.kept_batches.append((arrived, body))
             return None
         merged_joins = self._count_merged_joins(envelope) if envelope.kind is Kind.JOINED else 0
         if merged_joins:
@@ -273,6 +277,7 @@ class SamplingChatClient(ChatClient):
                 raise SequenceError(f"sequence number {envelope.seq}, expected {channel.recv_seq}")
             channel.recv_seq += 1
             self.notice_frames += merged_joins
+            self.last_notice_arrived = arrived
             return None
         if envelope.kind in COUNTED_UNOPENED:
             # What channel.open() checks before any cryptography, then its bookkeeping.
@@ -281,6 +286,7 @@ class SamplingChatClient(ChatClient):
             channel.recv_seq += 1
             if envelope.kind is Kind.NOTICE:
                 self.notice_frames += 1
+                self.last_notice_arrived = arrived
                 return None
             if envelope.kind is not Kind.CHAT:
                 return None  # a room entered at login (its roster, its history): checked in order
@@ -294,6 +300,7 @@ class SamplingChatClient(ChatClient):
             # Join notices the server merged while catching up: count each one (rare
             # enough to open, and the counts are what the benchmarks wait on).
             self.notice_frames += len(message.names)
+            self.last_notice_arrived = arrived
         elif isinstance(message, TokenRefresh):
             self.token, self.token_expires_at = message.token, message.expires_at
         elif isinstance(message, Goodbye):
@@ -310,7 +317,7 @@ class SamplingChatClient(ChatClient):
         opened = 0
         verifier = None
         while self.kept_batches:
-            body = self.kept_batches.popleft()
+            arrived, body = self.kept_batches.popleft()
             try:
                 verifier = verifier or self._verifier()
                 verifier.recv_seq = Envelope.decode(body).seq
@@ -321,14 +328,15 @@ class SamplingChatClient(ChatClient):
                 self.failure = f"bad frame from the server: {exc}"
                 self.kept_batches.clear()
                 break
-            self._count_batch(message)
+            self._count_batch(message, arrived)
             opened += 1
         return opened
 
-    def _count_batch(self, batch: Message) -> None:
-        """Count a batch's notices and lines as if each had come in a frame of its own."""
+    def _count_batch(self, batch: Message, arrived: float) -> None:
+        """Count a batch's notices and lines as if each had come in a frame of its own, at ``arrived``."""
         if not isinstance(batch, Batch):
             raise ProtocolError(f"{batch.KIND.name} where a batch was")
+        notices = self.notice_frames
         for part in batch.messages:
             if isinstance(part, Joined):
                 self.notice_frames += len(part.names)
@@ -336,6 +344,8 @@ class SamplingChatClient(ChatClient):
                 self.notice_frames += 1
             elif isinstance(part, Chat):
                 self.chat_frames += 1
+        if self.notice_frames > notices:
+            self.last_notice_arrived = max(self.last_notice_arrived, arrived)
 
     def loss_reason(self, exc: BaseException) -> tuple[str, bool]:
         """Why reading stopped on ``exc``, and whether that was a clean end (we were closing)."""
