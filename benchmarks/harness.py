@@ -271,6 +271,9 @@ def start_chat_server(
         "0",
         "--max-clients",
         "5000",
+        # A storm's 500 connections say hello at once: past 100 still logging in, the oldest is dropped.
+        "--max-startups",
+        "5000",
         "--send-queue",
         "100000",
         "--log-level",

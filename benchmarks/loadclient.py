@@ -8,7 +8,10 @@ reading: every sealed frame is parsed (``Envelope``), its sequence number is
 checked against and advances ``channel.recv_seq`` exactly as ``open`` would,
 and only a random sample is kept, with its arrival time, to be opened and
 verified in full after the measured window (``open_samples``). Rare kinds
-(error, goodbye, roster, token) are opened at once, as ``ChatClient`` would.
+(error, goodbye, token) are opened at once, as ``ChatClient`` would, and so is a
+batch (several messages the server packed into one frame: what a login brings, a
+burst of notices), whose notices and lines are counted; a ``LoginDriver`` can keep
+its clients' batches to open after the storm instead (``open_kept_batches``).
 
 ``PlainLoadClient`` is the same counting reader for the plaintext baseline.
 
@@ -27,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ from securechat.crypto_utils import CryptoError, PrivateKey  # noqa: E402
 from securechat.protocol import (  # noqa: E402
     MAX_FRAME_SIZE,
     SERVER_KINDS,
+    Batch,
     Chat,
     Envelope,
     ErrorReply,
@@ -50,6 +55,8 @@ from securechat.protocol import (  # noqa: E402
     Goodbye,
     Joined,
     Kind,
+    Message,
+    Notice,
     ProtocolError,
     TokenRefresh,
     Welcome,
@@ -64,8 +71,7 @@ MAX_SAMPLES_PER_CLIENT = 5000
 #: How long close() waits for a reader thread.
 READER_JOIN_TIMEOUT = 2.0
 #: Frames a load client checks in order and counts without opening: chat lines and notices (what the
-#: benchmarks count), and what entering a room at login brings (with 50 rooms, 150 frames a login,
-#: whose RSA unwraps would cost the load generator more than the server's work it measures).
+#: benchmarks count), and a room's messages when one comes alone (a room's entry comes as a batch).
 COUNTED_UNOPENED = frozenset({Kind.CHAT, Kind.NOTICE, Kind.ROOM, Kind.ROSTER, Kind.HISTORY})
 #: Bytes a LoginDriver reads from a socket at once.
 RECEIVE_SIZE = 65536
@@ -127,6 +133,9 @@ class SamplingChatClient(ChatClient):
         self.chat_frames = 0
         #: Notices received: one per NOTICE frame, one per name of a merged JOINED frame.
         self.notice_frames = 0
+        #: When (``time.perf_counter``) the frame bringing the last notice counted arrived: for a
+        #: kept batch, when it arrived, not when it was opened.
+        self.last_notice_arrived = 0.0
         self.sample_probability = 0.0
         # (arrival time, sealed frame body); appended by the reader, taken by open_samples().
         self.raw_samples: list[tuple[float, bytes]] = []
@@ -138,6 +147,12 @@ class SamplingChatClient(ChatClient):
         self.driven = False
         #: A sealed welcome taken unopened by ``keep_welcome``, until ``open_kept_welcome``.
         self.kept_welcome = b""
+        #: Keep BATCH frames unopened (checked in order) for ``open_kept_batches``, instead of
+        #: opening each on arrival: set by a ``LoginDriver`` that keeps welcomes.
+        self.keep_batches = False
+        # (arrival time, sealed body) of the batches kept by the reader (a LoginDriver's thread),
+        # taken by open_kept_batches().
+        self.kept_batches: deque[tuple[float, bytes]] = deque()
 
     def accept_welcome(self, username: str, frame_type: FrameType, body: bytes) -> Welcome:
         welcome = super().accept_welcome(username, frame_type, body)
@@ -245,6 +260,16 @@ class SamplingChatClient(ChatClient):
                 return self.failure, False
             return None
         envelope = Envelope.decode(body)
+        if envelope.kind is Kind.BATCH:
+            if not self.keep_batches:
+                self._count_batch(channel.open(body), arrived)
+                return None
+            # As for a kept welcome: checked in order now, opened (an RSA unwrap) later.
+            if envelope.seq != channel.recv_seq:
+                raise SequenceError(f"sequence number {envelope.seq}, expected {channel.recv_seq}")
+            channel.recv_seq += 1
+            self.kept_batches.append((arrived, body))
+            return None
         merged_joins = self._count_merged_joins(envelope) if envelope.kind is Kind.JOINED else 0
         if merged_joins:
             # As for notices below: checked in order and counted, not opened.
@@ -252,6 +277,7 @@ class SamplingChatClient(ChatClient):
                 raise SequenceError(f"sequence number {envelope.seq}, expected {channel.recv_seq}")
             channel.recv_seq += 1
             self.notice_frames += merged_joins
+            self.last_notice_arrived = arrived
             return None
         if envelope.kind in COUNTED_UNOPENED:
             # What channel.open() checks before any cryptography, then its bookkeeping.
@@ -260,6 +286,7 @@ class SamplingChatClient(ChatClient):
             channel.recv_seq += 1
             if envelope.kind is Kind.NOTICE:
                 self.notice_frames += 1
+                self.last_notice_arrived = arrived
                 return None
             if envelope.kind is not Kind.CHAT:
                 return None  # a room entered at login (its roster, its history): checked in order
@@ -273,6 +300,7 @@ class SamplingChatClient(ChatClient):
             # Join notices the server merged while catching up: count each one (rare
             # enough to open, and the counts are what the benchmarks wait on).
             self.notice_frames += len(message.names)
+            self.last_notice_arrived = arrived
         elif isinstance(message, TokenRefresh):
             self.token, self.token_expires_at = message.token, message.expires_at
         elif isinstance(message, Goodbye):
@@ -282,6 +310,42 @@ class SamplingChatClient(ChatClient):
             if message.fatal:
                 return message.message, False
         return None
+
+    def open_kept_batches(self) -> int:
+        """Open and count the batches kept so far (``keep_batches``); returns how many. One that does
+        not open is this client's failure, and the rest are left unopened."""
+        opened = 0
+        verifier = None
+        while self.kept_batches:
+            arrived, body = self.kept_batches.popleft()
+            try:
+                verifier = verifier or self._verifier()
+                verifier.recv_seq = Envelope.decode(body).seq
+                message = verifier.open(body)
+                if not isinstance(message, Batch):
+                    raise ProtocolError(f"{message.KIND.name} where a batch was")
+            except (ProtocolError, CryptoError) as exc:
+                self.failure = f"bad frame from the server: {exc}"
+                self.kept_batches.clear()
+                break
+            self._count_batch(message, arrived)
+            opened += 1
+        return opened
+
+    def _count_batch(self, batch: Message, arrived: float) -> None:
+        """Count a batch's notices and lines as if each had come in a frame of its own, at ``arrived``."""
+        if not isinstance(batch, Batch):
+            raise ProtocolError(f"{batch.KIND.name} where a batch was")
+        notices = self.notice_frames
+        for part in batch.messages:
+            if isinstance(part, Joined):
+                self.notice_frames += len(part.names)
+            elif isinstance(part, Notice):
+                self.notice_frames += 1
+            elif isinstance(part, Chat):
+                self.chat_frames += 1
+        if self.notice_frames > notices:
+            self.last_notice_arrived = max(self.last_notice_arrived, arrived)
 
     def loss_reason(self, exc: BaseException) -> tuple[str, bool]:
         """Why reading stopped on ``exc``, and whether that was a clean end (we were closing)."""
@@ -525,10 +589,11 @@ class LoginDriver:
 
     With ``keep_welcomes``, a welcome is checked as far as ``accept_welcome`` goes before
     its RSA unwrap, and kept (``SamplingChatClient.keep_welcome``); ``open_kept_welcomes()``
-    then opens and checks them all, after the measured window. The server's work is the
-    same either way; what moves is 500 RSA decryptions of the load generator's, out of
-    the CPU the storm shares with the server (a load generator on another machine
-    would not take them from it either).
+    then opens and checks them all, after the measured window. The batches that follow
+    (a login's rooms, bursts of notices) are kept likewise, for ``open_kept_batches()``.
+    The server's work is the same either way; what moves is thousands of RSA decryptions
+    of the load generator's, out of the CPU the storm shares with the server (a load
+    generator on another machine would not take them from it either).
 
     ``logins`` gives each client's user name and password, in order. ``start()``
     opens every connection; ``wait()`` returns when every login has ended;
@@ -543,6 +608,8 @@ class LoginDriver:
         self._connections = [
             _Driven(client, name, password) for client, (name, password) in zip(clients, logins, strict=True)
         ]
+        for client in clients:
+            client.keep_batches = keep_welcomes
         self._selector = selectors.DefaultSelector()
         #: Logins not yet ended, welcomed or failed; written by the loop only.
         self._pending = len(self._connections)
@@ -609,6 +676,11 @@ class LoginDriver:
                 connection.outcome.error = client.open_kept_welcome()
                 opened += 1
         return opened
+
+    def open_kept_batches(self) -> int:
+        """Open and count every batch the clients kept so far; returns how many. Safe while the loop
+        runs: a batch kept meanwhile waits for the next call."""
+        return sum(connection.client.open_kept_batches() for connection in self._connections)
 
     def stop(self) -> None:
         """End the loop; the clients stay open (and no longer connected) until closed."""

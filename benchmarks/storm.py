@@ -56,6 +56,7 @@ from fanout import (  # noqa: E402
     connect_chat_clients,
     log,
     percentile,
+    repeated_loop,
     run_main,
     save_report,
     start_report,
@@ -84,6 +85,9 @@ QUICK_QUIET_SECONDS = 2.0
 #: Seconds each hashing-ceiling measurement runs.
 HASH_SECONDS = 3.0
 QUICK_HASH_SECONDS = 1.0
+#: Seconds each RSA-wrap floor measurement loops (thread CPU time; the minimum of several loops).
+FLOOR_SECONDS = 1.0
+QUICK_FLOOR_SECONDS = 0.25
 #: How long the whole storm may take: a login still unanswered then counts as failed.
 STORM_TIMEOUT = 240.0
 #: Longest wait for every "joined" notice of the storm to reach every member.
@@ -135,6 +139,15 @@ def measure_hash_rate(threads: int, seconds: float) -> dict[str, float]:
         # CPU one verification costs, whatever the neighbours do: the storm's hashing share comes from it.
         "cpu_ms_each": sum(cpu) * 1000 / done,
     }
+
+
+def measure_wrap_floor(seconds: float) -> float:
+    """Microseconds of one RSA-OAEP wrap under a 2048-bit key (``crypto_utils.wrap_key``), the least
+    every frame the server seals costs: the storm's frame counts read against it, as the host's
+    speed drifts. Thread CPU time, the minimum of several loops."""
+    recipient_public_key = crypto_utils.generate_private_key(2048).public_key()
+    message_key = os.urandom(crypto_utils.AES_KEY_SIZE)
+    return repeated_loop(lambda: crypto_utils.wrap_key(recipient_public_key, message_key), seconds)["min"]
 
 
 # --------------------------------------------------------------------------- talkers
@@ -254,6 +267,8 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
     log(f"hashing ceiling: {hash_threads} thread(s) of verify_password for {args.hash_seconds:.1f} s")
     hash_before = measure_hash_rate(hash_threads, args.hash_seconds)
     log(f"  {hash_before['per_s']:.1f} verifies/s ({hash_before['cpu_ms_each']:.1f} ms of CPU each)")
+    floor_before = measure_wrap_floor(args.floor_seconds)
+    log(f"RSA-OAEP wrap floor: {floor_before:.1f} us")
 
     clients: list[SamplingChatClient] = []
     server_args = [*DEFAULT_SERVER_ARGS, "--hash-workers", str(args.hash_workers), *args.server_arg]
@@ -291,7 +306,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
         window_start = time.perf_counter()
         cpu_before, threads_cpu_before = server.cpu_seconds(), harness.thread_cpu(server.pid)
         busy_before, own_before = harness.machine_busy_seconds(), harness.cpu_seconds()
-        driver = storm_driver(server, names[background_count:], keys, known_hosts, clients)
+        driver = storm_clients = storm_driver(server, names[background_count:], keys, known_hosts, clients)
         storm_start = driver.start()
         outcomes = driver.wait(STORM_TIMEOUT)
         cpu_storm, threads_cpu_after = server.cpu_seconds() - cpu_before, harness.thread_cpu(server.pid)
@@ -314,9 +329,22 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
 
         notices += joined_notices_expected(background_count, welcomed)
         live = [client for client in clients if client.connected]
-        drained = wait_until(lambda: sum(c.notice_frames for c in live) >= notices, NOTICE_DRAIN_TIMEOUT, [])
+        batches_opened = 0
+
+        def notices_arrived() -> bool:
+            nonlocal batches_opened
+            # Out of the CPU window: the batches the storm's clients kept unopened are opened and counted.
+            batches_opened += storm_clients.open_kept_batches()
+            return sum(c.notice_frames for c in live) >= notices
+
+        drained = wait_until(notices_arrived, NOTICE_DRAIN_TIMEOUT, [])
         drain_end = time.perf_counter()
-        log(f"  every join notice delivered {drain_end - storm_end:.1f} s after the last login (drained: {drained})")
+        # When the last notice arrived: a kept batch counts from its arrival, not from its opening above.
+        last_notice = max((c.last_notice_arrived for c in live), default=drain_end) if drained else drain_end
+        log(
+            f"  every join notice delivered {last_notice - storm_end:.1f} s after the last login (drained: {drained}; "
+            f"{batches_opened} batches opened and counted after the storm)"
+        )
         peak_threads = server.threads()
         time.sleep(args.quiet)
         after_end = time.perf_counter()
@@ -331,6 +359,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
 
         hash_after = measure_hash_rate(hash_threads, args.hash_seconds)
         log(f"hashing ceiling after the storm: {hash_after['per_s']:.1f} verifies/s")
+        floor_after = measure_wrap_floor(args.floor_seconds)
         ceiling = max(hash_before["per_s"], hash_after["per_s"])
         achieved = len(succeeded) / storm_seconds if storm_seconds > 0 else 0.0
         login_times = sorted((outcome.finished - storm_start) * 1000 for outcome in succeeded)
@@ -346,12 +375,15 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             "server_args": server_args,
         }
         report["hashing"] = {"before": hash_before, "after": hash_after, "ceiling_per_s": ceiling}
+        report["rsa_wrap_floor_us"] = {"before": floor_before, "after": floor_after}
         report["storm"] = {
             "logins_ok": len(succeeded),
             "logins_failed": storm_count - len(succeeded),
             "failure_reasons": dict(failures),
             # Kept unopened during the storm, then opened and checked (LoginDriver's keep_welcomes).
             "welcomes_opened_after": welcomes_opened,
+            # Batches (a login's rooms, bursts of notices) kept unopened likewise, opened while draining.
+            "batches_opened_after": batches_opened,
             "seconds": storm_seconds,
             "logins_per_s": achieved,
             "ratio_to_hashing_ceiling": achieved / ceiling,
@@ -380,7 +412,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             ),
             "join_notices_expected": notices,
             "join_notices_drained": drained,
-            "join_notices_drain_s_after_last_login": drain_end - storm_end,
+            "join_notices_drain_s_after_last_login": last_notice - storm_end,
         }
         report["talkers"] = {
             "lines_sent": talkers.sent,
@@ -467,6 +499,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"  hashing allows {hashing['ceiling_per_s']:.1f} logins/s ({hashing['before']['per_s']:.1f} before, "
         f"{hashing['after']['per_s']:.1f} after, {settings['hash_threads_measured']} thread(s))",
         *ceiling_warning(hashing),
+        f"  RSA-OAEP wrap floor {report['rsa_wrap_floor_us']['before']:.1f} us before the storm, "
+        f"{report['rsa_wrap_floor_us']['after']:.1f} after (every frame the server seals costs at least this)",
         f"  achieved / allowed = {ratio:.2f} (target >= {TARGET_HASH_RATIO:.2f}: "
         f"{'met' if ratio >= TARGET_HASH_RATIO else 'missed'}); rescaled to the cores this load generator and "
         f"other processes left, about {fmt_number(storm['ratio_on_cores_left_to_server'])} (an estimate)",
@@ -549,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     args.background = args.background or (QUICK_BACKGROUND_CLIENTS if args.quick else DEFAULT_BACKGROUND_CLIENTS)
     args.quiet = QUICK_QUIET_SECONDS if args.quick else QUIET_SECONDS
     args.hash_seconds = QUICK_HASH_SECONDS if args.quick else HASH_SECONDS
+    args.floor_seconds = QUICK_FLOOR_SECONDS if args.quick else FLOOR_SECONDS
     if args.background < 2:
         raise SystemExit("--background must be at least 2 (a talker needs a listener)")
     harness.raise_open_file_limit(4 * (args.clients + args.background) + 256)

@@ -42,6 +42,7 @@ from securechat.protocol import (
     MAX_TEXT_BYTES,
     PROTOCOL_VERSION,
     SERVER_KINDS,
+    Batch,
     Chat,
     Command,
     ControlError,
@@ -922,6 +923,9 @@ class ChatClient:
 
     def _track(self, message: Message) -> list[Event]:
         """Keep this client's view (rooms, members, what was seen) and return the events to hand on."""
+        if isinstance(message, Batch):
+            # Messages the server packed into one frame: each is handled as if it had come alone.
+            return [event for part in message.messages for event in self._track(part)]
         if isinstance(message, Joined):
             # Joins the server sent together while catching up: one event each, as if they came one by one.
             return [event for name in message.names for event in self._track(Notice("joined", name, room=message.room))]

@@ -81,6 +81,8 @@ def test_quick_storm_benchmark_reports_every_number(tmp_path):
 
     hashing, storm, talkers = report["hashing"], report["storm"], report["talkers"]
     assert hashing["ceiling_per_s"] > 0 and hashing["before"]["cpu_ms_each"] > 0
+    assert report["rsa_wrap_floor_us"]["before"] > 0 and report["rsa_wrap_floor_us"]["after"] > 0
+    assert storm["batches_opened_after"] > 0  # the logins' lobby entries came as batches, kept until then
     assert storm["logins_ok"] == 12 and storm["logins_failed"] == 0, storm["failure_reasons"]
     assert storm["logins_per_s"] > 0 and storm["ratio_to_hashing_ceiling"] > 0
     rescaled = storm["ratio_on_cores_left_to_server"]  # None only if others took every core

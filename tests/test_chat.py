@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
-from securechat import rooms
+from securechat import hub, rooms
 from securechat.accounts import LoginThrottle
 from securechat.client import (
     Chat,
@@ -856,6 +856,20 @@ def test_a_roster_of_1900_long_names_is_sent_in_pages_that_fit():
     assert [page[2] for page in pages] == [True] * (len(pages) - 1) + [False]
     for members, devices, more in pages:
         assert len(Roster(members=members, devices=devices, room="#lobby", more=more).encoded) <= PAGE_BUDGET
+
+
+@pytest.mark.parametrize("name", ["{:05d}", "{:05d}".ljust(32, "é")], ids=["short", "long-non-ascii"])
+def test_a_roster_is_paged_alike_whether_its_size_is_counted_at_once_or_name_by_name(name):
+    # Most rosters fit one page, and their size is counted at once; a longer one is paged name by name.
+    for count in (0, 1, 499, 1000, 1400, 1600, 5000):
+        names = [name.format(index) for index in range(count)]
+        devices = [1 + index % 3 for index in range(count)]
+        pages = list(paginate(names, devices))
+        assert len(pages) == len(hub._pages(list(zip(names, devices, strict=True))))
+        assert [name for page in pages for name in page[0]] == names
+        assert [count for page in pages for count in page[1]] == devices
+        for members, counts, more in pages:
+            assert len(Roster(members=members, devices=counts, room="#lobby", more=more).encoded) <= PAGE_BUDGET
 
 
 def test_rooms_sharing_a_pacer_take_turns_within_one_budget():

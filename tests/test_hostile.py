@@ -165,7 +165,15 @@ class RawPeer:
         """The next message that is not part of entering the rooms (room, roster, history, notices)."""
         while True:
             message = self.receive()
-            entering = protocol.Room | protocol.Roster | protocol.History | protocol.Notice | protocol.Joined | Chat
+            entering = (
+                protocol.Batch
+                | protocol.Room
+                | protocol.Roster
+                | protocol.History
+                | protocol.Notice
+                | protocol.Joined
+                | Chat
+            )
             if not isinstance(message, entering):
                 return message
 

@@ -112,11 +112,15 @@ def test_kept_welcomes_are_opened_after_the_storm_and_a_bad_one_fails_its_login(
         assert [client.token for client in clients[:2]] == ["", ""]
         assert all(client.kept_welcome for client in clients[:2]) and not clients[2].kept_welcome
 
-        # Counting goes on meanwhile, in sequence after the kept welcome.
+        # Counting goes on meanwhile, in sequence after the kept welcome; the lobby's entry (the room
+        # and its roster, in one batch) is kept to open later too.
         echo = connect("echo")
         echo.say("hello, driven clients")
         for client in clients[:2]:
             wait_until(lambda client=client: client.chat_frames == 1)
+            assert client.kept_batches
+        assert driver.open_kept_batches() >= 2
+        assert not any(client.kept_batches for client in clients)
 
         tampered = bytearray(clients[1].kept_welcome)
         tampered[-40] ^= 1  # inside the ciphertext

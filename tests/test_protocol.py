@@ -400,6 +400,8 @@ WRONG_FIELD_TYPES = [
     (protocol.Notice, "event", "exploded"),
     (protocol.Notice, "name", 1),
     (protocol.Roster, "members", [None]),
+    (protocol.Roster, "devices", [1, True]),  # a bool is no count, though Python calls it an int
+    (protocol.Roster, "devices", [1, 2.0]),
     (protocol.ErrorReply, "fatal", "true"),
     (protocol.TokenRefresh, "expires_at", None),
     (protocol.Goodbye, "reason", False),
@@ -431,6 +433,95 @@ def test_a_missing_required_field_is_refused(message):
         values = {key: value for key, value in message.to_dict().items() if key != name}
         with pytest.raises(ProtocolError, match="missing field"):
             protocol.decode_message(message.KIND, json.dumps(values).encode())
+
+
+# --------------------------------------------------------------------------- batches
+
+#: A room's entry, as the server queues it: the room, its roster, a line from history, the marker.
+ENTRY = [
+    protocol.Room(room="#dev", members=2),
+    protocol.Roster(members=["alice", "bob"], devices=[1, 2], room="#dev"),
+    protocol.Chat(sender="bob", text="earlier", sent_at=1.0, room="#dev", id=7, seq=3, history=True),
+    protocol.History(room="#dev", count=1, oldest_id=7),
+]
+JOIN = protocol.Notice(event="joined", name="dave", room="#dev")
+LIVE = protocol.Chat(sender="carol", text="now", sent_at=2.0, room="#dev", id=8, seq=4)
+WELCOME = protocol.Welcome(username="alice", token="t", expires_at=10, rooms=["#lobby", "#dev"])
+
+
+def parts_of(packed):
+    """What the client reads from packed items: each batch's messages in place of the batch."""
+    return [part for item in packed for part in (item.messages if isinstance(item, protocol.Batch) else [item])]
+
+
+def test_a_batch_round_trips_and_reads_as_its_messages_in_order():
+    batch = protocol.Batch(messages=[*ENTRY, JOIN])
+    assert protocol.decode_message(Kind.BATCH, batch.encoded) == batch
+    assert json.loads(batch.encoded) == batch.to_dict()  # spliced from the parts, yet the same JSON
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"kinds": [Kind.WELCOME], "messages": [WELCOME.to_dict()]},  # read alone, at login
+        {"kinds": [Kind.BATCH], "messages": [protocol.Batch(messages=ENTRY).to_dict()]},  # no nesting
+        {"kinds": [Kind.ERROR], "messages": [{"code": "flood", "message": "slow down"}]},  # acted on at once
+        {"kinds": [Kind.SAY], "messages": [{"token": "t", "text": "hi"}]},  # a client's message
+        {"kinds": [Kind.NOTICE, Kind.NOTICE], "messages": [JOIN.to_dict()]},
+        {"kinds": [], "messages": []},
+        {"kinds": [True], "messages": [JOIN.to_dict()]},
+        {"kinds": [Kind.NOTICE], "messages": ["joined"]},
+        {"messages": [JOIN.to_dict()]},
+    ],
+    ids=["welcome", "batch", "error", "say", "lengths", "empty", "bool", "not-an-object", "no-kinds"],
+)
+def test_a_batch_holds_only_what_may_travel_together(document):
+    with pytest.raises(ProtocolError, match="Batch"):
+        protocol.decode_message(Kind.BATCH, json.dumps(document).encode())
+
+
+def test_the_send_worker_packs_neighbours_in_order_and_leaves_the_rest_alone():
+    queued = [
+        WELCOME,
+        protocol.Batch(messages=ENTRY[:2]),
+        protocol.Batch(messages=ENTRY[2:]),
+        JOIN,
+        LIVE,  # a live line travels alone, as fan-out sends it
+        b"control frame",
+        JOIN,
+        JOIN,
+        protocol.Batch(messages=[JOIN]),
+    ]
+    packed = protocol.pack_messages(queued)
+    assert packed == [
+        WELCOME,
+        protocol.Batch(messages=[*ENTRY, JOIN]),
+        LIVE,
+        b"control frame",
+        protocol.Batch(messages=[JOIN, JOIN, JOIN]),
+    ]
+    # A batch of one is sent as its message.
+    assert protocol.pack_messages([protocol.Batch(messages=[JOIN]), LIVE]) == [JOIN, LIVE]
+
+
+def test_packing_splits_what_does_not_fit_a_frame_and_every_packed_frame_fits():
+    names = [f"member{number:05d}" for number in range(1500)]
+    page = protocol.Roster(members=names, devices=[1] * len(names), room="#big", more=True)
+    lines = [
+        protocol.Chat(sender="bob", text="x" * 2000, sent_at=1.0, room="#big", id=number, seq=number, history=True)
+        for number in range(1, 80)
+    ]
+    longest = "y" * (protocol.MAX_TEXT_WIRE_BYTES - 100)
+    huge = protocol.Chat(sender="bob", text=longest, sent_at=1.0, room="#big", id=80, seq=80, history=True)
+    entry = [protocol.Room(room="#big", members=1500), page, page, *lines, huge, ENTRY[3]]
+    packed = protocol.pack_messages([protocol.Batch(messages=entry)])
+    assert parts_of(packed) == entry and len(packed) > 2
+    assert huge in packed  # too large to share a frame: alone, as it would be unpacked
+    overhead = 1 + protocol.ENVELOPE_HEADER.size + 512 + protocol.NONCE_SIZE + 16 + protocol.MAC_SIZE
+    for item in packed:
+        if item is not huge:
+            assert len(item.encoded) <= protocol.BATCH_BUDGET
+            assert len(item.encoded) + overhead <= MAX_FRAME_SIZE  # sealable beside a 4096-bit wrapped key
 
 
 def test_login_and_resume_keep_secrets_out_of_repr():

@@ -13,6 +13,7 @@ from conftest import ROOT, TIMEOUT, drain, password_of, wait_for, wait_until
 from securechat.client import (
     Chat,
     ChatError,
+    Disconnected,
     ErrorReply,
     History,
     LoginRefused,
@@ -160,6 +161,33 @@ def test_history_and_remembered_rooms_survive_a_restart(make_server, connect, tm
     assert "#dev" in back.rooms
     kept = wait_for(back, line("said before the restart"))
     assert kept.history and kept.room == "#dev"
+
+
+def test_a_login_rejoining_many_rooms_gets_each_whole_in_a_few_frames(make_server, connect):
+    # 21 rooms of 30 lines are 700 messages, more than a client's send queue holds (512): each
+    # room's entry is queued as one item, and the server packs the entries into few frames.
+    server = make_server(flood_rate=0)
+    alice, bob = connect("alice", to=server), connect("bob", to=server)
+    rooms = [f"#r{number}" for number in range(20)]
+    for room in rooms:
+        for client in (alice, bob):
+            client.join(room)
+            wait_for(client, room_entered(room))
+        for number in range(30):
+            bob.say(f"{room} line {number}", room)
+        wait_for(alice, line(f"{room} line 29"))
+    laptop = connect("alice", to=server)  # a new device: every room sends its recent lines
+    heard: dict[str, list[str]] = {}
+    for room in rooms:
+        lines, history = until_history(laptop, room)
+        heard[room] = [event.text for event in lines if event.room == room and event.history]
+        assert history.count == 30
+    assert heard == {room: [f"{room} line {number}" for number in range(30)] for room in rooms}
+    assert list(laptop.rooms) == ["#lobby", *rooms]
+    assert all(laptop.rooms[room] == ["alice", "bob"] for room in laptop.rooms)
+    # The welcome, then at most a frame for each room's entry (each fits one): not one for each message.
+    assert laptop.channel is not None and laptop.channel.recv_seq <= 1 + 1 + len(rooms)
+    assert not any(isinstance(event, Disconnected) for event in drain(laptop))
 
 
 def test_a_device_that_resumes_gets_exactly_what_it_missed(connect, server):
