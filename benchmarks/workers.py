@@ -82,13 +82,13 @@ def deployments(args: argparse.Namespace) -> dict[str, Deployment]:
 
 
 def scenarios(light: int, main: int, heavy: int) -> list[Scenario]:
+    """The scenarios to run; a size of 0 leaves its scenario out."""
     found = [
         Scenario("light", light, False, ("memory", "redis", "redis x2")),
         Scenario("main", main, True, ("memory", "redis", "redis x2")),
+        Scenario("heavy", heavy, False, ("memory", "redis x2")),
     ]
-    if heavy:
-        found.append(Scenario("heavy", heavy, False, ("memory", "redis x2")))
-    return found
+    return [scenario for scenario in found if scenario.size]
 
 
 # --------------------------------------------------------------------------- one run
@@ -113,6 +113,7 @@ def row_of(run: dict[str, Any], scenario: Scenario, label: str, round_number: in
         "paced_redis_cpu_us": paced["redis_cpu_us_per_delivery"],
         "paced_redis_cpu_us_per_line": paced["redis_cpu_us_per_line"],
         "paced_redis_calls_per_line": paced.get("redis_calls_per_line"),
+        "paced_other_cores": paced["other_cpu_fraction"],
     }
     saturation = run.get("saturation")
     if saturation is not None:
@@ -196,7 +197,7 @@ def table(rows: Sequence[dict[str, Any]], plan: Sequence[Scenario]) -> list[str]
     lines = [
         "| scenario | deployment | floor µs | p50 ms | p99 ms | CPU µs/delivery paced (Redis part) "
         "| deliveries/s closed loop | CPU µs/delivery saturated (Redis part) | paced ÷ saturated "
-        "| cores: server + Redis, load generator |",
+        "| cores: server + Redis, load generator, others |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in plan:
@@ -205,10 +206,10 @@ def table(rows: Sequence[dict[str, Any]], plan: Sequence[Scenario]) -> list[str]
             def of(field: str, label: str = label, scenario: Scenario = scenario) -> list[float]:
                 return values(rows, scenario.name, label, field)
 
-            cores = "n/a"
+            cores = f"others {spread(of('paced_other_cores'))} (paced)"
             if of("server_cores"):
                 busy = [s + r for s, r in zip(of("server_cores"), of("redis_cores"), strict=True)]
-                cores = f"{spread(busy)}, {spread(of('load_cores'))}"
+                cores = f"{spread(busy)}, {spread(of('load_cores'))}, {spread(of('other_cores'))}"
             lines.append(
                 f"| N={scenario.size}, {scenario.name} | {label} | {spread(of('floor_us'))} | {spread(of('p50_ms'))} "
                 f"| {spread(of('p99_ms'))} | {spread(of('paced_cpu_us'))} ({spread(of('paced_redis_cpu_us'))}) "
@@ -326,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="1 round, N = 6 and 20, 1-s phases")
     parser.add_argument("--rounds", type=int, help=f"rounds of every scenario (default {DEFAULT_ROUNDS}; quick 1)")
     parser.add_argument("--duration", type=float, help=f"measured seconds of each phase (default {DEFAULT_DURATION:g})")
-    parser.add_argument("--light-size", type=int, default=LIGHT_SIZE, metavar="N")
-    parser.add_argument("--main-size", type=int, default=MAIN_SIZE, metavar="N")
-    parser.add_argument("--heavy-size", type=int, default=HEAVY_SIZE, metavar="N", help="0 skips it")
+    parser.add_argument("--light-size", type=int, default=LIGHT_SIZE, metavar="N", help="light load's N; 0 skips it")
+    parser.add_argument("--main-size", type=int, default=MAIN_SIZE, metavar="N", help="the main N; 0 skips it")
+    parser.add_argument("--heavy-size", type=int, default=HEAVY_SIZE, metavar="N", help="the heavy N; 0 skips it")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report to FILE")
     harness.add_server_option(parser)
     parser.add_argument(
