@@ -252,9 +252,7 @@ def threads_speedup(step: Callable[[], object], calls: int, rounds: int = 3) -> 
     }
 
 
-def floor_step_for(
-    recipient_public_key: crypto_utils.PublicKey, session_key: bytes, chat: Chat
-) -> Callable[[], bytes]:
+def floor_step_for(recipient_public_key: crypto_utils.PublicKey, session_key: bytes, chat: Chat) -> Callable[[], bytes]:
     """One delivery's bare cryptography: a fresh key and nonce, AES-256-GCM of ``chat``, the RSA-OAEP
     wrap for ``recipient_public_key`` and the frame's HMAC under ``session_key``."""
     from cryptography.hazmat.primitives import hashes
@@ -290,6 +288,48 @@ def measure_floor(seconds: float) -> dict[str, float]:
     recipient_public_key = crypto_utils.generate_private_key(2048).public_key()
     step = floor_step_for(recipient_public_key, os.urandom(crypto_utils.SESSION_KEY_SIZE), typical_chat())
     return repeated_loop(step, seconds)
+
+
+def floor_for_a_while(seconds: float) -> tuple[int, float]:
+    """Run the crypto floor for ``seconds`` of wall time: (deliveries' worth done, CPU seconds used).
+
+    Runs in a process of ``parallel_floor``'s pool; a new key each time, made before the clock starts.
+    """
+    recipient_public_key = crypto_utils.generate_private_key(2048).public_key()
+    step = floor_step_for(recipient_public_key, os.urandom(crypto_utils.SESSION_KEY_SIZE), typical_chat())
+    done = 0
+    cpu_start, start = time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            step()
+        done += 20
+    return done, time.process_time() - cpu_start
+
+
+def parallel_floor(seconds: float, processes: int) -> dict[str, float]:
+    """What the machine's cores give the crypto floor just now: one process alone, then ``processes`` at once.
+
+    ``speedup`` is their deliveries' worth a second together over one alone: the most that
+    ``processes`` server workers could gain on this machine at this moment, with nothing else
+    (load generator, Redis, other users) on its cores. ``cpu_us_together`` is a delivery's floor
+    when all run at once: cores that share a physical core, or its caches, make it dearer.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no copy of the benchmark's threads and sockets
+    with context.Pool(processes) as pool:
+        pool.map(time.sleep, [0.0] * processes, chunksize=1)  # every process started before the clock
+        alone_done, alone_cpu = pool.apply(floor_for_a_while, (seconds,))
+        together = pool.map(floor_for_a_while, [seconds] * processes, chunksize=1)
+    together_done = sum(done for done, _ in together)
+    return {
+        "processes": processes,
+        "alone_per_s": alone_done / seconds,
+        "together_per_s": together_done / seconds,
+        "speedup": together_done / alone_done,
+        "cpu_us_alone": alone_cpu / alone_done * 1e6,
+        "cpu_us_together": sum(cpu for _, cpu in together) / together_done * 1e6,
+    }
 
 
 def measure_references(seconds: float) -> dict[str, Any]:

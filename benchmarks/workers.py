@@ -94,15 +94,19 @@ def scenarios(light: int, main: int, heavy: int) -> list[Scenario]:
 # --------------------------------------------------------------------------- one run
 
 
-def row_of(run: dict[str, Any], scenario: Scenario, label: str, round_number: int, floor_us: float) -> dict[str, Any]:
-    """The figures of one run that the tables and goals use."""
+def row_of(
+    run: dict[str, Any], scenario: Scenario, label: str, round_number: int, floor: dict[str, Any]
+) -> dict[str, Any]:
+    """The figures of one run that the tables and goals use; ``floor`` is its round's (``measure_floor``
+    with ``parallel_floor`` under "parallel")."""
     paced = run["paced"]
     row: dict[str, Any] = {
         "scenario": scenario.name,
         "clients": scenario.size,
         "deployment": label,
         "round": round_number,
-        "floor_us": floor_us,
+        "floor_us": floor["min"],
+        "floor_speedup_2": floor["parallel"]["speedup"],
         "clients_per_process": run["clients_per_process"],
         "paced_lines_per_s": paced["rate_lines_per_s"],
         "paced_drained": paced["drained"],
@@ -195,9 +199,9 @@ def difference_of(field: str) -> Callable[[dict[str, Any], dict[str, Any]], floa
 def table(rows: Sequence[dict[str, Any]], plan: Sequence[Scenario]) -> list[str]:
     """One line per scenario and deployment: median (range) over the rounds, the floor beside."""
     lines = [
-        "| scenario | deployment | floor µs | p50 ms | p99 ms | CPU µs/delivery paced (Redis part) "
-        "| deliveries/s closed loop | CPU µs/delivery saturated (Redis part) | paced ÷ saturated "
-        "| cores: server + Redis, load generator, others |",
+        "| scenario | deployment | floor µs; 2 processes' speedup | p50 ms | p99 ms "
+        "| CPU µs/delivery paced (Redis part) | deliveries/s closed loop | CPU µs/delivery saturated (Redis part) "
+        "| paced ÷ saturated | cores: server + Redis, load generator, others |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in plan:
@@ -211,7 +215,8 @@ def table(rows: Sequence[dict[str, Any]], plan: Sequence[Scenario]) -> list[str]
                 busy = [s + r for s, r in zip(of("server_cores"), of("redis_cores"), strict=True)]
                 cores = f"{spread(busy)}, {spread(of('load_cores'))}, {spread(of('other_cores'))}"
             lines.append(
-                f"| N={scenario.size}, {scenario.name} | {label} | {spread(of('floor_us'))} | {spread(of('p50_ms'))} "
+                f"| N={scenario.size}, {scenario.name} | {label} | {spread(of('floor_us'))}; "
+                f"{spread(of('floor_speedup_2'))} | {spread(of('p50_ms'))} "
                 f"| {spread(of('p99_ms'))} | {spread(of('paced_cpu_us'))} ({spread(of('paced_redis_cpu_us'))}) "
                 f"| {spread(of('deliveries_per_s'))} | {spread(of('saturated_cpu_us'))} "
                 f"({spread(of('saturated_redis_cpu_us'))}) | {spread(of('paced_to_saturated'))} | {cores} |"
@@ -241,6 +246,13 @@ def goals(rows: Sequence[dict[str, Any]], plan: Sequence[Scenario], nproc: int) 
             ratios,
             bool(ratios) and statistics.median(ratios) >= GOAL_THROUGHPUT_RATIO,
             "measured, the load generator on the same cores (its share is in the table)",
+        )
+        ceiling = values(rows, "main", "memory", "floor_speedup_2")
+        add(
+            "the ceiling in the same rounds: 2 processes of bare crypto ÷ 1 (nothing else of ours running)",
+            ceiling,
+            None,
+            "below 2 when other users of the machine take a core",
         )
         ratios_redis = paired(rows, "main", "redis", "redis x2", ratio_of("deliveries_per_s"))
         add(f"2 workers ÷ one process, both on Redis, N={size}, closed loop", ratios_redis, None)
@@ -379,8 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         harness.write_users_file(users_path, harness.bench_user_names(max(scenario.size for scenario in plan)))
         keys = [crypto_utils.generate_private_key() for _ in range(fanout.CLIENT_KEY_COUNT)]
         for round_number in range(1, rounds + 1):
-            floor = fanout.measure_floor(FLOOR_SECONDS)
-            log(f"round {round_number}: crypto floor {floor['min']:.1f} us (median {floor['median']:.1f}), {uptime()}")
+            floor: dict[str, Any] = fanout.measure_floor(FLOOR_SECONDS)
+            floor["parallel"] = fanout.parallel_floor(FLOOR_SECONDS, 2)
+            log(
+                f"round {round_number}: crypto floor {floor['min']:.1f} us (median {floor['median']:.1f}); "
+                f"2 processes do {floor['parallel']['speedup']:.2f}x the floor's work of one "
+                f"({floor['parallel']['cpu_us_together']:.1f} us each), {uptime()}"
+            )
             for scenario in plan:
                 order = scenario.deployments if round_number % 2 else tuple(reversed(scenario.deployments))
                 rate = fanout.paced_rate(scenario.size, fanout.PACED_MESSAGES_PER_SECOND, fanout.PACED_DELIVERIES_CAP)
@@ -407,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                     run["round"], run["deployment_label"], run["floor"] = round_number, label, floor
                     run["load_average"] = Path("/proc/loadavg").read_text().split()[:3]
                     report["runs"].append(run)
-                    rows.append(row_of(run, scenario, label, round_number, floor["min"]))
+                    rows.append(row_of(run, scenario, label, round_number, floor))
     report["rows"] = rows
     report["goals"] = goals(rows, plan, report["machine"]["nproc"])
     report["capacity"] = capacity(rows)

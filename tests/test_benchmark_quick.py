@@ -111,6 +111,7 @@ def test_workers_benchmark_measures_every_process_and_redis(tmp_path):
     for run in runs.values():
         assert run["paced"]["drained"] and run["paced"]["verify_failures"] == 0
         assert run["paced"]["total_cpu_us_per_delivery"] > 0 and run["floor"]["min"] > 0
+        assert run["floor"]["parallel"]["speedup"] > 0  # what 2 processes of crypto get from the machine
     two = runs[(6, "redis x2")]
     assert sum(two["clients_per_process"]) == 6 and len(two["clients_per_process"]) == 3  # supervisor + 2 workers
     saturation = two["saturation"]
