@@ -27,6 +27,7 @@ process) is reported beside it. Goals are reported, never asserted.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -343,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main-size", type=int, default=MAIN_SIZE, metavar="N", help="the main N; 0 skips it")
     parser.add_argument("--heavy-size", type=int, default=HEAVY_SIZE, metavar="N", help="the heavy N; 0 skips it")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report to FILE")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="REPORT",
+        help="measure nothing: judge the goals on the rounds of these reports together (same scenarios)",
+    )
     harness.add_server_option(parser)
     parser.add_argument(
         "--server-arg",
@@ -356,9 +364,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def summarize(report: dict[str, Any], rows: list[dict[str, Any]], plan: Sequence[Scenario]) -> list[str]:
+    """Judge the goals on ``rows`` into ``report``; returns the summary lines (table, goals, capacity)."""
+    report["rows"] = rows
+    report["goals"] = goals(rows, plan, report["machine"]["nproc"])
+    report["capacity"] = capacity(rows)
+    summary = [*table(rows, plan), ""]
+    summary += [f"{goal['verdict']}: {goal['goal']}: {goal['figure']}" for goal in report["goals"]]
+    return [*summary, "", *report["capacity"]]
+
+
+def combine(paths: Sequence[Path], json_path: Path | None) -> int:
+    """One report from the rounds of several runs (each round was side by side within itself)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    combined: dict[str, Any] = {**reports[0], "combined_from": []}
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for report in reports:
+        offset = max((row["round"] for row in rows), default=0)
+        combined["combined_from"].append(
+            {key: report.get(key) for key in ("command", "date_utc", "source", "load_average_after")}
+        )
+        rows += [{**row, "round": row["round"] + offset} for row in report["rows"]]
+        runs += [{**run, "round": run["round"] + offset} for run in report["runs"]]
+    combined["runs"] = runs
+    combined["command"] = "python benchmarks/workers.py --combine " + " ".join(str(path) for path in paths)
+    plan = [
+        Scenario(**{**scenario, "deployments": tuple(scenario["deployments"])})
+        for scenario in reports[0]["settings"]["scenarios"]
+    ]
+    fanout.save_report(combined, "workers", summarize(combined, rows, plan), json_path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.json)
     if not args.redis_server:
         parser.error("redis-server is not installed (Debian: apt-get install redis-server); or give --redis-server")
     light, main_size, heavy = QUICK_SIZES if args.quick else (args.light_size, args.main_size, args.heavy_size)
@@ -425,13 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                     run["load_average"] = Path("/proc/loadavg").read_text().split()[:3]
                     report["runs"].append(run)
                     rows.append(row_of(run, scenario, label, round_number, floor))
-    report["rows"] = rows
-    report["goals"] = goals(rows, plan, report["machine"]["nproc"])
-    report["capacity"] = capacity(rows)
-    summary = [*table(rows, plan), ""]
-    summary += [f"{goal['verdict']}: {goal['goal']}: {goal['figure']}" for goal in report["goals"]]
-    summary += ["", *report["capacity"]]
-    fanout.save_report(report, "workers", summary, args.json)
+    fanout.save_report(report, "workers", summarize(report, rows, plan), args.json)
     return 0
 
 
