@@ -1,6 +1,6 @@
 """One process against Redis and ``--workers 2``, side by side: the speed goals of issue 18.
 
-    python benchmarks/workers.py                      # 2 rounds: N = 10, 200 and 1000 (about 15 minutes)
+    python benchmarks/workers.py                      # 2 rounds: N = 10, 200 and 1000 (about 10 minutes)
     python benchmarks/workers.py --heavy-size 500     # the heavy scenario at N = 500 instead
     python benchmarks/workers.py --quick              # 1 round, N = 6 and 20, 1-s phases (a minute)
 
