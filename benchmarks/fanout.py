@@ -17,6 +17,14 @@ for how they avoid decrypting every delivery), and runs two phases:
   queues stay bounded. Deliveries per second, and the server's own CPU time
   (``/proc/PID/stat``) per delivery, are measured over the window.
 
+``--backend redis`` measures a Redis deployment instead: for each N the
+benchmark starts its own ``redis-server`` (a free loopback port, a temp dir, no
+persistence), copies the accounts in (``server.py import-users``) and runs the
+server with ``--backend redis://...``; ``--workers N`` runs N server processes on
+the port. CPU is then that of every server process (the supervisor and its
+workers) and, apart, redis-server's own; with the load generator's (this
+process) beside them. ``benchmarks/workers.py`` compares the deployments side by side.
+
 It also measures, on the same machine and in the same run, two references:
 the crypto floor (the bare per-delivery cryptography the design requires:
 one RSA-OAEP wrap, AES-GCM of a typical body, the session HMAC, in a tight
@@ -244,6 +252,86 @@ def threads_speedup(step: Callable[[], object], calls: int, rounds: int = 3) -> 
     }
 
 
+def floor_step_for(recipient_public_key: crypto_utils.PublicKey, session_key: bytes, chat: Chat) -> Callable[[], bytes]:
+    """One delivery's bare cryptography: a fresh key and nonce, AES-256-GCM of ``chat``, the RSA-OAEP
+    wrap for ``recipient_public_key`` and the frame's HMAC under ``session_key``."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    body = chat.encoded
+    aad = associated_data(Kind.CHAT, 123456, "server", chat.sender)
+    header = ENVELOPE_HEADER.pack(Kind.CHAT, 123456, 256)
+
+    def floor_step() -> bytes:
+        message_key = os.urandom(crypto_utils.AES_KEY_SIZE)
+        nonce = os.urandom(crypto_utils.NONCE_SIZE)
+        ciphertext = AESGCM(message_key).encrypt(nonce, body, aad)
+        wrapped = recipient_public_key.encrypt(message_key, oaep)
+        mac_input = header + wrapped + nonce + ciphertext
+        return hmac.new(session_key, b"s2c\0" + mac_input, hashlib.sha256).digest()
+
+    return floor_step
+
+
+def typical_chat() -> Chat:
+    """A typical delivery: the server's Chat plaintext for one benchmark line."""
+    return Chat(sender="bench0001", text=bench_text(123456, time.perf_counter()), sent_at=time.time())
+
+
+def measure_floor(seconds: float) -> dict[str, float]:
+    """The crypto floor alone (``floor_step_for``), in µs: the minimum and median of several loops.
+
+    Cheap enough to take again before each round of a long comparison, beside its figures.
+    """
+    recipient_public_key = crypto_utils.generate_private_key(2048).public_key()
+    step = floor_step_for(recipient_public_key, os.urandom(crypto_utils.SESSION_KEY_SIZE), typical_chat())
+    return repeated_loop(step, seconds)
+
+
+def floor_for_a_while(seconds: float) -> tuple[int, float]:
+    """Run the crypto floor for ``seconds`` of wall time: (deliveries' worth done, CPU seconds used).
+
+    Runs in a process of ``parallel_floor``'s pool; a new key each time, made before the clock starts.
+    """
+    recipient_public_key = crypto_utils.generate_private_key(2048).public_key()
+    step = floor_step_for(recipient_public_key, os.urandom(crypto_utils.SESSION_KEY_SIZE), typical_chat())
+    done = 0
+    cpu_start, start = time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            step()
+        done += 20
+    return done, time.process_time() - cpu_start
+
+
+def parallel_floor(seconds: float, processes: int) -> dict[str, float]:
+    """What the machine's cores give the crypto floor just now: one process alone, then ``processes`` at once.
+
+    ``speedup`` is their deliveries' worth a second together over one alone: the most that
+    ``processes`` server workers could gain on this machine at this moment, with nothing else
+    (load generator, Redis, other users) on its cores. ``cpu_us_together`` is a delivery's floor
+    when all run at once: cores that share a physical core, or its caches, make it dearer.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no copy of the benchmark's threads and sockets
+    with context.Pool(processes) as pool:
+        pool.map(time.sleep, [0.0] * processes, chunksize=1)  # every process started before the clock
+        alone_done, alone_cpu = pool.apply(floor_for_a_while, (seconds,))
+        together = pool.map(floor_for_a_while, [seconds] * processes, chunksize=1)
+    together_done = sum(done for done, _ in together)
+    return {
+        "processes": processes,
+        "alone_per_s": alone_done / seconds,
+        "together_per_s": together_done / seconds,
+        "speedup": together_done / alone_done,
+        "cpu_us_alone": alone_cpu / alone_done * 1e6,
+        "cpu_us_together": sum(cpu for _, cpu in together) / together_done * 1e6,
+    }
+
+
 def measure_references(seconds: float) -> dict[str, Any]:
     """The crypto floor per delivery, its parts, the project's seal path, and the GIL check."""
     from cryptography.hazmat.primitives import hashes
@@ -254,8 +342,7 @@ def measure_references(seconds: float) -> dict[str, Any]:
     recipient_key = crypto_utils.generate_private_key(2048)
     recipient_public_key = recipient_key.public_key()
     server_key = crypto_utils.generate_private_key(2048)
-    # A typical delivery: the server's Chat plaintext for one benchmark line.
-    chat = Chat(sender="bench0001", text=bench_text(123456, time.perf_counter()), sent_at=time.time())
+    chat = typical_chat()
     body = chat.encoded
     aad = associated_data(Kind.CHAT, 123456, "server", "bench0001")
     session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
@@ -265,13 +352,7 @@ def measure_references(seconds: float) -> dict[str, Any]:
     fixed_wrapped = recipient_public_key.encrypt(fixed_key, oaep)
     fixed_ciphertext = AESGCM(fixed_key).encrypt(fixed_nonce, body, aad)
 
-    def floor_step() -> bytes:
-        message_key = os.urandom(crypto_utils.AES_KEY_SIZE)
-        nonce = os.urandom(crypto_utils.NONCE_SIZE)
-        ciphertext = AESGCM(message_key).encrypt(nonce, body, aad)
-        wrapped = recipient_public_key.encrypt(message_key, oaep)
-        mac_input = header + wrapped + nonce + ciphertext
-        return hmac.new(session_key, b"s2c\0" + mac_input, hashlib.sha256).digest()
+    floor_step = floor_step_for(recipient_public_key, session_key, chat)
 
     def wrap_step() -> bytes:
         return recipient_public_key.encrypt(fixed_key, oaep)
@@ -340,6 +421,98 @@ def delivered(clients: Sequence[Client]) -> int:
     return sum(client.chat_frames for client in clients)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What is read at each end of a measured window: counts, and CPU seconds since each process began."""
+
+    time: float
+    deliveries: int
+    server_user: float
+    server_system: float
+    #: CPU of each process of the server (a --workers supervisor first, then its workers).
+    server_processes: dict[int, float]
+    server_switches: int
+    redis_cpu: float
+    redis_calls: dict[str, int]
+    #: This process: the load generator.
+    load_cpu: float
+    #: Every process on the machine.
+    machine_cpu: float
+
+
+def read_now(clients: Sequence[Client], server: harness.ServerProcess, redis: harness.RedisProcess | None) -> Reading:
+    processes = {}
+    for pid in harness.process_tree(server.pid):
+        try:
+            processes[pid] = harness.cpu_seconds(pid)
+        except OSError:
+            continue  # it exited while we looked
+    return Reading(
+        time=time.perf_counter(),
+        deliveries=delivered(clients),
+        server_user=(times := server.cpu_times())[0],
+        server_system=times[1],
+        server_processes=processes,
+        server_switches=server.context_switches(),
+        redis_cpu=redis.cpu_seconds() if redis is not None else 0.0,
+        redis_calls=redis.command_calls() if redis is not None else {},
+        load_cpu=harness.cpu_seconds(),
+        machine_cpu=harness.machine_busy_seconds(),
+    )
+
+
+def window_figures(start: Reading, end: Reading, per_line: int) -> dict[str, Any]:
+    """Rates and CPU per delivery over a window: the server's processes, Redis, and the load generator apart.
+
+    ``total_cpu_us_per_delivery`` is the server's and Redis's together (what a delivery costs the deployment).
+    """
+    seconds = end.time - start.time
+    deliveries = end.deliveries - start.deliveries
+    if deliveries <= 0:
+        raise BenchmarkError(f"no delivery in a {seconds:.1f} s window")
+    server_user = end.server_user - start.server_user
+    server_system = end.server_system - start.server_system
+    server_cpu = server_user + server_system
+    redis_cpu = end.redis_cpu - start.redis_cpu
+    load_cpu = end.load_cpu - start.load_cpu
+    other_cpu = (end.machine_cpu - start.machine_cpu) - server_cpu - redis_cpu - load_cpu
+    lines = deliveries / per_line
+    figures: dict[str, Any] = {
+        "deliveries": deliveries,
+        "seconds": seconds,
+        "deliveries_per_s": deliveries / seconds,
+        "lines_per_s": lines / seconds,
+        "server_cpu_s": server_cpu,
+        "server_cpu_fraction": server_cpu / seconds,
+        "server_cpu_us_per_delivery": server_cpu / deliveries * 1e6,
+        "server_user_us_per_delivery": server_user / deliveries * 1e6,
+        "server_system_us_per_delivery": server_system / deliveries * 1e6,
+        "server_context_switches_per_delivery": (end.server_switches - start.server_switches) / deliveries,
+        # Each server process's share, in cores (with --workers: the supervisor first, then each worker).
+        "server_process_cpu_fractions": [
+            (cpu - start.server_processes[pid]) / seconds
+            for pid, cpu in end.server_processes.items()
+            if pid in start.server_processes
+        ],
+        "redis_cpu_fraction": redis_cpu / seconds,
+        "redis_cpu_us_per_delivery": redis_cpu / deliveries * 1e6,
+        "redis_cpu_us_per_line": redis_cpu / lines * 1e6,
+        "total_cpu_us_per_delivery": (server_cpu + redis_cpu) / deliveries * 1e6,
+        "load_cpu_fraction": load_cpu / seconds,
+        "load_cpu_us_per_delivery": load_cpu / deliveries * 1e6,
+        # Cores' worth of CPU used by anything else on the machine during the window.
+        "other_cpu_fraction": max(0.0, other_cpu / seconds),
+    }
+    if end.redis_calls:
+        calls = {
+            name: count - start.redis_calls.get(name, 0)
+            for name, count in end.redis_calls.items()
+            if count > start.redis_calls.get(name, 0)
+        }
+        figures["redis_calls_per_line"] = {name: count / lines for name, count in sorted(calls.items())}
+    return figures
+
+
 def check_clients(clients: Sequence[Client]) -> None:
     for index, client in enumerate(clients):
         if client.failure:
@@ -389,9 +562,15 @@ def deliveries_per_line(clients: Sequence[Client]) -> int:
 
 
 def run_paced(
-    clients: Sequence[Client], server: harness.ServerProcess, rate: float, phases: Phases, per_line: int
+    clients: Sequence[Client],
+    server: harness.ServerProcess,
+    rate: float,
+    phases: Phases,
+    per_line: int,
+    redis: harness.RedisProcess | None = None,
 ) -> dict[str, Any]:
-    """Clients take turns sending ``rate`` lines a second; latency from a sample of deliveries.
+    """Clients take turns sending ``rate`` lines a second; latency from a sample of deliveries,
+    and the CPU a delivery costs at this pace (``window_figures``, over the measured window).
 
     ``per_line`` is how many frames the server sends for one line (``deliveries_per_line``).
     """
@@ -403,8 +582,7 @@ def run_paced(
     start = time.perf_counter()
     measure_start = start + phases.warmup
     end = measure_start + phases.duration
-    cpu_start: float | None = None
-    cpu_end = 0.0
+    window_start: Reading | None = None
     sent = 0
     worst_lag = 0.0
     try:
@@ -415,14 +593,14 @@ def run_paced(
             now = time.perf_counter()
             if due > now:
                 time.sleep(due - now)
-            if cpu_start is None and due >= measure_start:
-                cpu_start = server.cpu_seconds()
+            if window_start is None and due >= measure_start:
+                window_start = read_now(clients, server, redis)
             now = time.perf_counter()
             worst_lag = max(worst_lag, now - due)
             clients[sent % size].send_text(bench_text(sent, now))
             sent += 1
         time.sleep(max(0.0, end - time.perf_counter()))
-        cpu_end = server.cpu_seconds()
+        window_end = read_now(clients, server, redis)
     finally:
         set_sampling(clients, 0.0)
     expected = sent * per_line
@@ -439,7 +617,7 @@ def run_paced(
         "drain_s": drain_seconds,
         "undelivered": max(0, expected - (delivered(clients) - base)),
         "worst_send_lag_ms": worst_lag * 1000,
-        "server_cpu_fraction": (cpu_end - (cpu_start or cpu_end)) / phases.duration,
+        **window_figures(window_start or window_end, window_end, per_line),
         "latency_samples": len(latencies),
         "verify_failures": failures,
     }
@@ -454,9 +632,14 @@ def run_paced(
 
 
 def run_saturation(
-    clients: Sequence[Client], server: harness.ServerProcess, phases: Phases, window_messages: int, per_line: int
+    clients: Sequence[Client],
+    server: harness.ServerProcess,
+    phases: Phases,
+    window_messages: int,
+    per_line: int,
+    redis: harness.RedisProcess | None = None,
 ) -> dict[str, Any]:
-    """Keep ``window_messages`` lines in flight; measure deliveries/s and server CPU per delivery."""
+    """Keep ``window_messages`` lines in flight; measure deliveries/s and the CPU a delivery costs."""
     size = len(clients)
     limit = window_messages * per_line
     base = delivered(clients)
@@ -464,34 +647,17 @@ def run_saturation(
     start = time.perf_counter()
     measure_start = start + phases.warmup
     end = measure_start + phases.duration
-    # (time, deliveries, server user CPU, server system CPU, our own CPU, server context switches,
-    #  CPU used by the whole machine)
-    window_start: tuple[float, int, float, float, float, int, float] | None = None
-    window_end: tuple[float, int, float, float, float, int, float] | None = None
+    window_start: Reading | None = None
+    window_end: Reading | None = None
     try:
         while window_end is None:
             now = time.perf_counter()
             if window_start is None and now >= measure_start:
-                count = delivered(clients)
-                window_start = (
-                    now,
-                    count,
-                    *server.cpu_times(),
-                    harness.cpu_seconds(),
-                    server.context_switches(),
-                    harness.machine_busy_seconds(),
-                )
-                rate = (count - base) / max(now - start, 1e-3)
+                window_start = read_now(clients, server, redis)
+                rate = (window_start.deliveries - base) / max(now - start, 1e-3)
                 set_sampling(clients, min(1.0, VERIFY_SAMPLES / max(rate * phases.duration, 1.0)))
             elif now >= end:
-                window_end = (
-                    now,
-                    delivered(clients),
-                    *server.cpu_times(),
-                    harness.cpu_seconds(),
-                    server.context_switches(),
-                    harness.machine_busy_seconds(),
-                )
+                window_end = read_now(clients, server, redis)
                 break
             if sent * per_line - (delivered(clients) - base) < limit:
                 clients[sent % size].send_text(bench_text(sent, time.perf_counter()))
@@ -503,32 +669,12 @@ def run_saturation(
     assert window_start is not None and window_end is not None
     drained = wait_until(lambda: delivered(clients) - base >= sent * per_line, DRAIN_TIMEOUT, clients)
     samples, failures = open_all_samples(clients)
-    seconds = window_end[0] - window_start[0]
-    deliveries = window_end[1] - window_start[1]
-    if deliveries <= 0:
-        raise BenchmarkError(f"no delivery in the {seconds:.1f} s saturation window at N={size}")
-    server_user = window_end[2] - window_start[2]
-    server_system = window_end[3] - window_start[3]
-    server_cpu = server_user + server_system
-    load_cpu = window_end[4] - window_start[4]
-    switches = window_end[5] - window_start[5]
-    other_cpu = (window_end[6] - window_start[6]) - server_cpu - load_cpu
+    if window_end.deliveries <= window_start.deliveries:
+        raise BenchmarkError(f"no delivery in the saturation window at N={size}")
     return {
         "window_lines": window_messages,
         "lines_sent": sent,
-        "deliveries": deliveries,
-        "seconds": seconds,
-        "deliveries_per_s": deliveries / seconds,
-        "lines_per_s": deliveries / seconds / per_line,
-        "server_cpu_s": server_cpu,
-        "server_cpu_fraction": server_cpu / seconds,
-        "server_cpu_us_per_delivery": server_cpu / deliveries * 1e6,
-        "server_user_us_per_delivery": server_user / deliveries * 1e6,
-        "server_system_us_per_delivery": server_system / deliveries * 1e6,
-        "server_context_switches_per_delivery": switches / deliveries,
-        "load_cpu_us_per_delivery": load_cpu / deliveries * 1e6,
-        # Cores' worth of CPU used by anything else on the machine during the window.
-        "other_cpu_fraction": max(0.0, other_cpu / seconds),
+        **window_figures(window_start, window_end, per_line),
         "drained": drained,
         "verified_samples": len(samples),
         "verify_failures": failures,
@@ -568,6 +714,32 @@ def connect_chat_clients(
                 future.cancel()
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """How the chat server runs: its room backend (``memory`` or ``redis``) and its number of processes."""
+
+    backend: str = "memory"
+    workers: int = 1
+    #: With ``backend == "redis"``: the redis-server to start, and whether it keeps an append-only file.
+    redis_server: str = harness.REDIS_SERVER
+    redis_append_only: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}, {self.workers} process{'es' if self.workers > 1 else ''}"
+
+
+def clients_per_process(server: harness.ServerProcess) -> list[int]:
+    """The clients each process of the server holds (with --workers: the supervisor's 0 first)."""
+    counts = []
+    for pid in harness.process_tree(server.pid):
+        try:
+            counts.append(harness.connections_on_port(pid, server.port))
+        except OSError:
+            continue  # it exited while we looked
+    return counts
+
+
 def run_chat_size(
     size: int,
     work_dir: Path,
@@ -578,10 +750,27 @@ def run_chat_size(
     window_messages: int,
     server_path: Path = harness.ROOT / "server.py",
     server_args: Sequence[str] = (),
+    deployment: Deployment = Deployment(),
+    saturation: bool = True,
 ) -> dict[str, Any]:
+    """Log ``size`` clients in to a fresh server (and Redis, if the deployment has it); run the paced
+    phase, then (unless ``saturation`` is False) the closed loop. Everything is stopped on the way out."""
     clients: list[Client] = []
-    server = harness.start_chat_server(work_dir, users_path, *server_args, server_path=server_path)
+    redis: harness.RedisProcess | None = None
+    server: harness.ServerProcess | None = None
     try:
+        if deployment.backend == "redis":
+            redis = harness.RedisProcess(
+                work_dir / f"redis-{size}", deployment.redis_server, append_only=deployment.redis_append_only
+            )
+        server = harness.start_chat_server(
+            work_dir,
+            users_path,
+            *server_args,
+            server_path=server_path,
+            redis=redis,
+            workers=deployment.workers,
+        )
         rss_idle = server.rss_kib()
         started = time.perf_counter()
         connect_chat_clients(
@@ -594,39 +783,56 @@ def run_chat_size(
             raise BenchmarkError(f"the join notices did not all arrive at N={size}")
         login_seconds = time.perf_counter() - started
         rss_connected = server.rss_kib()
-        log(f"  chat N={size}: {size} clients logged in, join notices delivered in {login_seconds:.1f} s")
+        spread = clients_per_process(server)
+        log(
+            f"  chat N={size} ({deployment.label}): {size} clients logged in, join notices delivered in "
+            f"{login_seconds:.1f} s" + (f"; clients per process {spread}" if deployment.workers > 1 else "")
+        )
         per_line = deliveries_per_line(clients)
-        paced = run_paced(clients, server, rate, phases, per_line)
+        paced = run_paced(clients, server, rate, phases, per_line, redis)
         log(
             f"  chat N={size}: paced {rate:g} lines/s: p50 {paced.get('p50_ms', float('nan')):.1f} ms, "
-            f"p99 {paced.get('p99_ms', float('nan')):.1f} ms ({paced['latency_samples']} samples)"
+            f"p99 {paced.get('p99_ms', float('nan')):.1f} ms ({paced['latency_samples']} samples), "
+            f"{paced['total_cpu_us_per_delivery']:.1f} us CPU per delivery"
         )
-        saturation = run_saturation(clients, server, phases, window_messages, per_line)
-        log(
-            f"  chat N={size}: saturation {saturation['deliveries_per_s']:.0f} deliveries/s, "
-            f"{saturation['server_cpu_us_per_delivery']:.1f} us server CPU per delivery"
-        )
-        check_clients(clients)
-        return {
+        result: dict[str, Any] = {
             "clients": size,
+            "deployment": {"backend": deployment.backend, "workers": deployment.workers},
             "deliveries_per_line": per_line,
             "setup_s": login_seconds,
-            "server_threads": server.threads(),
-            "rss_idle_kib": rss_idle,
-            "rss_connected_kib": rss_connected,
-            "rss_per_client_kib": (rss_connected - rss_idle) / size,
-            "peak_rss_kib": server.peak_rss_kib(),
+            "clients_per_process": spread,
             "paced": paced,
-            "saturation": saturation,
         }
+        if saturation:
+            closed_loop = run_saturation(clients, server, phases, window_messages, per_line, redis)
+            log(
+                f"  chat N={size}: saturation {closed_loop['deliveries_per_s']:.0f} deliveries/s, "
+                f"{closed_loop['server_cpu_us_per_delivery']:.1f} us server CPU per delivery"
+                + (f" + {closed_loop['redis_cpu_us_per_delivery']:.1f} us Redis" if redis is not None else "")
+                + f"; load generator {closed_loop['load_cpu_fraction']:.2f} cores"
+            )
+            result["saturation"] = closed_loop
+        check_clients(clients)
+        result.update(
+            server_threads=server.threads(),
+            rss_idle_kib=rss_idle,
+            rss_connected_kib=rss_connected,
+            rss_per_client_kib=(rss_connected - rss_idle) / size,
+            peak_rss_kib=server.peak_rss_kib(),
+        )
+        return result
     except BenchmarkError:
-        log(f"  chat N={size}: the server's log ends with:\n{server.log_tail(10)}")
+        if server is not None:
+            log(f"  chat N={size}: the server's log ends with:\n{server.log_tail(10)}")
         raise
     finally:
-        status = server.stop()
+        if server is not None:
+            status = server.stop()
+            if status not in (0, -15):
+                log(f"  chat server exited with status {status}: {server.log_tail(5)}")
         close_all(clients)
-        if status not in (0, -15):
-            log(f"  chat server exited with status {status}: {server.log_tail(5)}")
+        if redis is not None:
+            redis.stop()
 
 
 def run_plain_size(
@@ -656,10 +862,13 @@ def run_plain_size(
 
 def summarize(size: int, chat: dict[str, Any], plain: dict[str, Any] | None, floor_us: float) -> dict[str, Any]:
     cpu = chat["saturation"]["server_cpu_us_per_delivery"]
+    with_redis = chat["deployment"]["backend"] == "redis"
     row: dict[str, Any] = {
         "clients": size,
         "deliveries_per_s": chat["saturation"]["deliveries_per_s"],
         "server_cpu_us_per_delivery": cpu,
+        "redis_cpu_us_per_delivery": chat["saturation"]["redis_cpu_us_per_delivery"] if with_redis else None,
+        "load_cpu_fraction": chat["saturation"]["load_cpu_fraction"],
         "floor_us": floor_us,
         "paced_rate": chat["paced"]["rate_lines_per_s"],
         "p50_ms": chat["paced"].get("p50_ms"),
@@ -685,14 +894,16 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| N | deliveries/s | server CPU µs/delivery | crypto floor µs | plaintext µs/delivery | ratio "
-        "| paced lines/s | p50 ms | p99 ms | plaintext p99 ms | peak RSS MiB | RSS/client KiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | deliveries/s | server CPU µs/delivery | Redis µs/delivery | load generator cores | crypto floor µs "
+        "| plaintext µs/delivery | ratio | paced lines/s | p50 ms | p99 ms | plaintext p99 ms | peak RSS MiB "
+        "| RSS/client KiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         p99 = fmt(row["p99_ms"]) + ("" if row["paced_drained"] else " (backlog)")
         lines.append(
             f"| {row['clients']} | {fmt(row['deliveries_per_s'], 0)} | {fmt(row['server_cpu_us_per_delivery'])} "
+            f"| {fmt(row['redis_cpu_us_per_delivery'])} | {fmt(row['load_cpu_fraction'], 2)} "
             f"| {fmt(row['floor_us'])} | {fmt(row.get('plain_us_per_delivery'))} | {fmt(row.get('ratio'), 2)} "
             f"| {fmt(row['paced_rate'], 0)} | {fmt(row['p50_ms'])} | {p99} | {fmt(row.get('plain_p99_ms'))} "
             f"| {fmt(row['peak_rss_mib'])} | {fmt(row['rss_per_client_kib'], 0)} |"
@@ -774,12 +985,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARG",
         help="extra argument for server.py, repeatable (default: %(default)s)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("memory", "redis"),
+        default="memory",
+        help="redis: start a private redis-server and run the server with --backend redis://... (default: memory)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="server processes on the port (needs --backend redis)"
+    )
+    add_redis_options(parser)
     parser.add_argument("--work-dir", type=Path, help="keep the server data and logs here (default: a temp dir)")
     return parser
 
 
+def add_redis_options(parser: argparse.ArgumentParser) -> None:
+    """``--redis-server PATH`` and ``--redis-aof``: the Redis a Redis deployment is measured with."""
+    parser.add_argument(
+        "--redis-server",
+        default=harness.REDIS_SERVER,
+        metavar="PATH",
+        help="the redis-server to start (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--redis-aof",
+        action="store_true",
+        help="Redis keeps an append-only file (appendfsync everysec) instead of nothing on disk",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers > 1 and args.backend != "redis":
+        parser.error("--workers needs --backend redis (the processes share rooms through it)")
+    if args.backend == "redis" and not args.redis_server:
+        parser.error("redis-server is not installed (Debian: apt-get install redis-server); or give --redis-server")
+    deployment = Deployment(args.backend, args.workers, args.redis_server, args.redis_aof)
     sizes = args.sizes or list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     duration = args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION)
     phases = Phases(warmup=min(MAX_WARMUP, duration * WARMUP_FRACTION), duration=duration)
@@ -798,6 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
         "paced_rate_lines_per_s": args.paced_rate,
         "paced_deliveries_cap_per_s": args.paced_deliveries_cap,
         "saturation_in_flight_deliveries": SATURATION_IN_FLIGHT,
+        "backend": deployment.backend,
+        "workers": deployment.workers,
+        "redis_append_only": deployment.redis_append_only,
     }
     references = measure_references(REFERENCE_SECONDS / 4 if args.quick or duration < 2 else REFERENCE_SECONDS)
     report["references"] = references
@@ -823,7 +1068,9 @@ def main(argv: list[str] | None = None) -> int:
             rate = paced_rate(size, args.paced_rate, args.paced_deliveries_cap)
             window = max(MIN_WINDOW_MESSAGES, math.ceil(SATURATION_IN_FLIGHT / (size - 1)))
             log(f"N={size}: paced {rate:g} lines/s, saturation window {window} lines")
-            chat = run_chat_size(size, work_dir, users_path, keys, phases, rate, window, server_path, args.server_arg)
+            chat = run_chat_size(
+                size, work_dir, users_path, keys, phases, rate, window, server_path, args.server_arg, deployment
+            )
             plain = None
             if not args.no_plain:
                 plain = run_plain_size(size, work_dir, references["sealed_frame_bytes"] - 4, phases, rate, window)

@@ -1,7 +1,10 @@
 """Plumbing shared by the benchmarks: server subprocesses, /proc readings, users, machine facts.
 
 Nothing here generates load. A server runs as a child process so that its own
-CPU time and peak memory can be read from ``/proc/PID`` apart from the load.
+CPU time and peak memory can be read from ``/proc/PID`` apart from the load. With
+``--workers N`` the server is a supervisor and its N worker processes: their CPU is
+summed over the whole process tree. A Redis deployment's ``redis-server`` is started
+here too (``RedisProcess``), private to one run, so that its CPU is read the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import resource
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -37,7 +43,13 @@ SERVER_START_TIMEOUT = 60.0
 SERVER_STOP_TIMEOUT = 30.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: Packages whose versions go into the report.
-REPORTED_PACKAGES = ("cryptography", "PyJWT", "matplotlib", "py-spy")
+REPORTED_PACKAGES = ("cryptography", "PyJWT", "redis", "matplotlib", "py-spy")
+#: The Redis server a Redis deployment is measured with (the distribution's package: apt-get install redis-server).
+REDIS_SERVER = shutil.which("redis-server") or ""
+#: How long redis-server may take to answer its first PING.
+REDIS_START_TIMEOUT = 15.0
+#: How long ``import-users`` may take to copy the benchmark's accounts into Redis.
+IMPORT_USERS_TIMEOUT = 60.0
 
 
 def bench_user_names(count: int) -> list[str]:
@@ -110,6 +122,42 @@ def thread_cpu(pid: int | str) -> dict[int, tuple[float, int]]:
     return threads
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of a process, from ``/proc/PID/task/TID/children`` of each of its threads."""
+    children: list[int] = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(child) for child in listing.read_text().split()]
+        except OSError:
+            continue  # the thread ended while we looked
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a ``--workers`` supervisor and its workers), parents first."""
+    tree = [pid]
+    for parent in tree:  # grows as it goes
+        tree += child_pids(parent)
+    return tree
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its live descendants.
+
+    A descendant that exits takes its CPU time away from the sum (its parent collects
+    it only once it waits for it), so a window in which a worker died is not to be trusted.
+    """
+    user = system = 0.0
+    for member in process_tree(pid):
+        try:
+            member_user, member_system = cpu_times(member)
+        except OSError:
+            continue  # it exited while we looked
+        user += member_user
+        system += member_system
+    return user, system
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds every process on the machine has used since boot (``/proc/stat``, all cores).
 
@@ -142,6 +190,29 @@ def memory_kib(pid: int | str, field: str) -> int:
     raise KeyError(field)
 
 
+def connections_on_port(pid: int | str, port: int) -> int:
+    """Established TCP connections a process holds on its local ``port``: with --workers, how the
+    kernel spread the clients. Matches the process's socket descriptors with ``/proc/net/tcp``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is HEX_IP:HEX_PORT; state 01 is ESTABLISHED; the inode is field 10.
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(f"socket:[{fields[9]}]")
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd) in inodes
+        except OSError:
+            continue  # closed while we looked
+    return count
+
+
 def thread_count(pid: int | str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Threads:"):
@@ -157,7 +228,8 @@ class ServerProcess:
 
     Its standard error goes to ``log_path`` (a pipe nobody reads would fill up
     and stall the server). ``stop()`` sends SIGTERM, waits, and kills if it must;
-    it is also what leaving the ``with`` block does.
+    it is also what leaving the ``with`` block does. CPU times, context switches
+    and memory are those of the process and its children (``--workers``).
     """
 
     def __init__(self, command: list[str], log_path: Path, start_timeout: float = SERVER_START_TIMEOUT):
@@ -196,7 +268,8 @@ class ServerProcess:
                 text = pending.decode(errors="replace")
                 if match := re.search(r"fingerprint: \d+ (SHA256:\S+)", text):
                     self.fingerprint = match.group(1)
-                if match := re.search(r"Listening on (\S+):(\d+)\n", text):
+                # "Listening on HOST:PORT", and with --workers " (N worker processes)" after it.
+                if match := re.search(r"Listening on (\S+):(\d+)[ \n]", text):
                     self.host, self.port = match.group(1), int(match.group(2))
                     return
         raise RuntimeError(f"{self.command[1]} did not start listening within {timeout:.0f} s")
@@ -207,23 +280,37 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def workers(self) -> list[int]:
+        """The worker processes of a ``--workers`` supervisor (none for a single process)."""
+        return child_pids(self.pid)
+
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        return sum(self.cpu_times())
 
     def cpu_times(self) -> tuple[float, float]:
-        return cpu_times(self.pid)
+        return tree_cpu_times(self.pid)
 
     def context_switches(self) -> int:
-        return context_switches(self.pid)
+        return sum(self._each(context_switches))
 
     def peak_rss_kib(self) -> int:
-        return memory_kib(self.pid, "VmHWM")
+        """The peak resident memory of the processes, summed (each one's own peak)."""
+        return sum(self._each(lambda pid: memory_kib(pid, "VmHWM")))
 
     def rss_kib(self) -> int:
-        return memory_kib(self.pid, "VmRSS")
+        return sum(self._each(lambda pid: memory_kib(pid, "VmRSS")))
 
     def threads(self) -> int:
-        return thread_count(self.pid)
+        return sum(self._each(thread_count))
+
+    def _each(self, reading: Callable[[int], int]) -> list[int]:
+        values = []
+        for pid in process_tree(self.pid):
+            try:
+                values.append(reading(pid))
+            except OSError:
+                continue  # it exited while we looked
+        return values
 
     def stop(self, timeout: float = SERVER_STOP_TIMEOUT) -> int:
         """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit status."""
@@ -247,16 +334,31 @@ class ServerProcess:
 
 
 def start_chat_server(
-    work_dir: Path, users_path: Path, *extra: str, server_path: Path = ROOT / "server.py"
+    work_dir: Path,
+    users_path: Path,
+    *extra: str,
+    server_path: Path = ROOT / "server.py",
+    redis: RedisProcess | None = None,
+    workers: int = 1,
 ) -> ServerProcess:
     """``python server.py`` on 127.0.0.1, port 0, with the benchmark's limits lifted.
 
     ``server_path`` may name another copy of the project's ``server.py`` (with
-    its sibling modules beside it), to measure a change before applying it.
+    its sibling modules beside it), to measure a change before applying it. With
+    ``redis`` the server shares its rooms through it (``--backend``), and its accounts
+    are copied into it first (``import-users``: with Redis the accounts live there);
+    ``workers`` above 1 runs that many processes on the port (``--workers``).
     """
+    deployment: list[str] = []
+    if redis is not None:
+        import_users(server_path, users_path, redis.url)
+        deployment += ["--backend", redis.url]
+    if workers != 1:
+        deployment += ["--workers", str(workers)]
     command = [
         sys.executable,
         str(server_path),
+        *deployment,
         "--port",
         "0",
         "--data-dir",
@@ -292,6 +394,112 @@ def add_server_option(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="server.py to measure (default: this checkout's); a patched copy or another checkout measures a change",
     )
+
+
+def import_users(server_path: Path, users_path: Path, redis_url: str) -> None:
+    """``server.py import-users USERS --backend URL``: a Redis deployment's accounts live in Redis."""
+    done = subprocess.run(
+        [sys.executable, str(server_path), "import-users", str(users_path), "--backend", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=IMPORT_USERS_TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    if done.returncode != 0 or not done.stdout.startswith("imported"):
+        raise RuntimeError(f"import-users failed: {(done.stderr or done.stdout).strip()[-500:]}")
+
+
+def free_loopback_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 just now (redis-server cannot be given port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisProcess:
+    """A ``redis-server`` of one benchmark run: a free loopback port, a folder of its own, no persistence.
+
+    Nothing is written to disk (``--save "" --appendonly no``) unless ``append_only``
+    (``appendfsync everysec``, what a deployment that keeps history across a restart runs).
+    Its CPU time is read from ``/proc`` like the server's; ``command_calls()`` counts the
+    commands it has run (``INFO commandstats``). ``stop()`` (or leaving the ``with`` block)
+    shuts it down and waits.
+    """
+
+    def __init__(self, folder: Path, executable: str = REDIS_SERVER, append_only: bool = False) -> None:
+        if not executable:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_loopback_port()
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if append_only else ["--appendonly", "no"]
+        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder)]
+        command += ["--save", "", *persistence, "--logfile", str(folder / "redis.log")]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=folder)
+        self._client: Any = None
+        try:
+            self._wait_until_answering(REDIS_START_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _wait_until_answering(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with status {self.process.returncode} before answering")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as probe:
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer within {timeout:.0f} s")
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of redis-server (all its threads)."""
+        return cpu_seconds(self.pid)
+
+    def command_calls(self) -> dict[str, int]:
+        """Commands run so far, by name (``INFO commandstats``; the INFO calls asking are left out).
+
+        A script's own calls (``redis.call`` inside EVALSHA) are counted under their names too.
+        """
+        import redis  # only a Redis deployment's benchmark needs the client
+
+        if self._client is None:
+            self._client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5.0)
+        stats = self._client.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): int(values["calls"]) for name, values in stats.items()}
+        calls.pop("info", None)
+        return calls
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=SERVER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> RedisProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def start_plain_server(work_dir: Path, *extra: str) -> ServerProcess:
@@ -389,6 +597,17 @@ def source_info(server_path: Path = ROOT / "server.py") -> dict[str, object]:
     }
 
 
+def redis_version(executable: str = REDIS_SERVER) -> str:
+    """``redis-server --version``, or why there is none."""
+    if not executable:
+        return "not installed"
+    try:
+        done = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return done.stdout.strip()
+
+
 def machine_info() -> dict[str, object]:
     return {
         "nproc": len(os.sched_getaffinity(0)),
@@ -398,5 +617,6 @@ def machine_info() -> dict[str, object]:
         "python_implementation": platform.python_implementation(),
         "packages": package_versions(),
         "openssl": openssl_version(),
+        "redis_server": redis_version(),
         "load_average": Path("/proc/loadavg").read_text().split()[:3],
     }

@@ -2,6 +2,7 @@
 
     pip install py-spy      # dev only, see requirements-bench.txt
     python benchmarks/profile_server.py --clients 200 --seconds 10 --out benchmarks/results/profile-200
+    python benchmarks/profile_server.py --clients 200 --paced 50      # fanout.py's paced load instead
 
 Starts ``python server.py`` as in ``fanout.py``, logs the clients in, keeps the
 server saturated with the same closed loop, and samples it with ``py-spy
@@ -120,10 +121,17 @@ def summarize(stacks: list[tuple[list[str], int]], top: int = 25) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Profile the chat server under saturated fan-out.")
+    parser = argparse.ArgumentParser(description="Profile the chat server under saturated (or paced) fan-out.")
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
+    parser.add_argument(
+        "--paced",
+        type=float,
+        metavar="LINES_PER_S",
+        help="profile fanout.py's paced load at this rate instead of the closed loop (where does a paced delivery's "
+        "extra CPU go?)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "profile", help="path prefix")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -170,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
             def load() -> None:
                 phases = fanout.Phases(warmup=1.0, duration=args.seconds + 1.0)
-                result.update(fanout.run_saturation(clients, server, phases, window, per_line))
+                if args.paced:
+                    result.update(fanout.run_paced(clients, server, args.paced, phases, per_line))
+                else:
+                    result.update(fanout.run_saturation(clients, server, phases, window, per_line))
 
             driver = threading.Thread(target=load, name="profile-load")
             driver.start()
@@ -187,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             fanout.close_all(clients)
     print(
-        f"N={args.clients}: {result.get('deliveries_per_s', 0):.0f} deliveries/s, "
+        f"N={args.clients}, {f'paced {args.paced:g} lines/s' if args.paced else 'closed loop'}: "
+        f"{result.get('deliveries_per_s', 0):.0f} deliveries/s, "
         f"{result.get('server_cpu_us_per_delivery', 0):.1f} us server CPU per delivery "
         f"(under py-spy, {'GIL holder only' if args.gil else 'all non-idle threads'})"
     )

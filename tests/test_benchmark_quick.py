@@ -1,17 +1,20 @@
-"""The fan-out and login-storm benchmarks' quick paths run end to end and report sane numbers.
+"""The fan-out, login-storm and workers benchmarks' quick paths run end to end and report sane numbers.
 
 Each runs as a subprocess: ``benchmarks/fanout.py`` with five clients and one
 second phases (the real server, real logins, the plaintext baseline and the
-crypto floor), ``benchmarks/storm.py`` with twelve logins beside three talkers.
-Only that they complete and that every number is present and positive is
-checked; speed is never asserted (this machine is shared).
+crypto floor), ``benchmarks/storm.py`` with twelve logins beside three talkers,
+``benchmarks/workers.py`` with a handful of clients on one process, on Redis and
+on two workers (it starts its own redis-server). Only that they complete and
+that every number is present and positive is checked; speed is never asserted
+(this machine is shared).
 """
 
 import json
 import subprocess
 import sys
 
-from conftest import ROOT, TIMEOUT
+import pytest
+from conftest import REDIS_SERVER, ROOT, TIMEOUT
 
 BENCHMARK_TIMEOUT = max(100.0, TIMEOUT * 20)
 
@@ -95,3 +98,31 @@ def test_quick_storm_benchmark_reports_every_number(tmp_path):
     assert storm["server_cpu_s"] > 0 and storm["load_generator_cpu_fraction"] > 0
     assert talkers["before_storm"]["samples"] > 0 and talkers["verify_failures"] == 0
     assert talkers["dropped"] == 0
+
+
+@pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not installed (Debian: apt-get install redis-server)")
+def test_workers_benchmark_measures_every_process_and_redis(tmp_path):
+    """One round of the deployments side by side: the workers' and Redis's CPU are read and every goal is judged."""
+    sizes = ("--light-size", "4", "--main-size", "6", "--heavy-size", "0")
+    stdout, report = run_benchmark("workers.py", tmp_path, "--rounds", "1", "--duration", "1", *sizes)
+    assert "| N=6, main | redis x2 |" in stdout, stdout
+    assert report["machine"]["redis_server"].startswith("Redis server")
+
+    runs = {(run["clients"], run["deployment_label"]): run for run in report["runs"]}
+    assert set(runs) == {(size, label) for size in (4, 6) for label in ("memory", "redis", "redis x2")}
+    for run in runs.values():
+        assert run["paced"]["drained"] and run["paced"]["verify_failures"] == 0
+        assert run["paced"]["total_cpu_us_per_delivery"] > 0 and run["floor"]["min"] > 0
+        assert run["floor"]["parallel"]["speedup"] > 0  # what 2 processes of crypto get from the machine
+    two = runs[(6, "redis x2")]
+    assert sum(two["clients_per_process"]) == 6 and len(two["clients_per_process"]) == 3  # supervisor + 2 workers
+    saturation = two["saturation"]
+    assert saturation["drained"] and saturation["verify_failures"] == 0
+    assert len(saturation["server_process_cpu_fractions"]) == 3
+    # Redis's CPU is counted apart from the server's, and so are the commands a line costs it.
+    assert saturation["redis_cpu_us_per_delivery"] > 0
+    assert saturation["total_cpu_us_per_delivery"] > saturation["server_cpu_us_per_delivery"]
+    assert saturation["redis_calls_per_line"]["xadd"] > 0
+    assert runs[(6, "memory")]["saturation"]["redis_cpu_us_per_delivery"] == 0
+    assert {goal["verdict"] for goal in report["goals"]} <= {"met", "MISSED", "n/a"}
+    assert len(report["goals"]) >= 6 and report["capacity"]
