@@ -252,7 +252,7 @@ class Room:
             recipient.deliver(echo if recipient.session_id == origin_session else message)
 
     def announce_notice(self, notice: Notice) -> None:
-        """A joined or left notice from another server process, to everyone here (presence, not kept)."""
+        """A notice to everyone here, not kept: a join or leave on another server process, or ``announce``'s."""
         with self.members_lock:
             everyone = self._everyone()
         for member in everyone:
@@ -260,11 +260,7 @@ class Room:
 
     def announce(self, text: str) -> None:
         """A system notice to everyone here, not kept (for example: the server is shutting down)."""
-        with self.members_lock:
-            everyone = self._everyone()
-        notice = Notice(event="info", text=text, room=self.name)
-        for member in everyone:
-            member.deliver(notice)
+        self.announce_notice(Notice(event="info", text=text, room=self.name))
 
     # ------------------------------------------------------------------ join notices
 

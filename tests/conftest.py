@@ -274,6 +274,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat: "T" once the process is stopped, "Z" once it has exited
+    unreaped. Raises ``OSError`` when there is no such process."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real Redis for this test alone (the test is skipped where redis-server is not installed)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
+from conftest import ROOT, TIMEOUT, ServerProcess, free_port, password_of, wait_for
 from terminal import Terminal
 
 from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Room, Roster
@@ -170,12 +170,6 @@ def row_of(terminal: Terminal, text: str) -> int:
     rows = [number for number, line in enumerate(terminal.lines) if text in line]
     assert rows, f"{text!r} is not on the screen:\n{terminal.text}"
     return rows[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Pipe:

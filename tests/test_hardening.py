@@ -23,7 +23,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TIMEOUT, USER_NAMES, ServerProcess, drain, wait_until
+from conftest import ROOT, TIMEOUT, USER_NAMES, ServerProcess, drain, process_state, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -335,11 +335,6 @@ os.replace = stop_before_rename
 sys.argv = [{server!r}, "adduser", "mallory", "--users", {users!r}]
 runpy.run_path({server!r}, run_name="__main__")
 """
-
-
-def process_state(pid: int) -> str:
-    """The state letter of /proc/PID/stat: "T" once the process is stopped."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def orphans_of(users: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, TIMEOUT, ServerProcess, password_of, wait_for
+from conftest import ROOT, TIMEOUT, ServerProcess, password_of, process_state, wait_for
 
 from securechat.client import ChatClient, KnownHosts
 from securechat.protocol import Chat, ErrorReply
@@ -265,10 +265,9 @@ def test_workers_serve_clients_from_every_process_and_stop_together(tmp_path, us
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+        return process_state(pid) != "Z"
     except OSError:
         return False
-    return state != "Z"
 
 
 def test_workers_need_a_shared_backend(tmp_path, users_file):
