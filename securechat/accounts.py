@@ -295,6 +295,7 @@ class AccountStore(Protocol):
     def ban(self, name: str, ban: AccountBan) -> None: ...
     def unban(self, name: str) -> bool: ...
     def remove_orphaned_copies(self) -> int: ...
+    def forget(self, name: str) -> None: ...
 
 
 T = TypeVar("T")
@@ -306,6 +307,10 @@ class AccountEdits:
 
     def _update(self, edit: Callable[[dict[str, UserRecord]], T]) -> T:
         raise NotImplementedError
+
+    def forget(self, name: str) -> None:
+        """Another process changed ``name``: drop any copy of its record kept here. A store that
+        reads its source on every ``get`` (``users.json``, by its stamp) keeps none."""
 
     def add(self, name: str, password: str, *, demo: bool = False) -> None:
         """Create an account. Raises ``ValueError`` for a bad or taken name."""

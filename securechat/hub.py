@@ -87,6 +87,8 @@ class AccountDirectory(Protocol):
         """Ban an account server-wide; ``KeyError`` if there is none, ``HubError`` if it cannot be saved."""
 
     def unban(self, name: str) -> bool: ...
+    def forget(self, name: str) -> None:
+        """``name`` was changed by another process: drop any copy of it kept here."""
 
 
 class OpenDirectory:
@@ -103,6 +105,9 @@ class OpenDirectory:
 
     def unban(self, name: str) -> bool:
         return False
+
+    def forget(self, name: str) -> None:
+        pass
 
 
 class MessageOfTheDay:
@@ -262,7 +267,9 @@ class ChatHub:
             local.announce_notice(notice)
 
     def on_account_changed(self, account: str) -> None:
-        """Another process changed what ``account`` ignores: reload it if its sessions are here."""
+        """Another process changed ``account`` (its record, or what it ignores): drop the copy of its
+        record kept here, and reload what it ignores if its sessions are here."""
+        self.accounts.forget(account)
         if self.local_sessions(account):
             self._load_ignores(account)
 

@@ -123,6 +123,9 @@ class StoreDirectory:
             log.error("%s", exc)
             raise HubError("server_error", "the ban could not be lifted: tell the server's operator") from None
 
+    def forget(self, name: str) -> None:
+        self.users.forget(name)
+
 
 class ChatServer:
     """Accepts connections and runs the room. Same verbs as ``socketserver``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -17,9 +18,15 @@ import redis
 
 from securechat.accounts import AccountEdits, UserRecord, UserStoreError, entry_of, record_from_entry
 from securechat.config import hide_password
-from securechat.redis_backend import PREFIX, redis_client
+from securechat.redis_backend import CONTROL_STREAM_LENGTH, PREFIX, redis_client
 
 USERS_KEY = f"{PREFIX}users"
+CONTROL_KEY = f"{PREFIX}control"
+#: How long a record read from Redis answers for its account. Every frame of a session checks
+#: its account (password stamp, ban): a round trip for each would cost more than the rest of a
+#: line. Every change is told to all server processes on the control stream, in the same
+#: transaction, and they drop their copy at once: this bound only covers a notice missed in an outage.
+ACCOUNT_CACHE_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -29,12 +36,14 @@ class RedisUserStore(AccountEdits):
     def __init__(self, url: str) -> None:
         self.where = f"Redis at {hide_password(url)}"
         self.redis = redis_client(url)
-        # The last record read of each account: a session, whose every frame checks its account,
-        # keeps going through a short Redis outage on it (nothing can change the account while
-        # Redis is down). An account never read here cannot log in until Redis is back.
-        # Guarded by _cache_lock.
+        # The last record read of each account, and when (time.monotonic(); 0 once a change was
+        # told): it answers for ACCOUNT_CACHE_SECONDS, and a session keeps going on it through a
+        # short Redis outage (nothing can change the account while Redis is down). An account
+        # never read here cannot log in until Redis is back. Guarded by _cache_lock, with
+        # _generation counting the changes told, so that a read racing one is not kept as fresh.
         self._cache_lock = threading.Lock()
-        self._last_read: dict[str, UserRecord | None] = {}
+        self._last_read: dict[str, tuple[float, UserRecord | None]] = {}
+        self._generation = 0
 
     def _parse(self, name: Any, value: Any) -> UserRecord:
         text_name = name.decode() if isinstance(name, bytes) else str(name)
@@ -53,19 +62,32 @@ class RedisUserStore(AccountEdits):
         return {record.name: record for record in sorted(records, key=lambda record: record.name)}
 
     def get(self, name: str) -> UserRecord | None:
+        now = time.monotonic()
+        with self._cache_lock:
+            read_at, record = self._last_read.get(name, (0.0, None))
+            if read_at and now - read_at < ACCOUNT_CACHE_SECONDS:
+                return record
+            generation = self._generation
         try:
             value = self.redis.hget(USERS_KEY, name)
         except redis.exceptions.RedisError as exc:
             with self._cache_lock:
                 if name in self._last_read:
-                    return self._last_read[name]
+                    return self._last_read[name][1]
             raise UserStoreError(f"cannot reach {self.where}: {exc}") from None
         record = self._parse(name, value) if value is not None else None
         with self._cache_lock:
             if len(self._last_read) > 100_000:  # a bound: the next reads fill it again
                 self._last_read.clear()
-            self._last_read[name] = record
+            self._last_read[name] = (now if generation == self._generation else 0.0, record)
         return record
+
+    def forget(self, name: str) -> None:
+        """``name`` changed (told on the control stream): its next ``get`` reads Redis."""
+        with self._cache_lock:
+            if name in self._last_read:
+                self._last_read[name] = (0.0, self._last_read[name][1])
+            self._generation += 1
 
     def names(self) -> list[str]:
         return sorted(self.load())
@@ -74,21 +96,31 @@ class RedisUserStore(AccountEdits):
         return 0  # a transaction leaves no copies behind
 
     def _update(self, edit: Callable[[dict[str, UserRecord]], T]) -> T:
+        changed: set[str] = set()
+
         def attempt(pipe: Any) -> T:
             records = [self._parse(name, value) for name, value in pipe.hgetall(USERS_KEY).items()]
             before = {record.name: record for record in records}
             users = dict(before)
             result = edit(users)
+            changed.clear()
+            changed.update(name for name in before.keys() | users.keys() if before.get(name) != users.get(name))
             pipe.multi()
-            for name in before.keys() - users.keys():
-                pipe.hdel(USERS_KEY, name)
-            for name, record in users.items():
-                if before.get(name) != record:
-                    pipe.hset(USERS_KEY, name, json.dumps(entry_of(record)))
+            for name in sorted(changed):
+                if name in users:
+                    pipe.hset(USERS_KEY, name, json.dumps(entry_of(users[name])))
+                else:
+                    pipe.hdel(USERS_KEY, name)
+                # Every server process drops its copy of the account (``Hub.on_account_changed``).
+                fields: Any = {"account": name}
+                pipe.xadd(CONTROL_KEY, fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
             return result
 
         try:
             outcome = cast(T, self.redis.transaction(attempt, USERS_KEY, value_from_callable=True))  # type: ignore[arg-type]
         except redis.exceptions.RedisError as exc:
             raise UserStoreError(f"cannot reach {self.where}: {exc}; nothing was changed") from None
+        finally:
+            for name in changed:
+                self.forget(name)
         return outcome

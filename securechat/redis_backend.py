@@ -61,6 +61,10 @@ PREFIX = "chat:"
 #: vanish within this); refreshed every SESSION_REFRESH seconds.
 SESSION_TTL = 30.0
 SESSION_REFRESH = 10.0
+#: How long a scope's state (a room's modes, roles, bans and mutes, which every line checks) read
+#: from Redis answers here. A change on any process is told to all on the control stream, which
+#: drops it at once: this bound only covers a notice missed in an outage.
+STATE_CACHE_SECONDS = 1.0
 #: How long one blocking read waits before looking at the set of rooms again.
 READ_BLOCK_MS = 250
 #: Entries one read takes at most, per stream.
@@ -74,32 +78,39 @@ PASSWORD_VARIABLE = "CHAT_REDIS_PASSWORD"
 #: this many entries, so that a process that falls briefly behind loses nothing.
 LIVE_FEED_LENGTH = 100
 
-# Adds a sealed event to a stream with the id given, refusing an id not above the stream's last
-# (another process numbered a later line first: the caller takes a new id), and gives it the
-# stream's next sequence number. KEYS: stream, sequence hash, [private feed]. ARGV: id, stream
-# name, history bound, key id, sealed payload, recipient ("" for a room), sender, feed bound.
+# Numbers and appends a sealed event in one round trip. The caller proposes the id (one above
+# the highest it knows of) and seals with it, since the id is part of the sealed data: it is
+# taken only if it is above every id issued (the counter) and the stream's last entry, so ids
+# stay unique and each stream in id order; else the answer carries the highest id there is, to
+# propose above. The stream's next sequence number comes with it.
+# KEYS: stream, sequence hash, id counter, [private feed, recipient's pairs, sender's pairs].
+# ARGV: id, stream name, history bound, key id, sealed payload, recipient ("" for a room),
+# sender, feed bound. Returns {sequence number, 0}, or {-1, highest id}.
 _APPEND = """
 local mine = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', ARGV[1] .. '-1')
-if #mine > 0 then  -- a retry of a call whose answer was lost: it is there already, once
-  local fields = mine[1][2]
+if #mine > 0 then
+  local fields, seq, sealed = mine[1][2], 0, nil
   for i = 1, #fields, 2 do
-    if fields[i] == 's' then return tonumber(fields[i + 1]) end
+    if fields[i] == 's' then seq = tonumber(fields[i + 1]) elseif fields[i] == 'p' then sealed = fields[i + 1] end
   end
-  return 0
+  -- A retry of a call whose answer was lost: it is there already, once.
+  if sealed == ARGV[5] then return {seq, 0} end
 end
+local highest = tonumber(redis.call('GET', KEYS[3])) or 0
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last > 0 then
-  local last_id = tonumber(string.match(last[1][1], '^(%d+)'))
-  if last_id >= tonumber(ARGV[1]) then return -1 end
-end
+if #last > 0 then highest = math.max(highest, tonumber(string.match(last[1][1], '^(%d+)'))) end
+if highest >= tonumber(ARGV[1]) then return {-1, highest} end
+redis.call('SET', KEYS[3], ARGV[1])
 local seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-local entry = ARGV[1] .. '-1'
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], entry, 's', seq, 'k', ARGV[4], 'from', ARGV[7], 'p', ARGV[5])
-if #KEYS > 2 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[1], 'to', ARGV[6], 'from', ARGV[7],
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1] .. '-1', 's', seq, 'k', ARGV[4], 'from', ARGV[7],
+           'p', ARGV[5])
+if #KEYS > 3 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[1], 'to', ARGV[6], 'from', ARGV[7],
              'stream', ARGV[2], 'k', ARGV[4], 'p', ARGV[5])
+  redis.call('SADD', KEYS[5], ARGV[2])
+  redis.call('SADD', KEYS[6], ARGV[2])
 end
-return seq
+return {seq, 0}
 """
 
 # Registers a session unless the account has `limit` live ones. KEYS: the account's sessions.
@@ -169,18 +180,6 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-# The next message id, never at or below ARGV[1] (the highest this process has seen): if Redis
-# came back with less than it had, ids must not start over under lines already delivered.
-_NEXT_ID = """
-local raised = 0
-if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1])
-  raised = 1
-end
-return {redis.call('INCR', KEYS[1]), raised}
-"""
-
-
 def key_id(key: bytes) -> str:
     """A short public name for a cluster key (so a rotated key can be told apart)."""
     return hashlib.sha256(b"chat cluster key id\0" + key).hexdigest()[:8]
@@ -234,16 +233,30 @@ class RedisBackend:
         self._add_session = self.redis.register_script(_ADD_SESSION)
         self._create_room = self.redis.register_script(_CREATE_ROOM)
         self._revoke = self.redis.register_script(_REVOKE)
-        self._next_id = self.redis.register_script(_NEXT_ID)
-        #: The highest message id this process has issued or read (see _NEXT_ID).
+        # The highest message id this process has issued or read: it proposes the next one above it.
+        # If Redis came back with less than it had, ids go on from here, never under lines already
+        # delivered. Guarded by _id_lock.
+        self._id_lock = threading.Lock()
         self._highest_id = 0
         self._on_revoked: Callable[[str, int], None] | None = None
         self._control_from = "$"
         self._subscriber: Subscriber | None = None
         self._watch_lock = threading.Lock()
         self._watched: dict[str, str] = {}
-        # room -> the sequence number of the last line read, to tell a gap after an outage.
+        # room -> the sequence number and the id of the last event handed to the subscriber: a gap
+        # after an outage is told, and an event already handed over is not handed over again. The
+        # reader and the publishing threads (their own lines, at once) both deliver, and in one order
+        # per room, so _delivery_lock guards these and is held over handing a line over, which only
+        # queues it for the sessions here (no I/O, no RSA).
+        self._delivery_lock = threading.Lock()
         self._last_seq: dict[str, int] = {}
+        self._delivered_id: dict[str, int] = {}
+        # scope -> (when read, its state): what every line checks, read from Redis at most once a
+        # STATE_CACHE_SECONDS; a change anywhere drops it (the control stream). Guarded by _state_lock,
+        # with _state_generation counting the drops, so a read that raced a drop is not kept.
+        self._state_lock = threading.Lock()
+        self._state_cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._state_generation = 0
         self._private_feed_from = "$"
         self._local_lock = threading.Lock()
         self._local_sessions: dict[tuple[str, str], SessionInfo] = {}
@@ -324,38 +337,61 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ publishing
 
+    def _propose_id(self, above: int = 0) -> int:
+        """An id for the next line: one above any this process knows of (and above ``above``)."""
+        with self._id_lock:
+            self._highest_id = max(self._highest_id, above) + 1
+            return self._highest_id
+
+    def _note_id(self, message_id: int) -> None:
+        with self._id_lock:
+            self._highest_id = max(self._highest_id, message_id)
+
     def _publish(
         self, stream: str, message: RoomEvent, origin_session: str, ref: str, private_to: str = ""
     ) -> RoomEvent:
+        keys = [self._stream_key(stream), f"{PREFIX}seq", f"{PREFIX}id"]
+        if private_to:
+            keys += [f"{PREFIX}privates", f"{PREFIX}pairs:{private_to}", f"{PREFIX}pairs:{_sender(message)}"]
+        bound = max(self.history_limit, LIVE_FEED_LENGTH)
+        highest = 0
         for _attempt in range(20):
+            numbered = replace(message, id=self._propose_id(highest), sent_at=self._clock())
+            sealed = self._seal(stream, numbered, origin_session, ref)
+            args: list[Any] = [numbered.id, stream, bound, self._key_id, sealed]
+            args += [private_to, _sender(message), PRIVATE_FEED_LENGTH]
             try:
-                message_id, raised = self._next_id(keys=[f"{PREFIX}id"], args=[self._highest_id])
-                message_id = int(message_id)
-                if raised:
-                    log.error("Redis's message counter was behind this process's (data lost?): raised past it")
-                self._highest_id = max(self._highest_id, message_id)
-                numbered = replace(message, id=message_id, sent_at=self._clock())
-                sealed = self._seal(stream, numbered, origin_session, ref)
-                keys = [self._stream_key(stream), f"{PREFIX}seq"]
-                bound = max(self.history_limit, LIVE_FEED_LENGTH)
-                args: list[Any] = [message_id, stream, bound, self._key_id, sealed]
-                args += [private_to, _sender(message), PRIVATE_FEED_LENGTH]
-                if private_to:
-                    keys.append(f"{PREFIX}privates")
-                    self.redis.sadd(f"{PREFIX}pairs:{private_to}", stream)
-                    self.redis.sadd(f"{PREFIX}pairs:{_sender(message)}", stream)
-                seq = int(self._append(keys=keys, args=args))
+                seq, highest = (int(value) for value in self._append(keys=keys, args=args))
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)
                 raise BackendUnavailable("the server cannot reach its message broker just now") from None
-            if seq < 0:  # another process numbered a later line of this stream first: take a new id
+            if seq < 0:  # another process took that id, or numbered a later line of this stream first
                 continue
             return replace(numbered, seq=seq) if isinstance(numbered, Chat) and not private_to else numbered
         raise BackendUnavailable("the line could not be numbered (too many at once); try again")
 
     def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent:
         """Number and append a room event; every process reading the room delivers it (this one too)."""
-        return self._publish(room, replace(message, room=room), origin_session, ref)
+        numbered = self._publish(room, replace(message, room=room), origin_session, ref)
+        if isinstance(numbered, Chat):
+            self._deliver_at_once(room, numbered, origin_session, ref)
+        return numbered
+
+    def _deliver_at_once(self, room: str, line: Chat, origin_session: str, ref: str) -> None:
+        """Hand this process's own line to its sessions now, not after the reader reads it back (a
+        round trip to Redis and a thread's wake-up later); only when every earlier event of the room
+        was handed over already, so that every member still sees the room in one order. Else the
+        reader delivers it, in its turn."""
+        subscriber = self._subscriber
+        if subscriber is None:
+            return
+        with self._delivery_lock:
+            if self._last_seq.get(room) != line.seq - 1:
+                return
+            self._last_seq[room] = line.seq
+            self._delivered_id[room] = line.id
+            with _guarded(f"a line of {room}"):
+                subscriber.on_room_event(room, line, origin_session, ref)
 
     def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat:
         stream = private_stream(message.sender, message.recipient)
@@ -423,29 +459,41 @@ class RedisBackend:
                 self._deliver_room_entry(room, _message_id(entry_id), fields)
 
     def _deliver_room_entry(self, room: str, message_id: int, fields: dict[Any, Any]) -> None:
-        self._highest_id = max(self._highest_id, message_id)
+        self._note_id(message_id)
         subscriber = self._subscriber
+        with self._delivery_lock:
+            if subscriber is None or message_id <= self._delivered_id.get(room, 0):
+                return  # handed over at once by the thread that published it
         opened = self._open(room, message_id, fields)
-        if opened is None or subscriber is None:
+        if opened is None:
             return
         event, origin, ref = opened
         if event.sent_at < self._clock() - self.history_max_age:
             return  # older than history keeps: not news either
         seq = int(fields.get(b"s", 0))
-        last = self._last_seq.get(room)
-        if last is not None and seq > last + 1:
-            missed = seq - last - 1
-            log.warning("%d lines of %s were trimmed before this process could read them", missed, room)
-            subscriber.on_room_event(
-                room,
-                Notice(event="info", room=room, text=f"{missed} lines of {room} were lost to an outage"),
-                "",
-                "",
-            )
-        self._last_seq[room] = seq
         if isinstance(event, Chat):
             event = replace(event, seq=seq)
+        with self._delivery_lock:
+            if message_id <= self._delivered_id.get(room, 0):
+                return  # its publisher handed it over meanwhile
+            self._delivered_id[room] = message_id
+            last = self._last_seq.get(room)
+            if last is not None and seq > last + 1:
+                missed = seq - last - 1
+                log.warning("%d lines of %s were trimmed before this process could read them", missed, room)
+                lost = f"{missed} lines of {room} were lost to an outage"
+                subscriber.on_room_event(room, Notice(event="info", room=room, text=lost), "", "")
+            if isinstance(event, Chat):
+                self._last_seq[room] = seq
+                subscriber.on_room_event(room, event, origin, ref)
+                return
+            self._last_seq[room] = seq - 1  # not yet: nothing after it may be handed over before it
+        # A notice may do more than queue (a kick removes sessions, with Redis calls): handed over
+        # with no lock held. Until it is counted as delivered, the publishers' lines wait for the
+        # reader, so the order holds.
         subscriber.on_room_event(room, event, origin, ref)
+        with self._delivery_lock:  # nothing else moved it meanwhile: it waited for this
+            self._last_seq[room] = seq
 
     def _deliver_privates(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
@@ -462,6 +510,7 @@ class RedisBackend:
             stream = _text(fields[b"stream"])
         except (KeyError, ValueError):
             return
+        self._note_id(message_id)
         opened = self._open(stream, message_id, fields)
         if opened is None:
             return
@@ -493,6 +542,8 @@ class RedisBackend:
                     self._on_revoked(_text(fields[b"revoked"]), int(fields.get(b"until", 0)))
                 elif b"account" in fields and self._subscriber is not None:
                     self._subscriber.on_account_changed(_text(fields[b"account"]))
+                elif b"state" in fields:
+                    self._forget_state(_text(fields[b"state"]))
 
     # ------------------------------------------------------------------ rooms on other processes
 
@@ -708,14 +759,42 @@ class RedisBackend:
         self._call(self.redis.zrem, f"{PREFIX}memberships:{account}", room)
 
     def state(self, scope: str) -> dict[str, str]:
+        now = time.monotonic()
+        with self._state_lock:
+            cached = self._state_cache.get(scope)
+            if cached is not None and now - cached[0] < STATE_CACHE_SECONDS:
+                return dict(cached[1])
+            generation = self._state_generation
         values = self._call(self.redis.hgetall, f"{PREFIX}state:{scope}")
-        return {_text(key): _text(value) for key, value in values.items()}
+        state = {_text(key): _text(value) for key, value in values.items()}
+        with self._state_lock:
+            if generation == self._state_generation:  # no change was told while it was read
+                if len(self._state_cache) > 10_000:  # a bound: the next reads fill it again
+                    self._state_cache.clear()
+                self._state_cache[scope] = (now, state)
+        return dict(state)
 
     def set_state(self, scope: str, key: str, value: str | None) -> None:
-        if value is None:
-            self._call(self.redis.hdel, f"{PREFIX}state:{scope}", key)
-        else:
-            self._call(self.redis.hset, f"{PREFIX}state:{scope}", key, value)
+        """Change one key of a scope's state; every process (this one too) drops what it cached of it."""
+        fields: Any = {"state": scope}
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                if value is None:
+                    pipe.hdel(f"{PREFIX}state:{scope}", key)
+                else:
+                    pipe.hset(f"{PREFIX}state:{scope}", key, value)
+                pipe.xadd(f"{PREFIX}control", fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
+                pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+        finally:
+            self._forget_state(scope)
+
+    def _forget_state(self, scope: str) -> None:
+        with self._state_lock:
+            self._state_cache.pop(scope, None)
+            self._state_generation += 1
 
     # ------------------------------------------------------------------ history
 

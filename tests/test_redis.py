@@ -10,7 +10,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -495,15 +497,60 @@ def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_o
         assert recorder.lines == ["still heard"]
 
         # The script ran but its answer was lost: the client library sends it again. Same id, once.
-        numbered = backend.publish_room("#r", Chat(sender="alice", text="once", sent_at=0.0))
+        numbered = Chat(sender="alice", text="once", sent_at=time.time(), room="#r", id=backend._propose_id())
         sealed = backend._seal("#r", numbered, "", "")
-        keys = [backend._stream_key("#r"), "chat:seq"]
+        keys = [backend._stream_key("#r"), "chat:seq", "chat:id"]
         args = [numbered.id, "#r", 1000, backend._key_id, sealed, "", "alice", 100]
-        assert int(backend._append(keys=keys, args=args)) == numbered.seq
+        first = [int(value) for value in backend._append(keys=keys, args=args)]
+        assert first[0] > 0 and [int(value) for value in backend._append(keys=keys, args=args)] == first
+        # Another line proposing the id that one took is refused, and told the highest id there is.
+        other = backend._seal("#r", replace(numbered, text="another"), "", "")
+        args = [numbered.id, "#r", 1000, backend._key_id, other, "", "alice", 100]
+        assert [int(value) for value in backend._append(keys=keys, args=args)] == [-1, numbered.id]
         texts = [event.text for event in backend.recent("#r", 10)]
-        assert texts.count("once") == 1
+        assert texts.count("once") == 1 and "another" not in texts
     finally:
         backend.close()
+
+
+def test_lines_published_at_once_on_two_processes_reach_both_once_each_in_one_order(redis_server):
+    """Each process hands its own lines over at once when it can, the rest as its reader reads them:
+    whichever way, every line reaches every process once, all in the same order, each sender's in its own."""
+    backends = [backend_of(redis_server), backend_of(redis_server)]
+    recorders = [Recorder(), Recorder()]
+    for backend, recorder in zip(backends, recorders, strict=True):
+        backend.start(recorder)
+        backend.watch("#r", 0)
+    try:
+        per_sender = 60
+
+        def say(backend, sender):
+            for number in range(per_sender):
+                backend.publish_room("#r", Chat(sender=sender, text=f"{sender} {number}", sent_at=0.0))
+
+        threads = [
+            threading.Thread(target=say, args=(backend, f"{name}{index}"))
+            for index, backend in enumerate(backends)
+            for name in ("a", "b")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=TIMEOUT * 2)
+        total = per_sender * len(threads)
+        deadline = time.monotonic() + TIMEOUT
+        while any(len(recorder.lines) < total for recorder in recorders) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first, second = (recorder.lines for recorder in recorders)
+        assert len(first) == total and len(set(first)) == total, "a line missing or handed over twice"
+        assert first == second, "the two processes saw the room in different orders"
+        for sender in ("a0", "b0", "a1", "b1"):
+            assert [line for line in first if line.split()[0] == sender] == [f"{sender} {n}" for n in range(per_sender)]
+        ids = [event.id for event in backends[0].recent("#r", total)]
+        assert ids == sorted(ids) and len(set(ids)) == total
+    finally:
+        for backend in backends:
+            backend.close()
 
 
 def test_typed_user_names_reach_redis_only_as_keyed_hashes(cluster, tmp_path):
