@@ -17,7 +17,7 @@ from securechat.accounts import (
 )
 from securechat.backend import BackendUnavailable
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
-from securechat.crypto_utils import CryptoError
+from securechat.crypto_utils import CryptoError, KeyStock
 from securechat.handshake import ServerHandshake
 from securechat.hello_signer import HelloSigningError
 from securechat.hub import SESSION_ID_CHARS, HubError, run_command
@@ -61,6 +61,8 @@ log = logging.getLogger("chat.server")
 #: Most queued messages a send worker seals for one connection, and writes with one
 #: system call, before it turns to the next connection.
 SEND_BATCH_SIZE = 64
+#: Message keys wrapped in one step of a send worker's idle time (the GIL is held for each step).
+IDLE_KEYS_PER_STEP = 2
 PING_FRAME = Ping().encode()
 PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
@@ -327,6 +329,8 @@ class ClientConnection:
         self.key_thumbprint = handshake.key_thumbprint
         self._send_now(server_hello)
         self.channel = handshake.channel
+        if self.channel is not None:  # set by receive_hello
+            self.channel.key_stock = KeyStock(self.channel.peer_public_key)
         request = handshake.receive_login(*read_frame(self.sock, config.max_frame_size, deadline))
         self.server.logged_in(self)  # its login is here: it no longer counts among those logging in
         self.sock.settimeout(None)  # from here the time spent is ours, not the client's
@@ -458,6 +462,13 @@ class ClientConnection:
             raise HubError("bad_message", f"not sent: {exc}") from None
 
     # ------------------------------------------------------------------ run by this connection's send worker
+
+    def idle_work(self) -> bool:
+        """Wrap message keys ahead for this client (send worker); True while its stock is short."""
+        stock = self.channel.key_stock if self.channel is not None else None
+        if stock is None or self.closed.is_set():
+            return False
+        return stock.restock(IDLE_KEYS_PER_STEP)
 
     def pump(self) -> bool:
         """Seal what is queued, up to the outbox's room, and write it without blocking; True if more is queued.
