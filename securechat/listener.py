@@ -72,7 +72,7 @@ from securechat.protocol import (
 from securechat.ratelimit import FloodControl, address_bucket
 
 if TYPE_CHECKING:
-    from securechat.redis_limits import SharedFloodBudget
+    from securechat.redis_limits import SharedConnectionCount, SharedFloodBudget
 
 log = logging.getLogger("chat.server")
 
@@ -192,10 +192,12 @@ class ChatServer:
         self.login_throttle: LoginThrottle = config.login_throttle
         self.account_throttle: LoginThrottle = config.account_throttle
         flood_budget: SharedFloodBudget | None = None
+        #: The connections from each address on every node (a Redis deployment); None: this node's count alone.
+        self.shared_connections: SharedConnectionCount | None = None
         try:
             if backend is None and config.backend != "memory":
                 from securechat.redis_backend import RedisBackend  # only a shared deployment needs redis
-                from securechat.redis_limits import SharedFloodBudget, SharedLoginThrottle
+                from securechat.redis_limits import SharedConnectionCount, SharedFloodBudget, SharedLoginThrottle
 
                 cluster_key = crypto_utils.load_or_create_secret(data_dir / CLUSTER_KEY_FILE)
                 shared = RedisBackend(
@@ -213,6 +215,7 @@ class ChatServer:
                     shared.redis, "account", config.account_throttle, throttle_key
                 )
                 flood_budget = SharedFloodBudget(shared.redis)
+                self.shared_connections = SharedConnectionCount(shared.redis, shared.node, throttle_key)
                 backend = shared
             if backend is None:
                 store = ChatStore(
@@ -429,6 +432,19 @@ class ChatServer:
             bucket = self._connect_buckets[address] = FloodControl(self.config.connect_rate, self.config.connect_burst)
         return bucket.allow()
 
+    def count_across_nodes(self, connection: ClientConnection) -> None:
+        """Count a new connection in for its address on every node (reader thread, as it starts: the
+        accepting thread never waits for Redis). Raises ``AuthenticationFailed`` past the limit."""
+        shared = self.shared_connections
+        if shared is None:
+            return
+        total = shared.add(connection.address_bucket)
+        if total is None:
+            return  # Redis cannot say: this node's own count, checked as it accepted, stands
+        connection.counted_across_nodes = True
+        if total > self.config.max_connections_per_address:
+            raise AuthenticationFailed("too_many_connections", "too many connections from your address")
+
     def forget(self, connection: ClientConnection) -> None:
         """Drop a finished connection from the books (called by its reader thread)."""
         with self.connections_lock:
@@ -438,6 +454,9 @@ class ChatServer:
                 self.connections_per_address[connection.address_bucket] -= 1
                 if self.connections_per_address[connection.address_bucket] <= 0:
                     del self.connections_per_address[connection.address_bucket]
+        if connection.counted_across_nodes and self.shared_connections is not None:
+            connection.counted_across_nodes = False
+            self.shared_connections.remove(connection.address_bucket)
         if not self.stopping.is_set():
             connection.outbox.close_socket()  # never under a send in flight on the pool's threads
 

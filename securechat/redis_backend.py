@@ -65,6 +65,8 @@ SESSION_REFRESH = 10.0
 #: from Redis answers here. A change on any process is told to all on the control stream, which
 #: drops it at once: this bound only covers a notice missed in an outage.
 STATE_CACHE_SECONDS = 1.0
+#: The processes' heartbeats (a sorted set: process -> when its presence was last refreshed).
+NODES_KEY = f"{PREFIX}nodes"
 #: How long one blocking read waits before looking at the set of rooms again.
 READ_BLOCK_MS = 250
 #: Entries one read takes at most, per stream.
@@ -277,6 +279,7 @@ class RedisBackend:
         self._private_feed_from = _text(newest[0][0]) if newest else "0-0"
         newest = self.redis.xrevrange(f"{PREFIX}control", "+", "-", count=1)
         self._control_from = _text(newest[0][0]) if newest else "0-0"
+        self.redis.zadd(NODES_KEY, {self.node: self._clock()})  # live: its connections count on every node
         self._reader.start()
         self._refresher.start()
 
@@ -295,6 +298,7 @@ class RedisBackend:
                 self.redis.hdel(self._sessions_key(info.account), info.session_id)
             for room, session_id in rooms:
                 self.redis.hdel(self._roster_key(room), session_id)
+            self.redis.zrem(NODES_KEY, self.node)
         except redis.exceptions.RedisError:
             pass
         self.redis.close()
@@ -715,6 +719,8 @@ class RedisBackend:
                     for (room, session_id), account in rooms:
                         pipe.hset(self._roster_key(room), session_id, self._roster_entry(account))
                     pipe.zremrangebyscore(f"{PREFIX}revoked", "-inf", int(self._clock()))  # expired ones
+                    pipe.zadd(NODES_KEY, {self.node: self._clock()})
+                    pipe.zremrangebyscore(NODES_KEY, "-inf", self._clock() - 10 * SESSION_TTL)  # long dead
                     pipe.execute()
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)

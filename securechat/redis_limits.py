@@ -1,10 +1,11 @@
 """Limits counted across every server process of a Redis deployment.
 
 An attacker must not get N times the budget by spreading over N nodes: failed-login
-delays (``SharedLoginThrottle``, the same rules as ``accounts.LoginThrottle``) and each
-account's flood budget (``shared_flood_budget``, a token bucket) are counted in Redis,
-each check one atomic script. If Redis cannot answer, each process falls back to
-counting on its own (logged): slower to throttle, never open to a crash.
+delays (``SharedLoginThrottle``, the same rules as ``accounts.LoginThrottle``), each
+account's flood budget (``SharedFloodBudget``, a token bucket) and the connections from
+each address (``SharedConnectionCount``) are counted in Redis, each check one atomic
+script. If Redis cannot answer, each process falls back to counting on its own
+(logged): slower to throttle, never open to a crash.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import redis
 
 from securechat.accounts import LoginThrottle
-from securechat.redis_backend import PREFIX
+from securechat.redis_backend import NODES_KEY, PREFIX, SESSION_TTL
 
 log = logging.getLogger("chat.server")
 
@@ -69,6 +70,67 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return allowed
 """
+
+
+# Counts a connection of this process in (ARGV[2] = 1) or out (-1), and returns how many the
+# address has on every live process. KEYS: the address's hash (a field per process), the
+# processes' heartbeats (process -> when last seen). ARGV: process, change, now, seconds a
+# process counts as live after its last heartbeat. A dead process's share is dropped.
+_COUNT = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local total, entries = 0, redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local seen = tonumber(redis.call('ZSCORE', KEYS[2], entries[i]))
+  if entries[i] == ARGV[1] or (seen and seen >= tonumber(ARGV[3]) - tonumber(ARGV[4])) then
+    total = total + tonumber(entries[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], entries[i])
+  end
+end
+if total > 0 then redis.call('EXPIRE', KEYS[1], 7 * 86400) end
+return total
+"""
+
+
+class SharedConnectionCount:
+    """The connections from each address, on every process: the per-address limit holds across nodes.
+
+    Redis sees a keyed hash of the address, never the address. A process's share lives
+    as long as its heartbeat (``RedisBackend`` refreshes it), so a crashed node's
+    connections stop counting within ``SESSION_TTL`` seconds.
+    """
+
+    def __init__(self, client: redis.Redis, node: str, secret: bytes) -> None:
+        self.redis = client
+        self.node = node
+        self._secret = secret
+        self._count = client.register_script(_COUNT)
+        self._failed_over = False
+
+    def _key(self, address: str) -> str:
+        digest = hmac.new(self._secret, f"connections\0{address}".encode(), hashlib.sha256)
+        return f"{PREFIX}connections:{digest.hexdigest()[:32]}"
+
+    def _change(self, address: str, change: int) -> int | None:
+        keys = [self._key(address), NODES_KEY]
+        args: list[Any] = [self.node, change, time.time(), SESSION_TTL]
+        try:
+            total = int(self._count(keys=keys, args=args))
+        except redis.exceptions.RedisError as exc:
+            if not self._failed_over:  # once, not once per connection
+                log.error("Redis: %s; connections are counted by this process alone until it is back", exc)
+            self._failed_over = True
+            return None
+        self._failed_over = False
+        return total
+
+    def add(self, address: str) -> int | None:
+        """Count one more connection from ``address``: how many it has on every node now (this one
+        included), or None if Redis cannot say (this process's own count stands)."""
+        return self._change(address, 1)
+
+    def remove(self, address: str) -> None:
+        self._change(address, -1)
 
 
 class SharedLoginThrottle(LoginThrottle):

@@ -391,6 +391,34 @@ def test_spreading_over_nodes_gives_no_more_guesses_nor_lines(cluster, tmp_path)
     assert refusal.message.startswith("not sent: you are sending too fast")
 
 
+def test_connections_from_one_address_are_counted_on_every_node(cluster, tmp_path):
+    from securechat.client import ChatError
+
+    first, second = two_nodes(cluster, tmp_path, "--max-per-address", "3")
+
+    def connection(node: ServerProcess, name: str) -> ChatClient:
+        client = client_of(node, tmp_path / "known_hosts_many", source_address=("127.0.0.3", 0))
+        cluster.clients.append(client)
+        client.login(name, password_of(name))
+        return client
+
+    held = [connection(first, "bob"), connection(second, "carol"), connection(first, "bob")]  # 3, on both
+    with pytest.raises(ChatError, match="too many connections from your address"):
+        connection(second, "carol")
+    held[0].close()  # one goes: on the other node, its place is free again
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            connection(second, "carol")
+            break
+        except ChatError:
+            assert time.monotonic() < deadline, "a closed connection still counted on the other node"
+            time.sleep(0.1)
+    alice = cluster.log_in("alice", second)  # from another address: not counted with these
+    alice.say("still open to others")
+    assert wait_for(alice, said("still open to others")).ref
+
+
 def test_a_stopped_node_blocks_nobody_and_catches_up_when_it_wakes(cluster, tmp_path):
     import signal
 
