@@ -61,8 +61,6 @@ log = logging.getLogger("chat.server")
 #: Most queued messages a send worker seals for one connection, and writes with one
 #: system call, before it turns to the next connection.
 SEND_BATCH_SIZE = 64
-#: Message keys wrapped in one step of a send worker's idle time (the GIL is held for each step).
-IDLE_KEYS_PER_STEP = 2
 PING_FRAME = Ping().encode()
 PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
@@ -467,11 +465,11 @@ class ClientConnection:
     # ------------------------------------------------------------------ run by this connection's send worker
 
     def idle_work(self) -> bool:
-        """Wrap message keys ahead for this client (send worker); True while its stock is short."""
+        """Wrap a message key ahead for this client (send worker); True while its stock is short."""
         stock = self.channel.key_stock if self.channel is not None else None
         if stock is None or self.closed.is_set():
             return False
-        return stock.restock(IDLE_KEYS_PER_STEP)
+        return stock.restock()
 
     def pump(self) -> bool:
         """Seal what is queued, up to the outbox's room, and write it without blocking; True if more is queued.

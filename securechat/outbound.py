@@ -43,10 +43,12 @@ OUTBOX_HIGH_WATER = 128 * 1024
 OUTBOX_LOW_WATER = 32 * 1024
 #: How often (seconds) the flusher looks at its sockets even when nothing wakes it.
 FLUSHER_SWEEP_INTERVAL = 1.0
-#: The pause (seconds) before each step of idle-time work. A step holds the GIL for a couple of
-#: RSA wraps; the pause releases it, so that a reader thread bringing a line never waits for the
+#: The pause (seconds) before each step of idle-time work. A step holds the GIL for a few RSA
+#: wraps; the pause releases it, so that a reader thread bringing a line never waits for the
 #: interpreter's switch interval (5 ms), and it ends at once when there is something to send.
 IDLE_WORK_PAUSE = 0.00002
+#: Connections whose idle-time work one step does (one short piece each: a key wrapped).
+IDLE_STEP_JOBS = 3
 
 
 class OutboundQueue:
@@ -207,8 +209,8 @@ class _SendWorker:
                 self._idle_waiting.add(job)
                 self._idle.append(job)
 
-    def _next(self) -> tuple[Pumpable, bool] | None:
-        """The next job and whether it is idle-time work; None once stopping."""
+    def _next(self) -> tuple[list[Pumpable], bool] | None:
+        """The next job to pump, or the next step's idle-time jobs (True); None once stopping."""
         with self._work_ready:
             if not self._ready and self._idle and not self._stopping:
                 self._work_ready.wait(IDLE_WORK_PAUSE)  # hands the GIL over; ends early if work comes
@@ -220,27 +222,28 @@ class _SendWorker:
                 job = self._ready.popleft()
                 # Out of the set before it runs: anything queued from now on schedules it again.
                 self._waiting.discard(job)
-                return job, False
-            job = self._idle.popleft()
-            self._idle_waiting.discard(job)
-            return job, True
+                return [job], False
+            jobs = [self._idle.popleft() for _ in range(min(IDLE_STEP_JOBS, len(self._idle)))]
+            self._idle_waiting.difference_update(jobs)
+            return jobs, True
 
     def _run(self) -> None:
-        while (next_job := self._next()) is not None:
-            job, idle = next_job
-            try:
-                more = job.idle_work() if idle else job.pump()
-            except Exception:  # one connection's bug must not stop the sending for all the others
-                log.exception("%s: sending failed", job)
-                job.close("internal error while sending")
-                continue
-            if idle:
-                if more:
-                    self._add_idle(job)
-                continue
-            if more:  # to the back of the line: one batch per connection per turn
-                self.schedule(job)
-            self._add_idle(job)  # what this batch used up is made good in a quiet moment
+        while (next_jobs := self._next()) is not None:
+            jobs, idle = next_jobs
+            for job in jobs:
+                try:
+                    more = job.idle_work() if idle else job.pump()
+                except Exception:  # one connection's bug must not stop the sending for all the others
+                    log.exception("%s: sending failed", job)
+                    job.close("internal error while sending")
+                    continue
+                if idle:
+                    if more:
+                        self._add_idle(job)
+                    continue
+                if more:  # to the back of the line: one batch per connection per turn
+                    self.schedule(job)
+                self._add_idle(job)  # what this batch used up is made good in a quiet moment
 
 
 class SendPool:
