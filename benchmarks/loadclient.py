@@ -15,7 +15,7 @@ its clients' batches to open after the storm instead (``open_kept_batches``).
 
 A ``ReadLoop`` reads for all the load clients of a benchmark from one thread
 (``selectors``), where ``ChatClient`` would start a reader thread each: a thread a
-client cost the load generator about 20 µs of CPU a delivery, taken from the server
+client cost the load generator about 23 µs of CPU a delivery, taken from the server
 it measures. A ``LoginDriver`` is a ``ReadLoop`` that also logs its clients in.
 
 ``PlainLoadClient`` is the same counting reader for the plaintext baseline.
@@ -639,16 +639,20 @@ class ReadLoop:
     """Reads for many logged-in ``SamplingChatClient``s from one thread, through ``selectors``.
 
     With a reader thread a client (``ChatClient``'s way), the load generator took about
-    0.45 of this machine's 2 cores at N = 200 saturated, about 20 µs of CPU a delivery,
-    all of it taken from the server it measures; at N = 1000 the scheduling of a thousand
-    threads added to the latency measured. This loop reads up to RECEIVE_SIZE bytes from
-    a connection at once, takes the arrival time once a read (when those bytes arrived),
-    and hands every whole frame in them to the client's ``take_frame_at``, which checks and
-    counts it as the reader thread's ``take_frame`` does: each frame's sequence number in
-    order, pings answered, errors and goodbyes ending the connection. A connection that
-    ends is reported as the reader thread reports it (``SamplingChatClient.reading_ended``:
-    its ``failure``, a ``Disconnected`` event), and so is one silent for ``idle_timeout``
-    seconds, the reader thread's socket timeout.
+    0.4 of this machine's 2 cores at N = 200 saturated (about 23 µs of CPU a delivery,
+    0.3 cores of it in the readers), all of it taken from the server it measures, and
+    N = 1000 meant a thousand threads. This loop takes 0.06 to 0.08 cores there (3 to 4
+    µs a delivery; paced, a delivery comes alone and costs it a wake-up, about 25 µs).
+
+    It reads up to RECEIVE_SIZE bytes from a connection at once, takes the arrival time
+    once a read (when those bytes arrived), and hands every whole frame in them to the
+    client's ``take_frame_at``, which checks and counts it as the reader thread's
+    ``take_frame`` does: each frame's sequence number in order, pings answered, errors
+    and goodbyes ending the connection. A connection that ends is reported as the reader
+    thread reports it (``SamplingChatClient.reading_ended``: its ``failure``, a
+    ``Disconnected`` event), and so is one silent for ``idle_timeout`` seconds, the
+    reader thread's socket timeout. One thread is enough: at N = 1000 it is busy about
+    a tenth of the time, and more of them would take turns at the GIL.
 
     A client made with ``read_loop=`` hands its connection over at login (``add()``, from
     any thread). ``start()`` starts the loop and ``stop()`` ends it, waiting for its thread
