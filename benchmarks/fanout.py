@@ -61,6 +61,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import harness  # noqa: E402
 from loadclient import (  # noqa: E402
     PlainLoadClient,
+    ReadLoop,
     Sample,
     SamplingChatClient,
     bench_text,
@@ -698,9 +699,13 @@ def connect_chat_clients(
     keys: Sequence[crypto_utils.PrivateKey],
     known_hosts: KnownHosts,
     clients: list[Client],
+    read_loop: ReadLoop,
 ) -> None:
-    """Log ``names`` in, appending each client to ``clients`` first (so the caller can close them all)."""
-    batch = new_clients(server, len(names), keys, known_hosts, timeout=LOGIN_TIMEOUT)
+    """Log ``names`` in, appending each client to ``clients`` first (so the caller can close them all).
+
+    Each is read by ``read_loop`` once logged in: one thread for them all, not one each.
+    """
+    batch = new_clients(server, len(names), keys, known_hosts, timeout=LOGIN_TIMEOUT, read_loop=read_loop)
     clients.extend(batch)
     with ThreadPoolExecutor(max_workers=LOGIN_WORKERS, thread_name_prefix="bench-login") as pool:
         futures = [
@@ -758,6 +763,8 @@ def run_chat_size(
     clients: list[Client] = []
     redis: harness.RedisProcess | None = None
     server: harness.ServerProcess | None = None
+    read_loop = ReadLoop()
+    read_loop.start()
     try:
         if deployment.backend == "redis":
             redis = harness.RedisProcess(
@@ -774,7 +781,7 @@ def run_chat_size(
         rss_idle = server.rss_kib()
         started = time.perf_counter()
         connect_chat_clients(
-            server, harness.bench_user_names(size), keys, KnownHosts(work_dir / "known_hosts"), clients
+            server, harness.bench_user_names(size), keys, KnownHosts(work_dir / "known_hosts"), clients, read_loop
         )
         expected_notices = size * (size - 1) // 2
         if not wait_until(
@@ -831,6 +838,7 @@ def run_chat_size(
             if status not in (0, -15):
                 log(f"  chat server exited with status {status}: {server.log_tail(5)}")
         close_all(clients)
+        read_loop.stop()
         if redis is not None:
             redis.stop()
 

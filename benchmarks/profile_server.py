@@ -30,6 +30,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import fanout  # noqa: E402
 import harness  # noqa: E402
+from loadclient import ReadLoop  # noqa: E402
 
 from securechat import crypto_utils  # noqa: E402
 from securechat.client import KnownHosts  # noqa: E402
@@ -150,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         clients: list[fanout.Client] = []
         server = harness.start_chat_server(work_dir, users_path)
         recorder: subprocess.Popen[bytes] | None = None
+        read_loop = ReadLoop()
+        read_loop.start()
         try:
             fanout.connect_chat_clients(
-                server, harness.bench_user_names(args.clients), keys, KnownHosts(work_dir / "kh"), clients
+                server, harness.bench_user_names(args.clients), keys, KnownHosts(work_dir / "kh"), clients, read_loop
             )
             expected = args.clients * (args.clients - 1) // 2
             fanout.wait_until(lambda: sum(c.notice_frames for c in clients) >= expected, fanout.DRAIN_TIMEOUT, clients)
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 recorder.wait()
             server.stop()
             fanout.close_all(clients)
+            read_loop.stop()
     print(
         f"N={args.clients}, {f'paced {args.paced:g} lines/s' if args.paced else 'closed loop'}: "
         f"{result.get('deliveries_per_s', 0):.0f} deliveries/s, "

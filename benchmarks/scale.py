@@ -32,7 +32,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import fanout  # noqa: E402
 import harness  # noqa: E402
-from loadclient import bench_text  # noqa: E402
+from loadclient import ReadLoop, bench_text  # noqa: E402
 
 from securechat import crypto_utils  # noqa: E402
 from securechat.client import KnownHosts  # noqa: E402
@@ -54,17 +54,19 @@ def run(clients_wanted: int, lines: int, work_dir: Path) -> dict[str, Any]:
     known_hosts = KnownHosts(work_dir / "known_hosts")
     clients: list[fanout.Client] = []
     server = harness.start_chat_server(work_dir, users_path)
+    read_loop = ReadLoop()
+    read_loop.start()
     try:
         rss_idle = server.rss_kib()
         first = min(FIRST_BATCH, clients_wanted // 2)
         started = time.perf_counter()
-        fanout.connect_chat_clients(server, names[:first], keys, known_hosts, clients)
+        fanout.connect_chat_clients(server, names[:first], keys, known_hosts, clients, read_loop)
         fanout.wait_until(
             lambda: sum(c.notice_frames for c in clients) >= first * (first - 1) // 2, NOTICE_TIMEOUT, clients
         )
         rss_first = server.rss_kib()
         fanout.log(f"{first} clients in: server RSS {rss_first / 1024:.0f} MiB")
-        fanout.connect_chat_clients(server, names[first:], keys, known_hosts, clients)
+        fanout.connect_chat_clients(server, names[first:], keys, known_hosts, clients, read_loop)
         login_seconds = time.perf_counter() - started
         fanout.log(f"{clients_wanted} clients logged in after {login_seconds:.0f} s; waiting for the join notices")
         expected_notices = clients_wanted * (clients_wanted - 1) // 2
@@ -110,6 +112,7 @@ def run(clients_wanted: int, lines: int, work_dir: Path) -> dict[str, Any]:
     finally:
         server.stop()
         fanout.close_all(clients)
+        read_loop.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ from fanout import (  # noqa: E402
     start_report,
     wait_until,
 )
-from loadclient import SamplingChatClient, bench_text, new_clients  # noqa: E402
+from loadclient import ReadLoop, SamplingChatClient, bench_text, new_clients  # noqa: E402
 
 from securechat import crypto_utils  # noqa: E402
 from securechat.client import ChatError, KnownHosts  # noqa: E402
@@ -291,9 +291,11 @@ def log_in_all(
     keys: Sequence[crypto_utils.PrivateKey],
     known_hosts: KnownHosts,
     clients: list[SamplingChatClient],
+    read_loop: ReadLoop,
 ) -> None:
-    """Log ``names`` in, a few at a time, appending each client to ``clients`` first (for the caller to close)."""
-    batch = new_clients(server, len(names), keys, known_hosts)
+    """Log ``names`` in, a few at a time, appending each client to ``clients`` first (for the caller to close);
+    ``read_loop`` reads them all once logged in."""
+    batch = new_clients(server, len(names), keys, known_hosts, read_loop=read_loop)
     clients.extend(batch)
     with ThreadPoolExecutor(max_workers=LOGIN_WORKERS, thread_name_prefix="soak-login") as pool:
         for future in [
@@ -346,12 +348,14 @@ def soak_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any]) 
     server = harness.start_chat_server(work_dir, users_path, *server_args)
     clients: list[SamplingChatClient] = []
     sampler = ServerSampler(server)
+    read_loop = ReadLoop()
+    read_loop.start()
     try:
         threads_idle, rss_idle = server.threads(), server.rss_kib()
         sampler.start()
         known_hosts = KnownHosts(work_dir / "known_hosts")
         log(f"soak: logging {size} clients in")
-        log_in_all(server, names[:size], keys, known_hosts, clients)
+        log_in_all(server, names[:size], keys, known_hosts, clients, read_loop)
         notices = size * (size - 1) // 2
         if not wait_until(lambda: sum(c.notice_frames for c in clients) >= notices, DRAIN_TIMEOUT, clients):
             raise BenchmarkError("the join notices did not all arrive")
@@ -414,6 +418,7 @@ def soak_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any]) 
         sampler.stop()
         status = server.stop()
         close_all(clients)
+        read_loop.stop()
         if status not in (0, -15):
             log(f"server exited with status {status}: {server.log_tail(5)}")
 

@@ -62,7 +62,7 @@ from fanout import (  # noqa: E402
     start_report,
     wait_until,
 )
-from loadclient import LoginDriver, Sample, SamplingChatClient, bench_text, new_clients  # noqa: E402
+from loadclient import LoginDriver, ReadLoop, Sample, SamplingChatClient, bench_text, new_clients  # noqa: E402
 
 from securechat import crypto_utils  # noqa: E402
 from securechat.accounts import hash_password, verify_password  # noqa: E402
@@ -281,10 +281,20 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
     server = harness.start_chat_server(work_dir, users_path, *server_args, server_path=server_path)
     talkers: Talkers | None = None
     driver: LoginDriver | None = None
+    # Reads for the talkers; the storm's clients are read by their driver.
+    read_loop = ReadLoop()
+    read_loop.start()
     try:
         known_hosts = KnownHosts(work_dir / "known_hosts")
         background: list[SamplingChatClient] = []
-        connect_chat_clients(server, names[:background_count], keys, known_hosts, background)  # type: ignore[arg-type]
+        connect_chat_clients(
+            server,
+            names[:background_count],
+            keys,
+            known_hosts,
+            background,  # type: ignore[arg-type]
+            read_loop,
+        )
         clients.extend(background)
         notices = joined_notices_expected(0, background_count)
         if not wait_until(lambda: sum(c.notice_frames for c in clients) >= notices, NOTICE_DRAIN_TIMEOUT, clients):
@@ -442,6 +452,7 @@ def storm_once(args: argparse.Namespace, work_dir: Path, report: dict[str, Any])
             talkers.stop()
         status = server.stop()
         close_all(clients)
+        read_loop.stop()
         if status not in (0, -15):
             log(f"server exited with status {status}: {server.log_tail(5)}")
 

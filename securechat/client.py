@@ -629,9 +629,16 @@ class ChatClient:
             self.close()
             raise
         self.sock.settimeout(IDLE_TIMEOUT)
+        self._start_reader()
+        return welcome
+
+    def _start_reader(self) -> None:
+        """Read the logged-in connection on a thread of its own (``_run_reader``).
+
+        The hook for a subclass that reads it some other way (one loop reading many clients).
+        """
         self._reader = threading.Thread(target=self._run_reader, name="chat-reader", daemon=True)
         self._reader.start()
-        return welcome
 
     def login_frame(self, build: Callable[[str], Message]) -> bytes:
         """The sealed login (or resume) that ``build`` makes, under a fresh session key.

@@ -15,6 +15,7 @@ import math
 import re
 import struct
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum
 from functools import cached_property
@@ -138,6 +139,52 @@ def check_outgoing_size(size: int) -> None:
         raise MessageTooLarge(f"frame of {size} bytes exceeds the {MAX_FRAME_SIZE}-byte limit")
 
 
+class FrameSplitter:
+    """Incremental frame parser that copies no frame: feed bytes in any split, and learn where
+    each whole payload lies in them.
+
+    For a reader that looks at a few bytes of most frames and keeps few of them (the
+    benchmarks' load clients); ``FrameDecoder`` copies every payload out. Raises
+    ``ProtocolError`` on an empty or oversized frame, from its prefix alone; the payload's
+    type byte is the caller's to check (``split_payload``).
+    """
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        # The bytes after the last whole frame: the start of the next one.
+        self._rest = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, Iterator[tuple[int, int]]]:
+        """Add received bytes; return them (behind any partial frame left over from before) and an
+        iterator of (start, end): where each payload now whole lies in them, in order.
+
+        Until the iteration ends, all of them count as pending; then only what follows the
+        last whole frame does, kept for the next call: take every span (or give up the stream).
+        """
+        buffer = self._rest + data if self._rest else data
+        self._rest = buffer
+        return buffer, self._spans(buffer)
+
+    def _spans(self, buffer: bytes) -> Iterator[tuple[int, int]]:
+        header_size, limit, received = FRAME_HEADER.size, self.max_frame_size, len(buffer)
+        offset = 0
+        while received - offset >= header_size:
+            (size,) = FRAME_HEADER.unpack_from(buffer, offset)
+            if size == 0 or size > limit:
+                check_frame_size(size, limit)
+            end = offset + header_size + size
+            if end > received:
+                break
+            yield offset + header_size, end
+            offset = end
+        self._rest = buffer[offset:]
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._rest)
+
+
 class FrameDecoder:
     """Incremental frame parser: feed bytes in any split, take whole payloads out.
 
@@ -147,28 +194,17 @@ class FrameDecoder:
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._splitter = FrameSplitter(max_frame_size)
 
     def feed(self, data: bytes) -> list[tuple[FrameType, bytes]]:
         """Add received bytes; return every frame now complete, in order."""
-        self._buffer += data
-        frames: list[tuple[FrameType, bytes]] = []
-        while True:
-            if len(self._buffer) < FRAME_HEADER.size:
-                return frames
-            (size,) = FRAME_HEADER.unpack_from(self._buffer)
-            check_frame_size(size, self.max_frame_size)
-            end = FRAME_HEADER.size + size
-            if len(self._buffer) < end:
-                return frames
-            payload = bytes(self._buffer[FRAME_HEADER.size : end])
-            del self._buffer[:end]
-            frames.append(split_payload(payload))
+        buffer, spans = self._splitter.feed(data)
+        return [split_payload(buffer[start:end]) for start, end in spans]
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet make a whole frame."""
-        return len(self._buffer)
+        return self._splitter.pending
 
 
 def check_frame_size(size: int, max_frame_size: int = MAX_FRAME_SIZE) -> None:
@@ -219,22 +255,37 @@ class Envelope:
     @classmethod
     def decode(cls, body: bytes) -> Envelope:
         """Parse a sealed frame body; raises ``ProtocolError`` if it is malformed."""
-        minimum = ENVELOPE_HEADER.size + NONCE_SIZE + GCM_TAG_SIZE + MAC_SIZE
-        if len(body) < minimum:
-            raise ProtocolError("sealed frame too short")
-        kind_value, seq, wrapped_size = ENVELOPE_HEADER.unpack_from(body)
-        try:
-            kind = Kind(kind_value)
-        except ValueError:
-            raise ProtocolError(f"unknown message kind {kind_value}") from None
+        kind, seq, wrapped_size = read_envelope_head(body, 0, len(body))
         start = ENVELOPE_HEADER.size
-        if len(body) < minimum + wrapped_size:
-            raise ProtocolError("sealed frame too short for its wrapped key")
         wrapped_key = body[start : start + wrapped_size]
         nonce_start = start + wrapped_size
         nonce = body[nonce_start : nonce_start + NONCE_SIZE]
         ciphertext = body[nonce_start + NONCE_SIZE : -MAC_SIZE]
         return cls(kind, seq, wrapped_key, nonce, ciphertext, body[-MAC_SIZE:])
+
+
+#: The smallest sealed body: its header, a nonce, an AES-GCM tag and the MAC (no wrapped key, no text).
+MIN_ENVELOPE_SIZE = ENVELOPE_HEADER.size + NONCE_SIZE + GCM_TAG_SIZE + MAC_SIZE
+_KINDS_BY_VALUE = {kind.value: kind for kind in Kind}
+
+
+def read_envelope_head(body: bytes, start: int, end: int) -> tuple[Kind, int, int]:
+    """The kind, sequence number and wrapped-key size of the sealed body ``body[start:end]``.
+
+    Checks what ``Envelope.decode`` checks (which calls it) and copies nothing: for a
+    reader that only needs a frame's kind and number. Raises ``ProtocolError`` if the
+    body is too short for its header and wrapped key, or its kind is unknown.
+    """
+    size = end - start
+    if size < MIN_ENVELOPE_SIZE:
+        raise ProtocolError("sealed frame too short")
+    kind_value, seq, wrapped_size = ENVELOPE_HEADER.unpack_from(body, start)
+    kind = _KINDS_BY_VALUE.get(kind_value)
+    if kind is None:
+        raise ProtocolError(f"unknown message kind {kind_value}")
+    if size < MIN_ENVELOPE_SIZE + wrapped_size:
+        raise ProtocolError("sealed frame too short for its wrapped key")
+    return kind, seq, wrapped_size
 
 
 def sealed_frame_size(wrapped_key_size: int, plaintext_size: int) -> int:
