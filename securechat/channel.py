@@ -76,8 +76,6 @@ class SecureChannel:
         self._send_mac: crypto_utils.SessionMac | None = None
         self._recv_mac: crypto_utils.SessionMac | None = None
         self._cipher: crypto_utils.SessionCipher | None = None
-        #: The peer's message keys wrapped ahead (the server's side: see ``KeyStock``); None wraps each on the spot.
-        self.key_stock: crypto_utils.KeyStock | None = None
 
     @property
     def session_key(self) -> bytes | None:
@@ -118,7 +116,7 @@ class SecureChannel:
             wrapped = b""
             nonce, ciphertext = self._cipher.seal(plaintext, aad)
         else:
-            wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad, self.key_stock)
+            wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad)
         mac_input = envelope_mac_input(message.KIND, seq, wrapped, nonce, ciphertext)
         mac = self._send_mac.digest(mac_input)
         frame = encode_sealed_frame(mac_input, mac)

@@ -17,7 +17,7 @@ from securechat.accounts import (
 )
 from securechat.backend import BackendUnavailable
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, SequenceError, read_frame
-from securechat.crypto_utils import CryptoError, KeyStock
+from securechat.crypto_utils import CryptoError
 from securechat.handshake import ServerHandshake
 from securechat.hello_signer import HelloSigningError
 from securechat.hub import SESSION_ID_CHARS, HubError, run_command
@@ -330,8 +330,6 @@ class ClientConnection:
         self.key_thumbprint = handshake.key_thumbprint
         self._send_now(server_hello)
         self.channel = handshake.channel
-        if self.channel is not None:  # set by receive_hello
-            self.channel.key_stock = KeyStock(self.channel.peer_public_key)
         request = handshake.receive_login(*read_frame(self.sock, config.max_frame_size, deadline))
         self.server.logged_in(self)  # its login is here: it no longer counts among those logging in
         self.sock.settimeout(None)  # from here the time spent is ours, not the client's
@@ -463,13 +461,6 @@ class ClientConnection:
             raise HubError("bad_message", f"not sent: {exc}") from None
 
     # ------------------------------------------------------------------ run by this connection's send worker
-
-    def idle_work(self) -> bool:
-        """Wrap a message key ahead for this client (send worker); True while its stock is short."""
-        stock = self.channel.key_stock if self.channel is not None else None
-        if stock is None or self.closed.is_set():
-            return False
-        return stock.restock()
 
     def pump(self) -> bool:
         """Seal what is queued, up to the outbox's room, and write it without blocking; True if more is queued.

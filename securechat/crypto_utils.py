@@ -143,58 +143,12 @@ def wrap_key(recipient_public_key: PublicKey, key: bytes) -> bytes:
     return recipient_public_key.encrypt(key, _OAEP)
 
 
-#: Message keys a ``KeyStock`` keeps wrapped ahead: a line, or a short burst, to each recipient.
-KEY_STOCK_DEPTH = 4
-
-
-def _fresh_wrapped_key(recipient_public_key: PublicKey) -> tuple[bytes, bytes]:
-    """A fresh AES key and its RSA-OAEP wrap for the recipient: (key, wrapped key)."""
-    message_key = _message_randomness.take(AES_KEY_SIZE)
-    return message_key, wrap_key(recipient_public_key, message_key)
-
-
-class KeyStock:
-    """Message keys wrapped ahead for one recipient, while the sender has nothing else to do.
-
-    A frame's RSA-OAEP wrap of its fresh AES key is most of what a delivery costs. Done in
-    the idle time between lines, it is off the line's path: a line reaches the last of its
-    recipients sooner, for the same work. Each key is used for exactly one frame, as a key
-    wrapped on the spot would be, and a stock that runs dry wraps on the spot. Used by one
-    thread only (the connection's send worker), so it has no lock.
-    """
-
-    def __init__(self, recipient_public_key: PublicKey, depth: int = KEY_STOCK_DEPTH) -> None:
-        self._recipient_public_key = recipient_public_key
-        self.depth = depth
-        self._keys: list[tuple[bytes, bytes]] = []
-
-    def take(self) -> tuple[bytes, bytes]:
-        """A (key, wrapped key) pair never handed out before."""
-        if self._keys:
-            return self._keys.pop()
-        return _fresh_wrapped_key(self._recipient_public_key)
-
-    def restock(self, count: int = 1) -> bool:
-        """Wrap up to ``count`` more keys if the stock is short; True while it is still short."""
-        for _ in range(min(count, self.depth - len(self._keys))):
-            self._keys.append(_fresh_wrapped_key(self._recipient_public_key))
-        return len(self._keys) < self.depth
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def seal(
-    recipient_public_key: PublicKey, plaintext: bytes, aad: bytes, stock: KeyStock | None = None
-) -> tuple[bytes, bytes, bytes]:
-    """Encrypt for one recipient: returns (wrapped AES key, nonce, ciphertext with tag).
-
-    The key is wrapped now, or taken from ``stock`` (the same recipient's keys wrapped ahead).
-    """
-    message_key, wrapped = stock.take() if stock is not None else _fresh_wrapped_key(recipient_public_key)
-    nonce = _message_randomness.take(NONCE_SIZE)
+def seal(recipient_public_key: PublicKey, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes, bytes]:
+    """Encrypt for one recipient: returns (wrapped AES key, nonce, ciphertext with tag)."""
+    randomness = _message_randomness.take(AES_KEY_SIZE + NONCE_SIZE)
+    message_key, nonce = randomness[:AES_KEY_SIZE], randomness[AES_KEY_SIZE:]
     ciphertext = AESGCM(message_key).encrypt(nonce, plaintext, aad)
-    return wrapped, nonce, ciphertext
+    return wrap_key(recipient_public_key, message_key), nonce, ciphertext
 
 
 def open_sealed(private_key: PrivateKey, wrapped_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:

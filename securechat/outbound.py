@@ -12,9 +12,6 @@ So sending is done by a handful of threads, whatever the number of clients:
   first recipients of a broadcast get it before the last key is wrapped.
 - One ``Flusher`` thread waits (``poll``) on the sockets whose outbox is not empty and
   writes the rest when they can take it.
-- When a worker has nothing to send, it does its connections' idle-time work (wrapping
-  message keys ahead, so that the next line's frames cost less on its path), in short
-  steps with a pause between them that hands the GIL to any thread waiting for it.
 
 Nothing here knows about chat or cryptography: a connection is a ``Pumpable``.
 """
@@ -43,12 +40,6 @@ OUTBOX_HIGH_WATER = 128 * 1024
 OUTBOX_LOW_WATER = 32 * 1024
 #: How often (seconds) the flusher looks at its sockets even when nothing wakes it.
 FLUSHER_SWEEP_INTERVAL = 1.0
-#: The pause (seconds) before each step of idle-time work. A step holds the GIL for a few RSA
-#: wraps; the pause releases it, so that a reader thread bringing a line never waits for the
-#: interpreter's switch interval (5 ms), and it ends at once when there is something to send.
-IDLE_WORK_PAUSE = 0.00002
-#: Connections whose idle-time work one step does (one short piece each: a key wrapped).
-IDLE_STEP_JOBS = 3
 
 
 class OutboundQueue:
@@ -166,22 +157,16 @@ class Pumpable(Protocol):
     def close(self, reason: str) -> None:
         """Close at once; called when ``pump`` failed, as a queue nobody drains would strand the client."""
 
-    def idle_work(self) -> bool:
-        """One short step of work that can wait for a quiet moment; True if there is more."""
-
 
 class _SendWorker:
-    """One thread and the connections waiting for it, served in turn; in its quiet moments, their idle-time work."""
+    """One thread and the connections waiting for it, served in turn."""
 
     def __init__(self, name: str) -> None:
-        # Guards _ready, _waiting, _idle, _idle_waiting and _stopping; the worker waits on it for work.
+        # Guards _ready, _waiting and _stopping; the worker waits on it for work.
         self._work_ready = threading.Condition(threading.Lock())
         self._ready: deque[Pumpable] = deque()
         # The members of _ready: a connection is queued at most once.
         self._waiting: set[Pumpable] = set()
-        # Connections that sent since their idle-time work was last done (each at most once).
-        self._idle: deque[Pumpable] = deque()
-        self._idle_waiting: set[Pumpable] = set()
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -199,51 +184,26 @@ class _SendWorker:
             self._stopping = True
             self._ready.clear()
             self._waiting.clear()
-            self._idle.clear()
-            self._idle_waiting.clear()
             self._work_ready.notify()
 
-    def _add_idle(self, job: Pumpable) -> None:
-        with self._work_ready:
-            if job not in self._idle_waiting and not self._stopping:
-                self._idle_waiting.add(job)
-                self._idle.append(job)
-
-    def _next(self) -> tuple[list[Pumpable], bool] | None:
-        """The next job to pump, or the next step's idle-time jobs (True); None once stopping."""
-        with self._work_ready:
-            if not self._ready and self._idle and not self._stopping:
-                self._work_ready.wait(IDLE_WORK_PAUSE)  # hands the GIL over; ends early if work comes
-            while not self._ready and not self._idle and not self._stopping:
-                self._work_ready.wait()
-            if self._stopping:
-                return None
-            if self._ready:
+    def _run(self) -> None:
+        while True:
+            with self._work_ready:
+                while not self._ready and not self._stopping:
+                    self._work_ready.wait()
+                if self._stopping:
+                    return
                 job = self._ready.popleft()
                 # Out of the set before it runs: anything queued from now on schedules it again.
                 self._waiting.discard(job)
-                return [job], False
-            jobs = [self._idle.popleft() for _ in range(min(IDLE_STEP_JOBS, len(self._idle)))]
-            self._idle_waiting.difference_update(jobs)
-            return jobs, True
-
-    def _run(self) -> None:
-        while (next_jobs := self._next()) is not None:
-            jobs, idle = next_jobs
-            for job in jobs:
-                try:
-                    more = job.idle_work() if idle else job.pump()
-                except Exception:  # one connection's bug must not stop the sending for all the others
-                    log.exception("%s: sending failed", job)
-                    job.close("internal error while sending")
-                    continue
-                if idle:
-                    if more:
-                        self._add_idle(job)
-                    continue
-                if more:  # to the back of the line: one batch per connection per turn
-                    self.schedule(job)
-                self._add_idle(job)  # what this batch used up is made good in a quiet moment
+            try:
+                more = job.pump()
+            except Exception:  # one connection's bug must not stop the sending for all the others
+                log.exception("%s: sending failed", job)
+                job.close("internal error while sending")
+                more = False
+            if more:  # to the back of the line: one batch per connection per turn
+                self.schedule(job)
 
 
 class SendPool:

@@ -80,17 +80,6 @@ def test_each_seal_uses_a_fresh_key_and_nonce(server_key):
     assert all(a != b for a, b in zip(first, second, strict=True))
 
 
-def test_keys_wrapped_ahead_open_like_any_and_each_is_used_once(server_key):
-    stock = crypto_utils.KeyStock(server_key.public_key(), depth=3)
-    assert stock.restock(2) and len(stock) == 2  # still short of 3
-    assert not stock.restock(5) and len(stock) == 3  # never past its depth
-    sealed = [crypto_utils.seal(server_key.public_key(), f"line {n}".encode(), AAD, stock) for n in range(5)]
-    assert len(stock) == 0  # three from the stock, then wrapped on the spot
-    assert len({wrapped for wrapped, _, _ in sealed}) == 5 and len({nonce for _, nonce, _ in sealed}) == 5
-    for number, (wrapped, nonce, ciphertext) in enumerate(sealed):
-        assert crypto_utils.open_sealed(server_key, wrapped, nonce, ciphertext, AAD) == f"line {number}".encode()
-
-
 @pytest.fixture(scope="module")
 def sealed(server_key):
     return crypto_utils.seal(server_key.public_key(), "a secret line, ünïcode".encode(), AAD)

@@ -201,9 +201,6 @@ def test_each_connection_is_pumped_by_one_worker_in_turn(pool):
                 self.done.set()
             return self.batches > 0
 
-        def idle_work(self):
-            return False
-
     jobs = [Job(batches=5) for _ in range(6)]
     schedules = [pool.assign() for _ in jobs]
     for job, schedule in zip(jobs, schedules, strict=True):
@@ -233,18 +230,12 @@ def test_a_connection_whose_pump_fails_is_closed_and_the_worker_goes_on(pool, ca
             self.reason = reason
             self.closed.set()
 
-        def idle_work(self):
-            return False
-
     class Fine:
         def __init__(self):
             self.pumped = threading.Event()
 
         def pump(self):
             self.pumped.set()
-            return False
-
-        def idle_work(self):
             return False
 
     schedule = pool.assign()
@@ -328,52 +319,3 @@ def test_a_client_that_stops_reading_is_held_to_the_mark_and_one_frame(make_serv
         assert len(connection.outbox._pending) <= OUTBOX_HIGH_WATER + MAX_FRAME_SIZE
     finally:
         lazy.close()
-
-
-def test_idle_time_work_waits_for_a_quiet_moment_and_gives_way_to_sending(pool):
-    """A connection that sent gets its idle-time work (keys wrapped ahead) once nothing waits to be sent."""
-
-    class Job:
-        def __init__(self, steps):
-            self.steps = steps
-            self.log = []
-            self.quiet = threading.Event()
-
-        def pump(self):
-            self.log.append("pump")
-            return False
-
-        def idle_work(self):
-            self.log.append("idle")
-            self.steps -= 1
-            if self.steps == 0:
-                self.quiet.set()
-            return self.steps > 0
-
-    schedule = pool.assign()
-    job = Job(steps=3)
-    schedule(job)
-    assert job.quiet.wait(TIMEOUT)
-    assert job.log == ["pump", "idle", "idle", "idle"]  # after its sending, in steps, until it has no more
-    time.sleep(0.05)
-    assert job.log.count("idle") == 3  # then nothing until it sends again
-
-    busy = Job(steps=1)
-    busy.pump = lambda: (busy.log.append("pump"), len(busy.log) < 50)[1]  # always more to send, 50 times
-    schedule(busy)
-    assert busy.quiet.wait(TIMEOUT)
-    assert busy.log.index("idle") == 50  # nothing of its idle work while it had more to send
-
-
-def test_the_server_wraps_keys_ahead_in_quiet_moments_and_its_lines_open_as_usual(server, connect):
-    alice, bob = connect("alice"), connect("bob")
-    wait_for(alice, lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == "bob")
-    with server.connections_lock:
-        (bobs,) = [connection for connection in server.connections if connection.name == "bob"]
-    stock = bobs.channel.key_stock
-    wait_until(lambda: len(stock) == stock.depth)  # filled while nothing was being sent
-    for number in range(2 * stock.depth):  # more than a stock holds, with no pause between
-        alice.say(f"line {number}")
-    for number in range(2 * stock.depth):
-        wait_for(bob, lambda event, n=number: isinstance(event, Chat) and event.text == f"line {n}")
-    wait_until(lambda: len(stock) == stock.depth)  # and filled again
