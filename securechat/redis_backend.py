@@ -495,9 +495,11 @@ class RedisBackend:
         # A notice may do more than queue (a kick removes sessions, with Redis calls): handed over
         # with no lock held. Until it is counted as delivered, the publishers' lines wait for the
         # reader, so the order holds.
-        subscriber.on_room_event(room, event, origin, ref)
-        with self._delivery_lock:  # nothing else moved it meanwhile: it waited for this
-            self._last_seq[room] = seq
+        try:
+            subscriber.on_room_event(room, event, origin, ref)
+        finally:  # handed over even if the hub failed on it: else the next line would look like a gap
+            with self._delivery_lock:  # nothing else moved it meanwhile: it waited for this
+                self._last_seq[room] = seq
 
     def _deliver_privates(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:

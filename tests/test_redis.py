@@ -20,7 +20,7 @@ import redis
 from conftest import ROOT, TIMEOUT, ServerProcess, password_of, process_state, wait_for
 
 from securechat.client import ChatClient, KnownHosts
-from securechat.protocol import Chat, ErrorReply
+from securechat.protocol import Chat, ErrorReply, Notice
 from securechat.protocol import Room as RoomMessage
 
 
@@ -523,6 +523,14 @@ def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_o
         while "still heard" not in recorder.lines and time.monotonic() < deadline:
             time.sleep(0.02)
         assert recorder.lines == ["still heard"]
+        # A notice the hub fails on is passed all the same: the next line is no gap.
+        recorder.fail_next = True
+        backend.publish_room("#r", Notice(event="info", text="a notice the hub fails on"))
+        backend.publish_room("#r", Chat(sender="alice", text="after the notice", sent_at=0.0))
+        deadline = time.monotonic() + TIMEOUT
+        while "after the notice" not in recorder.lines and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert recorder.lines == ["still heard", "after the notice"]
 
         # The script ran but its answer was lost: the client library sends it again. Same id, once.
         numbered = Chat(sender="alice", text="once", sent_at=time.time(), room="#r", id=backend._propose_id())
