@@ -417,6 +417,23 @@ def free_loopback_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_until_redis_answers(process: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    """Return once the redis-server ``process`` answers PING on ``port``; ``RuntimeError`` if it exits
+    first or stays silent for ``timeout`` seconds. (The tests' Redis waits with this too.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with status {process.returncode} before answering")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as probe:
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not answer within {timeout:.0f} s")
+
+
 class RedisProcess:
     """A ``redis-server`` of one benchmark run: a free loopback port, a folder of its own, no persistence.
 
@@ -438,7 +455,7 @@ class RedisProcess:
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=folder)
         self._client: Any = None
         try:
-            self._wait_until_answering(REDIS_START_TIMEOUT)
+            wait_until_redis_answers(self.process, self.port, REDIS_START_TIMEOUT)
         except BaseException:
             self.stop()
             raise
@@ -450,20 +467,6 @@ class RedisProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    def _wait_until_answering(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.process.returncode} before answering")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as probe:
-                    probe.sendall(b"PING\r\n")
-                    if probe.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer within {timeout:.0f} s")
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time of redis-server (all its threads)."""

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' helpers for real processes serve the tests too
+
+from harness import free_loopback_port as free_port  # noqa: E402
+from harness import wait_until_redis_answers  # noqa: E402
 
 from securechat.accounts import hash_password  # noqa: E402
 from securechat.client import Chat, ChatClient, Disconnected, KnownHosts, Notice  # noqa: E402
@@ -239,16 +242,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + TIMEOUT * 2
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as probe:
-                    probe.sendall(b"PING\r\n")
-                    if probe.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        wait_until_redis_answers(self.process, self.port, TIMEOUT * 2)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -266,12 +260,6 @@ class RedisServer:
 
 
 REDIS_SERVER = shutil.which("redis-server") or ""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def process_state(pid: int) -> str:
