@@ -1063,13 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="chat-bench-") as temp:
         work_dir = args.work_dir or Path(temp)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        # The server runs from a copy taken now, so edits to the checkout during a long run
-        # cannot mix two versions in one table.
-        server_path = harness.snapshot_server(args.server, work_dir / "server-src")
-        report["source"] = harness.source_info(server_path)
-        users_path = work_dir / "users.json"
-        harness.write_users_file(users_path, harness.bench_user_names(max(sizes)))
+        server_path, users_path = harness.prepare_run(args.server, work_dir, max(sizes), report)
         keys = [crypto_utils.generate_private_key() for _ in range(CLIENT_KEY_COUNT)]
         rows = []
         for size in sizes:

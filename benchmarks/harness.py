@@ -572,6 +572,21 @@ def snapshot_server(server_path: Path, destination: Path) -> Path:
     return destination / server_path.name
 
 
+def prepare_run(server_path: Path, work_dir: Path, clients: int, report: dict[str, Any]) -> tuple[Path, Path]:
+    """A run's copy of the server and its users.json for ``clients`` benchmark users, in ``work_dir``;
+    returns (the copy's server.py, users.json), and records which code it is in ``report["source"]``.
+
+    The server runs from a copy taken now, so edits to the checkout during a long run cannot mix
+    two versions in one table.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    copy = snapshot_server(server_path, work_dir / "server-src")
+    report["source"] = source_info(copy)
+    users_path = work_dir / "users.json"
+    write_users_file(users_path, bench_user_names(clients))
+    return copy, users_path
+
+
 def source_info(server_path: Path = ROOT / "server.py") -> dict[str, object]:
     """Which code was measured: the commit, whether the server's modules differ from it, their digests."""
     source_dir = server_path.resolve().parent

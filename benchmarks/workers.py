@@ -427,11 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = []
     with tempfile.TemporaryDirectory(prefix="chat-workers-") as temp:
         work_dir = args.work_dir or Path(temp)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        server_path = harness.snapshot_server(args.server, work_dir / "server-src")
-        report["source"] = harness.source_info(server_path)
-        users_path = work_dir / "users.json"
-        harness.write_users_file(users_path, harness.bench_user_names(max(scenario.size for scenario in plan)))
+        clients = max(scenario.size for scenario in plan)
+        server_path, users_path = harness.prepare_run(args.server, work_dir, clients, report)
         keys = [crypto_utils.generate_private_key() for _ in range(fanout.CLIENT_KEY_COUNT)]
         for round_number in range(1, rounds + 1):
             floor: dict[str, Any] = fanout.measure_floor(FLOOR_SECONDS)
