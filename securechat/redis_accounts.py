@@ -18,10 +18,9 @@ import redis
 
 from securechat.accounts import AccountEdits, UserRecord, UserStoreError, entry_of, record_from_entry
 from securechat.config import hide_password
-from securechat.redis_backend import CONTROL_STREAM_LENGTH, PREFIX, redis_client
+from securechat.redis_backend import CONTROL_KEY, CONTROL_STREAM_LENGTH, PREFIX, redis_client
 
 USERS_KEY = f"{PREFIX}users"
-CONTROL_KEY = f"{PREFIX}control"
 #: How long a record read from Redis answers for its account. Every frame of a session checks
 #: its account (password stamp, ban): a round trip for each would cost more than the rest of a
 #: line. Every change is told to all server processes on the control stream, in the same

@@ -157,6 +157,8 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'revoked', ARGV[1], 'until', ARGV[2])
 return 1
 """
+#: The control stream: revocations, and which account or scope changed (every process reads it).
+CONTROL_KEY = f"{PREFIX}control"
 CONTROL_STREAM_LENGTH = 10_000
 #: Joins and leaves kept per room for the processes that read them (news, not history).
 PRESENCE_STREAM_LENGTH = 1000
@@ -277,7 +279,7 @@ class RedisBackend:
         self._subscriber = subscriber
         newest: Any = self.redis.xrevrange(f"{PREFIX}privates", "+", "-", count=1)
         self._private_feed_from = _text(newest[0][0]) if newest else "0-0"
-        newest = self.redis.xrevrange(f"{PREFIX}control", "+", "-", count=1)
+        newest = self.redis.xrevrange(CONTROL_KEY, "+", "-", count=1)
         self._control_from = _text(newest[0][0]) if newest else "0-0"
         self.redis.zadd(NODES_KEY, {self.node: self._clock()})  # live: its connections count on every node
         self._reader.start()
@@ -433,7 +435,7 @@ class RedisBackend:
                 streams: dict[str, str] = {self._stream_key(room): last for room, last in self._watched.items()}
                 streams.update((self._presence_key(room), last) for room, last in self._presence_from.items())
             streams[f"{PREFIX}privates"] = self._private_feed_from
-            streams[f"{PREFIX}control"] = self._control_from
+            streams[CONTROL_KEY] = self._control_from
             try:
                 replies: Any = self.redis.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)  # type: ignore[arg-type]
             except redis.exceptions.RedisError as exc:
@@ -448,7 +450,7 @@ class RedisBackend:
                 key_text = _text(key)
                 if key_text == f"{PREFIX}privates":
                     self._deliver_privates(entries)
-                elif key_text == f"{PREFIX}control":
+                elif key_text == CONTROL_KEY:
                     self._apply_control(entries)
                 elif key_text.startswith(f"{PREFIX}presence:"):
                     self._deliver_presence(key_text[len(f"{PREFIX}presence:") :], entries)
@@ -626,7 +628,7 @@ class RedisBackend:
     def revoke(self, session_id: str, until: int) -> bool:
         """Revoke a session for every process; False if one already had. ``OSError`` if Redis cannot say."""
         try:
-            keys = [f"{PREFIX}revoked", f"{PREFIX}control", f"{PREFIX}revoker:{session_id}"]
+            keys = [f"{PREFIX}revoked", CONTROL_KEY, f"{PREFIX}revoker:{session_id}"]
             nonce = uuid.uuid4().hex
             return bool(self._revoke(keys=keys, args=[session_id, until, CONTROL_STREAM_LENGTH, nonce]))
         except redis.exceptions.RedisError as exc:
@@ -643,7 +645,7 @@ class RedisBackend:
     def account_changed(self, account: str) -> None:
         """Tell every process (this one too) to reload ``account``'s own state."""
         fields: Any = {"account": account}
-        self._call(self.redis.xadd, f"{PREFIX}control", fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
+        self._call(self.redis.xadd, CONTROL_KEY, fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
 
     # ------------------------------------------------------------------ presence
 
@@ -791,7 +793,7 @@ class RedisBackend:
                     pipe.hdel(f"{PREFIX}state:{scope}", key)
                 else:
                     pipe.hset(f"{PREFIX}state:{scope}", key, value)
-                pipe.xadd(f"{PREFIX}control", fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
+                pipe.xadd(CONTROL_KEY, fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
                 pipe.execute()
         except redis.exceptions.RedisError as exc:
             self._note_problem(exc)
