@@ -83,12 +83,15 @@ LIVE_FEED_LENGTH = 100
 # Numbers and appends a sealed event in one round trip. The caller proposes the id (one above
 # the highest it knows of) and seals with it, since the id is part of the sealed data: it is
 # taken only if it is above every id issued (the counter) and the stream's last entry, so ids
-# stay unique and each stream in id order; else the answer carries the highest id there is, to
-# propose above. The stream's next sequence number comes with it.
+# stay unique and each stream in id order. Else the script reserves the next id for the caller
+# (the counter moves to it) and answers with it: the caller seals again with that id and says it
+# is reserved, which only the stream's order can then refuse. So a busy deployment costs a lost
+# proposal one more round trip, never a race that can be lost again and again.
 # KEYS: stream, sequence hash, id counter, [private feed, recipient's pairs, sender's pairs].
 # ARGV: id, stream name, history bound, key id, sealed payload, recipient ("" for a room),
-# sender, feed bound. Returns {sequence number, 0}, or {-1, highest id}.
+# sender, feed bound, "1" if the id is reserved. Returns {sequence number, 0}, or {-1, reserved id}.
 _APPEND = """
+local id = tonumber(ARGV[1])
 local mine = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', ARGV[1] .. '-1')
 if #mine > 0 then
   local fields, seq, sealed = mine[1][2], 0, nil
@@ -98,11 +101,16 @@ if #mine > 0 then
   -- A retry of a call whose answer was lost: it is there already, once.
   if sealed == ARGV[5] then return {seq, 0} end
 end
-local highest = tonumber(redis.call('GET', KEYS[3])) or 0
+local counter = tonumber(redis.call('GET', KEYS[3])) or 0
+local last_id = 0
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last > 0 then highest = math.max(highest, tonumber(string.match(last[1][1], '^(%d+)'))) end
-if highest >= tonumber(ARGV[1]) then return {-1, highest} end
-redis.call('SET', KEYS[3], ARGV[1])
+if #last > 0 then last_id = tonumber(string.match(last[1][1], '^(%d+)')) end
+if last_id >= id or (ARGV[9] ~= '1' and counter >= id) then
+  local reserved = math.max(counter, last_id, id) + 1
+  redis.call('SET', KEYS[3], reserved)
+  return {-1, reserved}
+end
+if counter < id then redis.call('SET', KEYS[3], ARGV[1]) end
 local seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1] .. '-1', 's', seq, 'k', ARGV[4], 'from', ARGV[7],
            'p', ARGV[5])
@@ -343,10 +351,10 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ publishing
 
-    def _propose_id(self, above: int = 0) -> int:
-        """An id for the next line: one above any this process knows of (and above ``above``)."""
+    def _propose_id(self) -> int:
+        """An id for the next line: one above any this process knows of."""
         with self._id_lock:
-            self._highest_id = max(self._highest_id, above) + 1
+            self._highest_id += 1
             return self._highest_id
 
     def _note_id(self, message_id: int) -> None:
@@ -360,18 +368,20 @@ class RedisBackend:
         if private_to:
             keys += [f"{PREFIX}privates", f"{PREFIX}pairs:{private_to}", f"{PREFIX}pairs:{_sender(message)}"]
         bound = max(self.history_limit, LIVE_FEED_LENGTH)
-        highest = 0
+        message_id, reserved = self._propose_id(), False
         for _attempt in range(20):
-            numbered = replace(message, id=self._propose_id(highest), sent_at=self._clock())
+            numbered = replace(message, id=message_id, sent_at=self._clock())
             sealed = self._seal(stream, numbered, origin_session, ref)
             args: list[Any] = [numbered.id, stream, bound, self._key_id, sealed]
-            args += [private_to, _sender(message), PRIVATE_FEED_LENGTH]
+            args += [private_to, _sender(message), PRIVATE_FEED_LENGTH, "1" if reserved else "0"]
             try:
-                seq, highest = (int(value) for value in self._append(keys=keys, args=args))
+                seq, answer = (int(value) for value in self._append(keys=keys, args=args))
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)
                 raise BackendUnavailable("the server cannot reach its message broker just now") from None
             if seq < 0:  # another process took that id, or numbered a later line of this stream first
+                message_id, reserved = answer, True  # the id the script set aside for this line
+                self._note_id(answer)
                 continue
             return replace(numbered, seq=seq) if isinstance(numbered, Chat) and not private_to else numbered
         raise BackendUnavailable("the line could not be numbered (too many at once); try again")

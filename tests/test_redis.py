@@ -536,15 +536,19 @@ def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_o
         numbered = Chat(sender="alice", text="once", sent_at=time.time(), room="#r", id=backend._propose_id())
         sealed = backend._seal("#r", numbered, "", "")
         keys = [backend._stream_key("#r"), "chat:seq", "chat:id"]
-        args = [numbered.id, "#r", 1000, backend._key_id, sealed, "", "alice", 100]
+        args = [numbered.id, "#r", 1000, backend._key_id, sealed, "", "alice", 100, "0"]
         first = [int(value) for value in backend._append(keys=keys, args=args)]
         assert first[0] > 0 and [int(value) for value in backend._append(keys=keys, args=args)] == first
-        # Another line proposing the id that one took is refused, and told the highest id there is.
+        # Another line proposing the id that one took is refused, and given the next id, set aside for it.
         other = backend._seal("#r", replace(numbered, text="another"), "", "")
-        args = [numbered.id, "#r", 1000, backend._key_id, other, "", "alice", 100]
-        assert [int(value) for value in backend._append(keys=keys, args=args)] == [-1, numbered.id]
+        args = [numbered.id, "#r", 1000, backend._key_id, other, "", "alice", 100, "0"]
+        assert [int(value) for value in backend._append(keys=keys, args=args)] == [-1, numbered.id + 1]
+        assert "another" not in [event.text for event in backend.recent("#r", 10)]
+        reserved = backend._seal("#r", replace(numbered, id=numbered.id + 1, text="another"), "", "")
+        args = [numbered.id + 1, "#r", 1000, backend._key_id, reserved, "", "alice", 100, "1"]
+        assert int(backend._append(keys=keys, args=args)[0]) > first[0]  # taken, though no higher than the counter
         texts = [event.text for event in backend.recent("#r", 10)]
-        assert texts.count("once") == 1 and "another" not in texts
+        assert texts.count("once") == 1 and texts.count("another") == 1
     finally:
         backend.close()
 
