@@ -65,8 +65,11 @@ class RoomBackend(Protocol):
     # what is said: numbered here, then handed to the subscriber (in order, per room)
     def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent: ...
     def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat: ...
-    # hand this process the events of a room after ``after_id`` (a room its sessions are in)
-    def watch(self, room: str, after_id: int) -> None: ...
+    # hand this process the events of a room after ``after_id`` (a room its sessions are in); the
+    # token it returns stops that again (the room's last session here left). A second watch of the
+    # room starts afresh, and its token alone stops it.
+    def watch(self, room: str, after_id: int) -> int: ...
+    def unwatch(self, room: str, token: int) -> None: ...
 
     # who is in a room on the other processes (this process knows its own), and news of their
     # joins and leaves: presence, never history
@@ -204,8 +207,12 @@ class MemoryBackend:
                     self._subscriber.on_private(message.sender, numbered, origin_session, ref)
         return numbered
 
-    def watch(self, room: str, after_id: int) -> None:
+    def watch(self, room: str, after_id: int) -> int:
         """Nothing to do: in one process every event reaches the subscriber as it is published."""
+        return 0
+
+    def unwatch(self, room: str, token: int) -> None:
+        pass
 
     # ------------------------------------------------------------------ rooms on other processes: none
 

@@ -39,7 +39,7 @@ from securechat.protocol import (
 )
 from securechat.protocol import Room as RoomMessage
 from securechat.ratelimit import FloodControl
-from securechat.rooms import Member, NoticePacer, Room
+from securechat.rooms import Member, NoticePacer, Room, RoomRetired
 from securechat.roomstate import (
     MAX_REASON_CHARS,
     MODES,
@@ -406,8 +406,26 @@ class ChatHub:
         with self.rooms_lock:
             room = self._rooms.setdefault(name, fresh)
         if room is fresh:  # from here on the room's events reach this process (after its recent lines)
-            self.backend.watch(name, newest[-1].id if newest else 0)
+            fresh.watch_token = self.backend.watch(name, newest[-1].id if newest else 0)
         return room
+
+    def _room_to_enter(self, name: str) -> Room:
+        local = self._local_room(name)
+        if local is None:
+            raise HubError("shutting_down", "the server is shutting down")
+        return local
+
+    def _retire_if_empty(self, name: str, local: Room) -> None:
+        """The last session here left ``local``: drop it, and stop reading its events (a process
+        whose users came and went through many rooms must not read them all for ever). A session
+        coming in meanwhile finds it retired and makes a fresh one (``_enter``)."""
+        with self.rooms_lock:
+            if self._rooms.get(name) is not local or not local.retire():
+                return
+            del self._rooms[name]
+        # The token stops this room's watch only: if a fresh room of that name was made meanwhile, its
+        # watch (a later one) goes on.
+        self.backend.unwatch(name, local.watch_token)
 
     def join(self, member: Member, room_name: str) -> None:
         """/join: enter a room (created if new, the joiner owning it) on every device of the account."""
@@ -455,8 +473,7 @@ class ChatHub:
         ban = self.room_state(room).ban_of(member.name)
         if ban is not None:
             raise HubError("banned", f"you are banned from {room} {_until(ban.until)}{_reason(ban.reason)}")
-        local = self._local_room(room)
-        assert local is not None
+        local = self._room_to_enter(room)
         elsewhere = self.backend.members_elsewhere(room)
         # A device catching up reads what it missed before entering (a disk read, never under the
         # room's lock); lines said meanwhile are in the room's recent lines, sent after these.
@@ -513,7 +530,13 @@ class ChatHub:
             if room not in rooms:
                 rooms.append(room)
         self.backend.enter_room(room, member.name, member.session_id)
-        if local.join(member, welcome, quiet=member.name in elsewhere) and member.name not in elsewhere:
+        while True:
+            try:
+                first = local.join(member, welcome, quiet=member.name in elsewhere)
+                break
+            except RoomRetired:  # its last session here left as this one came: a fresh room, then
+                local = self._room_to_enter(room)
+        if first and member.name not in elsewhere:
             self.backend.announce(room, Notice(event="joined", name=member.name, room=room))
         ban = self.room_state(room).ban_of(member.name)
         if ban is not None:  # banned while it entered: a ban's removal may have run before it was in
@@ -546,6 +569,8 @@ class ChatHub:
         last_here = local is not None and local.leave(member, reason, quiet=elsewhere)
         if last_here and not elsewhere:
             self.backend.announce(room, Notice(event="left", name=member.name, text=reason, room=room))
+        if last_here and local is not None and local.member_count() == 0:
+            self._retire_if_empty(room, local)
 
     def say(self, member: Member, room_name: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for a room the session is in: numbered, stored, and echoed to the sender with ``ref``."""

@@ -176,7 +176,8 @@ def redis_client(url: str) -> redis.Redis:
     """A client for ``url`` that retries a short outage with backoff before it gives up.
 
     The password may come from ``CHAT_REDIS_PASSWORD`` instead of the URL (a command line is
-    seen by everyone on the machine).
+    seen by everyone on the machine). Each connection is named ``securechat-PID`` in Redis's
+    ``CLIENT LIST``, so an operator can tell which process it belongs to.
     """
     extra: dict[str, Any] = {}
     if os.environ.get(PASSWORD_VARIABLE) and "@" not in url:
@@ -184,6 +185,7 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         **extra,
+        client_name=f"securechat-{os.getpid()}",
         socket_timeout=5.0,
         socket_connect_timeout=3.0,
         health_check_interval=10,
@@ -206,6 +208,12 @@ def _message_id(entry_id: bytes | str) -> int:
     return int(text.split("-")[0])
 
 
+def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as what orders it: "5-1" -> (5, 1)."""
+    first, _, second = _text(entry_id).partition("-")
+    return int(first), int(second or 0)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -213,7 +221,8 @@ def _text(value: bytes | str) -> str:
 class RedisBackend:
     """Rooms shared through Redis (see the module's docstring).
 
-    ``_watch_lock`` guards ``_watched`` (room -> last entry id read); ``_local_lock``
+    ``_watch_lock`` guards ``_watched`` (room -> last entry id read), ``_watching``,
+    ``_watch_tokens`` and ``_presence_from``; ``_local_lock``
     guards ``_local_sessions`` (the sessions this process refreshes). Neither is held
     over a Redis call. ``node`` is this process's random identity, never stored.
     """
@@ -255,6 +264,9 @@ class RedisBackend:
         self._subscriber: Subscriber | None = None
         self._watch_lock = threading.Lock()
         self._watched: dict[str, str] = {}
+        # room -> the token of its current watch (see watch); _watch_tokens counts them.
+        self._watching: dict[str, int] = {}
+        self._watch_tokens = 0
         # room -> the sequence number and the id of the last event handed to the subscriber: a gap
         # after an outage is told, and an event already handed over is not handed over again. The
         # reader and the publishing threads (their own lines, at once) both deliver, and in one order
@@ -419,16 +431,39 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ reading
 
-    def watch(self, room: str, after_id: int) -> None:
-        """Deliver ``room``'s events after ``after_id`` (and every later one) to the subscriber."""
+    def watch(self, room: str, after_id: int) -> int:
+        """Deliver ``room``'s events after ``after_id`` (and every later one) to the subscriber.
+
+        Returns the token that stops it (``unwatch``). Watching a room already watched starts it
+        afresh from ``after_id``: the hub made a new local room, which has what came before.
+        """
         start = f"{after_id}-1" if after_id else "0-0"
         if not after_id and self.history_limit <= 0:  # no history: what the stream holds is not news
             newest = self._call(self.redis.xrevrange, self._stream_key(room), "+", "-", count=1)
             start = _text(newest[0][0]) if newest else "0-0"
         newest_news = self._call(self.redis.xrevrange, self._presence_key(room), "+", "-", count=1)
+        with self._delivery_lock:  # what an earlier watch of the room handed over is not this one's
+            self._delivered_id[room] = after_id
+            self._last_seq.pop(room, None)
         with self._watch_lock:
-            self._watched.setdefault(room, start)
-            self._presence_from.setdefault(room, _text(newest_news[0][0]) if newest_news else "0-0")
+            self._watch_tokens += 1
+            token = self._watch_tokens
+            self._watching[room] = token
+            self._watched[room] = start
+            self._presence_from[room] = _text(newest_news[0][0]) if newest_news else "0-0"
+        return token
+
+    def unwatch(self, room: str, token: int) -> None:
+        """Stop reading ``room`` (nobody here is in it any more), unless it was watched again since."""
+        with self._watch_lock:
+            if self._watching.get(room) != token:
+                return
+            del self._watching[room]
+            self._watched.pop(room, None)
+            self._presence_from.pop(room, None)
+        with self._delivery_lock:
+            self._delivered_id.pop(room, None)
+            self._last_seq.pop(room, None)
 
     def _read_loop(self) -> None:
         while not self._stopping.is_set():
@@ -470,6 +505,9 @@ class RedisBackend:
     def _deliver_room(self, room: str, entries: list[Any]) -> None:
         for entry_id, fields in entries:
             with self._watch_lock:
+                position = self._watched.get(room)
+                if position is None or _stream_order(entry_id) <= _stream_order(position):
+                    return  # unwatched, or watched afresh from a later entry, while this was read
                 self._watched[room] = _text(entry_id)
             with _guarded(f"a line of {room}"):
                 self._deliver_room_entry(room, _message_id(entry_id), fields)
@@ -543,6 +581,9 @@ class RedisBackend:
         subscriber = self._subscriber
         for entry_id, fields in entries:
             with self._watch_lock:
+                position = self._presence_from.get(room)
+                if position is None or _stream_order(entry_id) <= _stream_order(position):
+                    return  # unwatched, or watched afresh, while this was read
                 self._presence_from[room] = _text(entry_id)
             node = _text(fields.get(b"node", b""))
             if node == self.node or subscriber is None:

@@ -88,6 +88,10 @@ DEFAULT_RECENT_LINES = 50
 RoomEvent = Chat | Notice
 
 
+class RoomRetired(Exception):
+    """The room was retired (its last member here left) as a session came to join: make a fresh one."""
+
+
 class Welcome(Protocol):
     """Called by ``Room.join`` under the room's lock, as the session joins: a few queue puts."""
 
@@ -130,14 +134,17 @@ class Room:
         self.join_notice_delay = join_notice_delay
         self.join_notice_rate = join_notice_rate
         self._clock = clock
-        # Guards sessions, topic, _recent, _pending_joins, _join_timer, _last_join_notices,
-        # _announcing, _closed.
+        # Guards sessions, topic, _recent, _newest_id, _pending_joins, _join_timer, _last_join_notices,
+        # _announcing, _closed, _retired.
         self.members_lock = threading.Lock()
         #: account name -> its sessions in this room, oldest first.
         self.sessions: dict[str, list[Member]] = {}
         self.topic = topic
         # The last lines said here (already numbered by the backend), oldest first.
         self._recent: deque[RoomEvent] = deque(recent or (), maxlen=max(0, recent_size))
+        # The id of the newest event this room has (ids rise in a room): one it already has, handed
+        # over again as a room is retired and made afresh, is not delivered twice.
+        self._newest_id = max((event.id for event in recent or ()), default=0)
         # Accounts whose "joined" notice has not gone out yet, in the order they arrived.
         self._pending_joins: list[str] = []
         # Sends the pending notices when the delay is up; None when nothing is pending.
@@ -152,6 +159,10 @@ class Room:
         self._round_done = threading.Condition(self.members_lock)
         # Set by close(): no more notices or timers after it.
         self._closed = False
+        # Set by retire(): empty, and no longer the process's room of that name; nobody may join it.
+        self._retired = False
+        #: What stops the backend's watch of this room when it is retired (set by its maker, the hub).
+        self.watch_token = 0
 
     # ------------------------------------------------------------------ membership
 
@@ -161,10 +172,13 @@ class Room:
         ``welcome(roster, devices, recent)`` is called with who is here and the recent
         lines, at the moment of joining and before anything else can reach the session:
         it hears of later joins, lines and leaves only. ``quiet``: the account is already in
-        the room through another server process, so nobody is told it joined.
+        the room through another server process, so nobody is told it joined. ``RoomRetired``
+        if the room was retired meanwhile (nothing was done: join a fresh one).
         """
         timer = None
         with self.members_lock:
+            if self._retired:
+                raise RoomRetired(self.name)
             sessions = self.sessions.setdefault(member.name, [])
             first = not sessions
             if all(existing is not member for existing in sessions):
@@ -240,6 +254,9 @@ class Room:
         (those who ignore the sender).
         """
         with self.members_lock:
+            if message.id and message.id <= self._newest_id:
+                return  # had already (loaded with the recent lines as this room was made)
+            self._newest_id = max(self._newest_id, message.id)
             if isinstance(message, Notice) and message.event == "topic":
                 self.topic = message.text
             if self._recent.maxlen:
@@ -334,6 +351,20 @@ class Room:
             pending = name in self._pending_joins
         if pending:
             self._send_join_notices()  # with any round going out meanwhile (which may have taken it) before
+
+    def retire(self) -> bool:
+        """Close the room if nobody is in it (its last member here left): True if it did. From then on
+        ``join`` refuses with ``RoomRetired``, so a session coming in meanwhile goes to a fresh room
+        rather than to one nobody delivers to any more."""
+        with self.members_lock:
+            if self.sessions:
+                return False
+            self._retired = self._closed = True
+            timer, self._join_timer = self._join_timer, None
+            self._pending_joins = []
+        if timer is not None:
+            timer.cancel()  # with nobody here, a round that started anyway hands out nothing
+        return True
 
     def close(self) -> None:
         """Stop the notice timer (the server is shutting down); pending notices are dropped."""

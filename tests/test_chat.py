@@ -3,6 +3,7 @@
 Each test reads like a scene: people log in, someone speaks, the others hear.
 """
 
+import itertools
 import os
 import signal
 import socket
@@ -31,6 +32,9 @@ from securechat.protocol import MAX_FRAME_SIZE, Joined, Say, sealed_frame_size
 from securechat.rooms import Room, merge_join_notices
 
 # --------------------------------------------------------------------------- helpers
+
+#: Ids for the lines the tests hand to a room (ids rise in a room).
+LINE_IDS = itertools.count(1)
 
 
 def log_in_all(connect, *names, **options):
@@ -212,7 +216,10 @@ def joined_notice(name):
 def say(room, sender, text):
     """What the hub does for a line: its sender's join goes out first, then the numbered line."""
     room.before_line_from(sender.name)
-    room.deliver_published(Chat(sender=sender.name, text=text, sent_at=time.time(), room="#test", id=1, seq=1))
+    line_id = next(LINE_IDS)
+    room.deliver_published(
+        Chat(sender=sender.name, text=text, sent_at=time.time(), room="#test", id=line_id, seq=line_id)
+    )
 
 
 def roster_of(room, member):

@@ -9,6 +9,7 @@ tested on its own first.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -19,13 +20,19 @@ from conftest import TIMEOUT, drain, password_of, wait_for, wait_until
 
 from securechat import accounts
 from securechat.accounts import RevocationNotSaved, TokenAuthority, TokenClaims
+from securechat.backend import MemoryBackend
 from securechat.client import ChatClient, ChatError, KnownHosts
 from securechat.group_writer import GroupWriter
+from securechat.history import ChatStore
+from securechat.hub import ChatHub
 from securechat.protocol import Chat, Notice
 from securechat.rooms import Room
 
 #: What "at once" means here: far below the deliberately slow step, far above a lock's cost.
 PROMPTLY = TIMEOUT / 10
+
+#: Ids for the lines the tests hand to a room (ids rise in a room).
+LINE_IDS = itertools.count(1)
 
 
 class HeldWrite:
@@ -265,7 +272,8 @@ class SlowMember:
 def say_in(room: Room, sender: SlowMember, text: str) -> None:
     """What the hub does for a line: its sender's join notice first, then the numbered line."""
     room.before_line_from(sender.name)
-    room.deliver_published(Chat(sender=sender.name, text=text, sent_at=0.0, room=room.name, id=1, seq=1))
+    line_id = next(LINE_IDS)
+    room.deliver_published(Chat(sender=sender.name, text=text, sent_at=0.0, room=room.name, id=line_id, seq=line_id))
 
 
 def test_a_round_of_join_notices_going_out_holds_up_only_what_is_about_those_it_announces():
@@ -295,6 +303,52 @@ def test_a_round_of_join_notices_going_out_holds_up_only_what_is_about_those_it_
     line = next(index for index, item in enumerate(slow.received) if isinstance(item, Chat) and item.sender == "new")
     assert notice < line  # nothing about "new" overtook its join notice
     room.close()
+
+
+# --------------------------------------------------------------------------- rooms made and retired
+
+
+class HeldEntryBackend(MemoryBackend):
+    """The in-process backend, with the next entry of ``held_account`` into a room held (a slow broker)."""
+
+    def __init__(self, store: ChatStore) -> None:
+        super().__init__(store)
+        self.held_account = ""
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def enter_room(self, room: str, account: str, session_id: str) -> None:
+        if account == self.held_account:
+            self.held_account = ""
+            self.inside.set()
+            assert self.release.wait(TIMEOUT)
+        super().enter_room(room, account, session_id)
+
+
+def test_a_session_entering_a_room_as_its_last_member_leaves_lands_in_a_live_room(tmp_path):
+    backend = HeldEntryBackend(ChatStore(tmp_path / "chat.db", os.urandom(32)))
+    hub = ChatHub(backend)
+    alice, bob = SlowMember("alice"), SlowMember("bob")
+    try:
+        for member in (alice, bob):
+            rooms, _ = hub.open_session(member, "test", "127.0.0.1")
+            hub.enter_rooms(member, rooms)
+        hub.join(alice, "#r")
+        before = hub.local_room("#r")
+        backend.held_account = "bob"
+        entering = in_thread(hub.join, bob, "#r")  # has the room alice is in, and is held entering it
+        assert backend.inside.wait(TIMEOUT)
+        hub.part(alice, "#r")  # the last member here leaves: that room is retired
+        assert hub.local_room("#r") is None
+        backend.release.set()
+        entering.join(TIMEOUT)
+        assert not entering.is_alive()
+        assert hub.local_room("#r") is not before  # bob is in a fresh room, the one lines go to
+        hub.say(bob, "#r", "still heard")
+        wait_until(lambda: any(isinstance(m, Chat) and m.text == "still heard" for m in bob.received))
+    finally:
+        backend.release.set()
+        hub.close()
 
 
 # --------------------------------------------------------------------------- the client's sends

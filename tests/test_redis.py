@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, TIMEOUT, ServerProcess, password_of, process_state, wait_for
+from conftest import (
+    ROOT,
+    TIMEOUT,
+    ServerProcess,
+    drain,
+    password_of,
+    process_state,
+    wait_for,
+)
 
 from securechat.client import ChatClient, KnownHosts
 from securechat.protocol import Chat, ErrorReply, Notice
@@ -145,6 +153,74 @@ def test_users_on_two_nodes_chat_in_rooms_and_privately_and_share_history(cluste
         for value in values:
             assert not any(text in value for text in texts), (key, value)
     store.close()
+
+
+class CommandLog:
+    """Every command Redis runs from now on (``redis-cli monitor``), and which process sent it."""
+
+    def __init__(self, redis_server, folder: Path) -> None:
+        self.started = time.time()
+        self.path = folder / "monitor.log"
+        self.file = self.path.open("wb")
+        self.process = subprocess.Popen(
+            ["redis-cli", "-p", str(redis_server.port), "monitor"], stdout=self.file, stderr=subprocess.DEVNULL
+        )
+        self.store = redis.Redis.from_url(redis_server.url)
+
+    def reads_of(self, pid: int, after: float) -> list[str]:
+        """The XREAD commands the process ``pid`` sent after ``after`` (a time.time())."""
+        # Its connections are named by its process id (see securechat.redis_backend.redis_client).
+        addresses = {entry["addr"] for entry in self.store.client_list() if entry["name"] == f"securechat-{pid}"}
+        reads = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            stamp, _, rest = line.partition(" ")
+            address = rest[rest.find(" ") + 1 : rest.find("]")]
+            if '"XREAD"' in rest and address in addresses and float(stamp) > after:
+                reads.append(rest)
+        return reads
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=TIMEOUT)
+        self.file.close()
+        self.store.close()
+
+
+def test_a_node_stops_reading_a_room_its_last_user_left_and_reads_it_again_on_return(cluster, tmp_path, redis_server):
+    first, second = two_nodes(cluster, tmp_path)
+    alice, carol = cluster.log_in("alice", first), cluster.log_in("carol", second)
+    for client in (alice, carol):
+        client.join("#side")
+        wait_for(client, entered("#side"))
+    alice.say("before the part", "#side")
+    wait_for(carol, said("before the part"))
+    alice.part("#side")
+    wait_for(alice, lambda event: isinstance(event, RoomMessage) and event.room == "#side" and not event.joined)
+    commands = CommandLog(redis_server, tmp_path)
+    try:
+        carol.say("while you were away", "#side")
+        wait_for(carol, said("while you were away"))
+        settled = time.time() + 0.5  # a read sent as the part was taken in may still name the room
+        time.sleep(1.5)
+        reads = commands.reads_of(first.process.pid, settled)
+        assert len(reads) >= 2, reads  # the first node goes on reading (its rooms, privates, control)
+        assert not [read for read in reads if "#side" in read], reads  # but no longer #side
+        assert any('"chat:stream:#lobby"' in read for read in reads)
+
+        # Back in the room: what was said meanwhile comes as history, then live lines come once,
+        # with no false "lost" notice from a room read afresh.
+        alice.join("#side")
+        wait_for(alice, lambda event: isinstance(event, Chat) and event.history and event.text == "while you were away")
+        back = time.time()
+        carol.say("after you came back", "#side")
+        heard = wait_for(alice, said("after you came back"))
+        assert not heard.history and heard.room == "#side"
+        later = drain(alice, quiet=0.6)
+        assert not [event for event in later if isinstance(event, Chat)], later  # nothing twice
+        assert not [event for event in later if isinstance(event, Notice) and "lost" in event.text], later
+        assert any('"chat:stream:#side"' in read for read in commands.reads_of(first.process.pid, back))
+    finally:
+        commands.close()
 
 
 def test_a_redis_restart_loses_no_line_silently(cluster, tmp_path, redis_server):
