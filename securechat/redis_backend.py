@@ -123,6 +123,20 @@ end
 return {seq, 0}
 """
 
+# After Redis lost data (restarted with no append-only file, or an old one), its counters may be
+# below what a process has seen: this raises them back. Then no id or sequence number is given twice,
+# and no new line lands below where the processes' readers are. KEYS: the id counter, the sequence
+# numbers. ARGV: the highest id the process knows of, then (stream, last sequence number) pairs.
+_RAISE_FLOORS = """
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+for i = 2, #ARGV, 2 do
+  if (tonumber(redis.call('HGET', KEYS[2], ARGV[i])) or 0) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+
 # Registers a session unless the account has `limit` live ones. KEYS: the account's sessions.
 # ARGV: session id, its JSON, now, limit. Returns the count, or -1 past the limit.
 _ADD_SESSION = """
@@ -172,14 +186,22 @@ CONTROL_STREAM_LENGTH = 10_000
 PRESENCE_STREAM_LENGTH = 1000
 
 
-def redis_client(url: str) -> redis.Redis:
+def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redis.Redis:
     """A client for ``url`` that retries a short outage with backoff before it gives up.
 
     The password may come from ``CHAT_REDIS_PASSWORD`` instead of the URL (a command line is
     seen by everyone on the machine). Each connection is named ``securechat-PID`` in Redis's
-    ``CLIENT LIST``, so an operator can tell which process it belongs to.
+    ``CLIENT LIST``, so an operator can tell which process it belongs to. ``on_connect`` is called
+    (it must not call Redis) each time a connection is made, the first time and after an outage.
     """
     extra: dict[str, Any] = {}
+    if on_connect is not None:
+
+        def connected(connection: redis.connection.Connection) -> None:
+            connection.on_connect()  # what the library does when it is given no function of its own
+            on_connect()
+
+        extra["redis_connect_func"] = connected
     if os.environ.get(PASSWORD_VARIABLE) and "@" not in url:
         extra["password"] = os.environ[PASSWORD_VARIABLE]
     return redis.Redis.from_url(
@@ -245,7 +267,10 @@ class RedisBackend:
         self.history_max_age = history_max_age
         self._clock = clock
         self.node = uuid.uuid4().hex[:12]
-        self.redis = redis_client(url)
+        # Set when a connection to Redis is made: the reader then puts back the counters' floors
+        # (_RAISE_FLOORS), in case it was a Redis that restarted with less than it had.
+        self._reconnected = threading.Event()
+        self.redis = redis_client(url, on_connect=self._reconnected.set)
         try:
             self.redis.ping()
         except redis.exceptions.RedisError as exc:
@@ -254,6 +279,7 @@ class RedisBackend:
         self._add_session = self.redis.register_script(_ADD_SESSION)
         self._create_room = self.redis.register_script(_CREATE_ROOM)
         self._revoke = self.redis.register_script(_REVOKE)
+        self._raise_floors = self.redis.register_script(_RAISE_FLOORS)
         # The highest message id this process has issued or read: it proposes the next one above it.
         # If Redis came back with less than it had, ids go on from here, never under lines already
         # delivered. Guarded by _id_lock.
@@ -476,6 +502,9 @@ class RedisBackend:
     def _read_until_stopped(self) -> None:
         delay = 0.0
         while not self._stopping.is_set():
+            if self._reconnected.is_set():  # a new connection: the Redis behind it may have lost data
+                self._reconnected.clear()
+                self._restore_floors(self.redis)
             with self._watch_lock:
                 streams: dict[str, str] = {self._stream_key(room): last for room, last in self._watched.items()}
                 streams.update((self._presence_key(room), last) for room, last in self._presence_from.items())
@@ -776,9 +805,23 @@ class RedisBackend:
                     pipe.zremrangebyscore(f"{PREFIX}revoked", "-inf", int(self._clock()))  # expired ones
                     pipe.zadd(NODES_KEY, {self.node: self._clock()})
                     pipe.zremrangebyscore(NODES_KEY, "-inf", self._clock() - 10 * SESSION_TTL)  # long dead
+                    self._restore_floors(pipe)
                     pipe.execute()
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)
+
+    def _restore_floors(self, client: redis.Redis | redis.client.Pipeline) -> None:
+        """Raise Redis's message counter and the sequence numbers of the rooms read here to at least
+        what this process has seen (``_RAISE_FLOORS``): they are lower only if Redis lost data."""
+        with self._id_lock:
+            args: list[Any] = [self._highest_id]
+        with self._delivery_lock:
+            for room, seq in self._last_seq.items():
+                args += [room, seq]
+        try:
+            self._raise_floors(keys=[f"{PREFIX}id", f"{PREFIX}seq"], args=args, client=client)
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)  # the refresher tries again within SESSION_REFRESH
 
     # ------------------------------------------------------------------ room state
 

@@ -221,10 +221,12 @@ def server_process(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., S
 
 
 class RedisServer:
-    """A real ``redis-server`` on a free loopback port, in its own folder; ``restart()`` keeps its data."""
+    """A real ``redis-server`` on a free loopback port, in its own folder; ``restart()`` keeps its data,
+    unless it is not ``durable`` (then a restart starts it empty, as a Redis without persistence)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, durable: bool = True) -> None:
         self.folder = folder
+        self.durable = durable
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -236,9 +238,9 @@ class RedisServer:
     def start(self) -> None:
         where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
         # Kept in an append-only file, so a restart loses nothing that was written.
-        durable = ["--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
+        kept = ["--appendonly", "yes" if self.durable else "no", "--save", "", "--protected-mode", "yes"]
         self.process = subprocess.Popen(
-            [REDIS_SERVER, *where, *durable],
+            [REDIS_SERVER, *where, *kept],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -18,13 +18,16 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import (
+    REDIS_SERVER,
     ROOT,
     TIMEOUT,
+    RedisServer,
     ServerProcess,
     drain,
     password_of,
     process_state,
     wait_for,
+    wait_until,
 )
 
 from securechat.client import ChatClient, KnownHosts
@@ -627,6 +630,57 @@ def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_o
         assert texts.count("once") == 1 and texts.count("another") == 1
     finally:
         backend.close()
+
+
+def test_after_redis_lost_its_data_ids_and_sequence_numbers_go_on_above_what_was_seen(tmp_path):
+    """A Redis with no persistence restarts empty: a process that started after it must not number
+    lines below what the others' readers have read (they would never see them), nor reuse a room's
+    sequence numbers (a device catching up by them would skip lines)."""
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    (tmp_path / "volatile").mkdir()
+    volatile = RedisServer(tmp_path / "volatile", durable=False)
+    before = backend_of(volatile)
+    recorder = SeqRecorder()
+    after = None
+    try:
+        before.start(recorder)
+        before.watch("#r", 0)
+        for number in range(5):
+            before.publish_room("#r", Chat(sender="alice", text=f"before {number}", sent_at=0.0))
+        wait_until(lambda: len(recorder.seqs) == 5)
+        volatile.restart()
+        store = redis.Redis(port=volatile.port)
+        assert not store.exists("chat:stream:#r")  # the room's lines are gone with the rest
+        # The reader of the process that was there puts its floors back as soon as it is back.
+        wait_until(lambda: int(store.get("chat:id") or 0) >= 5)
+        store.close()
+        after = backend_of(volatile)  # a process started after the loss: it has seen nothing
+        after.start(Recorder())
+        line = after.publish_room("#r", Chat(sender="bob", text="after the loss", sent_at=0.0))
+        assert line.id > 5 and line.seq == 6
+        wait_until(lambda: "after the loss" in recorder.texts)
+        assert recorder.seqs == [1, 2, 3, 4, 5, 6]
+        assert not [text for text in recorder.texts if "lost" in text]
+    finally:
+        for backend in (before, after):
+            if backend is not None:
+                backend.close()
+        volatile.stop()
+
+
+class SeqRecorder(Recorder):
+    """A subscriber that keeps the texts and sequence numbers of what it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.seqs: list[int] = []
+
+    def on_room_event(self, room, message, origin_session, ref):
+        self.texts.append(getattr(message, "text", ""))
+        if isinstance(message, Chat):
+            self.seqs.append(message.seq)
 
 
 def test_lines_published_at_once_on_two_processes_reach_both_once_each_in_one_order(redis_server):
