@@ -40,6 +40,17 @@ class SessionInfo:
     active: float = 0.0
 
 
+@dataclass(frozen=True)
+class LineCharge:
+    """What a line costs its sender's flood budget (a token bucket: ``rate`` a second, up to ``burst``),
+    for a backend that counts budgets in the same step as it stores the line (``charges_lines``)."""
+
+    account: str
+    cost: float
+    rate: float
+    burst: int
+
+
 class Subscriber(Protocol):
     """Who the backend hands numbered events to, for delivery to this process's sessions."""
 
@@ -57,14 +68,21 @@ class RoomBackend(Protocol):
 
     #: True when several server processes share it (what one process sets, the others see).
     shared: bool
+    #: True when the publish calls take a ``LineCharge`` (and raise ``OverBudget`` past it): the flood
+    #: check and the append are then one step. Else the hub counts and passes none.
+    charges_lines: bool
 
     def start(self, subscriber: Subscriber) -> None: ...
     def close(self) -> None: ...
     def health(self) -> str: ...
 
     # what is said: numbered here, then handed to the subscriber (in order, per room)
-    def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent: ...
-    def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat: ...
+    def publish_room(
+        self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
+    ) -> RoomEvent: ...
+    def publish_private(
+        self, message: Chat, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
+    ) -> Chat: ...
     # hand this process the events of a room after ``after_id`` (a room its sessions are in); the
     # token it returns stops that again (the room's last session here left). A second watch of the
     # room starts afresh, and its token alone stops it.
@@ -119,6 +137,10 @@ class BackendLimit(Exception):
     """A limit of the backend was reached (too many rooms, too many sessions); the message says which."""
 
 
+class OverBudget(Exception):
+    """The line's ``LineCharge`` was more than its sender's flood budget had left: it was not published."""
+
+
 def encode_event(message: RoomEvent) -> bytes:
     """What a stored event's payload is: its kind, then its JSON."""
     return bytes((message.KIND,)) + message.encoded
@@ -143,6 +165,7 @@ class MemoryBackend:
     """
 
     shared = False
+    charges_lines = False  # the hub counts flood budgets for it
 
     def __init__(self, store: ChatStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -182,7 +205,10 @@ class MemoryBackend:
         self._last_seq[stream] = last_seq + 1
         return self._last_id, last_seq + 1, self._clock()
 
-    def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent:
+    def publish_room(
+        self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
+    ) -> RoomEvent:
+        _refuse_charge(charge)
         with self.publish_lock:
             message_id, seq, now = self._number(room)
             numbered: RoomEvent
@@ -195,7 +221,10 @@ class MemoryBackend:
                 self._subscriber.on_room_event(room, numbered, origin_session, ref)
         return numbered
 
-    def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat:
+    def publish_private(
+        self, message: Chat, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
+    ) -> Chat:
+        _refuse_charge(charge)
         stream = private_stream(message.sender, message.recipient)
         with self.publish_lock:
             message_id, _, now = self._number(stream)
@@ -357,3 +386,8 @@ class MemoryBackend:
 
 def _chats(events: list[RoomEvent]) -> list[Chat]:
     return [event for event in events if isinstance(event, Chat)]
+
+
+def _refuse_charge(charge: LineCharge | None) -> None:
+    if charge is not None:  # a bug: the hub must count the budget itself (charges_lines is False)
+        raise ValueError("this backend does not count flood budgets")

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from securechat.accounts import AccountBan, RevocationNotSaved, format_utc, write_file_atomically
-from securechat.backend import BackendLimit, BackendUnavailable, RoomBackend, RoomEvent, SessionInfo
+from securechat.backend import (
+    BackendLimit,
+    BackendUnavailable,
+    LineCharge,
+    OverBudget,
+    RoomBackend,
+    RoomEvent,
+    SessionInfo,
+)
 from securechat.commands import COMMANDS_BY_NAME, ROLE_RANK, CommandSpec, split_duration
 from securechat.history import RoomRecord
 from securechat.protocol import (
@@ -578,13 +586,16 @@ class ChatHub:
         if not self._in_room(member, room):
             raise HubError("not_in_room", f"not sent: you are not in {room} (/join {room} first)")
         self._check_may_speak(member.name, room)
-        self.check_flood(member.name)
+        charge = self._charge_line(member.name)
         self.backend.update_session(member.name, member.session_id, active=time.time())
         local = self._local_room(room, create=False)
         if local is not None:
             local.before_line_from(member.name)
         message = Chat(sender=member.name, text=text, sent_at=0.0, action=action, room=room)
-        self.backend.publish_room(room, message, member.session_id, ref)
+        try:
+            self.backend.publish_room(room, message, member.session_id, ref, charge=charge)
+        except OverBudget:
+            raise self._flood_refusal() from None
 
     def private(self, member: Member, recipient: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for one account: every device of it, and of the sender; kept for whoever is offline."""
@@ -592,10 +603,13 @@ class ChatHub:
             raise HubError("no_such_user", "not sent: that is you")
         if not self.accounts.exists(recipient):
             raise HubError("no_such_user", f"not sent: there is no user {_clean(recipient, 40)}")
-        self.check_flood(member.name)
+        charge = self._charge_line(member.name)
         self.backend.update_session(member.name, member.session_id, active=time.time())
         message = Chat(sender=member.name, text=text, sent_at=0.0, action=action, private=True, recipient=recipient)
-        self.backend.publish_private(message, member.session_id, ref)
+        try:
+            self.backend.publish_private(message, member.session_id, ref, charge=charge)
+        except OverBudget:
+            raise self._flood_refusal() from None
         devices = self.backend.sessions(recipient)
         if not devices:
             member.deliver(
@@ -1090,6 +1104,15 @@ class ChatHub:
                 bucket = self._flood[account] = FloodControl(self.config.flood_rate, self.config.flood_burst)
         if not bucket.allow(cost):
             raise self._flood_refusal()
+
+    def _charge_line(self, account: str) -> LineCharge | None:
+        """Count a line against the account's budget: here (``HubError`` past it), or, when the budget
+        is shared and the backend can, returned for the backend to take as it stores the line (the
+        check and the append in one step: one round trip to the broker, not two)."""
+        if self.config.flood_rate > 0 and self.flood_budget is not None and self.backend.charges_lines:
+            return LineCharge(account, 1.0, self.config.flood_rate, self.config.flood_burst)
+        self.check_flood(account)
+        return None
 
     def _flood_refusal(self) -> HubError:
         return HubError(

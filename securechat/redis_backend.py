@@ -44,6 +44,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from securechat.backend import (
     BackendLimit,
     BackendUnavailable,
+    LineCharge,
+    OverBudget,
     RoomEvent,
     SessionInfo,
     Subscriber,
@@ -80,17 +82,37 @@ PASSWORD_VARIABLE = "CHAT_REDIS_PASSWORD"
 #: this many entries, so that a process that falls briefly behind loses nothing.
 LIVE_FEED_LENGTH = 100
 
+# Lua: takes ``cost`` from the token bucket in the hash ``key`` (``rate`` a second, up to ``burst``)
+# if it holds that much; true if it did. ``now`` is the caller's time, as text. One account's flood
+# budget, whichever process and script takes from it.
+TOKEN_BUCKET = """
+local function take(key, now, rate, burst, cost)
+  local v = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens, at = tonumber(v[1]) or burst, tonumber(v[2]) or tonumber(now)
+  tokens = math.min(burst, tokens + math.max(0, tonumber(now) - at) * rate)
+  local allowed = tokens >= cost
+  if allowed then tokens = tokens - cost end
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'at', now)
+  redis.call('EXPIRE', key, math.ceil(burst / rate) + 1)
+  return allowed
+end
+"""
+
 # Numbers and appends a sealed event in one round trip. The caller proposes the id (one above
 # the highest it knows of) and seals with it, since the id is part of the sealed data: it is
 # taken only if it is above every id issued (the counter) and the stream's last entry, so ids
 # stay unique and each stream in id order. Else the script reserves the next id for the caller
 # (the counter moves to it) and answers with it: the caller seals again with that id and says it
 # is reserved, which only the stream's order can then refuse. So a busy deployment costs a lost
-# proposal one more round trip, never a race that can be lost again and again.
-# KEYS: stream, sequence hash, id counter, [private feed, recipient's pairs, sender's pairs].
-# ARGV: id, stream name, history bound, key id, sealed payload, recipient ("" for a room),
-# sender, feed bound, "1" if the id is reserved. Returns {sequence number, 0}, or {-1, reserved id}.
-_APPEND = """
+# proposal one more round trip, never a race that can be lost again and again. A line with a
+# charge is taken from its sender's flood budget in the same step (only once it is appended).
+# KEYS: stream, sequence hash, id counter, sender's flood budget, [private feed, recipient's
+# pairs, sender's pairs]. ARGV: id, stream name, history bound, key id, sealed payload, recipient
+# ("" for a room), sender, feed bound, "1" if the id is reserved, then now ("" for no charge),
+# rate, burst, cost. Returns {sequence number, 0}, {-1, reserved id}, or {-2, 0} over the budget.
+_APPEND = (
+    TOKEN_BUCKET
+    + """
 local id = tonumber(ARGV[1])
 local mine = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', ARGV[1] .. '-1')
 if #mine > 0 then
@@ -110,18 +132,22 @@ if last_id >= id or (ARGV[9] ~= '1' and counter >= id) then
   redis.call('SET', KEYS[3], reserved)
   return {-1, reserved}
 end
+if ARGV[10] ~= '' and not take(KEYS[4], ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])) then
+  return {-2, 0}
+end
 if counter < id then redis.call('SET', KEYS[3], ARGV[1]) end
 local seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1] .. '-1', 's', seq, 'k', ARGV[4], 'from', ARGV[7],
            'p', ARGV[5])
-if #KEYS > 3 then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[1], 'to', ARGV[6], 'from', ARGV[7],
+if #KEYS > 4 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[1], 'to', ARGV[6], 'from', ARGV[7],
              'stream', ARGV[2], 'k', ARGV[4], 'p', ARGV[5])
-  redis.call('SADD', KEYS[5], ARGV[2])
   redis.call('SADD', KEYS[6], ARGV[2])
+  redis.call('SADD', KEYS[7], ARGV[2])
 end
 return {seq, 0}
 """
+)
 
 # After Redis lost data (restarted with no append-only file, or an old one), its counters may be
 # below what a process has seen: this raises them back. Then no id or sequence number is given twice,
@@ -216,6 +242,11 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
     )
 
 
+def flood_key(account: str) -> str:
+    """The hash of an account's flood budget (``TOKEN_BUCKET``)."""
+    return f"{PREFIX}flood:{account}"
+
+
 def key_id(key: bytes) -> str:
     """A short public name for a cluster key (so a rotated key can be told apart)."""
     return hashlib.sha256(b"chat cluster key id\0" + key).hexdigest()[:8]
@@ -250,6 +281,7 @@ class RedisBackend:
     """
 
     shared = True
+    charges_lines = True  # a line's flood budget is taken in the script that appends it
 
     def __init__(
         self,
@@ -400,23 +432,34 @@ class RedisBackend:
             self._highest_id = max(self._highest_id, message_id)
 
     def _publish(
-        self, stream: str, message: RoomEvent, origin_session: str, ref: str, private_to: str = ""
+        self,
+        stream: str,
+        message: RoomEvent,
+        origin_session: str,
+        ref: str,
+        charge: LineCharge | None,
+        private_to: str = "",
     ) -> RoomEvent:
-        keys = [self._stream_key(stream), f"{PREFIX}seq", f"{PREFIX}id"]
+        sender = _sender(message)
+        budget = flood_key(charge.account if charge else sender)  # not touched without a charge
+        keys = [self._stream_key(stream), f"{PREFIX}seq", f"{PREFIX}id", budget]
         if private_to:
-            keys += [f"{PREFIX}privates", f"{PREFIX}pairs:{private_to}", f"{PREFIX}pairs:{_sender(message)}"]
+            keys += [f"{PREFIX}privates", f"{PREFIX}pairs:{private_to}", f"{PREFIX}pairs:{sender}"]
         bound = max(self.history_limit, LIVE_FEED_LENGTH)
         message_id, reserved = self._propose_id(), False
         for _attempt in range(20):
             numbered = replace(message, id=message_id, sent_at=self._clock())
             sealed = self._seal(stream, numbered, origin_session, ref)
             args: list[Any] = [numbered.id, stream, bound, self._key_id, sealed]
-            args += [private_to, _sender(message), PRIVATE_FEED_LENGTH, "1" if reserved else "0"]
+            args += [private_to, sender, PRIVATE_FEED_LENGTH, "1" if reserved else "0"]
+            args += [repr(self._clock()), charge.rate, charge.burst, charge.cost] if charge else ["", 0, 0, 0]
             try:
                 seq, answer = (int(value) for value in self._append(keys=keys, args=args))
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)
                 raise BackendUnavailable("the server cannot reach its message broker just now") from None
+            if seq == -2:  # the charge was more than the budget held: nothing was stored
+                raise OverBudget(sender)
             if seq < 0:  # another process took that id, or numbered a later line of this stream first
                 message_id, reserved = answer, True  # the id the script set aside for this line
                 self._note_id(answer)
@@ -424,9 +467,12 @@ class RedisBackend:
             return replace(numbered, seq=seq) if isinstance(numbered, Chat) and not private_to else numbered
         raise BackendUnavailable("the line could not be numbered (too many at once); try again")
 
-    def publish_room(self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "") -> RoomEvent:
-        """Number and append a room event; every process reading the room delivers it (this one too)."""
-        numbered = self._publish(room, replace(message, room=room), origin_session, ref)
+    def publish_room(
+        self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
+    ) -> RoomEvent:
+        """Number and append a room event; every process reading the room delivers it (this one too).
+        ``OverBudget`` if ``charge`` is more than its account's flood budget holds (nothing is stored)."""
+        numbered = self._publish(room, replace(message, room=room), origin_session, ref, charge)
         if isinstance(numbered, Chat):
             self._deliver_at_once(room, numbered, origin_session, ref)
         return numbered
@@ -447,11 +493,12 @@ class RedisBackend:
             with _guarded(f"a line of {room}"):
                 subscriber.on_room_event(room, line, origin_session, ref)
 
-    def publish_private(self, message: Chat, origin_session: str = "", ref: str = "") -> Chat:
+    def publish_private(
+        self, message: Chat, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
+    ) -> Chat:
         stream = private_stream(message.sender, message.recipient)
-        numbered = self._publish(
-            stream, replace(message, private=True, room="", seq=0), origin_session, ref, private_to=message.recipient
-        )
+        private = replace(message, private=True, room="", seq=0)
+        numbered = self._publish(stream, private, origin_session, ref, charge, private_to=message.recipient)
         assert isinstance(numbered, Chat)
         return numbered
 

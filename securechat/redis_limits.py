@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from securechat.accounts import LoginThrottle
-from securechat.redis_backend import NODES_KEY, PREFIX, SESSION_TTL
+from securechat.redis_backend import NODES_KEY, PREFIX, SESSION_TTL, TOKEN_BUCKET, flood_key
 
 log = logging.getLogger("chat.server")
 
@@ -58,18 +58,15 @@ end
 return 0
 """
 
-# A token bucket: KEYS[1]; ARGV: now, rate per second, burst, cost. Returns 1 if allowed.
-_TAKE = """
-local now, rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local v = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens, at = tonumber(v[1]) or burst, tonumber(v[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local allowed = 0
-if tokens >= cost then tokens = tokens - cost; allowed = 1 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', ARGV[1])
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
-return allowed
+# Takes from an account's flood budget: KEYS[1]; ARGV: now, rate per second, burst, cost. Returns 1
+# if allowed. (A line's cost is taken by the append script, in the same step.)
+_TAKE = (
+    TOKEN_BUCKET
+    + """
+if take(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])) then return 1 end
+return 0
 """
+)
 
 
 # Counts a connection of this process in (ARGV[2] = 1) or out (-1), and returns how many the
@@ -215,6 +212,6 @@ class SharedFloodBudget:
     def take(self, account: str, cost: float, rate: float, burst: int) -> bool | None:
         """True if allowed, False if over the budget, None if Redis cannot say (count locally)."""
         try:
-            return bool(self._take(keys=[f"{PREFIX}flood:{account}"], args=[time.time(), rate, burst, cost]))
+            return bool(self._take(keys=[flood_key(account)], args=[repr(time.time()), rate, burst, cost]))
         except redis.exceptions.RedisError:
             return None

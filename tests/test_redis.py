@@ -30,6 +30,7 @@ from conftest import (
     wait_until,
 )
 
+from securechat.backend import LineCharge, OverBudget
 from securechat.client import ChatClient, KnownHosts
 from securechat.protocol import Chat, ErrorReply, Notice
 from securechat.protocol import Room as RoomMessage
@@ -566,6 +567,10 @@ def backend_of(redis_server, **options):
     return RedisBackend(redis_server.url, b"k" * 32, **options)
 
 
+#: The append script's last arguments for a line with no flood charge.
+NO_CHARGE = ["", 0, 0, 0]
+
+
 class Recorder:
     """A subscriber that keeps what it is handed, and can be told to fail once."""
 
@@ -614,20 +619,29 @@ def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_o
         # The script ran but its answer was lost: the client library sends it again. Same id, once.
         numbered = Chat(sender="alice", text="once", sent_at=time.time(), room="#r", id=backend._propose_id())
         sealed = backend._seal("#r", numbered, "", "")
-        keys = [backend._stream_key("#r"), "chat:seq", "chat:id"]
-        args = [numbered.id, "#r", 1000, backend._key_id, sealed, "", "alice", 100, "0"]
+        keys = [backend._stream_key("#r"), "chat:seq", "chat:id", "chat:flood:alice"]
+        args = [numbered.id, "#r", 1000, backend._key_id, sealed, "", "alice", 100, "0", *NO_CHARGE]
         first = [int(value) for value in backend._append(keys=keys, args=args)]
         assert first[0] > 0 and [int(value) for value in backend._append(keys=keys, args=args)] == first
         # Another line proposing the id that one took is refused, and given the next id, set aside for it.
         other = backend._seal("#r", replace(numbered, text="another"), "", "")
-        args = [numbered.id, "#r", 1000, backend._key_id, other, "", "alice", 100, "0"]
+        args = [numbered.id, "#r", 1000, backend._key_id, other, "", "alice", 100, "0", *NO_CHARGE]
         assert [int(value) for value in backend._append(keys=keys, args=args)] == [-1, numbered.id + 1]
         assert "another" not in [event.text for event in backend.recent("#r", 10)]
         reserved = backend._seal("#r", replace(numbered, id=numbered.id + 1, text="another"), "", "")
-        args = [numbered.id + 1, "#r", 1000, backend._key_id, reserved, "", "alice", 100, "1"]
+        args = [numbered.id + 1, "#r", 1000, backend._key_id, reserved, "", "alice", 100, "1", *NO_CHARGE]
         assert int(backend._append(keys=keys, args=args)[0]) > first[0]  # taken, though no higher than the counter
         texts = [event.text for event in backend.recent("#r", 10)]
         assert texts.count("once") == 1 and texts.count("another") == 1
+
+        # A line over its sender's flood budget is refused in the same step, and not stored.
+        budget = LineCharge("bob", cost=1.0, rate=0.01, burst=2)
+        for text in ("first", "second"):
+            backend.publish_room("#r", Chat(sender="bob", text=text, sent_at=0.0), charge=budget)
+        with pytest.raises(OverBudget):
+            backend.publish_room("#r", Chat(sender="bob", text="third", sent_at=0.0), charge=budget)
+        texts = [event.text for event in backend.recent("#r", 10)]
+        assert texts[-2:] == ["first", "second"] and "third" not in texts
     finally:
         backend.close()
 
