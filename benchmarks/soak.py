@@ -5,7 +5,7 @@
     python benchmarks/soak.py --clients 100 --deliveries 100000 --cycles 300 --json benchmarks/soak-results.json
     python benchmarks/soak.py --only-slow-readers   # phase 3 alone: RSS across rounds of slow readers (about a minute)
 
-It starts the real server (``python server.py``, flood limit off as in
+It starts the real server (``python server.py``, flood limit out of reach as in
 ``fanout.py``) and runs two phases:
 
 1. Soak: ``--clients`` clients log in; they take turns sending numbered lines,
