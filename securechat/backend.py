@@ -83,11 +83,12 @@ class RoomBackend(Protocol):
     def publish_private(
         self, message: Chat, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
     ) -> Chat: ...
-    # hand this process the events of a room after ``after_id`` (a room its sessions are in); the
-    # token it returns stops that again (the room's last session here left). A second watch of the
-    # room starts afresh, and its token alone stops it.
-    def watch(self, room: str, after_id: int) -> int: ...
-    def unwatch(self, room: str, token: int) -> None: ...
+    # hand this process the events of a room after ``after_id`` (a room its sessions are in), until
+    # unwatch (the room's last session here left). ``generation`` tells the hub's makings of a room
+    # apart (they rise): a call for an older making than one already seen is ignored, so calls that
+    # arrive out of order cannot stop the newest watch, nor start a stale one again.
+    def watch(self, room: str, after_id: int, generation: int) -> None: ...
+    def unwatch(self, room: str, generation: int) -> None: ...
 
     # who is in a room on the other processes (this process knows its own), and news of their
     # joins and leaves: presence, never history
@@ -236,11 +237,10 @@ class MemoryBackend:
                     self._subscriber.on_private(message.sender, numbered, origin_session, ref)
         return numbered
 
-    def watch(self, room: str, after_id: int) -> int:
+    def watch(self, room: str, after_id: int, generation: int) -> None:
         """Nothing to do: in one process every event reaches the subscriber as it is published."""
-        return 0
 
-    def unwatch(self, room: str, token: int) -> None:
+    def unwatch(self, room: str, generation: int) -> None:
         pass
 
     # ------------------------------------------------------------------ rooms on other processes: none

@@ -208,7 +208,7 @@ class ChatHub:
     """Every local session's view of the chat.
 
     ``sessions_lock`` guards ``_local`` and ``_session_rooms``; ``rooms_lock`` guards
-    ``_rooms`` (the local ``Room`` of each room with sessions here); ``flood_lock``
+    ``_rooms`` (the local ``Room`` of each room with sessions here) and ``_room_generations``; ``flood_lock``
     guards ``_flood``. None is held while a message is delivered or the backend is
     called, but for the backend's own publish (whose delivery is queue puts).
     """
@@ -244,6 +244,8 @@ class ChatHub:
         self._session_rooms: dict[str, list[str]] = {}
         self.rooms_lock = threading.Lock()
         self._rooms: dict[str, Room] = {}
+        # How many local rooms were made: each one's generation (guarded by rooms_lock).
+        self._room_generations = 0
         self.flood_lock = threading.Lock()
         # account -> its line budget, shared by all its devices.
         self._flood: dict[str, FloodControl] = {}
@@ -413,8 +415,11 @@ class ChatHub:
         )
         with self.rooms_lock:
             room = self._rooms.setdefault(name, fresh)
+            if room is fresh:  # numbered under the lock: the order in which rooms were made
+                self._room_generations += 1
+                fresh.generation = self._room_generations
         if room is fresh:  # from here on the room's events reach this process (after its recent lines)
-            fresh.watch_token = self.backend.watch(name, newest[-1].id if newest else 0)
+            self.backend.watch(name, newest[-1].id if newest else 0, fresh.generation)
         return room
 
     def _room_to_enter(self, name: str) -> Room:
@@ -431,9 +436,9 @@ class ChatHub:
             if self._rooms.get(name) is not local or not local.retire():
                 return
             del self._rooms[name]
-        # The token stops this room's watch only: if a fresh room of that name was made meanwhile, its
-        # watch (a later one) goes on.
-        self.backend.unwatch(name, local.watch_token)
+        # Its generation stops this room's watch only: if a fresh room of that name was made meanwhile,
+        # its watch (a later generation) goes on, whichever call reaches the backend first.
+        self.backend.unwatch(name, local.generation)
 
     def join(self, member: Member, room_name: str) -> None:
         """/join: enter a room (created if new, the joiner owning it) on every device of the account."""
@@ -481,7 +486,6 @@ class ChatHub:
         ban = self.room_state(room).ban_of(member.name)
         if ban is not None:
             raise HubError("banned", f"you are banned from {room} {_until(ban.until)}{_reason(ban.reason)}")
-        local = self._room_to_enter(room)
         elsewhere = self.backend.members_elsewhere(room)
         # A device catching up reads what it missed before entering (a disk read, never under the
         # room's lock); lines said meanwhile are in the room's recent lines, sent after these.
@@ -531,24 +535,44 @@ class ChatHub:
                 )
             member.deliver(Batch(messages=entry))
 
-        with self.sessions_lock:
-            rooms = self._session_rooms.get(member.session_id)
-            if rooms is None:  # the session ended meanwhile
-                return
-            if room not in rooms:
-                rooms.append(room)
-        self.backend.enter_room(room, member.name, member.session_id)
-        while True:
-            try:
-                first = local.join(member, welcome, quiet=member.name in elsewhere)
-                break
-            except RoomRetired:  # its last session here left as this one came: a fresh room, then
-                local = self._room_to_enter(room)
+        local = self._room_to_enter(room)
+        listed = registered = entered = False
+        try:
+            with self.sessions_lock:
+                rooms = self._session_rooms.get(member.session_id)
+                if rooms is None:  # the session ended meanwhile
+                    return
+                if room not in rooms:
+                    rooms.append(room)
+                    listed = True
+            registered = True
+            self.backend.enter_room(room, member.name, member.session_id)
+            while True:
+                try:
+                    first = local.join(member, welcome, quiet=member.name in elsewhere)
+                    break
+                except RoomRetired:  # its last session here left as this one came: a fresh room, then
+                    local = self._room_to_enter(room)
+            entered = True
+        finally:
+            if not entered:  # it never got in (the broker failed, the session ended): undo, drop an empty room
+                self._undo_entry(member, room, local, listed=listed, registered=registered)
         if first and member.name not in elsewhere:
             self.backend.announce(room, Notice(event="joined", name=member.name, room=room))
         ban = self.room_state(room).ban_of(member.name)
         if ban is not None:  # banned while it entered: a ban's removal may have run before it was in
             self._remove_from_room(member.name, room, f"banned {_until(ban.until)}")
+
+    def _undo_entry(self, member: Member, room: str, local: Room, *, listed: bool, registered: bool) -> None:
+        if listed:
+            with self.sessions_lock:
+                rooms = self._session_rooms.get(member.session_id)
+                if rooms is not None and room in rooms:
+                    rooms.remove(room)
+        if registered:  # else its presence would be refreshed in the room's roster for ever
+            self.backend.leave_room(room, member.name, member.session_id)
+        if local.member_count() == 0:
+            self._retire_if_empty(room, local)
 
     def part(self, member: Member, room_name: str, reason: str = "") -> None:
         """/part: leave a room on every device of the account; it is no longer rejoined at login."""
@@ -587,7 +611,6 @@ class ChatHub:
             raise HubError("not_in_room", f"not sent: you are not in {room} (/join {room} first)")
         self._check_may_speak(member.name, room)
         charge = self._charge_line(member.name)
-        self.backend.update_session(member.name, member.session_id, active=time.time())
         local = self._local_room(room, create=False)
         if local is not None:
             local.before_line_from(member.name)
@@ -596,6 +619,7 @@ class ChatHub:
             self.backend.publish_room(room, message, member.session_id, ref, charge=charge)
         except OverBudget:
             raise self._flood_refusal() from None
+        self.backend.update_session(member.name, member.session_id, active=time.time())  # a line it took
 
     def private(self, member: Member, recipient: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for one account: every device of it, and of the sender; kept for whoever is offline."""
@@ -604,12 +628,12 @@ class ChatHub:
         if not self.accounts.exists(recipient):
             raise HubError("no_such_user", f"not sent: there is no user {_clean(recipient, 40)}")
         charge = self._charge_line(member.name)
-        self.backend.update_session(member.name, member.session_id, active=time.time())
         message = Chat(sender=member.name, text=text, sent_at=0.0, action=action, private=True, recipient=recipient)
         try:
             self.backend.publish_private(message, member.session_id, ref, charge=charge)
         except OverBudget:
             raise self._flood_refusal() from None
+        self.backend.update_session(member.name, member.session_id, active=time.time())
         devices = self.backend.sessions(recipient)
         if not devices:
             member.deliver(

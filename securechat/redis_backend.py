@@ -109,7 +109,9 @@ end
 # KEYS: stream, sequence hash, id counter, sender's flood budget, [private feed, recipient's
 # pairs, sender's pairs]. ARGV: id, stream name, history bound, key id, sealed payload, recipient
 # ("" for a room), sender, feed bound, "1" if the id is reserved, then now ("" for no charge),
-# rate, burst, cost. Returns {sequence number, 0}, {-1, reserved id}, or {-2, 0} over the budget.
+# rate, burst, cost, then the highest sequence number of the stream the caller has seen (if Redis
+# lost data, the stream's numbering goes on above it). Returns {sequence number, 0}, {-1, reserved
+# id}, or {-2, 0} over the budget.
 _APPEND = (
     TOKEN_BUCKET
     + """
@@ -137,6 +139,11 @@ if ARGV[10] ~= '' and not take(KEYS[4], ARGV[10], tonumber(ARGV[11]), tonumber(A
 end
 if counter < id then redis.call('SET', KEYS[3], ARGV[1]) end
 local seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local floor = tonumber(ARGV[14]) or 0
+if seq <= floor then
+  seq = floor + 1
+  redis.call('HSET', KEYS[2], ARGV[2], seq)
+end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1] .. '-1', 's', seq, 'k', ARGV[4], 'from', ARGV[7],
            'p', ARGV[5])
 if #KEYS > 4 then
@@ -275,7 +282,7 @@ class RedisBackend:
     """Rooms shared through Redis (see the module's docstring).
 
     ``_watch_lock`` guards ``_watched`` (room -> last entry id read), ``_watching``,
-    ``_watch_tokens`` and ``_presence_from``; ``_local_lock``
+    ``_generations`` and ``_presence_from``; ``_local_lock``
     guards ``_local_sessions`` (the sessions this process refreshes). Neither is held
     over a Redis call. ``node`` is this process's random identity, never stored.
     """
@@ -314,17 +321,20 @@ class RedisBackend:
         self._raise_floors = self.redis.register_script(_RAISE_FLOORS)
         # The highest message id this process has issued or read: it proposes the next one above it.
         # If Redis came back with less than it had, ids go on from here, never under lines already
-        # delivered. Guarded by _id_lock.
+        # delivered. And room -> the highest sequence number of it this process has seen (kept when
+        # the room is no longer read here): a room's numbering goes on above it. Guarded by _id_lock.
         self._id_lock = threading.Lock()
         self._highest_id = 0
+        self._seq_floor: dict[str, int] = {}
         self._on_revoked: Callable[[str, int], None] | None = None
         self._control_from = "$"
         self._subscriber: Subscriber | None = None
         self._watch_lock = threading.Lock()
         self._watched: dict[str, str] = {}
-        # room -> the token of its current watch (see watch); _watch_tokens counts them.
+        # room -> the generation (the hub's making of the room) being read; and the newest generation
+        # of it told to watch or unwatch (see watch).
         self._watching: dict[str, int] = {}
-        self._watch_tokens = 0
+        self._generations: dict[str, int] = {}
         # room -> the sequence number and the id of the last event handed to the subscriber: a gap
         # after an outage is told, and an event already handed over is not handed over again. The
         # reader and the publishing threads (their own lines, at once) both deliver, and in one order
@@ -427,9 +437,15 @@ class RedisBackend:
             self._highest_id += 1
             return self._highest_id
 
-    def _note_id(self, message_id: int) -> None:
+    def _note_id(self, message_id: int, stream: str = "", seq: int = 0) -> None:
         with self._id_lock:
             self._highest_id = max(self._highest_id, message_id)
+            if seq > self._seq_floor.get(stream, 0):
+                self._seq_floor[stream] = seq
+
+    def _seq_floor_of(self, stream: str) -> int:
+        with self._id_lock:
+            return self._seq_floor.get(stream, 0)
 
     def _publish(
         self,
@@ -453,6 +469,7 @@ class RedisBackend:
             args: list[Any] = [numbered.id, stream, bound, self._key_id, sealed]
             args += [private_to, sender, PRIVATE_FEED_LENGTH, "1" if reserved else "0"]
             args += [repr(self._clock()), charge.rate, charge.burst, charge.cost] if charge else ["", 0, 0, 0]
+            args.append(0 if private_to else self._seq_floor_of(stream))
             try:
                 seq, answer = (int(value) for value in self._append(keys=keys, args=args))
             except redis.exceptions.RedisError as exc:
@@ -464,6 +481,8 @@ class RedisBackend:
                 message_id, reserved = answer, True  # the id the script set aside for this line
                 self._note_id(answer)
                 continue
+            if not private_to:
+                self._note_id(message_id, stream, seq)
             return replace(numbered, seq=seq) if isinstance(numbered, Chat) and not private_to else numbered
         raise BackendUnavailable("the line could not be numbered (too many at once); try again")
 
@@ -504,32 +523,32 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ reading
 
-    def watch(self, room: str, after_id: int) -> int:
+    def watch(self, room: str, after_id: int, generation: int) -> None:
         """Deliver ``room``'s events after ``after_id`` (and every later one) to the subscriber.
 
-        Returns the token that stops it (``unwatch``). Watching a room already watched starts it
-        afresh from ``after_id``: the hub made a new local room, which has what came before.
+        A newer ``generation`` of a room already watched starts it afresh from ``after_id``: the hub
+        made a new local room, which has what came before. An older one than any seen is ignored.
         """
         start = f"{after_id}-1" if after_id else "0-0"
         if not after_id and self.history_limit <= 0:  # no history: what the stream holds is not news
             newest = self._call(self.redis.xrevrange, self._stream_key(room), "+", "-", count=1)
             start = _text(newest[0][0]) if newest else "0-0"
         newest_news = self._call(self.redis.xrevrange, self._presence_key(room), "+", "-", count=1)
+        with self._watch_lock:
+            if generation <= self._generations.get(room, 0):
+                return  # a later making of the room was watched or retired already
+            self._generations[room] = self._watching[room] = generation
+            self._watched[room] = start
+            self._presence_from[room] = _text(newest_news[0][0]) if newest_news else "0-0"
         with self._delivery_lock:  # what an earlier watch of the room handed over is not this one's
             self._delivered_id[room] = after_id
             self._last_seq.pop(room, None)
-        with self._watch_lock:
-            self._watch_tokens += 1
-            token = self._watch_tokens
-            self._watching[room] = token
-            self._watched[room] = start
-            self._presence_from[room] = _text(newest_news[0][0]) if newest_news else "0-0"
-        return token
 
-    def unwatch(self, room: str, token: int) -> None:
-        """Stop reading ``room`` (nobody here is in it any more), unless it was watched again since."""
+    def unwatch(self, room: str, generation: int) -> None:
+        """Stop reading ``room`` (nobody here is in it any more), unless a later making of it is read."""
         with self._watch_lock:
-            if self._watching.get(room) != token:
+            self._generations[room] = max(self._generations.get(room, 0), generation)
+            if self._watching.get(room) != generation:
                 return
             del self._watching[room]
             self._watched.pop(room, None)
@@ -589,7 +608,8 @@ class RedisBackend:
                 self._deliver_room_entry(room, _message_id(entry_id), fields)
 
     def _deliver_room_entry(self, room: str, message_id: int, fields: dict[Any, Any]) -> None:
-        self._note_id(message_id)
+        seq = int(fields.get(b"s", 0))
+        self._note_id(message_id, room, seq)
         subscriber = self._subscriber
         with self._delivery_lock:
             if subscriber is None or message_id <= self._delivered_id.get(room, 0):
@@ -600,7 +620,6 @@ class RedisBackend:
         event, origin, ref = opened
         if event.sent_at < self._clock() - self.history_max_age:
             return  # older than history keeps: not news either
-        seq = int(fields.get(b"s", 0))
         if isinstance(event, Chat):
             event = replace(event, seq=seq)
         with self._delivery_lock:
@@ -858,12 +877,12 @@ class RedisBackend:
                 self._note_problem(exc)
 
     def _restore_floors(self, client: redis.Redis | redis.client.Pipeline) -> None:
-        """Raise Redis's message counter and the sequence numbers of the rooms read here to at least
-        what this process has seen (``_RAISE_FLOORS``): they are lower only if Redis lost data."""
+        """Raise Redis's message counter and the sequence numbers of the rooms this process has seen
+        to at least what it has seen of them (``_RAISE_FLOORS``): they are lower only if Redis lost
+        data. (A line this process appends meanwhile is numbered above them by the append script.)"""
         with self._id_lock:
             args: list[Any] = [self._highest_id]
-        with self._delivery_lock:
-            for room, seq in self._last_seq.items():
+            for room, seq in self._seq_floor.items():
                 args += [room, seq]
         try:
             self._raise_floors(keys=[f"{PREFIX}id", f"{PREFIX}seq"], args=args, client=client)

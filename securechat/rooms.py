@@ -161,8 +161,9 @@ class Room:
         self._closed = False
         # Set by retire(): empty, and no longer the process's room of that name; nobody may join it.
         self._retired = False
-        #: What stops the backend's watch of this room when it is retired (set by its maker, the hub).
-        self.watch_token = 0
+        #: Which making of this room by the hub it is (they rise): tells its backend watch apart from
+        #: an earlier or later one's. Set by the hub as it makes the room.
+        self.generation = 0
 
     # ------------------------------------------------------------------ membership
 

@@ -30,10 +30,12 @@ from conftest import (
     wait_until,
 )
 
-from securechat.backend import LineCharge, OverBudget
+from securechat.backend import BackendUnavailable, LineCharge, OverBudget
 from securechat.client import ChatClient, KnownHosts
+from securechat.hub import ChatHub
 from securechat.protocol import Chat, ErrorReply, Notice
 from securechat.protocol import Room as RoomMessage
+from securechat.redis_backend import RedisBackend
 
 
 def client_of(node: ServerProcess, known_hosts: Path, **options) -> ChatClient:
@@ -562,13 +564,11 @@ def test_a_first_start_on_an_empty_redis_copies_the_accounts_of_users_json(tmp_p
 
 
 def backend_of(redis_server, **options):
-    from securechat.redis_backend import RedisBackend
-
     return RedisBackend(redis_server.url, b"k" * 32, **options)
 
 
-#: The append script's last arguments for a line with no flood charge.
-NO_CHARGE = ["", 0, 0, 0]
+#: The append script's last arguments for a line with no flood charge and no sequence floor.
+NO_CHARGE = ["", 0, 0, 0, 0]
 
 
 class Recorder:
@@ -599,7 +599,7 @@ def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_o
     recorder = Recorder()
     backend.start(recorder)
     try:
-        backend.watch("#r", 0)
+        backend.watch("#r", 0, generation=1)
         recorder.fail_next = True
         backend.publish_room("#r", Chat(sender="alice", text="lost to a bug", sent_at=0.0))
         backend.publish_room("#r", Chat(sender="alice", text="still heard", sent_at=0.0))
@@ -647,9 +647,10 @@ def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_o
 
 
 def test_after_redis_lost_its_data_ids_and_sequence_numbers_go_on_above_what_was_seen(tmp_path):
-    """A Redis with no persistence restarts empty: a process that started after it must not number
-    lines below what the others' readers have read (they would never see them), nor reuse a room's
-    sequence numbers (a device catching up by them would skip lines)."""
+    """A Redis with no persistence restarts empty. No line may then be numbered below what the
+    processes' readers have read (they would never see it), nor reuse a room's sequence numbers (a
+    device catching up by them would skip lines): not a line said the moment Redis is back, not one
+    from a process started after it, not one in a room no longer read here."""
     if not REDIS_SERVER:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
     (tmp_path / "volatile").mkdir()
@@ -659,23 +660,31 @@ def test_after_redis_lost_its_data_ids_and_sequence_numbers_go_on_above_what_was
     after = None
     try:
         before.start(recorder)
-        before.watch("#r", 0)
+        before.watch("#r", 0, generation=1)
+        before.watch("#left", 0, generation=2)
         for number in range(5):
             before.publish_room("#r", Chat(sender="alice", text=f"before {number}", sent_at=0.0))
-        wait_until(lambda: len(recorder.seqs) == 5)
+            before.publish_room("#left", Chat(sender="alice", text=f"left {number}", sent_at=0.0))
+        wait_until(lambda: len(recorder.texts) == 10)
+        before.unwatch("#left", 2)  # its last member here left: no longer read
         volatile.restart()
         store = redis.Redis(port=volatile.port)
         assert not store.exists("chat:stream:#r")  # the room's lines are gone with the rest
-        # The reader of the process that was there puts its floors back as soon as it is back.
-        wait_until(lambda: int(store.get("chat:id") or 0) >= 5)
+        # Said the moment Redis is back, before this process's reader has put anything back.
+        at_once = before.publish_room("#r", Chat(sender="alice", text="at once", sent_at=0.0))
+        assert at_once.seq == 6 and at_once.id > 10
+        # The process that was there puts its floors back as soon as its reader is back.
+        wait_until(lambda: int(store.get("chat:id") or 0) > 10)
         store.close()
         after = backend_of(volatile)  # a process started after the loss: it has seen nothing
         after.start(Recorder())
         line = after.publish_room("#r", Chat(sender="bob", text="after the loss", sent_at=0.0))
-        assert line.id > 5 and line.seq == 6
+        assert line.id > at_once.id and line.seq == 7
         wait_until(lambda: "after the loss" in recorder.texts)
-        assert recorder.seqs == [1, 2, 3, 4, 5, 6]
+        assert recorder.seqs["#r"] == list(range(1, 8))
         assert not [text for text in recorder.texts if "lost" in text]
+        elsewhere = after.publish_room("#left", Chat(sender="bob", text="back in #left", sent_at=0.0))
+        assert elsewhere.seq == 6  # its numbering goes on, though nobody on the first process is in it
     finally:
         for backend in (before, after):
             if backend is not None:
@@ -683,18 +692,115 @@ def test_after_redis_lost_its_data_ids_and_sequence_numbers_go_on_above_what_was
         volatile.stop()
 
 
+class Session:
+    """A logged-in session as the hub sees it, keeping what it is handed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.session_id = f"session-{name}"
+        self.received: list[object] = []
+
+    def deliver(self, message: object) -> None:
+        self.received.append(message)
+
+    def end(self, reason: str) -> None:
+        pass
+
+    def said(self) -> list[str]:
+        return [message.text for message in self.received if isinstance(message, Chat)]
+
+
+class FlakyRedisBackend(RedisBackend):
+    """The Redis backend, with a broker failure on the next roster entry, and its next watch of a
+    room held (a slow read) until the test lets it go on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_next_entry = False
+        self.hold_next_watch = False
+        self.inside_watch = threading.Event()
+        self.release_watch = threading.Event()
+
+    def enter_room(self, room: str, account: str, session_id: str) -> None:
+        if self.fail_next_entry:
+            self.fail_next_entry = False
+            raise BackendUnavailable("the server cannot reach its message broker just now")
+        super().enter_room(room, account, session_id)
+
+    def watch(self, room: str, after_id: int, generation: int) -> None:
+        if self.hold_next_watch:
+            self.hold_next_watch = False
+            self.inside_watch.set()
+            assert self.release_watch.wait(TIMEOUT)
+        super().watch(room, after_id, generation)
+
+
+def hub_on(backend: RedisBackend, *names: str) -> tuple[ChatHub, list[Session]]:
+    hub = ChatHub(backend)
+    sessions = [Session(name) for name in names]
+    for session in sessions:
+        rooms, _ = hub.open_session(session, "test", "127.0.0.1")
+        hub.enter_rooms(session, rooms)
+    return hub, sessions
+
+
+def test_an_entry_the_broker_fails_leaves_no_half_member_and_no_room_read_for_nobody(redis_server):
+    backend = FlakyRedisBackend(redis_server.url, b"k" * 32)
+    hub, (alice,) = hub_on(backend, "alice")
+    try:
+        backend.fail_next_entry = True
+        with pytest.raises(BackendUnavailable):
+            hub.join(alice, "#r")
+        assert hub.local_room("#r") is None and "#r" not in backend._watched  # nobody here: not read
+        hub.join(alice, "#r")  # not "you are already in #r": the failed entry left nothing behind
+        hub.say(alice, "#r", "in at last")
+        wait_until(lambda: "in at last" in alice.said())
+    finally:
+        hub.close()
+
+
+def test_a_room_made_again_while_an_older_one_is_still_being_watched_keeps_its_reader(redis_server):
+    """The watch of a room made earlier can reach the backend after the room was retired and made
+    again: it must neither stop the newer room's reading nor outlive it."""
+    backend = FlakyRedisBackend(redis_server.url, b"k" * 32)
+    other = backend_of(redis_server)  # another server process
+    hub, (alice, bob, carol) = hub_on(backend, "alice", "bob", "carol")
+    try:
+        hub.ensure_room("#r", owner="alice")
+        backend.hold_next_watch = True
+        entering = threading.Thread(target=hub.join, args=(bob, "#r"))
+        entering.start()  # makes the first local #r, and is held in its watch
+        assert backend.inside_watch.wait(TIMEOUT)
+        hub.join(alice, "#r")
+        hub.part(alice, "#r")  # the first #r is retired (its watch has not even begun)
+        hub.join(carol, "#r")  # a second #r, watched
+        backend.release_watch.set()  # the first room's watch arrives now, late
+        entering.join(TIMEOUT)
+        assert not entering.is_alive()
+        assert hub.local_room("#r").roster()[0] == ["bob", "carol"]
+        other.publish_room("#r", Chat(sender="dave", text="from the other process", sent_at=0.0))
+        wait_until(lambda: "from the other process" in carol.said() and "from the other process" in bob.said())
+        hub.part(bob, "#r")
+        hub.part(carol, "#r")
+        assert hub.local_room("#r") is None and "#r" not in backend._watched  # read no longer
+    finally:
+        backend.release_watch.set()
+        other.close()
+        hub.close()
+
+
 class SeqRecorder(Recorder):
-    """A subscriber that keeps the texts and sequence numbers of what it is handed."""
+    """A subscriber that keeps the texts of what it is handed, and each room's sequence numbers."""
 
     def __init__(self) -> None:
         super().__init__()
         self.texts: list[str] = []
-        self.seqs: list[int] = []
+        self.seqs: dict[str, list[int]] = {}
 
     def on_room_event(self, room, message, origin_session, ref):
         self.texts.append(getattr(message, "text", ""))
         if isinstance(message, Chat):
-            self.seqs.append(message.seq)
+            self.seqs.setdefault(room, []).append(message.seq)
 
 
 def test_lines_published_at_once_on_two_processes_reach_both_once_each_in_one_order(redis_server):
@@ -704,7 +810,7 @@ def test_lines_published_at_once_on_two_processes_reach_both_once_each_in_one_or
     recorders = [Recorder(), Recorder()]
     for backend, recorder in zip(backends, recorders, strict=True):
         backend.start(recorder)
-        backend.watch("#r", 0)
+        backend.watch("#r", 0, generation=1)
     try:
         per_sender = 60
 
