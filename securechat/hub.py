@@ -208,7 +208,8 @@ class ChatHub:
     """Every local session's view of the chat.
 
     ``sessions_lock`` guards ``_local`` and ``_session_rooms``; ``rooms_lock`` guards
-    ``_rooms`` (the local ``Room`` of each room with sessions here) and ``_room_generations``; ``flood_lock``
+    ``_rooms`` (the local ``Room`` of each room with sessions here), ``_room_generations``
+    and each room's ``watched``; ``flood_lock``
     guards ``_flood``. None is held while a message is delivered or the backend is
     called, but for the backend's own publish (whose delivery is queue puts).
     """
@@ -409,6 +410,7 @@ class ChatHub:
             name,
             topic=record.topic if record is not None else "",
             recent=recent,
+            newest_id=newest[-1].id if newest else 0,
             recent_size=self.config.join_history,
             join_notice_delay=self.config.join_notice_delay,
             pacer=self._notice_pacer,
@@ -418,14 +420,25 @@ class ChatHub:
             if room is fresh:  # numbered under the lock: the order in which rooms were made
                 self._room_generations += 1
                 fresh.generation = self._room_generations
-        if room is fresh:  # from here on the room's events reach this process (after its recent lines)
-            self.backend.watch(name, newest[-1].id if newest else 0, fresh.generation)
         return room
 
     def _room_to_enter(self, name: str) -> Room:
+        """The local room to put a session in: made if need be, and read by the backend before anyone
+        is put in it (from its newest event on). A watch the broker fails is tried again by the next
+        entry, so a room with members here is always read."""
         local = self._local_room(name)
         if local is None:
             raise HubError("shutting_down", "the server is shutting down")
+        with self.rooms_lock:
+            watched = local.watched
+        if not watched:
+            try:
+                self.backend.watch(name, local.newest_id(), local.generation)
+            except BaseException:
+                self._retire_if_empty(name, local)  # nobody is in it yet: the next entry makes it again
+                raise
+            with self.rooms_lock:
+                local.watched = True
         return local
 
     def _retire_if_empty(self, name: str, local: Room) -> None:
@@ -553,7 +566,11 @@ class ChatHub:
                     break
                 except RoomRetired:  # its last session here left as this one came: a fresh room, then
                     local = self._room_to_enter(room)
-            entered = True
+            # Still listed: else it ended, or was taken out, as it came in (another device's /join
+            # enters it from that device's thread).
+            entered = self._in_room(member, room)
+            if not entered:
+                return
         finally:
             if not entered:  # it never got in (the broker failed, the session ended): undo, drop an empty room
                 self._undo_entry(member, room, local, listed=listed, registered=registered)
@@ -564,6 +581,7 @@ class ChatHub:
             self._remove_from_room(member.name, room, f"banned {_until(ban.until)}")
 
     def _undo_entry(self, member: Member, room: str, local: Room, *, listed: bool, registered: bool) -> None:
+        local.leave(member, quiet=True)  # if it got in before what failed (nothing if not)
         if listed:
             with self.sessions_lock:
                 rooms = self._session_rooms.get(member.session_id)

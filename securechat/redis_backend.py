@@ -608,8 +608,6 @@ class RedisBackend:
                 self._deliver_room_entry(room, _message_id(entry_id), fields)
 
     def _deliver_room_entry(self, room: str, message_id: int, fields: dict[Any, Any]) -> None:
-        seq = int(fields.get(b"s", 0))
-        self._note_id(message_id, room, seq)
         subscriber = self._subscriber
         with self._delivery_lock:
             if subscriber is None or message_id <= self._delivered_id.get(room, 0):
@@ -617,6 +615,8 @@ class RedisBackend:
         opened = self._open(room, message_id, fields)
         if opened is None:
             return
+        seq = int(fields.get(b"s", 0))
+        self._note_id(message_id, room, seq)  # once it opened: a forged entry may not raise the floors
         event, origin, ref = opened
         if event.sent_at < self._clock() - self.history_max_age:
             return  # older than history keeps: not news either
@@ -978,11 +978,16 @@ class RedisBackend:
         events: list[RoomEvent] = []
         for entry_id, fields in entries:
             opened = self._open(stream, _message_id(entry_id), fields)
-            if opened is None or opened[0].sent_at < oldest:
+            if opened is None:
                 continue
-            event = opened[0]
-            if isinstance(event, Chat) and not event.private:
-                event = replace(event, seq=int(fields.get(b"s", 0)))
+            event, seq = opened[0], int(fields.get(b"s", 0))
+            private = isinstance(event, Chat) and event.private
+            # What a user was shown counts as seen: after a loss of Redis's data, it is not numbered again.
+            self._note_id(event.id, "" if private else stream, 0 if private else seq)
+            if event.sent_at < oldest:
+                continue
+            if isinstance(event, Chat) and not private:
+                event = replace(event, seq=seq)
             events.append(event)
         return events
 

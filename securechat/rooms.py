@@ -122,6 +122,7 @@ class Room:
         *,
         topic: str = "",
         recent: list[RoomEvent] | None = None,
+        newest_id: int = 0,
         recent_size: int = DEFAULT_RECENT_LINES,
         join_notice_delay: float = JOIN_NOTICE_DELAY,
         join_notice_rate: float = JOIN_NOTICE_FRAMES_PER_SECOND,
@@ -142,9 +143,10 @@ class Room:
         self.topic = topic
         # The last lines said here (already numbered by the backend), oldest first.
         self._recent: deque[RoomEvent] = deque(recent or (), maxlen=max(0, recent_size))
-        # The id of the newest event this room has (ids rise in a room): one it already has, handed
-        # over again as a room is retired and made afresh, is not delivered twice.
-        self._newest_id = max((event.id for event in recent or ()), default=0)
+        # The id of the newest event this room has (ids rise in a room; ``newest_id`` when it was made,
+        # which its recent lines may not hold): one it already has, handed over again as a room is
+        # retired and made afresh, is not delivered twice.
+        self._newest_id = max([newest_id, *(event.id for event in recent or ())])
         # Accounts whose "joined" notice has not gone out yet, in the order they arrived.
         self._pending_joins: list[str] = []
         # Sends the pending notices when the delay is up; None when nothing is pending.
@@ -164,6 +166,9 @@ class Room:
         #: Which making of this room by the hub it is (they rise): tells its backend watch apart from
         #: an earlier or later one's. Set by the hub as it makes the room.
         self.generation = 0
+        #: Whether the backend reads this room's events for it yet: the hub sets it (under its own
+        #: lock), and puts nobody in the room before.
+        self.watched = False
 
     # ------------------------------------------------------------------ membership
 
@@ -219,6 +224,11 @@ class Room:
         for other in others:
             other.deliver(notice)
         return True
+
+    def newest_id(self) -> int:
+        """The id of the newest event this room has: where reading its events goes on from."""
+        with self.members_lock:
+            return self._newest_id
 
     def sessions_of(self, name: str) -> list[Member]:
         with self.members_lock:

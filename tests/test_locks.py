@@ -351,6 +351,31 @@ def test_a_session_entering_a_room_as_its_last_member_leaves_lands_in_a_live_roo
         hub.close()
 
 
+def test_a_session_whose_entry_fails_inside_the_room_is_left_neither_in_it_nor_listed(tmp_path, monkeypatch):
+    hub = ChatHub(MemoryBackend(ChatStore(tmp_path / "chat.db", os.urandom(32))))
+    alice = SlowMember("alice")
+    try:
+        rooms, _ = hub.open_session(alice, "test", "127.0.0.1")
+        hub.enter_rooms(alice, rooms)
+        start = threading.Timer.start
+
+        def no_thread(timer: threading.Timer) -> None:  # the join notice's timer cannot start
+            if timer.name.startswith("join-notices #r"):
+                raise RuntimeError("can't start new thread")
+            start(timer)
+
+        monkeypatch.setattr(threading.Timer, "start", no_thread)
+        with pytest.raises(RuntimeError):
+            hub.join(alice, "#r")
+        monkeypatch.setattr(threading.Timer, "start", start)
+        assert hub.local_room("#r") is None  # not in it, and the empty room is gone
+        hub.join(alice, "#r")  # and not "already in #r"
+        hub.say(alice, "#r", "in at last")
+        assert any(isinstance(m, Chat) and m.text == "in at last" for m in alice.received)
+    finally:
+        hub.close()
+
+
 # --------------------------------------------------------------------------- the client's sends
 
 

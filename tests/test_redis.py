@@ -673,8 +673,9 @@ def test_after_redis_lost_its_data_ids_and_sequence_numbers_go_on_above_what_was
         # Said the moment Redis is back, before this process's reader has put anything back.
         at_once = before.publish_room("#r", Chat(sender="alice", text="at once", sent_at=0.0))
         assert at_once.seq == 6 and at_once.id > 10
-        # The process that was there puts its floors back as soon as its reader is back.
-        wait_until(lambda: int(store.get("chat:id") or 0) > 10)
+        # The process that was there puts its floors back as soon as its reader is back, even those of
+        # a room nobody on it is in any more.
+        wait_until(lambda: int(store.hget("chat:seq", "#left") or 0) >= 5)
         store.close()
         after = backend_of(volatile)  # a process started after the loss: it has seen nothing
         after.start(Recorder())
@@ -711,27 +712,36 @@ class Session:
 
 
 class FlakyRedisBackend(RedisBackend):
-    """The Redis backend, with a broker failure on the next roster entry, and its next watch of a
-    room held (a slow read) until the test lets it go on."""
+    """The Redis backend, where the test can make the broker fail the next roster entry or room
+    watch, or hold the next watch, or the next entry of one session, until it lets it go on."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fail_next_entry = False
-        self.hold_next_watch = False
-        self.inside_watch = threading.Event()
-        self.release_watch = threading.Event()
+        self.fail_next_entry = self.fail_next_watch = self.hold_next_watch = False
+        self.hold_entry_of = ""
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def _hold(self) -> None:
+        self.inside.set()
+        assert self.release.wait(TIMEOUT)
 
     def enter_room(self, room: str, account: str, session_id: str) -> None:
         if self.fail_next_entry:
             self.fail_next_entry = False
             raise BackendUnavailable("the server cannot reach its message broker just now")
+        if session_id == self.hold_entry_of:
+            self.hold_entry_of = ""
+            self._hold()
         super().enter_room(room, account, session_id)
 
     def watch(self, room: str, after_id: int, generation: int) -> None:
+        if self.fail_next_watch:
+            self.fail_next_watch = False
+            raise BackendUnavailable("the server cannot reach its message broker just now")
         if self.hold_next_watch:
             self.hold_next_watch = False
-            self.inside_watch.set()
-            assert self.release_watch.wait(TIMEOUT)
+            self._hold()
         super().watch(room, after_id, generation)
 
 
@@ -770,11 +780,11 @@ def test_a_room_made_again_while_an_older_one_is_still_being_watched_keeps_its_r
         backend.hold_next_watch = True
         entering = threading.Thread(target=hub.join, args=(bob, "#r"))
         entering.start()  # makes the first local #r, and is held in its watch
-        assert backend.inside_watch.wait(TIMEOUT)
+        assert backend.inside.wait(TIMEOUT)
         hub.join(alice, "#r")
         hub.part(alice, "#r")  # the first #r is retired (its watch has not even begun)
         hub.join(carol, "#r")  # a second #r, watched
-        backend.release_watch.set()  # the first room's watch arrives now, late
+        backend.release.set()  # the first room's watch arrives now, late
         entering.join(TIMEOUT)
         assert not entering.is_alive()
         assert hub.local_room("#r").roster()[0] == ["bob", "carol"]
@@ -784,9 +794,67 @@ def test_a_room_made_again_while_an_older_one_is_still_being_watched_keeps_its_r
         hub.part(carol, "#r")
         assert hub.local_room("#r") is None and "#r" not in backend._watched  # read no longer
     finally:
-        backend.release_watch.set()
+        backend.release.set()
         other.close()
         hub.close()
+
+
+def test_a_room_whose_watch_the_broker_failed_is_read_once_an_entry_succeeds(redis_server):
+    backend = FlakyRedisBackend(redis_server.url, b"k" * 32)
+    hub, (alice,) = hub_on(backend, "alice")
+    try:
+        backend.fail_next_watch = True
+        with pytest.raises(BackendUnavailable):
+            hub.join(alice, "#r")
+        hub.join(alice, "#r")  # the broker is back
+        hub.say(alice, "#r", "heard")
+        wait_until(lambda: "heard" in alice.said())
+    finally:
+        hub.close()
+
+
+def test_a_device_that_ends_while_another_device_enters_it_is_left_in_no_room(redis_server):
+    backend = FlakyRedisBackend(redis_server.url, b"k" * 32)
+    hub = ChatHub(backend)
+    phone, laptop = Session("alice"), Session("alice")
+    phone.session_id, laptop.session_id = "phone", "laptop"
+    for session in (phone, laptop):
+        rooms, _ = hub.open_session(session, "test", "127.0.0.1")
+        hub.enter_rooms(session, rooms)
+    try:
+        backend.hold_entry_of = "laptop"
+        joining = threading.Thread(target=hub.join, args=(phone, "#r"))
+        joining.start()  # the phone's /join enters the laptop too, and is held there
+        assert backend.inside.wait(TIMEOUT)
+        hub.close_session(laptop, "quit")  # the laptop ends meanwhile
+        backend.release.set()
+        joining.join(TIMEOUT)
+        assert [session.session_id for session in hub.local_room("#r").sessions_of("alice")] == ["phone"]
+        assert ("#r", "laptop") not in backend._local_rooms  # not kept on the room's roster either
+    finally:
+        backend.release.set()
+        hub.close()
+
+
+def test_lines_only_shown_as_history_count_as_seen_after_redis_lost_its_data(tmp_path):
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    (tmp_path / "volatile").mkdir()
+    volatile = RedisServer(tmp_path / "volatile", durable=False)
+    earlier = backend_of(volatile)  # a process that said three lines, then went away
+    for number in range(3):
+        earlier.publish_room("#r", Chat(sender="bob", text=f"old {number}", sent_at=0.0))
+    earlier.close()
+    backend = backend_of(volatile)
+    try:
+        shown = backend.recent("#r", 10)  # what a user joining here is shown
+        assert [(event.id, event.seq) for event in shown] == [(1, 1), (2, 2), (3, 3)]
+        volatile.restart()
+        line = backend.publish_room("#r", Chat(sender="alice", text="after the loss", sent_at=0.0))
+        assert line.id > 3 and line.seq == 4
+    finally:
+        backend.close()
+        volatile.stop()
 
 
 class SeqRecorder(Recorder):
