@@ -442,9 +442,10 @@ class ChatHub:
         return local
 
     def _retire_if_empty(self, name: str, local: Room) -> None:
-        """The last session here left ``local``: drop it, and stop reading its events (a process
-        whose users came and went through many rooms must not read them all for ever). A session
-        coming in meanwhile finds it retired and makes a fresh one (``_enter``)."""
+        """Drop ``local`` if nobody here is in it (its last session left, or the entry that made it
+        failed), and stop reading its events: a process whose users came and went through many rooms
+        must not read them all for ever. A session coming in meanwhile finds it retired and makes a
+        fresh one (``_enter``)."""
         with self.rooms_lock:
             if self._rooms.get(name) is not local or not local.retire():
                 return
