@@ -590,8 +590,7 @@ class ChatHub:
                     rooms.remove(room)
         if registered:  # else its presence would be refreshed in the room's roster for ever
             self.backend.leave_room(room, member.name, member.session_id)
-        if local.member_count() == 0:
-            self._retire_if_empty(room, local)
+        self._retire_if_empty(room, local)
 
     def part(self, member: Member, room_name: str, reason: str = "") -> None:
         """/part: leave a room on every device of the account; it is no longer rejoined at login."""
@@ -620,8 +619,8 @@ class ChatHub:
         last_here = local is not None and local.leave(member, reason, quiet=elsewhere)
         if last_here and not elsewhere:
             self.backend.announce(room, Notice(event="left", name=member.name, text=reason, room=room))
-        if last_here and local is not None and local.member_count() == 0:
-            self._retire_if_empty(room, local)
+        if last_here and local is not None:
+            self._retire_if_empty(room, local)  # if nobody else is in it either
 
     def say(self, member: Member, room_name: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for a room the session is in: numbered, stored, and echoed to the sender with ``ref``."""
