@@ -48,7 +48,6 @@ def test_quick_fanout_benchmark_reports_every_number(tmp_path):
     references = report["references"]
     for name in ("floor_us", "rsa_oaep_wrap_us", "aes_gcm_us", "hmac_us", "secure_channel_seal_us"):
         assert references[name] > 0, name
-    assert references["floor_us"] >= references["rsa_oaep_wrap_us"]
     assert references["gil_rsa_wrap"]["speedup"] > 0
 
     (size,) = report["sizes"]
