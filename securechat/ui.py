@@ -780,6 +780,77 @@ def ask_yes_no(host_id: str, fingerprint: str) -> bool:
         print("Please type 'yes' or 'no'.")
 
 
+class TerminalScreen:
+    """Where the interactive client's own lines go: straight to the terminal between two prompts,
+    above the prompt while one runs.
+
+    prompt_toolkit's ``patch_stdout`` decides on its own thread whether a prompt is up, then
+    writes: a prompt starting in between was drawn under lines written after its cursor-position
+    query, so it overran the screen and scrolled lines away, or lines landed on the prompt's row.
+    Here the choice and the write happen under one lock that the prompt takes as it starts
+    (``prompt_started``, before it draws anything), and lines meant for a prompt that ended before
+    it could show them are written once it has (``prompt_ended``): none is lost or misplaced.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        # Guards _app, _pending and _show_scheduled, and is held over a write straight to the
+        # terminal, so that no prompt starts drawing during one.
+        self._screen_lock = threading.Lock()
+        self._app: Any = None  # the prompt's application from its start until it has ended
+        self._pending: list[str] = []  # lines for the running prompt to show, oldest first
+        # True while a call to show _pending is on its way to the prompt's loop: lines arriving
+        # meanwhile go with it (one redraw of the prompt for a burst, not one a line).
+        self._show_scheduled = False
+
+    def write(self, line: str) -> None:
+        """Show ``line`` (a newline is added), from any thread."""
+        with self._screen_lock:
+            if self._app is None:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+                return
+            self._pending.append(line)
+            if self._show_scheduled:
+                return
+            self._show_scheduled = True
+            loop = self._app.loop
+        if loop is None:  # that prompt is ending: prompt_ended() writes the line
+            return
+        try:
+            loop.call_soon_threadsafe(self._show_pending_above_prompt)
+        except RuntimeError:  # its loop has closed: the same
+            pass
+
+    def prompt_started(self, app: Any) -> None:
+        """Called on the prompt's thread as it starts (its ``pre_run``), before it draws."""
+        with self._screen_lock:
+            self._app, self._show_scheduled = app, False
+            self._write_pending()
+
+    def prompt_ended(self) -> None:
+        """Called once the prompt has returned: what it did not show yet is written now."""
+        with self._screen_lock:
+            self._app, self._show_scheduled = None, False
+            self._write_pending()
+
+    def _show_pending_above_prompt(self) -> None:
+        from prompt_toolkit.application import run_in_terminal
+
+        def write() -> None:  # the prompt is hidden meanwhile, and drawn again below the lines
+            with self._screen_lock:
+                self._show_scheduled = False
+                self._write_pending()
+
+        run_in_terminal(write)
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            self._stream.write("".join(line + "\n" for line in self._pending))
+            self._stream.flush()
+            self._pending.clear()
+
+
 #: What may be typed while offline: the rest waits for the link.
 OFFLINE_COMMANDS = ("/reconnect", "/quit", "/help")
 #: Password tries on a terminal before giving up, as ssh gives.
@@ -933,8 +1004,10 @@ def run_interactive(
     need_password = threading.Event()  # set by the reader when the token was refused
     gave_up = threading.Event()  # set by the reader when reconnecting failed for good: exit non-zero
 
+    screen = TerminalScreen(sys.stdout)  # the real terminal: patch_stdout takes only stray writes
+
     def show(text: str) -> None:
-        print(style.system(text), flush=True)
+        screen.write(style.system(text))
 
     reconnect_now = threading.Event()  # set by /reconnect: stop waiting, try now
     context = CommandContext(client, show=show, style=style, reconnect_now=reconnect_now)
@@ -951,7 +1024,8 @@ def run_interactive(
         if app.is_running and loop is not None:
             loop.call_soon_threadsafe(exit_prompt)
 
-    def exit_if_reader_asked() -> None:
+    def prompt_started() -> None:
+        screen.prompt_started(session.app)
         # stop_prompt() does nothing between two prompts (while a line is being sent); the
         # next prompt checks here, once running, so the reader's request is never lost.
         if leaving.is_set() or need_password.is_set():
@@ -980,7 +1054,7 @@ def run_interactive(
                 formatted = format_event(event, style, client.username, client.active_room)
                 if formatted is not None:
                     line = style.mention(formatted[0]) if mention else formatted[0]
-                    print(line + ("\a" if mention and bell else ""), flush=True)
+                    screen.write(line + ("\a" if mention and bell else ""))
                 summary = while_away.note(event, client.username, client.away_since)
                 if summary is not None:
                     show(summary)
@@ -1011,6 +1085,12 @@ def run_interactive(
             stop_prompt()
             return
 
+    def read_line() -> str:
+        try:
+            return session.prompt(prompt_text, pre_run=prompt_started)
+        finally:
+            screen.prompt_ended()
+
     def start_reader() -> threading.Thread:
         reader = threading.Thread(target=read_events, name="events", daemon=True)
         reader.start()
@@ -1020,11 +1100,14 @@ def run_interactive(
     show("*** type /help for commands, Ctrl-D or /quit to leave")
     parting = ""
     status = 0
-    with patch_stdout(raw=True):
+    # The terminal stays in raw mode between two prompts too (while a line is sent and the next
+    # prompt starts): keys typed then wait, unechoed, for the next prompt, which shows them once.
+    # In cooked mode the terminal itself would echo them on a row of their own.
+    with patch_stdout(raw=True), session.input.raw_mode():
         reader = start_reader()
         while True:
             try:
-                line = session.prompt(prompt_text, pre_run=exit_if_reader_asked)
+                line = read_line()
             except (EOFError, KeyboardInterrupt):
                 if need_password.is_set():
                     need_password.clear()

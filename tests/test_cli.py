@@ -311,6 +311,33 @@ def test_a_message_arriving_mid_line_leaves_the_half_typed_line_intact(chat_serv
     assert (message.sender, message.text) == ("alice", "half-typed words")
 
 
+def test_keys_typed_straight_after_enter_are_shown_once_on_the_next_prompt(chat_server, join, tmp_path):
+    """A fast typist's next keys land while one line is sent and the next prompt starts: they go to
+    that prompt, and the terminal does not also echo them on a row of their own."""
+    bob = join("bob", chat_server)
+    known_hosts = pin(tmp_path / "known_hosts_alice", chat_server)
+    alice = Terminal(client_args(chat_server.port, "alice", known_hosts), env=client_env(tmp_path), rows=120)
+    try:
+        type_password(alice, "alice")
+        alice.wait_until(at_prompt(), START, "alice's #lobby> prompt")
+        lines = []
+        for number in range(24):  # the next keys after 0 to 11 ms: some land between two prompts
+            lines += [f"first {number}", f"then {number}"]
+            alice.type(f"first {number}\r")
+            time.sleep(number % 12 / 1000)
+            alice.type(f"then {number}\r")
+        assert [message.text for message in chats(bob, len(lines))] == lines
+        for line in lines:
+            alice.wait_for_text(f"alice: {line}", TIMEOUT)
+        alice.wait_until(at_prompt(), TIMEOUT, "an empty prompt")
+        alice.settle()
+        shown = [row for row in alice.lines if "first " in row or "then " in row]
+        assert shown == [row for row in shown if " alice: " in row], alice.text
+        assert len(shown) == len(lines)
+    finally:
+        alice.close()
+
+
 # --------------------------------------------------------------------------- interactive: the server's key
 
 
