@@ -761,6 +761,15 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
     return 1 if not_sent else 0
 
 
+def take_unconfirmed(client: ChatClient) -> list[str]:
+    """Lines sent whose echo never came back, forgotten as they are returned: called once the
+    connection they went out on has ended, when no echo of them can come any more."""
+    with client.pending_lock:
+        lines = [text for _, text in client.pending.values()]
+        client.pending.clear()
+    return lines
+
+
 def unconfirmed_lines(client: ChatClient) -> list[str]:
     """Lines sent whose echo never came back: the server did not (or cannot be known to) take them."""
     with client.pending_lock:
@@ -872,15 +881,19 @@ def log_in_on_terminal(client: ChatClient, user: str, ask_password: Callable[[],
             client.login(user, password)
             return
         except LoginRefused as exc:
-            if exc.code != "auth_failed" or attempt == PASSWORD_TRIES:
+            if exc.code == "auth_failed" and attempt < PASSWORD_TRIES:
+                print(sanitize_text(f"error: {exc}; try again"), file=sys.stderr)
+                continue
+            if exc.code != "timeout":
                 raise
-            print(sanitize_text(f"error: {exc}; try again"), file=sys.stderr)
         except ChatError:
-            # The server gives a connection 10 s to log in: a slow typist may have outlived it.
-            client.close()
-            client.connect()
-            client.login(user, password)
-            return
+            pass
+        # The server gives a connection 10 s to log in (it says "timeout", or just closes it): a
+        # slow typist outlived it. The same password, on a fresh connection.
+        client.close()
+        client.connect()
+        client.login(user, password)
+        return
 
 
 def run_interactive(
@@ -1031,6 +1044,14 @@ def run_interactive(
         if leaving.is_set() or need_password.is_set():
             exit_prompt()
 
+    def report_unconfirmed(when: str) -> None:
+        # Sent, but neither echoed nor refused: the server may or may not have taken them. Said, not
+        # dropped in silence; a line it took shows among the room's lines when the session resumes.
+        for text in take_unconfirmed(client):
+            shown = " ".join(sanitize_text(text).split())
+            shown = shown if len(shown) <= 200 else shown[:199] + "…"
+            show(f"*** no answer {when}; maybe not sent: {shown}")
+
     def read_events() -> None:
         while True:
             ended: Disconnected | None = None
@@ -1065,10 +1086,12 @@ def run_interactive(
             online.clear()
             if ended.clean:
                 show(f"*** disconnected: {ended.reason}")
+                report_unconfirmed("before the server closed the session")
                 leaving.set()
                 stop_prompt()
                 return
             show(f"*** connection lost: {ended.reason}")
+            report_unconfirmed("before the link dropped")
             result, why = reconnect(
                 client, show, leaving, on_resumed=online.set, restarting=ended.restarting, retry_now=reconnect_now
             )
@@ -1130,8 +1153,9 @@ def run_interactive(
             except ChatError as exc:
                 show(str(exc))
         leaving.set()
-        client.leave(parting)
+        client.leave(parting)  # the server answers every line it took before it says goodbye
         reader.join(timeout=2.0)
+        report_unconfirmed("before the session ended")
     return 1 if gave_up.is_set() else status
 
 

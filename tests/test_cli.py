@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -844,6 +845,36 @@ def test_reconnects_after_a_server_restart_without_asking_the_password(
     assert (message.sender, message.text) == ("alice", "still here")
 
 
+def test_a_line_the_server_never_answered_is_named_when_the_link_drops(
+    chat_server, server_process, chat_in_terminal, join
+):
+    """A line sent, then the server froze and died before echoing or refusing it: the client cannot
+    know whether it was taken, and says so for that line, not nothing."""
+    port = chat_server.port
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("answered\r")
+    alice.wait_for_text("alice: answered", TIMEOUT)
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt back")
+
+    chat_server.process.send_signal(signal.SIGSTOP)  # it reads nothing more, and answers nothing
+    alice.type("into the void")
+    alice.wait_until(at_prompt("#lobby", "into the void"), TIMEOUT, "the line typed")
+    alice.type("\r")
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt back: the line went out")
+    chat_server.process.kill()
+    alice.wait_for_text("connection lost", TIMEOUT)
+    alice.wait_for_text("*** no answer before the link dropped; maybe not sent: into the void", TIMEOUT)
+    assert "maybe not sent: answered" not in alice.text  # that one was echoed: taken
+
+    restarted = server_process("--log-level", "WARNING", "--port", str(port))
+    alice.wait_for_text("*** reconnected as alice", RECONNECT)
+    bob = join("bob", restarted)
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt back")
+    alice.type("after\r")
+    assert wait_for(bob, heard).text == "after"
+    assert alice.text.count("into the void") == 1  # named once, and never said to have been sent
+
+
 def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_process, chat_in_terminal, join):
     """What it does: the resume is refused (token expired); the client says why and asks for
     the password again on the terminal; after that the user is back in the room."""
@@ -983,6 +1014,18 @@ def test_a_wrong_password_gets_three_tries_on_a_terminal(chat_server, terminals,
         )
     type_password(alice, "alice")  # the third try is the right one
     alice.wait_until(at_prompt(), START, "the prompt after the third try")
+
+
+def test_a_password_typed_after_the_servers_login_window_still_logs_in(server_process, terminals, tmp_path):
+    """The server gives a connection a few seconds to log in; a slow typist is logged in on a fresh
+    connection with what they typed, not told "handshake timed out"."""
+    server = server_process("--log-level", "WARNING", "--handshake-timeout", "1")
+    alice = terminals(client_args(server.port, "alice", pin(tmp_path / "known_hosts", server)))
+    alice.wait_for_text("Password for alice:", START)
+    time.sleep(2.5)  # past the server's window: it has closed that connection
+    alice.type(password_of("alice") + "\r")
+    alice.wait_until(at_prompt(), START, "the prompt after a slow password")
+    assert "timed out" not in alice.text and alice.text.count("Password for alice:") == 1
 
 
 def test_batch_lines_after_a_join_go_to_the_joined_room(chat_server, join, tmp_path):
