@@ -274,6 +274,11 @@ def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
     return int(first), int(second or 0)
 
 
+def _session_data(account: str, session_id: str) -> bytes:
+    """What a sealed session record is bound to (AES-GCM associated data)."""
+    return b"chat-session\0" + account.encode() + b"\0" + session_id.encode()
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -799,7 +804,33 @@ class RedisBackend:
         return f"{PREFIX}sessions:{account}"
 
     def _session_json(self, info: SessionInfo) -> str:
-        return json.dumps({**asdict(info), "node": self.node, "expires": self._clock() + SESSION_TTL})
+        """A session's record in Redis: when it expires in clear (the add script drops expired ones),
+        the rest sealed under the cluster key, for the device's address and away message are the
+        user's, not Redis's. Bound to its account and session id: it cannot be moved to another."""
+        body = json.dumps({**asdict(info), "node": self.node}).encode()
+        nonce = os.urandom(NONCE_SIZE)
+        sealed = nonce + self._aead.encrypt(nonce, body, _session_data(info.account, info.session_id))
+        return json.dumps(
+            {"expires": self._clock() + SESSION_TTL, "k": self._key_id, "sealed": base64.b64encode(sealed).decode()}
+        )
+
+    def _session_from_json(self, account: str, session_id: str, value: bytes | str) -> SessionInfo | None:
+        """A live session's record, opened; None if it expired or does not open (logged)."""
+        try:
+            record = json.loads(value)
+            if float(record["expires"]) < self._clock():
+                return None
+            if record.get("k") != self._key_id:
+                raise ValueError("sealed under another cluster key")
+            sealed = base64.b64decode(record["sealed"])
+            body = json.loads(
+                self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], _session_data(account, session_id))
+            )
+            body.pop("node", None)
+            return SessionInfo(**body)
+        except (KeyError, ValueError, TypeError, InvalidTag) as exc:
+            log.warning("skipped a session record of %s that failed to open: %s", account, type(exc).__name__)
+            return None
 
     def add_session(self, info: SessionInfo, limit: int) -> int:
         try:
@@ -834,15 +865,8 @@ class RedisBackend:
             self._note_problem(exc)
             with self._local_lock:  # what this process knows of
                 return [info for (name, _), info in self._local_sessions.items() if name == account]
-        now = self._clock()
-        infos = []
-        for value in entries.values():
-            data = json.loads(value)
-            if data.pop("expires", 0) < now:
-                continue
-            data.pop("node", None)
-            infos.append(SessionInfo(**data))
-        return sorted(infos, key=lambda info: info.since)
+        infos = [self._session_from_json(account, _text(session_id), value) for session_id, value in entries.items()]
+        return sorted((info for info in infos if info is not None), key=lambda info: info.since)
 
     def update_session(self, account: str, session_id: str, **changes: object) -> None:
         with self._local_lock:

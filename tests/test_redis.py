@@ -33,7 +33,7 @@ from conftest import (
 from securechat.backend import BackendUnavailable, LineCharge, OverBudget
 from securechat.client import ChatClient, KnownHosts
 from securechat.hub import ChatHub
-from securechat.protocol import Chat, ErrorReply, Notice
+from securechat.protocol import Chat, ErrorReply, Notice, Sessions
 from securechat.protocol import Room as RoomMessage
 from securechat.redis_backend import RedisBackend
 
@@ -140,9 +140,16 @@ def test_users_on_two_nodes_chat_in_rooms_and_privately_and_share_history(cluste
         for event in [wait_for(carol, lambda event: isinstance(event, Chat) and event.history) for _ in range(2)]
     ]
     assert history == ["hello from node one", "and back from node two"]
+    bob.command("away", "gone fishing at the lake")
+    wait_for(bob, lambda event: isinstance(event, Notice) and "away" in event.text)
+    bob.command("sessions")  # read back through Redis: the sealed record opens
+    listing = wait_for(bob, lambda event: isinstance(event, Sessions))
+    assert listing.addresses == ["127.0.0.1"]
 
-    # Redis holds no message text: every value of every key is searched.
+    # Redis holds no message text, nor a device's address or away message: every value of every key
+    # is searched.
     texts = [b"hello from node one", b"and back from node two", b"a secret between nodes"]
+    texts += [b"gone fishing", b"127.0.0.1"]
     store = redis.Redis.from_url(redis_server.url)
     for key in store.scan_iter():
         kind = store.type(key)
