@@ -157,14 +157,15 @@ def format_event(
         return style.stamp(when) + style.system(f"{prefix}*** {text}")
 
     if isinstance(event, Notice):
+        when = event.sent_at or now  # a kick shown from history is stamped when it happened
         if event.event == "joined":
-            return about(event.room, f"{event.name} joined"), False
+            return about(event.room, f"{event.name} joined", when), False
         if event.event == "left":
             reason = f" ({event.text})" if event.text else ""
-            return about(event.room, f"{event.name} left{reason}"), False
+            return about(event.room, f"{event.name} left{reason}", when), False
         if event.event == "topic":
-            return about(event.room, f"{event.name} set the topic: {event.text}", event.sent_at or now), False
-        return about(event.room, event.text), False
+            return about(event.room, f"{event.name} set the topic: {event.text}", when), False
+        return about(event.room, event.text, when), False
     if isinstance(event, Roster):
         away = set(event.away)
         shown = [

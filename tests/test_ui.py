@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from conftest import TIMEOUT, is_disconnected, joined, left, wait_for
 
 from securechat import ui
 from securechat.client import LoginRefused
-from securechat.protocol import Chat
+from securechat.protocol import Chat, Notice
 
 
 @pytest.fixture
@@ -174,3 +175,15 @@ def test_a_line_names_you_as_a_word_in_any_case_but_not_inside_another_word():
     assert not names_user(line("carolina is here"), "carol")
     assert not names_user(line("bob-carol2 no"), "carol")
     assert not names_user(line("carol, me"), "bob") and not names_user(line("I am carol", "carol"), "carol")
+
+
+def test_a_notice_from_history_is_stamped_when_it_happened_not_when_it_is_shown():
+    style = ui.Style(colour=False, timestamps=True)
+    two_days_ago = time.time() - 2 * 86400
+    kick = Notice(event="moderation", name="alice", action="kick", target="bob", text="alice kicked bob", room="#x")
+    line, is_error = ui.format_event(replace(kick, sent_at=two_days_ago, history=True), style, "carol", "#x")
+    assert line == f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(two_days_ago))} *** alice kicked bob"
+    assert not is_error
+    before = time.strftime("%H:%M")
+    live, _ = ui.format_event(kick, style, "carol", "#x")  # no time of its own: now
+    assert live in {f"{clock} *** alice kicked bob" for clock in (before, time.strftime("%H:%M"))}
