@@ -930,3 +930,31 @@ def test_with_no_join_history_old_lines_are_not_sent_as_news(cluster, tmp_path):
     alice.say("news", "#old")
     heard = wait_for(bob, lambda event: isinstance(event, Chat))
     assert heard.text == "news"
+
+
+# --------------------------------------------------------------------------- a Redis that cannot be used
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://chat:s3cret@127.0.0.1:notaport/0", "the port must be a number from 1 to 65535"),
+        ("redis://chat:s3cret@127.0.0.1:16391/abc", "the DB (after the last /) must be a number"),
+        ("redis://chat:s3cret@:6379/0", "the URL names no host"),
+    ],
+)
+def test_a_bad_backend_url_is_one_line_for_the_server_and_every_account_command(tmp_path, users_file, url, problem):
+    """Not a traceback from the Redis client, nor a DB it reads as 0 without a word."""
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    for command in (
+        [*where, "--backend", url],
+        ["users", "--backend", url],
+        ["import-users", str(users_file), "--backend", url],
+        ["deluser", "alice", "--backend", url],
+    ):
+        done = server_command(*command)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.startswith("error: --backend ") and problem in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "s3cret" not in done.stderr + done.stdout
+
