@@ -18,7 +18,7 @@ import redis
 
 from securechat.accounts import AccountEdits, UserRecord, UserStoreError, entry_of, record_from_entry
 from securechat.config import hide_password
-from securechat.redis_backend import CONTROL_KEY, CONTROL_STREAM_LENGTH, PREFIX, redis_client
+from securechat.redis_backend import CONTROL_KEY, CONTROL_STREAM_LENGTH, PREFIX, describe_redis_error, redis_client
 
 USERS_KEY = f"{PREFIX}users"
 #: How long a record read from Redis answers for its account. Every frame of a session checks
@@ -34,6 +34,7 @@ class RedisUserStore(AccountEdits):
 
     def __init__(self, url: str) -> None:
         self.where = f"Redis at {hide_password(url)}"
+        self._url = url  # for describe_redis_error, which never shows its password
         self.redis = redis_client(url)
         # The last record read of each account, and when (time.monotonic(); 0 once a change was
         # told): it answers for ACCOUNT_CACHE_SECONDS, and a session keeps going on it through a
@@ -56,7 +57,7 @@ class RedisUserStore(AccountEdits):
         try:
             entries = self.redis.hgetall(USERS_KEY)
         except redis.exceptions.RedisError as exc:
-            raise UserStoreError(f"cannot reach {self.where}: {exc}") from None
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
         records = [self._parse(name, value) for name, value in entries.items()]
         return {record.name: record for record in sorted(records, key=lambda record: record.name)}
 
@@ -73,7 +74,7 @@ class RedisUserStore(AccountEdits):
             with self._cache_lock:
                 if name in self._last_read:
                     return self._last_read[name][1]
-            raise UserStoreError(f"cannot reach {self.where}: {exc}") from None
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
         record = self._parse(name, value) if value is not None else None
         with self._cache_lock:
             if len(self._last_read) > 100_000:  # a bound: the next reads fill it again
@@ -118,7 +119,7 @@ class RedisUserStore(AccountEdits):
         try:
             outcome = cast(T, self.redis.transaction(attempt, USERS_KEY, value_from_callable=True))  # type: ignore[arg-type]
         except redis.exceptions.RedisError as exc:
-            raise UserStoreError(f"cannot reach {self.where}: {exc}; nothing was changed") from None
+            raise UserStoreError(f"{describe_redis_error(self._url, exc)}; nothing was changed") from None
         finally:
             for name in changed:
                 self.forget(name)

@@ -32,6 +32,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -76,6 +77,8 @@ READ_COUNT = 500
 #: The live feed of private lines keeps about this many entries (history is in the pair streams).
 PRIVATE_FEED_LENGTH = 10_000
 NONCE_SIZE = 12
+#: Where a Redis URL with no port points.
+DEFAULT_REDIS_PORT = 6379
 #: The Redis password, when the URL does not carry one (a URL on the command line is seen by ps).
 PASSWORD_VARIABLE = "CHAT_REDIS_PASSWORD"
 #: A room's stream is its live feed too: with history off (``history_limit`` 0) it still keeps
@@ -231,7 +234,15 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
     if on_connect is not None:
 
         def connected(connection: redis.connection.Connection) -> None:
-            connection.on_connect()  # what the library does when it is given no function of its own
+            # What the library does when it is given no function of its own. Not on_connect(): it
+            # checks the connection's health (a PING) before it authenticates, and a Redis that wants
+            # a password fails that PING, which reconnects, which calls this again: a RecursionError
+            # instead of the error that says a password is needed.
+            set_up = getattr(connection, "on_connect_check_health", None)
+            if set_up is not None:
+                set_up(check_health=False)
+            else:  # redis-py before 5.1
+                connection.on_connect()
             on_connect()
 
         extra["redis_connect_func"] = connected
@@ -247,6 +258,46 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
         retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
+
+
+#: What Redis answers when it wants a password, or refused the one given (redis-py raises most of
+#: these as AuthenticationError, but a server may say them in a plain error reply too).
+_LOGIN_REFUSALS = ("NOAUTH", "WRONGPASS", "HELLO must be called with the client already authenticated")
+
+
+def describe_redis_error(url: str, exc: redis.exceptions.RedisError) -> str:
+    """One line for an operator saying why Redis at ``url`` could not be used, never with its password.
+
+    A refused login says whether a password is missing or wrong (Redis's own words name the
+    protocol, not the remedy); anything else is ``cannot reach Redis at URL: reason``.
+    """
+    text = str(exc)
+    if isinstance(exc, redis.exceptions.AuthenticationError) or text.startswith(_LOGIN_REFUSALS):
+        place = _place(url)
+        if _password_given(url):
+            return f"Redis at {place} refused the password (or the user name) it was given"
+        return f"Redis at {place} needs a password (give it in the URL or in {PASSWORD_VARIABLE})"
+    return f"cannot reach Redis at {_shown_url(url)}: {text}"
+
+
+def _password_given(url: str) -> bool:
+    """Whether ``redis_client(url)`` sends a password: the URL's, else CHAT_REDIS_PASSWORD's."""
+    if "@" in url:
+        return bool(urllib.parse.urlsplit(url).password)
+    return bool(os.environ.get(PASSWORD_VARIABLE))
+
+
+def _place(url: str) -> str:
+    """Where a Redis URL points, as HOST:PORT (or the socket's path), without any credentials."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    try:
+        port = parts.port or DEFAULT_REDIS_PORT
+    except ValueError:  # check_backend refuses such a URL before it gets here
+        port = DEFAULT_REDIS_PORT
+    host = parts.hostname or "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def flood_key(account: str) -> str:
@@ -313,7 +364,7 @@ class RedisBackend:
         try:
             self.redis.ping()
         except redis.exceptions.RedisError as exc:
-            raise BackendUnavailable(f"cannot reach Redis at {_shown_url(url)}: {exc}") from None
+            raise BackendUnavailable(describe_redis_error(url, exc)) from None
         self._append = self.redis.register_script(_APPEND)
         self._add_session = self.redis.register_script(_ADD_SESSION)
         self._create_room = self.redis.register_script(_CREATE_ROOM)

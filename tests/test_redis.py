@@ -6,6 +6,7 @@ token secret and cluster key), as a second machine would.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -958,3 +959,40 @@ def test_a_bad_backend_url_is_one_line_for_the_server_and_every_account_command(
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "s3cret" not in done.stderr + done.stdout
 
+
+def test_a_redis_that_wants_a_password_says_so_and_never_shows_one(tmp_path, users_file):
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    (tmp_path / "locked").mkdir()
+    locked = RedisServer(tmp_path / "locked", password="the-right-one")
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    place = f"127.0.0.1:{locked.port}"
+    wrong = f"redis://:not-this-one@{place}/0"
+    try:
+        for command, url, expected in (
+            (
+                [*where],
+                locked.url,
+                f"error: Redis at {place} needs a password (give it in the URL or in CHAT_REDIS_PASSWORD)",
+            ),
+            (["users"], locked.url, f"error: Redis at {place} needs a password"),
+            ([*where], wrong, f"error: Redis at {place} refused the password"),
+            (["users"], wrong, f"error: Redis at {place} refused the password"),
+        ):
+            done = server_command(*command, "--backend", url)
+            assert done.returncode == 1 and done.stderr.startswith(expected), done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert "not-this-one" not in done.stderr + done.stdout
+        # The password in CHAT_REDIS_PASSWORD, kept out of ps: refused when wrong, used when right.
+        for password, status in (("not-this-one", 1), ("the-right-one", 0)):
+            done = subprocess.run(
+                [sys.executable, str(ROOT / "server.py"), "users", "--backend", locked.url],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT * 4,
+                env={**os.environ, "CHAT_REDIS_PASSWORD": password},
+            )
+            assert done.returncode == status, done.stderr
+            assert password not in done.stderr + done.stdout
+    finally:
+        locked.stop()
