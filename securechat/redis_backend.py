@@ -19,6 +19,14 @@ What each process keeps for itself is only its own sessions and their local deli
 Redis never sees a message text: every payload is sealed with AES-256-GCM under the
 cluster key, with the stream, the message id and the sender as associated data (and a
 key id, so the key can be rotated). Names of rooms and accounts are visible to Redis.
+
+**One cluster key.** A process holds one key and opens only entries whose ``k`` is its id.
+The first process to start records its key id in ``chat:cluster_key_id``; a process with
+another key refuses to start (else it would see the others in /who and never hear them),
+and the running processes record it again if Redis lost its data. There is no rotation
+with old keys kept: to change the key, stop every node, give each the new ``cluster_key``
+and delete ``chat:cluster_key_id``. What was sealed under the old key is then skipped, and
+each skip is logged with the key id it was sealed under.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from securechat.backend import (
     BackendLimit,
+    BackendMismatch,
     BackendUnavailable,
     LineCharge,
     OverBudget,
@@ -68,6 +77,8 @@ SESSION_REFRESH = 10.0
 #: from Redis answers here. A change on any process is told to all on the control stream, which
 #: drops it at once: this bound only covers a notice missed in an outage.
 STATE_CACHE_SECONDS = 1.0
+#: The id (``key_id``) of the cluster key every process seals with; see the module's docstring.
+CLUSTER_KEY_ID_KEY = f"{PREFIX}cluster_key_id"
 #: The processes' heartbeats (a sorted set: process -> when its presence was last refreshed).
 NODES_KEY = f"{PREFIX}nodes"
 #: How long one blocking read waits before looking at the set of rooms again.
@@ -365,6 +376,7 @@ class RedisBackend:
             self.redis.ping()
         except redis.exceptions.RedisError as exc:
             raise BackendUnavailable(describe_redis_error(url, exc)) from None
+        self._claim_cluster_key()
         self._append = self.redis.register_script(_APPEND)
         self._add_session = self.redis.register_script(_ADD_SESSION)
         self._create_room = self.redis.register_script(_CREATE_ROOM)
@@ -411,6 +423,22 @@ class RedisBackend:
         self._problem = ""
         self._reader = threading.Thread(target=self._read_loop, name="redis-reader", daemon=True)
         self._refresher = threading.Thread(target=self._refresh_loop, name="redis-presence", daemon=True)
+
+    def _claim_cluster_key(self) -> None:
+        """Record this process's key id as the cluster's unless one is recorded; ``BackendMismatch``
+        if another is (this process could open none of the others' lines, nor they its own)."""
+        try:
+            self.redis.set(CLUSTER_KEY_ID_KEY, self._key_id, nx=True)
+            recorded = self.redis.get(CLUSTER_KEY_ID_KEY)
+        except redis.exceptions.RedisError as exc:
+            self.redis.close()
+            raise BackendUnavailable(describe_redis_error(self.url, exc)) from None
+        if recorded is not None and _text(recorded) != self._key_id:
+            self.redis.close()
+            raise BackendMismatch(
+                f"this node's cluster_key (id {self._key_id}) is not the one the other nodes use"
+                f" (id {_shown_key_id(recorded)}): copy cluster_key from a running node's data directory"
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -462,23 +490,33 @@ class RedisBackend:
     def _open(self, stream: str, message_id: int, fields: dict[Any, Any]) -> tuple[RoomEvent, str, str] | None:
         """The event, origin session and ref of an entry; None (logged) if it fails to open or its
         content is not what its place says (another id, stream or sender: a replayed or moved entry)."""
+        if (why := self._not_ours(fields)) is not None:
+            log.warning("skipped a message in %s that failed to open (id %d): %s", stream, message_id, why)
+            return None
         try:
-            if _text(fields[b"k"]) != self._key_id:
-                raise ValueError("sealed under another cluster key")
             sender = _text(fields[b"from"])
             sealed = fields[b"p"]
             associated = self._associated_data(stream, message_id, sender)
             body = json.loads(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
             event = decode_event(base64.b64decode(body["event"]))
         except (KeyError, ValueError, TypeError, InvalidTag) as exc:
-            log.warning(
-                "skipped a message in %s that failed to open (id %d): %s", stream, message_id, type(exc).__name__
-            )
+            why = _why_unopened(exc)
+            log.warning("skipped a message in %s that failed to open (id %d): %s", stream, message_id, why)
             return None
         if event is None or event.id != message_id or _sender(event) != sender:
             log.warning("skipped a message in %s whose content does not match its place (id %d)", stream, message_id)
             return None
         return event, str(body.get("origin", "")), str(body.get("ref", ""))
+
+    def _not_ours(self, fields: dict[Any, Any]) -> str | None:
+        """Why an entry cannot be opened with this process's key, if it names another; else None."""
+        entry_key_id = _text(fields.get(b"k", b""))
+        if entry_key_id == self._key_id:
+            return None
+        return (
+            f"sealed under cluster key id {_shown_key_id(entry_key_id)}, which this node does not have"
+            f" (its own is id {self._key_id})"
+        )
 
     # ------------------------------------------------------------------ publishing
 
@@ -807,14 +845,15 @@ class RedisBackend:
             self._note_problem(exc)  # presence news is lost, not the presence: /who still tells
 
     def _open_presence(self, room: str, node: str, fields: dict[Any, Any]) -> Notice | None:
+        if (why := self._not_ours(fields)) is not None:
+            log.warning("skipped presence news of %s that failed to open: %s", room, why)
+            return None
         try:
-            if _text(fields[b"k"]) != self._key_id:
-                raise ValueError("sealed under another cluster key")
             sealed = fields[b"p"]
             associated = self._associated_data(f"presence:{room}", 0, node)
             event = decode_event(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
-        except (KeyError, ValueError, InvalidTag):
-            log.warning("skipped presence news of %s that failed to open", room)
+        except (KeyError, ValueError, InvalidTag) as exc:
+            log.warning("skipped presence news of %s that failed to open: %s", room, _why_unopened(exc))
             return None
         if not isinstance(event, Notice) or event.event not in ("joined", "left") or event.room != room:
             return None
@@ -930,12 +969,15 @@ class RedisBackend:
     def _restore_floors(self, client: redis.Redis | redis.client.Pipeline) -> None:
         """Raise Redis's message counter and the sequence numbers of the rooms this process has seen
         to at least what it has seen of them (``_RAISE_FLOORS``): they are lower only if Redis lost
-        data. (A line this process appends meanwhile is numbered above them by the append script.)"""
+        data. (A line this process appends meanwhile is numbered above them by the append script.)
+        The cluster key's id, lost with them, is recorded again too."""
         with self._id_lock:
             args: list[Any] = [self._highest_id]
             for room, seq in self._seq_floor.items():
                 args += [room, seq]
         try:
+            # Lost with the rest: put back, so that a process with another key is still refused.
+            client.set(CLUSTER_KEY_ID_KEY, self._key_id, nx=True)
             self._raise_floors(keys=[f"{PREFIX}id", f"{PREFIX}seq"], args=args, client=client)
         except redis.exceptions.RedisError as exc:
             self._note_problem(exc)  # the refresher tries again within SESSION_REFRESH
@@ -1108,6 +1150,24 @@ def _guarded(what: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("the Redis reader skipped %s it could not handle", what)
+
+
+def _why_unopened(exc: Exception) -> str:
+    """Why an entry under this process's key failed to open, in words that hold nothing of it (an
+    exception's own text might quote the payload)."""
+    if isinstance(exc, InvalidTag):
+        return "its seal does not verify (changed, or moved from another stream, id or sender)"
+    if isinstance(exc, KeyError):
+        return "a field is missing"
+    return f"its content is malformed ({type(exc).__name__})"
+
+
+def _shown_key_id(value: bytes | str) -> str:
+    """A key id read from Redis, fit for a log line: a key id is 8 hex digits; anything else is not shown."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    if not text:
+        return "(none)"
+    return text if len(text) <= 16 and all(c in "0123456789abcdef" for c in text) else "(not a key id)"
 
 
 def _sender(message: RoomEvent) -> str:

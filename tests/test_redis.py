@@ -31,12 +31,12 @@ from conftest import (
     wait_until,
 )
 
-from securechat.backend import BackendUnavailable, LineCharge, OverBudget
+from securechat.backend import BackendMismatch, BackendUnavailable, LineCharge, OverBudget
 from securechat.client import ChatClient, KnownHosts
 from securechat.hub import ChatHub
 from securechat.protocol import Chat, ErrorReply, Notice
 from securechat.protocol import Room as RoomMessage
-from securechat.redis_backend import RedisBackend
+from securechat.redis_backend import RedisBackend, key_id
 
 
 def client_of(node: ServerProcess, known_hosts: Path, **options) -> ChatClient:
@@ -996,3 +996,61 @@ def test_a_redis_that_wants_a_password_says_so_and_never_shows_one(tmp_path, use
             assert password not in done.stderr + done.stdout
     finally:
         locked.stop()
+
+
+# --------------------------------------------------------------------------- one cluster key
+
+
+def test_a_node_with_another_cluster_key_is_refused_at_start(cluster, tmp_path, redis_server):
+    """A fresh data directory has a cluster key of its own: such a node would see the others in /who
+    and never hear them (nor they it). It says so and stops, and the running node goes on."""
+    first = cluster.node(tmp_path / "node1")
+    where = ["--port", "0", "--users", str(cluster.users_file), "--data-dir", str(tmp_path / "fresh")]
+    done = server_command(*where, "--backend", redis_server.url)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    # The ids are key_id() of each data directory's cluster_key: no secret is shown.
+    first_id = key_id(bytes.fromhex((tmp_path / "node1" / "cluster_key").read_text()))
+    fresh_id = key_id(bytes.fromhex((tmp_path / "fresh" / "cluster_key").read_text()))
+    assert done.stderr.strip() == (
+        f"error: this node's cluster_key (id {fresh_id}) is not the one the other nodes use (id {first_id}):"
+        " copy cluster_key from a running node's data directory"
+    )
+    # A copy of the running node's data directory joins.
+    shutil.copytree(tmp_path / "node1", tmp_path / "node2")
+    second = cluster.node(tmp_path / "node2")
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    for client in (alice, bob):
+        client.join("#mix")
+        wait_for(client, entered("#mix"))
+    bob.say("heard across the nodes", "#mix")
+    wait_for(alice, said("heard across the nodes"))
+
+
+def test_after_the_key_is_changed_old_entries_are_skipped_saying_under_which_key(redis_server, caplog):
+    """The way to change the cluster key (stop every node, delete chat:cluster_key_id): what was sealed
+    under the old key can no longer be read, and the log says why, with no secret and no text."""
+    old_key, new_key = b"o" * 32, b"n" * 32
+    before = RedisBackend(redis_server.url, old_key)
+    try:
+        before.publish_room("#r", Chat(sender="alice", text="under the old key", sent_at=0.0))
+    finally:
+        before.close()
+    store = redis.Redis.from_url(redis_server.url)
+    assert store.get("chat:cluster_key_id") == key_id(old_key).encode()
+    with pytest.raises(BackendMismatch):
+        RedisBackend(redis_server.url, new_key)
+    store.delete("chat:cluster_key_id")
+    store.close()
+    after = RedisBackend(redis_server.url, new_key)
+    try:
+        with caplog.at_level("WARNING", logger="chat.server"):
+            assert after.recent("#r", 10) == []
+    finally:
+        after.close()
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert skipped == [
+        f"skipped a message in #r that failed to open (id 1): sealed under cluster key id {key_id(old_key)},"
+        f" which this node does not have (its own is id {key_id(new_key)})"
+    ]
+    assert "under the old key" not in caplog.text
