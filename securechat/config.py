@@ -56,6 +56,8 @@ MOTD_FILE = "motd.txt"
 HISTORY_KEY_FILE = "history_key"
 #: Seals what the Redis backend stores; every node sharing a Redis needs the same one.
 CLUSTER_KEY_FILE = "cluster_key"
+#: Says that this directory's users.json was handed to Redis (or found there): it is never copied in again.
+ACCOUNTS_IN_REDIS_FILE = "accounts_in_redis"
 
 
 def default_send_workers() -> int:

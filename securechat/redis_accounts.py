@@ -21,6 +21,9 @@ from securechat.config import hide_password
 from securechat.redis_backend import CONTROL_KEY, CONTROL_STREAM_LENGTH, PREFIX, describe_redis_error, redis_client
 
 USERS_KEY = f"{PREFIX}users"
+#: Set once Redis has held accounts: a node finding none then does not copy its users.json in (the
+#: account commands with --backend never write users.json, so it misses every change since).
+ACCOUNTS_HELD_KEY = f"{PREFIX}accounts_held"
 #: How long a record read from Redis answers for its account. Every frame of a session checks
 #: its account (password stamp, ban): a round trip for each would cost more than the rest of a
 #: line. Every change is told to all server processes on the control stream, in the same
@@ -88,6 +91,20 @@ class RedisUserStore(AccountEdits):
             if name in self._last_read:
                 self._last_read[name] = (0.0, self._last_read[name][1])
             self._generation += 1
+
+    def note_accounts_held(self) -> None:
+        """Record in Redis that it holds the deployment's accounts (kept until Redis loses its data)."""
+        try:
+            self.redis.set(ACCOUNTS_HELD_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), nx=True)
+        except redis.exceptions.RedisError as exc:
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
+
+    def held_accounts_before(self) -> bool:
+        """Whether Redis recorded holding accounts (``note_accounts_held``), whatever it holds now."""
+        try:
+            return bool(self.redis.exists(ACCOUNTS_HELD_KEY))
+        except redis.exceptions.RedisError as exc:
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
 
     def names(self) -> list[str]:
         return sorted(self.load())

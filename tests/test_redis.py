@@ -561,6 +561,49 @@ def test_a_first_start_on_an_empty_redis_copies_the_accounts_of_users_json(tmp_p
     assert "alice" in server_command("users", "--backend", redis_server.url).stdout
 
 
+def test_after_redis_lost_its_data_a_node_does_not_bring_back_the_accounts_of_users_json(tmp_path, users_file):
+    """users.json is copied into Redis once: the account commands with --backend never write it, so
+    after a loss of Redis's data a copy would bring back deleted accounts and old passwords."""
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    (tmp_path / "volatile").mkdir()
+    volatile = RedisServer(tmp_path / "volatile", durable=False)
+    try:
+        where = ["--port", "0", "--users", str(users_file), "--backend", volatile.url, "--log-level", "WARNING"]
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "data")])
+        assert server_command("deluser", "carol", "--backend", volatile.url).returncode == 0
+        _, errors = node.stop()
+        assert "Redis held no accounts: copied 6 from" in errors
+        marker = tmp_path / "data" / "accounts_in_redis"
+        assert marker.stat().st_mode & 0o777 == 0o600
+
+        volatile.restart()  # it comes back empty
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "data")])
+        _, errors = node.stop()
+        assert "Redis held no accounts: copied" not in errors
+        refusals = [line for line in errors.splitlines() if " ERROR " in line]
+        assert len(refusals) == 1, errors
+        assert "holds no accounts, though it held them before" in refusals[0]
+        assert "python server.py import-users FILE --backend URL" in refusals[0]
+        assert server_command("users", "--backend", volatile.url).stdout == ""  # carol is not back
+
+        # Redis keeps the record too: a node from a copy without the marker (made before the first
+        # start) does not copy users.json into a Redis whose accounts were all deleted.
+        assert server_command("import-users", str(users_file), "--backend", volatile.url).returncode == 0
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "data")])  # Redis records it held accounts
+        node.stop()
+        for name in ("alice", "bob", "carol", "dave", "erin", "echo"):
+            assert server_command("deluser", name, "--backend", volatile.url).returncode == 0
+        shutil.copytree(tmp_path / "data", tmp_path / "copy", ignore=shutil.ignore_patterns("accounts_in_redis"))
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "copy")])
+        _, errors = node.stop()
+        assert "Redis held no accounts: copied" not in errors
+        assert "holds no accounts, though it held them before" in errors
+        assert server_command("users", "--backend", volatile.url).stdout == ""
+    finally:
+        volatile.stop()
+
+
 # --------------------------------------------------------------------------- the backend's own guarantees
 
 
