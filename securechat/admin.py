@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from securechat.accounts import (
     password_problem,
 )
 from securechat.commands import split_duration
-from securechat.config import DEFAULT_USERS, LOG_LEVELS, add_options, read_config_file
+from securechat.config import DEFAULT_USERS, LOG_LEVELS, add_options, check_backend, hide_password, read_config_file
 from securechat.protocol import (
     validate_username,
 )
@@ -156,14 +157,23 @@ def open_account_store(backend: str, users: Path) -> AccountStore:
     return RedisUserStore(backend)
 
 
+#: The exit status for an option that cannot be used (argparse's own, and the server's).
+EXIT_BAD_OPTION = 2
+
+
 def run_admin_command(args: argparse.Namespace) -> int:
     backend = getattr(args, "backend", "memory")
+    try:
+        check_backend(backend)
+    except ValueError as exc:  # the server checks its own options; a command's --backend is checked here
+        print(f"error: --backend {shlex.quote(hide_password(backend))}: {exc}", file=sys.stderr)
+        return EXIT_BAD_OPTION
     store = open_account_store(backend, args.users)
     try:
         if args.command == "import-users":
             if backend == "memory":
                 print("error: import-users copies users.json into Redis: give --backend redis://…", file=sys.stderr)
-                return 2
+                return EXIT_BAD_OPTION
             records = UserStore(args.file).load()
             added = [record.name for record in records.values() if store.put(record)]
             kept = len(records) - len(added)

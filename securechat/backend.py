@@ -134,6 +134,11 @@ class BackendUnavailable(Exception):
     """The backend cannot be reached just now (a broker restarting); the message says so in one line."""
 
 
+class BackendMismatch(Exception):
+    """This process cannot join the processes already sharing the backend (it holds another cluster
+    key, so neither would open the other's lines); the message says how to fix it, in one line."""
+
+
 class BackendLimit(Exception):
     """A limit of the backend was reached (too many rooms, too many sessions); the message says which."""
 

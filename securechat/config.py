@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
@@ -55,6 +56,8 @@ MOTD_FILE = "motd.txt"
 HISTORY_KEY_FILE = "history_key"
 #: Seals what the Redis backend stores; every node sharing a Redis needs the same one.
 CLUSTER_KEY_FILE = "cluster_key"
+#: Says that this directory's users.json was handed to Redis (or found there): it is never copied in again.
+ACCOUNTS_IN_REDIS_FILE = "accounts_in_redis"
 
 
 def default_send_workers() -> int:
@@ -117,9 +120,40 @@ def option(
 
 
 def check_backend(backend: str) -> None:
-    """``memory`` (this process alone), or a Redis URL shared by several server processes."""
-    if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
+    """``memory`` (this process alone), or a Redis URL shared by several server processes.
+
+    Raises ``ValueError`` saying what is wrong, in words that never repeat the URL (it may hold
+    a password). The Redis client reads a DB it cannot parse as 0, and a bad port only when it
+    first connects, with a traceback: both are refused here instead.
+    """
+    if backend == "memory":
+        return
+    if not backend.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be memory, or a Redis URL: redis://HOST:PORT/DB, rediss://… (TLS) or unix://PATH")
+    parts = urllib.parse.urlsplit(backend)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs the socket's path: unix:///run/redis/redis.sock")
+    else:
+        if not parts.hostname:
+            raise ValueError("the URL names no host: redis://HOST:PORT/DB")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or past 65535
+            raise ValueError(f"the port must be a number from 1 to {MAX_PORT}") from None
+        if port == 0:
+            raise ValueError(f"the port must be a number from 1 to {MAX_PORT}")
+        database = urllib.parse.unquote(parts.path).lstrip("/")
+        if database and not _is_count(database):
+            raise ValueError("the DB (after the last /) must be a number, 0 or more: redis://HOST:PORT/0")
+    for database in urllib.parse.parse_qs(parts.query).get("db", []):
+        if not _is_count(database):
+            raise ValueError("db= must be a number, 0 or more")
+
+
+def _is_count(text: str) -> bool:
+    """Whether ``text`` is a whole number, 0 or more, in ASCII digits (``"²".isdigit()`` is true)."""
+    return text.isascii() and text.isdigit()
 
 
 def hide_password(url: str) -> str:

@@ -41,6 +41,7 @@ from securechat.accounts import (
 from securechat.admin import open_account_store
 from securechat.backend import MemoryBackend, RoomBackend
 from securechat.config import (
+    ACCOUNTS_IN_REDIS_FILE,
     CLUSTER_KEY_FILE,
     HISTORY_FILE,
     HISTORY_KEY_FILE,
@@ -72,6 +73,7 @@ from securechat.protocol import (
 from securechat.ratelimit import FloodControl, address_bucket
 
 if TYPE_CHECKING:
+    from securechat.redis_accounts import RedisUserStore
     from securechat.redis_limits import SharedConnectionCount, SharedFloodBudget
 
 log = logging.getLogger("chat.server")
@@ -153,8 +155,7 @@ class ChatServer:
         self.device_tokens = DeviceTokens(token_secret)
         # With a shared backend the accounts are shared too: adduser on one node lets the user in on all.
         self.users: AccountStore = open_account_store(config.backend, config.users_path)
-        if not self.users.load() and config.backend != "memory":  # also: a corrupt store is reported now
-            self._seed_accounts(config.users_path)
+        holds_accounts = bool(self.users.load())  # also: a corrupt store is reported now
         # Hashed for unknown user names, so they cost the same work as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))
         # The only threads that hash passwords. A pool rather than a semaphore: each thread
@@ -225,6 +226,11 @@ class ChatServer:
                     history_max_age=config.history_days * 86400,
                 )
                 backend = MemoryBackend(store)
+            if config.backend != "memory":  # once the backend has accepted this node (its cluster key)
+                from securechat.redis_accounts import RedisUserStore
+
+                if isinstance(self.users, RedisUserStore):
+                    self._hand_accounts_to_redis(self.users, holds_accounts, config.users_path, data_dir)
             self.hub = self.hub_class(
                 backend,
                 HubConfig(
@@ -249,19 +255,43 @@ class ChatServer:
         self.keepalive = threading.Thread(target=self._run_keepalive, name="keepalive", daemon=True)
         self._serve_thread: threading.Thread | None = None
 
-    def _seed_accounts(self, users_path: Path) -> None:
-        """A Redis deployment's first start: its (empty) account store gets the accounts of users.json.
+    def _hand_accounts_to_redis(
+        self, store: RedisUserStore, holds_accounts: bool, users_path: Path, data_dir: Path
+    ) -> None:
+        """A Redis deployment's first start copies users.json into its empty account store; no later one does.
 
         What ``import-users`` does, so that the demo accounts (or yours) work on every node at once.
+        But the account commands with ``--backend`` never write users.json: copied into a Redis that
+        lost its data, it would bring back deleted accounts and old passwords. So once Redis has held
+        accounts, both Redis and this data directory (which outlives Redis's data, and is copied to
+        the other nodes) record it, and a Redis found without accounts after that is an error to
+        repair from a backup. Raises ``UserStoreError`` if Redis cannot be reached.
         """
-        try:
-            records = UserStore(users_path).load()
-        except UserStoreError as exc:
-            log.warning("no accounts in Redis yet, and %s", exc)
-            return
-        added = [record.name for record in records.values() if self.users.put(record)]
-        if added:
+        marker = data_dir / ACCOUNTS_IN_REDIS_FILE
+        if not holds_accounts:
+            if marker.exists() or store.held_accounts_before():
+                log.error(
+                    "%s holds no accounts, though it held them before: nobody can log in. %s is not copied"
+                    " in again (it misses every change made with --backend); restore the accounts from a"
+                    " backup: python server.py import-users FILE --backend URL",
+                    store.where,
+                    users_path,
+                )
+                return
+            try:
+                records = UserStore(users_path).load()
+            except UserStoreError as exc:
+                log.warning("no accounts in Redis yet, and %s", exc)
+                return
+            added = [record.name for record in records.values() if store.put(record)]
+            if not added:
+                return
             log.warning("Redis held no accounts: copied %d from %s (%s)", len(added), users_path, ", ".join(added))
+        store.note_accounts_held()
+        if not marker.exists():
+            note = f"The accounts of this deployment live in {store.where}: users.json is not copied there again.\n"
+            with contextlib.suppress(FileExistsError):  # another process starting at once wrote it first
+                crypto_utils.write_secret_file(marker, note.encode())
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -18,9 +18,12 @@ import redis
 
 from securechat.accounts import AccountEdits, UserRecord, UserStoreError, entry_of, record_from_entry
 from securechat.config import hide_password
-from securechat.redis_backend import CONTROL_KEY, CONTROL_STREAM_LENGTH, PREFIX, redis_client
+from securechat.redis_backend import CONTROL_KEY, CONTROL_STREAM_LENGTH, PREFIX, describe_redis_error, redis_client
 
 USERS_KEY = f"{PREFIX}users"
+#: Set once Redis has held accounts: a node finding none then does not copy its users.json in (the
+#: account commands with --backend never write users.json, so it misses every change since).
+ACCOUNTS_HELD_KEY = f"{PREFIX}accounts_held"
 #: How long a record read from Redis answers for its account. Every frame of a session checks
 #: its account (password stamp, ban): a round trip for each would cost more than the rest of a
 #: line. Every change is told to all server processes on the control stream, in the same
@@ -34,6 +37,7 @@ class RedisUserStore(AccountEdits):
 
     def __init__(self, url: str) -> None:
         self.where = f"Redis at {hide_password(url)}"
+        self._url = url  # for describe_redis_error, which never shows its password
         self.redis = redis_client(url)
         # The last record read of each account, and when (time.monotonic(); 0 once a change was
         # told): it answers for ACCOUNT_CACHE_SECONDS, and a session keeps going on it through a
@@ -56,7 +60,7 @@ class RedisUserStore(AccountEdits):
         try:
             entries = self.redis.hgetall(USERS_KEY)
         except redis.exceptions.RedisError as exc:
-            raise UserStoreError(f"cannot reach {self.where}: {exc}") from None
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
         records = [self._parse(name, value) for name, value in entries.items()]
         return {record.name: record for record in sorted(records, key=lambda record: record.name)}
 
@@ -73,7 +77,7 @@ class RedisUserStore(AccountEdits):
             with self._cache_lock:
                 if name in self._last_read:
                     return self._last_read[name][1]
-            raise UserStoreError(f"cannot reach {self.where}: {exc}") from None
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
         record = self._parse(name, value) if value is not None else None
         with self._cache_lock:
             if len(self._last_read) > 100_000:  # a bound: the next reads fill it again
@@ -87,6 +91,20 @@ class RedisUserStore(AccountEdits):
             if name in self._last_read:
                 self._last_read[name] = (0.0, self._last_read[name][1])
             self._generation += 1
+
+    def note_accounts_held(self) -> None:
+        """Record in Redis that it holds the deployment's accounts (kept until Redis loses its data)."""
+        try:
+            self.redis.set(ACCOUNTS_HELD_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), nx=True)
+        except redis.exceptions.RedisError as exc:
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
+
+    def held_accounts_before(self) -> bool:
+        """Whether Redis recorded holding accounts (``note_accounts_held``), whatever it holds now."""
+        try:
+            return bool(self.redis.exists(ACCOUNTS_HELD_KEY))
+        except redis.exceptions.RedisError as exc:
+            raise UserStoreError(describe_redis_error(self._url, exc)) from None
 
     def names(self) -> list[str]:
         return sorted(self.load())
@@ -118,7 +136,7 @@ class RedisUserStore(AccountEdits):
         try:
             outcome = cast(T, self.redis.transaction(attempt, USERS_KEY, value_from_callable=True))  # type: ignore[arg-type]
         except redis.exceptions.RedisError as exc:
-            raise UserStoreError(f"cannot reach {self.where}: {exc}; nothing was changed") from None
+            raise UserStoreError(f"{describe_redis_error(self._url, exc)}; nothing was changed") from None
         finally:
             for name in changed:
                 self.forget(name)

@@ -19,6 +19,14 @@ What each process keeps for itself is only its own sessions and their local deli
 Redis never sees a message text: every payload is sealed with AES-256-GCM under the
 cluster key, with the stream, the message id and the sender as associated data (and a
 key id, so the key can be rotated). Names of rooms and accounts are visible to Redis.
+
+**One cluster key.** A process holds one key and opens only entries whose ``k`` is its id.
+The first process to start records its key id in ``chat:cluster_key_id``; a process with
+another key refuses to start (else it would see the others in /who and never hear them),
+and the running processes record it again if Redis lost its data. There is no rotation
+with old keys kept: to change the key, stop every node, give each the new ``cluster_key``
+and delete ``chat:cluster_key_id``. What was sealed under the old key is then skipped, and
+each skip is logged with the key id it was sealed under.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -43,6 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from securechat.backend import (
     BackendLimit,
+    BackendMismatch,
     BackendUnavailable,
     LineCharge,
     OverBudget,
@@ -67,6 +77,8 @@ SESSION_REFRESH = 10.0
 #: from Redis answers here. A change on any process is told to all on the control stream, which
 #: drops it at once: this bound only covers a notice missed in an outage.
 STATE_CACHE_SECONDS = 1.0
+#: The id (``key_id``) of the cluster key every process seals with; see the module's docstring.
+CLUSTER_KEY_ID_KEY = f"{PREFIX}cluster_key_id"
 #: The processes' heartbeats (a sorted set: process -> when its presence was last refreshed).
 NODES_KEY = f"{PREFIX}nodes"
 #: How long one blocking read waits before looking at the set of rooms again.
@@ -76,6 +88,8 @@ READ_COUNT = 500
 #: The live feed of private lines keeps about this many entries (history is in the pair streams).
 PRIVATE_FEED_LENGTH = 10_000
 NONCE_SIZE = 12
+#: Where a Redis URL with no port points.
+DEFAULT_REDIS_PORT = 6379
 #: The Redis password, when the URL does not carry one (a URL on the command line is seen by ps).
 PASSWORD_VARIABLE = "CHAT_REDIS_PASSWORD"
 #: A room's stream is its live feed too: with history off (``history_limit`` 0) it still keeps
@@ -231,7 +245,15 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
     if on_connect is not None:
 
         def connected(connection: redis.connection.Connection) -> None:
-            connection.on_connect()  # what the library does when it is given no function of its own
+            # What the library does when it is given no function of its own. Not on_connect(): it
+            # checks the connection's health (a PING) before it authenticates, and a Redis that wants
+            # a password fails that PING, which reconnects, which calls this again: a RecursionError
+            # instead of the error that says a password is needed.
+            set_up = getattr(connection, "on_connect_check_health", None)
+            if set_up is not None:
+                set_up(check_health=False)
+            else:  # redis-py before 5.1
+                connection.on_connect()
             on_connect()
 
         extra["redis_connect_func"] = connected
@@ -247,6 +269,46 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
         retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
+
+
+#: What Redis answers when it wants a password, or refused the one given (redis-py raises most of
+#: these as AuthenticationError, but a server may say them in a plain error reply too).
+_LOGIN_REFUSALS = ("NOAUTH", "WRONGPASS", "HELLO must be called with the client already authenticated")
+
+
+def describe_redis_error(url: str, exc: redis.exceptions.RedisError) -> str:
+    """One line for an operator saying why Redis at ``url`` could not be used, never with its password.
+
+    A refused login says whether a password is missing or wrong (Redis's own words name the
+    protocol, not the remedy); anything else is ``cannot reach Redis at URL: reason``.
+    """
+    text = str(exc)
+    if isinstance(exc, redis.exceptions.AuthenticationError) or text.startswith(_LOGIN_REFUSALS):
+        place = _place(url)
+        if _password_given(url):
+            return f"Redis at {place} refused the password (or the user name) it was given"
+        return f"Redis at {place} needs a password (give it in the URL or in {PASSWORD_VARIABLE})"
+    return f"cannot reach Redis at {_shown_url(url)}: {text}"
+
+
+def _password_given(url: str) -> bool:
+    """Whether ``redis_client(url)`` sends a password: the URL's, else CHAT_REDIS_PASSWORD's."""
+    if "@" in url:
+        return bool(urllib.parse.urlsplit(url).password)
+    return bool(os.environ.get(PASSWORD_VARIABLE))
+
+
+def _place(url: str) -> str:
+    """Where a Redis URL points, as HOST:PORT (or the socket's path), without any credentials."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    try:
+        port = parts.port or DEFAULT_REDIS_PORT
+    except ValueError:  # check_backend refuses such a URL before it gets here
+        port = DEFAULT_REDIS_PORT
+    host = parts.hostname or "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def flood_key(account: str) -> str:
@@ -318,7 +380,8 @@ class RedisBackend:
         try:
             self.redis.ping()
         except redis.exceptions.RedisError as exc:
-            raise BackendUnavailable(f"cannot reach Redis at {_shown_url(url)}: {exc}") from None
+            raise BackendUnavailable(describe_redis_error(url, exc)) from None
+        self._claim_cluster_key()
         self._append = self.redis.register_script(_APPEND)
         self._add_session = self.redis.register_script(_ADD_SESSION)
         self._create_room = self.redis.register_script(_CREATE_ROOM)
@@ -365,6 +428,22 @@ class RedisBackend:
         self._problem = ""
         self._reader = threading.Thread(target=self._read_loop, name="redis-reader", daemon=True)
         self._refresher = threading.Thread(target=self._refresh_loop, name="redis-presence", daemon=True)
+
+    def _claim_cluster_key(self) -> None:
+        """Record this process's key id as the cluster's unless one is recorded; ``BackendMismatch``
+        if another is (this process could open none of the others' lines, nor they its own)."""
+        try:
+            self.redis.set(CLUSTER_KEY_ID_KEY, self._key_id, nx=True)
+            recorded = self.redis.get(CLUSTER_KEY_ID_KEY)
+        except redis.exceptions.RedisError as exc:
+            self.redis.close()
+            raise BackendUnavailable(describe_redis_error(self.url, exc)) from None
+        if recorded is not None and _text(recorded) != self._key_id:
+            self.redis.close()
+            raise BackendMismatch(
+                f"this node's cluster_key (id {self._key_id}) is not the one the other nodes use"
+                f" (id {_shown_key_id(recorded)}): copy cluster_key from a running node's data directory"
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -416,23 +495,33 @@ class RedisBackend:
     def _open(self, stream: str, message_id: int, fields: dict[Any, Any]) -> tuple[RoomEvent, str, str] | None:
         """The event, origin session and ref of an entry; None (logged) if it fails to open or its
         content is not what its place says (another id, stream or sender: a replayed or moved entry)."""
+        if (why := self._not_ours(fields)) is not None:
+            log.warning("skipped a message in %s that failed to open (id %d): %s", stream, message_id, why)
+            return None
         try:
-            if _text(fields[b"k"]) != self._key_id:
-                raise ValueError("sealed under another cluster key")
             sender = _text(fields[b"from"])
             sealed = fields[b"p"]
             associated = self._associated_data(stream, message_id, sender)
             body = json.loads(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
             event = decode_event(base64.b64decode(body["event"]))
         except (KeyError, ValueError, TypeError, InvalidTag) as exc:
-            log.warning(
-                "skipped a message in %s that failed to open (id %d): %s", stream, message_id, type(exc).__name__
-            )
+            why = _why_unopened(exc)
+            log.warning("skipped a message in %s that failed to open (id %d): %s", stream, message_id, why)
             return None
         if event is None or event.id != message_id or _sender(event) != sender:
             log.warning("skipped a message in %s whose content does not match its place (id %d)", stream, message_id)
             return None
         return event, str(body.get("origin", "")), str(body.get("ref", ""))
+
+    def _not_ours(self, fields: dict[Any, Any]) -> str | None:
+        """Why an entry cannot be opened with this process's key, if it names another; else None."""
+        entry_key_id = _text(fields.get(b"k", b""))
+        if entry_key_id == self._key_id:
+            return None
+        return (
+            f"sealed under cluster key id {_shown_key_id(entry_key_id)}, which this node does not have"
+            f" (its own is id {self._key_id})"
+        )
 
     # ------------------------------------------------------------------ publishing
 
@@ -761,14 +850,15 @@ class RedisBackend:
             self._note_problem(exc)  # presence news is lost, not the presence: /who still tells
 
     def _open_presence(self, room: str, node: str, fields: dict[Any, Any]) -> Notice | None:
+        if (why := self._not_ours(fields)) is not None:
+            log.warning("skipped presence news of %s that failed to open: %s", room, why)
+            return None
         try:
-            if _text(fields[b"k"]) != self._key_id:
-                raise ValueError("sealed under another cluster key")
             sealed = fields[b"p"]
             associated = self._associated_data(f"presence:{room}", 0, node)
             event = decode_event(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
-        except (KeyError, ValueError, InvalidTag):
-            log.warning("skipped presence news of %s that failed to open", room)
+        except (KeyError, ValueError, InvalidTag) as exc:
+            log.warning("skipped presence news of %s that failed to open: %s", room, _why_unopened(exc))
             return None
         if not isinstance(event, Notice) or event.event not in ("joined", "left") or event.room != room:
             return None
@@ -903,12 +993,15 @@ class RedisBackend:
     def _restore_floors(self, client: redis.Redis | redis.client.Pipeline) -> None:
         """Raise Redis's message counter and the sequence numbers of the rooms this process has seen
         to at least what it has seen of them (``_RAISE_FLOORS``): they are lower only if Redis lost
-        data. (A line this process appends meanwhile is numbered above them by the append script.)"""
+        data. (A line this process appends meanwhile is numbered above them by the append script.)
+        The cluster key's id, lost with them, is recorded again too."""
         with self._id_lock:
             args: list[Any] = [self._highest_id]
             for room, seq in self._seq_floor.items():
                 args += [room, seq]
         try:
+            # Lost with the rest: put back, so that a process with another key is still refused.
+            client.set(CLUSTER_KEY_ID_KEY, self._key_id, nx=True)
             self._raise_floors(keys=[f"{PREFIX}id", f"{PREFIX}seq"], args=args, client=client)
         except redis.exceptions.RedisError as exc:
             self._note_problem(exc)  # the refresher tries again within SESSION_REFRESH
@@ -1081,6 +1174,24 @@ def _guarded(what: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("the Redis reader skipped %s it could not handle", what)
+
+
+def _why_unopened(exc: Exception) -> str:
+    """Why an entry under this process's key failed to open, in words that hold nothing of it (an
+    exception's own text might quote the payload)."""
+    if isinstance(exc, InvalidTag):
+        return "its seal does not verify (changed, or moved from another stream, id or sender)"
+    if isinstance(exc, KeyError):
+        return "a field is missing"
+    return f"its content is malformed ({type(exc).__name__})"
+
+
+def _shown_key_id(value: bytes | str) -> str:
+    """A key id read from Redis, fit for a log line: a key id is 8 hex digits; anything else is not shown."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    if not text:
+        return "(none)"
+    return text if len(text) <= 16 and all(c in "0123456789abcdef" for c in text) else "(not a key id)"
 
 
 def _sender(message: RoomEvent) -> str:

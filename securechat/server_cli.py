@@ -18,7 +18,7 @@ from securechat.accounts import (
     UserStoreError,
 )
 from securechat.admin import parse_arguments, run_admin_command
-from securechat.backend import BackendUnavailable
+from securechat.backend import BackendMismatch, BackendUnavailable
 from securechat.config import (
     ConfigFileError,
     ServerConfig,
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     config.reuse_port = bool(worker)
     try:
         server = ChatServer(config)
-    except (CryptoError, UserStoreError, StoreError, BackendUnavailable) as exc:
+    except (CryptoError, UserStoreError, StoreError, BackendUnavailable, BackendMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

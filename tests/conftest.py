@@ -222,11 +222,13 @@ def server_process(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., S
 
 class RedisServer:
     """A real ``redis-server`` on a free loopback port, in its own folder; ``restart()`` keeps its data,
-    unless it is not ``durable`` (then a restart starts it empty, as a Redis without persistence)."""
+    unless it is not ``durable`` (then a restart starts it empty, as a Redis without persistence).
+    With a ``password``, it refuses every client that does not give it (``requirepass``)."""
 
-    def __init__(self, folder: Path, *, durable: bool = True) -> None:
+    def __init__(self, folder: Path, *, durable: bool = True, password: str = "") -> None:
         self.folder = folder
         self.durable = durable
+        self.password = password
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -245,6 +247,11 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         wait_until_redis_answers(self.process, self.port, TIMEOUT * 2)
+        if self.password:  # set once it answers: the wait's PING gives no password
+            import redis  # only the tests of a Redis deployment need it
+
+            with redis.Redis(port=self.port) as admin:
+                admin.config_set("requirepass", self.password)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -6,6 +6,7 @@ token secret and cluster key), as a second machine would.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -30,12 +31,12 @@ from conftest import (
     wait_until,
 )
 
-from securechat.backend import BackendUnavailable, LineCharge, OverBudget
+from securechat.backend import BackendMismatch, BackendUnavailable, LineCharge, OverBudget
 from securechat.client import ChatClient, KnownHosts
 from securechat.hub import ChatHub
 from securechat.protocol import Chat, ErrorReply, Notice, Sessions
 from securechat.protocol import Room as RoomMessage
-from securechat.redis_backend import RedisBackend
+from securechat.redis_backend import RedisBackend, key_id
 
 
 def client_of(node: ServerProcess, known_hosts: Path, **options) -> ChatClient:
@@ -567,6 +568,49 @@ def test_a_first_start_on_an_empty_redis_copies_the_accounts_of_users_json(tmp_p
     assert "alice" in server_command("users", "--backend", redis_server.url).stdout
 
 
+def test_after_redis_lost_its_data_a_node_does_not_bring_back_the_accounts_of_users_json(tmp_path, users_file):
+    """users.json is copied into Redis once: the account commands with --backend never write it, so
+    after a loss of Redis's data a copy would bring back deleted accounts and old passwords."""
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    (tmp_path / "volatile").mkdir()
+    volatile = RedisServer(tmp_path / "volatile", durable=False)
+    try:
+        where = ["--port", "0", "--users", str(users_file), "--backend", volatile.url, "--log-level", "WARNING"]
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "data")])
+        assert server_command("deluser", "carol", "--backend", volatile.url).returncode == 0
+        _, errors = node.stop()
+        assert "Redis held no accounts: copied 6 from" in errors
+        marker = tmp_path / "data" / "accounts_in_redis"
+        assert marker.stat().st_mode & 0o777 == 0o600
+
+        volatile.restart()  # it comes back empty
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "data")])
+        _, errors = node.stop()
+        assert "Redis held no accounts: copied" not in errors
+        refusals = [line for line in errors.splitlines() if " ERROR " in line]
+        assert len(refusals) == 1, errors
+        assert "holds no accounts, though it held them before" in refusals[0]
+        assert "python server.py import-users FILE --backend URL" in refusals[0]
+        assert server_command("users", "--backend", volatile.url).stdout == ""  # carol is not back
+
+        # Redis keeps the record too: a node from a copy without the marker (made before the first
+        # start) does not copy users.json into a Redis whose accounts were all deleted.
+        assert server_command("import-users", str(users_file), "--backend", volatile.url).returncode == 0
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "data")])  # Redis records it held accounts
+        node.stop()
+        for name in ("alice", "bob", "carol", "dave", "erin", "echo"):
+            assert server_command("deluser", name, "--backend", volatile.url).returncode == 0
+        shutil.copytree(tmp_path / "data", tmp_path / "copy", ignore=shutil.ignore_patterns("accounts_in_redis"))
+        node = ServerProcess([*where, "--data-dir", str(tmp_path / "copy")])
+        _, errors = node.stop()
+        assert "Redis held no accounts: copied" not in errors
+        assert "holds no accounts, though it held them before" in errors
+        assert server_command("users", "--backend", volatile.url).stdout == ""
+    finally:
+        volatile.stop()
+
+
 # --------------------------------------------------------------------------- the backend's own guarantees
 
 
@@ -937,3 +981,126 @@ def test_with_no_join_history_old_lines_are_not_sent_as_news(cluster, tmp_path):
     alice.say("news", "#old")
     heard = wait_for(bob, lambda event: isinstance(event, Chat))
     assert heard.text == "news"
+
+
+# --------------------------------------------------------------------------- a Redis that cannot be used
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://chat:s3cret@127.0.0.1:notaport/0", "the port must be a number from 1 to 65535"),
+        ("redis://chat:s3cret@127.0.0.1:16391/abc", "the DB (after the last /) must be a number"),
+        ("redis://chat:s3cret@:6379/0", "the URL names no host"),
+    ],
+)
+def test_a_bad_backend_url_is_one_line_for_the_server_and_every_account_command(tmp_path, users_file, url, problem):
+    """Not a traceback from the Redis client, nor a DB it reads as 0 without a word."""
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    for command in (
+        [*where, "--backend", url],
+        ["users", "--backend", url],
+        ["import-users", str(users_file), "--backend", url],
+        ["deluser", "alice", "--backend", url],
+    ):
+        done = server_command(*command)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.startswith("error: --backend ") and problem in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "s3cret" not in done.stderr + done.stdout
+
+
+def test_a_redis_that_wants_a_password_says_so_and_never_shows_one(tmp_path, users_file):
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    (tmp_path / "locked").mkdir()
+    locked = RedisServer(tmp_path / "locked", password="the-right-one")
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    place = f"127.0.0.1:{locked.port}"
+    wrong = f"redis://:not-this-one@{place}/0"
+    try:
+        for command, url, expected in (
+            (
+                [*where],
+                locked.url,
+                f"error: Redis at {place} needs a password (give it in the URL or in CHAT_REDIS_PASSWORD)",
+            ),
+            (["users"], locked.url, f"error: Redis at {place} needs a password"),
+            ([*where], wrong, f"error: Redis at {place} refused the password"),
+            (["users"], wrong, f"error: Redis at {place} refused the password"),
+        ):
+            done = server_command(*command, "--backend", url)
+            assert done.returncode == 1 and done.stderr.startswith(expected), done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert "not-this-one" not in done.stderr + done.stdout
+        # The password in CHAT_REDIS_PASSWORD, kept out of ps: refused when wrong, used when right.
+        for password, status in (("not-this-one", 1), ("the-right-one", 0)):
+            done = subprocess.run(
+                [sys.executable, str(ROOT / "server.py"), "users", "--backend", locked.url],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT * 4,
+                env={**os.environ, "CHAT_REDIS_PASSWORD": password},
+            )
+            assert done.returncode == status, done.stderr
+            assert password not in done.stderr + done.stdout
+    finally:
+        locked.stop()
+
+
+# --------------------------------------------------------------------------- one cluster key
+
+
+def test_a_node_with_another_cluster_key_is_refused_at_start(cluster, tmp_path, redis_server):
+    """A fresh data directory has a cluster key of its own: such a node would see the others in /who
+    and never hear them (nor they it). It says so and stops, and the running node goes on."""
+    first = cluster.node(tmp_path / "node1")
+    where = ["--port", "0", "--users", str(cluster.users_file), "--data-dir", str(tmp_path / "fresh")]
+    done = server_command(*where, "--backend", redis_server.url)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    # The ids are key_id() of each data directory's cluster_key: no secret is shown.
+    first_id = key_id(bytes.fromhex((tmp_path / "node1" / "cluster_key").read_text()))
+    fresh_id = key_id(bytes.fromhex((tmp_path / "fresh" / "cluster_key").read_text()))
+    assert done.stderr.strip() == (
+        f"error: this node's cluster_key (id {fresh_id}) is not the one the other nodes use (id {first_id}):"
+        " copy cluster_key from a running node's data directory"
+    )
+    # A copy of the running node's data directory joins.
+    shutil.copytree(tmp_path / "node1", tmp_path / "node2")
+    second = cluster.node(tmp_path / "node2")
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    for client in (alice, bob):
+        client.join("#mix")
+        wait_for(client, entered("#mix"))
+    bob.say("heard across the nodes", "#mix")
+    wait_for(alice, said("heard across the nodes"))
+
+
+def test_after_the_key_is_changed_old_entries_are_skipped_saying_under_which_key(redis_server, caplog):
+    """The way to change the cluster key (stop every node, delete chat:cluster_key_id): what was sealed
+    under the old key can no longer be read, and the log says why, with no secret and no text."""
+    old_key, new_key = b"o" * 32, b"n" * 32
+    before = RedisBackend(redis_server.url, old_key)
+    try:
+        before.publish_room("#r", Chat(sender="alice", text="under the old key", sent_at=0.0))
+    finally:
+        before.close()
+    store = redis.Redis.from_url(redis_server.url)
+    assert store.get("chat:cluster_key_id") == key_id(old_key).encode()
+    with pytest.raises(BackendMismatch):
+        RedisBackend(redis_server.url, new_key)
+    store.delete("chat:cluster_key_id")
+    store.close()
+    after = RedisBackend(redis_server.url, new_key)
+    try:
+        with caplog.at_level("WARNING", logger="chat.server"):
+            assert after.recent("#r", 10) == []
+    finally:
+        after.close()
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert skipped == [
+        f"skipped a message in #r that failed to open (id 1): sealed under cluster key id {key_id(old_key)},"
+        f" which this node does not have (its own is id {key_id(new_key)})"
+    ]
+    assert "under the old key" not in caplog.text
