@@ -1113,3 +1113,21 @@ def test_at_login_the_client_says_where_you_were_mentioned_while_away(chat_serve
     carol.settle()
     # The lobby's line naming her was said while she was there: not counted.
     assert carol.text.count("you were mentioned") == 1, carol.text
+
+
+def test_a_slow_typist_with_a_wrong_password_still_gets_another_try(server_process, terminals, tmp_path):
+    """Review b53: a wrong password typed after the server's login window is retried on a fresh
+    connection, refused there, and must then count as one wrong try ("try again"), not end the
+    client after a single try as if it were the third."""
+    server = server_process("--log-level", "WARNING", "--handshake-timeout", "1")
+    alice = terminals(client_args(server.port, "alice", pin(tmp_path / "known_hosts", server)))
+    alice.wait_for_text("Password for alice:", START)
+    time.sleep(2.5)  # past the server's window: it has closed that connection
+    alice.type("not the password\r")
+    alice.wait_until(
+        lambda terminal: terminal.text.count("Password for alice:") == 2 or not terminal.child.isalive(),
+        START,
+        "a second password prompt (or the client's exit)",
+    )
+    alice.settle()
+    assert "try again" in alice.text and alice.text.count("Password for alice:") == 2, alice.text
