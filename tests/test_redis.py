@@ -1104,3 +1104,26 @@ def test_after_the_key_is_changed_old_entries_are_skipped_saying_under_which_key
         f" which this node does not have (its own is id {key_id(new_key)})"
     ]
     assert "under the old key" not in caplog.text
+
+
+def test_a_fresh_deployment_started_with_several_workers_logs_no_false_loss_of_accounts(tmp_path, users_file):
+    """Review b53: on a fresh data directory and an empty Redis, ``--workers N`` starts N processes at
+    once; one copies users.json in, and the others must not log that Redis "holds no accounts, though
+    it held them before: nobody can log in" (they read the empty store before the copy, then saw the
+    marker the copier wrote). Racy by nature: a few fresh starts, with four workers each."""
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    for attempt in range(5):
+        folder = tmp_path / f"attempt{attempt}"
+        (folder / "redis").mkdir(parents=True)
+        empty = RedisServer(folder / "redis", durable=False)
+        try:
+            node = ServerProcess(
+                ["--port", "0", "--users", str(users_file), "--data-dir", str(folder / "data")]
+                + ["--backend", empty.url, "--workers", "4", "--log-level", "WARNING"]
+            )
+            _, errors = node.stop()
+        finally:
+            empty.stop()
+        assert "Redis held no accounts: copied 6" in errors, errors
+        assert "though it held them before" not in errors, f"attempt {attempt}:\n{errors}"
