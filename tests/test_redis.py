@@ -1127,3 +1127,34 @@ def test_a_fresh_deployment_started_with_several_workers_logs_no_false_loss_of_a
             empty.stop()
         assert "Redis held no accounts: copied 6" in errors, errors
         assert "though it held them before" not in errors, f"attempt {attempt}:\n{errors}"
+
+
+def test_after_redis_lost_its_data_a_node_with_another_key_does_not_run_silently_beside_the_others(
+    cluster, tmp_path, redis_server
+):
+    """Review b53: a running node records its key id again only on its next refresh (up to
+    SESSION_REFRESH later), with SET NX and without looking at the answer. A node with another key
+    that starts in that window claims the empty record, and from then on the two run side by side,
+    each deaf to the other's lines, and neither ever says so. It must be refused, or one of them
+    must say that the cluster's key is not its own."""
+    from securechat.redis_backend import SESSION_REFRESH
+
+    first = cluster.node(tmp_path / "node1")
+    time.sleep(1.0)  # settled: its reader has made its first round
+    with redis.Redis.from_url(redis_server.url) as store:
+        store.flushall()  # a Redis that lost its data (restarted without persistence, or flushed)
+    where = ["--port", "0", "--users", str(cluster.users_file), "--data-dir", str(tmp_path / "fresh")]
+    try:
+        second = ServerProcess([*where, "--backend", redis_server.url, "--log-level", "WARNING"])
+    except RuntimeError as refused:  # what a fix may do: refuse it at start
+        assert "cluster_key" in str(refused), str(refused)
+        return
+    cluster.nodes.append(second)
+    time.sleep(2 * SESSION_REFRESH + 2)  # both have refreshed their presence and key id meanwhile
+    _, first_errors = first.stop()
+    _, second_errors = second.stop()
+    assert "cluster_key" in first_errors + second_errors, (
+        "two nodes with different cluster keys share one Redis, and neither said so:\n"
+        + first_errors
+        + second_errors
+    )
