@@ -289,3 +289,16 @@ def test_print_config_hides_a_redis_password():
     assert hide_password("rediss://:s3cret@host/1") == "rediss://:***@host/1"
     assert hide_password("redis://host:6379/0") == "redis://host:6379/0"
     assert hide_password("memory") == "memory"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0/",  # a trailing slash after the DB: redis-py reads DB 0
+    ],
+)
+def test_review_b53_backend_urls_the_redis_client_takes_are_not_refused(url):
+    """Review b53: check_backend refuses URLs the Redis client reads (and the server took before)."""
+    from securechat.config import check_backend
+
+    check_backend(url)

@@ -1158,3 +1158,39 @@ def test_after_redis_lost_its_data_a_node_with_another_key_does_not_run_silently
         + first_errors
         + second_errors
     )
+
+
+def test_a_password_given_in_the_urls_query_is_never_shown(tmp_path, users_file):
+    """Review b53: the Redis client takes ``?password=`` (and ``?username=``) from the URL's query as
+    it takes ``user:password@``. hide_password only hides the latter: the server prints the password
+    in "Rooms shared through ...", and a wrong one is reported as no password at all."""
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    (tmp_path / "locked").mkdir()
+    locked = RedisServer(tmp_path / "locked", password="the-right-one")
+    place = f"127.0.0.1:{locked.port}"
+    try:
+        where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), *where, "--backend", f"redis://{place}/0?password=the-right-one"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            shown = []
+            while line := server.stdout.readline():
+                shown.append(line)
+                if line.startswith("Listening on"):
+                    break
+        finally:
+            server.terminate()
+            server.wait(timeout=TIMEOUT * 2)
+        assert any(line.startswith("Listening on") for line in shown), shown
+        assert not any("the-right-one" in line for line in shown), shown
+        done = server_command("users", "--backend", f"redis://{place}/0?password=not-this-one")
+        assert done.returncode == 1 and "not-this-one" not in done.stderr + done.stdout, done.stderr
+        assert done.stderr.startswith(f"error: Redis at {place} refused the password"), done.stderr
+    finally:
+        locked.stop()
