@@ -879,22 +879,29 @@ def log_in_on_terminal(client: ChatClient, user: str, ask_password: Callable[[],
         client.connect()  # a closed port or a wrong key fails here, before any password is typed
         password = ask_password()
         try:
-            client.login(user, password)
+            _log_in_in_time(client, user, password)
             return
         except LoginRefused as exc:
-            if exc.code == "auth_failed" and attempt < PASSWORD_TRIES:
-                print(sanitize_text(f"error: {exc}; try again"), file=sys.stderr)
-                continue
-            if exc.code != "timeout":
+            if exc.code != "auth_failed" or attempt == PASSWORD_TRIES:
                 raise
-        except ChatError:
-            pass
-        # The server gives a connection 10 s to log in (it says "timeout", or just closes it): a
-        # slow typist outlived it. The same password, on a fresh connection.
-        client.close()
-        client.connect()
+            print(sanitize_text(f"error: {exc}; try again"), file=sys.stderr)
+
+
+def _log_in_in_time(client: ChatClient, user: str, password: str) -> None:
+    """Log in with ``password``. The server gives a connection 10 s to log in (then it says
+    "timeout", or just closes it): a slow typist who outlived that is logged in once more, on a
+    fresh connection, with what they typed."""
+    try:
         client.login(user, password)
         return
+    except LoginRefused as exc:
+        if exc.code != "timeout":
+            raise
+    except ChatError:
+        pass
+    client.close()
+    client.connect()
+    client.login(user, password)
 
 
 def run_interactive(
