@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Callable
@@ -143,7 +144,7 @@ def check_backend(backend: str) -> None:
             raise ValueError(f"the port must be a number from 1 to {MAX_PORT}") from None
         if port == 0:
             raise ValueError(f"the port must be a number from 1 to {MAX_PORT}")
-        database = urllib.parse.unquote(parts.path).lstrip("/")
+        database = urllib.parse.unquote(parts.path).strip("/")  # as the Redis client reads it
         if database and not _is_count(database):
             raise ValueError("the DB (after the last /) must be a number, 0 or more: redis://HOST:PORT/0")
     for database in urllib.parse.parse_qs(parts.query).get("db", []):
@@ -157,10 +158,15 @@ def _is_count(text: str) -> bool:
 
 
 def hide_password(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``: a URL fit for logs and output."""
+    """``redis://user:secret@host`` -> ``redis://user:***@host``, and ``?password=secret`` ->
+    ``?password=***`` (the Redis client takes a password from either): a URL fit for logs and output."""
     scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+    scheme, _, rest = url.partition("://")
     credentials, at, place = rest.rpartition("@")
-    if not separator or not at or ":" not in credentials:
+    if not at or ":" not in credentials:
         return url
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{place}"
 

@@ -292,9 +292,13 @@ def describe_redis_error(url: str, exc: redis.exceptions.RedisError) -> str:
 
 
 def _password_given(url: str) -> bool:
-    """Whether ``redis_client(url)`` sends a password: the URL's, else CHAT_REDIS_PASSWORD's."""
+    """Whether ``redis_client(url)`` sends a password: the URL's (before the host or in its query),
+    else CHAT_REDIS_PASSWORD's."""
+    parts = urllib.parse.urlsplit(url)
+    if any(urllib.parse.parse_qs(parts.query).get("password", [])):
+        return True
     if "@" in url:
-        return bool(urllib.parse.urlsplit(url).password)
+        return bool(parts.password)
     return bool(os.environ.get(PASSWORD_VARIABLE))
 
 

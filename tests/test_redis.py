@@ -1154,9 +1154,7 @@ def test_after_redis_lost_its_data_a_node_with_another_key_does_not_run_silently
     _, first_errors = first.stop()
     _, second_errors = second.stop()
     assert "cluster_key" in first_errors + second_errors, (
-        "two nodes with different cluster keys share one Redis, and neither said so:\n"
-        + first_errors
-        + second_errors
+        "two nodes with different cluster keys share one Redis, and neither said so:\n" + first_errors + second_errors
     )
 
 
