@@ -336,6 +336,22 @@ class AccountEdits:
 
         return self._update(edit)
 
+    def put_all(self, records: list[UserRecord]) -> list[str]:
+        """Add the accounts whose names are free, all in one change (none if it fails); returns their names."""
+
+        def edit(users: dict[str, UserRecord]) -> list[str]:
+            added = []
+            for record in records:
+                try:
+                    UserStore.check_name_free(record.name, users)
+                except ValueError:
+                    continue
+                users[record.name] = record
+                added.append(record.name)
+            return added
+
+        return self._update(edit)
+
     def delete(self, name: str) -> None:
         """Remove an account. Raises ``KeyError`` if there is none by that name."""
 

@@ -268,8 +268,14 @@ class ChatServer:
         repair from a backup. Raises ``UserStoreError`` if Redis cannot be reached.
         """
         marker = data_dir / ACCOUNTS_IN_REDIS_FILE
+        held_before = False
         if not holds_accounts:
-            if marker.exists() or store.held_accounts_before():
+            held_before = marker.exists() or store.held_accounts_before()
+            # Read again, after: another process of this deployment (a worker starting beside this
+            # one) may have copied them in and said so since this one first looked.
+            holds_accounts = bool(store.load())
+        if not holds_accounts:
+            if held_before:
                 log.error(
                     "%s holds no accounts, though it held them before: nobody can log in. %s is not copied"
                     " in again (it misses every change made with --backend); restore the accounts from a"
@@ -283,7 +289,8 @@ class ChatServer:
             except UserStoreError as exc:
                 log.warning("no accounts in Redis yet, and %s", exc)
                 return
-            added = [record.name for record in records.values() if store.put(record)]
+            # In one change: a copy cut short by a failing Redis must not look like a finished one.
+            added = store.put_all(list(records.values()))
             if not added:
                 return
             log.warning("Redis held no accounts: copied %d from %s (%s)", len(added), users_path, ", ".join(added))
