@@ -430,6 +430,8 @@ class RedisBackend:
         self._presence_from: dict[str, str] = {}
         self._stopping = threading.Event()
         self._problem = ""
+        # The other cluster key id Redis was last seen to name ("" while it names this one's).
+        self._foreign_key_id = ""
         self._reader = threading.Thread(target=self._read_loop, name="redis-reader", daemon=True)
         self._refresher = threading.Thread(target=self._refresh_loop, name="redis-presence", daemon=True)
 
@@ -990,9 +992,31 @@ class RedisBackend:
                     pipe.zadd(NODES_KEY, {self.node: self._clock()})
                     pipe.zremrangebyscore(NODES_KEY, "-inf", self._clock() - 10 * SESSION_TTL)  # long dead
                     self._restore_floors(pipe)
-                    pipe.execute()
+                    pipe.get(CLUSTER_KEY_ID_KEY)  # after _restore_floors put it back if it was lost
+                    recorded = pipe.execute()[-1]
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)
+                continue
+            self._check_recorded_key(recorded)
+
+    def _check_recorded_key(self, recorded: bytes | None) -> None:
+        """Say loudly if Redis names another cluster key than this process's. After Redis lost its
+        data, a node with another key may have started in the moment before this one recorded its
+        own again: the two hear nothing of each other's users, and only this can tell. Run by the
+        refresher thread alone (it owns ``_foreign_key_id``)."""
+        if recorded is None or _text(recorded) == self._key_id:
+            self._foreign_key_id = ""
+            return
+        shown = _shown_key_id(recorded)
+        if shown != self._foreign_key_id:  # once, not every refresh
+            log.error(
+                "Redis names cluster key id %s, not this node's cluster_key (id %s): the nodes holding"
+                " the other key do not hear this node's users, nor it theirs; give every node the same"
+                " cluster_key and restart the others",
+                shown,
+                self._key_id,
+            )
+        self._foreign_key_id = shown
 
     def _restore_floors(self, client: redis.Redis | redis.client.Pipeline) -> None:
         """Raise Redis's message counter and the sequence numbers of the rooms this process has seen
