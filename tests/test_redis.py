@@ -1119,8 +1119,10 @@ def test_a_fresh_deployment_started_with_several_workers_logs_no_false_loss_of_a
         empty = RedisServer(folder / "redis", durable=False)
         try:
             node = ServerProcess(
-                ["--port", "0", "--users", str(users_file), "--data-dir", str(folder / "data")]
-                + ["--backend", empty.url, "--workers", "4", "--log-level", "WARNING"]
+                [
+                    *("--port", "0", "--users", str(users_file), "--data-dir", str(folder / "data")),
+                    *("--backend", empty.url, "--workers", "4", "--log-level", "WARNING"),
+                ]
             )
             _, errors = node.stop()
         finally:
