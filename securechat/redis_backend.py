@@ -495,20 +495,28 @@ class RedisBackend:
         body = json.dumps(
             {"event": base64.b64encode(encode_event(message)).decode(), "origin": origin_session, "ref": ref}
         ).encode()
+        return self._seal_bytes(body, self._associated_data(stream, message.id, _sender(message)))
+
+    def _seal_bytes(self, plain: bytes, associated: bytes) -> bytes:
+        """``plain`` sealed under the cluster key and bound to ``associated``: a fresh nonce, then AES-GCM's output."""
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._aead.encrypt(nonce, body, self._associated_data(stream, message.id, _sender(message)))
+        return nonce + self._aead.encrypt(nonce, plain, associated)
+
+    def _open_bytes(self, sealed: bytes, associated: bytes) -> bytes:
+        """What ``_seal_bytes`` sealed; ``InvalidTag`` if it was changed or bound to other data."""
+        return self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated)
 
     def _open(self, stream: str, message_id: int, fields: dict[Any, Any]) -> tuple[RoomEvent, str, str] | None:
         """The event, origin session and ref of an entry; None (logged) if it fails to open or its
         content is not what its place says (another id, stream or sender: a replayed or moved entry)."""
-        if (why := self._not_ours(fields)) is not None:
+        if (why := self._not_ours(_text(fields.get(b"k", b"")))) is not None:
             log.warning("skipped a message in %s that failed to open (id %d): %s", stream, message_id, why)
             return None
         try:
             sender = _text(fields[b"from"])
             sealed = fields[b"p"]
             associated = self._associated_data(stream, message_id, sender)
-            body = json.loads(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
+            body = json.loads(self._open_bytes(sealed, associated))
             event = decode_event(base64.b64decode(body["event"]))
         except (KeyError, ValueError, TypeError, InvalidTag) as exc:
             why = _why_unopened(exc)
@@ -519,9 +527,9 @@ class RedisBackend:
             return None
         return event, str(body.get("origin", "")), str(body.get("ref", ""))
 
-    def _not_ours(self, fields: dict[Any, Any]) -> str | None:
-        """Why an entry cannot be opened with this process's key, if it names another; else None."""
-        entry_key_id = _text(fields.get(b"k", b""))
+    def _not_ours(self, entry_key_id: str) -> str | None:
+        """Why something sealed under the key ``entry_key_id`` names cannot be opened with this
+        process's key, if it names another; else None."""
         if entry_key_id == self._key_id:
             return None
         return (
@@ -841,9 +849,7 @@ class RedisBackend:
     def announce(self, room: str, notice: Notice) -> None:
         """Tell the other processes' members of ``room`` that someone joined or left (sealed: a
         parting reason is the user's text)."""
-        nonce = os.urandom(NONCE_SIZE)
-        associated = self._associated_data(f"presence:{room}", 0, self.node)
-        sealed = nonce + self._aead.encrypt(nonce, encode_event(notice), associated)
+        sealed = self._seal_bytes(encode_event(notice), self._associated_data(f"presence:{room}", 0, self.node))
         fields: dict[str | bytes, str | bytes] = {"node": self.node, "k": self._key_id, "p": sealed}
         try:
             self.redis.xadd(
@@ -856,13 +862,13 @@ class RedisBackend:
             self._note_problem(exc)  # presence news is lost, not the presence: /who still tells
 
     def _open_presence(self, room: str, node: str, fields: dict[Any, Any]) -> Notice | None:
-        if (why := self._not_ours(fields)) is not None:
+        if (why := self._not_ours(_text(fields.get(b"k", b"")))) is not None:
             log.warning("skipped presence news of %s that failed to open: %s", room, why)
             return None
         try:
             sealed = fields[b"p"]
             associated = self._associated_data(f"presence:{room}", 0, node)
-            event = decode_event(self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated))
+            event = decode_event(self._open_bytes(sealed, associated))
         except (KeyError, ValueError, InvalidTag) as exc:
             log.warning("skipped presence news of %s that failed to open: %s", room, _why_unopened(exc))
             return None
@@ -904,8 +910,7 @@ class RedisBackend:
         the rest sealed under the cluster key, for the device's address and away message are the
         user's, not Redis's. Bound to its account and session id: it cannot be moved to another."""
         body = json.dumps({**asdict(info), "node": self.node}).encode()
-        nonce = os.urandom(NONCE_SIZE)
-        sealed = nonce + self._aead.encrypt(nonce, body, _session_data(info.account, info.session_id))
+        sealed = self._seal_bytes(body, _session_data(info.account, info.session_id))
         return json.dumps(
             {"expires": self._clock() + SESSION_TTL, "k": self._key_id, "sealed": base64.b64encode(sealed).decode()}
         )
@@ -916,16 +921,14 @@ class RedisBackend:
             record = json.loads(value)
             if float(record["expires"]) < self._clock():
                 return None
-            if record.get("k") != self._key_id:
-                raise ValueError("sealed under another cluster key")
-            sealed = base64.b64decode(record["sealed"])
-            body = json.loads(
-                self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], _session_data(account, session_id))
-            )
+            if (why := self._not_ours(str(record.get("k", "")))) is not None:
+                log.warning("skipped a session record of %s that failed to open: %s", account, why)
+                return None
+            body = json.loads(self._open_bytes(base64.b64decode(record["sealed"]), _session_data(account, session_id)))
             body.pop("node", None)
             return SessionInfo(**body)
         except (KeyError, ValueError, TypeError, InvalidTag) as exc:
-            log.warning("skipped a session record of %s that failed to open: %s", account, type(exc).__name__)
+            log.warning("skipped a session record of %s that failed to open: %s", account, _why_unopened(exc))
             return None
 
     def add_session(self, info: SessionInfo, limit: int) -> int:
