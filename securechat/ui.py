@@ -236,6 +236,61 @@ class MentionsWhileAway:
         return None
 
 
+class RoomEntries:
+    """Which lines of a room's entry ("you are in", then the roster) are news to the user.
+
+    A resumed session enters every room again, after each network blip or failover.
+    Repeating "you are in #room" and its roster for every room pushes the lines that
+    were missed off the screen, so an entry the user did not ask for shows only what
+    differs from what the user was last told of that room (by its last roster and the
+    joins and leaves shown since): a new topic, other members. A /join is always
+    answered in full, and so is /who (its roster is no entry).
+    """
+
+    def __init__(self) -> None:
+        #: room -> its topic as last shown.
+        self._topics: dict[str, str] = {}
+        #: room -> who the user was last told is in it.
+        self._members: dict[str, set[str]] = {}
+        #: room -> (whether its entry repeats so far, its roster's names and lines so far), until the last page.
+        self._entering: dict[str, tuple[bool, list[str], list[str]]] = {}
+
+    def lines_to_show(self, event: Any, line: str) -> list[str]:
+        """What to show for ``line``, the formatted ``event``: itself, nothing, or a roster's held pages."""
+        if isinstance(event, Room):
+            if not event.joined:
+                self._forget(event.room)
+                return [line]
+            # The topic, not the line: "(new room: you own it)" is news once.
+            repeat = self._topics.get(event.room) == event.topic and not event.requested
+            self._topics[event.room] = event.topic
+            self._entering[event.room] = (repeat, [], [])
+            return [] if repeat else [line]
+        if isinstance(event, Roster) and event.room in self._entering:
+            # A roster's pages come in one batch: held until the last, then shown all or not at all.
+            repeat, names, pages = self._entering[event.room]
+            names.extend(event.members)
+            pages.append(line)
+            if event.more:
+                return []
+            del self._entering[event.room]
+            known = self._members.get(event.room)
+            self._members[event.room] = set(names)
+            return [] if repeat and known == set(names) else pages
+        if isinstance(event, Notice) and event.event in ("joined", "left") and event.room in self._members:
+            members = self._members[event.room]
+            if event.event == "joined":
+                members.add(event.name)
+            else:
+                members.discard(event.name)
+        return [line]
+
+    def _forget(self, room: str) -> None:
+        self._topics.pop(room, None)
+        self._members.pop(room, None)
+        self._entering.pop(room, None)
+
+
 def _with_devices(roster: Roster) -> list[tuple[str, int]]:
     counts = roster.devices if len(roster.devices) == len(roster.members) else [1] * len(roster.members)
     return list(zip(roster.members, counts, strict=True))
@@ -1060,6 +1115,8 @@ def run_interactive(
             shown = shown if len(shown) <= 200 else shown[:199] + "…"
             show(f"*** no answer {when}; maybe not sent: {shown}")
 
+    entries = RoomEntries()  # the reader's alone
+
     def read_events() -> None:
         while True:
             ended: Disconnected | None = None
@@ -1081,8 +1138,8 @@ def run_interactive(
                         if mention:
                             mentioned[event.room] = mentioned.get(event.room, 0) + 1
                 formatted = format_event(event, style, client.username, client.active_room)
-                if formatted is not None:
-                    line = style.mention(formatted[0]) if mention else formatted[0]
+                for shown in entries.lines_to_show(event, formatted[0]) if formatted is not None else []:
+                    line = style.mention(shown) if mention else shown
                     screen.write(line + ("\a" if mention and bell else ""))
                 summary = while_away.note(event, client.username, client.away_since)
                 if summary is not None:

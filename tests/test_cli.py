@@ -845,6 +845,39 @@ def test_reconnects_after_a_server_restart_without_asking_the_password(
     assert (message.sender, message.text) == ("alice", "still here")
 
 
+def test_a_resume_shows_of_each_room_only_what_changed(chat_server, server_process, chat_in_terminal, join):
+    """Each blip enters every room again: "you are in" and the roster are shown again only where
+    they say something new, so the lines missed meanwhile stay on the screen."""
+    port = chat_server.port
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("/join #dev\r")
+    alice.wait_for_text("*** in #dev (1): alice", TIMEOUT)
+    join("bob", chat_server)
+    alice.wait_for_text("*** bob joined", TIMEOUT)
+
+    chat_server.stop()
+    alice.wait_for_text("connection lost", TIMEOUT)
+    restarted = server_process("--log-level", "WARNING", "--port", str(port))
+    alice.wait_for_text("*** reconnected as alice", RECONNECT)
+    alice.wait_until(lambda t: "*** in #lobby (1): alice" in t.text.split("reconnected as alice")[-1], TIMEOUT, "")
+    alice.settle()
+    after = alice.text.split("reconnected as alice")[-1]
+    # bob went with the old server: #lobby's roster is news, and shown; #dev's is not, nor either "you are in".
+    assert "*** in #dev" not in after
+    assert "you are in" not in after
+    assert alice.text.count("*** you are in #dev") == 1
+
+    # Asked for, the same roster is shown.
+    alice.type("/who #dev\r")
+    alice.wait_until(lambda t: t.text.count("*** in #dev (1): alice") == 2, TIMEOUT, "/who answered")
+    bob = join("bob", restarted)
+    bob.join("#dev")
+    alice.wait_until(lambda t: t.text.count("*** bob joined") == 3, TIMEOUT, "bob in #dev")
+    alice.wait_until(at_prompt("#dev"), TIMEOUT, "the prompt back")
+    alice.type("still here\r")
+    assert wait_for(bob, heard).text == "still here"
+
+
 def test_a_line_the_server_never_answered_is_named_when_the_link_drops(
     chat_server, server_process, chat_in_terminal, join
 ):

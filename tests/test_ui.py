@@ -16,7 +16,7 @@ from conftest import TIMEOUT, is_disconnected, joined, left, wait_for
 
 from securechat import ui
 from securechat.client import LoginRefused
-from securechat.protocol import Chat, Notice
+from securechat.protocol import Chat, Notice, Room, Roster
 
 
 @pytest.fixture
@@ -187,3 +187,23 @@ def test_a_notice_from_history_is_stamped_when_it_happened_not_when_it_is_shown(
     before = time.strftime("%H:%M")
     live, _ = ui.format_event(kick, style, "carol", "#x")  # no time of its own: now
     assert live in {f"{clock} *** alice kicked bob" for clock in (before, time.strftime("%H:%M"))}
+
+
+def test_a_long_roster_entered_again_is_shown_whole_or_not_at_all():
+    """A roster in pages: held until the last page, then shown whole if anyone came or went."""
+    entries = ui.RoomEntries()
+    style = ui.Style(colour=False)
+
+    def enter(*pages: list[str]) -> list[str]:
+        shown = []
+        for event in [Room(room="#big"), *(Roster(members=names, room="#big", more=more) for names, more in pages)]:
+            shown += entries.lines_to_show(event, ui.format_event(event, style, "alice")[0])
+        return shown
+
+    first = enter((["alice", "bob"], True), (["carol"], False))
+    assert first == ["*** you are in #big", "*** in #big (2): alice, bob ...", "*** in #big (1): carol"]
+    assert enter((["alice", "bob"], True), (["carol"], False)) == []  # entered again: nothing new
+    entries.lines_to_show(Notice("left", "carol", room="#big"), "*** carol left")
+    assert enter((["alice", "bob"], False)) == []  # as the user was told: nothing new
+    assert enter((["alice", "bob"], True), (["dave"], False)) == [first[1], "*** in #big (1): dave"]
+    assert enter((["alice", "bob"], True), (["dave"], False)) == []
