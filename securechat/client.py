@@ -193,6 +193,8 @@ Event = (
 #: Events a client keeps while nobody reads them; past this the oldest is dropped and counted
 #: (see ``ChatClient.dropped_events``): a bot that only speaks must not grow without bound.
 MAX_QUEUED_EVENTS = 10_000
+#: Refused lines whose text is kept for the front end to quote (``refused_text``).
+MAX_REFUSED_KEPT = 100
 
 
 def _shown(value: object, limit: int = 300) -> str:
@@ -398,7 +400,9 @@ class ChatClient:
         #: Lines sent and not yet accepted: ref -> (room or "@recipient", text). The server's echo
         #: (or refusal) carries the ref back and removes it.
         self.pending: dict[str, tuple[str, str]] = {}
-        #: Guards pending and _next_ref (the sender's thread adds, the reader removes).
+        #: The text of the last lines the server refused, by ref, for ``refused_text``.
+        self._refused: dict[str, str] = {}
+        #: Guards pending, _refused and _next_ref (the sender's thread adds, the reader removes).
         self.pending_lock = threading.Lock()
         self._next_ref = 0
         #: Events dropped because nobody read them (the queue holds MAX_QUEUED_EVENTS).
@@ -732,9 +736,19 @@ class ChatClient:
             self.pending[ref] = (target, text)
         return ref
 
-    def _forget_ref(self, ref: str) -> tuple[str, str] | None:
+    def _forget_ref(self, ref: str, refused: bool = False) -> tuple[str, str] | None:
         with self.pending_lock:
-            return self.pending.pop(ref, None)
+            line = self.pending.pop(ref, None)
+            if refused and line is not None:
+                self._refused[ref] = line[1]
+                if len(self._refused) > MAX_REFUSED_KEPT:  # nobody asked for the oldest: drop it
+                    del self._refused[next(iter(self._refused))]
+            return line
+
+    def refused_text(self, ref: str) -> str | None:
+        """The text of the line the server refused under ``ref`` (an ``ErrorReply``'s), once; else None."""
+        with self.pending_lock:
+            return self._refused.pop(ref, None)
 
     def _room(self, room: str | None) -> str:
         chosen = room or self.active_room
@@ -969,7 +983,7 @@ class ChatClient:
                 if not message.more:
                     self.rooms[message.room] = sorted(self._roster_pages.pop(message.room))
         elif isinstance(message, ErrorReply) and message.ref:
-            self._forget_ref(message.ref)
+            self._forget_ref(message.ref, refused=True)
         if isinstance(message, TokenRefresh):
             return []
         return [message]  # type: ignore[list-item]

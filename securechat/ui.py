@@ -22,7 +22,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
@@ -711,7 +711,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                     break
                 if isinstance(event, Chat) and event.ref:
                     continue  # the echo of a line of ours: stdout carries what others said
-                formatted = format_event(event, style, client.username)
+                formatted = format_event(naming_the_line(client, event), style, client.username)
                 if formatted is not None:
                     line, is_error = formatted
                     write(sys.stderr if is_error else sys.stdout, line)
@@ -815,6 +815,22 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
     for line in not_sent:
         report(f"not sent: {line}")
     return 1 if not_sent else 0
+
+
+def one_row(text: str, limit: int = 200) -> str:
+    """A line the user typed, quoted back on one row: sanitized, whitespace runs as one space, cut at ``limit``."""
+    shown = " ".join(sanitize_text(text).split())
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def naming_the_line(client: ChatClient, event: Any) -> Any:
+    """A refusal of a line of ours, saying which line: after a paste, or a run of lines refused while
+    the server could not reach its broker, "not sent" alone would not tell them apart."""
+    if isinstance(event, ErrorReply) and event.ref:
+        text = client.refused_text(event.ref)
+        if text is not None:
+            return replace(event, message=f"{event.message} (your line: {one_row(text, 80)})")
+    return event
 
 
 def take_unconfirmed(client: ChatClient) -> list[str]:
@@ -1111,9 +1127,7 @@ def run_interactive(
         # Sent, but neither echoed nor refused: the server may or may not have taken them. Said, not
         # dropped in silence; a line it took shows among the room's lines when the session resumes.
         for text in take_unconfirmed(client):
-            shown = " ".join(sanitize_text(text).split())
-            shown = shown if len(shown) <= 200 else shown[:199] + "…"
-            show(f"*** no answer {when}; maybe not sent: {shown}")
+            show(f"*** no answer {when}; maybe not sent: {one_row(text)}")
 
     entries = RoomEntries()  # the reader's alone
 
@@ -1137,7 +1151,7 @@ def run_interactive(
                         unread[event.room] = unread.get(event.room, 0) + 1
                         if mention:
                             mentioned[event.room] = mentioned.get(event.room, 0) + 1
-                formatted = format_event(event, style, client.username, client.active_room)
+                formatted = format_event(naming_the_line(client, event), style, client.username, client.active_room)
                 for shown in entries.lines_to_show(event, formatted[0]) if formatted is not None else []:
                     line = style.mention(shown) if mention else shown
                     screen.write(line + ("\a" if mention and bell else ""))

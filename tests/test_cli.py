@@ -568,6 +568,23 @@ def test_who_me_and_a_private_message_nobody_else_sees(chat_server, chat_in_term
     assert [(m.text, m.private) for m in chats(carol, 2)] == [("waves", False), ("public again", False)]
 
 
+def test_each_refused_line_is_named_in_its_refusal(chat_server, chat_in_terminal, join):
+    """Lines typed (or pasted) in a row and refused: each refusal says which line it was."""
+    bob = join("bob", chat_server)
+    bob.join("#ops")  # bob made it: bob runs it
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("/join #ops\r")
+    alice.wait_until(at_prompt("#ops"), TIMEOUT, "alice in #ops")
+    bob.command("mute", "#ops", "alice", "10m")
+    alice.wait_for_text("bob muted alice", TIMEOUT)
+
+    alice.type("first words\rsecond words\r")
+    refusals = "error: not sent: you are muted in #ops until"
+    alice.wait_until(lambda t: "".join(t.lines).count(refusals) == 2, TIMEOUT, "both refusals")
+    screen = "".join(alice.lines)  # rows joined: a refusal may wrap
+    assert screen.index("(your line: first words)") < screen.index("(your line: second words)")
+
+
 def test_unknown_command_hints_and_sends_nothing_and_double_slash_sends(chat_server, chat_in_terminal, join):
     bob = join("bob", chat_server)
     alice = chat_in_terminal("alice", chat_server)
@@ -1019,7 +1036,7 @@ def test_a_refused_private_message_prints_only_the_error(chat_server, join, tmp_
         password=password_of("carol"),
         stdin="/msg nobody-by-that-name hi\n",
     )
-    assert result.stderr.splitlines() == ["error: not sent: there is no user nobody-by-that-name"]
+    assert result.stderr.splitlines() == ["error: not sent: there is no user nobody-by-that-name (your line: hi)"]
     assert "hi" not in result.stdout
 
 
