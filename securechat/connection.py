@@ -291,8 +291,12 @@ class ClientConnection:
         reason = self.close_reason
         if reason == "quit":
             return self.parting_message
-        if reason.startswith(("protocol error", "token refused", "login refused")):
+        if reason.startswith(("protocol error", "login refused")):
             return "protocol error"
+        if reason.startswith("token refused"):
+            # Its account deleted, banned, its password changed: no fault of the client's, and
+            # the details are the account's business.
+            return "session ended"
         return reason
 
     def _refuse(self, code: str, message: str, reason: str) -> None:

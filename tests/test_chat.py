@@ -7,18 +7,20 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
+from conftest import ROOT, TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
 
 from securechat import hub, rooms
 from securechat.accounts import LoginThrottle
 from securechat.client import (
     Chat,
     ChatClient,
+    ChatError,
     Disconnected,
     ErrorReply,
     Goodbye,
@@ -902,3 +904,25 @@ def test_a_client_that_reconnects_by_itself_stops_when_closed(make_server, conne
     alice.close()  # the program gives up: the reconnection stops, and events() ends
     ended = wait_for(alice, is_disconnected, timeout=TIMEOUT * 2)
     assert ended.clean
+
+
+def test_an_account_deleted_while_its_user_is_on_ends_the_session_plainly(server, connect, users_file):
+    """The admin deletes carol's account while she chats: her next line is refused, her session
+    ends, and the others see her leave with no talk of a protocol error (she made none)."""
+    alice, carol = connect("alice"), connect("carol")
+    wait_for(alice, joined("carol"))
+    deleted = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "deluser", "carol", "--users", str(users_file)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    try:
+        carol.say("still me?")
+    except ChatError:
+        pass  # the server may already have closed the link
+    assert "no longer exists" in wait_for(carol, is_disconnected).reason
+    assert wait_for(alice, left("carol")).text == "session ended"
+    alice.say("anyone?")
+    assert wait_for(alice, lambda event: isinstance(event, Chat) and event.text == "anyone?")
