@@ -34,6 +34,7 @@ from securechat.protocol import (
     DEFAULT_ROOM,
     MAX_FRAME_SIZE,
     MAX_TOPIC_CHARS,
+    MAX_WIRE_INT,
     Batch,
     Chat,
     History,
@@ -1306,9 +1307,12 @@ def _pages(items: list[Item]) -> list[list[Item]]:
 
 def _whole_number(text: str, what: str) -> int:
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
         raise HubError("bad_command", f"{what} must be a whole number, not {_clean(text, 20)!r}") from None
+    if not 0 <= number <= MAX_WIRE_INT:  # SQLite's integers are 64-bit: a bigger one would crash the query
+        raise HubError("bad_command", f"{what} must be a whole number from 0 to {MAX_WIRE_INT}")
+    return number
 
 
 def _run_history(hub: ChatHub, member: Member, args: list[str]) -> None:

@@ -562,8 +562,13 @@ def _require(condition: bool, problem: str) -> None:
         raise ValueError(problem)
 
 
+#: Whole numbers on the wire are signed 64-bit, as SQLite and Redis store them: a bigger one is
+#: refused here, where it is a bad field, not deep in the store, where it is a crash.
+MAX_WIRE_INT = 2**63 - 1
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_WIRE_INT <= value <= MAX_WIRE_INT
 
 
 def _is_number(value: Any) -> bool:

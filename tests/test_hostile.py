@@ -982,3 +982,25 @@ def test_a_malformed_hello_batch_is_refused_before_the_login(tmp_path, batch, re
         impostor.close()
     assert str(refused.value).startswith(refusal), refused.value
     assert impostor.sent_after_hello == b""
+
+
+def test_a_message_id_beyond_64_bits_is_refused_not_a_crash(server, connect, caplog):
+    """SQLite's integers are 64-bit: a /history past that used to crash the session in the store
+    (a traceback in the log, the client dropped with "internal error")."""
+    alice = connect("alice")
+    drain(alice)
+    alice.command("history", "#lobby", "10", str(2**64))
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "bad_command" and "the message id must be a whole number from 0 to" in refusal.message
+    alice.command("history", "#lobby", "10", "5")  # the session goes on
+    wait_for(alice, lambda event: isinstance(event, protocol.History) and event.room == "#lobby")
+    assert "unexpected error" not in caplog.text
+
+
+def test_a_login_claiming_to_have_seen_past_64_bits_is_a_bad_field():
+    fields = {name: "x" for name in ("username", "password", "server_nonce", "client_key_fingerprint")}
+    fields.update(session_key="x", client_signature="x")
+    sent = json.loads(protocol.Login(**fields, since=2**63 - 1).encoded)
+    assert protocol.decode_message(protocol.Kind.LOGIN, json.dumps(sent).encode()).since == 2**63 - 1
+    with pytest.raises(protocol.ProtocolError, match="since must be a whole number"):
+        protocol.decode_message(protocol.Kind.LOGIN, json.dumps({**sent, "since": 2**64}).encode())
