@@ -278,6 +278,8 @@ def write_secret_file(path: Path, data: bytes) -> None:
             while remaining:
                 remaining = remaining[os.write(fd, remaining) :]
             os.fsync(fd)
+        except OSError as exc:  # a full disk, say: name the file, which os.write's error does not
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         finally:
             os.close(fd)
         # Unlike a rename, a link refuses to replace an existing file.

@@ -595,6 +595,30 @@ def test_a_data_dir_we_cannot_read_is_named(tmp_path, users):
     assert_one_line_error(result, f"error: cannot read the data directory {data}", "Permission denied")
 
 
+def test_a_full_disk_at_first_start_names_the_data_directory(tmp_path, users):
+    """The first start writes server_key.pem; on a full disk, os.write's error names no file, and
+    the operator used to read "cannot listen on 127.0.0.1:0: No space left on device". Here the
+    disk is full for crypto_utils' writes alone, in a child process running the real server
+    program (a full 600 KiB tmpfs did the same, but needs root to mount)."""
+    data = tmp_path / "data"
+    bootstrap = (
+        "import errno, os, sys, types\n"
+        "import securechat.crypto_utils as cu\n"
+        "def full(fd, data):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "cu.os = types.SimpleNamespace(**{**vars(os), 'write': full})\n"
+        "from securechat.server_cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["--host", "127.0.0.1", "--port", "0", "--users", str(users), "--data-dir", str(data)]
+    result = subprocess.run(
+        [sys.executable, "-c", bootstrap, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT * 4
+    )
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error == f"error: the data directory {data}: No space left on device ({data / 'server_key.pem'})"
+
+
 def test_a_port_in_use_is_named(tmp_path, users):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
