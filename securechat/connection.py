@@ -276,7 +276,7 @@ class ClientConnection:
             self.close(reason)
             try:
                 if self.in_room:
-                    self.server.hub.close_session(self, self._public_reason())
+                    self.server.hub.close_session(self, self._public_reason(), parting=self.close_reason == "quit")
             except Exception:  # never leave the connection on the books (it holds its address's share)
                 log.exception("%s: closing the session failed", self.peer)
             finally:

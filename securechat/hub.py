@@ -353,8 +353,12 @@ class ChatHub:
             lines: list[Message] = [replace(message, history=True) for message in missed]
             member.deliver(Batch(messages=[*lines, History(room="", count=len(missed), oldest_id=missed[0].id)]))
 
-    def close_session(self, member: Member, reason: str) -> None:
-        """The session ended: it leaves its rooms (the others hear of it if it was the account's last)."""
+    def close_session(self, member: Member, reason: str, *, parting: bool = False) -> None:
+        """The session ended: it leaves its rooms (the others hear of it if it was the account's last).
+
+        ``parting``: ``reason`` is the user's own words (/quit's message), shown only in the
+        rooms where the user may speak: a mute would be lifted by quitting with a message.
+        """
         with self.sessions_lock:
             rooms = self._session_rooms.pop(member.session_id, [])
             sessions = self._local.get(member.name, {})
@@ -363,7 +367,7 @@ class ChatHub:
             if not sessions:
                 self._local.pop(member.name, None)
         for room in rooms:
-            self._leave(member, room, reason)
+            self._leave(member, room, self._own_words(member.name, room, reason) if parting else reason)
         try:
             if self.backend.remove_session(member.name, member.session_id) == 0:
                 # Its last session: lines from now on were said while the account was away.
@@ -598,8 +602,9 @@ class ChatHub:
         room = self._room_name(room_name)
         if not self._in_room(member, room):
             raise HubError("not_in_room", f"you are not in {room}")
+        reason = self._own_words(member.name, room, _clean(reason, MAX_TOPIC_CHARS))
         self.backend.remove_membership(member.name, room)
-        self._remove_from_room(member.name, room, _clean(reason, MAX_TOPIC_CHARS), requested_by=member)
+        self._remove_from_room(member.name, room, reason, requested_by=member)
 
     def _remove_from_room(self, account: str, room: str, reason: str, requested_by: Member | None = None) -> None:
         """Take every local session of ``account`` out of ``room`` (/part, or a kick or ban)."""
@@ -731,6 +736,7 @@ class ChatHub:
             raise HubError("not_in_room", f"you are not in {room}")
         if "t" in self.room_state(room).modes:
             self.require_role(member, room, "topic", "op")
+        self._check_may_speak(member.name, room, refused="topic not set")  # a topic is told to everyone
         topic = _clean(text, MAX_TOPIC_CHARS + 1)
         if len(topic) > MAX_TOPIC_CHARS:
             raise HubError("bad_topic", f"a topic is at most {MAX_TOPIC_CHARS} characters")
@@ -837,7 +843,20 @@ class ChatHub:
             raise HubError("not_allowed", f"/{command} needs {_a(role)} {role} of {room} (you are {_a(held)} {held})")
         return rank
 
-    def _check_may_speak(self, account: str, room: str) -> None:
+    def _own_words(self, account: str, room: str, text: str) -> str:
+        """``text`` (a parting message) if ``account`` may speak in ``room``; else nothing, not a refusal:
+        leaving is always allowed, saying something on the way out is not."""
+        if not text:
+            return text
+        try:
+            self._check_may_speak(account, room)
+        except HubError:
+            return ""
+        return text
+
+    def _check_may_speak(self, account: str, room: str, refused: str = "not sent") -> None:
+        """``HubError`` if ``account`` may not say anything to ``room`` (banned, muted, unvoiced in +m),
+        its message starting with ``refused``."""
         values = self.backend.state(room)
         if not values:  # most rooms: no roles beyond the owner, no modes, nobody muted
             return
@@ -845,12 +864,12 @@ class ChatHub:
         state = RoomState.parse(values, creator=record.owner if record is not None else "")
         ban = state.ban_of(account)
         if ban is not None:  # banned while entering (the removal missed the session): refused all the same
-            raise HubError("banned", f"not sent: you are banned from {room} {_until(ban.until)}")
+            raise HubError("banned", f"{refused}: you are banned from {room} {_until(ban.until)}")
         mute = state.mute_of(account)
         if mute is not None:
-            raise HubError("muted", f"not sent: you are muted in {room} {_until(mute.until)}")
+            raise HubError("muted", f"{refused}: you are muted in {room} {_until(mute.until)}")
         if "m" in state.modes and self.rank(account, room, state) < ROLE_RANK["voice"]:
-            raise HubError("moderated", f"not sent: {room} is moderated (+m): only its owner, ops and voiced speak")
+            raise HubError("moderated", f"{refused}: {room} is moderated (+m): only its owner, ops and voiced speak")
 
     def _target(self, actor: Member, name: str) -> str:
         """A named account that exists and is not the actor; ``HubError`` otherwise."""

@@ -187,6 +187,33 @@ def test_a_mute_silences_without_removing(chat):
     assert not any(said("can you hear me")(event) for event in drain(carol))
 
 
+def test_a_muted_member_says_nothing_through_a_topic_or_a_parting_message(chat):
+    """A mute silences every way of telling the room something: the topic (which every member is
+    shown), the reason of a /part and the message of a /quit. Leaving stays allowed, in silence."""
+    chat.start()
+    alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
+    open_room(alice, "#ops", bob, carol)
+    alice.command("mute", "#ops", "bob", "10m")
+    wait_for(carol, moderation("mute", "bob"))
+
+    bob.command("topic", "#ops", "muted bob still talks")
+    wait_for(bob, error_saying(r"^topic not set: you are muted in #ops until "))
+    bob.command("part", "#ops", "muted bob still talks")
+    assert wait_for(carol, lambda event: isinstance(event, Notice) and event.event == "left").text == ""
+    bob.join("#ops")
+    wait_for(bob, in_room("#ops"))
+    bob.leave("muted bob still talks")
+    partings = {}
+    while len(partings) < 2:
+        notice = wait_for(carol, lambda event: isinstance(event, Notice) and event.event == "left")
+        partings[notice.room] = notice.text
+    assert partings == {"#ops": "", "#lobby": "muted bob still talks"}  # where he may speak, he may say goodbye
+    alice.command("topic", "#ops", "only what alice says")  # those who may speak still set it
+    assert wait_for(carol, lambda event: isinstance(event, Notice) and event.event == "topic").text == (
+        "only what alice says"
+    )
+
+
 def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
     chat.start()
     alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
