@@ -740,7 +740,6 @@ class ChatHub:
         topic = _clean(text, MAX_TOPIC_CHARS + 1)
         if len(topic) > MAX_TOPIC_CHARS:
             raise HubError("bad_topic", f"a topic is at most {MAX_TOPIC_CHARS} characters")
-        self.check_flood(member.name)
         self.backend.set_topic(room, topic)
         self.backend.publish_room(room, Notice(event="topic", name=member.name, text=topic, room=room))
 
@@ -1086,7 +1085,6 @@ class ChatHub:
         name = name.strip()
         if not self.accounts.exists(name):
             raise HubError("no_such_user", f"there is no user {_clean(name, 40)}")
-        self.check_flood(member.name)
         devices = self.backend.sessions(name)
         parts = [f"{name}:"]
         if devices:
@@ -1352,6 +1350,9 @@ ServerRun = Callable[[ChatHub, Member, list[str]], None]
 
 #: What the server runs for each of its commands in the one table (``securechat.commands``).
 #: For a room's command ``args[0]`` is the room (already checked to be a room name).
+#: Commands whose runner counts them against the flood budget itself, in proportion to the answer.
+CHARGED_IN_PROPORTION = frozenset({"list", "history"})
+
 SERVER_RUNNERS: dict[str, ServerRun] = {
     "join": lambda hub, member, args: hub.join(member, args[0]),
     "part": lambda hub, member, args: hub.part(member, args[0], " ".join(args[1:])),
@@ -1387,6 +1388,10 @@ SERVER_RUNNERS: dict[str, ServerRun] = {
 def run_command(hub: ChatHub, member: Member, name: str, args: list[str]) -> None:
     """Run a ``Command`` from a client, as the one command table says: an unknown name, a wrong
     number of arguments, a bad room name or a role the member lacks is a ``HubError``."""
+    if name not in CHARGED_IN_PROPORTION:
+        # Every request counts, before any other check: a /part tells every member of the room,
+        # a refused /kick still costs an answer.
+        hub.check_flood(member.name)
     spec: CommandSpec | None = COMMANDS_BY_NAME.get(name)
     run = SERVER_RUNNERS.get(name)
     if spec is None or run is None or not spec.server:

@@ -31,6 +31,7 @@ from securechat.client import (
 )
 from securechat.hub import PAGE_BUDGET, paginate
 from securechat.protocol import MAX_FRAME_SIZE, Joined, Say, sealed_frame_size
+from securechat.protocol import Room as RoomMessage
 from securechat.rooms import Room, merge_join_notices
 
 # --------------------------------------------------------------------------- helpers
@@ -499,6 +500,24 @@ def test_a_pasted_block_arrives_but_a_flood_is_cut(connect):
 
     assert_chatting(alice, bob, "we can still talk")
     assert_chatting(dave, alice, "so can I")
+
+
+def test_room_commands_count_against_the_flood_budget_too(make_server, connect):
+    """Every request counts: a /part tells every member of the room (its reason too), so joining and
+    leaving in a loop was a flood the budget of lines never saw."""
+    server = make_server(flood_burst=3, flood_rate=0.5)
+    alice, carol = connect("alice", to=server), connect("carol", to=server, pace=False)
+    drain(carol)
+    for number in range(6):
+        carol.command("join", "#spam")
+        carol.command("part", "#spam", f"reason {number}")
+    events = drain(carol, quiet=0.5)
+    refused = [event for event in events if isinstance(event, ErrorReply) and event.code == "flood"]
+    done = [event for event in events if isinstance(event, RoomMessage)]
+    assert len(done) <= 4 and len(done) + len(refused) == 12, events
+    assert "sending too fast" in refused[0].message
+    alice.command("join", "#spam")  # the budget is carol's alone
+    wait_for(alice, lambda event: isinstance(event, RoomMessage) and event.room == "#spam")
 
 
 def test_repeated_wrong_passwords_are_throttled(make_server, connect):
