@@ -224,10 +224,26 @@ class UserRecord:
     created: str = ""
     role: str = "user"
     ban: AccountBan | None = None
+    #: Random, made with the account: a name deleted and given to someone new is another account.
+    account_id: str = ""
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def identity(self) -> str:
+        """What tells this account from an earlier one of the same name (its id; ``created`` for
+        an account made before ids, by a release that did not write one)."""
+        return self.account_id or self.created
+
+    @property
+    def created_at(self) -> float:
+        """When the account was made (seconds since the epoch), or 0 if unknown."""
+        try:
+            return datetime.strptime(self.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            return 0.0
 
     def active_ban(self, now: float | None = None) -> AccountBan | None:
         return self.ban if self.ban is not None and self.ban.active(now) else None
@@ -265,6 +281,7 @@ def record_from_entry(where: str, name: str, entry: object) -> UserRecord:
         created=str(entry.get("created", "")),
         role=role,
         ban=AccountBan(float(ban.get("until", 0)), ban.get("reason", ""), ban.get("by", "")) if ban else None,
+        account_id=str(entry.get("id", "")),
     )
 
 
@@ -278,6 +295,8 @@ def entry_of(record: UserRecord) -> dict[str, Any]:
     }
     if record.ban is not None:
         entry["ban"] = dataclasses.asdict(record.ban)
+    if record.account_id:
+        entry["id"] = record.account_id
     return entry
 
 
@@ -319,7 +338,8 @@ class AccountEdits:
 
         def edit(users: dict[str, UserRecord]) -> None:
             UserStore.check_name_free(name, users)
-            users[name] = UserRecord(name, password_hash, demo=demo, created=_now_text())
+            account_id = secrets.token_hex(8)
+            users[name] = UserRecord(name, password_hash, demo=demo, created=_now_text(), account_id=account_id)
 
         self._update(edit)
 

@@ -53,6 +53,7 @@ from securechat.roomstate import (
     MAX_REASON_CHARS,
     MODES,
     MODES_KEY,
+    OWNERLESS_KEY,
     Restriction,
     RoomState,
     ban_key,
@@ -63,6 +64,9 @@ from securechat.roomstate import (
 )
 
 log = logging.getLogger("chat.server")
+
+#: In an account's own scope ("@NAME"): the identity of the account that last logged in under that name.
+ACCOUNT_IDENTITY_KEY = "account"
 
 #: Bytes of names, topics and the like one list page may hold: a frame is 64 KiB, and the
 #: envelope, a wrapped key and the JSON around the list need the rest.
@@ -99,6 +103,11 @@ class AccountDirectory(Protocol):
     def forget(self, name: str) -> None:
         """``name`` was changed by another process: drop any copy of it kept here."""
 
+    def identity(self, name: str) -> tuple[str, float] | None:
+        """What tells the account ``name`` from an earlier one of that name ("" for an account
+        made before either was kept), and when it was made (0 if unknown); None if there is no
+        such account, or it cannot be read just now."""
+
 
 class OpenDirectory:
     """Every name is an account and nobody is an admin (for a hub without a user store: tests, benchmarks)."""
@@ -117,6 +126,9 @@ class OpenDirectory:
 
     def forget(self, name: str) -> None:
         pass
+
+    def identity(self, name: str) -> tuple[str, float] | None:
+        return "", 0.0
 
 
 class MessageOfTheDay:
@@ -309,10 +321,60 @@ class ChatHub:
                 f"you already have {self.config.max_sessions} sessions open (the limit): "
                 "list them with /sessions and end one with /logout ID",
             ) from None
+        self._claim_name(member.name)
         self._load_ignores(member.name)
         rooms = [self.config.default_room]
         rooms += [room for room in self.backend.memberships(member.name) if room != self.config.default_room]
         return rooms, devices
+
+    def _claim_name(self, account: str) -> None:
+        """If ``account`` is a new account given a deleted one's name, let go of what the old one had.
+
+        Rooms, roles and ignore lists are kept by name, and a name's data outlives its
+        account (deluser edits only the account store, maybe with this server running). So
+        the identity of the account that last logged in under a name is kept with it, and
+        another one logging in under that name finds none of the former's rooms or roles.
+        Bans and mutes of the name stay: a restriction errs on the safe side, and an op
+        can lift it. Its private lines are kept from it by their time (``enter_rooms``).
+        """
+        known = self.accounts.identity(account)
+        if known is None:  # unreadable just now: never let go of an account's rooms on a doubt
+            return
+        identity = known[0]
+        scope = f"@{account}"
+        recorded = self.backend.state(scope).get(ACCOUNT_IDENTITY_KEY)
+        if recorded == identity:
+            return
+        if recorded is not None:
+            log.info("user=%s is a new account under a deleted one's name: its rooms and roles are let go", account)
+            self._let_go_of_former_account(account)
+        self.backend.set_state(scope, ACCOUNT_IDENTITY_KEY, identity)
+
+    def _let_go_of_former_account(self, account: str) -> None:
+        """Drop a deleted account's memberships, roles, invitations, ignore list and last-seen time.
+
+        A room it owned alone passes to its first op (else its first voiced member); a room
+        with neither is left to the server's admins, rather than to the newcomer.
+        """
+        for room in self.backend.memberships(account):
+            self.backend.remove_membership(account, room)
+        for record in self.backend.rooms():
+            values = self.backend.state(record.name)
+            state = RoomState.parse(values, creator=record.owner)
+            if state.role(account) == "owner" and state.owners() == [account]:
+                heirs = sorted(state.roles.items(), key=lambda item: (-ROLE_RANK[item[1]], item[0]))
+                heir = next((name for name, role in heirs if name != account and role in ("op", "voice")), None)
+                if heir is not None:
+                    self.backend.set_state(record.name, role_key(heir), "owner")
+                    log.info("room %s passes to user=%s: its only owner's account was deleted", record.name, heir)
+                else:
+                    self.backend.set_state(record.name, OWNERLESS_KEY, "1")
+            for key in (role_key(account), invite_key(account)):
+                if key in values:
+                    self.backend.set_state(record.name, key, None)
+        for key in self.backend.state(f"@{account}"):
+            if key.startswith("ignore:") or key == "last_seen":
+                self.backend.set_state(f"@{account}", key, None)
 
     def away_since(self, account: str) -> float:
         """When the account's last session ended (0: never, or unknown)."""
@@ -347,7 +409,9 @@ class ChatHub:
         else:
             missed = self.backend.private_recent(member.name, self.config.join_history)
         ignored = self.ignored_by(member.name)
-        missed = [message for message in missed if message.sender not in ignored]
+        # Lines from before the account was made were another's, under a name since given anew.
+        made = (self.accounts.identity(member.name) or ("", 0.0))[1]
+        missed = [message for message in missed if message.sender not in ignored and message.sent_at >= made]
         if missed:
             # One queued item, as a room's entry is (see _enter): up to the catch-up limit of lines.
             lines: list[Message] = [replace(message, history=True) for message in missed]

@@ -128,6 +128,10 @@ class StoreDirectory:
     def forget(self, name: str) -> None:
         self.users.forget(name)
 
+    def identity(self, name: str) -> tuple[str, float] | None:
+        record = self._record(name)
+        return (record.identity, record.created_at) if record is not None else None
+
 
 class ChatServer:
     """Accepts connections and runs the room. Same verbs as ``socketserver``.

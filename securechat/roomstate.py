@@ -69,7 +69,7 @@ class RoomState:
                 mutes[name] = Restriction.parse(value)
             elif kind == "invite":
                 invited.add(name)
-        if creator and "owner" not in roles.values():
+        if creator and "owner" not in roles.values() and OWNERLESS_KEY not in values:
             roles[creator] = "owner"
         modes = "".join(sorted(set(values.get("modes", "")) & set(MODES)))
         return cls(roles, modes, frozenset(invited), bans, mutes)
@@ -109,6 +109,9 @@ def invite_key(name: str) -> str:
 
 
 MODES_KEY = "modes"
+#: Set when the room's only owner's account was deleted and nobody was in line: the creator named in
+#: the room's record no longer owns it (a new account given that name would), and an admin gives it one.
+OWNERLESS_KEY = "ownerless"
 
 
 def parse_mode_change(text: str) -> tuple[bool, str]:

@@ -214,6 +214,51 @@ def test_a_muted_member_says_nothing_through_a_topic_or_a_parting_message(chat):
     )
 
 
+def test_a_new_account_under_a_deleted_ones_name_inherits_none_of_its_rooms_roles_or_private_lines(
+    chat, users_file, tmp_path
+):
+    """Rooms, roles and private history are kept by name: bob deleted and a new person added as
+    bob (with the server running) must start afresh, not as the old bob."""
+    chat.start()
+    alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
+    open_room(bob, "#team", alice, carol)
+    bob.command("op", "#team", "carol")
+    wait_for(alice, moderation("op", "carol"))
+    open_room(bob, "#solo")
+    bob.command("mode", "#solo", "+i")
+    wait_for(bob, lambda event: isinstance(event, Notice) and "+i" in event.text)
+    alice.private("bob", "for the old bob only: the door code is 4711")
+    wait_for(bob, said("for the old bob only: the door code is 4711"))
+    bob.leave()
+
+    assert admin_command(users_file, "deluser", "bob").returncode == 0
+    added = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "adduser", "bob", "--users", str(users_file)],
+        input="a new person's own passphrase 93\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert added.returncode == 0, added.stderr
+    newcomer = ChatClient("127.0.0.1", chat.port, accept_new_host_key=True, known_hosts=KnownHosts(tmp_path / "kh2"))
+    chat.clients.append(newcomer)
+    welcome = newcomer.login("bob", "a new person's own passphrase 93")
+    assert welcome.rooms == ["#lobby"]  # not the old bob's rooms
+    assert not [event for event in drain(newcomer) if isinstance(event, Chat) and "4711" in event.text]
+
+    newcomer.join("#solo")  # no longer his: invite-only, and he is not its owner
+    wait_for(newcomer, error_saying(r"#solo is invite-only"))
+    newcomer.join("#team")
+    wait_for(newcomer, in_room("#team"))
+    newcomer.command("kick", "#team", "alice")
+    wait_for(newcomer, lambda event: isinstance(event, ErrorReply) and event.code == "not_allowed")
+    carol.command("owner", "#team", "alice")  # the op in line owns #team now
+    wait_for(alice, moderation("owner", "alice"))
+
+    alice.private("bob", "welcome, new bob")  # what is said to him from now on is his
+    wait_for(newcomer, said("welcome, new bob"))
+
+
 def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
     chat.start()
     alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
