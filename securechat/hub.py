@@ -1412,11 +1412,11 @@ def _arg(args: list[str], index: int) -> str:
 
 ServerRun = Callable[[ChatHub, Member, list[str]], None]
 
-#: What the server runs for each of its commands in the one table (``securechat.commands``).
-#: For a room's command ``args[0]`` is the room (already checked to be a room name).
 #: Commands whose runner counts them against the flood budget itself, in proportion to the answer.
 CHARGED_IN_PROPORTION = frozenset({"list", "history"})
 
+#: What the server runs for each of its commands in the one table (``securechat.commands``).
+#: For a room's command ``args[0]`` is the room (already checked to be a room name).
 SERVER_RUNNERS: dict[str, ServerRun] = {
     "join": lambda hub, member, args: hub.join(member, args[0]),
     "part": lambda hub, member, args: hub.part(member, args[0], " ".join(args[1:])),
