@@ -193,7 +193,7 @@ Event = (
 #: Events a client keeps while nobody reads them; past this the oldest is dropped and counted
 #: (see ``ChatClient.dropped_events``): a bot that only speaks must not grow without bound.
 MAX_QUEUED_EVENTS = 10_000
-#: Refused lines whose text is kept for the front end to quote (``refused_text``).
+#: Refused lines (and joins) kept for the front end to ask about (``refused_text``, ``refused_join``).
 MAX_REFUSED_KEPT = 100
 
 
@@ -402,7 +402,9 @@ class ChatClient:
         self.pending: dict[str, tuple[str, str]] = {}
         #: The text of the last lines the server refused, by ref, for ``refused_text``.
         self._refused: dict[str, str] = {}
-        #: Guards pending, _refused and _next_ref (the sender's thread adds, the reader removes).
+        #: Joins not yet answered: ref -> (the room, the room lines went to before it).
+        self._joining: dict[str, tuple[str, str]] = {}
+        #: Guards pending, _refused, _joining and _next_ref (the sender's thread adds, the reader removes).
         self.pending_lock = threading.Lock()
         self._next_ref = 0
         #: Events dropped because nobody read them (the queue holds MAX_QUEUED_EVENTS).
@@ -794,22 +796,47 @@ class ChatClient:
         target = self._room(room)
         self._send(lambda token: Who(token=token, room=target))
 
-    def command(self, name: str, *args: str) -> None:
+    def command(self, name: str, *args: str, ref: str = "") -> None:
         """Send a server command (join, part, list, topic, history, sessions, logout); the answer is an event."""
-        self._send(lambda token: Command(token=token, name=name, args=list(args)), paced=True)
+        self._send(lambda token: Command(token=token, name=name, args=list(args), ref=ref), paced=True)
 
     def join(self, room: str) -> None:
         """Join a room (created if new) and make it where ``say()`` goes; a ``Room`` event says we are in.
 
         The server handles the join before any line sent after it, so a line said right after
-        goes to the new room. Raises ``MessageRefused`` for a name that is not a room name.
+        goes to the new room (and is refused, if the join was: a script's lines are never sent
+        to another room than the one it asked for). Raises ``MessageRefused`` for a name that
+        is not a room name; ``refused_join`` tells a refusal of the join itself.
         """
         try:
             name = normalize_room(room)
         except ValueError as exc:
             raise MessageRefused(f"not sent: {exc}") from None
-        self.command("join", name)
-        self.active_room = name
+        previous = self.active_room
+        with self.pending_lock:
+            self._next_ref += 1
+            ref = f"j{self._next_ref}"
+            self._joining[ref] = (name, previous)
+            if len(self._joining) > MAX_REFUSED_KEPT:  # refusals nobody asked about (batch mode): drop the oldest
+                del self._joining[next(iter(self._joining))]
+        self.active_room = name  # before it is sent: the refusal may come back before this line runs
+        try:
+            self.command("join", name, ref=ref)
+        except ChatError:
+            with self.pending_lock:
+                self._joining.pop(ref, None)
+            self.active_room = previous
+            raise
+
+    def refused_join(self, ref: str) -> tuple[str, str] | None:
+        """For an ``ErrorReply``'s ref: (the room, the room lines went to before) if it refused a ``join``."""
+        with self.pending_lock:
+            return self._joining.pop(ref, None)
+
+    def _joined(self, room: str) -> None:
+        with self.pending_lock:
+            if self._joining:
+                self._joining = {ref: join for ref, join in self._joining.items() if join[0] != room}
 
     def part(self, room: str | None = None, reason: str = "") -> None:
         """Leave a room (the active one by default)."""
@@ -968,6 +995,7 @@ class ChatClient:
                 self.rooms[message.room] = sorted(names)
         elif isinstance(message, Room):
             if message.joined:
+                self._joined(message.room)
                 self.rooms.setdefault(message.room, [])
                 if message.requested or not self.active_room:
                     self.active_room = message.room

@@ -613,6 +613,8 @@ class BatchState:
     sessions: int = 0
     #: Why the session is over for good ("" while it is not).
     ended: str = ""
+    #: Lines and commands the server (or the client, for a line too long) refused: any makes the exit status 1.
+    refused: int = 0
 
 
 def read_lines(fd: int, encoding: str, add: Callable[[str], None]) -> None:
@@ -646,8 +648,9 @@ def enter_room(client: ChatClient, room: str) -> None:
     except ValueError as exc:
         raise ChatError(f"--room {room}: {exc}") from None
     if name not in client.rooms:
-        client.join(name)
-    client.active_room = name
+        client.join(name)  # where lines go, also if the join is refused: they are refused too, never sent elsewhere
+    else:
+        client.active_room = name
 
 
 def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], room: str = "") -> int:
@@ -702,6 +705,10 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
             state.ended = reason
             state.changed.notify_all()
 
+    def note_refused() -> None:
+        with state.changed:
+            state.refused += 1
+
     def print_events() -> None:
         while True:
             ended: Disconnected | None = None
@@ -711,6 +718,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                     break
                 if isinstance(event, Chat) and event.ref:
                     continue  # the echo of a line of ours: stdout carries what others said
+                if isinstance(event, ErrorReply):
+                    note_refused()
                 formatted = format_event(naming_the_line(client, event), style, client.username)
                 if formatted is not None:
                     line, is_error = formatted
@@ -778,7 +787,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 parting, quitting = quit_request.message, True
                 break
             except MessageRefused as exc:  # about this line only: say so, and go on with the next
-                report(str(exc))
+                note_refused()
+                report(f"{exc} (your line: {one_row(line, 80)})")
             except ChatError:
                 # The link dropped under us: the line stays first; wait until the event thread has
                 # noticed (or already resumed), then try it again.
@@ -814,7 +824,9 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
     not_sent = unconfirmed_lines(client) + unsent
     for line in not_sent:
         report(f"not sent: {line}")
-    return 1 if not_sent else 0
+    with state.changed:
+        refused = state.refused
+    return 1 if not_sent or refused else 0
 
 
 def one_row(text: str, limit: int = 200) -> str:
@@ -1131,6 +1143,14 @@ def run_interactive(
 
     entries = RoomEntries()  # the reader's alone
 
+    def back_to_room(ref: str) -> None:
+        # A refused /join: the prompt, which says where lines go, goes back to the room it showed
+        # before (lines typed before the refusal came were refused: they went to the new room).
+        refused = client.refused_join(ref)
+        if refused is not None and client.active_room == refused[0]:
+            previous = refused[1]
+            client.active_room = previous if previous in client.rooms else next(iter(client.rooms), "")
+
     def read_events() -> None:
         while True:
             ended: Disconnected | None = None
@@ -1151,6 +1171,8 @@ def run_interactive(
                         unread[event.room] = unread.get(event.room, 0) + 1
                         if mention:
                             mentioned[event.room] = mentioned.get(event.room, 0) + 1
+                if isinstance(event, ErrorReply) and event.ref:
+                    back_to_room(event.ref)
                 formatted = format_event(naming_the_line(client, event), style, client.username, client.active_room)
                 for shown in entries.lines_to_show(event, formatted[0]) if formatted is not None else []:
                     line = style.mention(shown) if mention else shown

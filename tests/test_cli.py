@@ -427,8 +427,8 @@ def test_batch_reports_a_line_too_long_and_goes_on_with_the_next(chat_server, ba
     wait_for(carol, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
     alice.send("x" * 40_000, "after the long one")
     assert [message.text for message in chats(carol, 1)] == ["after the long one"]
-    assert alice.finish(TIMEOUT * 2) == 0
-    assert alice.stderr.lines == ["not sent: message longer than 32768 bytes"]
+    assert alice.finish(TIMEOUT * 2) == 1  # a script learns that not all it said went out
+    assert alice.stderr.lines == [f"not sent: message longer than 32768 bytes (your line: {'x' * 79}…)"]
 
 
 def test_batch_wrong_password_is_one_line_and_a_failure(chat_server, tmp_path):
@@ -583,6 +583,20 @@ def test_each_refused_line_is_named_in_its_refusal(chat_server, chat_in_terminal
     alice.wait_until(lambda t: "".join(t.lines).count(refusals) == 2, TIMEOUT, "both refusals")
     screen = "".join(alice.lines)  # rows joined: a refusal may wrap
     assert screen.index("(your line: first words)") < screen.index("(your line: second words)")
+
+
+def test_a_refused_join_leaves_the_prompt_in_the_room_it_was_in(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    bob.join("#dev")
+    bob.command("mode", "#dev", "+i")  # invite-only: alice may not come in
+    wait_for(bob, lambda event: isinstance(event, Notice) and "+i" in event.text)
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("/join #dev\r")
+    alice.wait_for_text("error: #dev is invite-only", TIMEOUT)
+    alice.wait_until(at_prompt("#lobby"), TIMEOUT, "the #lobby prompt back")
+    alice.type("still here\r")
+    message = wait_for(bob, heard)
+    assert (message.room, message.text) == ("#lobby", "still here")
 
 
 def test_unknown_command_hints_and_sends_nothing_and_double_slash_sends(chat_server, chat_in_terminal, join):
@@ -1038,6 +1052,7 @@ def test_a_refused_private_message_prints_only_the_error(chat_server, join, tmp_
     )
     assert result.stderr.splitlines() == ["error: not sent: there is no user nobody-by-that-name (your line: hi)"]
     assert "hi" not in result.stdout
+    assert result.returncode == 1
 
 
 def test_a_closed_port_fails_before_any_password_prompt(terminals, tmp_path):
