@@ -215,6 +215,8 @@ class HubConfig:
     flood_burst: int = 20
     flood_rate: float = 2.0
     join_notice_delay: float = 0.25
+    #: False with history off: nothing keeps a private line for an account that is offline.
+    keeps_history: bool = True
 
 
 class ChatHub:
@@ -715,6 +717,9 @@ class ChatHub:
             raise HubError("no_such_user", "not sent: that is you")
         if not self.accounts.exists(recipient):
             raise HubError("no_such_user", f"not sent: there is no user {_clean(recipient, 40)}")
+        if not self.config.keeps_history and not self.backend.sessions(recipient):
+            # Nothing keeps it for later: refused, not sent into the void with a promise.
+            raise HubError("offline", f"not sent: {recipient} is offline, and this server keeps no history")
         charge = self._charge_line(member.name)
         message = Chat(sender=member.name, text=text, sent_at=0.0, action=action, private=True, recipient=recipient)
         try:

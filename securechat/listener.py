@@ -245,6 +245,7 @@ class ChatServer:
                     join_history=min(config.join_history, config.history_limit),
                     flood_burst=config.flood_burst,
                     flood_rate=config.flood_rate,
+                    keeps_history=config.history_limit > 0,
                 ),
                 accounts=StoreDirectory(self.users),
                 motd_path=data_dir / MOTD_FILE,

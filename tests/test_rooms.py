@@ -128,6 +128,18 @@ def test_a_private_message_to_someone_offline_is_kept_and_shown_at_their_next_lo
     assert kept.history and kept.sender == "alice"
 
 
+def test_with_history_off_a_private_message_to_someone_offline_is_refused_not_promised(make_server, connect):
+    server = make_server(history_limit=0)
+    alice = connect("alice", to=server)
+    ref = alice.private("dave", "read this later")
+    refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply))
+    assert (refusal.ref, refusal.code) == (ref, "offline")
+    assert refusal.message == "not sent: dave is offline, and this server keeps no history"
+    dave = connect("dave", to=server)
+    alice.private("dave", "now you are here")
+    assert wait_for(dave, line("now you are here")).sender == "alice"
+
+
 def test_bad_room_names_and_parting_a_room_you_are_not_in_are_refused_in_one_line(connect):
     alice = connect("alice")
     alice.command("join", "#no spaces!")
