@@ -121,6 +121,11 @@ class Style:
         return f"{DIM}{text}{RESET} " if self.colour else f"{text} "
 
 
+def _stamp(style: Style, when: float, history: bool) -> str:
+    """What starts a line of the chat: its time, if shown; else, for a line from history, ``history: ``."""
+    return "history: " if history and not style.timestamps else style.stamp(when)
+
+
 def format_chat(message: Chat, style: Style, own_name: str = "", active_room: str | None = None) -> str:
     """One line for a chat message; text is sanitized so it cannot drive the terminal.
 
@@ -130,9 +135,7 @@ def format_chat(message: Chat, style: Style, own_name: str = "", active_room: st
     """
     text = style.message(message.text)
     sender = style.name(message.sender)
-    stamp = style.stamp(message.sent_at)
-    if message.history and not style.timestamps:
-        stamp = "history: "
+    stamp = _stamp(style, message.sent_at, message.history)
     room = f"{style.room(message.room)} " if message.room and message.room != active_room else ""
     if message.private:
         marker = f" → {style.name(message.recipient)}" if message.sender == own_name else " (private)"
@@ -152,20 +155,20 @@ def format_event(
     if isinstance(event, Chat):
         return format_chat(event, style, own_name, active_room), False
 
-    def about(room: str, text: str, when: float = now) -> str:
+    def about(room: str, text: str, when: float = now, history: bool = False) -> str:
         prefix = f"{room} " if room and room != active_room else ""
-        return style.stamp(when) + style.system(f"{prefix}*** {text}")
+        return _stamp(style, when, history) + style.system(f"{prefix}*** {text}")
 
     if isinstance(event, Notice):
         when = event.sent_at or now  # a kick shown from history is stamped when it happened
         if event.event == "joined":
-            return about(event.room, f"{event.name} joined", when), False
+            return about(event.room, f"{event.name} joined", when, event.history), False
         if event.event == "left":
             reason = f" ({event.text})" if event.text else ""
-            return about(event.room, f"{event.name} left{reason}", when), False
+            return about(event.room, f"{event.name} left{reason}", when, event.history), False
         if event.event == "topic":
-            return about(event.room, f"{event.name} set the topic: {event.text}", when), False
-        return about(event.room, event.text, when), False
+            return about(event.room, f"{event.name} set the topic: {event.text}", when, event.history), False
+        return about(event.room, event.text, when, event.history), False
     if isinstance(event, Roster):
         away = set(event.away)
         shown = [

@@ -431,6 +431,30 @@ def test_batch_reports_a_line_too_long_and_goes_on_with_the_next(chat_server, ba
     assert alice.stderr.lines == [f"not sent: message longer than 32768 bytes (your line: {'x' * 79}…)"]
 
 
+def test_batch_marks_every_line_from_history_notices_too(chat_server, join, tmp_path):
+    """A bot must tell what happens now from what it is shown of the past: a topic set or a kick
+    replayed from history starts with ``history: ``, as a replayed chat line does."""
+    bob = join("bob", chat_server)
+    bob.join("#dev")
+    bob.say("the build is green", "#dev")
+    bob.command("topic", "#dev", "release day")
+    wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "topic")
+    result = run_batch(
+        tmp_path,
+        chat_server.port,
+        "alice",
+        "--accept-new-host-key",
+        "--room",
+        "#dev",
+        password=password_of("alice"),
+        stdin="",
+    )
+    assert result.returncode == 0, result.stderr
+    replayed = [line for line in result.stdout.splitlines() if "#dev" in line]
+    assert "history: #dev bob: the build is green" in replayed
+    assert "history: #dev *** bob set the topic: release day" in replayed
+
+
 def test_batch_wrong_password_is_one_line_and_a_failure(chat_server, tmp_path):
     result = run_batch(tmp_path, chat_server.port, "alice", "--accept-new-host-key", password="not-the-password")
     assert result.returncode != 0
