@@ -997,6 +997,10 @@ class ChatClient:
             if message.joined:
                 self._joined(message.room)
                 self.rooms.setdefault(message.room, [])
+                # Seen up to no line yet: a resume then sends only what is newer than ``last_id``. A room
+                # unnamed in ``seen`` gets its recent lines again, which in a room of notices alone
+                # (a mode set, a kick) showed them at every reconnection.
+                self.seen.setdefault(message.room, 0)
                 if message.requested or not self.active_room:
                     self.active_room = message.room
             else:

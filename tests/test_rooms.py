@@ -220,6 +220,22 @@ def test_a_device_that_resumes_gets_exactly_what_it_missed(connect, server):
     assert history.missing == 0
 
 
+def test_a_resume_does_not_show_again_a_room_of_notices_alone(connect):
+    """A room where only notices were ever said (a mode set): its lines are no news on a resume."""
+    bob = connect("bob")
+    bob.join("#quiet")
+    bob.command("mode", "#quiet", "+i")
+    wait_for(bob, lambda event: isinstance(event, Notice) and "+i" in event.text)
+    bob._shutdown_socket()
+    wait_for(bob, lambda event: type(event).__name__ == "Disconnected")
+    bob.close()
+    bob.connect()
+    bob.resume()
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#quiet")
+    again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Notice) and "+i" in event.text]
+    assert again == [], "the mode change was shown again"
+
+
 def test_nothing_of_a_message_text_is_readable_in_the_data_directory(make_server, connect, tmp_path):
     server = make_server()
     alice = connect("alice", to=server)
