@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         server.users.remove_orphaned_copies()
     except UserStoreError as exc:
         log.warning("%s", exc)
-    demo_names = [record.name for record in server.users.load().values() if record.demo]
+    accounts = server.users.load()
+    if not accounts and config.backend == "memory":  # Redis's accounts have their own checks (listener)
+        # A mistyped --users path starts an empty store: every login would fail with no word why.
+        log.warning("there are no accounts in %s: add one with 'server.py adduser NAME'", config.users_path)
+    demo_names = [record.name for record in accounts.values() if record.demo]
     if demo_names:
         if config.is_loopback or config.allow_demo_accounts:
             log.warning(

@@ -619,6 +619,14 @@ def test_a_full_disk_at_first_start_names_the_data_directory(tmp_path, users):
     assert error == f"error: the data directory {data}: No space left on device ({data / 'server_key.pem'})"
 
 
+def test_a_users_file_with_no_accounts_is_said_at_start(tmp_path):
+    """A mistyped --users path starts an empty store: every login would fail with no word why."""
+    typo = tmp_path / "user.json"
+    server = ServerProcess(server_args(typo, tmp_path / "data"))
+    _, errors = server.stop()
+    assert f"WARNING there are no accounts in {typo}: add one with 'server.py adduser NAME'" in errors
+
+
 def test_a_port_in_use_is_named(tmp_path, users):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
