@@ -380,7 +380,7 @@ class ClientConnection:
             )
         )
         try:
-            hub.enter_rooms(self, rooms, since=request.since, seen=request.seen)
+            hub.enter_rooms(self, rooms, since=request.since, seen=request.seen, resumed=isinstance(request, Resume))
         except BackendUnavailable as exc:  # the welcome went out; the session ends with one clear line
             raise AuthenticationFailed("unavailable", f"{exc}; try again in a moment") from None
 

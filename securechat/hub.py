@@ -386,18 +386,24 @@ class ChatHub:
             return 0.0
 
     def enter_rooms(
-        self, member: Session, rooms: list[str], since: int = 0, seen: dict[str, int] | None = None
+        self,
+        member: Session,
+        rooms: list[str],
+        since: int = 0,
+        seen: dict[str, int] | None = None,
+        resumed: bool = False,
     ) -> None:
         """Make an opened session a member: it enters its rooms, then gets what it missed of its private lines.
 
         With ``since`` (the newest id the device saw) and ``seen`` (room -> last sequence
         number seen), each room sends exactly what was missed, up to the catch-up limit;
-        a room the device has not seen sends its recent lines, as a join does.
+        a room the device has not seen sends its recent lines, as a join does. The message
+        of the day comes first, at a login; a ``resumed`` session (after a blip) has seen it.
         """
         with self.sessions_lock:
             self._local.setdefault(member.name, {})[member.session_id] = member
             self._session_rooms[member.session_id] = []
-        motd = self.motd.get()
+        motd = "" if resumed else self.motd.get()
         if motd:
             member.deliver(Notice(event="info", text=f"message of the day: {motd}"))
         seen = seen or {}

@@ -408,6 +408,17 @@ def test_the_message_of_the_day_appears_at_the_next_login_and_only_an_admin_sets
     )
     assert "*** message of the day: Welcome to the team. Be kind." in done.stdout, done.stderr
 
+    # A device back after a blip has seen it: not shown again at each reconnection.
+    drain(bob)
+    bob._shutdown_socket()
+    wait_for(bob, is_disconnected)
+    bob.close()
+    bob.connect()
+    bob.resume()
+    back = drain(bob, quiet=0.5)
+    assert any(in_room("#lobby")(event) for event in back)
+    assert not [event for event in back if isinstance(event, Notice) and "message of the day" in event.text]
+
 
 def test_a_server_ban_ends_the_sessions_and_refuses_logins_until_lifted(chat, users_file):
     assert admin_command(users_file, "role", "alice", "admin").returncode == 0
