@@ -361,8 +361,8 @@ def _cmd_help(context: CommandContext, args: str) -> None:
         return
     for command in COMMANDS.values():
         needs = "" if command.spec.role == "member" else f" [{command.spec.role}]"
-        context.show(f"  {command.spec.synopsis}".ljust(34) + command.help + needs)
-    context.show("  //text".ljust(34) + "send a line that starts with /")
+        context.show(f"  {command.spec.synopsis}".ljust(33) + " " + command.help + needs)
+    context.show("  //text".ljust(33) + " send a line that starts with /")
 
 
 def _split_room(context: CommandContext, args: str) -> tuple[str, str]:
@@ -390,6 +390,9 @@ def _cmd_reply(context: CommandContext, args: str) -> None:
     if not context.last_private_sender:
         context.show("nobody has written to you privately yet")
         return
+    if not args.strip():
+        context.show(f"usage: /reply text (to {context.last_private_sender})")
+        return
     _cmd_msg(context, f"{context.last_private_sender} {args}")
 
 
@@ -401,10 +404,11 @@ def _cmd_me(context: CommandContext, args: str) -> None:
 
 
 def _cmd_join(context: CommandContext, args: str) -> None:
-    room = args.strip().split(" ")[0]
-    if not room:
-        context.show("usage: /join #room")
+    words = args.split()
+    if len(words) != 1:  # "/join #a b" meant a room named "a b", which no room can be: say so
+        context.show("usage: /join #room (one room; a room name has no spaces)")
         return
+    room = words[0]
     try:
         name = normalize_room(room)
     except ValueError as exc:
@@ -733,7 +737,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 end_session(f"disconnected: {ended.reason}")
                 return
             set_online(False)  # before saying so: a line read after this message waits
-            report(f"*** connection lost: {ended.reason}")
+            report(f"*** {lost(ended.reason)}")
             result, why = reconnect(
                 client, report, leaving, BATCH_RECONNECT_LIMIT, lambda: set_online(True), restarting=ended.restarting
             )
@@ -830,6 +834,12 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
     with state.changed:
         refused = state.refused
     return 1 if not_sent or refused else 0
+
+
+def lost(reason: str) -> str:
+    """What the user is told when the link drops: "connection lost: server shutting down", but
+    never "connection lost: connection lost (…)"."""
+    return reason if reason.startswith("connection lost") else f"connection lost: {reason}"
 
 
 def one_row(text: str, limit: int = 200) -> str:
@@ -1001,7 +1011,8 @@ def run_interactive(
     from prompt_toolkit.patch_stdout import patch_stdout
 
     try:
-        user = user or input("User name: ").strip()
+        while not user:
+            user = input("User name: ").strip()
     except (EOFError, KeyboardInterrupt):
         print()
         return 1
@@ -1194,7 +1205,7 @@ def run_interactive(
                 leaving.set()
                 stop_prompt()
                 return
-            show(f"*** connection lost: {ended.reason}")
+            show(f"*** {lost(ended.reason)}")
             report_unconfirmed("before the link dropped")
             result, why = reconnect(
                 client, show, leaving, on_resumed=online.set, restarting=ended.restarting, retry_now=reconnect_now
@@ -1265,7 +1276,7 @@ def run_interactive(
 
 def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
     """The session expired: ask for the password on the terminal and log in afresh."""
-    show(f"*** your session has expired; log in again as {client.username} (Ctrl-C to quit)")
+    show(f"*** your session has ended; log in again as {client.username} (Ctrl-C to quit)")
     try:
         # prompt_toolkit's own prompt: getpass would write past patch_stdout's pending output.
         from prompt_toolkit import prompt

@@ -455,6 +455,31 @@ def test_batch_marks_every_line_from_history_notices_too(chat_server, join, tmp_
     assert "history: #dev *** bob set the topic: release day" in replayed
 
 
+def test_batch_commands_with_a_word_too_many_or_too_few_say_how_they_are_used(chat_server, tmp_path):
+    result = run_batch(
+        tmp_path,
+        chat_server.port,
+        "alice",
+        "--accept-new-host-key",
+        password=password_of("alice"),
+        stdin="/join #a b\n/msg bob hi\n",
+    )
+    assert result.stderr.splitlines()[0] == "usage: /join #room (one room; a room name has no spaces)"
+    assert "#a" not in result.stdout  # no room #a was made of it
+
+
+def test_the_user_name_is_asked_again_when_left_empty(chat_server, terminals, tmp_path):
+    argv = client_args(chat_server.port, "x", pin(tmp_path / "known_hosts", chat_server))
+    del argv[argv.index("--user") : argv.index("--user") + 2]
+    alice = terminals(argv)
+    alice.wait_for_text("User name:", START)
+    alice.type("\r")
+    alice.wait_until(lambda t: t.text.count("User name:") == 2, TIMEOUT, "the name asked again")
+    alice.type("alice\r")
+    type_password(alice, "alice")
+    alice.wait_until(at_prompt(), START, "the prompt")
+
+
 def test_batch_wrong_password_is_one_line_and_a_failure(chat_server, tmp_path):
     result = run_batch(tmp_path, chat_server.port, "alice", "--accept-new-host-key", password="not-the-password")
     assert result.returncode != 0
@@ -979,7 +1004,7 @@ def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_pro
     restarted = server_process("--log-level", "WARNING", "--port", str(port))
     bob = join("bob", restarted)
 
-    alice.wait_for_text("your session has expired", RECONNECT)
+    alice.wait_for_text("your session has ended", RECONNECT)
     alice.wait_until(lambda t: t.output.count(b"Password for alice:") > asked_before, TIMEOUT, "a password prompt")
     alice.settle()
     assert "reconnected as alice" not in alice.text
@@ -987,7 +1012,7 @@ def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_pro
     # Where the user must type the password: the prompt should sit on the cursor row, below the explanation.
     when_asked = alice.text
     prompt_at_cursor = alice.cursor_row.startswith("Password for alice:")
-    explained_above = row_of(alice, "your session has expired") < alice.screen.cursor.y
+    explained_above = row_of(alice, "your session has ended") < alice.screen.cursor.y
 
     alice.type(password_of("alice") + "\r")
     alice.wait_for_text("logged in again as alice", START)

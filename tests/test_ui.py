@@ -207,3 +207,17 @@ def test_a_long_roster_entered_again_is_shown_whole_or_not_at_all():
     assert enter((["alice", "bob"], False)) == []  # as the user was told: nothing new
     assert enter((["alice", "bob"], True), (["dave"], False)) == [first[1], "*** in #big (1): dave"]
     assert enter((["alice", "bob"], True), (["dave"], False)) == []
+
+
+def test_reply_without_text_says_how_reply_is_used():
+    shown: list[str] = []
+    context = ui.CommandContext(client=None, show=shown.append, last_private_sender="bob")  # type: ignore[arg-type]
+    ui.handle_line(context, "/reply   ")
+    assert shown == ["usage: /reply text (to bob)"]
+
+
+def test_help_keeps_a_space_between_every_command_and_what_it_does():
+    shown: list[str] = []
+    ui.handle_line(ui.CommandContext(client=None, show=shown.append), "/help")  # type: ignore[arg-type]
+    mode = next(line for line in shown if line.startswith("  /mode"))
+    assert "+t|-t] show a room's modes" in mode
