@@ -807,7 +807,7 @@ class ChatHub:
             shown = f"topic of {room}: {record.topic}" if record.topic else f"{room} has no topic"
             member.deliver(Notice(event="info", text=shown, room=room))
             return
-        if not self._in_room(member, room):
+        if not self._in_room(member, room) and not self.accounts.is_admin(member.name):  # an admin runs every room
             raise HubError("not_in_room", f"you are not in {room}")
         if "t" in self.room_state(room).modes:
             self.require_role(member, room, "topic", "op")
@@ -1015,8 +1015,11 @@ class ChatHub:
         except ValueError as exc:
             raise HubError("bad_mode", str(exc)) from None
         self.require_role(member, room, "mode", "op")
-        modes = set(self.room_state(room).modes)
-        modes = modes | set(letters) if adding else modes - set(letters)
+        before = set(self.room_state(room).modes)
+        modes = before | set(letters) if adding else before - set(letters)
+        if modes == before:  # nothing to tell the room, nor to keep in its history
+            sign = "+" if adding else "-"
+            raise HubError("no_change", f"{room} is already {sign}{letters}")
         self.backend.set_state(room, MODES_KEY, "".join(sorted(modes)) or None)
         sign = "+" if adding else "-"
         self._moderation_notice(member, room, "mode", "", f"{member.name} set mode {sign}{letters} on {room}")

@@ -259,6 +259,22 @@ def test_a_new_account_under_a_deleted_ones_name_inherits_none_of_its_rooms_role
     wait_for(newcomer, said("welcome, new bob"))
 
 
+def test_a_mode_already_set_changes_nothing_and_an_admin_sets_a_topic_from_outside(chat, users_file):
+    assert admin_command(users_file, "role", "alice", "admin").returncode == 0
+    chat.start()
+    alice, bob = chat.log_in("alice"), chat.log_in("bob")
+    open_room(bob, "#dev")
+    bob.command("mode", "#dev", "-t")
+    wait_for(bob, error_saying(r"^#dev is already -t$"))
+    bob.command("mode", "#dev", "+t")
+    wait_for(bob, moderation("mode"))
+    bob.command("mode", "#dev", "+t")
+    wait_for(bob, error_saying(r"^#dev is already \+t$"))
+    alice.command("topic", "#dev", "set by an admin")  # not in #dev: an admin runs every room
+    assert wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "topic").text == "set by an admin"
+    assert not [event for event in drain(bob) if moderation("mode")(event)]
+
+
 def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
     chat.start()
     alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
