@@ -987,7 +987,7 @@ class ChatHub:
         if demoting and ROLE_RANK[current] >= rank and rank < ROLE_RANK["admin"] and target != member.name:
             raise HubError("not_allowed", f"{target} is {_a(current)} {current} of {room}: you cannot demote them")
         self.backend.set_state(room, role_key(target), None if role == "member" else role)
-        what = f"made {target} {_a(role)} {role}" if role != "member" else f"took {target}'s {current} away"
+        what = _role_change(target, role, current, by_themselves=target == member.name)
         action = role if role != "member" else "de" + current
         self._moderation_notice(member, room, action, target, f"{member.name} {what}")
 
@@ -1398,6 +1398,14 @@ def _pages(items: list[Item]) -> list[list[Item]]:
 
 
 # --------------------------------------------------------------------------- the server's commands
+
+
+def _role_change(target: str, role: str, current: str, by_themselves: bool) -> str:
+    """What a role change is told as, after the actor's name: "gave bob voice", "gave up ownership"."""
+    held = {"owner": "ownership"}.get(current, current)
+    if role == "member":
+        return f"gave up {held}" if by_themselves else f"took {target}'s {held} away"
+    return f"gave {target} voice" if role == "voice" else f"made {target} {_a(role)} {role}"
 
 
 def _whole_number(text: str, what: str) -> int:

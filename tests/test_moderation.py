@@ -304,7 +304,7 @@ def test_a_moderated_room_lets_only_voiced_members_speak(chat):
     bob.say("may I", "#stage")
     wait_for(bob, error_saying(r"^not sent: #stage is moderated"))
     alice.command("voice", "#stage", "bob")
-    wait_for(bob, moderation("voice", "bob"))
+    assert wait_for(bob, moderation("voice", "bob")).text == "alice gave bob voice"
     bob.say("now I may", "#stage")
     wait_for(carol, said("now I may"))
     alice.command("op", "#stage", "carol")
@@ -313,6 +313,10 @@ def test_a_moderated_room_lets_only_voiced_members_speak(chat):
     assert wait_for(bob, moderation("devoice", "bob")).text == "carol took bob's voice away"
     bob.say("may I still", "#stage")
     wait_for(bob, error_saying(r"^not sent: #stage is moderated"))
+    alice.command("owner", "#stage", "carol")
+    wait_for(bob, moderation("owner", "carol"))
+    carol.command("deop", "#stage", "carol")
+    assert wait_for(bob, moderation("deowner", "carol")).text == "carol gave up ownership"
 
 
 def test_an_op_cannot_act_above_their_role_and_bad_input_changes_nothing(chat):
