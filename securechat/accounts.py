@@ -232,16 +232,10 @@ class UserRecord:
         return self.role == "admin"
 
     @property
-    def identity(self) -> str:
-        """What tells this account from an earlier one of the same name (its id; ``created`` for
-        an account made before ids, by a release that did not write one)."""
-        return self.account_id or self.created
-
-    @property
     def created_at(self) -> float:
         """When the account was made (seconds since the epoch), or 0 if unknown."""
         try:
-            return datetime.strptime(self.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+            return datetime.fromisoformat(self.created).timestamp() if self.created.endswith("Z") else 0.0
         except ValueError:
             return 0.0
 
@@ -250,7 +244,9 @@ class UserRecord:
 
 
 def _now_text() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Now, in UTC, to the millisecond: "2026-12-07T11:50:10.123Z" (private lines said before an
+    account was made are not its: a second would be too coarse for a name deleted and given anew)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def record_from_entry(where: str, name: str, entry: object) -> UserRecord:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from securechat import crypto_utils
 from securechat.channel import ConnectionClosed, Deadline, SecureChannel, read_frame
@@ -222,6 +223,17 @@ def default_known_hosts_path() -> Path:
     return Path(config_home) / "chat" / "known_hosts"
 
 
+Kept = TypeVar("Kept")
+
+
+def _remember(kept: dict[str, Kept], key: str, value: Kept) -> None:
+    """Keep ``value`` under ``key``, and at most ``MAX_REFUSED_KEPT`` entries: the oldest go (nobody asked)."""
+    kept.pop(key, None)
+    kept[key] = value
+    if len(kept) > MAX_REFUSED_KEPT:
+        del kept[next(iter(kept))]
+
+
 class KnownHosts:
     """Trust-on-first-use pins, one ``[host]:port SHA256:...`` line per server, as OpenSSH keeps.
 
@@ -404,7 +416,11 @@ class ChatClient:
         self._refused: dict[str, str] = {}
         #: Joins not yet answered: ref -> (the room, the room lines went to before it).
         self._joining: dict[str, tuple[str, str]] = {}
-        #: Guards pending, _refused, _joining and _next_ref (the sender's thread adds, the reader removes).
+        #: Joins refused, by ref, for ``refused_join``; and the room lines went to before each join.
+        self._refused_joins: dict[str, tuple[str, str]] = {}
+        self._came_from: dict[str, str] = {}
+        #: Guards pending, _refused, _joining, _refused_joins, _came_from and _next_ref (the sender's
+        #: thread adds, the reader removes).
         self.pending_lock = threading.Lock()
         self._next_ref = 0
         #: Events dropped because nobody read them (the queue holds MAX_QUEUED_EVENTS).
@@ -742,9 +758,7 @@ class ChatClient:
         with self.pending_lock:
             line = self.pending.pop(ref, None)
             if refused and line is not None:
-                self._refused[ref] = line[1]
-                if len(self._refused) > MAX_REFUSED_KEPT:  # nobody asked for the oldest: drop it
-                    del self._refused[next(iter(self._refused))]
+                _remember(self._refused, ref, line[1])
             return line
 
     def refused_text(self, ref: str) -> str | None:
@@ -816,10 +830,11 @@ class ChatClient:
         with self.pending_lock:
             self._next_ref += 1
             ref = f"j{self._next_ref}"
+            # Registered before it is sent (which may wait for pacing): an earlier join answered
+            # meanwhile then leaves the active room to this one (``_track``).
             self._joining[ref] = (name, previous)
-            if len(self._joining) > MAX_REFUSED_KEPT:  # refusals nobody asked about (batch mode): drop the oldest
-                del self._joining[next(iter(self._joining))]
-        self.active_room = name  # before it is sent: the refusal may come back before this line runs
+            _remember(self._came_from, name, previous)
+        self.active_room = name  # before it is sent, too: the refusal may come back before this line runs
         try:
             self.command("join", name, ref=ref)
         except ChatError:
@@ -829,14 +844,27 @@ class ChatClient:
             raise
 
     def refused_join(self, ref: str) -> tuple[str, str] | None:
-        """For an ``ErrorReply``'s ref: (the room, the room lines went to before) if it refused a ``join``."""
+        """For an ``ErrorReply``'s ref: if it refused a ``join``, (that room, the room to go back to:
+        where lines went before it, or before the join that led there, if that failed too)."""
         with self.pending_lock:
-            return self._joining.pop(ref, None)
+            refused = self._refused_joins.pop(ref, None)
+            if refused is None:
+                return None
+            room, back = refused
+            seen = {room}
+            while back and back not in self.rooms and back not in seen:  # a room never entered
+                seen.add(back)
+                back = self._came_from.get(back, "")
+        return room, back if back in self.rooms else next(iter(self.rooms), "")
 
-    def _joined(self, room: str) -> None:
+    def _join_answered(self, ref: str = "", room: str = "") -> bool:
+        """A join done (``room``: its pending joins end) or refused (``ref``); True while others are pending."""
         with self.pending_lock:
-            if self._joining:
-                self._joining = {ref: join for ref, join in self._joining.items() if join[0] != room}
+            if room:
+                self._joining = {key: join for key, join in self._joining.items() if join[0] != room}
+            elif ref in self._joining:
+                _remember(self._refused_joins, ref, self._joining.pop(ref))
+            return bool(self._joining)
 
     def part(self, room: str | None = None, reason: str = "") -> None:
         """Leave a room (the active one by default)."""
@@ -995,13 +1023,14 @@ class ChatClient:
                 self.rooms[message.room] = sorted(names)
         elif isinstance(message, Room):
             if message.joined:
-                self._joined(message.room)
+                others_pending = self._join_answered(room=message.room)
                 self.rooms.setdefault(message.room, [])
                 # Seen up to no line yet: a resume then sends only what is newer than ``last_id``. A room
                 # unnamed in ``seen`` gets its recent lines again, which in a room of notices alone
                 # (a mode set, a kick) showed them at every reconnection.
                 self.seen.setdefault(message.room, 0)
-                if message.requested or not self.active_room:
+                # Asked for: lines go there, unless a later join is on its way (which ``join`` made active).
+                if (message.requested and not others_pending) or not self.active_room:
                     self.active_room = message.room
             else:
                 self.rooms.pop(message.room, None)
@@ -1016,6 +1045,7 @@ class ChatClient:
                     self.rooms[message.room] = sorted(self._roster_pages.pop(message.room))
         elif isinstance(message, ErrorReply) and message.ref:
             self._forget_ref(message.ref, refused=True)
+            self._join_answered(ref=message.ref)
         if isinstance(message, TokenRefresh):
             return []
         return [message]  # type: ignore[list-item]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from securechat.accounts import AccountBan, RevocationNotSaved, format_utc, write_file_atomically
 from securechat.backend import (
@@ -103,10 +103,29 @@ class AccountDirectory(Protocol):
     def forget(self, name: str) -> None:
         """``name`` was changed by another process: drop any copy of it kept here."""
 
-    def identity(self, name: str) -> tuple[str, float] | None:
-        """What tells the account ``name`` from an earlier one of that name ("" for an account
-        made before either was kept), and when it was made (0 if unknown); None if there is no
+    def identity(self, name: str) -> AccountIdentity | None:
+        """What tells the account ``name`` from an earlier one of that name; None if there is no
         such account, or it cannot be read just now."""
+
+
+class AccountIdentity(NamedTuple):
+    """An account's id (random, "" for one made before ids) and when it was made ("" and 0 if unknown)."""
+
+    account_id: str
+    created: str
+    created_at: float
+
+    def recorded(self) -> str:
+        """As kept with the name's data (``ACCOUNT_IDENTITY_KEY``)."""
+        return f"{self.account_id} {self.created}"
+
+    def is_recorded(self, recorded: str) -> bool:
+        """Whether ``recorded`` names this account. An id settles it; an account without one (an older
+        release rewrote the store, or made the account) is known by when it was made."""
+        recorded_id, _, recorded_created = recorded.partition(" ")
+        if recorded_id and self.account_id:
+            return recorded_id == self.account_id
+        return recorded_created == self.created
 
 
 class OpenDirectory:
@@ -127,8 +146,8 @@ class OpenDirectory:
     def forget(self, name: str) -> None:
         pass
 
-    def identity(self, name: str) -> tuple[str, float] | None:
-        return "", 0.0
+    def identity(self, name: str) -> AccountIdentity | None:
+        return AccountIdentity("", "", 0.0)
 
 
 class MessageOfTheDay:
@@ -336,21 +355,38 @@ class ChatHub:
         account (deluser edits only the account store, maybe with this server running). So
         the identity of the account that last logged in under a name is kept with it, and
         another one logging in under that name finds none of the former's rooms or roles.
-        Bans and mutes of the name stay: a restriction errs on the safe side, and an op
-        can lift it. Its private lines are kept from it by their time (``enter_rooms``).
+        A name whose data predates any identity kept with it was another account's if that
+        one was last online, or made a room, before this one was made. Bans and mutes of
+        the name stay: a restriction errs on the safe side, and an op can lift it. Private
+        lines from before the account was made are kept from it (``enter_rooms``).
         """
-        known = self.accounts.identity(account)
-        if known is None:  # unreadable just now: never let go of an account's rooms on a doubt
+        identity = self.accounts.identity(account)
+        if identity is None:  # unreadable just now: never let go of an account's rooms on a doubt
             return
-        identity = known[0]
         scope = f"@{account}"
-        recorded = self.backend.state(scope).get(ACCOUNT_IDENTITY_KEY)
-        if recorded == identity:
+        personal = self.backend.state(scope)
+        recorded = personal.get(ACCOUNT_IDENTITY_KEY)
+        if recorded == identity.recorded():
             return
         if recorded is not None:
+            former = not identity.is_recorded(recorded)
+        else:
+            former = self._used_before(account, identity.created_at, personal)
+        if former:
             log.info("user=%s is a new account under a deleted one's name: its rooms and roles are let go", account)
             self._let_go_of_former_account(account)
-        self.backend.set_state(scope, ACCOUNT_IDENTITY_KEY, identity)
+        self.backend.set_state(scope, ACCOUNT_IDENTITY_KEY, identity.recorded())
+
+    def _used_before(self, account: str, made: float, personal: dict[str, str]) -> bool:
+        """Whether the name ``account`` was used by an account before one made at ``made`` (0: unknown)."""
+        if made <= 0:
+            return False
+        try:
+            if float(personal.get("last_seen", "inf")) < made:
+                return True
+        except ValueError:
+            pass
+        return any(record.owner == account and 0 < record.created_at < made for record in self.backend.rooms())
 
     def _let_go_of_former_account(self, account: str) -> None:
         """Drop a deleted account's memberships, roles, invitations, ignore list and last-seen time.
@@ -418,7 +454,8 @@ class ChatHub:
             missed = self.backend.private_recent(member.name, self.config.join_history)
         ignored = self.ignored_by(member.name)
         # Lines from before the account was made were another's, under a name since given anew.
-        made = (self.accounts.identity(member.name) or ("", 0.0))[1]
+        identity = self.accounts.identity(member.name)
+        made = identity.created_at if identity is not None else 0.0
         missed = [message for message in missed if message.sender not in ignored and message.sent_at >= made]
         if missed:
             # One queued item, as a room's entry is (see _enter): up to the catch-up limit of lines.
@@ -583,6 +620,9 @@ class ChatHub:
         missed: list[RoomEvent] = []
         over = 0
         ignored = self.ignored_by(member.name)
+        # Seen up to no line (0: a room of notices alone, so far): by id only. A room's numbering
+        # counts its notices too where they are stored with a number (Redis), and would send them again.
+        seen = seen or None
         if since > 0:
             missed, over = self.backend.history_since(room, since, self.config.catch_up_limit, after_seq=seen)
 
@@ -780,7 +820,7 @@ class ChatHub:
     def list_rooms(self, member: Member) -> None:
         """/list: every room with how many are in it now and its topic, in pages."""
         records = self.backend.rooms()
-        self.check_flood(member.name, cost=1 + len(records) / 100)
+        self.check_flood(member.name, cost=len(records) / 100)  # on top of the command's own (run_command)
         counts = []
         for record in records:
             local = self._local_room(record.name, create=False)
@@ -825,7 +865,7 @@ class ChatHub:
             raise HubError("not_in_room", f"you are not in {room}")
         if not 1 <= count <= MAX_HISTORY_PAGE:
             raise HubError("bad_history", f"/history takes 1 to {MAX_HISTORY_PAGE} lines at a time")
-        self.check_flood(member.name, cost=1 + count / 50)
+        self.check_flood(member.name, cost=count / 50)  # on top of the command's own (run_command)
         lines = self.backend.history_before(room, before_id or (1 << 62), count)
         answer: list[Message] = [replace(event, history=True) for event in lines]
         answer.append(
@@ -1017,9 +1057,10 @@ class ChatHub:
         self.require_role(member, room, "mode", "op")
         before = set(self.room_state(room).modes)
         modes = before | set(letters) if adding else before - set(letters)
-        if modes == before:  # nothing to tell the room, nor to keep in its history
-            sign = "+" if adding else "-"
-            raise HubError("no_change", f"{room} is already {sign}{letters}")
+        if modes == before:  # nothing to tell the room, nor to keep in its history; and no failure
+            sign = "+" if adding else "-"  # for a setup script run again
+            member.deliver(Notice(event="info", text=f"{room} is already {sign}{letters}", room=room))
+            return
         self.backend.set_state(room, MODES_KEY, "".join(sorted(modes)) or None)
         sign = "+" if adding else "-"
         self._moderation_notice(member, room, "mode", "", f"{member.name} set mode {sign}{letters} on {room}")
@@ -1225,7 +1266,7 @@ class ChatHub:
 
     def check_flood(self, account: str, cost: float = 1.0) -> None:
         """Count a request against the account's budget (shared by its devices); ``HubError`` past it."""
-        if self.config.flood_rate <= 0:
+        if self.config.flood_rate <= 0 or cost <= 0:
             return
         shared = (
             self.flood_budget.take(account, cost, self.config.flood_rate, self.config.flood_burst)
@@ -1434,9 +1475,6 @@ def _arg(args: list[str], index: int) -> str:
 
 ServerRun = Callable[[ChatHub, Member, list[str]], None]
 
-#: Commands whose runner counts them against the flood budget itself, in proportion to the answer.
-CHARGED_IN_PROPORTION = frozenset({"list", "history"})
-
 #: What the server runs for each of its commands in the one table (``securechat.commands``).
 #: For a room's command ``args[0]`` is the room (already checked to be a room name).
 SERVER_RUNNERS: dict[str, ServerRun] = {
@@ -1474,10 +1512,9 @@ SERVER_RUNNERS: dict[str, ServerRun] = {
 def run_command(hub: ChatHub, member: Member, name: str, args: list[str]) -> None:
     """Run a ``Command`` from a client, as the one command table says: an unknown name, a wrong
     number of arguments, a bad room name or a role the member lacks is a ``HubError``."""
-    if name not in CHARGED_IN_PROPORTION:
-        # Every request counts, before any other check: a /part tells every member of the room,
-        # a refused /kick still costs an answer.
-        hub.check_flood(member.name)
+    # Every request counts, before any other check: a /part tells every member of the room, a
+    # refused /kick still costs an answer. /list and /history add their answer's size to it.
+    hub.check_flood(member.name)
     spec: CommandSpec | None = COMMANDS_BY_NAME.get(name)
     run = SERVER_RUNNERS.get(name)
     if spec is None or run is None or not spec.server:

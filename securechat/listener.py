@@ -59,7 +59,7 @@ from securechat.connection import (
 )
 from securechat.hello_signer import HelloSigner
 from securechat.history import ChatStore, load_or_create_history_key
-from securechat.hub import ChatHub, HubConfig, HubError
+from securechat.hub import AccountIdentity, ChatHub, HubConfig, HubError
 from securechat.outbound import SendPool
 from securechat.protocol import (
     ControlError,
@@ -128,9 +128,9 @@ class StoreDirectory:
     def forget(self, name: str) -> None:
         self.users.forget(name)
 
-    def identity(self, name: str) -> tuple[str, float] | None:
+    def identity(self, name: str) -> AccountIdentity | None:
         record = self._record(name)
-        return (record.identity, record.created_at) if record is not None else None
+        return AccountIdentity(record.account_id, record.created, record.created_at) if record is not None else None
 
 
 class ChatServer:

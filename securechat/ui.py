@@ -1162,8 +1162,7 @@ def run_interactive(
         # before (lines typed before the refusal came were refused: they went to the new room).
         refused = client.refused_join(ref)
         if refused is not None and client.active_room == refused[0]:
-            previous = refused[1]
-            client.active_room = previous if previous in client.rooms else next(iter(client.rooms), "")
+            client.active_room = refused[1]
 
     def read_events() -> None:
         while True:

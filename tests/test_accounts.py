@@ -161,7 +161,7 @@ def test_add_delete_set_password_and_names(store):
     assert store.names() == ["alice", "bob"]
     alice = store.get("alice")
     assert alice.demo is True
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", alice.created)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", alice.created)
     assert verify_password("alice-password", alice.password_hash)
 
     store.set_password("alice", "new-password")

@@ -520,6 +520,17 @@ def test_room_commands_count_against_the_flood_budget_too(make_server, connect):
     wait_for(alice, lambda event: isinstance(event, RoomMessage) and event.room == "#spam")
 
 
+def test_refused_history_requests_count_against_the_flood_budget(make_server, connect):
+    """A /history refused (a room one is not in) still costs an answer: counted like any other."""
+    server = make_server(flood_burst=3, flood_rate=0.2)
+    alice = connect("alice", to=server, pace=False)
+    drain(alice)
+    for _ in range(10):
+        alice.command("history", "#nowhere", "5")
+    codes = [event.code for event in drain(alice, quiet=0.5) if isinstance(event, ErrorReply)]
+    assert len(codes) == 10 and codes.count("flood") >= 6, codes
+
+
 def test_repeated_wrong_passwords_are_throttled(make_server, connect):
     throttled = make_server(login_throttle=LoginThrottle(free_failures=2, base_delay=60.0))
     for _ in range(2):

@@ -480,6 +480,17 @@ def test_the_user_name_is_asked_again_when_left_empty(chat_server, terminals, tm
     alice.wait_until(at_prompt(), START, "the prompt")
 
 
+def test_a_setup_script_run_twice_succeeds_twice(chat_server, tmp_path):
+    """Making sure #ops is invite-only is no failure when it already is."""
+    script = "/join #ops\n/mode #ops +i\n"
+    for _ in range(2):
+        done = run_batch(
+            tmp_path, chat_server.port, "alice", "--accept-new-host-key", password=password_of("alice"), stdin=script
+        )
+        assert done.returncode == 0, done.stderr
+    assert "#ops is already +i" in done.stdout
+
+
 def test_batch_wrong_password_is_one_line_and_a_failure(chat_server, tmp_path):
     result = run_batch(tmp_path, chat_server.port, "alice", "--accept-new-host-key", password="not-the-password")
     assert result.returncode != 0
@@ -646,6 +657,28 @@ def test_a_refused_join_leaves_the_prompt_in_the_room_it_was_in(chat_server, cha
     alice.type("still here\r")
     message = wait_for(bob, heard)
     assert (message.room, message.text) == ("#lobby", "still here")
+
+
+def test_two_refused_joins_in_a_row_put_the_prompt_back_where_it_was(server_process, chat_in_terminal, join):
+    """The second /join waits for the client's pacing, so the first refusal comes back while the
+    prompt already shows the second room: both refused, lines go where they went before either."""
+    server = server_process("--log-level", "WARNING", "--flood-burst", "2", "--flood-rate", "1")
+    bob = join("bob", server)
+    for room in ("#a", "#b"):
+        bob.join(room)
+        bob.command("mode", room, "+i")
+        wait_for(bob, lambda event, room=room: isinstance(event, Notice) and f"+i on {room}" in event.text)
+    bob.join("#x")
+    alice = chat_in_terminal("alice", server)
+    alice.type("/join #x\r")
+    alice.wait_until(at_prompt("#x"), TIMEOUT, "alice in #x")
+    time.sleep(1.5)  # the pacing bucket full again
+    alice.type("/join #a\r/join #b\r")
+    alice.wait_until(lambda t: t.text.count("invite-only") == 2, TIMEOUT * 2, "both joins refused")
+    alice.wait_until(at_prompt("#x"), TIMEOUT, "the #x prompt back")
+    alice.type("meant for x\r")
+    message = wait_for(bob, heard)
+    assert (message.room, message.text) == ("#x", "meant for x")
 
 
 def test_unknown_command_hints_and_sends_nothing_and_double_slash_sends(chat_server, chat_in_terminal, join):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from conftest import ROOT, TIMEOUT, drain, password_of, wait_for, wait_until
 
+from securechat.accounts import UserStore
 from securechat.client import (
     Chat,
     ChatError,
@@ -234,6 +237,58 @@ def test_a_resume_does_not_show_again_a_room_of_notices_alone(connect):
     wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#quiet")
     again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Notice) and "+i" in event.text]
     assert again == [], "the mode change was shown again"
+
+
+def test_a_line_said_after_two_joins_goes_to_the_second_room(make_server, connect):
+    """join("#a"), join("#b"), say(): the line is for #b, also when the second join waits for the
+    client's pacing while the first one's answer comes back."""
+    server = make_server(flood_burst=2, flood_rate=1.0)
+    bob = connect("bob", to=server)
+    bob.join("#a")
+    bob.join("#b")
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#b")
+    alice = connect("alice", to=server)  # paced, as every client is by default
+    time.sleep(1.2)  # the pacing bucket full again
+    alice.join("#a")
+    alice.join("#b")
+    alice.say("hello, b")
+    message = wait_for(bob, line("hello, b"), timeout=TIMEOUT * 2)
+    assert message.room == "#b"
+
+
+def test_an_account_whose_record_lost_its_id_keeps_its_rooms(make_server, connect, users_file):
+    """An older release (a rollback, an admin's older copy of server.py) rewrites users.json without
+    the accounts' ids: the same account, same hash and creation time, keeps its rooms and roles."""
+    UserStore(users_file).add("frank", password_of("frank"))
+    server = make_server()
+    frank = connect("frank", to=server)
+    frank.join("#den")
+    wait_for(frank, room_entered("#den"))
+    frank.close()
+    document = json.loads(users_file.read_text())
+    del document["users"]["frank"]["id"]
+    users_file.write_text(json.dumps(document))
+    again = connect("frank", to=server)
+    assert "#den" in again.rooms
+    assert server.hub.room_state("#den").role("frank") == "owner"
+
+
+def test_a_name_used_before_any_identity_was_kept_is_not_inherited(make_server, connect, users_file):
+    """bob made #den under a release that kept no account identity; then his account was deleted
+    and the name given to someone new. The newcomer does not own #den, nor is in it."""
+    server = make_server()
+    bob = connect("bob", to=server)
+    bob.join("#den")
+    wait_for(bob, room_entered("#den"))
+    server.hub.backend.set_state("@bob", "account", None)  # as the earlier release left it
+    bob.close()
+    wait_until(lambda: "last_seen" in server.hub.backend.state("@bob"), TIMEOUT)
+    store = UserStore(users_file)
+    store.delete("bob")
+    store.add("bob", "another person's password")
+    newcomer = connect("bob", to=server, password="another person's password")
+    assert "#den" not in newcomer.rooms
+    assert server.hub.room_state("#den").role("bob") != "owner"
 
 
 def test_nothing_of_a_message_text_is_readable_in_the_data_directory(make_server, connect, tmp_path):
