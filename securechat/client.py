@@ -1086,6 +1086,8 @@ class ChatClient:
         if sock is not None:
             sock.close()
         self._reader = None
+        with self.pending_lock:
+            self._joining.clear()  # never to be answered: the resumed session's rooms say where we are
 
     def __enter__(self) -> ChatClient:
         return self
