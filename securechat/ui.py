@@ -181,7 +181,9 @@ def format_event(
         if event.joined:
             topic = f"; topic: {event.topic}" if event.topic else ""
             created = " (new room: you own it)" if event.created else ""
-            return style.system(f"*** you are in {event.room}{created}{topic}"), False
+            # Rejoined at login, or joined on another device: lines still go where they went.
+            where = "also in" if active_room and event.room != active_room and not event.requested else "you are in"
+            return style.system(f"*** {where} {event.room}{created}{topic}"), False
         reason = f" ({event.reason})" if event.reason else ""
         return style.system(f"*** you left {event.room}{reason}"), False
     if isinstance(event, RoomList):

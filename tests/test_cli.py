@@ -645,6 +645,17 @@ def test_each_refused_line_is_named_in_its_refusal(chat_server, chat_in_terminal
     assert screen.index("(your line: first words)") < screen.index("(your line: second words)")
 
 
+def test_rooms_rejoined_at_login_are_told_apart_from_where_lines_go(chat_server, chat_in_terminal, join):
+    earlier = join("alice", chat_server)
+    earlier.join("#dev")
+    wait_for(earlier, lambda event: isinstance(event, Room) and event.room == "#dev")
+    earlier.close()
+    alice = chat_in_terminal("alice", chat_server)
+    alice.wait_for_text("*** also in #dev", TIMEOUT)
+    assert "*** you are in #lobby" in alice.text and "you are in #dev" not in alice.text
+    assert at_prompt("#lobby")(alice)
+
+
 def test_a_refused_join_leaves_the_prompt_in_the_room_it_was_in(chat_server, chat_in_terminal, join):
     bob = join("bob", chat_server)
     bob.join("#dev")
