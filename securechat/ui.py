@@ -1010,6 +1010,7 @@ def run_interactive(
     from prompt_toolkit.completion import Completer, Completion
     from prompt_toolkit.history import InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.keys import Keys
     from prompt_toolkit.patch_stdout import patch_stdout
 
     try:
@@ -1090,6 +1091,12 @@ def run_interactive(
         @bindings.add("escape", str(digit))
         def _room_by_number(_event: Any, number: int = digit) -> None:
             switch_room(index=number - 1)
+
+    @bindings.add(Keys.Vt100MouseEvent)
+    def _no_mouse(_event: Any) -> None:
+        # The client asks for no mouse reports, so what parses as one is typed or pasted text
+        # ("ESC[31m", a colour code): prompt_toolkit's own handler crashed the prompt on it.
+        pass
 
     def toolbar() -> Any:
         # Shown where the terminal answers cursor-position queries (most do): the room numbers.

@@ -656,6 +656,17 @@ def test_rooms_rejoined_at_login_are_told_apart_from_where_lines_go(chat_server,
     assert at_prompt("#lobby")(alice)
 
 
+def test_a_colour_code_typed_or_pasted_does_not_crash_the_prompt(chat_server, chat_in_terminal, join):
+    """ "ESC[31m" parses as a mouse report, whose handler in prompt_toolkit crashed the prompt
+    ("Press ENTER to continue..."); the client asks for no mouse reports and takes none."""
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("red \x1b[31mtext\r")
+    assert wait_for(bob, heard).text == "red text"
+    alice.settle()
+    assert "Press ENTER" not in alice.text and "Exception" not in alice.text
+
+
 def test_a_refused_join_leaves_the_prompt_in_the_room_it_was_in(chat_server, chat_in_terminal, join):
     bob = join("bob", chat_server)
     bob.join("#dev")
