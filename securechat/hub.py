@@ -1245,7 +1245,9 @@ class ChatHub:
         """/ignore NAME: their room lines and private messages stop reaching this account; /ignore: the list."""
         if not name.strip():
             ignored = sorted(self.ignored_by(member.name))
-            member.deliver(Notice(event="info", text="you ignore: " + (", ".join(ignored) if ignored else "nobody")))
+            # "no one", not "nobody": an account may be called nobody.
+            shown = "you ignore: " + ", ".join(ignored) if ignored else "you ignore no one"
+            member.deliver(Notice(event="info", text=shown))
             return
         target = self._target(member, name)
         self.backend.set_state(f"@{member.name}", f"ignore:{target}", "1")

@@ -390,6 +390,8 @@ def test_ignore_stops_someones_lines_on_every_device_and_is_remembered(chat):
     assert not any(isinstance(event, Chat) and event.sender == "bob" for event in drain(carol))
     carol.command("unignore", "bob")
     wait_for(carol, info_saying(r"^you see bob's lines again$"))
+    carol.command("ignore")
+    wait_for(carol, info_saying(r"^you ignore no one$"))
     bob.say("hello again")
     wait_for(carol, said("hello again"))
 
