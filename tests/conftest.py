@@ -28,7 +28,7 @@ from harness import free_loopback_port as free_port  # noqa: E402
 from harness import wait_until_redis_answers  # noqa: E402
 
 from securechat.accounts import hash_password  # noqa: E402
-from securechat.client import Chat, ChatClient, Disconnected, KnownHosts, Notice  # noqa: E402
+from securechat.client import Chat, ChatClient, Disconnected, KnownHosts, Notice, Room  # noqa: E402
 from securechat.listener import ChatServer, ServerConfig  # noqa: E402
 
 #: Every wait in the tests scales from this one number (raise it on a slow machine).
@@ -164,6 +164,22 @@ def drain(client: ChatClient, quiet: float = 0.3) -> list[object]:
     while (event := client.next_event(timeout=quiet)) is not None:
         events.append(event)
     return events
+
+
+def assert_a_room_of_notices_alone_is_not_shown_again(bob: ChatClient) -> None:
+    """bob makes #quiet and sets +i there (a notice, no line), loses the link and resumes: nothing
+    of #quiet is news, so nothing of it comes again (a device that saw no line of a room)."""
+    bob.join("#quiet")
+    bob.command("mode", "#quiet", "+i")
+    wait_for(bob, lambda event: isinstance(event, Notice) and "+i" in event.text)
+    bob._shutdown_socket()
+    wait_for(bob, lambda event: isinstance(event, Disconnected))
+    bob.close()
+    bob.connect()
+    bob.resume()
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#quiet")
+    again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Notice) and "+i" in event.text]
+    assert again == [], "the mode change was shown again"
 
 
 class ServerProcess:

@@ -24,6 +24,7 @@ from conftest import (
     TIMEOUT,
     RedisServer,
     ServerProcess,
+    assert_a_room_of_notices_alone_is_not_shown_again,
     drain,
     password_of,
     process_state,
@@ -290,18 +291,7 @@ def test_a_resume_does_not_show_again_a_room_of_notices_alone(cluster, tmp_path)
     """Redis numbers a room's notices with its lines: a device that has seen no line of a room (its
     seen number 0) is caught up by id, not sent the room's notices again at every resume."""
     node = cluster.node(tmp_path / "node")
-    bob = cluster.log_in("bob", node)
-    bob.join("#quiet")
-    bob.command("mode", "#quiet", "+i")
-    wait_for(bob, lambda event: isinstance(event, Notice) and "+i" in event.text)
-    bob._shutdown_socket()
-    wait_for(bob, lambda event: type(event).__name__ == "Disconnected")
-    bob.close()
-    bob.connect()
-    bob.resume()
-    wait_for(bob, lambda event: isinstance(event, RoomMessage) and event.room == "#quiet")
-    again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Notice) and "+i" in event.text]
-    assert again == [], "the mode change was shown again"
+    assert_a_room_of_notices_alone_is_not_shown_again(cluster.log_in("bob", node))
 
 
 def test_a_killed_nodes_clients_resume_on_the_other_and_nothing_is_shown_twice(cluster, tmp_path):

@@ -10,7 +10,15 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, TIMEOUT, drain, password_of, wait_for, wait_until
+from conftest import (
+    ROOT,
+    TIMEOUT,
+    assert_a_room_of_notices_alone_is_not_shown_again,
+    drain,
+    password_of,
+    wait_for,
+    wait_until,
+)
 
 from securechat.accounts import UserStore
 from securechat.client import (
@@ -225,18 +233,7 @@ def test_a_device_that_resumes_gets_exactly_what_it_missed(connect, server):
 
 def test_a_resume_does_not_show_again_a_room_of_notices_alone(connect):
     """A room where only notices were ever said (a mode set): its lines are no news on a resume."""
-    bob = connect("bob")
-    bob.join("#quiet")
-    bob.command("mode", "#quiet", "+i")
-    wait_for(bob, lambda event: isinstance(event, Notice) and "+i" in event.text)
-    bob._shutdown_socket()
-    wait_for(bob, lambda event: type(event).__name__ == "Disconnected")
-    bob.close()
-    bob.connect()
-    bob.resume()
-    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#quiet")
-    again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Notice) and "+i" in event.text]
-    assert again == [], "the mode change was shown again"
+    assert_a_room_of_notices_alone_is_not_shown_again(connect("bob"))
 
 
 def test_a_line_said_after_two_joins_goes_to_the_second_room(make_server, connect):
