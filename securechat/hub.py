@@ -1057,12 +1057,13 @@ class ChatHub:
         self.require_role(member, room, "mode", "op")
         before = set(self.room_state(room).modes)
         modes = before | set(letters) if adding else before - set(letters)
-        if modes == before:  # nothing to tell the room, nor to keep in its history; and no failure
-            sign = "+" if adding else "-"  # for a setup script run again
+        sign = "+" if adding else "-"
+        if modes == before:
+            # Nothing to tell the room or keep in its history; and no refusal, which would fail a
+            # setup script run a second time.
             member.deliver(Notice(event="info", text=f"{room} is already {sign}{letters}", room=room))
             return
         self.backend.set_state(room, MODES_KEY, "".join(sorted(modes)) or None)
-        sign = "+" if adding else "-"
         self._moderation_notice(member, room, "mode", "", f"{member.name} set mode {sign}{letters} on {room}")
 
     def invite(self, member: Member, room: str, name: str) -> None:
