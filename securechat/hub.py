@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
@@ -107,6 +107,10 @@ class AccountDirectory(Protocol):
         """What tells the account ``name`` from an earlier one of that name; None if there is no
         such account, or it cannot be read just now."""
 
+    def canonical(self, name: str) -> str | None:
+        """The account ``name`` means, as it is spelled ("Bob" is bob's: names are unique in any
+        case); None if there is none."""
+
 
 class AccountIdentity(NamedTuple):
     """An account's id (random, "" for one made before ids) and when it was made ("" and 0 if unknown)."""
@@ -148,6 +152,9 @@ class OpenDirectory:
 
     def identity(self, name: str) -> AccountIdentity | None:
         return AccountIdentity("", "", 0.0)
+
+    def canonical(self, name: str) -> str | None:
+        return name
 
 
 class MessageOfTheDay:
@@ -759,10 +766,12 @@ class ChatHub:
 
     def private(self, member: Member, recipient: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for one account: every device of it, and of the sender; kept for whoever is offline."""
+        named = self.accounts.canonical(recipient)
+        if named is None:
+            raise HubError("no_such_user", f"not sent: there is no user {_clean(recipient, 40)}")
+        recipient = named
         if recipient == member.name:
             raise HubError("no_such_user", "not sent: that is you")
-        if not self.accounts.exists(recipient):
-            raise HubError("no_such_user", f"not sent: there is no user {_clean(recipient, 40)}")
         if not self.config.keeps_history and not self.backend.sessions(recipient):
             # Nothing keeps it for later: refused, not sent into the void with a promise.
             raise HubError("offline", f"not sent: {recipient} is offline, and this server keeps no history")
@@ -990,11 +999,12 @@ class ChatHub:
         name = name.strip()
         if not name:
             raise HubError("bad_command", "name someone")
-        if name == actor.name:
-            raise HubError("bad_target", "that is you")
-        if not self.accounts.exists(name):
+        named = self.accounts.canonical(name)
+        if named is None:
             raise HubError("no_such_user", f"there is no user {_clean(name, 40)}")
-        return name
+        if named == actor.name:
+            raise HubError("bad_target", "that is you")
+        return named
 
     def _check_outranks(self, actor: Member, rank: int, target: str, room: str, state: RoomState) -> None:
         """An op cannot act on an owner or an admin: only on those below them (an admin on anyone else)."""
@@ -1016,7 +1026,8 @@ class ChatHub:
         the last owner stays an owner.
         """
         rank = self.require_role(member, room, command, COMMANDS_BY_NAME[command].role)
-        target = self._target(member, name) if name.strip() != member.name else member.name
+        oneself = name.strip().casefold() == member.name.casefold()
+        target = member.name if oneself else self._target(member, name)
         state = self.room_state(room)
         current = state.role(target)
         if role == current:
@@ -1102,7 +1113,7 @@ class ChatHub:
 
     def unban(self, member: Member, room: str, name: str) -> None:
         self.require_role(member, room, "unban", "op")
-        target = name.strip()
+        target = _as_listed(name, self.room_state(room).bans)  # the account may be gone: as the ban names it
         if self.room_state(room).ban_of(target) is None:
             raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not banned from {room}")
         self.backend.set_state(room, ban_key(target), None)
@@ -1202,9 +1213,10 @@ class ChatHub:
 
     def whois(self, member: Member, name: str) -> None:
         """/whois: devices online, rooms in common, idle time, away message, roles."""
-        name = name.strip()
-        if not self.accounts.exists(name):
+        named = self.accounts.canonical(name.strip())
+        if named is None:
             raise HubError("no_such_user", f"there is no user {_clean(name, 40)}")
+        name = named
         devices = self.backend.sessions(name)
         parts = [f"{name}:"]
         if devices:
@@ -1257,7 +1269,7 @@ class ChatHub:
         member.deliver(Notice(event="info", text=f"you ignore {target} now, on all your devices (/unignore {target})"))
 
     def unignore(self, member: Member, name: str) -> None:
-        target = name.strip()
+        target = _as_listed(name, self.ignored_by(member.name))
         if target not in self.ignored_by(member.name):
             raise HubError("no_change", f"you do not ignore {_clean(target, 40) or 'anybody by that name'}")
         self.backend.set_state(f"@{member.name}", f"ignore:{target}", None)
@@ -1442,6 +1454,12 @@ def _pages(items: list[Item]) -> list[list[Item]]:
 
 
 # --------------------------------------------------------------------------- the server's commands
+
+
+def _as_listed(name: str, listed: Iterable[str]) -> str:
+    """``name`` as ``listed`` spells it, if it is there in any case ("Bob" for bob); else as given."""
+    name = name.strip()
+    return next((entry for entry in listed if entry.casefold() == name.casefold()), name)
 
 
 def _role_change(target: str, role: str, current: str, by_themselves: bool) -> str:

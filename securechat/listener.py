@@ -128,6 +128,17 @@ class StoreDirectory:
     def forget(self, name: str) -> None:
         self.users.forget(name)
 
+    def canonical(self, name: str) -> str | None:
+        if self._record(name) is not None:
+            return name
+        try:
+            names = self.users.load()  # only when the name is not spelled as stored: rare
+        except UserStoreError as exc:
+            log.error("%s", exc)
+            return None
+        folded = name.casefold()
+        return next((stored for stored in names if stored.casefold() == folded), None)
+
     def identity(self, name: str) -> AccountIdentity | None:
         record = self._record(name)
         return AccountIdentity(record.account_id, record.created, record.created_at) if record is not None else None

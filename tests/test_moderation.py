@@ -275,6 +275,26 @@ def test_a_mode_already_set_changes_nothing_and_an_admin_sets_a_topic_from_outsi
     assert not [event for event in drain(bob) if moderation("mode")(event)]
 
 
+def test_names_in_commands_are_matched_in_any_case(chat):
+    """Names are unique in any case, so "Bob" can only mean bob: /msg, /whois, /ban, /unban, /ignore."""
+    chat.start()
+    alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
+    open_room(alice, "#ops", bob)
+    carol.private("Bob", "hello in any case")
+    message = wait_for(bob, said("hello in any case"))
+    assert (message.sender, message.recipient) == ("carol", "bob")
+    carol.command("whois", "ALICE")
+    wait_for(carol, info_saying(r"^alice:"))
+    alice.command("ban", "#ops", "BOB", "1h")
+    assert wait_for(alice, moderation("ban")).target == "bob"
+    alice.command("unban", "#ops", "Bob")
+    wait_for(alice, moderation("unban", "bob"))
+    carol.command("ignore", "Alice")
+    wait_for(carol, info_saying(r"^you ignore alice now"))
+    carol.command("unignore", "ALICE")
+    wait_for(carol, info_saying(r"^you see alice's lines again$"))
+
+
 def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
     chat.start()
     alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
