@@ -118,6 +118,8 @@ def parse_mode_change(text: str) -> tuple[bool, str]:
     """``"+im"`` -> (True, "im"); ``"-t"`` -> (False, "t"). ``ValueError`` naming what is wrong."""
     text = text.strip()
     letters = text[1:]
+    if len(text.split()) > 1:
+        raise ValueError("one change at a time: +im adds both, and /mode -t then takes one away")
     if text[:1] not in ("+", "-") or not letters:
         raise ValueError(f"say +MODE or -MODE, for example +i; the modes are {describe_modes()}")
     unknown = sorted(set(letters) - set(MODES))

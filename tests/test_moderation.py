@@ -544,6 +544,8 @@ def test_room_state_reads_roles_modes_and_restrictions_and_ignores_what_it_does_
     for bad in ("i", "+", "+x", "-iq"):
         with pytest.raises(ValueError):
             parse_mode_change(bad)
+    with pytest.raises(ValueError, match=r"one change at a time: \+im adds both"):
+        parse_mode_change("+i +m")
 
 
 def test_roles_and_bans_are_kept_in_the_user_store_and_the_last_admin_stays(users_file):
