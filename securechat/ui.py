@@ -617,6 +617,9 @@ class BatchState:
     #: Lines read and not yet sent, oldest first.
     pending: deque[str] = field(default_factory=deque)
     input_ended: bool = False
+    #: Whether input ended while offline: then the run ends at once. Input that ended earlier (a file,
+    #: a heredoc) leaves its queue to be sent once the session resumes.
+    input_ended_offline: bool = False
     online: bool = True
     #: Counts resumed sessions, so a failed send can tell a new link from the one it failed on.
     sessions: int = 0
@@ -761,6 +764,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
         finally:
             with state.changed:
                 state.input_ended = True
+                state.input_ended_offline = not state.online
                 state.changed.notify_all()
 
     # Daemons: the input thread may block on a pipe that never ends, the event thread on a
@@ -773,7 +777,10 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
     context = CommandContext(client, show=report)
 
     def ready() -> bool:
-        return bool(state.ended) or state.input_ended or (state.online and bool(state.pending))
+        if state.ended or (state.online and state.pending):
+            return True
+        # Input is over: leave once all is sent, or at once if it ended while offline.
+        return state.input_ended and (state.online or state.input_ended_offline)
 
     parting = ""
     quitting = False

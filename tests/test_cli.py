@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TIMEOUT, ServerProcess, free_port, password_of, wait_for
+from conftest import ROOT, TIMEOUT, ServerProcess, drain, free_port, password_of, wait_for
 from terminal import Terminal
 
 from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Room, Roster
@@ -589,6 +589,28 @@ def test_batch_lines_read_while_offline_are_sent_in_order_after_resuming(lying_s
     assert alice.finish(TIMEOUT * 2) == 0
     assert has_line("*** reconnected as alice")(alice.stderr.lines)
     assert not has_line("not sent")(alice.stderr.lines)
+
+
+def test_batch_input_that_ended_earlier_is_still_sent_after_a_restart(server_process, batch_clients, join):
+    """A script fed from a file (its input over at once, its lines paced out) whose server restarts
+    midway: the lines still queued go out once the session resumes, none is dropped."""
+    first = server_process("--log-level", "WARNING", "--flood-burst", "2", "--flood-rate", "4")
+    bob = join("bob", first)
+    alice = batch_clients(first, "alice", "--accept-new-host-key")
+    lines = [f"line {number}" for number in range(20)]
+    alice.send(*lines)
+    assert alice.process.stdin is not None
+    alice.process.stdin.close()  # input over, while online: the rest is the queue's
+    chats(bob, 3)
+    first.stop()
+    second = server_process(
+        "--log-level", "WARNING", "--flood-burst", "2", "--flood-rate", "4", "--port", str(first.port)
+    )
+    assert alice.finish(TIMEOUT * 4) == 0, alice.stderr.lines
+    assert has_line("*** reconnected as alice")(alice.stderr.lines)
+    carol = join("carol", second)
+    said = [event.text for event in drain(carol, quiet=1.0) if isinstance(event, Chat) and event.sender == "alice"]
+    assert said == lines
 
 
 def test_batch_sent_away_by_the_server_stops_with_an_error(chat_server, batch_clients, join):
