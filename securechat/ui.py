@@ -324,6 +324,14 @@ class CommandContext:
     reconnect_now: threading.Event | None = None
     #: The oldest message id seen per room, so /history pages back from there.
     oldest_seen: dict[str, int] = field(default_factory=dict)
+    #: Commands refused here, before reaching the server (a usage error, an unknown command): in
+    #: batch mode any makes the exit status 1, as a refusal by the server does.
+    refusals: int = 0
+
+    def refuse(self, text: str) -> None:
+        """Say why a command was not carried out (and count it)."""
+        self.refusals += 1
+        self.show(text)
 
     def note(self, event: Any) -> None:
         """Remember what /reply and /history need from an event."""
@@ -359,7 +367,10 @@ def _cmd_help(context: CommandContext, args: str) -> None:
     wanted = args.strip().lstrip("/").lower()
     if wanted:
         spec = COMMANDS_BY_NAME.get(wanted)
-        context.show(spec.describe() if spec else f"unknown command /{wanted[:20]}: /help lists them all")
+        if spec is None:
+            context.refuse(f"unknown command /{wanted[:20]}: /help lists them all")
+        else:
+            context.show(spec.describe())
         return
     for command in COMMANDS.values():
         needs = "" if command.spec.role == "member" else f" [{command.spec.role}]"
@@ -383,24 +394,24 @@ def _cmd_who(context: CommandContext, args: str) -> None:
 def _cmd_msg(context: CommandContext, args: str) -> None:
     recipient, _, text = args.strip().partition(" ")
     if not recipient or not text.strip():
-        context.show("usage: /msg NAME text")
+        context.refuse("usage: /msg NAME text")
         return
     context.client.private(recipient, text)  # shown when the server's echo comes back
 
 
 def _cmd_reply(context: CommandContext, args: str) -> None:
     if not context.last_private_sender:
-        context.show("nobody has written to you privately yet")
+        context.refuse("nobody has written to you privately yet")
         return
     if not args.strip():
-        context.show(f"usage: /reply text (to {context.last_private_sender})")
+        context.refuse(f"usage: /reply text (to {context.last_private_sender})")
         return
     _cmd_msg(context, f"{context.last_private_sender} {args}")
 
 
 def _cmd_me(context: CommandContext, args: str) -> None:
     if not args.strip():
-        context.show("usage: /me action")
+        context.refuse("usage: /me action")
         return
     context.client.action(args)
 
@@ -408,13 +419,13 @@ def _cmd_me(context: CommandContext, args: str) -> None:
 def _cmd_join(context: CommandContext, args: str) -> None:
     words = args.split()
     if len(words) != 1:  # "/join #a b" meant a room named "a b", which no room can be: say so
-        context.show("usage: /join #room (one room; a room name has no spaces)")
+        context.refuse("usage: /join #room (one room; a room name has no spaces)")
         return
     room = words[0]
     try:
         name = normalize_room(room)
     except ValueError as exc:
-        context.show(f"error: {exc}")
+        context.refuse(f"error: {exc}")
         return
     if name in context.client.rooms:
         context.client.active_room = name
@@ -431,7 +442,7 @@ def _cmd_part(context: CommandContext, args: str) -> None:
 def _cmd_topic(context: CommandContext, args: str) -> None:
     room, text = _split_room(context, args)
     if not room:
-        context.show("usage: /topic [#room] [text]")
+        context.refuse("usage: /topic [#room] [text]")
         return
     context.client.command("topic", room, *([text] if text else []))
 
@@ -440,7 +451,7 @@ def _cmd_history(context: CommandContext, args: str) -> None:
     room, rest = _split_room(context, args)
     count = rest.split(" ")[0] if rest else ""
     if count and not count.isdigit():
-        context.show("usage: /history [#room] [number of lines]")
+        context.refuse("usage: /history [#room] [number of lines]")
         return
     oldest = context.oldest_seen.get(room, 0)
     context.client.command("history", room, count, str(oldest) if oldest else "")
@@ -448,7 +459,10 @@ def _cmd_history(context: CommandContext, args: str) -> None:
 
 def _cmd_reconnect(context: CommandContext, _args: str) -> None:
     if context.reconnect_now is None or context.client.connected:
-        context.show("*** already connected" if context.client.connected else "/reconnect works on a terminal")
+        if context.client.connected:
+            context.show("*** already connected")
+        else:
+            context.refuse("/reconnect works on a terminal")
         return
     context.reconnect_now.set()
     context.show("*** reconnecting now")
@@ -471,7 +485,7 @@ def _send_to_server(spec: CommandSpec) -> Callable[[CommandContext, str], None]:
         words_wanted = high - len(room)
         words = args.split(maxsplit=words_wanted - 1) if words_wanted > 0 and args.strip() else []
         if len(room) + len(words) < low:
-            context.show(f"usage: {spec.synopsis}")
+            context.refuse(f"usage: {spec.synopsis}")
             return
         context.client.command(spec.name, *room, *words)
 
@@ -509,7 +523,7 @@ def handle_line(context: CommandContext, line: str) -> None:
         name, _, args = line[1:].partition(" ")
         command = COMMANDS.get(name.lower())
         if command is None:
-            context.show(f"unknown command /{name}: type /help for the list (// sends a line starting with /)")
+            context.refuse(f"unknown command /{name}: type /help for the list (// sends a line starting with /)")
             return
         command.run(context, args)
         return
@@ -728,6 +742,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 if isinstance(event, Disconnected):
                     ended = event
                     break
+                context.note(event)  # for /reply and /history, as in the terminal
                 if isinstance(event, Chat) and event.ref:
                     continue  # the echo of a line of ours: stdout carries what others said
                 if isinstance(event, ErrorReply):
@@ -767,14 +782,15 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 state.input_ended_offline = not state.online
                 state.changed.notify_all()
 
+    # Our own lines are not echoed in batch mode: stdout carries only what others said. Made before
+    # the event thread starts, which notes in it what /reply and /history need.
+    context = CommandContext(client, show=report)
     # Daemons: the input thread may block on a pipe that never ends, the event thread on a
     # reconnection; neither holds anything that must be released when we exit.
     printer = threading.Thread(target=print_events, name="printer", daemon=True)
     reader = threading.Thread(target=read_input, name="input", daemon=True)
     printer.start()
     reader.start()
-    # Our own lines are not echoed in batch mode: stdout carries only what others said.
-    context = CommandContext(client, show=report)
 
     def ready() -> bool:
         if state.ended or (state.online and state.pending):
@@ -841,7 +857,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
     for line in not_sent:
         report(f"not sent: {line}")
     with state.changed:
-        refused = state.refused
+        refused = state.refused + context.refusals
     return 1 if not_sent or refused else 0
 
 

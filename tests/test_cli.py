@@ -491,6 +491,41 @@ def test_a_setup_script_run_twice_succeeds_twice(chat_server, tmp_path):
     assert "#ops is already +i" in done.stdout
 
 
+def test_batch_pages_back_with_history_and_replies_with_reply(server_process, batch_clients, join):
+    """/history and /reply need what the client has seen: in batch mode too."""
+    server = server_process("--log-level", "WARNING", "--join-history", "10")
+    bob = join("bob", server)
+    bob.join("#dev")
+    for number in range(20):
+        bob.say(f"dev line {number}", "#dev")
+    wait_for(bob, lambda event: isinstance(event, Chat) and event.text == "dev line 19")
+    alice = batch_clients(server, "alice", "--accept-new-host-key", "--room", "#dev")
+    alice.stdout.wait_for(has_line("history: #dev bob: dev line 19"), START, "the room's last 10 lines")
+    bob.private("alice", "can you ack?")
+    alice.stdout.wait_for(has_line("bob (private): can you ack?"), TIMEOUT, "the private line")
+    alice.send("/history #dev 5")
+    alice.stdout.wait_for(lambda lines: "history: #dev bob: dev line 5" in lines, TIMEOUT, "the first page")
+    alice.send("/history #dev 5", "/reply got it")  # from the oldest line seen: the page before
+    reply = wait_for(bob, lambda event: isinstance(event, Chat) and event.private and event.sender == "alice")
+    assert reply.text == "got it"
+    assert alice.finish(TIMEOUT * 2) == 0, alice.stderr.lines
+    paged = [line for line in alice.stdout.lines if line.startswith("history: #dev bob: dev line ")]
+    assert [int(line.rsplit(" ", 1)[1]) for line in paged] == list(range(10, 20)) + list(range(5, 10)) + list(range(5))
+
+
+def test_batch_commands_the_client_refuses_fail_the_run(chat_server, tmp_path):
+    result = run_batch(
+        tmp_path,
+        chat_server.port,
+        "alice",
+        "--accept-new-host-key",
+        password=password_of("alice"),
+        stdin="/frobnicate\nhello\n",
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0].startswith("unknown command /frobnicate")
+
+
 def test_batch_wrong_password_is_one_line_and_a_failure(chat_server, tmp_path):
     result = run_batch(tmp_path, chat_server.port, "alice", "--accept-new-host-key", password="not-the-password")
     assert result.returncode != 0
