@@ -405,6 +405,9 @@ class ChatClient:
         self.last_id = 0
         self.seen: dict[str, int] = {}
         self.away_since = 0.0
+        #: This device's /away message ("" for none given) while it is away, else None: the server
+        #: keeps it with the session, and a resumed session is a new one, so it is said again.
+        self.away: str | None = None
         #: This device's label in /sessions.
         self.device = device
         #: The session's short id (as /sessions shows it) and how many devices the account has.
@@ -618,7 +621,7 @@ class ChatClient:
             raise LoginRefused("token_missing", "no session to resume")
         if self.channel is None:
             self.connect()
-        return self._authenticate(
+        welcome = self._authenticate(
             self.username,
             lambda session_key: Resume(
                 token=self.token,
@@ -631,6 +634,12 @@ class ChatClient:
                 device=self.device,
             ),
         )
+        if self.away is not None:
+            try:
+                self.command("away", *([self.away] if self.away else []))
+            except ChatError:
+                pass  # the link dropped again: the next resume says it
+        return welcome
 
     def _authenticate(self, username: str, build: Callable[[str], Message]) -> Welcome:
         assert self.channel is not None and self.sock is not None
@@ -813,6 +822,8 @@ class ChatClient:
     def command(self, name: str, *args: str, ref: str = "") -> None:
         """Send a server command (join, part, list, topic, history, sessions, logout); the answer is an event."""
         self._send(lambda token: Command(token=token, name=name, args=list(args), ref=ref), paced=True)
+        if name in ("away", "back"):
+            self.away = (args[0] if args else "") if name == "away" else None
 
     def join(self, room: str) -> None:
         """Join a room (created if new) and make it where ``say()`` goes; a ``Room`` event says we are in.

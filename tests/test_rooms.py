@@ -236,6 +236,35 @@ def test_a_resume_does_not_show_again_a_room_of_notices_alone(connect):
     assert_a_room_of_notices_alone_is_not_shown_again(connect("bob"))
 
 
+def test_a_device_away_stays_away_when_its_session_resumes(connect):
+    alice, bob = connect("alice"), connect("bob")
+    alice.command("away", "gone fishing")
+    wait_for(alice, lambda event: isinstance(event, Notice) and "you are marked away" in event.text)
+
+    def away_in_who() -> list[str]:
+        drain(bob)
+        bob.who("#lobby")
+        return wait_for(bob, lambda event: isinstance(event, Roster) and event.room == "#lobby").away
+
+    assert away_in_who() == ["alice"]
+    alice._shutdown_socket()
+    wait_for(alice, lambda event: isinstance(event, Disconnected))
+    alice.close()
+    alice.connect()
+    alice.resume()
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "you are marked away: gone fishing")
+    assert away_in_who() == ["alice"]
+    alice.command("back")
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "you are back")
+    alice._shutdown_socket()
+    wait_for(alice, lambda event: isinstance(event, Disconnected))
+    alice.close()
+    alice.connect()
+    alice.resume()
+    wait_for(alice, lambda event: isinstance(event, Room) and event.room == "#lobby")
+    assert away_in_who() == []
+
+
 def test_a_line_said_after_two_joins_goes_to_the_second_room(make_server, connect):
     """join("#a"), join("#b"), say(): the line is for #b, also when the second join waits for the
     client's pacing while the first one's answer comes back."""
