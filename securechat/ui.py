@@ -241,6 +241,27 @@ class MentionsWhileAway:
         return None
 
 
+class MissedLines:
+    """Which lines from history were missed: those a resumed session catches up on, newer than
+    anything shown before the link dropped. At the first login they are the rooms' recent past,
+    not news, and never unread."""
+
+    def __init__(self) -> None:
+        self._newest_shown = 0
+        #: The newest id shown before the current session began; None in the first.
+        self._before_this_session: int | None = None
+
+    def resumed(self) -> None:
+        self._before_this_session = self._newest_shown
+
+    def is_missed(self, event: Chat) -> bool:
+        return self._before_this_session is not None and event.id > self._before_this_session
+
+    def note(self, event: Any) -> None:
+        if isinstance(event, Chat | Notice):
+            self._newest_shown = max(self._newest_shown, event.id)
+
+
 class RoomEntries:
     """Which lines of a room's entry ("you are in", then the roster) are news to the user.
 
@@ -1188,6 +1209,7 @@ def run_interactive(
             show(f"*** no answer {when}; maybe not sent: {one_row(text)}")
 
     entries = RoomEntries()  # the reader's alone
+    missed = MissedLines()  # the reader's alone
 
     def back_to_room(ref: str) -> None:
         # A refused /join: the prompt, which says where lines go, goes back to the room it showed
@@ -1209,13 +1231,14 @@ def run_interactive(
                     isinstance(event, Chat)
                     and event.room
                     and event.room != client.active_room
-                    and not event.history
                     and event.sender != client.username
+                    and (not event.history or missed.is_missed(event))
                 ):
                     with unread_lock:
                         unread[event.room] = unread.get(event.room, 0) + 1
-                        if mention:
+                        if mention or (event.history and names_user(event, client.username)):
                             mentioned[event.room] = mentioned.get(event.room, 0) + 1
+                missed.note(event)
                 if isinstance(event, ErrorReply) and event.ref:
                     back_to_room(event.ref)
                 formatted = format_event(naming_the_line(client, event), style, client.username, client.active_room)
@@ -1242,6 +1265,7 @@ def run_interactive(
                 client, show, leaving, on_resumed=online.set, restarting=ended.restarting, retry_now=reconnect_now
             )
             if result is Reconnected.RESUMED:
+                missed.resumed()
                 continue
             if leaving.is_set():
                 return  # the user quit while we were offline: nothing went wrong
@@ -1282,6 +1306,7 @@ def run_interactive(
                     need_password.clear()
                     if log_in_again(client, show):
                         online.set()
+                        missed.resumed()  # what it catches up on was missed, as after a resume
                         reader = start_reader()
                         continue
                     status = 1

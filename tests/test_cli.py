@@ -1070,6 +1070,28 @@ def test_a_resume_shows_of_each_room_only_what_changed(chat_server, server_proce
     assert wait_for(bob, heard).text == "still here"
 
 
+def test_lines_missed_in_another_room_count_as_unread_after_a_resume(
+    chat_server, server_process, chat_in_terminal, join
+):
+    port = chat_server.port
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("/join #dev\r")
+    alice.wait_until(at_prompt("#dev"), TIMEOUT, "alice in #dev")
+    alice.type("\x10")  # Ctrl-P: back to #lobby
+    alice.wait_until(at_prompt("#lobby"), TIMEOUT, "alice back in #lobby")
+    alice.child.kill(signal.SIGSTOP)  # she sees nothing of what follows until she resumes
+    chat_server.stop()
+    restarted = server_process("--log-level", "WARNING", "--port", str(port))
+    bob = join("bob", restarted)
+    bob.join("#dev")
+    for text in ("one", "two", "alice: three"):
+        bob.say(text, "#dev")
+    wait_for(bob, lambda event: isinstance(event, Chat) and event.text == "alice: three")
+    alice.child.kill(signal.SIGCONT)
+    alice.wait_for_text("*** reconnected as alice", RECONNECT)
+    alice.wait_until(lambda t: "#lobby [#dev:3@1]>" in t.text, TIMEOUT, "the missed lines counted as unread")
+
+
 def test_a_line_the_server_never_answered_is_named_when_the_link_drops(
     chat_server, server_process, chat_in_terminal, join
 ):
