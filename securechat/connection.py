@@ -364,6 +364,7 @@ class ClientConnection:
         token, expires_at = self.server.issue_token(self, self.verified_stamp)
         self.attach_sender(self.server.send_pool.assign())
         config = self.server.config
+        offline_since = hub.away_since(self.name) if devices == 1 else 0.0  # 0: another device was on
         # First in the queue: nothing can reach this session before enter_rooms() makes it a member.
         self.deliver(
             Welcome(
@@ -375,12 +376,19 @@ class ClientConnection:
                 devices=devices,
                 flood_burst=config.flood_burst,
                 flood_rate=config.flood_rate,
-                away_since=hub.away_since(self.name) if devices == 1 else 0.0,
+                away_since=offline_since,
                 device_token=self.device_token,
             )
         )
         try:
-            hub.enter_rooms(self, rooms, since=request.since, seen=request.seen, resumed=isinstance(request, Resume))
+            hub.enter_rooms(
+                self,
+                rooms,
+                since=request.since,
+                seen=request.seen,
+                resumed=isinstance(request, Resume),
+                offline_since=offline_since,
+            )
         except BackendUnavailable as exc:  # the welcome went out; the session ends with one clear line
             raise AuthenticationFailed("unavailable", f"{exc}; try again in a moment") from None
 

@@ -435,6 +435,7 @@ class ChatHub:
         since: int = 0,
         seen: dict[str, int] | None = None,
         resumed: bool = False,
+        offline_since: float = 0.0,
     ) -> None:
         """Make an opened session a member: it enters its rooms, then gets what it missed of its private lines.
 
@@ -442,6 +443,8 @@ class ChatHub:
         number seen), each room sends exactly what was missed, up to the catch-up limit;
         a room the device has not seen sends its recent lines, as a join does. The message
         of the day comes first, at a login; a ``resumed`` session (after a blip) has seen it.
+        A device that has seen nothing gets the account's recent private lines, and every one
+        kept since ``offline_since`` (when the account was last online) if there are more.
         """
         with self.sessions_lock:
             self._local.setdefault(member.name, {})[member.session_id] = member
@@ -459,6 +462,10 @@ class ChatHub:
             missed = self.backend.private_since(member.name, since, self.config.catch_up_limit)
         else:
             missed = self.backend.private_recent(member.name, self.config.join_history)
+            if offline_since and missed and missed[0].sent_at > offline_since:
+                # Every one of the recent lines came while the account was offline: maybe more did.
+                kept = self.backend.private_recent(member.name, self.config.catch_up_limit)
+                missed = [message for message in kept if message.sent_at > offline_since]
         ignored = self.ignored_by(member.name)
         # Lines from before the account was made were another's, under a name since given anew.
         identity = self.accounts.identity(member.name)

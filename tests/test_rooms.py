@@ -139,6 +139,21 @@ def test_a_private_message_to_someone_offline_is_kept_and_shown_at_their_next_lo
     assert kept.history and kept.sender == "alice"
 
 
+def test_every_private_message_kept_while_offline_is_shown_at_the_next_login(make_server, connect):
+    """More than a screenful of /msg while carol was away: she gets them all, not the last 50."""
+    server = make_server(flood_burst=100, flood_rate=100.0)
+    carol = connect("carol", to=server)
+    carol.close()  # she was here: the server knows when she left
+    wait_until(lambda: "last_seen" in server.hub.backend.state("@carol"), TIMEOUT)
+    alice = connect("alice", to=server, pace=False)
+    for number in range(60):
+        alice.private("carol", f"alert {number}")
+    wait_for(alice, lambda event: isinstance(event, Chat) and event.text == "alert 59")
+    carol = connect("carol", to=server)
+    kept = [event.text for event in drain(carol, quiet=0.5) if isinstance(event, Chat) and event.private]
+    assert kept == [f"alert {number}" for number in range(60)]
+
+
 def test_with_history_off_a_private_message_to_someone_offline_is_refused_not_promised(make_server, connect):
     server = make_server(history_limit=0)
     alice = connect("alice", to=server)
