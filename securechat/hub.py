@@ -65,6 +65,8 @@ from securechat.roomstate import (
 
 log = logging.getLogger("chat.server")
 
+#: The fewest characters of a session id /logout takes (/sessions shows 8).
+MIN_SESSION_PREFIX = 4
 #: In an account's own scope ("@NAME"): the identity of the account that last logged in under that name.
 ACCOUNT_IDENTITY_KEY = "account"
 
@@ -881,8 +883,9 @@ class ChatHub:
             raise HubError("not_in_room", f"you are not in {room}")
         if not 1 <= count <= MAX_HISTORY_PAGE:
             raise HubError("bad_history", f"/history takes 1 to {MAX_HISTORY_PAGE} lines at a time")
-        self.check_flood(member.name, cost=count / 50)  # on top of the command's own (run_command)
         lines = self.backend.history_before(room, before_id or (1 << 62), count)
+        # On top of the command's own (run_command), by what it returns: an empty page costs no more.
+        self.check_flood(member.name, cost=len(lines) / 50)
         answer: list[Message] = [replace(event, history=True) for event in lines]
         answer.append(
             History(room=room, count=len(lines), oldest_id=lines[0].id if lines else 0, more=_has_older(lines))
@@ -910,6 +913,11 @@ class ChatHub:
         target = target.strip()
         if not target:
             raise HubError("bad_command", "usage: /logout ID (from /sessions) or /logout others")
+        if target != "others" and len(target) < MIN_SESSION_PREFIX:
+            # A letter or two would end whichever sessions happen to start with it.
+            raise HubError("bad_command", f"give at least {MIN_SESSION_PREFIX} characters of the id (see /sessions)")
+        if target != "others" and member.session_id.startswith(target):
+            raise HubError("no_such_session", "that is this session: /quit ends it")
         chosen: list[Session] = []
         for session in self.local_sessions(member.name):
             if session.session_id == member.session_id:
@@ -925,6 +933,8 @@ class ChatHub:
         if self.revoke_session is None:
             elsewhere = []
         if not chosen and not elsewhere:
+            if target == "others":
+                raise HubError("no_such_session", "you have no other session (see /sessions)")
             raise HubError("no_such_session", f"no other session {_clean(target, 20)} (see /sessions)")
         not_saved: RevocationNotSaved | None = None
         for session in chosen:

@@ -1136,6 +1136,10 @@ def run_interactive(
         def _room_by_number(_event: Any, number: int = digit) -> None:
             switch_room(index=number - 1)
 
+    for key in ("0", "-"):
+        # Alt-0 and Alt-minus would start prompt_toolkit's numeric argument, swallowing the next key.
+        bindings.add("escape", key)(lambda _event: None)
+
     @bindings.add(Keys.Vt100MouseEvent)
     def _no_mouse(_event: Any) -> None:
         # The client asks for no mouse reports, so what parses as one is typed or pasted text

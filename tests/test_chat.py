@@ -24,6 +24,7 @@ from securechat.client import (
     Disconnected,
     ErrorReply,
     Goodbye,
+    History,
     KnownHosts,
     LoginRefused,
     Notice,
@@ -529,6 +530,17 @@ def test_refused_history_requests_count_against_the_flood_budget(make_server, co
         alice.command("history", "#nowhere", "5")
     codes = [event.code for event in drain(alice, quiet=0.5) if isinstance(event, ErrorReply)]
     assert len(codes) == 10 and codes.count("flood") >= 6, codes
+
+
+def test_an_empty_history_page_costs_no_more_than_a_command(make_server, connect):
+    """/history is charged by the lines it returns: asking again at the start of a room is cheap."""
+    server = make_server(flood_burst=4, flood_rate=0.01)
+    alice = connect("alice", to=server, pace=False)
+    drain(alice)
+    for _ in range(3):
+        alice.command("history", "#lobby", "500")
+    answers = [event for event in drain(alice, quiet=0.5) if isinstance(event, History | ErrorReply)]
+    assert [type(event).__name__ for event in answers] == ["History"] * 3, answers
 
 
 def test_repeated_wrong_passwords_are_throttled(make_server, connect):

@@ -724,6 +724,13 @@ def test_a_colour_code_typed_or_pasted_does_not_crash_the_prompt(chat_server, ch
     assert "Press ENTER" not in alice.text and "Exception" not in alice.text
 
 
+def test_alt_0_and_alt_minus_do_not_swallow_the_next_key(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("\x1b0x\x1b-y\r")  # Alt-0 x Alt-minus y
+    assert wait_for(bob, heard).text == "xy"
+
+
 def test_a_refused_join_leaves_the_prompt_in_the_room_it_was_in(chat_server, chat_in_terminal, join):
     bob = join("bob", chat_server)
     bob.join("#dev")

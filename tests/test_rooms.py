@@ -444,10 +444,19 @@ def test_sessions_lists_every_device_and_logout_ends_one(connect):
     listing = wait_for(laptop, lambda event: isinstance(event, Sessions))
     assert sorted(listing.devices) == ["laptop", "phone"] and listing.current == laptop.session
     phone_id = listing.ids[listing.devices.index("phone")]
+    refusals = []
+    for wrong in (phone_id[:1], laptop.session):  # a letter could end any session; this one is /quit's
+        laptop.command("logout", wrong)
+        refusals.append(wait_for(laptop, lambda event: isinstance(event, ErrorReply)).message)
+    assert refusals == ["give at least 4 characters of the id (see /sessions)", "that is this session: /quit ends it"]
     laptop.command("logout", phone_id)
     wait_for(phone, lambda event: type(event).__name__ == "Goodbye")
     wait_for(phone, lambda event: type(event).__name__ == "Disconnected")
     assert laptop.connected
+    laptop.command("logout", "others")
+    assert wait_for(laptop, lambda event: isinstance(event, ErrorReply)).message == (
+        "you have no other session (see /sessions)"
+    )
 
 
 def test_two_resumes_of_one_token_racing_each_other_spend_it_once(server, connect):
