@@ -356,6 +356,8 @@ class ClientConnection:
             raise AuthenticationFailed(exc.code, str(exc)) from None
         except BackendUnavailable as exc:
             raise AuthenticationFailed("unavailable", f"{exc}; try again in a moment") from None
+        # Logged once the session is open: a login then refused (too many sessions) is no login.
+        log.info("%s ok %s user=%s", "resume" if isinstance(request, Resume) else "login", self.peer, self.name)
         # The time since the client's last frame was ours (a queue for hashing, say): the keepalive
         # counts silence from now, or it could put a ping ahead of the welcome.
         self.last_inbound = time.monotonic()

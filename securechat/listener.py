@@ -702,7 +702,6 @@ class ChatServer:
         self._refuse_demo_account(connection, record)
         self._refuse_banned_account(connection, record)
         connection.verified_stamp = account_stamp(record)
-        log.info("login ok %s user=%s", connection.peer, name)
         return True
 
     def _refuse_banned_account(self, connection: ClientConnection, record: UserRecord) -> None:
@@ -815,7 +814,6 @@ class ChatServer:
         # gets round to closing: a resume must never be refused as one session too many.
         self.hub.backend.remove_session(claims.username, claims.session_id)
         connection.verified_stamp = claims.account_stamp
-        log.info("resume ok %s user=%s", connection.peer, claims.username)
         return claims.username
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -384,12 +385,14 @@ def test_history_can_be_turned_off(make_server, connect, tmp_path, limit):
     assert not any(isinstance(event, Chat) for event in drain(bob))
 
 
-def test_a_login_over_the_session_limit_is_refused_and_names_sessions(make_server, connect):
+def test_a_login_over_the_session_limit_is_refused_and_names_sessions(make_server, connect, caplog):
+    caplog.set_level(logging.INFO, logger="chat.server")
     server = make_server(max_sessions=1)
     first = connect("alice", to=server)
     with pytest.raises(LoginRefused) as refused:
         connect("alice", to=server)
     assert refused.value.code == "too_many_sessions" and "/sessions" in str(refused.value)
+    assert caplog.text.count("login ok") == 1  # the refused one is no login, in the log either
     assert first.connected
     first.close()
     wait_until(lambda: not server.hub.local_sessions("alice"))
