@@ -943,6 +943,7 @@ class ChatClient:
                     reason = _shown(message.message)
                     if message.code.startswith("token"):
                         self.token = ""
+                    clean = message.code == "banned"  # no coming back until it is lifted
                     return
         except ConnectionClosed as exc:
             reason = "connection lost" if not self._closing.is_set() else "closed"

@@ -558,14 +558,7 @@ class ChatServer:
             # A listener sends nothing for the per-frame check to catch: a password
             # change or a deleted account must still end its session.
             log.info("closing %s user=%s: account changed or banned", connection.peer, connection.name)
-            connection.finish(
-                "account changed",
-                ErrorReply(
-                    code="token_revoked",
-                    message="your account was changed, deleted or banned; log in again",
-                    fatal=True,
-                ),
-            )
+            connection.finish("account changed", self._why_account_changed(claims.username))
             return
         if self.tokens.needs_refresh(claims):  # a listener needs its token kept fresh too
             try:
@@ -730,6 +723,20 @@ class ChatServer:
         except UserStoreError as exc:
             log.error("%s", exc)
             return None
+
+    def _why_account_changed(self, name: str) -> ErrorReply:
+        """What a session is told when its account changed under it: banned (with until when and
+        why: no password would help), deleted, or given a new password."""
+        try:
+            record = self.users.get(name)
+        except UserStoreError:
+            record = None
+        ban = record.active_ban() if record is not None else None
+        if ban is not None:
+            return ErrorReply(code="banned", message=f"this account is {ban.describe()}", fatal=True)
+        if record is None:
+            return ErrorReply(code="token_revoked", message="this account no longer exists", fatal=True)
+        return ErrorReply(code="token_revoked", message="this account's password changed; log in again", fatal=True)
 
     def _account_stamp(self, name: str) -> str:
         """The current stamp of an account; raises ``TokenError`` if it is gone."""

@@ -295,6 +295,15 @@ def test_names_in_commands_are_matched_in_any_case(chat):
     wait_for(carol, info_saying(r"^you see alice's lines again$"))
 
 
+def test_a_ban_from_the_command_line_tells_the_banned_why_and_asks_no_password(chat, users_file):
+    chat.start()
+    bob = chat.log_in("bob")
+    assert admin_command(users_file, "ban", "bob", "10m", "spamming links").returncode == 0
+    ended = wait_for(bob, is_disconnected, timeout=TIMEOUT * 2)
+    assert ended.clean, "a banned account has nothing to come back to"
+    assert re.fullmatch(r"this account is banned until .* UTC: spamming links", ended.reason), ended.reason
+
+
 def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
     chat.start()
     alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
