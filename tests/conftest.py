@@ -166,17 +166,22 @@ def drain(client: ChatClient, quiet: float = 0.3) -> list[object]:
     return events
 
 
+def drop_and_resume(client: ChatClient) -> None:
+    """The client's link dies without a word (as in a network blip); it connects again and resumes."""
+    client._shutdown_socket()
+    wait_for(client, lambda event: isinstance(event, Disconnected))
+    client.close()
+    client.connect()
+    client.resume()
+
+
 def assert_a_room_of_notices_alone_is_not_shown_again(bob: ChatClient) -> None:
     """bob makes #quiet and sets +i there (a notice, no line), loses the link and resumes: nothing
     of #quiet is news, so nothing of it comes again (a device that saw no line of a room)."""
     bob.join("#quiet")
     bob.command("mode", "#quiet", "+i")
     wait_for(bob, lambda event: isinstance(event, Notice) and "+i" in event.text)
-    bob._shutdown_socket()
-    wait_for(bob, lambda event: isinstance(event, Disconnected))
-    bob.close()
-    bob.connect()
-    bob.resume()
+    drop_and_resume(bob)
     wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#quiet")
     again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Notice) and "+i" in event.text]
     assert again == [], "the mode change was shown again"

@@ -16,6 +16,7 @@ from conftest import (
     TIMEOUT,
     assert_a_room_of_notices_alone_is_not_shown_again,
     drain,
+    drop_and_resume,
     password_of,
     wait_for,
     wait_until,
@@ -263,20 +264,12 @@ def test_a_device_away_stays_away_when_its_session_resumes(connect):
         return wait_for(bob, lambda event: isinstance(event, Roster) and event.room == "#lobby").away
 
     assert away_in_who() == ["alice"]
-    alice._shutdown_socket()
-    wait_for(alice, lambda event: isinstance(event, Disconnected))
-    alice.close()
-    alice.connect()
-    alice.resume()
+    drop_and_resume(alice)
     wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "you are marked away: gone fishing")
     assert away_in_who() == ["alice"]
     alice.command("back")
     wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "you are back")
-    alice._shutdown_socket()
-    wait_for(alice, lambda event: isinstance(event, Disconnected))
-    alice.close()
-    alice.connect()
-    alice.resume()
+    drop_and_resume(alice)
     wait_for(alice, lambda event: isinstance(event, Room) and event.room == "#lobby")
     assert away_in_who() == []
 
