@@ -1213,7 +1213,7 @@ def run_interactive(
             show(f"*** no answer {when}; maybe not sent: {one_row(text)}")
 
     entries = RoomEntries()  # the reader's alone
-    missed = MissedLines()  # the reader's alone
+    missed = MissedLines()  # the reader's, and the main loop's while no reader runs (a new login)
 
     def back_to_room(ref: str) -> None:
         # A refused /join: the prompt, which says where lines go, goes back to the room it showed
