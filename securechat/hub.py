@@ -96,7 +96,6 @@ class HubError(Exception):
 class AccountDirectory(Protocol):
     """The accounts, as the hub needs them (the server's user store)."""
 
-    def exists(self, name: str) -> bool: ...
     def is_admin(self, name: str) -> bool: ...
     def ban(self, name: str, ban: AccountBan) -> None:
         """Ban an account server-wide; ``KeyError`` if there is none, ``HubError`` if it cannot be saved."""
@@ -136,9 +135,6 @@ class AccountIdentity(NamedTuple):
 
 class OpenDirectory:
     """Every name is an account and nobody is an admin (for a hub without a user store: tests, benchmarks)."""
-
-    def exists(self, name: str) -> bool:
-        return True
 
     def is_admin(self, name: str) -> bool:
         return False

@@ -102,9 +102,6 @@ class StoreDirectory:
             log.error("%s", exc)
             return None
 
-    def exists(self, name: str) -> bool:
-        return self._record(name) is not None
-
     def is_admin(self, name: str) -> bool:
         record = self._record(name)
         return record is not None and record.is_admin

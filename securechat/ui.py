@@ -660,7 +660,7 @@ class BatchState:
     sessions: int = 0
     #: Why the session is over for good ("" while it is not).
     ended: str = ""
-    #: Lines and commands the server (or the client, for a line too long) refused: any makes the exit status 1.
+    #: Lines and commands the server refused: any makes the exit status 1 (as the client's own refusals do).
     refused: int = 0
 
 
@@ -752,10 +752,6 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
             state.ended = reason
             state.changed.notify_all()
 
-    def note_refused() -> None:
-        with state.changed:
-            state.refused += 1
-
     def print_events() -> None:
         while True:
             ended: Disconnected | None = None
@@ -767,7 +763,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 if isinstance(event, Chat) and event.ref:
                     continue  # the echo of a line of ours: stdout carries what others said
                 if isinstance(event, ErrorReply):
-                    note_refused()
+                    with state.changed:
+                        state.refused += 1
                 formatted = format_event(naming_the_line(client, event), style, client.username)
                 if formatted is not None:
                     line, is_error = formatted
@@ -840,8 +837,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 parting, quitting = quit_request.message, True
                 break
             except MessageRefused as exc:  # about this line only: say so, and go on with the next
-                note_refused()
-                report(f"{exc} (your line: {one_row(line, 80)})")
+                context.refuse(f"{exc} (your line: {one_row(line, 80)})")
             except ChatError:
                 # The link dropped under us: the line stays first; wait until the event thread has
                 # noticed (or already resumed), then try it again.
