@@ -271,6 +271,15 @@ def run_batch(
     )
 
 
+def run_script(
+    tmp_path: Path, server: ServerProcess, stdin: str, *extra: str, name: str = "alice"
+) -> subprocess.CompletedProcess[str]:
+    """A script run as ``name`` with its password (new host keys accepted), to completion."""
+    return run_batch(
+        tmp_path, server.port, name, "--accept-new-host-key", *extra, password=password_of(name), stdin=stdin
+    )
+
+
 # --------------------------------------------------------------------------- interactive: talking
 
 
@@ -439,16 +448,7 @@ def test_batch_marks_every_line_from_history_notices_too(chat_server, join, tmp_
     bob.say("the build is green", "#dev")
     bob.command("topic", "#dev", "release day")
     wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "topic")
-    result = run_batch(
-        tmp_path,
-        chat_server.port,
-        "alice",
-        "--accept-new-host-key",
-        "--room",
-        "#dev",
-        password=password_of("alice"),
-        stdin="",
-    )
+    result = run_script(tmp_path, chat_server, "", "--room", "#dev")
     assert result.returncode == 0, result.stderr
     replayed = [line for line in result.stdout.splitlines() if "#dev" in line]
     assert "history: #dev bob: the build is green" in replayed
@@ -456,14 +456,7 @@ def test_batch_marks_every_line_from_history_notices_too(chat_server, join, tmp_
 
 
 def test_batch_commands_with_a_word_too_many_or_too_few_say_how_they_are_used(chat_server, tmp_path):
-    result = run_batch(
-        tmp_path,
-        chat_server.port,
-        "alice",
-        "--accept-new-host-key",
-        password=password_of("alice"),
-        stdin="/join #a b\n/msg bob hi\n",
-    )
+    result = run_script(tmp_path, chat_server, "/join #a b\n/msg bob hi\n")
     assert result.stderr.splitlines()[0] == "usage: /join #room (one room; a room name has no spaces)"
     assert "#a" not in result.stdout  # no room #a was made of it
 
@@ -484,9 +477,7 @@ def test_a_setup_script_run_twice_succeeds_twice(chat_server, tmp_path):
     """Making sure #ops is invite-only is no failure when it already is."""
     script = "/join #ops\n/mode #ops +i\n"
     for _ in range(2):
-        done = run_batch(
-            tmp_path, chat_server.port, "alice", "--accept-new-host-key", password=password_of("alice"), stdin=script
-        )
+        done = run_script(tmp_path, chat_server, script)
         assert done.returncode == 0, done.stderr
     assert "#ops is already +i" in done.stdout
 
@@ -514,14 +505,7 @@ def test_batch_pages_back_with_history_and_replies_with_reply(server_process, ba
 
 
 def test_batch_commands_the_client_refuses_fail_the_run(chat_server, tmp_path):
-    result = run_batch(
-        tmp_path,
-        chat_server.port,
-        "alice",
-        "--accept-new-host-key",
-        password=password_of("alice"),
-        stdin="/frobnicate\nhello\n",
-    )
+    result = run_script(tmp_path, chat_server, "/frobnicate\nhello\n")
     assert result.returncode == 1
     assert result.stderr.splitlines()[0].startswith("unknown command /frobnicate")
 
@@ -1217,14 +1201,7 @@ def test_switching_rooms_keeps_a_half_typed_line_and_the_bar_counts_unread_lines
 
 def test_batch_reports_the_lines_after_quit_as_not_sent(chat_server, join, tmp_path):
     bob = join("bob", chat_server)
-    result = run_batch(
-        tmp_path,
-        chat_server.port,
-        "alice",
-        "--accept-new-host-key",
-        password=password_of("alice"),
-        stdin="before quit\n/quit bye\nafter quit\nand this\n",
-    )
+    result = run_script(tmp_path, chat_server, "before quit\n/quit bye\nafter quit\nand this\n")
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == ["not sent: after quit", "not sent: and this"]
     assert [message.text for message in chats(bob, 1)] == ["before quit"]
@@ -1232,14 +1209,7 @@ def test_batch_reports_the_lines_after_quit_as_not_sent(chat_server, join, tmp_p
 
 
 def test_a_refused_private_message_prints_only_the_error(chat_server, join, tmp_path):
-    result = run_batch(
-        tmp_path,
-        chat_server.port,
-        "carol",
-        "--accept-new-host-key",
-        password=password_of("carol"),
-        stdin="/msg nobody-by-that-name hi\n",
-    )
+    result = run_script(tmp_path, chat_server, "/msg nobody-by-that-name hi\n", name="carol")
     assert result.stderr.splitlines() == ["error: not sent: there is no user nobody-by-that-name (your line: hi)"]
     assert "hi" not in result.stdout
     assert result.returncode == 1
@@ -1287,14 +1257,7 @@ def test_batch_lines_after_a_join_go_to_the_joined_room(chat_server, join, tmp_p
     bob = join("bob", chat_server)
     bob.join("#dev")
     wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#dev")
-    result = run_batch(
-        tmp_path,
-        chat_server.port,
-        "alice",
-        "--accept-new-host-key",
-        password=password_of("alice"),
-        stdin="/join #dev\nfor dev\n/join #lobby\nfor the lobby\n",
-    )
+    result = run_script(tmp_path, chat_server, "/join #dev\nfor dev\n/join #lobby\nfor the lobby\n")
     assert result.returncode == 0, result.stderr
     heard = [(message.room, message.text) for message in chats(bob, 2)]
     assert heard == [("#dev", "for dev"), ("#lobby", "for the lobby")]
@@ -1316,9 +1279,7 @@ def test_a_bracketed_paste_of_several_lines_is_sent_as_one_message(chat_server, 
 def test_batch_prints_a_multi_line_message_as_one_record(chat_server, join, tmp_path):
     bob = join("bob", chat_server)
     bob.say("top\nmiddle\n\x1b[2Jbottom")
-    result = run_batch(
-        tmp_path, chat_server.port, "alice", "--accept-new-host-key", password=password_of("alice"), stdin="one\ntwo\n"
-    )
+    result = run_script(tmp_path, chat_server, "one\ntwo\n")
     assert "history: #lobby bob: top\n\tmiddle\n\t\ufffd[2Jbottom\n" in result.stdout
     assert [message.text for message in chats(bob, 2)] == ["one", "two"]  # typed lines stay apart
 
