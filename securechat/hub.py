@@ -347,13 +347,12 @@ class ChatHub:
                 f"you already have {self.config.max_sessions} sessions open (the limit): "
                 "list them with /sessions and end one with /logout ID",
             ) from None
-        self._claim_name(member.name)
-        self._load_ignores(member.name)
+        self._load_ignores(member.name, self._claim_name(member.name))
         rooms = [self.config.default_room]
         rooms += [room for room in self.backend.memberships(member.name) if room != self.config.default_room]
         return rooms, devices
 
-    def _claim_name(self, account: str) -> None:
+    def _claim_name(self, account: str) -> dict[str, str] | None:
         """If ``account`` is a new account given a deleted one's name, let go of what the old one had.
 
         Rooms, roles and ignore lists are kept by name, and a name's data outlives its
@@ -364,15 +363,17 @@ class ChatHub:
         one was last online, or made a room, before this one was made. Bans and mutes of
         the name stay: a restriction errs on the safe side, and an op can lift it. Private
         lines from before the account was made are kept from it (``enter_rooms``).
+
+        Returns the account's own state as it now is (read here anyway), or None if unread.
         """
         identity = self.accounts.identity(account)
         if identity is None:  # unreadable just now: never let go of an account's rooms on a doubt
-            return
+            return None
         scope = f"@{account}"
         personal = self.backend.state(scope)
         recorded = personal.get(ACCOUNT_IDENTITY_KEY)
         if recorded == identity.recorded():
-            return
+            return personal
         if recorded is not None:
             former = not identity.is_recorded(recorded)
         else:
@@ -381,6 +382,7 @@ class ChatHub:
             log.info("user=%s is a new account under a deleted one's name: its rooms and roles are let go", account)
             self._let_go_of_former_account(account)
         self.backend.set_state(scope, ACCOUNT_IDENTITY_KEY, identity.recorded())
+        return None if former else personal  # what was let go of is read again
 
     def _used_before(self, account: str, made: float, personal: dict[str, str]) -> bool:
         """Whether the name ``account`` was used by an account before one made at ``made`` (0: unknown)."""
@@ -1255,8 +1257,10 @@ class ChatHub:
         with self.personal_lock:
             return self._ignores.get(account, frozenset())
 
-    def _load_ignores(self, account: str) -> None:
-        ignores = frozenset(key[7:] for key in self.backend.state(f"@{account}") if key.startswith("ignore:"))
+    def _load_ignores(self, account: str, personal: dict[str, str] | None = None) -> None:
+        """What ``account`` ignores, from its state (``personal``, if the caller has just read it)."""
+        personal = self.backend.state(f"@{account}") if personal is None else personal
+        ignores = frozenset(key[7:] for key in personal if key.startswith("ignore:"))
         self._set_ignores(account, ignores)
 
     def _set_ignores(self, account: str, ignores: frozenset[str]) -> None:
