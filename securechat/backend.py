@@ -217,11 +217,7 @@ class MemoryBackend:
         _refuse_charge(charge)
         with self.publish_lock:
             message_id, seq, now = self._number(room)
-            numbered: RoomEvent
-            if isinstance(message, Chat):
-                numbered = replace(message, room=room, id=message_id, seq=seq, sent_at=now)
-            else:
-                numbered = replace(message, room=room, id=message_id, sent_at=now)
+            numbered = replace(message, room=room, id=message_id, seq=seq, sent_at=now)
             self.store.append(StoredMessage(message_id, room, seq, now, encode_event(numbered)))
             if self._subscriber is not None:
                 self._subscriber.on_room_event(room, numbered, origin_session, ref)
@@ -367,7 +363,15 @@ class MemoryBackend:
     # ------------------------------------------------------------------ history
 
     def _events(self, rows: list[StoredMessage]) -> list[RoomEvent]:
-        return [event for event in (decode_event(row.payload) for row in rows) if event is not None]
+        events = []
+        for row in rows:
+            event = decode_event(row.payload)
+            if event is None:
+                continue
+            if not (isinstance(event, Chat) and event.private) and event.seq != row.seq:
+                event = replace(event, seq=row.seq)  # a notice stored before notices carried theirs
+            events.append(event)
+        return events
 
     def recent(self, room: str, limit: int) -> list[RoomEvent]:
         return self._events(self.store.recent(room, limit)) if limit > 0 else []

@@ -1025,6 +1025,8 @@ class ChatClient:
                 self._forget_ref(message.ref)
         elif isinstance(message, Notice):
             self.last_id = max(self.last_id, message.id)
+            if message.room and message.seq:
+                self.seen[message.room] = max(self.seen.get(message.room, 0), message.seq)
             members = self.rooms.get(message.room)
             if members is not None and message.event in ("joined", "left"):
                 names = set(members)

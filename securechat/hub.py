@@ -661,13 +661,14 @@ class ChatHub:
                 lines = missed + [event for event in recent if event.id > newest]
             else:
                 lines = recent
+            missing = over
+            if seen is not None and lines:
+                # Before the ignored are left out: a line not shown is not a line lost.
+                first_seq = next((event.seq for event in lines if event.seq), 0)
+                missing += max(0, first_seq - seen - 1) if first_seq else 0
             if ignored:
                 lines = [event for event in lines if not (isinstance(event, Chat) and event.sender in ignored)]
             entry.extend(replace(event, history=True) for event in lines)
-            missing = over
-            if seen is not None and lines:
-                first_seq = next((event.seq for event in lines if isinstance(event, Chat)), 0)
-                missing += max(0, first_seq - seen - 1) if first_seq else 0
             if lines or missing:
                 entry.append(
                     History(
@@ -1421,7 +1422,7 @@ def _duration_and_reason(text: str) -> tuple[int, str]:
 
 def _has_older(lines: list[RoomEvent]) -> bool:
     """Whether a room kept lines before these: the first line's place says so."""
-    first_seq = next((event.seq for event in lines if isinstance(event, Chat)), 0)
+    first_seq = next((event.seq for event in lines if event.seq), 0)
     return first_seq > 1
 
 

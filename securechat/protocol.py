@@ -870,11 +870,14 @@ class Notice(Message):
     #: For moderation: what was done (kick, ban, mute, op, mode, ...) and to whom.
     action: str = ""
     target: str = ""
+    #: Its place in the room, as a line's: a room's notices are numbered with its lines, so a
+    #: device that counts only the lines would take a notice it saw for a line it missed.
+    seq: int = 0
 
     def __post_init__(self) -> None:
         _require(self.event in NOTICE_EVENTS, "unknown notice event")
         _require_text(self, "name", "text", "room", "action", "target")
-        _require_ints(self, "id")
+        _require_ints(self, "id", "seq")
         _require(_is_number(self.sent_at), "sent_at must be a number")
         _require_flags(self, "history")
 

@@ -591,7 +591,7 @@ class RedisBackend:
                 continue
             if not private_to:
                 self._note_id(message_id, stream, seq)
-            return replace(numbered, seq=seq) if isinstance(numbered, Chat) and not private_to else numbered
+            return numbered if private_to else replace(numbered, seq=seq)
         raise BackendUnavailable("the line could not be numbered (too many at once); try again")
 
     def publish_room(
@@ -728,8 +728,7 @@ class RedisBackend:
         event, origin, ref = opened
         if event.sent_at < self._clock() - self.history_max_age:
             return  # older than history keeps: not news either
-        if isinstance(event, Chat):
-            event = replace(event, seq=seq)
+        event = replace(event, seq=seq)
         with self._delivery_lock:
             if message_id <= self._delivered_id.get(room, 0):
                 return  # its publisher handed it over meanwhile
@@ -1134,7 +1133,7 @@ class RedisBackend:
             self._note_id(event.id, "" if private else stream, 0 if private else seq)
             if event.sent_at < oldest:
                 continue
-            if isinstance(event, Chat) and not private:
+            if not private:
                 event = replace(event, seq=seq)
             events.append(event)
         return events

@@ -28,7 +28,7 @@ from harness import free_loopback_port as free_port  # noqa: E402
 from harness import wait_until_redis_answers  # noqa: E402
 
 from securechat.accounts import hash_password  # noqa: E402
-from securechat.client import Chat, ChatClient, Disconnected, KnownHosts, Notice, Room  # noqa: E402
+from securechat.client import Chat, ChatClient, Disconnected, History, KnownHosts, Notice, Room  # noqa: E402
 from securechat.listener import ChatServer, ServerConfig  # noqa: E402
 
 #: Every wait in the tests scales from this one number (raise it on a slow machine).
@@ -173,6 +173,26 @@ def drop_and_resume(client: ChatClient) -> None:
     client.close()
     client.connect()
     client.resume()
+
+
+def assert_a_notice_said_while_offline_is_not_counted_as_lost(alice: ChatClient, bob: ChatClient) -> None:
+    """A room's notices (a topic, a kick, a mode) are numbered with its lines: alice, offline while
+    bob sets a topic and says a line, is told of no line lost when she comes back."""
+    bob.say("before the drop")
+    wait_for(alice, chat_with("before the drop"))
+    alice._shutdown_socket()
+    wait_for(alice, is_disconnected)
+    alice.close()
+    bob.command("topic", "#lobby", "a new topic")
+    wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "topic")
+    bob.say("after the topic")
+    wait_for(bob, chat_with("after the topic"))
+    alice.connect()
+    alice.resume()
+    events = drain(alice, quiet=0.5)
+    assert any(chat_with("after the topic")(event) for event in events), events
+    told = [event for event in events if isinstance(event, History) and event.room == "#lobby"]
+    assert told and told[-1].missing == 0, told
 
 
 def assert_a_room_of_notices_alone_is_not_shown_again(bob: ChatClient) -> None:

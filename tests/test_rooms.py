@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     ROOT,
     TIMEOUT,
+    assert_a_notice_said_while_offline_is_not_counted_as_lost,
     assert_a_room_of_notices_alone_is_not_shown_again,
     drain,
     drop_and_resume,
@@ -251,6 +252,10 @@ def test_a_device_that_resumes_gets_exactly_what_it_missed(connect, server):
 def test_a_resume_does_not_show_again_a_room_of_notices_alone(connect):
     """A room where only notices were ever said (a mode set): its lines are no news on a resume."""
     assert_a_room_of_notices_alone_is_not_shown_again(connect("bob"))
+
+
+def test_a_topic_set_while_a_device_was_offline_is_not_counted_as_a_line_lost(connect):
+    assert_a_notice_said_while_offline_is_not_counted_as_lost(connect("alice"), connect("bob"))
 
 
 def test_a_device_away_stays_away_when_its_session_resumes(connect):
