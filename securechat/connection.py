@@ -26,6 +26,7 @@ from securechat.protocol import (
     MAX_REASON_CHARS,
     PROTOCOL_VERSION,
     Authenticated,
+    Chat,
     Command,
     ControlError,
     ErrorReply,
@@ -65,6 +66,10 @@ PING_FRAME = Ping().encode()
 PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
 FINISH_GRACE = 5.0
+#: Seconds a /quit waits for the echoes of the session's own lines: with several server processes a
+#: line is echoed once this process reads it back from the broker, and the client counts a line with
+#: no echo as not sent.
+ECHO_WAIT = 2.0
 #: Longest reason a disconnect's log line carries.
 MAX_LOGGED_REASON_CHARS = 200
 #: Longest device label shown in /sessions.
@@ -145,6 +150,10 @@ class ClientConnection:
         self.device = ""
         #: Shown to the others when this user leaves with /quit; never logged (it is message text).
         self.parting_message = ""
+        # The lines (and private lines) this session had accepted whose echo is not queued yet. Written
+        # by the reader (a line accepted) and whichever thread queues the echo; a /quit waits for none.
+        self._echoes_due = threading.Condition(threading.Lock())
+        self._unechoed = 0
         # Guards close_reason and the closing of the socket, from whichever thread.
         self._close_lock = threading.Lock()
         self.close_reason = ""
@@ -173,6 +182,10 @@ class ClientConnection:
         """Queue a message for this client; a full queue drops the client (SendQ exceeded)."""
         if not self.send_queue.put(message):
             self.close("SendQ exceeded (too slow to receive)")
+        if isinstance(message, Chat) and message.ref:  # only this session's own lines carry its refs
+            with self._echoes_due:
+                self._unechoed -= 1
+                self._echoes_due.notify_all()
 
     def close(self, reason: str) -> None:
         """Close at once, from any thread. Idempotent; the first reason is kept."""
@@ -425,6 +438,8 @@ class ClientConnection:
             self.deliver(TokenRefresh(token=token, expires_at=expires_at))
         if isinstance(message, Leave):
             self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
+            with self._echoes_due:  # the goodbye after every echo of a line accepted before it
+                self._echoes_due.wait_for(lambda: self._unechoed <= 0, ECHO_WAIT)
             # Finishing first marks us closing, so the keepalive will not try to refresh a
             # token of the session being revoked (and lose the goodbye and parting message).
             goodbye = "bye"
@@ -436,8 +451,14 @@ class ClientConnection:
             self.finish("quit", Goodbye(reason=goodbye))
             return
         ref = getattr(message, "ref", "")
+        counted = isinstance(message, Say | Private) and bool(ref)
+        if counted:  # counted before it can be echoed, and given back if it is refused
+            with self._echoes_due:
+                self._unechoed += 1
+        accepted = False
         try:
             self._dispatch(message)
+            accepted = True
         except HubError as exc:
             self.deliver(ErrorReply(code=exc.code, message=str(exc), ref=ref))
         except BackendUnavailable as exc:  # a line or a command that could not be carried out: say so
@@ -451,6 +472,10 @@ class ClientConnection:
                     ref=ref,
                 )
             )
+        finally:
+            if counted and not accepted:
+                with self._echoes_due:
+                    self._unechoed -= 1
 
     def _dispatch(self, message: Authenticated) -> None:
         """Run one request of a logged-in user; a refusal raises ``HubError``."""

@@ -630,6 +630,62 @@ def test_a_token_given_up_by_leave_cannot_resume(connect):
     assert refusal.value.code == "token_revoked"
 
 
+class LateEchoes:
+    """The hub, as a backend that hands a line over a moment after it is published sees it (a Redis
+    reader reads each line back, after the lines of the other processes): the echo comes late."""
+
+    def __init__(self, hub) -> None:
+        self.hub = hub
+        self.late: list[threading.Timer] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.hub, name)
+
+    def on_room_event(self, room, message, origin_session, ref) -> None:
+        if not ref:
+            self.hub.on_room_event(room, message, origin_session, ref)
+            return
+        late = threading.Timer(0.5, self.hub.on_room_event, (room, message, origin_session, ref))
+        self.late.append(late)
+        late.start()
+
+
+def test_a_quit_right_after_a_line_waits_for_its_echo(tmp_path, users_file, connect):
+    """The client counts a line with no echo as not sent (a script lists it and exits 1): a /quit
+    that overtakes the echo must not end the session before it."""
+    from securechat.backend import MemoryBackend
+    from securechat.history import ChatStore
+    from securechat.listener import ChatServer, ServerConfig
+
+    store = ChatStore(tmp_path / "late.sqlite3", os.urandom(32))
+    backend = MemoryBackend(store)
+    started = backend.start
+    hubs: list[LateEchoes] = []
+
+    def start(hub) -> None:
+        hubs.append(LateEchoes(hub))
+        started(hubs[-1])
+
+    backend.start = start  # type: ignore[method-assign]
+    server = ChatServer(
+        ServerConfig(host="127.0.0.1", port=0, users_path=users_file, data_dir=tmp_path / "late"), backend
+    )
+    server.start()
+    try:
+        alice, bob = log_in_all(connect, "alice", "bob", to=server)
+        alice.say("said just before leaving")
+        alice.leave()
+        wait_for(bob, chat_with("said just before leaving"))
+        events = drain(alice, quiet=0.2)
+        echo = [event for event in events if isinstance(event, Chat) and event.ref]
+        assert echo and echo[0].text == "said just before leaving", events
+        assert alice.pending == {}
+    finally:
+        server.stop()
+        for late in hubs[0].late if hubs else []:
+            late.join()
+
+
 def test_leave_gives_up_every_token_of_the_session(make_server, connect):
     # With a short lifetime the keepalive refreshes the token; the first one, kept by
     # someone, must die with the session when alice leaves, not live on to its expiry.
