@@ -62,6 +62,13 @@ class Subscriber(Protocol):
 
     def on_account_changed(self, account: str) -> None: ...
 
+    # Only a shared backend calls these: it read too late what it had to hand over (trimmed meanwhile).
+    def on_room_gap(self, room: str, missed: int) -> None: ...
+
+    def on_privates_missed(self, after_id: int, before_id: int) -> None: ...
+
+    def on_control_missed(self) -> None: ...
+
 
 class RoomBackend(Protocol):
     """Publish to a room or an account, presence, room state and history."""

@@ -246,7 +246,8 @@ class HubConfig:
 class ChatHub:
     """Every local session's view of the chat.
 
-    ``sessions_lock`` guards ``_local`` and ``_session_rooms``; ``rooms_lock`` guards
+    ``sessions_lock`` guards ``_local``, ``_session_rooms``, ``_privates_held`` and
+    ``_privates_caught_up``; ``rooms_lock`` guards
     ``_rooms`` (the local ``Room`` of each room with sessions here), ``_room_generations``
     and each room's ``watched``; ``flood_lock``
     guards ``_flood``. None is held while a message is delivered or the backend is
@@ -282,6 +283,10 @@ class ChatHub:
         self._local: dict[str, dict[str, Session]] = {}
         #: session id -> the rooms it is in.
         self._session_rooms: dict[str, list[str]] = {}
+        #: session id -> private lines that came live while it read what it missed (sent after that).
+        self._privates_held: dict[str, list[Chat]] = {}
+        #: session id -> ids of the private lines its catch-up sent: the live feed may bring them again.
+        self._privates_caught_up: dict[str, frozenset[int]] = {}
         self.rooms_lock = threading.Lock()
         self._rooms: dict[str, Room] = {}
         # How many local rooms were made: each one's generation (guarded by rooms_lock).
@@ -323,12 +328,58 @@ class ChatHub:
         if self.local_sessions(account):
             self._load_ignores(account)
 
+    def on_room_gap(self, room: str, missed: int) -> None:
+        """Lines of ``room`` were trimmed before this process read them: its members here are told,
+        and whoever was taken out meanwhile (a kick or ban among what was lost) is taken out here."""
+        lost = f"{missed} lines of {room} were lost to an outage"
+        self.on_room_event(room, Notice(event="info", room=room, text=lost), "", "")
+        with self.sessions_lock:
+            accounts = {
+                session.name
+                for sessions in self._local.values()
+                for session in sessions.values()
+                if room in self._session_rooms.get(session.session_id, ())
+            }
+        state = self.room_state(room)
+        for account in sorted(accounts):
+            ban = state.ban_of(account)
+            gone = room != self.config.default_room and room not in self.backend.memberships(account)
+            if ban is not None or gone:
+                reason = f"banned {_until(ban.until)}" if ban is not None else "removed while this server lagged"
+                self._remove_from_room(account, room, reason)
+
+    def on_control_missed(self) -> None:
+        """Changes to accounts were lost before this process read them: every local account's is read again."""
+        with self.sessions_lock:
+            accounts = list(self._local)
+        for account in accounts:
+            self.on_account_changed(account)
+
+    def on_privates_missed(self, after_id: int, before_id: int) -> None:
+        """Private lines numbered after ``after_id`` (and before ``before_id``, if not 0) were trimmed
+        from the live feed before this process read them: its accounts get theirs from history."""
+        with self.sessions_lock:
+            accounts = list(self._local)
+        for account in accounts:
+            for line in self.backend.private_since(account, after_id, self.config.catch_up_limit):
+                if not before_id or line.id < before_id:
+                    self.on_private(account, line, "", "")
+
     def on_private(self, account: str, message: Chat, origin_session: str, ref: str) -> None:
         if account != message.sender and message.sender in self.ignored_by(account):
             return
         echo = replace(message, ref=ref) if ref else message
-        for session in self.local_sessions(account):
-            session.deliver(echo if session.session_id == origin_session else message)
+        now: list[tuple[Session, Chat]] = []
+        with self.sessions_lock:
+            for session in self._local.get(account, {}).values():
+                line = echo if session.session_id == origin_session else message
+                held = self._privates_held.get(session.session_id)
+                if held is not None:
+                    held.append(line)
+                elif message.id not in self._privates_caught_up.get(session.session_id, ()):
+                    now.append((session, line))
+        for session, line in now:
+            session.deliver(line)
 
     # ------------------------------------------------------------------ sessions
 
@@ -449,32 +500,56 @@ class ChatHub:
         with self.sessions_lock:
             self._local.setdefault(member.name, {})[member.session_id] = member
             self._session_rooms[member.session_id] = []
+            # From here its private lines come live, but wait behind what it missed: a line said
+            # now may be in both, and an older one must not come after a newer.
+            self._privates_held[member.session_id] = []
+        missed: list[Chat] = []
+        try:
+            self._enter_all(member, rooms, since, seen or {}, resumed)
+            missed = self._privates_missed(member.name, since, offline_since)
+        finally:
+            with self.sessions_lock:
+                held = self._privates_held.pop(member.session_id, [])
+                caught_up = frozenset(message.id for message in missed)
+                if caught_up and member.session_id in self._session_rooms:
+                    self._privates_caught_up[member.session_id] = caught_up
+                # Queued under the lock (queue puts): a line the feed brings next comes after these.
+                if missed:
+                    # One queued item, as a room's entry is (see _enter): up to the catch-up limit of lines.
+                    lines: list[Message] = [replace(message, history=True) for message in missed]
+                    member.deliver(
+                        Batch(messages=[*lines, History(room="", count=len(missed), oldest_id=missed[0].id)])
+                    )
+                for line in held:
+                    if line.id not in caught_up:
+                        member.deliver(line)
+
+    def _enter_all(self, member: Session, rooms: list[str], since: int, seen: dict[str, int], resumed: bool) -> None:
+        """A new session enters its rooms, after the message of the day (see ``enter_rooms``)."""
         motd = "" if resumed else self.motd.get()
         if motd:
             member.deliver(Notice(event="info", text=f"message of the day: {motd}"))
-        seen = seen or {}
         for room in rooms:
             try:
                 self._enter(member, room, requested=False, since=since if room in seen else 0, seen=seen.get(room))
             except HubError as exc:  # a remembered room that can no longer be entered: say so, go on
                 member.deliver(Notice(event="info", text=f"cannot rejoin {room}: {exc}"))
+
+    def _privates_missed(self, account: str, since: int, offline_since: float) -> list[Chat]:
+        """The private lines a session entering now missed (see ``enter_rooms``)."""
         if since > 0:
-            missed = self.backend.private_since(member.name, since, self.config.catch_up_limit)
+            missed = self.backend.private_since(account, since, self.config.catch_up_limit)
         else:
-            missed = self.backend.private_recent(member.name, self.config.join_history)
+            missed = self.backend.private_recent(account, self.config.join_history)
             if offline_since and missed and missed[0].sent_at > offline_since:
                 # Every one of the recent lines came while the account was offline: maybe more did.
-                kept = self.backend.private_recent(member.name, self.config.catch_up_limit)
+                kept = self.backend.private_recent(account, self.config.catch_up_limit)
                 missed = [message for message in kept if message.sent_at > offline_since]
-        ignored = self.ignored_by(member.name)
+        ignored = self.ignored_by(account)
         # Lines from before the account was made were another's, under a name since given anew.
-        identity = self.accounts.identity(member.name)
+        identity = self.accounts.identity(account)
         made = identity.created_at if identity is not None else 0.0
-        missed = [message for message in missed if message.sender not in ignored and message.sent_at >= made]
-        if missed:
-            # One queued item, as a room's entry is (see _enter): up to the catch-up limit of lines.
-            lines: list[Message] = [replace(message, history=True) for message in missed]
-            member.deliver(Batch(messages=[*lines, History(room="", count=len(missed), oldest_id=missed[0].id)]))
+        return [message for message in missed if message.sender not in ignored and message.sent_at >= made]
 
     def close_session(self, member: Member, reason: str, *, parting: bool = False) -> None:
         """The session ended: it leaves its rooms (the others hear of it if it was the account's last).
@@ -484,6 +559,7 @@ class ChatHub:
         """
         with self.sessions_lock:
             rooms = self._session_rooms.pop(member.session_id, [])
+            self._privates_caught_up.pop(member.session_id, None)
             sessions = self._local.get(member.name, {})
             if sessions.get(member.session_id) is member:
                 del sessions[member.session_id]

@@ -95,6 +95,11 @@ PASSWORD_VARIABLE = "CHAT_REDIS_PASSWORD"
 #: A room's stream is its live feed too: with history off (``history_limit`` 0) it still keeps
 #: this many entries, so that a process that falls briefly behind loses nothing.
 LIVE_FEED_LENGTH = 100
+#: A read that returns this long after the one before (seconds) means the reader was held up
+#: (the process stopped, a slow machine): the feeds may have been trimmed past where it was.
+READER_STALL = 2.0
+#: Whether the feeds were trimmed past the reader is looked at least this often (seconds).
+GAP_CHECK_INTERVAL = 30.0
 
 # Lua: takes ``cost`` from the token bucket in the hash ``key`` (``rate`` a second, up to ``burst``)
 # if it holds that much; true if it did. ``now`` is the caller's time, as text. One account's flood
@@ -345,6 +350,40 @@ def _session_data(account: str, session_id: str) -> bytes:
     return b"chat-session\0" + account.encode() + b"\0" + session_id.encode()
 
 
+def _whole(value: object) -> int:
+    """A count or number read back from Redis: 0 if it is none (a forged or damaged value), never past
+    64 bits (where SQLite and the wire stop)."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
+    return number if 0 <= number < 2**63 else 0
+
+
+def _feed_message_id(fields: dict[Any, Any]) -> int:
+    """The message id a private feed entry names (0 if it names none: a forged entry)."""
+    return _whole(fields.get(b"id", 0))
+
+
+def _seq_of(fields: dict[Any, Any]) -> int:
+    """A stream entry's sequence number in its room (0 if it has none)."""
+    return _whole(fields.get(b"s", 0))
+
+
+def _trimmed_past(oldest: list[Any], position: str) -> bool:
+    """Whether a feed whose oldest entry is ``oldest`` (XRANGE - + COUNT 1) lost entries after ``position``."""
+    if not oldest or position == "$":
+        return False
+    # (Also when only ``position`` itself was trimmed: then the catching up finds nothing to do.)
+    return _stream_order(oldest[0][0]) > _stream_order(position)
+
+
+def _just_before(entry_id: bytes | str) -> str:
+    """The stream id right before ``entry_id``: reading after it starts at that entry."""
+    milliseconds, sequence = _stream_order(entry_id)
+    return f"{milliseconds}-{sequence - 1}" if sequence else f"{milliseconds - 1}-{2**64 - 1}"
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -422,6 +461,11 @@ class RedisBackend:
         self._state_cache: dict[str, tuple[float, dict[str, str]]] = {}
         self._state_generation = 0
         self._private_feed_from = "$"
+        # The message id of the last private line read from the feed (the reader's, as the positions
+        # are): after a gap, what came between it and the feed's oldest entry is read from history.
+        self._private_feed_last_id = 0
+        # When the reader last looked for gaps in the feeds, and when its last read returned (monotonic).
+        self._gaps_checked = self._last_read = 0.0
         self._local_lock = threading.Lock()
         self._local_sessions: dict[tuple[str, str], SessionInfo] = {}
         #: (room, session id) -> account, for the sessions of this process in each room (refreshed).
@@ -457,6 +501,10 @@ class RedisBackend:
         self._subscriber = subscriber
         newest: Any = self.redis.xrevrange(f"{PREFIX}privates", "+", "-", count=1)
         self._private_feed_from = _text(newest[0][0]) if newest else "0-0"
+        # With an empty feed, the ids given so far: a private line of a later gap has a higher one.
+        self._private_feed_last_id = (
+            _feed_message_id(newest[0][1]) if newest else int(self.redis.get(f"{PREFIX}id") or 0)
+        )
         newest = self.redis.xrevrange(CONTROL_KEY, "+", "-", count=1)
         self._control_from = _text(newest[0][0]) if newest else "0-0"
         self.redis.zadd(NODES_KEY, {self.node: self._clock()})  # live: its connections count on every node
@@ -637,10 +685,18 @@ class RedisBackend:
         A newer ``generation`` of a room already watched starts it afresh from ``after_id``: the hub
         made a new local room, which has what came before. An older one than any seen is ignored.
         """
+        key = self._stream_key(room)
         start = f"{after_id}-1" if after_id else "0-0"
         if not after_id and self.history_limit <= 0:  # no history: what the stream holds is not news
-            newest = self._call(self.redis.xrevrange, self._stream_key(room), "+", "-", count=1)
+            newest = self._call(self.redis.xrevrange, key, "+", "-", count=1)
             start = _text(newest[0][0]) if newest else "0-0"
+        # The room's place where reading starts: lines trimmed past it before they are read show as a
+        # gap in the numbering (a kick may be among them). Unknown if it starts at old lines.
+        if start == "0-0":
+            first_seq = None if self._call(self.redis.exists, key) else 0
+        else:
+            at_start = self._call(self.redis.xrange, key, start, start)
+            first_seq = _seq_of(at_start[0][1]) or None if at_start else None
         newest_news = self._call(self.redis.xrevrange, self._presence_key(room), "+", "-", count=1)
         with self._watch_lock:
             if generation <= self._generations.get(room, 0):
@@ -650,7 +706,10 @@ class RedisBackend:
             self._presence_from[room] = _text(newest_news[0][0]) if newest_news else "0-0"
         with self._delivery_lock:  # what an earlier watch of the room handed over is not this one's
             self._delivered_id[room] = after_id
-            self._last_seq.pop(room, None)
+            if first_seq is None:
+                self._last_seq.pop(room, None)
+            else:
+                self._last_seq[room] = first_seq
 
     def unwatch(self, room: str, generation: int) -> None:
         """Stop reading ``room`` (nobody here is in it any more), unless a later making of it is read."""
@@ -691,9 +750,21 @@ class RedisBackend:
                 delay = min(2.0, max(0.1, delay * 2))
                 self._stopping.wait(delay * random.uniform(0.5, 1.0))  # backoff with jitter
                 continue
+            now = time.monotonic()
+            # Before this read is handed over, from where the reader was: held up, back from an
+            # outage, behind by a full read, or a while since it last looked.
+            look_for_gaps = bool(delay) or now - self._last_read > READER_STALL + READ_BLOCK_MS / 1000
+            look_for_gaps = look_for_gaps or now - self._gaps_checked > GAP_CHECK_INTERVAL
+            look_for_gaps = look_for_gaps or any(len(entries) >= READ_COUNT for _, entries in replies or [])
+            self._last_read = now
             if delay:
                 log.info("the link to Redis is back")
                 self._problem, delay = "", 0.0
+            if look_for_gaps:
+                try:
+                    self._catch_up_on_feed_gaps()
+                except redis.exceptions.RedisError as exc:
+                    self._note_problem(exc)  # looked at again after the next read
             for key, entries in replies or []:
                 key_text = _text(key)
                 if key_text == f"{PREFIX}privates":
@@ -704,6 +775,41 @@ class RedisBackend:
                     self._deliver_presence(key_text[len(f"{PREFIX}presence:") :], entries)
                 else:
                     self._deliver_room(key_text[len(f"{PREFIX}stream:") :], entries)
+
+    def _catch_up_on_feed_gaps(self) -> None:
+        """If the control stream or the private feed was trimmed past where the reader is, make up for
+        what it never read: revocations and accounts are read again, private lines from history.
+
+        A room's gap shows in its sequence numbers (``_deliver_room_entry``); these feeds have none,
+        but are trimmed only from their oldest end: an oldest entry newer than the last one read says
+        entries were lost in between (or, at worst, that the last one read is gone: then nothing was).
+        Run by the reader, which owns the positions.
+        """
+        self._gaps_checked = time.monotonic()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(CONTROL_KEY, "-", "+", count=1)
+            pipe.xrange(f"{PREFIX}privates", "-", "+", count=1)
+            control_oldest, privates_oldest = pipe.execute()
+        subscriber = self._subscriber
+        if _trimmed_past(control_oldest, self._control_from):
+            log.warning("this process fell behind the control stream: reading revocations and accounts again")
+            self._control_from = _just_before(control_oldest[0][0])
+            with self._state_lock:
+                self._state_cache.clear()
+                self._state_generation += 1
+            if self._on_revoked is not None:
+                for session_id, until in self.live().items():
+                    self._on_revoked(session_id, until)
+            if subscriber is not None:
+                with _guarded("catching up on the control stream"):
+                    subscriber.on_control_missed()
+        if _trimmed_past(privates_oldest, self._private_feed_from):
+            before_id = _feed_message_id(privates_oldest[0][1])
+            log.warning("this process fell behind the private lines' feed: reading them from history")
+            self._private_feed_from = _just_before(privates_oldest[0][0])
+            if subscriber is not None:
+                with _guarded("catching up on private lines"):
+                    subscriber.on_privates_missed(self._private_feed_last_id, before_id)
 
     def _deliver_room(self, room: str, entries: list[Any]) -> None:
         for entry_id, fields in entries:
@@ -723,7 +829,7 @@ class RedisBackend:
         opened = self._open(room, message_id, fields)
         if opened is None:
             return
-        seq = int(fields.get(b"s", 0))
+        seq = _seq_of(fields)
         self._note_id(message_id, room, seq)  # once it opened: a forged entry may not raise the floors
         event, origin, ref = opened
         if event.sent_at < self._clock() - self.history_max_age:
@@ -732,13 +838,18 @@ class RedisBackend:
         with self._delivery_lock:
             if message_id <= self._delivered_id.get(room, 0):
                 return  # its publisher handed it over meanwhile
-            self._delivered_id[room] = message_id
             last = self._last_seq.get(room)
-            if last is not None and seq > last + 1:
-                missed = seq - last - 1
-                log.warning("%d lines of %s were trimmed before this process could read them", missed, room)
-                lost = f"{missed} lines of {room} were lost to an outage"
-                subscriber.on_room_event(room, Notice(event="info", room=room, text=lost), "", "")
+            # (A publisher hands nothing over past a gap: its line is not the next after the last.)
+            missed = seq - last - 1 if last is not None and seq > last + 1 else 0
+        if missed:
+            log.warning("%d lines of %s were trimmed before this process could read them", missed, room)
+            # Outside the lock: the hub asks the backend who is still in the room (a kick may be lost).
+            with _guarded(f"the lines {room} lost"):
+                subscriber.on_room_gap(room, missed)
+        with self._delivery_lock:
+            if message_id <= self._delivered_id.get(room, 0):
+                return  # its publisher handed it over meanwhile
+            self._delivered_id[room] = message_id
             if isinstance(event, Chat):
                 self._last_seq[room] = seq
                 subscriber.on_room_event(room, event, origin, ref)
@@ -755,7 +866,10 @@ class RedisBackend:
 
     def _deliver_privates(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
+            if _stream_order(entry_id) <= _stream_order(self._private_feed_from):
+                continue  # read from history already, after a gap (_catch_up_on_feed_gaps)
             self._private_feed_from = _text(entry_id)
+            self._private_feed_last_id = _feed_message_id(fields) or self._private_feed_last_id
             with _guarded("a private line"):
                 self._deliver_private_entry(fields)
 
@@ -800,7 +914,7 @@ class RedisBackend:
             self._control_from = _text(entry_id)
             with _guarded("a control message"):
                 if b"revoked" in fields and self._on_revoked is not None:
-                    self._on_revoked(_text(fields[b"revoked"]), int(fields.get(b"until", 0)))
+                    self._on_revoked(_text(fields[b"revoked"]), _whole(fields.get(b"until", 0)))
                 elif b"account" in fields and self._subscriber is not None:
                     self._subscriber.on_account_changed(_text(fields[b"account"]))
                 elif b"state" in fields:
@@ -1127,7 +1241,7 @@ class RedisBackend:
             opened = self._open(stream, _message_id(entry_id), fields)
             if opened is None:
                 continue
-            event, seq = opened[0], int(fields.get(b"s", 0))
+            event, seq = opened[0], _seq_of(fields)
             private = isinstance(event, Chat) and event.private
             # What a user was shown counts as seen: after a loss of Redis's data, it is not numbered again.
             self._note_id(event.id, "" if private else stream, 0 if private else seq)
@@ -1157,7 +1271,7 @@ class RedisBackend:
             # id may land in this room after a higher one elsewhere that the device already saw.
             # Sequence numbers rise with the stream; the lines after after_seq are its newest.
             newest = self._call(self.redis.xrevrange, key, "+", "-", count=max(limit, 0))
-            after = [entry for entry in newest if int(entry[1].get(b"s", 0)) > after_seq]
+            after = [entry for entry in newest if _seq_of(entry[1]) > after_seq]
             return self._events(room, list(reversed(after))), 0  # what is beyond: the seq gap tells
         newer = self._call(self.redis.xrevrange, key, "+", f"{after_id + 1}-0", count=max(limit, 0))
         over = 0

@@ -652,6 +652,15 @@ class Recorder:
     def on_account_changed(self, account):
         pass
 
+    def on_room_gap(self, room, missed):
+        self.lines.append(f"{missed} lines of {room} were lost to an outage")
+
+    def on_privates_missed(self, after_id, before_id):
+        pass
+
+    def on_control_missed(self):
+        pass
+
 
 def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_once(redis_server):
     backend = backend_of(redis_server)

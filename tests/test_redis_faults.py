@@ -1,0 +1,259 @@
+"""Faults a deployment on Redis meets: a node that falls behind the streams, a race between nodes,
+data forged in Redis, a node killed outright. The nodes are real server processes
+(``test_redis.Cluster``) or, where a moment must be held still to make a race deterministic, a hub
+on a ``RedisBackend`` in this process beside them, as ``test_redis.py`` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import TIMEOUT, assert_a_notice_said_while_offline_is_not_counted_as_lost, wait_for
+from test_redis import Cluster, entered, said, two_nodes
+
+from securechat.client import Disconnected
+from securechat.protocol import Chat, Notice
+
+
+@pytest.fixture
+def cluster(tmp_path, users_file, redis_server):
+    cluster = Cluster(tmp_path, users_file, redis_server.url)
+    yield cluster
+    cluster.close()
+
+
+def stop(node) -> None:
+    """SIGSTOP a node and wait until every thread of it is stopped (then it reads nothing more)."""
+    import signal
+
+    from conftest import process_state, wait_until
+
+    node.process.send_signal(signal.SIGSTOP)
+    tasks = Path(f"/proc/{node.process.pid}/task")
+    wait_until(lambda: all(process_state_of(task) == "T" for task in tasks.iterdir()))
+    assert process_state(node.process.pid) == "T"
+
+
+def process_state_of(task: Path) -> str:
+    return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_topic_change_while_offline_is_not_reported_as_lines_lost(cluster, tmp_path):
+    node = cluster.node(tmp_path / "node")
+    assert_a_notice_said_while_offline_is_not_counted_as_lost(
+        cluster.log_in("alice", node), cluster.log_in("bob", node)
+    )
+
+
+def other_process(redis_url: str, data_dir: Path):
+    """Another server process of the deployment (same cluster key), in this test's process."""
+    from securechat.redis_backend import RedisBackend
+
+    return RedisBackend(redis_url, bytes.fromhex((data_dir / "cluster_key").read_text()))
+
+
+def test_a_private_line_that_arrives_while_a_device_logs_in_is_shown_once(redis_server):
+    """A session is registered for live private lines at the start of ``enter_rooms`` and reads its
+    private catch-up at the end: a private line from another node in between comes both ways."""
+    from test_redis import Session, wait_until
+
+    from securechat.hub import ChatHub
+    from securechat.redis_backend import RedisBackend
+
+    key = b"k" * 32
+    other = RedisBackend(redis_server.url, key)  # bob's node
+
+    class LoginMeanwhile(RedisBackend):
+        """Bob's line lands (and is delivered live here) just before this node reads alice's catch-up."""
+
+        armed = False
+
+        def _private_lines_land_first(self, alice: Session) -> None:
+            if self.armed:
+                self.armed = False
+                other.publish_private(Chat(sender="bob", recipient="alice", text="said as alice came", sent_at=0.0))
+                wait_until(lambda: "said as alice came" in handed)  # read from the feed, handed to the hub
+
+        def private_recent(self, account, limit):
+            self._private_lines_land_first(alice)
+            return super().private_recent(account, limit)
+
+        def private_since(self, account, after_id, limit):
+            self._private_lines_land_first(alice)
+            return super().private_since(account, after_id, limit)
+
+    backend = LoginMeanwhile(redis_server.url, key)
+    hub = ChatHub(backend)
+    handed: list[str] = []
+    hub_on_private = hub.on_private
+
+    def on_private(account, message, origin, ref) -> None:
+        handed.append(message.text)
+        hub_on_private(account, message, origin, ref)
+
+    hub.on_private = on_private  # type: ignore[method-assign]
+    alice = Session("alice")
+
+    def received() -> list[str]:
+        return [
+            getattr(message, "text", "")
+            for item in alice.received
+            for message in (item.messages if hasattr(item, "messages") else [item])
+        ]
+
+    try:
+        rooms, _ = hub.open_session(alice, "test", "127.0.0.1")
+        backend.armed = True
+        hub.enter_rooms(alice, rooms)
+        assert received().count("said as alice came") == 1, received()
+        # And a line the catch-up sent, which a feed read late then brings again, is not shown twice.
+        late = next(message for message in backend.private_recent("alice", 10) if message.text == "said as alice came")
+        hub.on_private("alice", late, "", "")
+        assert received().count("said as alice came") == 1, received()
+    finally:
+        hub.close()
+        other.close()
+
+
+def test_a_logout_made_while_a_node_lagged_still_ends_the_session_there(cluster, tmp_path, redis_server):
+    """A node learns of revocations made elsewhere only from the control stream, which keeps about
+    10,000 entries (every /join, /part, mode or role change writes one). A node that falls further
+    behind than that (stopped, or cut off from Redis while its clients stay, which SCALING.md says
+    it survives) never learns of a /logout made meanwhile: the session it holds goes on for good,
+    though its tokens are revoked in ``chat:revoked``."""
+    import signal
+
+    from securechat.protocol import ErrorReply
+    from securechat.redis_backend import CONTROL_KEY, CONTROL_STREAM_LENGTH
+
+    first, second = two_nodes(cluster, tmp_path)
+    phone = cluster.log_in("alice", first)
+    laptop = cluster.log_in("alice", second)
+    stop(first)  # the node that holds the phone falls behind
+    try:
+        with redis.Redis.from_url(redis_server.url) as store:
+            # Whatever a stopped node's pending blocking read gets is what it last had in flight.
+            store.xadd(CONTROL_KEY, {"state": "#elsewhere"}, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
+        laptop.command("logout", phone.session)
+        wait_for(laptop, lambda event: isinstance(event, Notice) and event.text == "ended 1 other session")
+        with redis.Redis.from_url(redis_server.url) as store:
+            assert store.zscore("chat:revoked", phone.token and _session_of(phone.token)) is not None
+            # What a busy deployment writes meanwhile: a state change per join, part, mode, role...
+            for _ in range(2 * CONTROL_STREAM_LENGTH // 1000):
+                with store.pipeline(transaction=False) as pipe:
+                    for _ in range(1000):
+                        pipe.xadd(CONTROL_KEY, {"state": "#elsewhere"}, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
+                    pipe.execute()
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    ended = wait_for(
+        phone,
+        lambda event: (
+            isinstance(event, Disconnected) or (isinstance(event, ErrorReply) and event.code == "token_revoked")
+        ),
+        timeout=TIMEOUT * 2,
+    )
+    assert ended is not None
+
+
+def _session_of(token: str) -> str:
+    import jwt
+
+    return jwt.decode(token, options={"verify_signature": False})["sid"]
+
+
+def _wait_for_log(node, text: str, timeout: float) -> None:
+    """Read the node's standard error until a line holds ``text`` (the rest is left for ``stop``)."""
+    import os
+    import select
+    import time
+
+    fd = node.process.stderr.fileno()
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"the node never logged {text!r}; it logged {seen.decode(errors='replace')!r}"
+        if select.select([fd], [], [], min(left, 0.1))[0]:
+            chunk = os.read(fd, 65536)
+            assert chunk, "the node exited"
+            seen += chunk
+
+
+def _fall_behind(store, stream: str, bound: int) -> None:
+    """What a busy deployment appends to ``stream`` while a node is stopped: more than it keeps."""
+    for _ in range(2 * bound // 1000 + 1):
+        with store.pipeline(transaction=False) as pipe:
+            for _ in range(1000):
+                pipe.xadd(stream, {"x": "1"}, maxlen=bound, approximate=True)
+            pipe.execute()
+
+
+def test_a_private_line_is_not_lost_in_silence_by_a_node_that_fell_behind(cluster, tmp_path, redis_server):
+    """Live private lines reach a node only through ``chat:privates``, which keeps about 10,000
+    entries. A node further behind than that skips the line and says nothing (a room's members are
+    told how many lines they lost; a private line's recipient is not), and since the client then
+    sees later lines, the line is not in its next catch-up either."""
+    import signal
+
+    from securechat.redis_backend import PRIVATE_FEED_LENGTH
+
+    first, second = two_nodes(cluster, tmp_path)
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    stop(first)  # alice's node falls behind
+    try:
+        with redis.Redis.from_url(redis_server.url) as store:
+            store.xadd("chat:privates", {"x": "1"})  # what its pending blocking read last had in flight
+            bob.private("alice", "while your node lagged")
+            wait_for(bob, said("while your node lagged"))
+            _fall_behind(store, "chat:privates", PRIVATE_FEED_LENGTH)
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    wait_for(
+        alice,
+        lambda event: (
+            said("while your node lagged")(event)
+            or (isinstance(event, Notice) and event.event == "info" and "private" in event.text)
+        ),
+        timeout=TIMEOUT * 2,
+    )
+
+
+def test_a_kick_made_while_a_node_fell_behind_still_takes_its_user_out(cluster, tmp_path, redis_server):
+    """Each node takes its own sessions out of a room when it reads the kick's notice in the room's
+    stream. A node further behind than the stream keeps reads a gap ("N lines ... were lost")
+    instead, and its kicked user stays in the room for good: hearing it, and speaking in it."""
+    import signal
+
+    from securechat.protocol import ErrorReply
+    from securechat.protocol import Room as RoomMessage
+
+    first, second = two_nodes(cluster, tmp_path, "--history-limit", "10")
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    alice.join("#r")
+    wait_for(alice, entered("#r"))
+    bob.join("#r")
+    wait_for(bob, entered("#r"))
+    others = other_process(cluster.redis_url, tmp_path / "node1")
+    others.history_limit = 10
+    stop(second)  # bob's node falls behind
+    try:
+        with redis.Redis.from_url(redis_server.url) as store:
+            store.xadd("chat:privates", {"x": "1"})  # what its pending blocking read last had in flight
+        alice.command("kick", "#r", "bob", "spam")
+        wait_for(alice, lambda event: isinstance(event, Notice) and event.event == "moderation")
+        for number in range(300):  # the room goes on talking, past what its stream keeps
+            others.publish_room("#r", Chat(sender="carol", text=f"chatter {number}", sent_at=0.0))
+    finally:
+        second.process.send_signal(signal.SIGCONT)
+        others.close()
+    out = wait_for(
+        bob,
+        lambda event: isinstance(event, RoomMessage) and event.room == "#r" and not event.joined,
+        timeout=TIMEOUT * 2,
+    )
+    assert out is not None
+    bob.say("still here after the kick", "#r")
+    assert isinstance(wait_for(bob, lambda event: isinstance(event, ErrorReply | Chat) and event.ref), ErrorReply)
