@@ -545,6 +545,10 @@ class ChatClient:
 
     def _check_host_key(self, fingerprint: str) -> None:
         host_id = KnownHosts.host_id(*self.servers[0])  # every node of the service shows one key
+        # Said so when the node that answered is not the one the service is named after.
+        shown = (
+            host_id if (self.host, self.port) == self.servers[0] else f"{host_id} (answered by {self.host}:{self.port})"
+        )
         if self.expected_fingerprint is not None:
             if fingerprint != self.expected_fingerprint:
                 raise HostKeyError(f"server key {fingerprint} is not the expected {self.expected_fingerprint}")
@@ -554,17 +558,17 @@ class ChatClient:
             known, line = pinned
             if known != fingerprint:
                 raise HostKeyError(
-                    f"WARNING: THE SERVER KEY FOR {host_id} HAS CHANGED ({fingerprint}, "
+                    f"WARNING: THE SERVER KEY FOR {shown} HAS CHANGED ({fingerprint}, "
                     f"expected {known}). Someone may be intercepting the connection. If the "
                     f"server's key really changed, remove line {line} of {self.known_hosts.path}"
                 )
             return
         accepted = self.accept_new_host_key or (
-            self.confirm_host_key is not None and self.confirm_host_key(host_id, fingerprint)
+            self.confirm_host_key is not None and self.confirm_host_key(shown, fingerprint)
         )
         if not accepted:
             raise HostKeyError(
-                f"unknown server key for {host_id} ({fingerprint}); "
+                f"unknown server key for {shown} ({fingerprint}); "
                 "check it with the operator, then connect on a terminal or pass --accept-new-host-key"
             )
         self.known_hosts.add(host_id, fingerprint)

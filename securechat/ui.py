@@ -1289,7 +1289,7 @@ def run_interactive(
         reader.start()
         return reader
 
-    show(f"*** connected to {host}:{port} as {client.username}; rooms: {', '.join(client.rooms)}")
+    show(f"*** connected to {client.host}:{client.port} as {client.username}; rooms: {', '.join(client.rooms)}")
     show("*** type /help for commands, Ctrl-D or /quit to leave")
     parting = ""
     status = 0

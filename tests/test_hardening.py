@@ -552,6 +552,22 @@ def test_the_client_refuses_known_hosts_others_can_write(tmp_path, users, start_
     assert_one_line_error(result, str(known_hosts), "writable by other users", f"chmod 600 {known_hosts}")
 
 
+def test_a_key_check_names_the_node_that_answered_when_it_is_not_the_first(tmp_path, users, start_server):
+    """With several --server options the service's key is pinned under the first one's name, but the
+    user is asked about (or warned of) a key another node showed: the message says which."""
+    server = start_server(*server_args(users, tmp_path / "data"))
+    known_hosts = tmp_path / "known_hosts"
+    first = closed_port()
+    args = ["--server", f"127.0.0.1:{first}", "--server", f"127.0.0.1:{server.port}", "--user", "a"]
+    args += ["--known-hosts", str(known_hosts)]
+    unknown = run_program(CLIENT, *args, stdin="hello\n", env={"CHAT_PASSWORD": "x"})
+    assert_one_line_error(unknown, f"unknown server key for [127.0.0.1]:{first} (answered by 127.0.0.1:{server.port})")
+    known_hosts.write_text(f"[127.0.0.1]:{first} SHA256:{'A' * 43}\n")
+    known_hosts.chmod(0o600)
+    changed = run_program(CLIENT, *args, stdin="hello\n", env={"CHAT_PASSWORD": "x"})
+    assert_one_line_error(changed, f"KEY FOR [127.0.0.1]:{first} (answered by 127.0.0.1:{server.port}) HAS CHANGED")
+
+
 def test_the_client_on_a_closed_port_with_bad_known_hosts_fails_in_one_line(tmp_path):
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
