@@ -69,6 +69,8 @@ class Subscriber(Protocol):
 
     def on_control_missed(self) -> None: ...
 
+    def on_members_gone(self, room: str, accounts: list[str]) -> None: ...
+
 
 class RoomBackend(Protocol):
     """Publish to a room or an account, presence, room state and history."""

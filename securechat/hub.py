@@ -348,6 +348,18 @@ class ChatHub:
                 reason = f"banned {_until(ban.until)}" if ban is not None else "removed while this server lagged"
                 self._remove_from_room(account, room, reason)
 
+    def on_members_gone(self, room: str, accounts: list[str]) -> None:
+        """``accounts`` were in ``room`` through a process that died without a word (their entries
+        lapsed): nobody told the room they left, so this process does, for every process."""
+        local = self._local_room(room, create=False)
+        for account in accounts:
+            if local is not None and local.sessions_of(account):
+                continue  # here on a device of this process: nothing changed for the room
+            notice = Notice(event="left", name=account, text="connection lost", room=room)
+            if local is not None:
+                local.announce_notice(notice)
+            self.backend.announce(room, notice)
+
     def on_control_missed(self) -> None:
         """Changes to accounts were lost before this process read them: every local account's is read again."""
         with self.sessions_lock:

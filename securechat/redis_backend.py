@@ -231,6 +231,29 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'revoked', ARGV[1], 'until', ARGV[2])
 return 1
 """
+# Takes the lapsed entries (a node that died without a word) out of a room's roster, in one step, so
+# that one process alone tells the room who left. KEYS: the roster. ARGV: now. Returns the accounts
+# that had lapsed entries and have no live one left. A damaged entry goes too.
+_SWEEP_ROSTER = """
+local gone, live = {}, {}
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local ok, info = pcall(cjson.decode, entries[i + 1])
+  if not ok or type(info) ~= 'table' or type(info.account) ~= 'string' or type(info.expires) ~= 'number' then
+    redis.call('HDEL', KEYS[1], entries[i])
+  elseif info.expires < tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], entries[i])
+    gone[info.account] = true
+  else
+    live[info.account] = true
+  end
+end
+local left = {}
+for account in pairs(gone) do
+  if not live[account] then table.insert(left, account) end
+end
+return left
+"""
 #: The control stream: revocations, and which account or scope changed (every process reads it).
 CONTROL_KEY = f"{PREFIX}control"
 CONTROL_STREAM_LENGTH = 10_000
@@ -430,6 +453,7 @@ class RedisBackend:
         self._create_room = self.redis.register_script(_CREATE_ROOM)
         self._revoke = self.redis.register_script(_REVOKE)
         self._raise_floors = self.redis.register_script(_RAISE_FLOORS)
+        self._sweep_roster = self.redis.register_script(_SWEEP_ROSTER)
         # The highest message id this process has issued or read: it proposes the next one above it.
         # If Redis came back with less than it had, ids go on from here, never under lines already
         # delivered. And room -> the highest sequence number of it this process has seen (kept when
@@ -954,9 +978,13 @@ class RedisBackend:
         now = self._clock()
         counts: dict[str, int] = {}
         for value in entries.values():
-            data = json.loads(value)
-            if data.get("node") != self.node and data.get("expires", 0) >= now:
-                counts[data["account"]] = counts.get(data["account"], 0) + 1
+            try:
+                data = json.loads(value)
+                account, node, expires = data["account"], data.get("node"), float(data.get("expires", 0))
+            except (ValueError, TypeError, KeyError):
+                continue  # damaged: the next sweep takes it out
+            if isinstance(account, str) and node != self.node and expires >= now:
+                counts[account] = counts.get(account, 0) + 1
         return counts
 
     def announce(self, room: str, notice: Notice) -> None:
@@ -1114,6 +1142,26 @@ class RedisBackend:
                 self._note_problem(exc)
                 continue
             self._check_recorded_key(recorded)
+            self._sweep_rosters()
+
+    def _sweep_rosters(self) -> None:
+        """Tell the rooms read here who left with a node that died (kill -9, a lost machine): its
+        roster entries lapse, but nobody said "left" for them. Run by the refresher thread."""
+        with self._watch_lock:
+            rooms = list(self._watched)
+        subscriber = self._subscriber
+        for room in rooms:
+            try:
+                gone = [
+                    _text(account)
+                    for account in self._sweep_roster(keys=[self._roster_key(room)], args=[self._clock()])
+                ]
+            except redis.exceptions.RedisError as exc:
+                self._note_problem(exc)
+                return
+            if gone and subscriber is not None:
+                with _guarded(f"who left {room}"):
+                    subscriber.on_members_gone(room, gone)
 
     def _check_recorded_key(self, recorded: bytes | None) -> None:
         """Say loudly if Redis names another cluster key than this process's. After Redis lost its

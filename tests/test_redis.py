@@ -661,6 +661,9 @@ class Recorder:
     def on_control_missed(self):
         pass
 
+    def on_members_gone(self, room, accounts):
+        pass
+
 
 def test_the_reader_survives_a_failing_delivery_and_a_retried_append_is_stored_once(redis_server):
     backend = backend_of(redis_server)

@@ -257,3 +257,54 @@ def test_a_kick_made_while_a_node_fell_behind_still_takes_its_user_out(cluster, 
     assert out is not None
     bob.say("still here after the kick", "#r")
     assert isinstance(wait_for(bob, lambda event: isinstance(event, ErrorReply | Chat) and event.ref), ErrorReply)
+
+
+def _age(store, key: str, account: str = "") -> None:
+    """Move the expiry of the records in the hash ``key`` (of ``account``'s, if named) into the past:
+    the 30 s a crashed node's records take to lapse, without the wait (the rest is left as it was)."""
+    import json
+    import time
+
+    for field, value in store.hgetall(key).items():
+        record = json.loads(value)
+        if account and record.get("account") != account:
+            continue
+        record["expires"] = time.time() - 1
+        store.hset(key, field, json.dumps(record))
+
+
+def test_the_users_of_a_killed_node_are_seen_to_leave(cluster, tmp_path, redis_server):
+    """kill -9 of a node: its users drop out of /who once their records lapse, but the members on the
+    other nodes are never told they left, so every client's view of the room (``members``, the
+    terminal's roster and name completion) keeps them for good, and "bob left" never comes."""
+    import json
+    import time
+
+    from securechat.protocol import Roster
+    from securechat.redis_backend import NODES_KEY, SESSION_REFRESH
+
+    first, second = two_nodes(cluster, tmp_path)
+    alice = cluster.log_in("alice", first)
+    cluster.log_in("bob", second)
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.event == "joined" and event.name == "bob")
+    assert alice.members == ["alice", "bob"]
+    second.process.kill()  # kill -9: no goodbye, no clean-up
+    second.process.wait()
+    with redis.Redis.from_url(redis_server.url) as store:  # ... and the 30 s its records take to lapse
+        dead = {
+            json.loads(value)["node"]
+            for value in store.hvals("chat:roster:#lobby")
+            if json.loads(value)["account"] == "bob"
+        }
+        _age(store, "chat:roster:#lobby", "bob")
+        _age(store, "chat:sessions:bob")
+        store.zadd(NODES_KEY, {node: time.time() - 300 for node in dead})  # its last heartbeat, long ago
+    alice.who("#lobby")
+    roster = wait_for(alice, lambda event: isinstance(event, Roster) and event.room == "#lobby")
+    assert roster.members == ["alice"]  # the server's roster has let bob go
+    wait_for(
+        alice,
+        lambda event: isinstance(event, Notice) and event.event == "left" and event.name == "bob",
+        timeout=SESSION_REFRESH + TIMEOUT,
+    )
+    assert alice.members == ["alice"]
