@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -195,9 +196,9 @@ _ADD_SESSION = """
 local live = 0
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
-  local info = cjson.decode(entries[i + 1])
-  if info.expires < tonumber(ARGV[3]) then
-    redis.call('HDEL', KEYS[1], entries[i])
+  local ok, info = pcall(cjson.decode, entries[i + 1])
+  if not ok or type(info) ~= 'table' or type(info.expires) ~= 'number' or info.expires < tonumber(ARGV[3]) then
+    redis.call('HDEL', KEYS[1], entries[i])  -- lapsed, or damaged
   elseif entries[i] ~= ARGV[1] then
     live = live + 1
   end
@@ -901,15 +902,13 @@ class RedisBackend:
         subscriber = self._subscriber
         if subscriber is None:
             return
-        try:
-            message_id = int(fields[b"id"])
-            stream = _text(fields[b"stream"])
-        except (KeyError, ValueError):
+        message_id = _feed_message_id(fields)
+        if not message_id or b"stream" not in fields:
             return
-        self._note_id(message_id)
-        opened = self._open(stream, message_id, fields)
+        opened = self._open(_text(fields[b"stream"]), message_id, fields)
         if opened is None:
             return
+        self._note_id(message_id)  # once it opened: a forged entry may not raise the floor of the ids
         message, origin, ref = opened
         if not isinstance(message, Chat):
             return
@@ -1068,7 +1067,7 @@ class RedisBackend:
             body = json.loads(self._open_bytes(base64.b64decode(record["sealed"]), _session_data(account, session_id)))
             body.pop("node", None)
             return SessionInfo(**body)
-        except (KeyError, ValueError, TypeError, InvalidTag) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, InvalidTag) as exc:
             log.warning("skipped a session record of %s that failed to open: %s", account, _why_unopened(exc))
             return None
 
@@ -1391,11 +1390,15 @@ def _sender(message: RoomEvent) -> str:
 
 
 def _record(name: str, values: dict[Any, Any]) -> RoomRecord:
+    try:
+        created_at = float(values.get(b"created_at", 0))
+    except ValueError:  # damaged: a room made at an unknown time
+        created_at = 0.0
     return RoomRecord(
         name,
         topic=_text(values.get(b"topic", b"")),
         owner=_text(values.get(b"owner", b"")),
-        created_at=float(values.get(b"created_at", 0)),
+        created_at=created_at if math.isfinite(created_at) else 0.0,
     )
 
 
