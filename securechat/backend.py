@@ -124,6 +124,9 @@ class RoomBackend(Protocol):
     # "@account": its ignore list): text values under text keys
     def state(self, scope: str) -> dict[str, str]: ...
     def set_state(self, scope: str, key: str, value: str | None) -> None: ...
+    # set_state only if the key still holds ``expected`` (None: absent); False if it did not
+    # (changed meanwhile, here or by another process): read it again and retry
+    def replace_state(self, scope: str, key: str, expected: str | None, value: str | None) -> bool: ...
     # tell every process that an account's own state changed (its ignore list): they reload it
     def account_changed(self, account: str) -> None: ...
 
@@ -308,19 +311,34 @@ class MemoryBackend:
         with self._state_lock:
             return dict(self._state.get(scope, {}))
 
+    def replace_state(self, scope: str, key: str, expected: str | None, value: str | None) -> bool:
+        return self._change_state(scope, key, value, expected, check=True)
+
     def set_state(self, scope: str, key: str, value: str | None) -> None:
+        self._change_state(scope, key, value)
+
+    def _change_state(
+        self, scope: str, key: str, value: str | None, expected: str | None = None, *, check: bool = False
+    ) -> bool:
         with self._state_lock:
             values = self._state.setdefault(scope, {})
+            if check and values.get(key) != expected:
+                if not values:
+                    del self._state[scope]
+                return False
             if value is None:
                 if values.pop(key, None) is None:
-                    return
+                    if not values:
+                        del self._state[scope]
+                    return True
                 if not values:
                     del self._state[scope]
             else:
                 if values.get(key) == value:
-                    return
+                    return True
                 values[key] = value
         self.store.set_state(scope, key, value)
+        return True
 
     def room(self, name: str) -> RoomRecord | None:
         with self._state_lock:

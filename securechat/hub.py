@@ -78,6 +78,8 @@ SESSION_ID_CHARS = 8
 #: Lines /history sends when no number is given, and the most it sends at once.
 HISTORY_PAGE = 50
 MAX_HISTORY_PAGE = 500
+#: How often /mode tries its change again when another one lands between its read and its write.
+MODE_ATTEMPTS = 5
 #: An away account answers a /msg from one sender at most this often.
 AWAY_REPLY_INTERVAL = 3600.0
 #: The longest message of the day and away message.
@@ -1170,15 +1172,22 @@ class ChatHub:
         except ValueError as exc:
             raise HubError("bad_mode", str(exc)) from None
         self.require_role(member, room, "mode", "op")
-        before = set(self.room_state(room).modes)
-        modes = before | set(letters) if adding else before - set(letters)
         sign = "+" if adding else "-"
-        if modes == before:
-            # Nothing to tell the room or keep in its history; and no refusal, which would fail a
-            # setup script run a second time.
-            member.deliver(Notice(event="info", text=f"{room} is already {sign}{letters}", room=room))
-            return
-        self.backend.set_state(room, MODES_KEY, "".join(sorted(modes)) or None)
+        for _attempt in range(MODE_ATTEMPTS):
+            stored = self.backend.state(room).get(MODES_KEY)
+            before = set(stored or "")
+            modes = before | set(letters) if adding else before - set(letters)
+            if modes == before:
+                # Nothing to tell the room or keep in its history; and no refusal, which would fail a
+                # setup script run a second time.
+                member.deliver(Notice(event="info", text=f"{room} is already {sign}{letters}", room=room))
+                return
+            # Only over what was read: an op changing another mode at once, here or on another
+            # server process, is not undone.
+            if self.backend.replace_state(room, MODES_KEY, stored, "".join(sorted(modes)) or None):
+                break
+        else:
+            raise HubError("busy", f"the modes of {room} are changing just now; try again")
         self._moderation_notice(member, room, "mode", "", f"{member.name} set mode {sign}{letters} on {room}")
 
     def invite(self, member: Member, room: str, name: str) -> None:

@@ -232,6 +232,16 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'revoked', ARGV[1], 'until', ARGV[2])
 return 1
 """
+# Sets (or with an empty value, removes) one key of a scope's state only if it holds what the caller
+# read, and tells every process. KEYS: the state hash, the control stream. ARGV: key, expected (""
+# for absent), value, control stream bound, scope. Returns 1, or 0 if it held something else.
+_REPLACE_STATE = """
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'state', ARGV[5])
+return 1
+"""
+
 # Takes the lapsed entries (a node that died without a word) out of a room's roster, in one step, so
 # that one process alone tells the room who left. KEYS: the roster. ARGV: now. Returns the accounts
 # that had lapsed entries and have no live one left. A damaged entry goes too.
@@ -455,6 +465,7 @@ class RedisBackend:
         self._revoke = self.redis.register_script(_REVOKE)
         self._raise_floors = self.redis.register_script(_RAISE_FLOORS)
         self._sweep_roster = self.redis.register_script(_SWEEP_ROSTER)
+        self._replace_state = self.redis.register_script(_REPLACE_STATE)
         # The highest message id this process has issued or read: it proposes the next one above it.
         # If Redis came back with less than it had, ids go on from here, never under lines already
         # delivered. And room -> the highest sequence number of it this process has seen (kept when
@@ -1268,6 +1279,17 @@ class RedisBackend:
             raise BackendUnavailable("the server cannot reach its message broker just now") from None
         finally:
             self._forget_state(scope)
+
+    def replace_state(self, scope: str, key: str, expected: str | None, value: str | None) -> bool:
+        keys = [f"{PREFIX}state:{scope}", CONTROL_KEY]
+        try:
+            args: list[str | int] = [key, expected or "", value or "", CONTROL_STREAM_LENGTH, scope]
+            return bool(self._replace_state(keys=keys, args=args))
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+        finally:
+            self._forget_state(scope)  # changed, or not what was read: read again either way
 
     def _forget_state(self, scope: str) -> None:
         with self._state_lock:

@@ -370,3 +370,60 @@ def test_one_malformed_value_in_redis_does_not_shut_users_out(cluster, tmp_path,
     alice.say("still working")
     wait_for(alice, said("still working"))
     wait_for(bob, said("still working"))
+
+
+def test_two_ops_changing_a_rooms_modes_at_once_on_two_nodes_keep_both_changes(redis_server):
+    """/mode reads the room's modes, adds or takes its letters, and writes the whole string back: two
+    ops on two nodes at once must not lose one change that was told to the room (and kept in its
+    history). Here bob's +m on one node, read before alice's +i on the other, must not undo it."""
+    import threading
+
+    from test_redis import hub_on, wait_until
+
+    from securechat.hub import HubError
+    from securechat.redis_backend import RedisBackend
+    from securechat.roomstate import MODES_KEY
+
+    key = b"k" * 32
+
+    class Slow(RedisBackend):
+        """A node whose write of a room's modes (after it read them) is held until the test lets it go."""
+
+        hold = False
+        inside = threading.Event()
+        release = threading.Event()
+
+        def replace_state(self, scope, name, expected, value):
+            if self.hold and name == MODES_KEY:
+                self.hold = False
+                self.inside.set()
+                assert self.release.wait(TIMEOUT)
+            return super().replace_state(scope, name, expected, value)
+
+    first, second = RedisBackend(redis_server.url, key), Slow(redis_server.url, key)
+    hub_a, (alice, carol) = hub_on(first, "alice", "carol")
+    hub_b, (bob,) = hub_on(second, "bob")
+    changing = None
+    try:
+        hub_a.join(alice, "#r")  # alice made it: she owns it
+        hub_b.join(bob, "#r")
+        hub_a.set_room_role(alice, "#r", "bob", "op", "op")
+        wait_until(lambda: hub_b.room_state("#r").role("bob") == "op")
+        second.hold = True
+        changing = threading.Thread(target=hub_b.mode, args=(bob, "#r", "+m"))
+        changing.start()
+        assert second.inside.wait(TIMEOUT)
+        hub_a.mode(alice, "#r", "+i")
+        second.release.set()
+        changing.join(TIMEOUT)
+        told = [m.text for m in alice.received if isinstance(m, Notice) and m.event == "moderation"]
+        assert any("+i" in text for text in told) and any("+m" in text for text in told), told
+        wait_until(lambda: set(hub_a.room_state("#r").modes) >= {"m"})
+        with pytest.raises(HubError, match="invite-only"):
+            hub_a.join(carol, "#r")
+    finally:
+        second.release.set()
+        if changing is not None:
+            changing.join(TIMEOUT)
+        hub_a.close()
+        hub_b.close()
