@@ -104,8 +104,6 @@ class ClientConnection:
         self.address = peer[0]
         #: What per-address limits count this peer under (its IPv6 /64, say).
         self.address_bucket = address_bucket(peer[0])
-        #: Counted in the Redis deployment's connections of its address (``count_across_nodes``).
-        self.counted_across_nodes = False
         self.peer = f"{peer[0]}:{peer[1]}"
         self.name = ""
         self.channel: SecureChannel | None = None

@@ -178,10 +178,12 @@ class ChatServer:
         )
         # Seals and sends for every logged-in connection (see outbound.py).
         self.send_pool = SendPool(config.send_workers)
-        # Guards connections, connections_per_address and _logging_in.
+        # Guards connections, connections_per_address, _connections_shared and _logging_in.
         self.connections_lock = threading.Lock()
         self.connections: set[ClientConnection] = set()
         self.connections_per_address: Counter[str] = Counter()
+        # How many times this node told Redis its count of an address: each telling's version.
+        self._connections_shared = 0
         # Connections that have not sent their login yet, oldest first (a dict keeps the order).
         self._logging_in: dict[ClientConnection, None] = {}
         # Idle connections may take at most half the server, and half of one address's share.
@@ -485,15 +487,23 @@ class ChatServer:
     def count_across_nodes(self, connection: ClientConnection) -> None:
         """Count a new connection in for its address on every node (reader thread, as it starts: the
         accepting thread never waits for Redis). Raises ``AuthenticationFailed`` past the limit."""
-        shared = self.shared_connections
-        if shared is None:
-            return
-        total = shared.add(connection.address_bucket)
+        total = self._share_connections(connection.address_bucket)
         if total is None:
             return  # Redis cannot say: this node's own count, checked as it accepted, stands
-        connection.counted_across_nodes = True
         if total > self.config.max_connections_per_address:
             raise AuthenticationFailed("too_many_connections", "too many connections from your address")
+
+    def _share_connections(self, address: str) -> int | None:
+        """Tell the other nodes how many connections from ``address`` this one holds now: how many it
+        has on every node, or None if there are no others or Redis cannot say."""
+        shared = self.shared_connections
+        if shared is None:
+            return None
+        with self.connections_lock:
+            count = self.connections_per_address[address]
+            self._connections_shared += 1
+            version = self._connections_shared
+        return shared.share(address, count, version)
 
     def forget(self, connection: ClientConnection) -> None:
         """Drop a finished connection from the books (called by its reader thread)."""
@@ -504,9 +514,7 @@ class ChatServer:
                 self.connections_per_address[connection.address_bucket] -= 1
                 if self.connections_per_address[connection.address_bucket] <= 0:
                     del self.connections_per_address[connection.address_bucket]
-        if connection.counted_across_nodes and self.shared_connections is not None:
-            connection.counted_across_nodes = False
-            self.shared_connections.remove(connection.address_bucket)
+        self._share_connections(connection.address_bucket)
         if not self.stopping.is_set():
             connection.outbox.close_socket()  # never under a send in flight on the pool's threads
 

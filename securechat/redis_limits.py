@@ -69,22 +69,27 @@ return 0
 )
 
 
-# Counts a connection of this process in (ARGV[2] = 1) or out (-1), and returns how many the
-# address has on every live process. KEYS: the address's hash (a field per process), the
-# processes' heartbeats (process -> when last seen). ARGV: process, change, now, seconds a
-# process counts as live after its last heartbeat. A dead process's share is dropped.
+# Records how many connections from an address this process holds now, and returns how many the
+# address has on every live process. Each process writes its whole count, never a change, so a
+# write lost while Redis was away is put right by the next one; a version orders the writes of one
+# process (a late one never overwrites a newer). KEYS: the address's hash (a field per process:
+# "version count"), the processes' heartbeats (process -> when last seen). ARGV: process, its
+# count, its version, now, seconds a process counts as live after its last heartbeat. A dead
+# process's share is dropped.
 _COUNT = """
-if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+local version = held and tonumber(string.match(held, '^(%d+)')) or -1
+if tonumber(ARGV[3]) > version then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ' ' .. ARGV[2]) end
 local total, entries = 0, redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
   local seen = tonumber(redis.call('ZSCORE', KEYS[2], entries[i]))
-  if entries[i] == ARGV[1] or (seen and seen >= tonumber(ARGV[3]) - tonumber(ARGV[4])) then
-    total = total + tonumber(entries[i + 1])
+  if entries[i] == ARGV[1] or (seen and seen >= tonumber(ARGV[4]) - tonumber(ARGV[5])) then
+    total = total + (tonumber(string.match(entries[i + 1], ' (%d+)$')) or 0)
   else
     redis.call('HDEL', KEYS[1], entries[i])
   end
 end
-if total > 0 then redis.call('EXPIRE', KEYS[1], 7 * 86400) end
+redis.call('EXPIRE', KEYS[1], 7 * 86400)
 return total
 """
 
@@ -108,9 +113,12 @@ class SharedConnectionCount:
         digest = hmac.new(self._secret, f"connections\0{address}".encode(), hashlib.sha256)
         return f"{PREFIX}connections:{digest.hexdigest()[:32]}"
 
-    def _change(self, address: str, change: int) -> int | None:
+    def share(self, address: str, count: int, version: int) -> int | None:
+        """Record that this process holds ``count`` connections from ``address`` (as of ``version``,
+        which rises with every change here): how many it has on every node now, this one included,
+        or None if Redis cannot say (this process's own count stands)."""
         keys = [self._key(address), NODES_KEY]
-        args: list[Any] = [self.node, change, time.time(), SESSION_TTL]
+        args: list[Any] = [self.node, count, version, time.time(), SESSION_TTL]
         try:
             total = int(self._count(keys=keys, args=args))
         except redis.exceptions.RedisError as exc:
@@ -120,14 +128,6 @@ class SharedConnectionCount:
             return None
         self._failed_over = False
         return total
-
-    def add(self, address: str) -> int | None:
-        """Count one more connection from ``address``: how many it has on every node now (this one
-        included), or None if Redis cannot say (this process's own count stands)."""
-        return self._change(address, 1)
-
-    def remove(self, address: str) -> None:
-        self._change(address, -1)
 
 
 class SharedLoginThrottle(LoginThrottle):

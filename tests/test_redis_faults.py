@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import TIMEOUT, assert_a_notice_said_while_offline_is_not_counted_as_lost, drain, wait_for
-from test_redis import Cluster, entered, said, two_nodes
+from conftest import TIMEOUT, assert_a_notice_said_while_offline_is_not_counted_as_lost, drain, password_of, wait_for
+from test_redis import Cluster, client_of, entered, said, two_nodes
 
 from securechat.client import Disconnected
 from securechat.protocol import Chat, Notice
@@ -427,3 +427,47 @@ def test_two_ops_changing_a_rooms_modes_at_once_on_two_nodes_keep_both_changes(r
             changing.join(TIMEOUT)
         hub_a.close()
         hub_b.close()
+
+
+def test_connections_that_closed_during_a_redis_outage_stop_counting_against_their_address(
+    cluster, tmp_path, redis_server
+):
+    """Each node's share of an address's connections lives in Redis (``SharedConnectionCount``). A
+    connection that closes while Redis is away is never taken off it: once Redis is back (with its
+    append-only file), the address is charged for it for as long as the node runs, and its users are
+    refused with "too many connections from your address" though they hold fewer than the limit."""
+    import time
+
+    from securechat.client import ChatError
+    from securechat.redis_backend import SESSION_REFRESH
+
+    node = cluster.node(tmp_path / "node", "--max-per-address", "2")
+
+    def from_the_office(name: str):
+        client = client_of(node, tmp_path / "known_hosts_office", source_address=("127.0.0.4", 0))
+        cluster.clients.append(client)
+        client.login(name, password_of(name))
+        return client
+
+    early = from_the_office("bob")
+    redis_server.stop()
+    early.close()  # the one connection from the office ends while Redis is away
+    _wait_for_log(node, "connections are counted by this process alone", TIMEOUT * 2)
+    redis_server.start()
+    deadline = time.monotonic() + TIMEOUT * 2
+    while True:  # the node is back on Redis once a login (which needs it) goes through
+        try:
+            cluster.log_in("alice", node)
+            break
+        except ChatError:
+            assert time.monotonic() < deadline, "the node never got Redis back"
+            time.sleep(0.2)
+    held = [from_the_office("bob")]  # the office holds one connection now
+    deadline = time.monotonic() + SESSION_REFRESH + 2  # (a fix may put the share right as it refreshes)
+    while True:
+        try:
+            held.append(from_the_office("carol"))  # its second: within the limit of 2
+            break
+        except ChatError as refused:
+            assert time.monotonic() < deadline, f"a connection closed during the outage still counts: {refused}"
+            time.sleep(0.5)
