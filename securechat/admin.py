@@ -23,7 +23,15 @@ from securechat.accounts import (
     password_problem,
 )
 from securechat.commands import split_duration
-from securechat.config import DEFAULT_USERS, LOG_LEVELS, add_options, check_backend, hide_password, read_config_file
+from securechat.config import (
+    ACCOUNTS_IN_REDIS_FILE,
+    DEFAULT_USERS,
+    LOG_LEVELS,
+    add_options,
+    check_backend,
+    hide_password,
+    read_config_file,
+)
 from securechat.protocol import (
     validate_username,
 )
@@ -161,6 +169,10 @@ def open_account_store(backend: str, users: Path) -> AccountStore:
 EXIT_BAD_OPTION = 2
 
 
+def _accounts(count: int) -> str:
+    return "1 account" if count == 1 else f"{count} accounts"
+
+
 def run_admin_command(args: argparse.Namespace) -> int:
     backend = getattr(args, "backend", "memory")
     try:
@@ -174,11 +186,21 @@ def run_admin_command(args: argparse.Namespace) -> int:
             if backend == "memory":
                 print("error: import-users copies users.json into Redis: give --backend redis://…", file=sys.stderr)
                 return EXIT_BAD_OPTION
+            if not args.file.is_file():  # a store that does not exist yet reads as empty: not here
+                print(f"error: {args.file}: no such file", file=sys.stderr)
+                return 1
             records = UserStore(args.file).load()
             added = [record.name for record in records.values() if store.put(record)]
             kept = len(records) - len(added)
-            print(f"imported {len(added)} accounts" + (f"; {kept} were there already and were kept" if kept else ""))
+            were = "1 was there already and was kept" if kept == 1 else f"{kept} were there already and were kept"
+            print(f"imported {_accounts(len(added))}" + (f"; {were}" if kept else ""))
             return 0
+        if backend == "memory" and (Path(args.data_dir) / ACCOUNTS_IN_REDIS_FILE).exists():
+            print(
+                f"warning: the server of {args.data_dir} keeps its accounts in Redis, not in {args.users}:"
+                " give --backend redis://… (or --config) for the change to count there",
+                file=sys.stderr,
+            )
         if args.command == "users":
             for record in store.load().values():
                 notes = [note for note in ("admin" if record.is_admin else "", "demo" if record.demo else "") if note]

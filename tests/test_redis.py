@@ -459,6 +459,19 @@ def test_accounts_live_in_redis_an_account_added_on_one_node_logs_in_on_every_no
         cluster.clients.append(client)
         client.login("frank", "Correct-Horse-Battery-42")
     assert server_command("import-users", str(cluster.users_file)).returncode == 2  # without Redis: refused
+    # A mistyped file is an error, not "imported 0 accounts".
+    missing = server_command("import-users", str(tmp_path / "no_such_users.json"), "--backend", cluster.redis_url)
+    assert missing.returncode == 1 and missing.stderr.strip().endswith("no_such_users.json: no such file")
+    # And a change made without --backend, on a node's data directory, is said to miss the deployment.
+    elsewhere = ["--data-dir", str(tmp_path / "node1"), "--users", str(tmp_path / "local_users.json")]
+    local = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *elsewhere, "adduser", "grace"],
+        input="Correct-Horse-Battery-42\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert local.returncode == 0 and "keeps its accounts in Redis" in local.stderr, local.stderr
 
 
 def test_spreading_over_nodes_gives_no_more_guesses_nor_lines(cluster, tmp_path):
