@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -215,11 +216,15 @@ class ChatServer:
                 from securechat.redis_limits import SharedConnectionCount, SharedFloodBudget, SharedLoginThrottle
 
                 cluster_key = crypto_utils.load_or_create_secret(data_dir / CLUSTER_KEY_FILE)
+                # Every node shows clients one key and accepts the others' tokens: a node started with a
+                # directory that lacks either is refused, as one with another cluster key is.
+                token_secret_id = hmac.new(token_secret, b"chat token secret id", hashlib.sha256).hexdigest()[:16]
                 shared = RedisBackend(
                     config.backend,
                     cluster_key,
                     history_limit=config.history_limit,
                     history_max_age=config.history_days * 86400,
+                    shared_files={SERVER_KEY_FILE: self.fingerprint, TOKEN_SECRET_FILE: token_secret_id},
                 )
                 # A /quit, /logout or resume on one node holds on every node, at once; and an attacker
                 # spreading over the nodes gets no more guesses, nor lines, than on one.

@@ -80,6 +80,11 @@ SESSION_REFRESH = 10.0
 STATE_CACHE_SECONDS = 1.0
 #: The id (``key_id``) of the cluster key every process seals with; see the module's docstring.
 CLUSTER_KEY_ID_KEY = f"{PREFIX}cluster_key_id"
+#: What the other files every node must share say of themselves (file name -> its id: the server
+#: key's fingerprint, a keyed hash of the token secret), as the first node recorded them.
+NODE_FILES_KEY = f"{PREFIX}node_files"
+#: What to do when a node's files are not the deployment's.
+COPY_THE_FILES = "copy server_key.pem, token_secret and cluster_key from a running node's data directory"
 #: The processes' heartbeats (a sorted set: process -> when its presence was last refreshed).
 NODES_KEY = f"{PREFIX}nodes"
 #: How long one blocking read waits before looking at the set of rooms again.
@@ -442,6 +447,7 @@ class RedisBackend:
         history_limit: int = 1000,
         history_max_age: float = 30 * 86400,
         clock: Callable[[], float] = time.time,
+        shared_files: dict[str, str] | None = None,
     ) -> None:
         self.url = url
         self._aead = AESGCM(cluster_key)
@@ -458,6 +464,8 @@ class RedisBackend:
             self.redis.ping()
         except redis.exceptions.RedisError as exc:
             raise BackendUnavailable(describe_redis_error(url, exc)) from None
+        #: The other files every node must share, as this node has them (see NODE_FILES_KEY).
+        self._shared_files = dict(shared_files or {})
         self._claim_cluster_key()
         self._append = self.redis.register_script(_APPEND)
         self._add_session = self.redis.register_script(_ADD_SESSION)
@@ -519,8 +527,11 @@ class RedisBackend:
         """Record this process's key id as the cluster's unless one is recorded; ``BackendMismatch``
         if another is (this process could open none of the others' lines, nor they its own)."""
         try:
-            self.redis.set(CLUSTER_KEY_ID_KEY, self._key_id, nx=True)
-            recorded = self.redis.get(CLUSTER_KEY_ID_KEY)
+            with self.redis.pipeline(transaction=False) as pipe:
+                self._record_node_files(pipe)
+                pipe.get(CLUSTER_KEY_ID_KEY)
+                pipe.hgetall(NODE_FILES_KEY)
+                *_, recorded, files = pipe.execute()
         except redis.exceptions.RedisError as exc:
             self.redis.close()
             raise BackendUnavailable(describe_redis_error(self.url, exc)) from None
@@ -528,8 +539,21 @@ class RedisBackend:
             self.redis.close()
             raise BackendMismatch(
                 f"this node's cluster_key (id {self._key_id}) is not the one the other nodes use"
-                f" (id {_shown_key_id(recorded)}): copy cluster_key from a running node's data directory"
+                f" (id {_shown_key_id(recorded)}): {COPY_THE_FILES}"
             )
+        for name, mine in self._shared_files.items():
+            theirs = _text(files.get(name.encode(), mine.encode()))
+            if theirs != mine:
+                self.redis.close()
+                raise BackendMismatch(
+                    f"this node's {name} ({mine}) is not the one the other nodes use ({theirs[:60]}): {COPY_THE_FILES}"
+                )
+
+    def _record_node_files(self, client: redis.Redis | redis.client.Pipeline) -> None:
+        """Record this node's cluster key id and shared files' ids where none are recorded yet."""
+        client.set(CLUSTER_KEY_ID_KEY, self._key_id, nx=True)
+        for name, mine in self._shared_files.items():
+            client.hsetnx(NODE_FILES_KEY, name, mine)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1203,7 +1227,7 @@ class RedisBackend:
                 args += [room, seq]
         try:
             # Lost with the rest: put back, so that a process with another key is still refused.
-            client.set(CLUSTER_KEY_ID_KEY, self._key_id, nx=True)
+            self._record_node_files(client)
             self._raise_floors(keys=[f"{PREFIX}id", f"{PREFIX}seq"], args=args, client=client)
         except redis.exceptions.RedisError as exc:
             self._note_problem(exc)  # the refresher tries again within SESSION_REFRESH

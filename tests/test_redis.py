@@ -1097,8 +1097,18 @@ def test_a_node_with_another_cluster_key_is_refused_at_start(cluster, tmp_path, 
     fresh_id = key_id(bytes.fromhex((tmp_path / "fresh" / "cluster_key").read_text()))
     assert done.stderr.strip() == (
         f"error: this node's cluster_key (id {fresh_id}) is not the one the other nodes use (id {first_id}):"
-        " copy cluster_key from a running node's data directory"
+        " copy server_key.pem, token_secret and cluster_key from a running node's data directory"
     )
+    # A directory with the cluster key alone copied would show clients another server key (a
+    # "KEY HAS CHANGED" stop on failover) and refuse the others' tokens: refused too.
+    half = tmp_path / "half"
+    half.mkdir(mode=0o700)
+    shutil.copy2(tmp_path / "node1" / "cluster_key", half / "cluster_key")
+    where[where.index(str(tmp_path / "fresh"))] = str(half)
+    done = server_command(*where, "--backend", redis_server.url)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: this node's server_key.pem (SHA256:"), done.stderr
+    assert "copy server_key.pem, token_secret and cluster_key" in done.stderr
     # A copy of the running node's data directory joins.
     shutil.copytree(tmp_path / "node1", tmp_path / "node2")
     second = cluster.node(tmp_path / "node2")
