@@ -518,6 +518,8 @@ class RedisBackend:
         self._presence_from: dict[str, str] = {}
         self._stopping = threading.Event()
         self._problem = ""
+        # When Redis was last said to have lost its data (monotonic; see _say_redis_lost_its_data).
+        self._loss_told_at = -math.inf
         # The other cluster key id Redis was last seen to name ("" while it names this one's).
         self._foreign_key_id = ""
         self._reader = threading.Thread(target=self._read_loop, name="redis-reader", daemon=True)
@@ -797,6 +799,11 @@ class RedisBackend:
         while not self._stopping.is_set():
             if self._reconnected.is_set():  # a new connection: the Redis behind it may have lost data
                 self._reconnected.clear()
+                try:
+                    if not self.redis.exists(CLUSTER_KEY_ID_KEY):  # before anything puts it back
+                        self._say_redis_lost_its_data()
+                except redis.exceptions.RedisError as exc:
+                    self._note_problem(exc)
                 self._restore_floors(self.redis)
             with self._watch_lock:
                 streams: dict[str, str] = {self._stream_key(room): last for room, last in self._watched.items()}
@@ -1162,6 +1169,7 @@ class RedisBackend:
                 rooms = list(self._local_rooms.items())
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.exists(CLUSTER_KEY_ID_KEY)  # first: what is put back below is gone only if Redis lost it
                     for info in local:
                         pipe.hset(self._sessions_key(info.account), info.session_id, self._session_json(info))
                     for (room, session_id), account in rooms:
@@ -1171,11 +1179,13 @@ class RedisBackend:
                     pipe.zremrangebyscore(NODES_KEY, "-inf", self._clock() - 10 * SESSION_TTL)  # long dead
                     self._restore_floors(pipe)
                     pipe.get(CLUSTER_KEY_ID_KEY)  # after _restore_floors put it back if it was lost
-                    recorded = pipe.execute()[-1]
+                    answers = pipe.execute()
             except redis.exceptions.RedisError as exc:
                 self._note_problem(exc)
                 continue
-            self._check_recorded_key(recorded)
+            if not answers[0]:
+                self._say_redis_lost_its_data()
+            self._check_recorded_key(answers[-1])
             self._sweep_rosters()
 
     def _sweep_rosters(self) -> None:
@@ -1215,6 +1225,19 @@ class RedisBackend:
                 self._key_id,
             )
         self._foreign_key_id = shown
+
+    def _say_redis_lost_its_data(self) -> None:
+        """Log that Redis holds none of what every node records (the cluster key's id): it restarted
+        without its data, or was flushed. The reader (on a new connection) and the refresher both
+        look; one of them puts the record back, so this is said once a loss, or twice at worst."""
+        now = time.monotonic()
+        if now - self._loss_told_at > SESSION_TTL:
+            self._loss_told_at = now
+            log.error(
+                "Redis came back without its data (restarted without persistence, or flushed): history,"
+                " rooms and sessions are gone, and accounts kept there too (nobody can log in); restore"
+                " Redis from a backup, or the accounts with: python server.py import-users FILE --backend URL"
+            )
 
     def _restore_floors(self, client: redis.Redis | redis.client.Pipeline) -> None:
         """Raise Redis's message counter and the sequence numbers of the rooms this process has seen

@@ -471,3 +471,14 @@ def test_connections_that_closed_during_a_redis_outage_stop_counting_against_the
         except ChatError as refused:
             assert time.monotonic() < deadline, f"a connection closed during the outage still counts: {refused}"
             time.sleep(0.5)
+
+
+def test_a_redis_that_comes_back_without_its_data_is_said_to_have_lost_it(cluster, tmp_path, redis_server):
+    """Redis restarted without persistence (or flushed): every session ends, and the right password is
+    refused as a wrong one. The running nodes must say why, once, in their log."""
+    node = cluster.node(tmp_path / "node")
+    cluster.log_in("alice", node)
+    with redis.Redis.from_url(redis_server.url) as store:
+        store.flushall()
+        store.client_kill_filter(_type="normal", skipme=True)  # as a restart does: every link drops
+    _wait_for_log(node, "Redis came back without its data", TIMEOUT * 2)
