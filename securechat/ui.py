@@ -660,6 +660,8 @@ class BatchState:
     sessions: int = 0
     #: Why the session is over for good ("" while it is not).
     ended: str = ""
+    #: Whether the user was told ``ended`` already (the server's fatal error, printed as it came).
+    ended_told: bool = False
     #: Lines and commands the server refused: any makes the exit status 1 (as the client's own refusals do).
     refused: int = 0
 
@@ -747,12 +749,13 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
             state.sessions += online
             state.changed.notify_all()
 
-    def end_session(reason: str) -> None:
+    def end_session(reason: str, told: bool = False) -> None:
         with state.changed:
-            state.ended = reason
+            state.ended, state.ended_told = reason, told
             state.changed.notify_all()
 
     def print_events() -> None:
+        fatal = ""  # the server's last fatal error, printed as it came
         while True:
             ended: Disconnected | None = None
             for event in client.events():
@@ -763,6 +766,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 if isinstance(event, Chat) and event.ref:
                     continue  # the echo of a line of ours: stdout carries what others said
                 if isinstance(event, ErrorReply):
+                    fatal = event.message if event.fatal else fatal
                     with state.changed:
                         state.refused += 1
                 formatted = format_event(naming_the_line(client, event), style, client.username)
@@ -772,7 +776,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
             if ended is None or leaving.is_set():
                 return
             if ended.clean:  # the server said not to come back (say, we logged in elsewhere)
-                end_session(f"disconnected: {ended.reason}")
+                end_session(f"disconnected: {ended.reason}", told=bool(fatal) and ended.reason == fatal)
                 return
             set_online(False)  # before saying so: a line read after this message waits
             report(f"*** {lost(ended.reason)}")
@@ -819,12 +823,13 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
     parting = ""
     quitting = False
     failure = ""
+    failure_told = False
     try:
         while True:
             with state.changed:
                 state.changed.wait_for(ready)
                 if state.ended:
-                    failure = state.ended
+                    failure, failure_told = state.ended, state.ended_told
                     break
                 if not (state.online and state.pending):  # input ended with nothing left to send now
                     if not state.online:
@@ -862,7 +867,8 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
         state.ended = state.ended or "leaving"  # stops the input thread adding more
         state.changed.notify_all()
     if failure or (unsent and not quitting):
-        report(f"error: {failure or 'interrupted'}")
+        if not failure_told:  # (a fatal error from the server was printed as it came)
+            report(f"error: {failure or 'interrupted'}")
         # A line counts as sent once the server echoed it: those it never confirmed come first.
         for line in unconfirmed_lines(client) + unsent:
             report(f"not sent: {line}")

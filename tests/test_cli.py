@@ -390,6 +390,25 @@ def test_refusing_an_unknown_key_exits_with_an_error(chat_server, terminals, tmp
 # --------------------------------------------------------------------------- batch mode
 
 
+def test_a_script_whose_account_is_banned_while_it_runs_is_told_once(server_process, batch_clients, join, users_file):
+    server = server_process("--log-level", "WARNING", "--ping-interval", "1")  # accounts looked at often
+    carol = join("carol", server)
+    script = batch_clients(server, "alice", "--accept-new-host-key")
+    script.send("here for a while")
+    wait_for(carol, lambda event: isinstance(event, Chat) and event.text == "here for a while", timeout=START)
+    banned = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "ban", "alice", "testing", "--users", str(users_file)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert banned.returncode == 0, banned.stderr
+    script.stderr.wait_for(lambda lines: any("banned" in line for line in lines), TIMEOUT * 2, "the ban")
+    assert script.finish(TIMEOUT) == 1
+    told = [line for line in script.stderr.lines if "banned" in line]
+    assert told == ["error: this account is banned until lifted: testing"], script.stderr.lines
+
+
 def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batch_clients, join):
     carol = join("carol", chat_server)
     alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
