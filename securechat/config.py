@@ -438,7 +438,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if kind is float:
             value = float(value)
         elif kind is Path:
-            value = folder / value  # an absolute value stays as it is
+            value = Path(os.path.normpath(folder / value))  # an absolute value stays as it is; "a/../b" is "b"
         if problem := option_problem(spec, value):
             raise ConfigFileError(f"{path}: {shown}: {problem}")
         values[option_dest(spec)] = value

@@ -146,16 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             shown = hide_password(value) if spec.name == "backend" else str(value)
             print(f"error: {option_flag(spec)} {shlex.quote(shown)}: {problem}", file=sys.stderr)
             return EXIT_BAD_CONFIG
+    workers = 1 if worker else worker_count(config.workers)
+    if workers > 1 and config.backend == "memory":  # (before --print-config: what it prints must start)
+        print("error: --workers needs rooms the processes share: add --backend redis://HOST:PORT/DB", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     if args.print_config:
         print(config_to_toml(config), end="")
         return 0
-    workers = 1 if worker else worker_count(config.workers)
     if workers > 1:
-        if config.backend == "memory":
-            print(
-                "error: --workers needs rooms the processes share: add --backend redis://HOST:PORT/DB", file=sys.stderr
-            )
-            return EXIT_BAD_CONFIG
         return run_workers(config, workers, list(sys.argv[1:] if argv is None else argv))
     config.reuse_port = bool(worker)
     try:

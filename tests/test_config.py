@@ -92,7 +92,7 @@ def test_relative_paths_are_taken_from_the_files_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the file's folder
     values = read_config_file(Path("etc/chat.toml"))
     assert values["users"] == config.parent / "accounts.json"
-    assert values["data_dir"] == config.parent / "../var/data"
+    assert values["data_dir"] == tmp_path / "var" / "data"  # as --print-config shows it: no "etc/.."
     assert values["users"].is_absolute()
 
 
@@ -231,6 +231,12 @@ def test_print_config_prints_the_options_only_and_starts_nothing(tmp_path):
     fresh = tmp_path / "never made"
     assert run_server_py("--data-dir", str(fresh), "--print-config").returncode == 0
     assert not fresh.exists()
+    # What it prints is what would start: options that cannot are refused as a start refuses them.
+    refused = run_server_py("--workers", "2", "--print-config")
+    assert refused.returncode == 2 and refused.stdout == "", refused
+    assert (
+        refused.stderr.strip() == "error: --workers needs rooms the processes share: add --backend redis://HOST:PORT/DB"
+    )
 
 
 def test_an_account_command_after_config_uses_the_files_user_store(tmp_path, users_file):
