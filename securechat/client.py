@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -196,6 +196,8 @@ Event = (
 MAX_QUEUED_EVENTS = 10_000
 #: Refused lines (and joins) kept for the front end to ask about (``refused_text``, ``refused_join``).
 MAX_REFUSED_KEPT = 100
+#: How many private lines' ids a client keeps, to show none twice.
+MAX_PRIVATES_KEPT = 2000
 
 
 def _shown(value: object, limit: int = 300) -> str:
@@ -223,14 +225,15 @@ def default_known_hosts_path() -> Path:
     return Path(config_home) / "chat" / "known_hosts"
 
 
+Key = TypeVar("Key")
 Kept = TypeVar("Kept")
 
 
-def _remember(kept: dict[str, Kept], key: str, value: Kept) -> None:
-    """Keep ``value`` under ``key``, and at most ``MAX_REFUSED_KEPT`` entries: the oldest go (nobody asked)."""
+def _remember(kept: dict[Key, Kept], key: Key, value: Kept, most: int = MAX_REFUSED_KEPT) -> None:
+    """Keep ``value`` under ``key``, and at most ``most`` entries: the oldest go (nobody asked)."""
     kept.pop(key, None)
     kept[key] = value
-    if len(kept) > MAX_REFUSED_KEPT:
+    if len(kept) > most:
         del kept[next(iter(kept))]
 
 
@@ -417,6 +420,8 @@ class ChatClient:
         self.pending: dict[str, tuple[str, str]] = {}
         #: The text of the last lines the server refused, by ref, for ``refused_text``.
         self._refused: dict[str, str] = {}
+        #: The ids of the private lines shown lately (the reader's): a catch-up may send one again.
+        self._privates_seen: dict[int, None] = {}
         #: Joins not yet answered: ref -> (the room, the room lines went to before it).
         self._joining: dict[str, tuple[str, str]] = {}
         #: Joins refused, by ref, for ``refused_join``; and the room lines went to before each join.
@@ -1017,11 +1022,33 @@ class ChatClient:
         """Keep this client's view (rooms, members, what was seen) and return the events to hand on."""
         if isinstance(message, Batch):
             # Messages the server packed into one frame: each is handled as if it had come alone.
-            return [event for part in message.messages for event in self._track(part)]
+            events: list[Event] = []
+            shown_again = 0  # private lines of a catch-up this device has shown already
+            for part in message.messages:
+                tracked = self._track(part)
+                shown_again += isinstance(part, Chat) and part.private and not tracked
+                events += tracked
+            if shown_again:  # the catch-up's count is of the lines shown here; none left, no count
+                events = [
+                    replace(event, count=event.count - shown_again)
+                    if isinstance(event, History) and not event.room
+                    else event
+                    for event in events
+                ]
+                events = [
+                    event
+                    for event in events
+                    if not (isinstance(event, History) and not event.room and event.count <= 0)
+                ]
+            return events
         if isinstance(message, Joined):
             # Joins the server sent together while catching up: one event each, as if they came one by one.
             return [event for name in message.names for event in self._track(Notice("joined", name, room=message.room))]
         if isinstance(message, Chat):
+            if message.private and message.id:
+                if message.id in self._privates_seen:
+                    return []  # shown already: a catch-up of private lines looks back a little
+                _remember(self._privates_seen, message.id, None, MAX_PRIVATES_KEPT)
             self.last_id = max(self.last_id, message.id)
             if message.room and message.seq:
                 self.seen[message.room] = max(self.seen.get(message.room, 0), message.seq)

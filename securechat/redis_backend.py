@@ -93,6 +93,9 @@ READ_BLOCK_MS = 250
 READ_COUNT = 500
 #: The live feed of private lines keeps about this many entries (history is in the pair streams).
 PRIVATE_FEED_LENGTH = 10_000
+#: How many ids before the newest one a device saw its private catch-up looks (see private_since): a
+#: line lands late by the ids the other processes give in one round trip to Redis, far fewer.
+PRIVATE_LOOK_BACK = 1000
 NONCE_SIZE = 12
 #: Where a Redis URL with no port points.
 DEFAULT_REDIS_PORT = 6379
@@ -1397,11 +1400,19 @@ class RedisBackend:
         return self._events(room, list(reversed(newer))), over
 
     def private_since(self, account: str, after_id: int, limit: int) -> list[Chat]:
+        """The account's private lines numbered after ``after_id``, and those a little before it.
+
+        An id is taken before its line is appended, and when a process's proposal loses it appends
+        with an id set aside for it: a private line can land after a higher one was read (a room's
+        catch-up goes by its sequence numbers instead). So this looks ``PRIVATE_LOOK_BACK`` ids
+        further back; the client shows no private line twice.
+        """
+        lower = max(0, after_id - PRIVATE_LOOK_BACK) if after_id else 0
         pairs = sorted(_text(stream) for stream in self._call(self.redis.smembers, f"{PREFIX}pairs:{account}"))
         found: list[RoomEvent] = []
         for stream in pairs:
             entries = self._call(
-                self.redis.xrevrange, self._stream_key(stream), "+", f"{after_id + 1}-0", count=max(limit, 0)
+                self.redis.xrevrange, self._stream_key(stream), "+", f"{lower + 1}-0", count=max(limit, 0)
             )
             found += self._events(stream, list(reversed(entries)))
         chats = sorted((event for event in found if isinstance(event, Chat)), key=lambda event: event.id)

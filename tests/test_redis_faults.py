@@ -482,3 +482,67 @@ def test_a_redis_that_comes_back_without_its_data_is_said_to_have_lost_it(cluste
         store.flushall()
         store.client_kill_filter(_type="normal", skipme=True)  # as a restart does: every link drops
     _wait_for_log(node, "Redis came back without its data", TIMEOUT * 2)
+
+
+def test_a_private_line_numbered_below_a_room_line_already_seen_is_not_lost_at_resume(cluster, tmp_path):
+    """Ids are proposed by each process and, when a proposal loses, the next one is set aside for the
+    line: so a private line can land in its stream after a room line with a higher id was delivered.
+    Room catch-up goes by each room's sequence numbers for this reason; private catch-up goes by id
+    alone (``private_since``), and skips such a line for good."""
+    import threading
+
+    node = cluster.node(tmp_path / "node1")
+    alice, bob = cluster.log_in("alice", node), cluster.log_in("bob", node)
+    bob.say("a first line")
+    wait_for(alice, said("a first line"))
+    other = other_process(cluster.redis_url, tmp_path / "node1")  # carol's node
+    real_append = other._append
+    reserved, release = threading.Event(), threading.Event()
+    calls = []
+
+    def append(keys, args):
+        calls.append(args)
+        if len(calls) == 2:  # its first proposal lost; this is the id set aside for it
+            reserved.set()
+            assert release.wait(TIMEOUT * 2)
+        return real_append(keys=keys, args=args)
+
+    other._append = append
+    sending = threading.Thread(
+        target=other.publish_private,
+        args=(Chat(sender="carol", recipient="alice", text="carol's private line", sent_at=0.0),),
+    )
+    try:
+        sending.start()
+        reserved.wait(TIMEOUT)  # (a process that never loses a proposal goes straight on)
+        bob.say("a room line said meanwhile")
+        heard = wait_for(alice, said("a room line said meanwhile"))
+        drop(alice)
+        release.set()
+        sending.join(TIMEOUT)
+        assert not sending.is_alive()
+        assert heard.id > max((int(args[0]) for args in calls), default=0) or len(calls) < 2
+        events = come_back(alice)
+        kept = [line.text for line in other.private_recent("alice", 10)]
+    finally:
+        release.set()
+        other.close()
+    assert "carol's private line" in kept  # it was stored, and alice never saw it
+    assert any(said("carol's private line")(event) for event in events), events
+
+
+def test_a_private_line_seen_before_a_resume_is_not_shown_again(cluster, tmp_path):
+    """The private catch-up looks a little before the newest id the device saw (a line may land
+    late): what the device was shown already is not shown again, nor counted as caught up."""
+    from securechat.protocol import History
+
+    node = cluster.node(tmp_path / "node")
+    alice, bob = cluster.log_in("alice", node), cluster.log_in("bob", node)
+    bob.private("alice", "seen before the drop")
+    wait_for(alice, said("seen before the drop"))
+    drop(alice)
+    events = come_back(alice)
+    assert not [event for event in events if said("seen before the drop")(event)], events
+    assert not [event for event in events if isinstance(event, History) and not event.room], events
+    bob.private("alice", "after the resume")
+    wait_for(alice, said("after the resume"))
