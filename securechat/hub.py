@@ -718,7 +718,7 @@ class ChatHub:
         ban = self.room_state(room).ban_of(member.name)
         if ban is not None:
             raise HubError("banned", f"you are banned from {room} {_until(ban.until)}{_reason(ban.reason)}")
-        elsewhere = self.backend.members_elsewhere(room)
+        elsewhere: dict[str, int] = {}  # read once the room keeps for it what is announced meanwhile
         # A device catching up reads what it missed before entering (a disk read, never under the
         # room's lock); lines said meanwhile are in the room's recent lines, sent after these.
         missed: list[RoomEvent] = []
@@ -730,7 +730,7 @@ class ChatHub:
         if since > 0:
             missed, over = self.backend.history_since(room, since, self.config.catch_up_limit, after_seq=seen)
 
-        def welcome(roster: list[str], devices: list[int], recent: list[RoomEvent]) -> None:
+        def welcome(roster: list[str], devices: list[int], recent: list[RoomEvent], news: list[Notice]) -> None:
             roster, devices = _merged(roster, devices, elsewhere)
             # The room's whole entry is one queued item: a login entering 50 rooms queues 50, not
             # thousands (the queue's bound is counted in items), and the send worker packs them
@@ -769,11 +769,19 @@ class ChatHub:
                         more=_has_older(lines),
                     )
                 )
+            # Joins and leaves elsewhere announced as it came, that the roster read does not show.
+            entry.extend(
+                notice
+                for notice in news
+                if (notice.event == "joined") != (notice.name in roster) and notice.name != member.name
+            )
             member.deliver(Batch(messages=entry))
 
         local = self._room_to_enter(room)
         listed = registered = entered = False
         try:
+            local.expect(member)
+            elsewhere = self.backend.members_elsewhere(room)
             with self.sessions_lock:
                 rooms = self._session_rooms.get(member.session_id)
                 if rooms is None:  # the session ended meanwhile
@@ -789,6 +797,8 @@ class ChatHub:
                     break
                 except RoomRetired:  # its last session here left as this one came: a fresh room, then
                     local = self._room_to_enter(room)
+                    local.expect(member)
+                    elsewhere = self.backend.members_elsewhere(room)
             # Still listed: else it ended, or was taken out, as it came in (another device's /join
             # enters it from that device's thread).
             entered = self._in_room(member, room)

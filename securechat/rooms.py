@@ -95,7 +95,7 @@ class RoomRetired(Exception):
 class Welcome(Protocol):
     """Called by ``Room.join`` under the room's lock, as the session joins: a few queue puts."""
 
-    def __call__(self, roster: list[str], devices: list[int], recent: list[RoomEvent]) -> None: ...
+    def __call__(self, roster: list[str], devices: list[int], recent: list[RoomEvent], news: list[Notice]) -> None: ...
 
 
 class Room:
@@ -136,10 +136,13 @@ class Room:
         self.join_notice_rate = join_notice_rate
         self._clock = clock
         # Guards sessions, topic, _recent, _newest_id, _pending_joins, _join_timer, _last_join_notices,
-        # _announcing, _closed, _retired.
+        # _announcing, _closed, _retired, _entering.
         self.members_lock = threading.Lock()
         #: account name -> its sessions in this room, oldest first.
         self.sessions: dict[str, list[Member]] = {}
+        # Sessions about to join (``expect``) -> the joins and leaves on other server processes
+        # announced meanwhile: what the roster it is welcomed with may not show yet.
+        self._entering: dict[Member, list[Notice]] = {}
         self.topic = topic
         # The last lines said here (already numbered by the backend), oldest first.
         self._recent: deque[RoomEvent] = deque(recent or (), maxlen=max(0, recent_size))
@@ -172,6 +175,12 @@ class Room:
 
     # ------------------------------------------------------------------ membership
 
+    def expect(self, member: Member) -> None:
+        """``member`` is about to join: what is announced from other processes until then is kept for
+        its welcome (the roster the hub reads elsewhere from now on may or may not show it)."""
+        with self.members_lock:
+            self._entering.setdefault(member, [])
+
     def join(self, member: Member, welcome: Welcome | None = None, *, quiet: bool = False) -> bool:
         """Add a session; True if it is its account's first here (the others will hear of it).
 
@@ -189,9 +198,10 @@ class Room:
             first = not sessions
             if all(existing is not member for existing in sessions):
                 sessions.append(member)
+            news = self._entering.pop(member, [])
             if welcome is not None:
                 roster = sorted(self.sessions)
-                welcome(roster, [len(self.sessions[name]) for name in roster], list(self._recent))
+                welcome(roster, [len(self.sessions[name]) for name in roster], list(self._recent), news)
             if not first or self._closed or quiet:
                 return first
             self._pending_joins.append(member.name)
@@ -212,6 +222,7 @@ class Room:
         # of a join after it hears it left (a /part).
         self._announced_before(member.name, any_round=True)
         with self.members_lock:
+            self._entering.pop(member, None)  # (it never got in)
             sessions = self.sessions.get(member.name)
             if not sessions or all(existing is not member for existing in sessions):
                 return False
@@ -283,6 +294,9 @@ class Room:
         """A notice to everyone here, not kept: a join or leave on another server process, or ``announce``'s."""
         with self.members_lock:
             everyone = self._everyone()
+            if notice.event in ("joined", "left"):
+                for news in self._entering.values():
+                    news.append(notice)
         for member in everyone:
             member.deliver(notice)
 

@@ -229,7 +229,7 @@ def say(room, sender, text):
 def roster_of(room, member):
     """Join ``member`` and return the roster its welcome was given."""
     seen = []
-    room.join(member, welcome=lambda roster, devices, recent: seen.append(roster))
+    room.join(member, welcome=lambda roster, devices, recent, news: seen.append(roster))
     return seen[0]
 
 
@@ -362,10 +362,10 @@ def test_rounds_of_join_notices_are_spaced_by_the_size_of_the_room():
 def test_the_welcome_roster_is_taken_as_the_member_joins_and_comes_first():
     room = new_room(join_notice_delay=60)
     old = Listener("old")
-    room.join(old, welcome=lambda roster, devices, recent: old.deliver(("welcome", roster)))
+    room.join(old, welcome=lambda roster, devices, recent, news: old.deliver(("welcome", roster)))
     room.send_join_notices()
     new = Listener("new")
-    room.join(new, welcome=lambda roster, devices, recent: new.deliver(("welcome", roster)))
+    room.join(new, welcome=lambda roster, devices, recent, news: new.deliver(("welcome", roster)))
     say(room, old, "hello")  # reaches new after its welcome, never before
     assert new.received[0] == ("welcome", ["new", "old"])
     assert isinstance(new.received[1], Chat) and new.joins() == []

@@ -546,3 +546,55 @@ def test_a_private_line_seen_before_a_resume_is_not_shown_again(cluster, tmp_pat
     assert not [event for event in events if isinstance(event, History) and not event.room], events
     bob.private("alice", "after the resume")
     wait_for(alice, said("after the resume"))
+
+
+def test_someone_joining_on_another_node_as_one_enters_is_heard_of(redis_server):
+    """Alice's node reads who is in the room on the other nodes, then puts her in it: bob joining on
+    his node in between (after that read, his notice handed over before she was in) was neither in
+    her roster nor told to her, and her client never listed him."""
+    import threading
+
+    from test_redis import hub_on, wait_until
+
+    from securechat.redis_backend import RedisBackend
+
+    key = b"k" * 32
+    heard = threading.Event()
+
+    class BobComesMeanwhile(RedisBackend):
+        armed = False
+
+        def members_elsewhere(self, room):
+            found = super().members_elsewhere(room)
+            if self.armed and room == "#r":
+                self.armed = False
+                hub_b.join(bob, "#r")  # his node announces him: nobody from there is in #r yet
+                assert heard.wait(TIMEOUT)  # and alice's node has handed the notice over
+            return found
+
+    first, second = BobComesMeanwhile(redis_server.url, key), RedisBackend(redis_server.url, key)
+    hub_a, (alice, carol) = hub_on(first, "alice", "carol")
+    hub_b, (bob,) = hub_on(second, "bob")
+    on_presence = hub_a.on_presence
+
+    def presence(room, notice) -> None:
+        on_presence(room, notice)
+        if room == "#r" and notice.name == "bob":
+            heard.set()
+
+    hub_a.on_presence = presence  # type: ignore[method-assign]
+    try:
+        hub_a.join(carol, "#r")  # the room is read on alice's node already
+        first.armed = True
+        hub_a.join(alice, "#r")
+        wait_until(lambda: heard.is_set())
+        told = [
+            message
+            for item in alice.received
+            for message in (item.messages if hasattr(item, "messages") else [item])
+            if isinstance(message, Notice) and message.room == "#r" and message.name == "bob"
+        ]
+        assert [notice.event for notice in told] == ["joined"], alice.received
+    finally:
+        hub_a.close()
+        hub_b.close()
