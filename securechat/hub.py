@@ -320,8 +320,15 @@ class ChatHub:
         """Someone joined or left ``room`` on another server process: told to this process's members
         (unless the account is here too, on a device of this process: then nothing changed for them)."""
         local = self._local_room(room, create=False)
-        if local is not None and not local.sessions_of(notice.name):
+        if local is None:
+            return
+        if not local.sessions_of(notice.name):
             local.announce_notice(notice)
+        elif notice.event == "left":
+            # The others were told it left, and it is here: its entries lapsed while this process
+            # could not refresh them (cut off from Redis for a while), and another node swept them.
+            # They come back with the next refresh; the rooms elsewhere hear it is back now.
+            self.backend.announce(room, Notice(event="joined", name=notice.name, room=room))
 
     def on_account_changed(self, account: str) -> None:
         """Another process changed ``account`` (its record, or what it ignores): drop the copy of its

@@ -598,3 +598,34 @@ def test_someone_joining_on_another_node_as_one_enters_is_heard_of(redis_server)
     finally:
         hub_a.close()
         hub_b.close()
+
+
+def test_a_member_swept_away_while_its_node_could_not_refresh_is_heard_of_again(redis_server):
+    """A node cut off from Redis for longer than its roster entries last keeps its sessions; another
+    node takes the lapsed entries for a dead node's and tells the room they left. They have not: the
+    room must hear they are back."""
+    from test_redis import hub_on, wait_until
+
+    from securechat.redis_backend import RedisBackend
+
+    key = b"k" * 32
+    first, second = RedisBackend(redis_server.url, key), RedisBackend(redis_server.url, key)
+    hub_a, (alice,) = hub_on(first, "alice")
+    hub_b, _ = hub_on(second, "bob")
+    try:
+        with redis.Redis.from_url(redis_server.url) as store:
+            _age(store, "chat:roster:#lobby", "bob")  # what 30 s without a refresh leaves
+        first._sweep_rosters()  # what alice's node does every 10 s
+
+        def heard() -> list[str]:
+            return [
+                message.event
+                for item in alice.received
+                for message in (item.messages if hasattr(item, "messages") else [item])
+                if isinstance(message, Notice) and message.name == "bob" and message.room == "#lobby"
+            ]
+
+        wait_until(lambda: heard()[-1:] == ["joined"] and "left" in heard())
+    finally:
+        hub_a.close()
+        hub_b.close()
