@@ -66,7 +66,7 @@ PING_FRAME = Ping().encode()
 PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
 FINISH_GRACE = 5.0
-#: Seconds a /quit waits for the echoes of the session's own lines: with several server processes a
+#: Seconds a /quit or /part waits for the echoes of the session's own lines: with several server processes a
 #: line is echoed once this process reads it back from the broker, and the client counts a line with
 #: no echo as not sent.
 ECHO_WAIT = 2.0
@@ -436,8 +436,7 @@ class ClientConnection:
             self.deliver(TokenRefresh(token=token, expires_at=expires_at))
         if isinstance(message, Leave):
             self.parting_message = sanitize_text(message.reason.strip())[:MAX_REASON_CHARS]
-            with self._echoes_due:  # the goodbye after every echo of a line accepted before it
-                self._echoes_due.wait_for(lambda: self._unechoed <= 0, ECHO_WAIT)
+            self._wait_for_echoes()  # the goodbye after every echo of a line accepted before it
             # Finishing first marks us closing, so the keepalive will not try to refresh a
             # token of the session being revoked (and lose the goodbye and parting message).
             goodbye = "bye"
@@ -448,6 +447,8 @@ class ClientConnection:
                 goodbye = "bye; but the server could not record that this session ended: tell its operator"
             self.finish("quit", Goodbye(reason=goodbye))
             return
+        if isinstance(message, Command) and message.name == "part":
+            self._wait_for_echoes()  # out of the room, a line's echo read back later would not reach it
         ref = getattr(message, "ref", "")
         counted = isinstance(message, Say | Private) and bool(ref)
         if counted:  # counted before it can be echoed, and given back if it is refused
@@ -474,6 +475,11 @@ class ClientConnection:
             if counted and not accepted:
                 with self._echoes_due:
                     self._unechoed -= 1
+
+    def _wait_for_echoes(self) -> None:
+        """Wait (up to ``ECHO_WAIT``) until every line this session had accepted is echoed (reader thread)."""
+        with self._echoes_due:
+            self._echoes_due.wait_for(lambda: self._unechoed <= 0, ECHO_WAIT)
 
     def _dispatch(self, message: Authenticated) -> None:
         """Run one request of a logged-in user; a refusal raises ``HubError``."""

@@ -267,17 +267,17 @@ class Room:
 
     def deliver_published(
         self, message: RoomEvent, origin_session: str = "", ref: str = "", skip_accounts: frozenset[str] = frozenset()
-    ) -> None:
+    ) -> bool:
         """Hand a numbered line (or topic change) to every local session here, and remember it.
 
         The session it came from (``origin_session``) gets its own copy carrying
         ``ref``: the echo that tells it the line was accepted. Every session of every
         account here gets it, the sender's other devices included, but for ``skip_accounts``
-        (those who ignore the sender).
+        (those who ignore the sender). Returns whether the session it came from was here for it.
         """
         with self.members_lock:
             if message.id and message.id <= self._newest_id:
-                return  # had already (loaded with the recent lines as this room was made)
+                return True  # had already (loaded with the recent lines as this room was made)
             self._newest_id = max(self._newest_id, message.id)
             if isinstance(message, Notice) and message.event == "topic":
                 self.topic = message.text
@@ -285,10 +285,14 @@ class Room:
                 self._recent.append(message)
             recipients = self._everyone()
         echo = replace(message, ref=ref) if ref and isinstance(message, Chat) else message
+        origin_here = False
         for recipient in recipients:
-            if skip_accounts and recipient.name in skip_accounts:
-                continue
-            recipient.deliver(echo if recipient.session_id == origin_session else message)
+            if recipient.session_id == origin_session:
+                origin_here = True
+                recipient.deliver(echo)
+            elif not (skip_accounts and recipient.name in skip_accounts):
+                recipient.deliver(message)
+        return origin_here
 
     def announce_notice(self, notice: Notice) -> None:
         """A notice to everyone here, not kept: a join or leave on another server process, or ``announce``'s."""
