@@ -421,7 +421,9 @@ class ChatClient:
         #: The text of the last lines the server refused, by ref, for ``refused_text``.
         self._refused: dict[str, str] = {}
         #: The ids of the private lines shown lately (the reader's): a catch-up may send one again.
+        #: And how many of the catch-up now coming in were dropped so (its HISTORY counts them).
         self._privates_seen: dict[int, None] = {}
+        self._private_repeats = 0
         #: Joins not yet answered: ref -> (the room, the room lines went to before it).
         self._joining: dict[str, tuple[str, str]] = {}
         #: Joins refused, by ref, for ``refused_join``; and the room lines went to before each join.
@@ -716,6 +718,7 @@ class ChatClient:
         self.username = message.username
         self.channel.username = message.username
         self.session = message.session
+        self._private_repeats = 0  # (the reader is not running: a new session's catch-up is next)
         #: When the account was last online before this login (0: unknown, or another device was on).
         self.away_since = message.away_since
         if message.device_token and self.device_tokens is not None:  # unsaved, the next login is merely throttled
@@ -1022,32 +1025,17 @@ class ChatClient:
         """Keep this client's view (rooms, members, what was seen) and return the events to hand on."""
         if isinstance(message, Batch):
             # Messages the server packed into one frame: each is handled as if it had come alone.
-            events: list[Event] = []
-            shown_again = 0  # private lines of a catch-up this device has shown already
-            for part in message.messages:
-                tracked = self._track(part)
-                shown_again += isinstance(part, Chat) and part.private and not tracked
-                events += tracked
-            if shown_again:  # the catch-up's count is of the lines shown here; none left, no count
-                events = [
-                    replace(event, count=event.count - shown_again)
-                    if isinstance(event, History) and not event.room
-                    else event
-                    for event in events
-                ]
-                events = [
-                    event
-                    for event in events
-                    if not (isinstance(event, History) and not event.room and event.count <= 0)
-                ]
-            return events
+            return [event for part in message.messages for event in self._track(part)]
         if isinstance(message, Joined):
             # Joins the server sent together while catching up: one event each, as if they came one by one.
             return [event for name in message.names for event in self._track(Notice("joined", name, room=message.room))]
         if isinstance(message, Chat):
             if message.private and message.id:
                 if message.id in self._privates_seen:
-                    return []  # shown already: a catch-up of private lines looks back a little
+                    # Shown already: a catch-up of private lines looks back a little. Its HISTORY,
+                    # after its lines (in this frame or a later one), counts only those shown.
+                    self._private_repeats += message.history
+                    return []
                 _remember(self._privates_seen, message.id, None, MAX_PRIVATES_KEPT)
             self.last_id = max(self.last_id, message.id)
             if message.room and message.seq:
@@ -1088,6 +1076,9 @@ class ChatClient:
                 partial.extend(message.members)
                 if not message.more:
                     self.rooms[message.room] = sorted(self._roster_pages.pop(message.room))
+        elif isinstance(message, History) and not message.room and self._private_repeats:
+            count, self._private_repeats = message.count - self._private_repeats, 0
+            return [replace(message, count=count)] if count > 0 else []
         elif isinstance(message, ErrorReply) and message.ref:
             self._forget_ref(message.ref, refused=True)
             self._join_answered(ref=message.ref)

@@ -390,7 +390,8 @@ class ChatHub:
             accounts = list(self._local)
         for account in accounts:
             for line in self.backend.private_since(account, after_id, self.config.catch_up_limit):
-                if not before_id or line.id < before_id:
+                # Between the two exactly: what the backend adds from before after_id was handed over.
+                if after_id < line.id and (not before_id or line.id < before_id):
                     self.on_private(account, line, "", "")
 
     def on_private(self, account: str, message: Chat, origin_session: str, ref: str) -> None:

@@ -94,8 +94,9 @@ READ_COUNT = 500
 #: The live feed of private lines keeps about this many entries (history is in the pair streams).
 PRIVATE_FEED_LENGTH = 10_000
 #: How many ids before the newest one a device saw its private catch-up looks (see private_since): a
-#: line lands late by the ids the other processes give in one round trip to Redis, far fewer.
-PRIVATE_LOOK_BACK = 1000
+#: line lands late by the ids the other processes give in one round trip to Redis, far fewer. The
+#: lines of this account among them are sent again, and the client drops those it showed.
+PRIVATE_LOOK_BACK = 100
 NONCE_SIZE = 12
 #: Where a Redis URL with no port points.
 DEFAULT_REDIS_PORT = 6379
