@@ -179,12 +179,15 @@ class ChatServer:
         )
         # Seals and sends for every logged-in connection (see outbound.py).
         self.send_pool = SendPool(config.send_workers)
-        # Guards connections, connections_per_address, _connections_shared and _logging_in.
+        # Guards connections, connections_per_address, _connections_shared, _connections_unshared and
+        # _logging_in.
         self.connections_lock = threading.Lock()
         self.connections: set[ClientConnection] = set()
         self.connections_per_address: Counter[str] = Counter()
-        # How many times this node told Redis its count of an address: each telling's version.
+        # How many times this node told Redis its count of an address: each telling's version; and the
+        # addresses whose last telling failed (Redis away), told again by the keepalive.
         self._connections_shared = 0
+        self._connections_unshared: set[str] = set()
         # Connections that have not sent their login yet, oldest first (a dict keeps the order).
         self._logging_in: dict[ClientConnection, None] = {}
         # Idle connections may take at most half the server, and half of one address's share.
@@ -508,7 +511,23 @@ class ChatServer:
             count = self.connections_per_address[address]
             self._connections_shared += 1
             version = self._connections_shared
-        return shared.share(address, count, version)
+        total = shared.share(address, count, version)
+        with self.connections_lock:
+            if total is None:  # told again once Redis is back (the keepalive), wherever the address goes
+                if len(self._connections_unshared) < MAX_TRACKED_ADDRESSES:
+                    self._connections_unshared.add(address)
+            else:
+                self._connections_unshared.discard(address)
+        return total
+
+    def _share_again(self) -> None:
+        """Tell Redis the counts of the addresses whose last telling failed (keepalive thread): a
+        connection that closed meanwhile must stop counting on the other nodes too."""
+        with self.connections_lock:
+            unshared = list(self._connections_unshared)
+        for address in unshared:
+            if self._share_connections(address) is None:
+                return  # Redis is still away
 
     def forget(self, connection: ClientConnection) -> None:
         """Drop a finished connection from the books (called by its reader thread)."""
@@ -535,6 +554,7 @@ class ChatServer:
     def _keepalive_pass(self) -> None:
         self.hub.forget_idle_flood_buckets()  # accounts quiet long enough have nothing to remember
         self.tokens.forget_expired()
+        self._share_again()
         now = time.monotonic()
         with self.connections_lock:
             connections = [c for c in self.connections if c.in_room]

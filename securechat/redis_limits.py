@@ -89,7 +89,9 @@ for i = 1, #entries, 2 do
     redis.call('HDEL', KEYS[1], entries[i])
   end
 end
-redis.call('EXPIRE', KEYS[1], 7 * 86400)
+-- Kept while connections are held (a week at most); an address with none left goes a minute on,
+-- long enough for a late write of a process not to come back as a newer one.
+redis.call('EXPIRE', KEYS[1], total > 0 and 7 * 86400 or 60)
 return total
 """
 
