@@ -252,18 +252,22 @@ return 1
 """
 
 # Takes the lapsed entries (a node that died without a word) out of a room's roster, in one step, so
-# that one process alone tells the room who left. KEYS: the roster. ARGV: now. Returns the accounts
-# that had lapsed entries and have no live one left. A damaged entry goes too.
+# that one process alone tells the room who left; and only if no process swept the room in the last
+# ARGV[2] seconds (a room is read by every node with members in it: one sweep a period is enough).
+# KEYS: the roster, the room's "swept lately" mark. ARGV: now, the period, how long after lapsing an
+# entry is too old to tell of (nobody in the room then saw it). Returns the accounts that had lapsed
+# entries and have no live one left. A damaged entry goes too.
 _SWEEP_ROSTER = """
-local gone, live = {}, {}
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return {} end
+local now, gone, live = tonumber(ARGV[1]), {}, {}
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
   local ok, info = pcall(cjson.decode, entries[i + 1])
   if not ok or type(info) ~= 'table' or type(info.account) ~= 'string' or type(info.expires) ~= 'number' then
     redis.call('HDEL', KEYS[1], entries[i])
-  elseif info.expires < tonumber(ARGV[1]) then
+  elseif info.expires < now then
     redis.call('HDEL', KEYS[1], entries[i])
-    gone[info.account] = true
+    if info.expires >= now - tonumber(ARGV[3]) then gone[info.account] = true end
   else
     live[info.account] = true
   end
@@ -1198,18 +1202,23 @@ class RedisBackend:
         with self._watch_lock:
             rooms = list(self._watched)
         subscriber = self._subscriber
-        for room in rooms:
-            try:
-                gone = [
-                    _text(account)
-                    for account in self._sweep_roster(keys=[self._roster_key(room)], args=[self._clock()])
-                ]
-            except redis.exceptions.RedisError as exc:
-                self._note_problem(exc)
-                return
-            if gone and subscriber is not None:
+        if not rooms or subscriber is None:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:  # one round trip, however many rooms
+                for room in rooms:
+                    keys = [self._roster_key(room), f"{PREFIX}swept:{room}"]
+                    self._sweep_roster(
+                        keys=keys, args=[self._clock(), max(1, round(SESSION_REFRESH)), 2 * SESSION_TTL], client=pipe
+                    )
+                answers = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            return
+        for room, gone in zip(rooms, answers, strict=True):
+            if gone:
                 with _guarded(f"who left {room}"):
-                    subscriber.on_members_gone(room, gone)
+                    subscriber.on_members_gone(room, [_text(account) for account in gone])
 
     def _check_recorded_key(self, recorded: bytes | None) -> None:
         """Say loudly if Redis names another cluster key than this process's. After Redis lost its
