@@ -784,12 +784,10 @@ class ChatHub:
                         more=_has_older(lines),
                     )
                 )
-            # Joins and leaves elsewhere announced as it came, that the roster read does not show.
-            entry.extend(
-                notice
-                for notice in news
-                if (notice.event == "joined") != (notice.name in roster) and notice.name != member.name
-            )
+            # Joins and leaves elsewhere announced as it came: each name's last one, where the roster
+            # read says otherwise.
+            last = {notice.name: notice for notice in news if notice.name != member.name}
+            entry.extend(notice for notice in last.values() if (notice.event == "joined") != (notice.name in roster))
             member.deliver(Batch(messages=entry))
 
         local = self._room_to_enter(room)
