@@ -438,7 +438,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if kind is float:
             value = float(value)
         elif kind is Path:
-            value = Path(os.path.normpath(folder / value))  # an absolute value stays as it is; "a/../b" is "b"
+            # An absolute value stays as it is. Resolved as the system would ("link/.." is the link's
+            # target's parent), so --print-config shows no "dir/..".
+            value = (folder / value).resolve()
         if problem := option_problem(spec, value):
             raise ConfigFileError(f"{path}: {shown}: {problem}")
         values[option_dest(spec)] = value
