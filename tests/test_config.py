@@ -312,3 +312,21 @@ def test_backend_urls_the_redis_client_takes_are_not_refused(url):
     from securechat.config import check_backend
 
     check_backend(url)
+
+
+def test_a_relative_path_in_a_config_file_reached_through_a_symlink_names_what_it_did(tmp_path):
+    """Paths of a config file are now normalized as text ("a/../b" is "b"), which is not what the
+    system does when "a" is a symbolic link: a config in a linked folder (/etc/securechat -> the
+    checkout of a config repository) with ``data-dir = "../data"`` now names another folder, and the
+    server starts there with a fresh server key and token secret (every client warned of a changed
+    key), or an empty history."""
+    from securechat.config import read_config_file
+
+    real = tmp_path / "srv" / "chat" / "conf"
+    real.mkdir(parents=True)
+    (tmp_path / "srv" / "chat" / "users.json").write_text("{}")
+    (real / "chat.toml").write_text('users = "../users.json"\n')
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "securechat").symlink_to(real)
+    users = read_config_file(tmp_path / "etc" / "securechat" / "chat.toml")["users"]
+    assert Path(users).exists(), f"{users} is not the file the config named"

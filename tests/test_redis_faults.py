@@ -6,15 +6,25 @@ on a ``RedisBackend`` in this process beside them, as ``test_redis.py`` does.
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import TIMEOUT, assert_a_notice_said_while_offline_is_not_counted_as_lost, drain, password_of, wait_for
-from test_redis import Cluster, client_of, entered, said, two_nodes
+from conftest import (
+    TIMEOUT,
+    assert_a_notice_said_while_offline_is_not_counted_as_lost,
+    drain,
+    password_of,
+    wait_for,
+    wait_until,
+)
+from test_redis import Cluster, client_of, entered, hub_on, said, two_nodes
 
 from securechat.client import Disconnected
-from securechat.protocol import Chat, Notice
+from securechat.protocol import Chat, Notice, Roster
 
 
 @pytest.fixture
@@ -41,7 +51,7 @@ def stop(node) -> None:
     """SIGSTOP a node and wait until every thread of it is stopped (then it reads nothing more)."""
     import signal
 
-    from conftest import process_state, wait_until
+    from conftest import process_state
 
     node.process.send_signal(signal.SIGSTOP)
     tasks = Path(f"/proc/{node.process.pid}/task")
@@ -70,7 +80,7 @@ def other_process(redis_url: str, data_dir: Path):
 def test_a_private_line_that_arrives_while_a_device_logs_in_is_shown_once(redis_server):
     """A session is registered for live private lines at the start of ``enter_rooms`` and reads its
     private catch-up at the end: a private line from another node in between comes both ways."""
-    from test_redis import Session, wait_until
+    from test_redis import Session
 
     from securechat.hub import ChatHub
     from securechat.redis_backend import RedisBackend
@@ -378,8 +388,6 @@ def test_two_ops_changing_a_rooms_modes_at_once_on_two_nodes_keep_both_changes(r
     history). Here bob's +m on one node, read before alice's +i on the other, must not undo it."""
     import threading
 
-    from test_redis import hub_on, wait_until
-
     from securechat.hub import HubError
     from securechat.redis_backend import RedisBackend
     from securechat.roomstate import MODES_KEY
@@ -416,8 +424,12 @@ def test_two_ops_changing_a_rooms_modes_at_once_on_two_nodes_keep_both_changes(r
         hub_a.mode(alice, "#r", "+i")
         second.release.set()
         changing.join(TIMEOUT)
-        told = [m.text for m in alice.received if isinstance(m, Notice) and m.event == "moderation"]
-        assert any("+i" in text for text in told) and any("+m" in text for text in told), told
+
+        def told() -> list[str]:
+            return [m.text for m in alice.received if isinstance(m, Notice) and m.event == "moderation"]
+
+        # (bob's change reaches alice's node through Redis: a moment later)
+        wait_until(lambda: any("+i" in text for text in told()) and any("+m" in text for text in told()))
         wait_until(lambda: set(hub_a.room_state("#r").modes) >= {"m"})
         with pytest.raises(HubError, match="invite-only"):
             hub_a.join(carol, "#r")
@@ -554,8 +566,6 @@ def test_someone_joining_on_another_node_as_one_enters_is_heard_of(redis_server)
     her roster nor told to her, and her client never listed him."""
     import threading
 
-    from test_redis import hub_on, wait_until
-
     from securechat.redis_backend import RedisBackend
 
     key = b"k" * 32
@@ -600,32 +610,361 @@ def test_someone_joining_on_another_node_as_one_enters_is_heard_of(redis_server)
         hub_b.close()
 
 
-def test_a_member_swept_away_while_its_node_could_not_refresh_is_heard_of_again(redis_server):
-    """A node cut off from Redis for longer than its roster entries last keeps its sessions; another
-    node takes the lapsed entries for a dead node's and tells the room they left. They have not: the
-    room must hear they are back."""
-    from test_redis import hub_on, wait_until
+def _flat(received: list[object]) -> list[object]:
+    """What a hub handed one session, with its batches opened."""
+    return [message for item in received for message in (item.messages if hasattr(item, "messages") else [item])]
 
+
+def _sees(received: list[object], room: str, name: str, present: bool) -> bool:
+    """Whether a client that got ``received`` (rosters, then joins and leaves, in order) lists
+    ``name`` in ``room``; ``present`` is what it believed before these."""
+    for message in _flat(received):
+        if isinstance(message, Roster) and message.room == room:
+            present = name in message.members
+        elif isinstance(message, Notice) and message.room == room and message.name == name:
+            if message.event == "joined":
+                present = True
+            elif message.event == "left":
+                present = False
+    return present
+
+
+# ---------------------------------------------------------------------------------------------------
+# The roster sweep (_SWEEP_ROSTER, on_members_gone)
+
+
+def test_a_node_that_missed_its_refreshes_for_a_while_does_not_leave_its_users_gone_for_good(redis_server, monkeypatch):
+    """A node whose refresher is held past SESSION_TTL (Redis away or LOADING for 30 s, a VM paused,
+    a process starved) keeps its users; the others' sweep finds their roster entries lapsed and tells
+    every room they left ("connection lost"). The node then writes its entries back in silence: no
+    "joined" ever follows, so every client elsewhere lists them as gone for good while they talk on.
+    After a Redis outage longer than 30 s the first node to refresh does this to the users of every
+    other node at once."""
+    import securechat.redis_backend as redis_backend
+    from securechat.redis_backend import RedisBackend
+
+    monkeypatch.setattr(redis_backend, "SESSION_REFRESH", 0.3)  # the sweep and refresh, without the 10 s wait
+    key = b"k" * 32
+
+    class Held(RedisBackend):
+        """A node whose refresher can be held (the test's stand-in for 30 s without Redis)."""
+
+        holding = threading.Event()
+        inside = threading.Event()
+        released = threading.Event()
+
+        def _roster_entry(self, account):
+            if self.holding.is_set() and threading.current_thread().name == "redis-presence":
+                self.inside.set()
+                self.released.wait(TIMEOUT * 4)
+            return super()._roster_entry(account)
+
+    hub_a, (alice,) = hub_on(RedisBackend(redis_server.url, key), "alice")
+    hub_b, _ = hub_on(Held(redis_server.url, key), "bob")  # bob, on the node that will lag
+    store = redis.Redis.from_url(redis_server.url)
+    try:
+        wait_until(lambda: _sees(alice.received, "#lobby", "bob", False))
+        mark = len(alice.received)
+        Held.holding.set()
+        assert Held.inside.wait(TIMEOUT)  # bob's node refreshes nothing from here
+        for field, value in store.hgetall("chat:roster:#lobby").items():  # ... for longer than SESSION_TTL
+            record = json.loads(value)
+            if record["account"] == "bob":
+                record["expires"] = time.time() - 1
+                store.hset("chat:roster:#lobby", field, json.dumps(record))
+        # Alice's node sweeps every SESSION_REFRESH: give it a few rounds.
+        deadline = time.monotonic() + 10 * redis_backend.SESSION_REFRESH
+        while time.monotonic() < deadline and _sees(alice.received[mark:], "#lobby", "bob", True):
+            time.sleep(0.05)
+        Held.holding.clear()
+        Held.released.set()  # bob's node is back; bob never left
+
+        def bob_listed_again() -> bool:
+            entries = [json.loads(value) for value in store.hvals("chat:roster:#lobby")]
+            return any(entry["account"] == "bob" and entry["expires"] > time.time() + 5 for entry in entries)
+
+        wait_until(bob_listed_again)  # written back by his node's refresher
+        deadline = time.monotonic() + TIMEOUT
+        while not _sees(alice.received[mark:], "#lobby", "bob", True):
+            assert time.monotonic() < deadline, (
+                "alice was told bob left and never that he is back: "
+                f"{[m for m in _flat(alice.received[mark:]) if isinstance(m, Notice)]}"
+            )
+            time.sleep(0.05)
+    finally:
+        Held.released.set()
+        store.close()
+        hub_a.close()
+        hub_b.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The welcome's news (Room.expect)
+
+
+@pytest.mark.parametrize("order", ["joined-then-left", "left-then-joined"])
+def test_someone_joining_and_leaving_elsewhere_as_one_enters_is_shown_as_they_end(redis_server, order):
+    """The welcome filters each join or leave heard while the session entered against the roster
+    read, one notice at a time: with two notices of one name (a /part and /join, a link that drops
+    and comes back, a join and a quick leave) it keeps the one that disagrees with the roster, which
+    is the older one. Alice's client then lists bob when he is gone, or drops him while he is there,
+    until he next joins or leaves."""
     from securechat.redis_backend import RedisBackend
 
     key = b"k" * 32
-    first, second = RedisBackend(redis_server.url, key), RedisBackend(redis_server.url, key)
-    hub_a, (alice,) = hub_on(first, "alice")
-    hub_b, _ = hub_on(second, "bob")
+    heard: list[str] = []
+
+    class BobMovesMeanwhile(RedisBackend):
+        armed = False
+
+        def members_elsewhere(self, room):
+            if self.armed and room == "#r":
+                self.armed = False
+                moves = ["join", "part"] if order == "joined-then-left" else ["part", "join"]
+                for move in moves:
+                    getattr(hub_b, move)(bob, "#r")
+                wait_until(lambda: len(heard) == 2)  # alice's node has both notices as she enters
+            return super().members_elsewhere(room)
+
+    first, second = BobMovesMeanwhile(redis_server.url, key), RedisBackend(redis_server.url, key)
+    hub_a, (alice, carol) = hub_on(first, "alice", "carol")
+    hub_b, (bob,) = hub_on(second, "bob")
+    on_presence = hub_a.on_presence
+
+    def presence(room, notice) -> None:
+        on_presence(room, notice)
+        if room == "#r" and notice.name == "bob":
+            heard.append(notice.event)
+
+    hub_a.on_presence = presence  # type: ignore[method-assign]
     try:
-        with redis.Redis.from_url(redis_server.url) as store:
-            _age(store, "chat:roster:#lobby", "bob")  # what 30 s without a refresh leaves
-        first._sweep_rosters()  # what alice's node does every 10 s
-
-        def heard() -> list[str]:
-            return [
-                message.event
-                for item in alice.received
-                for message in (item.messages if hasattr(item, "messages") else [item])
-                if isinstance(message, Notice) and message.name == "bob" and message.room == "#lobby"
-            ]
-
-        wait_until(lambda: heard()[-1:] == ["joined"] and "left" in heard())
+        hub_a.join(carol, "#r")  # the room is read on alice's node already
+        if order == "left-then-joined":
+            hub_b.join(bob, "#r")
+            wait_until(lambda: heard == ["joined"])
+            heard.clear()
+        mark = len(alice.received)
+        first.armed = True
+        hub_a.join(alice, "#r")
+        there = order == "left-then-joined"  # where bob is once alice is in
+        assert set(hub_a.backend.members_elsewhere("#r")) == ({"bob"} if there else set())
+        shown = [m for m in _flat(alice.received[mark:]) if isinstance(m, Notice | Roster)]
+        assert _sees(alice.received[mark:], "#r", "bob", False) == there, shown
     finally:
         hub_a.close()
         hub_b.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The per-address connection count (redis_limits._COUNT)
+
+
+def _connections_key(data_dir: Path, address: str) -> str:
+    """The key the nodes count ``address``'s connections under (SharedConnectionCount._key)."""
+    import hashlib
+    import hmac
+
+    cluster_key = bytes.fromhex((data_dir / "cluster_key").read_text())
+    throttle_key = hashlib.sha256(b"chat throttle keys\0" + cluster_key).digest()
+    digest = hmac.new(throttle_key, f"connections\0{address}".encode(), hashlib.sha256)
+    return f"chat:connections:{digest.hexdigest()[:32]}"
+
+
+def test_an_address_with_no_connection_left_leaves_no_key_in_redis_for_a_week(cluster, tmp_path, redis_server):
+    """Each node now writes its whole count of an address ("version count"), and a count of 0 is
+    kept, with the key's 7-day expiry renewed: the key of every address that ever opened a TCP
+    connection (counted before any handshake) stays in Redis a week after its last connection closed.
+    Before, the field went at 0 and the key with it. One /48 of IPv6 is 65,536 /64 buckets: anyone
+    can fill Redis's memory with keys that live a week, at the rate the nodes accept connections."""
+    import socket
+
+    node = cluster.node(tmp_path / "node")
+    key = _connections_key(tmp_path / "node", "127.0.0.9")
+    with redis.Redis.from_url(redis_server.url) as store:
+        for _ in range(3):
+            probe = socket.create_connection(("127.0.0.1", node.port), source_address=("127.0.0.9", 0))
+            wait_until(lambda: store.exists(key))  # counted as it starts, before any handshake
+            probe.close()
+
+        def nothing_held() -> bool:
+            counts = [int(value.split()[-1]) for value in store.hvals(key)]
+            return all(count == 0 for count in counts)
+
+        wait_until(nothing_held)
+        ttl = store.ttl(key)
+        assert ttl < 600, f"{key} holds {store.hgetall(key)} and lives {ttl} s more"
+
+
+def test_a_connection_that_closed_during_an_outage_stops_counting_on_the_other_nodes(cluster, tmp_path, redis_server):
+    """A node's share of an address is written only when a connection from that address opens or
+    closes on it: the share of one that closed while Redis was away stays in Redis, and the other
+    nodes count it for as long as that node lives (the key is renewed for 7 days by every use),
+    unless the address comes back to that very node. Behind a load balancer, or with --server
+    lists, it may never: the office is refused on the other nodes below its limit."""
+
+    from securechat.client import ChatError
+    from securechat.redis_backend import SESSION_REFRESH
+
+    first, second = two_nodes(cluster, tmp_path, "--max-per-address", "2")
+
+    def from_the_office(node, name: str):
+        client = client_of(node, tmp_path / "known_hosts_office", source_address=("127.0.0.6", 0))
+        cluster.clients.append(client)
+        client.login(name, password_of(name))
+        return client
+
+    early = from_the_office(first, "bob")
+    redis_server.stop()
+    early.close()  # its one connection on the first node ends while Redis is away
+    _wait_for_log(first, "connections are counted by this process alone", TIMEOUT * 2)
+    redis_server.start()
+    deadline = time.monotonic() + TIMEOUT * 2
+    while True:  # both nodes are back on Redis once logins (which need it) go through
+        try:
+            cluster.log_in("alice", first)
+            cluster.log_in("dave", second)
+            break
+        except ChatError:
+            assert time.monotonic() < deadline, "the nodes never got Redis back"
+            time.sleep(0.2)
+    held = [from_the_office(second, "carol")]  # the office holds one connection, on the second node
+    deadline = time.monotonic() + SESSION_REFRESH + 1  # (a fix may put the share right as it refreshes)
+    while True:
+        try:
+            held.append(from_the_office(second, "erin"))  # its second: within the limit of 2
+            break
+        except ChatError as refused:
+            assert time.monotonic() < deadline, f"a connection closed during the outage still counts: {refused}"
+            time.sleep(0.3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config paths (config.read_config_file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The private catch-up's look-back (private_since) and the client's count of what it shows
+
+
+def test_a_resume_that_resends_many_private_lines_already_seen_does_not_count_them_as_caught_up(cluster, tmp_path):
+    """A resume's private catch-up now looks 1,000 ids back, so it sends again the lines the device
+    was shown (all of them, in a quiet deployment, up to 1,000). The client drops those it showed and
+    takes them off the count of the HISTORY that ends the batch, but only those in the same frame:
+    a batch larger than a frame is split by the send worker (pack_messages), and the user is told
+    "*** N lines of private messages from history" with nothing shown."""
+
+    from securechat.protocol import Chat, History
+
+    node = cluster.node(tmp_path / "node")
+    alice = cluster.log_in("alice", node)
+    bobs_node = other_process(cluster.redis_url, tmp_path / "node")
+    try:
+        texts = [f"{number:02} " + "x" * 4000 for number in range(30)]  # ~120 KB: two frames at least
+        for text in texts:
+            bobs_node.publish_private(Chat(sender="bob", recipient="alice", text=text, sent_at=0.0))
+        for text in texts:
+            wait_for(alice, lambda event, text=text: isinstance(event, Chat) and event.text == text)
+    finally:
+        bobs_node.close()
+    drop(alice)
+    events = come_back(alice)
+    again = [event.text[:2] for event in events if isinstance(event, Chat) and event.private]
+    assert again == [], f"shown again: {again}"
+    told = [event for event in events if isinstance(event, History) and not event.room]
+    assert told == [], f"told of private lines caught up, with none shown: {told}"
+
+
+def test_a_node_that_fell_behind_the_private_feed_does_not_send_old_lines_as_new(cluster, tmp_path, redis_server):
+    """After a gap in the private feed, each local account is sent private_since(the last id the
+    node read), which now looks 1,000 ids back: every line the node had already handed over comes
+    again, as a live line, with no check of who was shown what. A device that logged in with the
+    account's last 50 lines (another device online) is shown the older ones as if just sent."""
+    import signal
+
+    from securechat.protocol import Chat
+    from securechat.redis_backend import PRIVATE_FEED_LENGTH
+
+    first, second = two_nodes(cluster, tmp_path)
+    cluster.log_in("alice", second)  # her phone: online all along
+    bobs_node = other_process(cluster.redis_url, tmp_path / "node1")
+    try:
+        for number in range(60):
+            bobs_node.publish_private(Chat(sender="bob", recipient="alice", text=f"old {number:02}", sent_at=0.0))
+        laptop = cluster.log_in("alice", first)  # a new device: the last 50 of them, as history
+        shown = [wait_for(laptop, lambda event: isinstance(event, Chat) and event.text == "old 59")]
+        stop(first)  # the laptop's node falls behind the feed
+        try:
+            with redis.Redis.from_url(redis_server.url) as store:
+                store.xadd("chat:privates", {"x": "1"})  # what its pending blocking read last had in flight
+                bobs_node.publish_private(Chat(sender="bob", recipient="alice", text="new", sent_at=0.0))
+                _fall_behind(store, "chat:privates", PRIVATE_FEED_LENGTH)
+        finally:
+            first.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + TIMEOUT * 2
+        while not any(event.text == "new" for event in shown):  # every line shown, until the new one
+            event = laptop.next_event(timeout=max(0.0, deadline - time.monotonic()))
+            assert event is not None, f"the line said during the gap never came; shown: {shown}"
+            shown += [event] if isinstance(event, Chat) else []
+        shown += [event for event in drain(laptop, quiet=1.0) if isinstance(event, Chat)]
+    finally:
+        bobs_node.close()
+    old = [event.text for event in shown if event.text.startswith("old") and not event.history]
+    assert old == [], f"sent again as new lines: {old}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The echo wait of a LEAVE (connection._unechoed)
+
+
+def test_a_line_said_just_before_a_part_is_confirmed_to_its_sender(redis_server, make_server, users_file, tmp_path):
+    """On Redis a line is echoed when this node hands it to the room's members here: at once if the
+    node has handed over everything before it, else when its reader reads it back. A /part in
+    between takes the sender out of the room first, so the echo never comes: the client counts an
+    accepted line, which everyone in the room saw, as "not sent", and the /quit that follows waits
+    the whole 2 s (ECHO_WAIT) for an echo that cannot come."""
+    from test_redis import import_accounts
+
+    from securechat.client import ChatClient, KnownHosts
+    from securechat.protocol import Chat
+    from securechat.protocol import Room as RoomMessage
+
+    import_accounts(users_file, redis_server.url)
+    server = make_server(backend=redis_server.url)
+    backend = server.hub.backend
+    alice = ChatClient(
+        *server.address, server_fingerprint=server.fingerprint, known_hosts=KnownHosts(tmp_path / "kh"), timeout=10
+    )
+    try:
+        alice.login("alice", password_of("alice"))
+        alice.join("#r")
+        wait_for(alice, lambda event: isinstance(event, RoomMessage) and event.room == "#r" and event.joined)
+        # The node's reader is slow to hand over #r for a moment (busy, or a line of another node
+        # just landed): carol's line, said on another node, is read but not handed over yet.
+        held, release = threading.Event(), threading.Event()
+        deliver_room = backend._deliver_room
+
+        def slow(room, entries):
+            if room == "#r" and not release.is_set():
+                held.set()
+                release.wait(TIMEOUT)
+            deliver_room(room, entries)
+
+        backend._deliver_room = slow
+        carols_node = other_process(redis_server.url, tmp_path / "data")
+        try:
+            carols_node.publish_room("#r", Chat(sender="carol", text="from another node", sent_at=0.0))
+        finally:
+            carols_node.close()
+        assert held.wait(TIMEOUT)
+        alice.say("said before leaving", "#r")
+        alice.part("#r")
+        threading.Timer(0.5, release.set).start()  # the reader goes on a moment later, as a busy one does
+        wait_for(alice, lambda event: isinstance(event, RoomMessage) and event.room == "#r" and not event.joined)
+        started = time.monotonic()
+        alice.leave()
+        took = time.monotonic() - started
+        with alice.pending_lock:
+            unconfirmed = [text for _, text in alice.pending.values()]
+        assert unconfirmed == [], f"counted as not sent (the /quit waited {took:.1f} s): {unconfirmed}"
+    finally:
+        alice.close()
