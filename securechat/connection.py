@@ -66,9 +66,9 @@ PING_FRAME = Ping().encode()
 PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
 FINISH_GRACE = 5.0
-#: Seconds a /quit or /part waits for the echoes of the session's own lines: with several server processes a
-#: line is echoed once this process reads it back from the broker, and the client counts a line with
-#: no echo as not sent.
+#: Seconds a /quit or /part waits for the echoes of the session's own lines: with several server
+#: processes a line is echoed once this process reads it back from the broker, and the client counts
+#: a line with no echo as not sent.
 ECHO_WAIT = 2.0
 #: Longest reason a disconnect's log line carries.
 MAX_LOGGED_REASON_CHARS = 200
@@ -149,7 +149,8 @@ class ClientConnection:
         #: Shown to the others when this user leaves with /quit; never logged (it is message text).
         self.parting_message = ""
         # The lines (and private lines) this session had accepted whose echo is not queued yet. Written
-        # by the reader (a line accepted) and whichever thread queues the echo; a /quit waits for none.
+        # by the reader (a line accepted) and whichever thread queues the echo; a /quit or a /part
+        # waits until there are none.
         self._echoes_due = threading.Condition(threading.Lock())
         self._unechoed = 0
         # Guards close_reason and the closing of the socket, from whichever thread.
