@@ -1172,29 +1172,36 @@ class RedisBackend:
 
     def _refresh_loop(self) -> None:
         while not self._stopping.wait(SESSION_REFRESH):
-            with self._local_lock:
-                local = list(self._local_sessions.values())
-                rooms = list(self._local_rooms.items())
             try:
-                with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.exists(CLUSTER_KEY_ID_KEY)  # first: what is put back below is gone only if Redis lost it
-                    for info in local:
-                        pipe.hset(self._sessions_key(info.account), info.session_id, self._session_json(info))
-                    for (room, session_id), account in rooms:
-                        pipe.hset(self._roster_key(room), session_id, self._roster_entry(account))
-                    pipe.zremrangebyscore(f"{PREFIX}revoked", "-inf", int(self._clock()))  # expired ones
-                    pipe.zadd(NODES_KEY, {self.node: self._clock()})
-                    pipe.zremrangebyscore(NODES_KEY, "-inf", self._clock() - 10 * SESSION_TTL)  # long dead
-                    self._restore_floors(pipe)
-                    pipe.get(CLUSTER_KEY_ID_KEY)  # after _restore_floors put it back if it was lost
-                    answers = pipe.execute()
-            except redis.exceptions.RedisError as exc:
-                self._note_problem(exc)
-                continue
-            if not answers[0]:
-                self._say_redis_lost_its_data()
-            self._check_recorded_key(answers[-1])
-            self._sweep_rosters()
+                self._refresh()
+            except Exception:  # a bug, not Redis: this thread must go on, or this node's users lapse
+                log.exception("refreshing this process's presence in Redis failed; it goes on")
+
+    def _refresh(self) -> None:
+        """Keep this process's sessions, roster entries and heartbeat alive; sweep what lapsed."""
+        with self._local_lock:
+            local = list(self._local_sessions.values())
+            rooms = list(self._local_rooms.items())
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(CLUSTER_KEY_ID_KEY)  # first: what is put back below is gone only if Redis lost it
+                for info in local:
+                    pipe.hset(self._sessions_key(info.account), info.session_id, self._session_json(info))
+                for (room, session_id), account in rooms:
+                    pipe.hset(self._roster_key(room), session_id, self._roster_entry(account))
+                pipe.zremrangebyscore(f"{PREFIX}revoked", "-inf", int(self._clock()))  # expired ones
+                pipe.zadd(NODES_KEY, {self.node: self._clock()})
+                pipe.zremrangebyscore(NODES_KEY, "-inf", self._clock() - 10 * SESSION_TTL)  # long dead
+                self._restore_floors(pipe)
+                pipe.get(CLUSTER_KEY_ID_KEY)  # after _restore_floors put it back if it was lost
+                answers = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            self._note_problem(exc)
+            return
+        if not answers[0]:
+            self._say_redis_lost_its_data()
+        self._check_recorded_key(answers[-1])
+        self._sweep_rosters()
 
     def _sweep_rosters(self) -> None:
         """Tell the rooms read here who left with a node that died (kill -9, a lost machine): its
