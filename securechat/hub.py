@@ -1301,11 +1301,22 @@ class ChatHub:
         except KeyError:
             raise HubError("no_such_user", f"there is no user {target}") from None
         not_saved: RevocationNotSaved | None = None
-        for session in self.local_sessions(target):
+        here = self.local_sessions(target)
+        for session in here:
             try:
                 session.end(f"this account was {ban.describe()}")
             except RevocationNotSaved as exc:
                 not_saved = exc
+        if self.revoke_session is not None:
+            # Its sessions on other server processes too: they end once their process sees the ban,
+            # but their tokens must not resume once it is lifted (a /logout's hold, like these).
+            ended = {session.session_id for session in here}
+            for info in self.backend.sessions(target):
+                if info.session_id not in ended:
+                    try:
+                        self.revoke_session(info.session_id)
+                    except RevocationNotSaved as exc:
+                        not_saved = exc
         text = f"{member.name} banned {target} from the server {_for(seconds)}{_reason(reason)}"
         self._moderation_notice(member, self.config.default_room, "gban", target, text)
         if not_saved is not None:

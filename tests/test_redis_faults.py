@@ -21,7 +21,7 @@ from conftest import (
     wait_for,
     wait_until,
 )
-from test_redis import Cluster, client_of, entered, hub_on, said, two_nodes
+from test_redis import Cluster, client_of, entered, hub_on, said, server_command, two_nodes
 
 from securechat.client import Disconnected
 from securechat.protocol import Chat, Notice, Roster
@@ -951,3 +951,25 @@ def test_the_presence_refresher_outlives_a_bug_in_one_round(redis_server, monkey
             assert store.zscore(NODES_KEY, hub.backend.node) is not None  # type: ignore[attr-defined]
     finally:
         hub.close()
+
+
+def test_a_server_ban_made_on_another_node_gives_up_the_sessions_tokens(cluster, tmp_path):
+    """/gban revoked the tokens of the sessions on the admin's node only: a device on another node was
+    cut off, and once the ban was lifted it resumed with its old token, as no ended session may."""
+    from securechat.client import LoginRefused
+
+    assert server_command("role", "alice", "admin", "--backend", cluster.redis_url).returncode == 0
+    first, second = two_nodes(cluster, tmp_path)
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    token = bob.token
+    alice.command("gban", "bob", "spam")
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.action == "gban")
+    wait_for(bob, lambda event: isinstance(event, Disconnected), timeout=TIMEOUT * 2)
+    alice.command("ungban", "bob")
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.action == "ungban")
+    bob.close()
+    bob.connect()
+    bob.token = token  # whatever the client kept, the server must refuse it
+    with pytest.raises(LoginRefused) as refused:
+        bob.resume()
+    assert refused.value.code == "token_revoked", refused.value
