@@ -349,15 +349,11 @@ class ChatHub:
         and whoever was taken out meanwhile (a kick or ban among what was lost) is taken out here."""
         lost = f"{missed} lines of {room} were lost to an outage"
         self.on_room_event(room, Notice(event="info", room=room, text=lost), "", "")
-        with self.sessions_lock:
-            accounts = {
-                session.name
-                for sessions in self._local.values()
-                for session in sessions.values()
-                if room in self._session_rooms.get(session.session_id, ())
-            }
+        local = self._local_room(room, create=False)
+        if local is None:
+            return
         state = self.room_state(room)
-        for account in sorted(accounts):
+        for account in local.roster()[0]:
             ban = state.ban_of(account)
             gone = room != self.config.default_room and room not in self.backend.memberships(account)
             if ban is not None or gone:

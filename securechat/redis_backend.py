@@ -572,9 +572,7 @@ class RedisBackend:
         newest: Any = self.redis.xrevrange(f"{PREFIX}privates", "+", "-", count=1)
         self._private_feed_from = _text(newest[0][0]) if newest else "0-0"
         # With an empty feed, the ids given so far: a private line of a later gap has a higher one.
-        self._private_feed_last_id = (
-            _feed_message_id(newest[0][1]) if newest else int(self.redis.get(f"{PREFIX}id") or 0)
-        )
+        self._private_feed_last_id = _feed_message_id(newest[0][1]) if newest else _whole(self.redis.get(f"{PREFIX}id"))
         newest = self.redis.xrevrange(CONTROL_KEY, "+", "-", count=1)
         self._control_from = _text(newest[0][0]) if newest else "0-0"
         self.redis.zadd(NODES_KEY, {self.node: self._clock()})  # live: its connections count on every node
@@ -869,9 +867,7 @@ class RedisBackend:
         if _trimmed_past(control_oldest, self._control_from):
             log.warning("this process fell behind the control stream: reading revocations and accounts again")
             self._control_from = _just_before(control_oldest[0][0])
-            with self._state_lock:
-                self._state_cache.clear()
-                self._state_generation += 1
+            self._forget_state(None)
             if self._on_revoked is not None:
                 for session_id, until in self.live().items():
                     self._on_revoked(session_id, until)
@@ -1358,9 +1354,13 @@ class RedisBackend:
         finally:
             self._forget_state(scope)  # changed, or not what was read: read again either way
 
-    def _forget_state(self, scope: str) -> None:
+    def _forget_state(self, scope: str | None) -> None:
+        """Drop what is cached of ``scope``'s state (None: of every scope's)."""
         with self._state_lock:
-            self._state_cache.pop(scope, None)
+            if scope is None:
+                self._state_cache.clear()
+            else:
+                self._state_cache.pop(scope, None)
             self._state_generation += 1
 
     # ------------------------------------------------------------------ history
