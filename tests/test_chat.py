@@ -521,25 +521,26 @@ def test_room_commands_count_against_the_flood_budget_too(make_server, connect):
     wait_for(alice, lambda event: isinstance(event, RoomMessage) and event.room == "#spam")
 
 
-def test_refused_history_requests_count_against_the_flood_budget(make_server, connect):
-    """A /history refused (a room one is not in) still costs an answer: counted like any other."""
-    server = make_server(flood_burst=3, flood_rate=0.2)
+def ask_history(server, connect, times: int, room: str, count: str) -> list[object]:
+    """Alice, unpaced, asks ``times`` for ``/history room count``: what came back."""
     alice = connect("alice", to=server, pace=False)
     drain(alice)
-    for _ in range(10):
-        alice.command("history", "#nowhere", "5")
-    codes = [event.code for event in drain(alice, quiet=0.5) if isinstance(event, ErrorReply)]
+    for _ in range(times):
+        alice.command("history", room, count)
+    return drain(alice, quiet=0.5)
+
+
+def test_refused_history_requests_count_against_the_flood_budget(make_server, connect):
+    """A /history refused (a room one is not in) still costs an answer: counted like any other."""
+    events = ask_history(make_server(flood_burst=3, flood_rate=0.2), connect, 10, "#nowhere", "5")
+    codes = [event.code for event in events if isinstance(event, ErrorReply)]
     assert len(codes) == 10 and codes.count("flood") >= 6, codes
 
 
 def test_an_empty_history_page_costs_no_more_than_a_command(make_server, connect):
     """/history is charged by the lines it returns: asking again at the start of a room is cheap."""
-    server = make_server(flood_burst=4, flood_rate=0.01)
-    alice = connect("alice", to=server, pace=False)
-    drain(alice)
-    for _ in range(3):
-        alice.command("history", "#lobby", "500")
-    answers = [event for event in drain(alice, quiet=0.5) if isinstance(event, History | ErrorReply)]
+    events = ask_history(make_server(flood_burst=4, flood_rate=0.01), connect, 3, "#lobby", "500")
+    answers = [event for event in events if isinstance(event, History | ErrorReply)]
     assert [type(event).__name__ for event in answers] == ["History"] * 3, answers
 
 
