@@ -1138,9 +1138,21 @@ class ChatHub:
             held = {value: key for key, value in ROLE_RANK.items()}[target_rank]
             raise HubError("not_allowed", f"{target} is {_a(held)} {held} of {room}: you cannot act on them")
 
-    def _moderation_notice(self, actor: Member, room: str, action: str, target: str, text: str) -> None:
-        """Tell the room (kept in its history) and the server log what a moderator did."""
-        log.info("moderation room=%s user=%s action=%s target=%s", room, actor.name, action, target or "-")
+    def _moderation_notice(
+        self, actor: Member, room: str, action: str, target: str, text: str, *, logged: str = ""
+    ) -> None:
+        """Tell the room (kept in its history) and the server log what a moderator did.
+
+        ``logged``: what else the log line says (the modes set), never free text such as a reason.
+        """
+        log.info(
+            "moderation room=%s user=%s action=%s target=%s%s",
+            room,
+            actor.name,
+            action,
+            target or "-",
+            f" {logged}" if logged else "",
+        )
         notice = Notice(event="moderation", name=actor.name, action=action, target=target, text=text, room=room)
         self.backend.publish_room(room, notice)
 
@@ -1207,7 +1219,8 @@ class ChatHub:
                 break
         else:
             raise HubError("busy", f"the modes of {room} are changing just now; try again")
-        self._moderation_notice(member, room, "mode", "", f"{member.name} set mode {sign}{letters} on {room}")
+        text = f"{member.name} set mode {sign}{letters} on {room}"
+        self._moderation_notice(member, room, "mode", "", text, logged=f"modes={sign}{letters}")
 
     def invite(self, member: Member, room: str, name: str) -> None:
         self.require_role(member, room, "invite", "op")

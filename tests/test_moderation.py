@@ -346,6 +346,11 @@ def test_a_moderated_room_lets_only_voiced_members_speak(chat):
     wait_for(bob, moderation("owner", "carol"))
     carol.command("deop", "#stage", "carol")
     assert wait_for(bob, moderation("deowner", "carol")).text == "carol gave up ownership"
+    server = chat.server
+    chat.stop()
+    _, log_text = server.stop()
+    # The log says which modes were set: "action=mode" alone left an admin guessing.
+    assert "room=#stage user=alice action=mode target=- modes=+m" in log_text, log_text
 
 
 def test_an_op_cannot_act_above_their_role_and_bad_input_changes_nothing(chat):
