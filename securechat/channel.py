@@ -65,6 +65,9 @@ class SecureChannel:
         self.allowed_incoming = allowed_incoming
         #: The authenticated user name; "" until login succeeds.
         self.username = ""
+        #: The name as the client's login spelled it, if its case differs from the account's: the
+        #: server binds its welcome to it, as the client cannot know the stored spelling before then.
+        self.login_username = ""
         self.send_seq = 0
         self.recv_seq = 0
         self._send_direction = b"s2c" if is_server else b"c2s"
@@ -89,11 +92,13 @@ class SecureChannel:
         self._recv_mac = crypto_utils.SessionMac(key, self._recv_direction)
         self._cipher = crypto_utils.SessionCipher(key, b"c2s")
 
-    def _labels(self, outgoing: bool) -> tuple[str, str]:
+    def _labels(self, outgoing: bool, kind: Kind) -> tuple[str, str]:
         """(hop sender, hop recipient) for the associated data."""
         client_to_server = outgoing != self.is_server
         if client_to_server:
             return self.username, SERVER_LABEL
+        if kind is Kind.WELCOME and self.login_username:
+            return SERVER_LABEL, self.login_username
         return SERVER_LABEL, self.username
 
     def seal(self, message: Message) -> bytes:
@@ -111,7 +116,7 @@ class SecureChannel:
         wrapped_key_size = 0 if under_session_key else self._wrapped_key_size
         check_outgoing_size(sealed_frame_size(wrapped_key_size, len(plaintext)))
         seq = self.send_seq
-        aad = associated_data(message.KIND, seq, *self._labels(outgoing=True))
+        aad = associated_data(message.KIND, seq, *self._labels(outgoing=True, kind=message.KIND))
         if under_session_key:
             wrapped = b""
             nonce, ciphertext = self._cipher.seal(plaintext, aad)
@@ -140,7 +145,7 @@ class SecureChannel:
         first_message = envelope.kind in (Kind.LOGIN, Kind.RESUME)
         if first_message != (self.session_key is None):
             raise ProtocolError(f"{envelope.kind.name} is not allowed now")
-        aad = associated_data(envelope.kind, envelope.seq, *self._labels(outgoing=False))
+        aad = associated_data(envelope.kind, envelope.seq, *self._labels(outgoing=False, kind=envelope.kind))
         if first_message or not self.is_server:
             # Check the MAC before any RSA work when we can: forged frames cost a hash.
             if not first_message:

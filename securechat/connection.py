@@ -375,6 +375,8 @@ class ClientConnection:
         self.last_inbound = time.monotonic()
         self.in_room = True  # from here the reader's finally closes the session in the hub
         self.channel.username = self.name
+        if isinstance(request, Login):
+            self.channel.login_username = request.username
         token, expires_at = self.server.issue_token(self, self.verified_stamp)
         self.attach_sender(self.server.send_pool.assign())
         config = self.server.config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -626,6 +627,9 @@ class ChatServer:
         an address has at most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once. A
         successful login is given a new device token (``connection.device_token``).
         """
+        # Names are unique in any case, so "Alice" typed at the prompt is alice: the session,
+        # its token and every room see the name as stored.
+        login = dataclasses.replace(login, username=self.hub.accounts.canonical(login.username) or login.username)
         name = login.username
         account = name.casefold()[:64]
         pair_key = ("user at address", f"{account} {connection.address_bucket}")

@@ -13,7 +13,18 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, TIMEOUT, chat_with, drain, is_disconnected, joined, left, password_of, wait_for
+from conftest import (
+    ROOT,
+    TIMEOUT,
+    chat_with,
+    drain,
+    drop_and_resume,
+    is_disconnected,
+    joined,
+    left,
+    password_of,
+    wait_for,
+)
 
 from securechat import hub, rooms
 from securechat.accounts import LoginThrottle
@@ -138,6 +149,18 @@ def test_wrong_password_and_unknown_user_get_the_same_refusal(connect):
     # The refusals did not lock the right password out.
     connect("alice")
     wait_for(bob, joined("alice"))
+
+
+def test_a_name_typed_in_another_case_logs_in_to_the_account_as_it_is_spelled(connect):
+    bob = connect("bob")
+    alice = connect("ALICE", password=password_of("alice"))  # names are unique in any case
+    assert alice.username == "alice"
+    wait_for(bob, joined("alice"))
+    alice.say("typed in capitals")
+    assert wait_for(bob, chat_with("typed in capitals")).sender == "alice"
+    drop_and_resume(alice)  # the session's token names the account as stored
+    alice.say("and back")
+    assert wait_for(bob, chat_with("and back")).sender == "alice"
 
 
 def test_join_and_leave_notices_carry_the_parting_words(connect):
