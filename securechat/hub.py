@@ -1316,20 +1316,28 @@ class ChatHub:
                 session.end(f"this account was {ban.describe()}")
             except RevocationNotSaved as exc:
                 not_saved = exc
-        if self.revoke_session is not None:
-            # Its sessions on other server processes too: they end once their process sees the ban,
-            # but their tokens must not resume once it is lifted (a /logout's hold, like these).
-            ended = {session.session_id for session in here}
-            for info in self.backend.sessions(target):
-                if info.session_id not in ended:
-                    try:
-                        self.revoke_session(info.session_id)
-                    except RevocationNotSaved as exc:
-                        not_saved = exc
+        # Its sessions on other server processes too: they end once their process sees the ban,
+        # but their tokens must not resume once it is lifted (a /logout's hold, like these).
+        not_saved = self.revoke_sessions_of(target, besides={session.session_id for session in here}) or not_saved
         text = f"{member.name} banned {target} from the server {_for(seconds)}{_reason(reason)}"
         self._moderation_notice(member, self.config.default_room, "gban", target, text)
         if not_saved is not None:
             raise not_saved
+
+    def revoke_sessions_of(self, account: str, besides: set[str] | None = None) -> RevocationNotSaved | None:
+        """Revoke the tokens of every session of ``account`` on every server process (but ``besides``),
+        so that none resumes: a ban ends them, and lifting it must not bring them back. Returns the
+        failure to record one, if any, once all were tried."""
+        not_saved: RevocationNotSaved | None = None
+        if self.revoke_session is None:
+            return None
+        for info in self.backend.sessions(account):
+            if info.session_id not in (besides or set()):
+                try:
+                    self.revoke_session(info.session_id)
+                except RevocationNotSaved as exc:
+                    not_saved = exc
+        return not_saved
 
     def global_unban(self, member: Member, name: str) -> None:
         target = name.strip()

@@ -41,7 +41,7 @@ from securechat.accounts import (
     verify_password,
 )
 from securechat.admin import open_account_store
-from securechat.backend import MemoryBackend, RoomBackend
+from securechat.backend import BackendUnavailable, MemoryBackend, RoomBackend
 from securechat.config import (
     ACCOUNTS_IN_REDIS_FILE,
     CLUSTER_KEY_FILE,
@@ -590,6 +590,7 @@ class ChatServer:
             # change or a deleted account must still end its session.
             log.info("closing %s user=%s: account changed or banned", connection.peer, connection.name)
             connection.finish("account changed", self._why_account_changed(claims.username))
+            self._revoke_sessions_of_changed_account(claims)
             return
         if self.tokens.needs_refresh(claims):  # a listener needs its token kept fresh too
             try:
@@ -757,6 +758,20 @@ class ChatServer:
         except UserStoreError as exc:
             log.error("%s", exc)
             return None
+
+    def _revoke_sessions_of_changed_account(self, claims: TokenClaims) -> None:
+        """An account banned from the admin command line keeps its password, so its tokens would
+        be good again once the ban is lifted: revoke its sessions, as /gban does (keepalive thread)."""
+        try:
+            self.tokens.revoke(claims)
+            not_saved = self.hub.revoke_sessions_of(claims.username, besides={claims.session_id})
+        except RevocationNotSaved as exc:
+            not_saved = exc
+        except BackendUnavailable as exc:  # this session is revoked; the others, at their own turn
+            log.warning("the sessions of user=%s were not all revoked: %s", claims.username, exc)
+            return
+        if not_saved is not None:
+            log.error("a session of user=%s may resume after a restart: %s", claims.username, not_saved)
 
     def _why_account_changed(self, name: str) -> ErrorReply:
         """What a session is told when its account changed under it: banned (with until when and

@@ -302,6 +302,14 @@ def test_a_ban_from_the_command_line_tells_the_banned_why_and_asks_no_password(c
     ended = wait_for(bob, is_disconnected, timeout=TIMEOUT * 2)
     assert ended.clean, "a banned account has nothing to come back to"
     assert re.fullmatch(r"this account is banned until .* UTC: spamming links", ended.reason), ended.reason
+    # The ban ended the session for good, as /gban does: once it is lifted, its token resumes nothing.
+    assert bob.token, "the client keeps its token, so the server must refuse it"
+    assert admin_command(users_file, "unban", "bob").returncode == 0
+    bob.close()
+    bob.connect()
+    with pytest.raises(LoginRefused) as refused:
+        bob.resume()
+    assert refused.value.code == "token_revoked"
 
 
 def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
