@@ -1240,13 +1240,14 @@ class ChatHub:
             raise HubError("not_in_room", f"{target} is not in {room}")
         self._check_outranks(member, rank, target, room, state)
         self.backend.remove_membership(target, room)
-        reason = _clean(reason, MAX_REASON_CHARS)
+        reason = self._own_words(member.name, room, _clean(reason, MAX_REASON_CHARS))
         self._moderation_notice(member, room, "kick", target, f"{member.name} kicked {target}{_reason(reason)}")
 
     def ban(self, member: Member, room: str, name: str, rest: str) -> None:
         rank = self.require_role(member, room, "ban", "op")
         target = self._target(member, name)
         seconds, reason = _duration_and_reason(rest)
+        reason = self._own_words(member.name, room, reason)  # a muted op still acts, but says nothing
         state = self.room_state(room)
         self._check_outranks(member, rank, target, room, state)
         until = time.time() + seconds if seconds else 0.0
@@ -1268,6 +1269,7 @@ class ChatHub:
         rank = self.require_role(member, room, "mute", "op")
         target = self._target(member, name)
         seconds, reason = _duration_and_reason(rest)
+        reason = self._own_words(member.name, room, reason)
         self._check_outranks(member, rank, target, room, self.room_state(room))
         until = time.time() + seconds if seconds else 0.0
         self.backend.set_state(room, mute_key(target), Restriction(until, reason, member.name).value())

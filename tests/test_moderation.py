@@ -361,6 +361,28 @@ def test_a_moderated_room_lets_only_voiced_members_speak(chat):
     assert "room=#stage user=alice action=mode target=- modes=+m" in log_text, log_text
 
 
+def test_a_muted_op_still_acts_but_says_nothing_to_the_room_through_a_reason(chat):
+    """A mute keeps every word of the member's from the room: a muted op still kicks, bans and
+    mutes, but the reason (shown to everyone, kept in history) is dropped."""
+    chat.start()
+    alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
+    open_room(alice, "#den", bob, carol)
+    alice.command("op", "#den", "bob")
+    wait_for(alice, moderation("op", "bob"))
+    alice.command("mute", "#den", "bob")
+    wait_for(alice, moderation("mute", "bob"))
+    words = "buy cheap pills at example.invalid"
+    bob.command("mute", "#den", "carol", f"10m {words}")
+    assert wait_for(alice, moderation("mute", "carol")).text == "bob muted carol for 10m"
+    bob.command("kick", "#den", "carol", words)
+    assert wait_for(alice, moderation("kick", "carol")).text == "bob kicked carol"
+    bob.command("ban", "#den", "carol", words)
+    assert wait_for(alice, moderation("ban", "carol")).text == "bob banned carol until lifted"
+    alice.command("bans", "#den")
+    listed = wait_for(alice, lambda event: isinstance(event, Notice) and event.text.startswith("bans and mutes"))
+    assert words not in listed.text, listed.text
+
+
 def test_an_op_cannot_act_above_their_role_and_bad_input_changes_nothing(chat):
     chat.start()
     alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
