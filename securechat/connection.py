@@ -62,6 +62,14 @@ log = logging.getLogger("chat.server")
 #: Most queued messages a send worker seals for one connection, and writes with one
 #: system call, before it turns to the next connection.
 SEND_BATCH_SIZE = 64
+#: Above this much plaintext waiting for a client, its /history and /join are refused until
+#: it reads: one answer may hold 500 lines of up to 32 KiB, and a client that asked page after
+#: page and never read had the server hold gigabytes for it, in too few items to be dropped.
+#: Only what the client asks for is held back: a device catching up on its rooms at login may
+#: queue more, and the room's lines go on reaching it (a slow reader is dropped by item count).
+REQUESTS_WAIT_ABOVE = 8 * 1024 * 1024
+#: The commands whose answers can be that large.
+LARGE_ANSWERS = frozenset({"history", "join"})
 PING_FRAME = Ping().encode()
 PONG_FRAME = Pong().encode()
 #: Seconds a closing connection may take to flush its last messages before it is cut off.
@@ -121,7 +129,11 @@ class ClientConnection:
         self.verified_stamp = ""
         #: The device token a password login earned, for the welcome ("" after a resume).
         self.device_token = ""
-        self.send_queue = OutboundQueue(server.config.send_queue_size, on_ready=self._schedule_send)
+        self.send_queue = OutboundQueue(
+            server.config.send_queue_size,
+            on_ready=self._schedule_send,
+            size_of=_queued_size,
+        )
         self.outbox = Outbox(
             sock,
             server.send_pool.flusher,
@@ -495,6 +507,11 @@ class ClientConnection:
         elif isinstance(message, Who):
             hub.who(self, message.room)
         elif isinstance(message, Command):
+            if message.name in LARGE_ANSWERS and self.send_queue.waiting_bytes > REQUESTS_WAIT_ABOVE:
+                waiting = self.send_queue.waiting_bytes / 2**20
+                raise HubError(
+                    "backlog", f"/{message.name} must wait: {waiting:.0f} MiB sent to you is still on its way"
+                )
             run_command(hub, self, message.name, message.args)
         else:
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
@@ -556,3 +573,11 @@ class ClientConnection:
         if frames or close_after:
             self.outbox.write(b"".join(frames), close_when_empty=close_after)
         return more
+
+
+def _queued_size(item: object) -> int:
+    """What a queued item weighs in a send queue: a message's plaintext (encoded once, shared by
+    its recipients), a keepalive frame's bytes; the close sign nothing."""
+    if isinstance(item, Message):
+        return len(item.encoded)
+    return len(item) if isinstance(item, bytes) else 0

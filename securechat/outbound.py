@@ -48,20 +48,30 @@ class OutboundQueue:
     ``put`` never blocks: when the queue is full it refuses, and the caller drops
     the slow recipient. ``close`` drops what is queued; ``finish`` lets the queue
     be sent first. Whoever drains it is told by ``on_ready``, called (outside the
-    lock) whenever a put makes an empty queue non-empty.
+    lock) whenever a put makes an empty queue non-empty. With ``size_of`` it also
+    keeps what its items weigh (``waiting_bytes``): one item may be a page of history
+    as large as many lines.
     """
 
     CLOSE_AFTER_FLUSH = object()
 
-    def __init__(self, max_size: int, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        on_ready: Callable[[], None] | None = None,
+        size_of: Callable[[Any], int] | None = None,
+    ) -> None:
         self.max_size = max_size
         #: Called when there is something to take; set once, before anything is queued.
         self.on_ready = on_ready
-        # Guards _items, _urgent, _closed and _discarded.
+        self._size_of = size_of or _weightless
+        # Guards _items, _urgent, _bytes, _closed and _discarded.
         self._items_lock = threading.Lock()
         self._items: deque[Any] = deque()
         # Keepalive frames: they go out before _items.
         self._urgent: deque[bytes] = deque()
+        # What _items and _urgent weigh by _size_of (weighed outside the lock where it can be).
+        self._bytes = 0
         # _closed: nothing more may be put (finish() or close()); _discarded: close() dropped it all.
         self._closed = False
         self._discarded = False
@@ -84,12 +94,15 @@ class OutboundQueue:
         With ``drop_queued`` what is still queued is dropped first, so the last items go out
         next however far behind the reader is (the server's goodbye when it shuts down).
         """
+        weight = sum(map(self._size_of, last_items))
         with self._items_lock:
             if self._closed:
                 return
             if drop_queued:
                 self._items.clear()
+                self._bytes = sum(map(self._size_of, self._urgent))
             was_empty = not self._items and not self._urgent
+            self._bytes += weight
             self._items.extend(last_items)
             self._items.append(self.CLOSE_AFTER_FLUSH)
             self._closed = True
@@ -99,9 +112,11 @@ class OutboundQueue:
     def put_back(self, items: list[Any]) -> None:
         """Return items taken but not sent to the front of the queue, in their order (the send worker,
         when the outbox is full). They were already counted, so no bound is checked; a closed queue drops them."""
+        weight = sum(map(self._size_of, items))
         with self._items_lock:
             if self._discarded:
                 return
+            self._bytes += weight
             self._items.extendleft(reversed(items))
 
     def close(self) -> None:
@@ -110,6 +125,7 @@ class OutboundQueue:
             self._closed = self._discarded = True
             self._items.clear()
             self._urgent.clear()
+            self._bytes = 0
 
     def take_batch(self, max_items: int) -> tuple[list[Any], bool]:
         """Take up to ``max_items`` in order, keepalive frames first and beyond the cap.
@@ -120,24 +136,34 @@ class OutboundQueue:
             batch: list[Any] = list(self._urgent)
             self._urgent.clear()
             items = self._items
-            if len(items) <= max_items:
+            more = len(items) > max_items
+            if more:
+                batch.extend(items.popleft() for _ in range(max_items))
+                self._bytes -= sum(map(self._size_of, batch))
+            else:
                 batch.extend(items)
                 items.clear()
-                return batch, False
-            batch.extend(items.popleft() for _ in range(max_items))
-            return batch, True
+                self._bytes = 0
+            return batch, more
 
     def __len__(self) -> int:
         return len(self._items) + len(self._urgent)
 
+    @property
+    def waiting_bytes(self) -> int:
+        """What the items waiting weigh (0 without ``size_of``)."""
+        return self._bytes
+
     def _add(self, line: deque[Any], item: Any) -> bool:
         """Append to ``line`` (_items or _urgent) within the shared bound; see ``put``."""
+        weight = self._size_of(item)
         with self._items_lock:
             if self._closed:
                 return True
             queued = len(self._items) + len(self._urgent)
             if queued >= self.max_size:
                 return False
+            self._bytes += weight
             line.append(item)
         if queued == 0:  # else whoever drains the queue has been told already and will look
             self._ready()
@@ -146,6 +172,10 @@ class OutboundQueue:
     def _ready(self) -> None:
         if self.on_ready is not None:
             self.on_ready()
+
+
+def _weightless(_item: object) -> int:
+    return 0
 
 
 class Pumpable(Protocol):

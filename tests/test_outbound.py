@@ -11,9 +11,9 @@ from conftest import TIMEOUT, password_of, wait_for, wait_until
 from test_hostile import RawPeer, spare_key
 
 from securechat.client import Chat, Notice
-from securechat.connection import PING_FRAME
+from securechat.connection import PING_FRAME, REQUESTS_WAIT_ABOVE
 from securechat.outbound import OUTBOX_HIGH_WATER, OutboundQueue, Outbox, SendPool
-from securechat.protocol import MAX_FRAME_SIZE
+from securechat.protocol import MAX_FRAME_SIZE, Batch, Command, ErrorReply
 
 # --------------------------------------------------------------------------- the queue
 
@@ -302,6 +302,22 @@ def test_a_goodbye_finished_urgently_goes_out_next_however_much_is_queued():
     assert batch == ["goodbye", OutboundQueue.CLOSE_AFTER_FLUSH] and not more
 
 
+def test_a_queue_keeps_what_its_items_weigh():
+    queue = OutboundQueue(max_size=100, size_of=len)
+    assert queue.put("123456") and queue.put("12345678")
+    assert queue.waiting_bytes == 14
+    assert queue.take_batch(1) == (["123456"], True)
+    assert queue.waiting_bytes == 8
+    queue.put_back(["abc"])  # what a worker could not send weighs again
+    assert queue.put_urgent(b"ping")
+    assert queue.waiting_bytes == 15
+    queue.finish("bye", drop_queued=True)  # the urgent frame stays
+    assert queue.waiting_bytes == 7
+    assert queue.take_batch(10) == ([b"ping", "bye", OutboundQueue.CLOSE_AFTER_FLUSH], False)
+    assert queue.waiting_bytes == 0
+    assert OutboundQueue(max_size=1).waiting_bytes == 0  # nothing weighed without size_of
+
+
 def test_a_client_that_stops_reading_is_held_to_the_mark_and_one_frame(make_server, connect):
     # The mark was checked once per batch of 64, so each non-reading listener held up to 855 KiB.
     server = make_server(send_queue_size=100_000, flood_rate=0)
@@ -319,3 +335,43 @@ def test_a_client_that_stops_reading_is_held_to_the_mark_and_one_frame(make_serv
         assert len(connection.outbox._pending) <= OUTBOX_HIGH_WATER + MAX_FRAME_SIZE
     finally:
         lazy.close()
+
+
+def test_a_client_that_asks_for_history_and_never_reads_is_refused_more_before_the_pages_pile_up(make_server, connect):
+    # A /history page is one queued item of up to 500 lines of 32 KiB. Counted in items alone, a
+    # client that asked page after page and never read made the server hold 100 MB or more for it
+    # (its requests kept the keepalive content) before 512 items were queued.
+    server = make_server(flood_rate=0)
+    alice = connect("alice", to=server)
+    padding = "x" * 30_000
+    for number in range(100):
+        alice.say(f"{number} {padding}")
+    wait_for(alice, lambda event: isinstance(event, Chat) and event.text == f"99 {padding}", timeout=60)
+    carol = RawPeer(server, private_key=spare_key("sluggard"), receive_buffer=4096)
+    held: list[int] = []
+    try:
+        carol.login("carol", password_of("carol"))  # and then does not read for a while
+        connection = next(c for c in server.connections if c.name == "carol")
+        for _ in range(30):  # 3 MB a page
+            carol.send_message(Command(token=carol.token, name="history", args=["#lobby", "100"]))
+            time.sleep(0.05)
+            held.append(_queued_chat_text(connection))
+        time.sleep(0.5)
+        held.append(_queued_chat_text(connection))
+        refusal = carol.receive_reply()  # she reads at last: past the pages sent, the refusals
+        assert isinstance(refusal, ErrorReply) and refusal.code == "backlog", refusal
+        assert refusal.message.startswith("/history must wait: "), refusal.message
+    finally:
+        carol.close()
+    assert max(held) <= REQUESTS_WAIT_ABOVE + 4 * 2**20, (
+        f"held {max(held) / 2**20:.0f} MiB for a client that did not read"
+    )
+
+
+def _queued_chat_text(connection) -> int:
+    """Bytes of chat text waiting in a server connection's send queue."""
+    queue = connection.send_queue
+    with queue._items_lock:
+        items = list(queue._items)
+    messages = [part for item in items for part in (item.messages if isinstance(item, Batch) else [item])]
+    return sum(len(message.text.encode()) for message in messages if isinstance(message, Chat))
