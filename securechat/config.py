@@ -250,7 +250,9 @@ class ServerConfig:
         DEFAULT_ROOM, "the room everyone lands in at login", metavar="#ROOM", check=normalize_room
     )
     max_rooms: int = option(1000, "rooms the server holds", at_least=1)
-    max_rooms_per_account: int = option(50, "rooms one account may join", flag="--max-rooms-per-user", at_least=1)
+    max_rooms_per_account: int = option(
+        50, "rooms one account may join, and may make (admins: any number)", flag="--max-rooms-per-user", at_least=1
+    )
     max_sessions: int = option(5, "sessions (devices) one account may have at once", at_least=1)
     backend: str = option(
         "memory",

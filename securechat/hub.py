@@ -695,7 +695,9 @@ class ChatHub:
                 "too_many_rooms",
                 f"you are in {len(joined)} rooms, the most allowed: /part one first",
             )
-        if self.backend.room(room) is not None:
+        if self.backend.room(room) is None:
+            self._check_may_make_a_room(member.name)
+        else:
             state = self.room_state(room)
             ban = state.ban_of(member.name)
             if ban is not None:
@@ -712,6 +714,17 @@ class ChatHub:
         for session in self.local_sessions(member.name):
             if not self._in_room(session, room):
                 self._enter(session, room, requested=session is member, created=created)
+
+    def _check_may_make_a_room(self, account: str) -> None:
+        """Rooms are kept when everyone has left (with their history, topic and roles), and the server
+        holds ``max_rooms``: one account making and leaving room after room must not use them all up.
+        It may have made as many as it may be in; an admin, any number."""
+        made = sum(1 for record in self.backend.rooms() if record.owner == account)
+        if made >= self.config.max_rooms_per_account and not self.accounts.is_admin(account):
+            raise HubError(
+                "too_many_rooms",
+                f"you have made {made} rooms, the most one account may: join one of them, or ask an admin",
+            )
 
     def _enter(
         self,

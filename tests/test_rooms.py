@@ -438,6 +438,26 @@ def test_the_rooms_per_account_limit_is_refused_in_one_line(make_server, connect
     assert "#two" not in alice.rooms
 
 
+def test_one_account_making_and_leaving_rooms_cannot_use_up_the_servers_rooms(make_server, connect):
+    # Rooms stay when everyone has left, and the server holds --max-rooms: an account that joined
+    # and parted new room after room made the server refuse every new room, to everyone, for good.
+    server = make_server(max_rooms=6, max_rooms_per_account=3)
+    erin = connect("erin", to=server)
+    for number in range(3):
+        erin.join(f"#junk{number}")
+        wait_for(erin, room_entered(f"#junk{number}"))
+        erin.part(f"#junk{number}")
+    erin.join("#junk3")
+    refusal = wait_for(erin, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "too_many_rooms" and refusal.message.startswith("you have made 3 rooms"), refusal
+    erin.join("#junk0")  # one she made: she may go back
+    wait_for(erin, room_entered("#junk0"))
+    alice = connect("alice", to=server)  # the rooms erin could not make are left for others
+    for room in ("#real", "#more"):
+        alice.join(room)
+        wait_for(alice, room_entered(room))
+
+
 def test_sessions_lists_every_device_and_logout_ends_one(connect):
     laptop = connect("alice", device="laptop")
     phone = connect("alice", device="phone")
