@@ -559,6 +559,31 @@ class ChatHub:
                 self._enter(member, room, requested=False, since=since if room in seen else 0, seen=seen.get(room))
             except HubError as exc:  # a remembered room that can no longer be entered: say so, go on
                 member.deliver(Notice(event="info", text=f"cannot rejoin {room}: {exc}"))
+        # Rooms the device was in and the account no longer is: kicked, banned or parted elsewhere
+        # while it was away. Told, as a live device is, rather than gone from its list without a word.
+        gone = [name for name in seen if name and name not in rooms][: self.config.max_rooms_per_account]
+        for room in gone:
+            if self.backend.room(room) is None:
+                continue
+            reason = self._why_gone(member.name, room, since, seen[room])
+            member.deliver(RoomMessage(room=room, joined=False, reason=reason, requested=False))
+
+    def _why_gone(self, account: str, room: str, since: int, seen_seq: int) -> str:
+        """Why a device coming back is no longer in ``room``: the kick or ban it missed, if the room
+        still keeps it (only what names this account: a device cannot read a room it is not in)."""
+        try:
+            events, _ = self.backend.history_since(room, since, self.config.catch_up_limit, after_seq=seen_seq)
+        except BackendUnavailable:
+            events = []
+        for event in reversed(events):
+            if (
+                isinstance(event, Notice)
+                and event.event == "moderation"
+                and event.action in ("kick", "ban")
+                and event.target == account
+            ):
+                return event.text
+        return "while you were away"
 
     def _privates_missed(self, account: str, since: int, offline_since: float) -> list[Chat]:
         """The private lines a session entering now missed (see ``enter_rooms``)."""

@@ -458,6 +458,29 @@ def test_one_account_making_and_leaving_rooms_cannot_use_up_the_servers_rooms(ma
         wait_for(alice, room_entered(room))
 
 
+def test_a_device_kicked_or_parted_elsewhere_while_offline_is_told_when_it_resumes(connect):
+    # The resumed client used to lose the rooms without a word: gone from its list, its prompt moved.
+    alice, bob = connect("alice"), connect("bob", device="laptop")
+    for client in (alice, bob):
+        client.join("#dev")
+        wait_for(client, room_entered("#dev"))
+    bob.join("#ops")
+    wait_for(bob, room_entered("#ops"))
+    bob._shutdown_socket()
+    wait_for(bob, lambda event: isinstance(event, Disconnected))
+    bob.close()
+    alice.command("kick", "#dev", "bob", "cleanup")
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "alice kicked bob: cleanup")
+    phone = connect("bob", device="phone")
+    phone.part("#ops")
+    wait_for(phone, lambda event: isinstance(event, Room) and event.room == "#ops" and not event.joined)
+    bob.connect()
+    bob.resume()
+    told = {event.room: event.reason for event in drain(bob, quiet=0.5) if isinstance(event, Room) and not event.joined}
+    assert told == {"#dev": "alice kicked bob: cleanup", "#ops": "while you were away"}, told
+    assert "#dev" not in bob.rooms and "#ops" not in bob.rooms
+
+
 def test_sessions_lists_every_device_and_logout_ends_one(connect):
     laptop = connect("alice", device="laptop")
     phone = connect("alice", device="phone")
