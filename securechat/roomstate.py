@@ -16,7 +16,7 @@ from securechat.commands import ROLE_RANK
 
 #: The modes a room may have, with what each means (IRC's letters).
 MODES = {
-    "i": "invite-only: only invited accounts may /join",
+    "i": "invite-only: only invited accounts, and those with a role here, may /join",
     "m": "moderated: only the owner, ops and voiced members speak",
     "t": "only ops set the topic",
 }

@@ -330,6 +330,15 @@ def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
     wait_for(alice, info_saying(r"^modes of #ops: \+i \(invite-only\)$"))
     alice.command("mode", "#ops", "+x")
     wait_for(alice, error_saying(r"^unknown mode 'x'"))
+    # The invitation is spent; a role in the room (voice included) lets one come back at any time.
+    carol.part("#ops")
+    wait_for(carol, lambda event: isinstance(event, RoomMessage) and event.room == "#ops" and not event.joined)
+    carol.join("#ops")
+    wait_for(carol, error_saying(r"^#ops is invite-only \(\+i\)"))
+    alice.command("voice", "#ops", "carol")
+    wait_for(alice, moderation("voice", "carol"))
+    carol.join("#ops")
+    wait_for(carol, in_room("#ops"))
 
 
 def test_a_moderated_room_lets_only_voiced_members_speak(chat):
