@@ -130,6 +130,8 @@ RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited"
 
 #: Refusal codes meaning the token itself is no good: only a password can log in again.
 TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
+#: The account was deleted: no token or password can bring the session back.
+ACCOUNT_DELETED = "account_deleted"
 
 
 class ChatError(Exception):
@@ -710,7 +712,7 @@ class ChatClient:
         self.channel.username = username if kind is Kind.WELCOME else ""
         message = self.channel.open(body)
         if isinstance(message, ErrorReply):
-            if message.code in TOKEN_CODES:
+            if message.code in TOKEN_CODES or message.code == ACCOUNT_DELETED:
                 self.token = ""
             raise LoginRefused(_shown(message.code), _shown(message.message))
         if not isinstance(message, Welcome):
@@ -953,9 +955,10 @@ class ChatClient:
                     return
                 if isinstance(message, ErrorReply) and message.fatal:
                     reason = _shown(message.message)
-                    if message.code.startswith("token"):
+                    if message.code.startswith("token") or message.code == ACCOUNT_DELETED:
                         self.token = ""
-                    clean = message.code == "banned"  # no coming back until it is lifted
+                    # No coming back: not until a ban is lifted, not ever to a deleted account.
+                    clean = message.code in ("banned", ACCOUNT_DELETED)
                     return
         except ConnectionClosed as exc:
             reason = "connection lost" if not self._closing.is_set() else "closed"

@@ -784,7 +784,7 @@ class ChatServer:
         if ban is not None:
             return ErrorReply(code="banned", message=f"this account is {ban.describe()}", fatal=True)
         if record is None:
-            return ErrorReply(code="token_revoked", message="this account no longer exists", fatal=True)
+            return ErrorReply(code="account_deleted", message="this account no longer exists", fatal=True)
         return ErrorReply(code="token_revoked", message="this account's password changed; log in again", fatal=True)
 
     def _account_stamp(self, name: str) -> str:
@@ -795,7 +795,7 @@ class ChatServer:
             log.error("%s", exc)
             raise AuthenticationFailed("server_error", "the server cannot read its user store") from None
         if record is None:
-            raise TokenError("token_revoked", "that account no longer exists")
+            raise TokenError("account_deleted", "this account no longer exists")
         ban = record.active_ban()
         if ban is not None:
             raise TokenError("banned", f"this account is {ban.describe()}")

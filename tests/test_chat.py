@@ -1044,7 +1044,9 @@ def test_an_account_deleted_while_its_user_is_on_ends_the_session_plainly(server
         carol.say("still me?")
     except ChatError:
         pass  # the server may already have closed the link
-    assert "no longer exists" in wait_for(carol, is_disconnected).reason
+    ended = wait_for(carol, is_disconnected)
+    assert "no longer exists" in ended.reason
+    assert ended.clean and not carol.token, "nothing can bring the session back: no reconnecting, no token kept"
     assert wait_for(alice, left("carol")).text == "session ended"
     alice.say("anyone?")
     assert wait_for(alice, lambda event: isinstance(event, Chat) and event.text == "anyone?")

@@ -409,6 +409,23 @@ def test_a_script_whose_account_is_banned_while_it_runs_is_told_once(server_proc
     assert told == ["error: this account is banned until lifted: testing"], script.stderr.lines
 
 
+def test_a_terminal_whose_account_is_deleted_says_so_once_and_asks_no_password(
+    chat_server, chat_in_terminal, users_file
+):
+    # It used to reconnect, fail to resume, and ask "Password for erin:" of an account that is gone.
+    erin = chat_in_terminal("erin", chat_server)
+    deleted = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--users", str(users_file), "deluser", "erin"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    erin.wait_for_text("disconnected: this account no longer exists", TIMEOUT * 3)
+    erin.wait_until(lambda terminal: not terminal.child.isalive(), TIMEOUT * 2, "the client to stop")
+    assert erin.text.count("Password for erin:") == 1 and "reconnecting" not in erin.text, erin.text
+
+
 def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batch_clients, join):
     carol = join("carol", chat_server)
     alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
