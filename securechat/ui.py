@@ -1149,8 +1149,15 @@ def run_interactive(
         pass
 
     def toolbar() -> Any:
-        # Shown where the terminal answers cursor-position queries (most do): the room numbers.
-        rooms = [f"{number}:{name}" for number, name in enumerate(client.rooms, start=1)]
+        """Shown where the terminal answers cursor-position queries (most do): the rooms by number,
+        each with its unread lines (and of them, how many name you): ``1:#lobby 2:#dev(3@1)``."""
+        with unread_lock:
+            waiting, naming = dict(unread), dict(mentioned)
+        rooms = []
+        for number, name in enumerate(client.rooms, start=1):
+            count = waiting.get(name, 0) if name != client.active_room else 0
+            mark = f"({count}" + (f"@{naming[name]}" if naming.get(name) else "") + ")" if count else ""
+            rooms.append(f"{number}:{name}{mark}")
         return " ".join(rooms) + "   Ctrl-N/P, Alt-1..9: switch room"
 
     def prompt_text() -> str:

@@ -23,6 +23,8 @@ class Terminal:
     def __init__(
         self, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None, rows: int = ROWS
     ) -> None:
+        #: Answer the child's cursor-position queries (ESC [6n), as a real terminal does.
+        self.answers_cursor_queries = False
         self.screen = pyte.Screen(COLUMNS, rows)
         self.stream = pyte.ByteStream(self.screen)
         #: Everything the child has written, undecoded (for checks on what was ever sent).
@@ -49,6 +51,11 @@ class Terminal:
             return False
         self.output.extend(data)
         self.stream.feed(data)
+        if self.answers_cursor_queries:
+            # As real terminals and tmux do: prompt_toolkit draws its bottom bar only where they are answered.
+            for _ in range(data.count(b"\x1b[6n")):
+                cursor = self.screen.cursor
+                self.child.send(f"\x1b[{cursor.y + 1};{cursor.x + 1}R".encode())
         return True
 
     @property

@@ -426,6 +426,29 @@ def test_a_terminal_whose_account_is_deleted_says_so_once_and_asks_no_password(
     assert erin.text.count("Password for erin:") == 1 and "reconnecting" not in erin.text, erin.text
 
 
+def test_the_bar_at_the_bottom_numbers_the_rooms_and_counts_their_unread_lines(chat_server, join, tmp_path):
+    # The README promised the count, but the bar only listed the rooms.
+    bob = join("bob", chat_server)
+    env = client_env(tmp_path)
+    del env["PROMPT_TOOLKIT_NO_CPR"]  # the bar is drawn where the terminal answers where its cursor is
+    alice = Terminal(client_args(chat_server.port, "alice", pin(tmp_path / "known_hosts", chat_server)), env=env)
+    alice.answers_cursor_queries = True
+    try:
+        type_password(alice, "alice")
+        alice.wait_until(at_prompt(), START, "alice's #lobby> prompt")
+        alice.type("/join #dev\r")
+        alice.wait_until(at_prompt("#dev"), TIMEOUT, "the #dev prompt")
+        alice.wait_for_text("1:#lobby 2:#dev   Ctrl-N/P, Alt-1..9: switch room", TIMEOUT)
+        bob.say("one for the lobby", "#lobby")
+        bob.say("alice, two for the lobby", "#lobby")
+        alice.wait_for_text("1:#lobby(2@1) 2:#dev   Ctrl-N/P", TIMEOUT)
+        alice.type("\x10")  # Ctrl-P: back to #lobby, read
+        alice.wait_until(at_prompt(), TIMEOUT, "the #lobby prompt")
+        alice.wait_for_text("1:#lobby 2:#dev   Ctrl-N/P", TIMEOUT)
+    finally:
+        alice.close()
+
+
 def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batch_clients, join):
     carol = join("carol", chat_server)
     alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
