@@ -1334,6 +1334,8 @@ def run_interactive(
             except Quit as quit_request:
                 parting = quit_request.message
                 break
+            except MessageRefused as exc:  # the prompt is cleared: say which line (up arrow brings it back)
+                show(f"{exc} (your line: {one_row(line, 80)})")
             except ChatError as exc:
                 show(str(exc))
         leaving.set()

@@ -449,6 +449,13 @@ def test_the_bar_at_the_bottom_numbers_the_rooms_and_counts_their_unread_lines(c
         alice.close()
 
 
+def test_a_line_too_long_typed_in_the_terminal_is_named_in_its_error(chat_server, chat_in_terminal, join):
+    join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("\x1b[200~" + "z" * 33000 + "\x1b[201~\r")  # pasted: one line, too long
+    alice.wait_for_text("not sent: message longer than 32768 bytes (your line: zzzzzzzzzz", TIMEOUT * 2)
+
+
 def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batch_clients, join):
     carol = join("carol", chat_server)
     alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
