@@ -1265,6 +1265,8 @@ class ChatHub:
         target = self._target(member, name)
         if self.room_state(room).ban_of(target) is not None:
             raise HubError("banned", f"{target} is banned from {room}: /unban them first")
+        if self._account_in_room(target, room):
+            raise HubError("already_joined", f"{target} is already in {room}")
         self.backend.set_state(room, invite_key(target), "1")
         self._moderation_notice(member, room, "invite", target, f"{member.name} invited {target}")
         for session in self.local_sessions(target):
@@ -1412,6 +1414,13 @@ class ChatHub:
     def set_away(self, member: Member, message: str | None) -> None:
         """/away [message] and /back, for this device; the account is away when all its devices are."""
         shown = None if message is None else (_clean(message, MAX_AWAY_CHARS) or "away")
+        if shown is None:
+            was = next(
+                (info.away for info in self.backend.sessions(member.name) if info.session_id == member.session_id), ""
+            )
+            if not was:
+                member.deliver(Notice(event="info", text="you were not away"))
+                return
         self.backend.update_session(member.name, member.session_id, away=shown)
         member.deliver(Notice(event="info", text=f"you are marked away: {shown}" if shown else "you are back"))
 

@@ -176,6 +176,8 @@ def format_event(
             for name, count in _with_devices(event)
         ]
         more = " ..." if event.more else ""
+        if not shown:
+            return style.system(f"*** nobody is in {event.room}"), False
         return style.system(f"*** in {event.room} ({len(event.members)}): {', '.join(shown)}{more}"), False
     if isinstance(event, Room):
         if event.joined:

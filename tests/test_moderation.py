@@ -326,6 +326,8 @@ def test_an_invite_only_room_refuses_the_uninvited_and_admits_the_invited(chat):
     wait_for(carol, info_saying(r"^alice invited you to #ops"))
     carol.join("#ops")
     wait_for(carol, in_room("#ops"))
+    alice.command("invite", "#ops", "carol")
+    wait_for(alice, error_saying(r"^carol is already in #ops$"))
     alice.command("mode", "#ops", "")
     wait_for(alice, info_saying(r"^modes of #ops: \+i \(invite-only\)$"))
     alice.command("mode", "#ops", "+x")

@@ -274,6 +274,8 @@ def test_a_device_away_stays_away_when_its_session_resumes(connect):
     assert away_in_who() == ["alice"]
     alice.command("back")
     wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "you are back")
+    alice.command("back")
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "you were not away")
     drop_and_resume(alice)
     wait_for(alice, lambda event: isinstance(event, Room) and event.room == "#lobby")
     assert away_in_who() == []

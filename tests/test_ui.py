@@ -144,7 +144,7 @@ def test_a_passing_refusal_still_gives_up_in_time(quick_reconnect):
     assert "gave up reconnecting to 127.0.0.1:7878" in why
 
 
-@pytest.mark.parametrize("code", ["protocol_error", "demo_disabled", "a_code_from_a_newer_server"])
+@pytest.mark.parametrize("code", ["protocol_error", "demo_disabled", "account_deleted", "a_code_from_a_newer_server"])
 def test_any_other_refusal_is_a_final_error_that_says_why(code, quick_reconnect):
     client = RefusingClient(code)
     result, why = Reconnecting(client).outcome()
@@ -187,6 +187,14 @@ def test_a_notice_from_history_is_stamped_when_it_happened_not_when_it_is_shown(
     before = time.strftime("%H:%M")
     live, _ = ui.format_event(kick, style, "carol", "#x")  # no time of its own: now
     assert live in {f"{clock} *** alice kicked bob" for clock in (before, time.strftime("%H:%M"))}
+
+
+def test_an_empty_rooms_roster_says_nobody_is_there():
+    style = ui.Style(colour=False, timestamps=False)
+    assert ui.format_event(Roster(members=[], room="#quiet", devices=[]), style, "carol", "#lobby") == (
+        "*** nobody is in #quiet",
+        False,
+    )
 
 
 def test_a_long_roster_entered_again_is_shown_whole_or_not_at_all():
