@@ -32,6 +32,7 @@ from securechat.config import (
 from securechat.crypto_utils import CryptoError
 from securechat.history import StoreError
 from securechat.listener import ChatServer
+from securechat.protocol import normalize_room
 from securechat.workers import run_workers, worker_count, worker_number
 
 log = logging.getLogger("chat.server")
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             shown = hide_password(value) if spec.name == "backend" else str(value)
             print(f"error: {option_flag(spec)} {shlex.quote(shown)}: {problem}", file=sys.stderr)
             return EXIT_BAD_CONFIG
+    config.default_room = normalize_room(config.default_room)  # "Lobby" is #lobby: printed as it is used
     workers = 1 if worker else worker_count(config.workers)
     if workers > 1 and config.backend == "memory":  # (before --print-config: what it prints must start)
         print("error: --workers needs rooms the processes share: add --backend redis://HOST:PORT/DB", file=sys.stderr)

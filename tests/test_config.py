@@ -190,7 +190,7 @@ def test_the_command_line_wins_over_the_file_and_defaults_fill_the_rest(tmp_path
 
 def test_print_config_reads_back_as_the_same_configuration(tmp_path):
     first = run_server_py(
-        "--port", "0", "--data-dir", "relative/data", "--default-room", "#hall", "--history-days", "0.5",
+        "--port", "0", "--data-dir", "relative/data", "--default-room", "Hall", "--history-days", "0.5",
         "--print-config", cwd=tmp_path,
     )  # fmt: skip
     assert first.returncode == 0, first.stderr
@@ -200,6 +200,7 @@ def test_print_config_reads_back_as_the_same_configuration(tmp_path):
     printed = tomllib.loads(first.stdout)
     assert list(printed) == OPTION_KEYS
     assert printed["data-dir"] == str(tmp_path / "relative" / "data")  # absolute: the same wherever it is saved
+    # The room as the server names it ("Hall" is #hall), as the data directory is the path it uses.
     assert (printed["port"], printed["default-room"], printed["history-days"]) == (0, "#hall", 0.5)
 
 
