@@ -745,7 +745,7 @@ def test_a_password_change_ends_a_session_that_only_listens(make_server, connect
     assert resumed.value.code == "token_revoked"
     assert bob.connected
     quick.users.delete("bob")
-    wait_for(bob, lambda event: isinstance(event, ErrorReply) and event.code == "token_revoked")
+    wait_for(bob, lambda event: isinstance(event, ErrorReply) and event.code == "account_deleted")
     wait_for(bob, is_disconnected)
 
 
