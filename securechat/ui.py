@@ -1351,12 +1351,19 @@ def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
     """The session expired: ask for the password on the terminal and log in afresh."""
     show(f"*** your session has ended; log in again as {client.username} (Ctrl-C to quit)")
     try:
-        # prompt_toolkit's own prompt: getpass would write past patch_stdout's pending output.
+        # prompt_toolkit's own prompt: getpass would write past patch_stdout's pending output. Shown as
+        # getpass shows it, as nothing: not a star a character, nor a cursor that moves, to tell its length.
         from prompt_toolkit import prompt
+        from prompt_toolkit.layout.processors import Processor, Transformation, TransformationInput
 
-        log_in_on_terminal(
-            client, client.username, lambda: prompt(f"Password for {client.username}: ", is_password=True)
-        )
+        class TypedUnseen(Processor):
+            def apply_transformation(self, transformation_input: TransformationInput) -> Transformation:
+                return Transformation([], source_to_display=lambda _: 0, display_to_source=lambda _: 0)
+
+        def ask() -> str:
+            return prompt(f"Password for {client.username}: ", input_processors=[TypedUnseen()])
+
+        log_in_on_terminal(client, client.username, ask)
     except (EOFError, KeyboardInterrupt):
         return False
     except ChatError as exc:

@@ -1205,7 +1205,10 @@ def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_pro
     prompt_at_cursor = alice.cursor_row.startswith("Password for alice:")
     explained_above = row_of(alice, "your session has ended") < alice.screen.cursor.y
 
-    alice.type(password_of("alice") + "\r")
+    alice.type(password_of("alice"))
+    alice.settle()
+    typing = alice.cursor_row, alice.screen.cursor.x
+    alice.type("\r")
     alice.wait_for_text("logged in again as alice", START)
     alice.wait_until(at_prompt(), TIMEOUT, "the prompt after logging in again")
     alice.type("back again\r")
@@ -1213,6 +1216,8 @@ def test_an_expired_session_asks_for_the_password_instead_of_resuming(server_pro
     assert (message.sender, message.text) == ("alice", "back again")
     assert password_of("alice").encode() not in alice.output
     assert prompt_at_cursor and explained_above, f"password prompt misplaced; screen when asked:\n{when_asked}"
+    # Nothing tells the password's length: no stars, and the cursor has not moved (as at the first login).
+    assert typing == ("Password for alice:", len("Password for alice: ")), typing
 
 
 def test_a_changed_key_on_reconnection_ends_the_session_with_a_failure(
