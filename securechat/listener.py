@@ -572,6 +572,14 @@ class ChatServer:
         claims = connection.claims
         if claims is None:
             return
+        if stamps is not None and stamps.get(claims.username) != claims.account_stamp:
+            # A listener sends nothing for the per-frame check to catch: a password
+            # change or a deleted account must still end its session. Before the revocation's
+            # check: the ban that revoked it (another device's turn, maybe) is the reason to give.
+            log.info("closing %s user=%s: account changed or banned", connection.peer, connection.name)
+            connection.finish("account changed", self._why_account_changed(claims.username))
+            self._revoke_sessions_of_changed_account(claims)
+            return
         if self.tokens.is_revoked(claims.session_id):
             # Ended from another server process (a /logout there): a listener sends nothing to be refused.
             connection.finish(
@@ -584,13 +592,6 @@ class ChatServer:
             connection.finish(
                 "token expired", ErrorReply(code="token_expired", message="token expired; log in again", fatal=True)
             )
-            return
-        if stamps is not None and stamps.get(claims.username) != claims.account_stamp:
-            # A listener sends nothing for the per-frame check to catch: a password
-            # change or a deleted account must still end its session.
-            log.info("closing %s user=%s: account changed or banned", connection.peer, connection.name)
-            connection.finish("account changed", self._why_account_changed(claims.username))
-            self._revoke_sessions_of_changed_account(claims)
             return
         if self.tokens.needs_refresh(claims):  # a listener needs its token kept fresh too
             try:
@@ -823,13 +824,18 @@ class ChatServer:
         verified = connection.verified_token
         # Comparing with == leaks nothing: the client sent this string, and we hold it only
         # because the same client sent it before on this authenticated connection.
-        if verified is not None and isinstance(token, str) and token == verified[0]:
-            claims = verified[1]
-            if claims.username != expected_user:
-                raise TokenError("token_invalid", "token is for another user")
-            self.tokens.recheck(claims)
-        else:
-            claims = self.tokens.verify(token, connection.key_thumbprint, expected_user)
+        try:
+            if verified is not None and isinstance(token, str) and token == verified[0]:
+                claims = verified[1]
+                if claims.username != expected_user:
+                    raise TokenError("token_invalid", "token is for another user")
+                self.tokens.recheck(claims)
+            else:
+                claims = self.tokens.verify(token, connection.key_thumbprint, expected_user)
+        except TokenError as exc:
+            if exc.code == "token_revoked" and expected_user:
+                self._account_stamp(expected_user)  # revoked by a ban or a deletion: that is the reason to give
+            raise
         if claims.account_stamp != self._account_stamp(claims.username):
             raise TokenError("token_revoked", "the account's password changed; log in again")
         if isinstance(token, str):  # always, once verify() accepted it

@@ -297,11 +297,12 @@ def test_names_in_commands_are_matched_in_any_case(chat):
 
 def test_a_ban_from_the_command_line_tells_the_banned_why_and_asks_no_password(chat, users_file):
     chat.start()
-    bob = chat.log_in("bob")
+    bob, phone = chat.log_in("bob"), chat.log_in("bob")
     assert admin_command(users_file, "ban", "bob", "10m", "spamming links").returncode == 0
-    ended = wait_for(bob, is_disconnected, timeout=TIMEOUT * 2)
-    assert ended.clean, "a banned account has nothing to come back to"
-    assert re.fullmatch(r"this account is banned until .* UTC: spamming links", ended.reason), ended.reason
+    for device in (bob, phone):  # each told of the ban, though the first one's end revokes them all
+        ended = wait_for(device, is_disconnected, timeout=TIMEOUT * 2)
+        assert ended.clean, "a banned account has nothing to come back to"
+        assert re.fullmatch(r"this account is banned until .* UTC: spamming links", ended.reason), ended.reason
     # The ban ended the session for good, as /gban does: once it is lifted, its token resumes nothing.
     assert bob.token, "the client keeps its token, so the server must refuse it"
     assert admin_command(users_file, "unban", "bob").returncode == 0
