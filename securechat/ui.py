@@ -395,10 +395,11 @@ def _cmd_help(context: CommandContext, args: str) -> None:
         else:
             context.show(spec.describe())
         return
+    width = 2 + max(len(command.spec.synopsis) for command in COMMANDS.values())  # every description aligned
     for command in COMMANDS.values():
         needs = "" if command.spec.role == "member" else f" [{command.spec.role}]"
-        context.show(f"  {command.spec.synopsis}".ljust(33) + " " + command.help + needs)
-    context.show("  //text".ljust(33) + " send a line that starts with /")
+        context.show(f"  {command.spec.synopsis}".ljust(width) + " " + command.help + needs)
+    context.show("  //text".ljust(width) + " send a line that starts with /")
 
 
 def _split_room(context: CommandContext, args: str) -> tuple[str, str]:

@@ -229,3 +229,9 @@ def test_help_keeps_a_space_between_every_command_and_what_it_does():
     ui.handle_line(ui.CommandContext(client=None, show=shown.append), "/help")  # type: ignore[arg-type]
     mode = next(line for line in shown if line.startswith("  /mode"))
     assert "+t|-t] show a room's modes" in mode
+    # And every description starts in one column, the longest command's included.
+    columns = {
+        next(line for line in shown if line.startswith(f"  {command.spec.synopsis} ")).index(command.help)
+        for command in ui.COMMANDS.values()
+    }
+    assert len(columns) == 1, columns
