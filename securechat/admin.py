@@ -216,8 +216,11 @@ def run_admin_command(args: argparse.Namespace) -> int:
             store.add(name, read_new_password(name, args.min_password_length))
             print(f"added {name}")
         elif args.command == "deluser":
+            deleted = store.get(name)
             store.delete(name)
             print(f"deleted {name}")
+            if deleted is not None and deleted.is_admin and not any(user.is_admin for user in store.load().values()):
+                print("note: no admin is left: make one with 'server.py role NAME admin'", file=sys.stderr)
         elif args.command == "passwd":
             if store.get(name) is None:
                 raise KeyError(name)

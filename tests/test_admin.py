@@ -74,8 +74,13 @@ def test_adduser_users_passwd_deluser(users):
     assert not verify_password("alice-first-password", alice.password_hash)
 
     deleted = admin("deluser", "bob", users=users)
-    assert (deleted.returncode, deleted.stdout.strip()) == (0, "deleted bob")
+    assert (deleted.returncode, deleted.stdout.strip(), deleted.stderr) == (0, "deleted bob", "")
     assert admin("users", users=users).stdout.split() == ["alice"]
+    # The last admin may go (the command line can always make another), but not without a word.
+    assert admin("role", "alice", "admin", users=users).returncode == 0
+    deleted = admin("deluser", "alice", users=users)
+    assert (deleted.returncode, deleted.stdout.strip()) == (0, "deleted alice")
+    assert deleted.stderr == "note: no admin is left: make one with 'server.py role NAME admin'\n"
 
 
 def test_users_on_an_absent_file_lists_nobody(users):
