@@ -409,6 +409,9 @@ class ChatClient:
         #: resume, so that the server sends exactly what this device missed.
         self.last_id = 0
         self.seen: dict[str, int] = {}
+        #: Rooms this device was told it left. Their ``seen`` is still sent (a room rejoined on another
+        #: device then catches up exactly), and a resume tells again of each as left while away: once is news.
+        self._told_left: set[str] = set()
         self.away_since = 0.0
         #: This device's /away message ("" for none given) while it is away, else None: the server
         #: keeps it with the session, and a resumed session is a new one, so it is said again.
@@ -1059,6 +1062,7 @@ class ChatClient:
                 self.rooms[message.room] = sorted(names)
         elif isinstance(message, Room):
             if message.joined:
+                self._told_left.discard(message.room)
                 others_pending = self._join_answered(room=message.room)
                 self.rooms.setdefault(message.room, [])
                 # Seen up to no line yet: a resume then sends only what is newer than ``last_id``. A room
@@ -1069,6 +1073,9 @@ class ChatClient:
                 if (message.requested and not others_pending) or not self.active_room:
                     self.active_room = message.room
             else:
+                if message.room in self._told_left and message.room not in self.rooms:
+                    return []
+                self._told_left.add(message.room)
                 self.rooms.pop(message.room, None)
                 if self.active_room == message.room:
                     self.active_room = next(iter(self.rooms), "")

@@ -481,6 +481,14 @@ def test_a_device_kicked_or_parted_elsewhere_while_offline_is_told_when_it_resum
     told = {event.room: event.reason for event in drain(bob, quiet=0.5) if isinstance(event, Room) and not event.joined}
     assert told == {"#dev": "alice kicked bob: cleanup", "#ops": "while you were away"}, told
     assert "#dev" not in bob.rooms and "#ops" not in bob.rooms
+    # Told once: not at every resume after, nor for a room the device parted itself, live.
+    bob.join("#own")
+    wait_for(bob, room_entered("#own"))
+    bob.part("#own")
+    wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#own" and not event.joined)
+    drop_and_resume(bob)
+    again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Room) and not event.joined]
+    assert again == [], again
 
 
 def test_sessions_lists_every_device_and_logout_ends_one(connect):
