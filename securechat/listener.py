@@ -577,8 +577,10 @@ class ChatServer:
             # change or a deleted account must still end its session. Before the revocation's
             # check: the ban that revoked it (another device's turn, maybe) is the reason to give.
             log.info("closing %s user=%s: account changed or banned", connection.peer, connection.name)
-            connection.finish("account changed", self._why_account_changed(claims.username))
-            self._revoke_sessions_of_changed_account(claims)
+            reason = self._why_account_changed(claims.username)
+            connection.finish("account changed", reason)
+            if reason.code == "banned":
+                self._revoke_sessions_of_banned_account(claims)
             return
         if self.tokens.is_revoked(claims.session_id):
             # Ended from another server process (a /logout there): a listener sends nothing to be refused.
@@ -760,9 +762,11 @@ class ChatServer:
             log.error("%s", exc)
             return None
 
-    def _revoke_sessions_of_changed_account(self, claims: TokenClaims) -> None:
-        """An account banned from the admin command line keeps its password, so its tokens would
-        be good again once the ban is lifted: revoke its sessions, as /gban does (keepalive thread)."""
+    def _revoke_sessions_of_banned_account(self, claims: TokenClaims) -> None:
+        """An account banned from the admin command line keeps its password, so its tokens would be
+        good again once the ban is lifted: revoke its sessions, as /gban does. Only for a ban: a new
+        password or a deleted account refuses every earlier token for good already, and a session
+        opened since with the new password must live on."""
         try:
             self.tokens.revoke(claims)
             not_saved = self.hub.revoke_sessions_of(claims.username, besides={claims.session_id})
@@ -836,7 +840,13 @@ class ChatServer:
             if exc.code == "token_revoked" and expected_user:
                 self._account_stamp(expected_user)  # revoked by a ban or a deletion: that is the reason to give
             raise
-        if claims.account_stamp != self._account_stamp(claims.username):
+        try:
+            stamp = self._account_stamp(claims.username)
+        except TokenError as exc:
+            if exc.code == "banned":  # its next frame can come before the keepalive looks
+                self._revoke_sessions_of_banned_account(claims)
+            raise
+        if claims.account_stamp != stamp:
             raise TokenError("token_revoked", "the account's password changed; log in again")
         if isinstance(token, str):  # always, once verify() accepted it
             connection.verified_token = (token, claims)

@@ -27,7 +27,7 @@ from conftest import (
 )
 
 from securechat import hub, rooms
-from securechat.accounts import LoginThrottle
+from securechat.accounts import AccountBan, LoginThrottle
 from securechat.client import (
     Chat,
     ChatClient,
@@ -747,6 +747,50 @@ def test_a_password_change_ends_a_session_that_only_listens(make_server, connect
     quick.users.delete("bob")
     wait_for(bob, lambda event: isinstance(event, ErrorReply) and event.code == "account_deleted")
     wait_for(bob, is_disconnected)
+
+
+def test_a_password_change_does_not_revoke_the_session_logged_in_with_the_new_password(make_server, connect):
+    """The keepalive that ends the old password's session must not revoke the one the user just opened
+    with the new password (it once revoked every session of an account whose stamp changed)."""
+    server = make_server(ping_interval=20.0)  # the keepalive looks at accounts every 5 s
+    for attempt in range(3):
+        old = connect("alice", to=server, password=password_of("alice") if attempt == 0 else f"new {attempt - 1}")
+        drain(old, quiet=0.1)
+        server.users.set_password("alice", f"new {attempt}")
+        new = connect("alice", to=server, password=f"new {attempt}", device="phone")
+        if old.connected and not [event for event in drain(old, quiet=0.05) if isinstance(event, ErrorReply)]:
+            break  # the new session opened before the keepalive's pass: the case to try
+        new.close()
+    else:
+        pytest.skip("the keepalive always passed between the change and the new login")
+    refusal = wait_for(old, lambda event: isinstance(event, ErrorReply), timeout=TIMEOUT * 2)
+    assert refusal.code == "token_revoked"  # the old password's session ends: right
+    time.sleep(0.3)
+    try:
+        new.say("still here with the new password")
+    except ChatError as exc:
+        pytest.fail(f"the new password's session was ended: {exc}")
+    seen = wait_for(new, lambda event: isinstance(event, Chat | ErrorReply) or is_disconnected(event))
+    assert isinstance(seen, Chat), f"the new password's session was ended: {seen}"
+
+
+def test_a_ban_set_on_the_command_line_ends_for_good_a_session_that_speaks_before_the_keepalive(make_server, connect):
+    """A banned session whose next frame reaches the server before the keepalive looks is refused by
+    the per-frame check: it must be revoked there too, or it resumes once the ban is lifted."""
+    server = make_server(ping_interval=20.0)  # the keepalive looks at accounts every 5 s
+    bob = connect("bob")
+    server.users.ban("bob", AccountBan(reason="spam"))
+    bob.say("still talking")
+    refusal = wait_for(bob, lambda event: isinstance(event, ErrorReply))
+    assert refusal.code == "banned"
+    wait_for(bob, is_disconnected)
+    assert bob.token, "the client keeps its token after a ban"
+    assert server.users.unban("bob")
+    bob.close()
+    bob.connect()
+    with pytest.raises(LoginRefused) as refused:
+        bob.resume()
+    assert refused.value.code == "token_revoked"
 
 
 def test_a_password_changed_while_a_login_is_being_checked_still_ends_that_session(make_server, connect, monkeypatch):
