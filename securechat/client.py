@@ -301,7 +301,8 @@ class DeviceTokens:
         self.directory = Path(directory)
 
     def _path(self, host_id: str, username: str) -> Path:
-        return self.directory / hashlib.sha256(f"{host_id} {username}".encode()).hexdigest()[:32]
+        # In any case: a login typed as "Alice" is alice's, whose welcome the token was saved from.
+        return self.directory / hashlib.sha256(f"{host_id} {username.casefold()}".encode()).hexdigest()[:32]
 
     def lookup(self, host_id: str, username: str) -> str:
         """The token saved for ``username`` at ``host_id``, or "" if there is none (or none to trust)."""

@@ -87,6 +87,11 @@ MAX_HASHING_PER_ADDRESS = 4
 MAX_TRACKED_ADDRESSES = 10_000
 
 
+#: Seconds a name not spelled as stored is looked up among the names read before, rather than
+#: reading them all again: a new account typed in another case waits this long at most.
+SPELLINGS_MAX_AGE = 2.0
+
+
 class StoreDirectory:
     """The user store as the hub sees it: who exists, who is an admin, and server-wide bans.
 
@@ -96,6 +101,11 @@ class StoreDirectory:
 
     def __init__(self, users: AccountStore) -> None:
         self.users = users
+        # Guards _spellings and _spellings_read_at: each stored name by its casefold, read at most once a
+        # SPELLINGS_MAX_AGE for a name not spelled as stored (with accounts in Redis, a read of them all).
+        self._spellings_lock = threading.Lock()
+        self._spellings: dict[str, str] = {}
+        self._spellings_read_at = -SPELLINGS_MAX_AGE
 
     def _record(self, name: str) -> UserRecord | None:
         try:
@@ -130,13 +140,23 @@ class StoreDirectory:
     def canonical(self, name: str) -> str | None:
         if self._record(name) is not None:
             return name
+        # Not spelled as stored: a name typed in another case, or no account at all (a guesser's, at
+        # every login attempt, before any throttle). The names are read again only once they are old.
+        folded = name.casefold()
+        with self._spellings_lock:
+            stored = self._spellings.get(folded)
+            fresh = time.monotonic() - self._spellings_read_at < SPELLINGS_MAX_AGE
+        if stored is not None or fresh:
+            return stored
         try:
-            names = self.users.load()  # only when the name is not spelled as stored: rare
+            names = self.users.load()
         except UserStoreError as exc:
             log.error("%s", exc)
             return None
-        folded = name.casefold()
-        return next((stored for stored in names if stored.casefold() == folded), None)
+        spellings = {stored.casefold(): stored for stored in names}
+        with self._spellings_lock:
+            self._spellings, self._spellings_read_at = spellings, time.monotonic()
+        return spellings.get(folded)
 
     def identity(self, name: str) -> AccountIdentity | None:
         record = self._record(name)

@@ -33,10 +33,11 @@ from conftest import (
 )
 
 from securechat.backend import BackendMismatch, BackendUnavailable, LineCharge, OverBudget
-from securechat.client import ChatClient, KnownHosts
+from securechat.client import ChatClient, KnownHosts, LoginRefused
 from securechat.hub import ChatHub
 from securechat.protocol import Chat, ErrorReply, Notice, Sessions
 from securechat.protocol import Room as RoomMessage
+from securechat.redis_accounts import USERS_KEY
 from securechat.redis_backend import RedisBackend, key_id
 
 
@@ -574,6 +575,65 @@ def test_the_message_of_the_day_and_an_ignore_list_hold_on_every_node(cluster, t
     bob.say("carol's phone must not show this")
     alice.say("but this")
     assert wait_for(carol_phone, lambda event: isinstance(event, Chat) and not event.history).text == "but this"
+
+
+def test_a_refused_login_by_an_unknown_name_does_not_read_every_account_from_redis(tmp_path, users_file, redis_server):
+    """A name not spelled as stored is looked up in any case, before any throttle: with accounts in Redis
+    that read every account (HGETALL) at each login by a name that is no account, a guesser's included."""
+
+    import_accounts(users_file, redis_server.url)
+    node = ServerProcess(
+        [
+            "--port",
+            "0",
+            "--users",
+            str(users_file),
+            "--data-dir",
+            str(tmp_path / "node"),
+            "--backend",
+            redis_server.url,
+            "--log-level",
+            "WARNING",
+            "--ping-interval",
+            "400",
+        ]  # keepalive: every 5 s
+    )
+    reads: list[str] = []
+    watcher = redis.Redis.from_url(redis_server.url)
+    stop = threading.Event()
+
+    def watch() -> None:
+        with watcher.monitor() as monitor:
+            for command in monitor.listen():
+                if stop.is_set():
+                    return
+                if command["command"].upper().startswith("HGETALL") and USERS_KEY in command["command"]:
+                    reads.append(command["command"])
+
+    thread = threading.Thread(target=watch, daemon=True)
+    try:
+        outcomes = []
+        for number in range(8):  # a guesser at names that are no accounts, from its own address
+            client = client_of(node, tmp_path / "known_hosts_guesser", source_address=("127.0.0.2", 0))
+            try:
+                client.login(f"Ghost{number}", "whatever")
+            except LoginRefused as exc:
+                outcomes.append(exc.code)
+            finally:
+                client.close()
+            if number == 3:
+                thread.start()
+                time.sleep(0.3)
+        assert outcomes[-4:] == ["rate_limited"] * 4, outcomes  # told to wait: no password is checked
+        time.sleep(0.3)
+        assert len(reads) <= 1, f"{len(reads)} reads of every account for 4 refused logins"  # (1: a keepalive)
+    finally:
+        stop.set()
+        if thread.is_alive():
+            watcher.ping()  # one more command for the monitor to see, and stop at
+            thread.join(TIMEOUT)
+        watcher.close()
+        node.stop()
 
 
 def test_a_first_start_on_an_empty_redis_copies_the_accounts_of_users_json(tmp_path, users_file, redis_server):
