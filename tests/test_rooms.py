@@ -45,6 +45,10 @@ def room_entered(name: str):
     return lambda event: isinstance(event, Room) and event.room == name and event.joined
 
 
+def left_room(name: str):
+    return lambda event: isinstance(event, Room) and event.room == name and not event.joined
+
+
 def line(text: str, room: str | None = None):
     return lambda event: isinstance(event, Chat) and event.text == text and (room is None or event.room == room)
 
@@ -458,6 +462,27 @@ def test_one_account_making_and_leaving_rooms_cannot_use_up_the_servers_rooms(ma
     for room in ("#real", "#more"):
         alice.join(room)
         wait_for(alice, room_entered(room))
+
+
+def test_an_account_added_under_a_deleted_ones_name_is_not_charged_with_the_rooms_it_made(make_server, connect):
+    """The rooms an account may make are counted by their maker's name: a new account under a deleted
+    one's name (whose rooms, roles and memberships the server lets go of) must not be charged with them."""
+    server = make_server(max_rooms_per_account=3)
+    erin = connect("erin", to=server)
+    for number in range(3):
+        erin.join(f"#old{number}")
+        wait_for(erin, room_entered(f"#old{number}"))
+        erin.part(f"#old{number}")
+        wait_for(erin, left_room(f"#old{number}"))
+    erin.leave()
+    erin.close()
+    time.sleep(1.1)  # the new account is made after the old one was last seen
+    server.users.delete("erin")
+    server.users.add("erin", "a new erin's own password")
+    newcomer = connect("erin", to=server, password="a new erin's own password")
+    newcomer.join("#fresh")
+    answer = wait_for(newcomer, lambda event: isinstance(event, ErrorReply) or room_entered("#fresh")(event))
+    assert not isinstance(answer, ErrorReply), f"a new account may make a room: {answer}"
 
 
 def test_a_device_kicked_or_parted_elsewhere_while_offline_is_told_when_it_resumes(connect):
