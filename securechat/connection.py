@@ -507,14 +507,25 @@ class ClientConnection:
         elif isinstance(message, Who):
             hub.who(self, message.room)
         elif isinstance(message, Command):
-            if message.name in LARGE_ANSWERS and self.send_queue.waiting_bytes > REQUESTS_WAIT_ABOVE:
-                waiting = self.send_queue.waiting_bytes / 2**20
-                raise HubError(
-                    "backlog", f"/{message.name} must wait: {waiting:.0f} MiB sent to you is still on its way"
-                )
+            if message.name in LARGE_ANSWERS:
+                self._check_backlog(message.name)
             run_command(hub, self, message.name, message.args)
         else:
             raise ProtocolError(f"{message.KIND.name} is not allowed after login")
+
+    def backlog(self) -> int:
+        return self.send_queue.waiting_bytes
+
+    def _check_backlog(self, command: str) -> None:
+        """``HubError`` if ``command``'s answer would pile up on too much that waits: /history answers
+        this device, /join every device of the account here (each enters the room with its lines)."""
+        devices = self.server.hub.local_sessions(self.name) if command == "join" else []
+        waiting, busiest = max(
+            [(self.backlog(), self), *((device.backlog(), device) for device in devices)], key=lambda pair: pair[0]
+        )
+        if waiting > REQUESTS_WAIT_ABOVE:
+            whom = "you" if busiest is self else "another of your devices"
+            raise HubError("backlog", f"/{command} must wait: {waiting / 2**20:.0f} MiB sent to {whom} is on its way")
 
     def _checked_text(self, text: str) -> str:
         """The text of a line, sanitized; ``HubError`` if it cannot be sent as it is."""

@@ -220,10 +220,14 @@ class FloodBudget(Protocol):
 
 
 class Session(Member, Protocol):
-    """What the hub needs of a logged-in connection beyond ``Member``: ending it from elsewhere."""
+    """What the hub needs of a logged-in connection beyond ``Member``: ending it from elsewhere, and
+    how much waits for it."""
 
     def end(self, reason: str) -> None:
         """End this session for good (revoking its tokens): /logout from another device."""
+
+    def backlog(self) -> int:
+        """Bytes of messages queued for this session and not sent yet."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 from conftest import TIMEOUT, password_of, wait_for, wait_until
 from test_hostile import RawPeer, spare_key
 
-from securechat.client import Chat, Notice
+from securechat.client import Chat, Notice, Room
 from securechat.connection import PING_FRAME, REQUESTS_WAIT_ABOVE
 from securechat.outbound import OUTBOX_HIGH_WATER, OutboundQueue, Outbox, SendPool
 from securechat.protocol import MAX_FRAME_SIZE, Batch, Command, ErrorReply
@@ -366,6 +366,55 @@ def test_a_client_that_asks_for_history_and_never_reads_is_refused_more_before_t
     assert max(held) <= REQUESTS_WAIT_ABOVE + 4 * 2**20, (
         f"held {max(held) / 2**20:.0f} MiB for a client that did not read"
     )
+
+
+def room_entered(name: str):
+    return lambda event: isinstance(event, Room) and event.room == name and event.joined
+
+
+def room_left(name: str):
+    return lambda event: isinstance(event, Room) and event.room == name and not event.joined
+
+
+def test_a_device_that_does_not_read_is_not_made_to_hold_join_answers_past_the_backlog_limit(make_server, connect):
+    """A /join enters the room on every device of the account: one device, reading, joins and parts a
+    room of long lines again and again, while another does not read. Its catch-ups must not pile up
+    past the backlog limit (the queue's item count alone allows 512 of up to 50 long lines each)."""
+    server = make_server(flood_rate=0.0)
+    filler = connect("bob", to=server)
+    filler.join("#big")
+    wait_for(filler, room_entered("#big"))
+    long_line = "x" * 30_000
+    for number in range(50):
+        filler.say(f"{number} {long_line}", room="#big")
+    wait_for(filler, lambda event: isinstance(event, Chat) and event.text.startswith("49 "), timeout=TIMEOUT * 4)
+    reader = connect("alice", to=server, device="laptop")
+    stalled = connect("alice", to=server, device="phone")
+    release = threading.Event()
+    put_event = stalled._put_event
+
+    def stuck(event) -> None:  # its reader stops reading the socket: a device that does not read
+        release.wait()
+        put_event(event)
+
+    stalled._put_event = stuck
+    try:
+        refused = []
+        for _ in range(20):
+            reader.join("#big")
+            answer = wait_for(reader, lambda event: isinstance(event, ErrorReply) or room_entered("#big")(event))
+            if isinstance(answer, ErrorReply):
+                refused.append(answer)
+                break
+            reader.part("#big")
+            wait_for(reader, room_left("#big"))
+        (held,) = [c for c in server.connections if c.name == "alice" and c.device == "phone"]
+        waiting = held.send_queue.waiting_bytes
+        assert refused, f"{waiting / 2**20:.0f} MiB of join answers held for a device that does not read"
+        assert waiting <= REQUESTS_WAIT_ABOVE + 2 * 2**20, f"{waiting / 2**20:.0f} MiB held"
+        assert refused[0].code == "backlog" and "sent to another of your devices" in refused[0].message
+    finally:
+        release.set()
 
 
 def _queued_chat_text(connection) -> int:
