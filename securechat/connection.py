@@ -62,11 +62,12 @@ log = logging.getLogger("chat.server")
 #: Most queued messages a send worker seals for one connection, and writes with one
 #: system call, before it turns to the next connection.
 SEND_BATCH_SIZE = 64
-#: Above this much plaintext waiting for a client, its /history and /join are refused until
-#: it reads: one answer may hold 500 lines of up to 32 KiB, and a client that asked page after
-#: page and never read had the server hold gigabytes for it, in too few items to be dropped.
-#: Only what the client asks for is held back: a device catching up on its rooms at login may
-#: queue more, and the room's lines go on reaching it (a slow reader is dropped by item count).
+#: Above this much plaintext waiting for a client, its /history is refused until it reads, and
+#: so is a /join while that much waits for any device of the account here (each enters the room
+#: with its lines): one answer may hold 500 lines of up to 32 KiB, and a client that asked page
+#: after page and never read had the server hold gigabytes for it, in too few items to be dropped.
+#: Only what is asked for is held back: a device catching up on its rooms at login may queue
+#: more, and the room's lines go on reaching it (a slow reader is dropped by item count).
 REQUESTS_WAIT_ABOVE = 8 * 1024 * 1024
 #: The commands whose answers can be that large.
 LARGE_ANSWERS = frozenset({"history", "join"})
