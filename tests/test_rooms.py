@@ -447,7 +447,7 @@ def test_the_rooms_per_account_limit_is_refused_in_one_line(make_server, connect
 def test_one_account_making_and_leaving_rooms_cannot_use_up_the_servers_rooms(make_server, connect):
     # Rooms stay when everyone has left, and the server holds --max-rooms: an account that joined
     # and parted new room after room made the server refuse every new room, to everyone, for good.
-    server = make_server(max_rooms=6, max_rooms_per_account=3)
+    server = make_server(max_rooms=8, max_rooms_per_account=3)
     erin = connect("erin", to=server)
     for number in range(3):
         erin.join(f"#junk{number}")
@@ -459,9 +459,15 @@ def test_one_account_making_and_leaving_rooms_cannot_use_up_the_servers_rooms(ma
     erin.join("#junk0")  # one she made: she may go back
     wait_for(erin, room_entered("#junk0"))
     alice = connect("alice", to=server)  # the rooms erin could not make are left for others
-    for room in ("#real", "#more"):
+    for room in ("#real", "#more", "#third"):
         alice.join(room)
         wait_for(alice, room_entered(room))
+        alice.part(room)
+    alice.join("#admins")
+    assert wait_for(alice, lambda event: isinstance(event, ErrorReply)).code == "too_many_rooms"
+    server.users.set_role("alice", "admin")  # an admin makes rooms past the account's number
+    alice.join("#admins")
+    wait_for(alice, room_entered("#admins"))
 
 
 def test_an_account_added_under_a_deleted_ones_name_is_not_charged_with_the_rooms_it_made(make_server, connect):
