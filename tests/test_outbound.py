@@ -9,8 +9,9 @@ import time
 import pytest
 from conftest import TIMEOUT, password_of, wait_for, wait_until
 from test_hostile import RawPeer, spare_key
+from test_rooms import left_room, room_entered
 
-from securechat.client import Chat, Notice, Room
+from securechat.client import Chat, Notice
 from securechat.connection import PING_FRAME, REQUESTS_WAIT_ABOVE
 from securechat.outbound import OUTBOX_HIGH_WATER, OutboundQueue, Outbox, SendPool
 from securechat.protocol import MAX_FRAME_SIZE, Batch, Command, ErrorReply
@@ -368,14 +369,6 @@ def test_a_client_that_asks_for_history_and_never_reads_is_refused_more_before_t
     )
 
 
-def room_entered(name: str):
-    return lambda event: isinstance(event, Room) and event.room == name and event.joined
-
-
-def room_left(name: str):
-    return lambda event: isinstance(event, Room) and event.room == name and not event.joined
-
-
 def test_a_device_that_does_not_read_is_not_made_to_hold_join_answers_past_the_backlog_limit(make_server, connect):
     """A /join enters the room on every device of the account: one device, reading, joins and parts a
     room of long lines again and again, while another does not read. Its catch-ups must not pile up
@@ -407,7 +400,7 @@ def test_a_device_that_does_not_read_is_not_made_to_hold_join_answers_past_the_b
                 refused.append(answer)
                 break
             reader.part("#big")
-            wait_for(reader, room_left("#big"))
+            wait_for(reader, left_room("#big"))
         (held,) = [c for c in server.connections if c.name == "alice" and c.device == "phone"]
         waiting = held.send_queue.waiting_bytes
         assert refused, f"{waiting / 2**20:.0f} MiB of join answers held for a device that does not read"
