@@ -121,7 +121,8 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reservation.bind((config.host, config.port))
     port = reservation.getsockname()[1]
-    command = [sys.executable, "-m", "securechat.server_cli", *argv, "--workers", "1", "--port", str(port)]
+    given = _without_options(argv, ("--workers", "--port"))
+    command = [sys.executable, "-m", "securechat.server_cli", *given, "--workers", "1", "--port", str(port)]
     workers = [Worker(number, command) for number in range(1, count + 1)]
     stopping = threading.Event()
 
@@ -150,6 +151,23 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
     finally:
         _stop_all(workers)
         reservation.close()
+
+
+def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` less the options ``names`` and their values, which the supervisor sets for each worker.
+
+    The last one given wins anyway; this only keeps ``ps`` from showing ``--workers 2 ... --workers 1``.
+    """
+    kept: list[str] = []
+    skip_value = False
+    for argument in argv:
+        if skip_value:
+            skip_value = False
+        elif argument in names:
+            skip_value = True
+        elif not argument.startswith(tuple(f"{name}=" for name in names)):
+            kept.append(argument)
+    return kept
 
 
 def _restart_if_dead(worker: Worker, stopping: threading.Event) -> None:

@@ -351,6 +351,9 @@ def test_workers_serve_clients_from_every_process_and_stop_together(tmp_path, us
         pid = node.process.pid
         children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         assert len(children) == 2
+        for child in children:  # the supervisor's own --workers and --port are not passed on beside the worker's
+            command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            assert command.count(b"--workers") == 1 and command.count(b"--port") == 1, command
         started = time.monotonic()
         node.process.send_signal(signal.SIGTERM)
         status = node.process.wait(timeout=TIMEOUT)
