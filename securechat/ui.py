@@ -105,7 +105,10 @@ class Style:
 
     def when(self, when: float) -> str:
         """A time of day for today, with the date for any other day (history brings old lines)."""
-        moment = time.localtime(when)
+        try:
+            moment = time.localtime(when)
+        except (OverflowError, OSError, ValueError):  # a time no calendar holds: the server's word, shown as none
+            return "--:--"
         if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d"):
             return time.strftime("%H:%M", moment)
         return time.strftime("%Y-%m-%d %H:%M", moment)
@@ -145,6 +148,12 @@ def format_chat(message: Chat, style: Style, own_name: str = "", active_room: st
     if message.action:
         return f"{stamp}{room}* {sender} {text}"
     return f"{stamp}{room}{sender}: {text}"
+
+
+def _printable(name: str) -> bool:
+    """Whether a name from the server is safe to put in the line being typed as it is (a real
+    server's always are; a completion of any other would put its raw characters on the prompt)."""
+    return sanitize_text(name) == name
 
 
 def format_event(
@@ -1103,12 +1112,12 @@ def run_interactive(
                 return
             if word.startswith("#"):
                 for room_name in client.rooms:
-                    if room_name.startswith(word.lower()):
+                    if room_name.startswith(word.lower()) and _printable(room_name):
                         yield Completion(f"{room_name} ", start_position=-len(word))
                 return
             suffix = ": " if before == word else " "
             for name in client.members:
-                if name != client.username and word and name.lower().startswith(word.lower()):
+                if name != client.username and word and name.lower().startswith(word.lower()) and _printable(name):
                     yield Completion(name + suffix, start_position=-len(word))
 
     def switch_room(step: int = 0, index: int | None = None) -> None:
@@ -1161,7 +1170,8 @@ def run_interactive(
             count = waiting.get(name, 0) if name != client.active_room else 0
             mark = f"({count}" + (f"@{naming[name]}" if naming.get(name) else "") + ")" if count else ""
             rooms.append(f"{number}:{name}{mark}")
-        return " ".join(rooms) + "   Ctrl-N/P, Alt-1..9: switch room"
+        # Room names are the server's word: no character that would move or reorder the bar.
+        return sanitize_text(" ".join(rooms)) + "   Ctrl-N/P, Alt-1..9: switch room"
 
     def prompt_text() -> str:
         """The current room, then the other rooms with unread lines (and of them, how many name you):
@@ -1174,8 +1184,8 @@ def run_interactive(
                 for room, count in unread.items()
                 if count and room in client.rooms
             ]
-        shown = sanitize_text(client.active_room or client.username)
-        return f"{shown} [{' '.join(waiting)}]> " if waiting else f"{shown}> "
+        shown = client.active_room or client.username
+        return sanitize_text(f"{shown} [{' '.join(waiting)}]> " if waiting else f"{shown}> ")
 
     session: PromptSession[str] = PromptSession(
         completer=ChatCompleter(),
