@@ -255,7 +255,7 @@ class KnownHosts:
 
     def _check_permissions(self, fd: int) -> None:
         try:
-            crypto_utils.check_not_writable_by_others(self.path, os.fstat(fd).st_mode)
+            crypto_utils.check_not_writable_by_others(self.path, os.fstat(fd))
         except crypto_utils.InsecureFileError as exc:
             raise ChatError(str(exc)) from None
 
@@ -588,10 +588,9 @@ class ChatClient:
 
     def _read(self, deadline: Deadline | None = None) -> tuple[FrameType, bytes]:
         assert self.sock is not None
-        if deadline is not None:
-            self.sock.settimeout(deadline.timeout())
         try:
-            return read_frame(self.sock, MAX_FRAME_SIZE)
+            # Every read gets only the time left: a server dripping a byte at a time cannot stretch it.
+            return read_frame(self.sock, MAX_FRAME_SIZE, deadline)
         except ConnectionClosed as exc:
             raise ChatError(f"the server closed the connection ({exc})") from None
         except TimeoutError:
