@@ -476,9 +476,10 @@ class UserStore(AccountEdits):
             raise UserStoreError(f"{self.path}: cannot read: {exc.strerror}") from exc
         try:
             with os.fdopen(fd, "rb") as handle:
-                mode = os.fstat(handle.fileno()).st_mode
+                info = os.fstat(handle.fileno())
+                mode = info.st_mode
                 try:
-                    check_not_writable_by_others(self.path, mode)
+                    check_not_writable_by_others(self.path, info)
                 except InsecureFileError as exc:
                     raise UserStoreError(str(exc)) from None
                 users = self._parse(handle.read())

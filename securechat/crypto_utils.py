@@ -252,11 +252,17 @@ def check_owner_only(path: Path) -> None:
         )
 
 
-def check_not_writable_by_others(path: Path, mode: int) -> None:
-    """Raise ``InsecureFileError`` if ``mode``, the mode of ``path``, lets group or others write it."""
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+def check_not_writable_by_others(path: Path, info: os.stat_result) -> None:
+    """Raise ``InsecureFileError`` if another user may write ``path`` (whose ``os.stat`` is ``info``):
+    its mode lets group or others write it, or another user owns it (an owner may always write).
+    Root may own it: root may write anything anyway."""
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise InsecureFileError(
-            f"{path} is writable by other users (mode {stat.filemode(mode)}); fix it with: chmod 600 {path}"
+            f"{path} is writable by other users (mode {stat.filemode(info.st_mode)}); fix it with: chmod 600 {path}"
+        )
+    if hasattr(os, "geteuid") and info.st_uid not in (os.geteuid(), 0):
+        raise InsecureFileError(
+            f"{path} belongs to another user (uid {info.st_uid}), who may rewrite it; it must be yours or root's"
         )
 
 
