@@ -709,7 +709,11 @@ class ChatClient:
             reply = decode_control_message(body)
             if not isinstance(reply, ControlError):
                 raise ProtocolError("unexpected cleartext frame after login")
-            raise LoginRefused(_shown(reply.code), _shown(reply.message or "refused"))
+            if reply.code in RETRYABLE_CODES:  # "not now": nothing is given up, so nothing to forge
+                raise LoginRefused(_shown(reply.code), _shown(reply.message or "refused"))
+            # A server that could open our login knows the session key, and seals any refusal; one in
+            # clear (a ban, a revoked token) is anyone's on the path: not believed, taken as a failed link.
+            raise ChatError(f"the server's answer came unsealed ({_shown(reply.code)}): taken as a failed connection")
         # The server names us in the associated data once it has accepted us.
         kind = Envelope.decode(body).kind
         self.channel.username = username if kind is Kind.WELCOME else ""

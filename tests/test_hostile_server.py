@@ -31,6 +31,7 @@ from securechat.handshake import ServerHandshake
 from securechat.protocol import (
     Chat,
     Command,
+    ControlError,
     FrameType,
     Goodbye,
     History,
@@ -505,3 +506,37 @@ def test_a_known_hosts_file_another_user_owns_is_not_trusted(hostile, batch, tmp
     status = client.finish(START)
     assert logins == [], "the password went to the server pinned by a file another user owns"
     assert status == 1 and str(planted).encode() in client.err, (status, client.err)
+
+
+# --------------------------------------------------------------------------- 4. refusals nobody signed
+
+
+@pytest.mark.parametrize("code", ["account_deleted", "token_revoked"])
+def test_a_refusal_in_clear_does_not_end_a_resumed_session(hostile, batch, tmp_path, code):
+    """Once the server has opened a login or a resume it has the session key, and the real server
+    then refuses only in a sealed ``ERROR`` (``ClientConnection._refuse``); PROTOCOL.md says a
+    cleartext ``error`` "could be injected by anyone on the path". Yet ``accept_welcome`` believes
+    a cleartext ``error`` in answer to a RESUME: anyone on the path, with no key at all, ends the
+    session for good (``account_deleted``, ``banned``) or has the client drop its token and ask for
+    the password (``token_*``). It should count as a lost link, and try again."""
+
+    def script(link: Link) -> None:
+        link.handshake()
+        if link.number == 0:  # the first login; then the link dies without a word
+            link.welcome()
+            link.send(link.line("first"))
+            time.sleep(0.5)
+            link.sock.shutdown(socket.SHUT_RDWR)
+        elif link.number == 1:  # a resume, answered by someone on the path
+            link.sock.sendall(ControlError(code=code, message="forged in clear").encode())
+        else:  # the next resume reaches the server
+            link.welcome()
+            link.send(link.line("back again"))
+            link.serve()
+
+    server = hostile(script)
+    client = batch(server.port, pinned(tmp_path, server.port, server.fingerprint))
+    assert client.wait_for(b"first", START), client.err
+    resumed = client.wait_for(b"back again", TIMEOUT * 2)
+    client.finish(TIMEOUT)
+    assert resumed, f"gave the session up on a refusal in clear; stderr: {client.err.decode(errors='replace')}"
