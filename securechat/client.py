@@ -370,6 +370,7 @@ class ChatClient:
         key_size: int = crypto_utils.DEFAULT_KEY_SIZE,
         timeout: float = LOGIN_TIMEOUT,
         pace: bool = True,
+        pace_limit: float | None = None,
         device: str = "",
         source_address: tuple[str, int] | None = None,
         reconnect: bool = False,
@@ -393,6 +394,9 @@ class ChatClient:
         self.public_key_der = crypto_utils.public_key_bytes(self.private_key.public_key())
         self.timeout = timeout
         self.pace = pace
+        #: The longest a line waits to keep below the server's flood limit (None: as long as it takes);
+        #: one that would wait longer is refused (``MessageRefused``) rather than hold up the caller.
+        self.pace_limit = pace_limit
         #: The local address to connect from (a machine with several), or None for any.
         self.source_address = source_address
         #: Get a lost link back by itself (``Reconnecting``, then ``Reconnected``), as the terminal
@@ -751,9 +755,12 @@ class ChatClient:
     # ------------------------------------------------------------------ sending
 
     def _send(self, build: Callable[[str], Message], paced: bool = False) -> None:
-        if paced and self._flood is not None:
-            while not self._flood.allow():
-                time.sleep(0.05)
+        flood = self._flood if paced else None
+        wait = flood.delay() if flood is not None else 0.0
+        if self.pace_limit is not None and wait > self.pace_limit:
+            raise MessageRefused(f"not sent: faster than the server allows; try again in {wait:.0f} s")
+        while flood is not None and not flood.allow():
+            time.sleep(0.05)
         with self.send_lock:
             frames, channel = self._frames, self.channel
             if not self._session_ready or frames is None or channel is None:

@@ -45,6 +45,14 @@ class FloodControl:
                 return True
             return False
 
+    def delay(self, cost: float = 1.0) -> float:
+        """Seconds until ``allow(cost)`` would be True (0: now); takes nothing."""
+        if self.rate <= 0:
+            return 0.0
+        with self._tokens_lock:
+            tokens = min(self.burst, self._tokens + (time.monotonic() - self._updated) * self.rate)
+            return max(0.0, (min(cost, float(self.burst)) - tokens) / self.rate)
+
     def is_full(self) -> bool:
         """True when the bucket has refilled: its owner has been quiet, nothing to remember."""
         if self.rate <= 0:

@@ -624,6 +624,10 @@ def reconnect(
         delay = min(RECONNECT_MAX_DELAY, delay * 2)
 
 
+#: The longest a typed line waits to keep below the server's flood limit before it is refused instead
+#: (seconds): the terminal reads no key meanwhile, Ctrl-C included.
+TERMINAL_PACE_LIMIT = 2.0
+
 #: How often a wait that /reconnect can cut short looks whether it was cancelled meanwhile.
 WAIT_POLL_INTERVAL = 0.1
 
@@ -1078,7 +1082,8 @@ def run_interactive(
         print()
         return 1
     style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True, continuation="    ")
-    client = ChatClient(host, port, confirm_host_key=ask_yes_no, **options)
+    # Nothing reads keys while a line waits for its flood budget: a long wait would freeze the terminal.
+    client = ChatClient(host, port, confirm_host_key=ask_yes_no, pace_limit=TERMINAL_PACE_LIMIT, **options)
     try:
         log_in_on_terminal(client, user, lambda: getpass.getpass(f"Password for {user}: "))
         if room:

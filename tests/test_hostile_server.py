@@ -540,3 +540,29 @@ def test_a_refusal_in_clear_does_not_end_a_resumed_session(hostile, batch, tmp_p
     resumed = client.wait_for(b"back again", TIMEOUT * 2)
     client.finish(TIMEOUT)
     assert resumed, f"gave the session up on a refusal in clear; stderr: {client.err.decode(errors='replace')}"
+
+
+# --------------------------------------------------------------------------- 5. a terminal that cannot be left
+
+
+def test_ctrl_c_leaves_while_a_line_waits_for_flood_pacing(hostile, terminal, tmp_path):
+    """The client paces its lines below the flood limit the welcome announces, waiting on the main
+    thread; meanwhile no prompt runs and the terminal stays in raw mode (ISIG off), so Ctrl-C is no
+    signal and nothing reads keys. With a strict limit (``--flood-rate 0.01`` is a valid server
+    option; a hostile server says 1e-300) it froze until killed. A line that would wait longer than
+    a moment is refused instead, saying when to try again, and Ctrl-C works at once."""
+
+    def script(link: Link) -> None:
+        link.handshake()
+        link.welcome(flood_burst=2, flood_rate=0.01)
+        link.serve()
+
+    server = hostile(script)
+    alice = logged_in_terminal(terminal, server.port, pinned(tmp_path, server.port, server.fingerprint))
+    alice.type("one\r")
+    alice.wait_for_text("alice: one", TIMEOUT)
+    alice.type("two\r")  # over the pace: it would wait about 110 s
+    alice.wait_for_text("not sent: faster than the server allows; try again in", TIMEOUT)
+    assert "(your line: two)" in alice.text
+    alice.type("\x03")
+    alice.wait_until(lambda t: not t.child.isalive(), TIMEOUT, "the client to leave on Ctrl-C")
