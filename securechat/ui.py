@@ -1214,10 +1214,15 @@ def run_interactive(
     reconnect_now = threading.Event()  # set by /reconnect: stop waiting, try now
     context = CommandContext(client, show=show, style=style, reconnect_now=reconnect_now)
 
+    # What was being typed when the reader ended the prompt (to ask for the password): the next prompt
+    # starts with it. Written on the prompt's loop before the prompt returns, read after, by the main thread.
+    typed_when_stopped = [""]
+
     def exit_prompt() -> None:
         # Once only: the prompt's pre_run hook may have asked already, and a second exit raises.
         app = session.app
         if app.is_running and app.future is not None and not app.future.done():
+            typed_when_stopped[0] = session.default_buffer.text
             app.exit(exception=EOFError())
 
     def stop_prompt() -> None:
@@ -1310,8 +1315,9 @@ def run_interactive(
             return
 
     def read_line() -> str:
+        typed, typed_when_stopped[0] = typed_when_stopped[0], ""
         try:
-            return session.prompt(prompt_text, pre_run=prompt_started)
+            return session.prompt(prompt_text, pre_run=prompt_started, default=typed)
         finally:
             screen.prompt_ended()
 

@@ -32,6 +32,7 @@ from securechat.protocol import (
     Chat,
     Command,
     ControlError,
+    ErrorReply,
     FrameType,
     Goodbye,
     History,
@@ -566,3 +567,43 @@ def test_ctrl_c_leaves_while_a_line_waits_for_flood_pacing(hostile, terminal, tm
     assert "(your line: two)" in alice.text
     alice.type("\x03")
     alice.wait_until(lambda t: not t.child.isalive(), TIMEOUT, "the client to leave on Ctrl-C")
+
+
+# --------------------------------------------------------------------------- 6. the line being typed
+
+
+def test_a_half_typed_line_survives_a_session_that_needs_the_password_again(hostile, terminal, tmp_path):
+    """While the link is down the prompt keeps what is being typed, and a room switch keeps it too;
+    but when the resume is refused (the token expired while offline) the event thread ends the
+    prompt to ask for the password (``stop_prompt``: ``app.exit(exception=EOFError())``). The
+    half-typed line was thrown away; the prompt after the login starts with it."""
+    dropped = threading.Event()
+
+    def script(link: Link) -> None:
+        link.handshake()
+        if link.number == 0:
+            link.welcome()
+            dropped.wait(START)
+            link.sock.shutdown(socket.SHUT_RDWR)
+        elif link.number == 1:  # the resume: its token has expired meanwhile (a sealed refusal, as the server sends)
+            assert link.channel is not None
+            link.channel.username = ""  # a refusal is sealed before the session is named
+            link.send(ErrorReply(code="token_expired", message="token expired", fatal=True))
+        else:
+            link.welcome()
+            link.serve()
+
+    server = hostile(script)
+    alice = logged_in_terminal(terminal, server.port, pinned(tmp_path, server.port, server.fingerprint))
+    alice.type("a long thought, half typed")
+    alice.wait_for_text("#lobby> a long thought, half typed", TIMEOUT)
+    asked_before = alice.output.count(b"Password for alice:")
+    dropped.set()
+    alice.wait_until(
+        lambda t: t.output.count(b"Password for alice:") > asked_before, TIMEOUT * 2, "the password prompt"
+    )
+    alice.settle()
+    alice.type("any-password\r")
+    alice.wait_for_text("logged in again as alice", TIMEOUT)
+    alice.settle()
+    assert "#lobby> a long thought, half typed" in alice.cursor_row, alice.text  # back, to go on typing
