@@ -570,6 +570,15 @@ class ChatClient:
             if fingerprint != self.expected_fingerprint:
                 raise HostKeyError(f"server key {fingerprint} is not the expected {self.expected_fingerprint}")
             return
+        if self.server_fingerprint:
+            # A reconnection: the service already proved its key to this client, which needs no file (nor a
+            # question asked from the reader's thread, behind the chat prompt) to know it again.
+            if fingerprint != self.server_fingerprint:
+                raise HostKeyError(
+                    f"WARNING: THE SERVER KEY FOR {shown} CHANGED DURING THIS SESSION ({fingerprint}, expected "
+                    f"{self.server_fingerprint}). Someone may be intercepting the connection"
+                )
+            return
         pinned = self.known_hosts.lookup(host_id)
         if pinned is not None:
             known, line = pinned

@@ -607,3 +607,74 @@ def test_a_half_typed_line_survives_a_session_that_needs_the_password_again(host
     alice.wait_for_text("logged in again as alice", TIMEOUT)
     alice.settle()
     assert "#lobby> a long thought, half typed" in alice.cursor_row, alice.text  # back, to go on typing
+
+
+# --------------------------------------------------------------------------- 7. the key of a resumed session
+
+
+def test_a_reconnection_does_not_ask_about_the_key_from_behind_the_chat_prompt(hostile, terminal, tmp_path):
+    """A reconnection checks the server's key against the known-hosts file as it is *now*, not
+    against the key this session already proved. With the pin gone meanwhile (the user removed
+    the line another client's "HAS CHANGED" warning named), the event thread calls the first-use
+    question (``ask_yes_no``: ``print`` and ``input()``) while the chat prompt owns the terminal:
+    the question lands on the prompt row, the "yes" typed goes to the chat prompt as a line
+    ("not sent: offline"), and the reconnection waits on ``input()`` for ever. The same key as
+    the session's should simply resume (and a different one be refused as changed)."""
+    dropped = threading.Event()
+
+    def script(link: Link) -> None:
+        link.handshake()
+        if link.number == 0:
+            link.welcome()
+            dropped.wait(START)
+            link.sock.shutdown(socket.SHUT_RDWR)
+        else:  # the same server, the same key
+            link.welcome()
+            link.send(link.line("welcome back"))
+            link.serve()
+
+    server = hostile(script)
+    known_hosts = pinned(tmp_path, server.port, server.fingerprint)
+    alice = logged_in_terminal(terminal, server.port, known_hosts)
+    known_hosts.write_text("")
+    dropped.set()
+    alice.wait_until(
+        lambda t: "welcome back" in t.text or b"Are you sure" in t.output, TIMEOUT * 2, "a resume or a question"
+    )
+    alice.settle()
+    asked = b"Are you sure" in alice.output
+    if asked:
+        alice.type("yes\r")  # what the user would answer
+        alice.settle(1.0)
+    assert not asked, f"asked about the key from behind the chat prompt:\n{alice.text}"
+    assert "welcome back" in alice.text
+
+
+def test_a_reconnection_to_another_key_is_refused_whatever_the_file_says(hostile, batch, tmp_path):
+    """The other half: with the pin gone and ``--accept-new-host-key``, a node answering a resume
+    with another key would have been trusted as new, mid-session. It is refused as a changed key."""
+    dropped = threading.Event()
+    impostor_logins: list[object] = []
+
+    def script(link: Link) -> None:
+        if link.number == 0:
+            link.handshake()
+            link.welcome()
+            link.send(link.line("first"))
+            dropped.wait(START)
+            link.sock.shutdown(socket.SHUT_RDWR)
+        else:  # the key changed meanwhile
+            impostor_logins.append(link.handshake())
+
+    server = hostile(script)
+    known_hosts = pinned(tmp_path, server.port, server.fingerprint)
+    client = batch(server.port, known_hosts, "--accept-new-host-key")
+    assert client.wait_for(b"first", START), client.err
+    known_hosts.write_text("")
+    other = crypto_utils.generate_private_key()
+    server.key, server.key_der = other, crypto_utils.public_key_bytes(other.public_key())
+    dropped.set()
+    status = client.finish(TIMEOUT * 2)
+    assert status == 1, client.err
+    assert b"CHANGED DURING THIS SESSION" in client.err, client.err
+    assert impostor_logins == [], "the resume went to a server with another key"
