@@ -1442,8 +1442,11 @@ class ChatHub:
         devices = self.backend.sessions(name)
         parts = [f"{name}:"]
         if devices:
-            labels = ", ".join(device.device or "no label" for device in devices)
-            parts.append(f"online on {len(devices)} device{'s' if len(devices) != 1 else ''} ({labels})")
+            online = f"online on {len(devices)} device{'s' if len(devices) != 1 else ''}"
+            if name == member.name or self.accounts.is_admin(member.name):
+                # A label defaults to the machine's host name: the account's own business (and an admin's).
+                online += f" ({', '.join(device.device or 'no label' for device in devices)})"
+            parts.append(online)
             active = max(max(device.active, device.since) for device in devices)
             parts.append(f"idle {_span(time.time() - active)}")
             if all(device.away is not None for device in devices):

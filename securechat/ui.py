@@ -1401,7 +1401,7 @@ def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Secure terminal group chat client.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument(
         "--server",
         dest="servers",
@@ -1440,13 +1440,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1 to 65535): {text!r}")
+    return int(text)
+
+
 def server_address(text: str) -> tuple[str, int]:
     """An argparse type: ``HOST:PORT`` (``[::1]:7878`` for an IPv6 address)."""
     host, separator, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not separator or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
-    return host, int(port)
+    return host, port_number(port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1462,4 +1469,8 @@ def main(argv: list[str] | None = None) -> int:
         (host, port), options["other_servers"] = args.servers[0], args.servers[1:]
     if sys.stdin.isatty():
         return run_interactive(host, port, args.user, options, args.room, bell=args.bell)
-    return run_batch(host, port, args.user, options, args.room)
+    try:
+        return run_batch(host, port, args.user, options, args.room)
+    except KeyboardInterrupt:  # Ctrl-C on a script: it stops, as any command does, with no traceback
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -578,6 +578,38 @@ def test_the_client_on_a_closed_port_with_bad_known_hosts_fails_in_one_line(tmp_
     assert_one_line_error(run_batch_client(closed_port(), known_hosts))
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_the_client_refuses_a_port_out_of_range(tmp_path, port):
+    """Not reduced modulo 65536 by the socket layer: 99999 would reach port 34463 while errors named 99999."""
+    result = run_program(CLIENT, "--port", port, "--user", "a", stdin="", env={"CHAT_PASSWORD": "x"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"not a port (1 to 65535): '{port}'" in result.stderr
+
+
+def test_ctrl_c_stops_a_batch_client_while_it_logs_in_without_a_traceback(tmp_path):
+    """A server that accepts and never answers holds the login; SIGINT (Ctrl-C) stops the script in one line."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        args = ["--port", str(silent.getsockname()[1]), "--user", "a", "--known-hosts", str(tmp_path / "kh")]
+        client = subprocess.Popen(
+            [sys.executable, CLIENT, *args],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "CHAT_PASSWORD": "x"},
+        )
+        try:
+            connection, _ = silent.accept()  # its hello waits for an answer
+            with connection:
+                time.sleep(0.3)
+                client.send_signal(signal.SIGINT)
+                _, errors = client.communicate(timeout=TIMEOUT)
+        finally:
+            client.kill()
+            client.wait()
+    assert client.returncode == 130, errors
+    assert errors.strip() == "error: interrupted", errors
+
+
 # --------------------------------------------------------------------------- 7. start-up errors
 
 

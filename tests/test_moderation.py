@@ -431,6 +431,9 @@ def test_away_shows_in_whois_and_answers_a_private_message_once(chat):
     alice.command("whois", "bob")
     whois = wait_for(alice, info_saying(r"^bob: online on 1 device"))
     assert "away: gone for lunch" in whois.text and "rooms in common: #lobby" in whois.text
+    assert "(" not in whois.text.split(";")[0], whois.text  # bob's device labels (host names) are his own business
+    bob.command("whois", "bob")
+    assert re.match(r"^bob: online on 1 device \(.+\)", wait_for(bob, info_saying(r"^bob: online on")).text)
     alice.private("bob", "are you there?")
     wait_for(alice, info_saying(r"^bob is away: gone for lunch$"))
     wait_for(bob, said("are you there?"))  # delivered all the same
