@@ -12,14 +12,22 @@ in this process — every value is plain data or a protocol message.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from securechat.history import ChatStore, RoomRecord, StoredMessage, private_stream
+from securechat.history import ChatStore, RoomRecord, StoredMessage, Write, private_stream
 from securechat.protocol import Chat, Kind, Notice, ProtocolError, decode_message
+
+log = logging.getLogger("chat.server")
+
+#: How long a change waits to be saved before its author is told the server's disk does not answer
+#: (seconds; a write that fails, fails at once, and one waiting for another process's lock, in 5 s).
+SAVE_TIMEOUT = 30.0
 
 #: What a room's stream carries besides lines: topic changes (joins and leaves are presence, not history).
 RoomEvent = Chat | Notice
@@ -173,13 +181,30 @@ def decode_event(payload: bytes) -> RoomEvent | None:
     return message if isinstance(message, Chat | Notice) else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Published:
+    """An event numbered by ``MemoryBackend``, to hand out once ``write`` (its saving) is committed."""
+
+    event: RoomEvent
+    room: str  # "" for a private line
+    origin_session: str
+    ref: str
+    write: Write | None = None
+
+
 class MemoryBackend:
     """Rooms in this process, made durable in a ``ChatStore``.
 
-    ``publish_lock`` numbers and hands out one event at a time, so every session
-    sees a room's events in id order and one sender's lines stay in order (handing
-    out is queue puts: nothing under it blocks). Presence and room state live in
-    memory under their own locks; the store is written behind, by its writer thread.
+    Nothing is handed out before it is saved: a line shown, echoed or kept for later is in
+    the store, so a crash (even ``kill -9``) loses no line anyone saw, and a full disk is
+    told to the line's sender (``BackendUnavailable``) rather than lost at the next stop.
+    ``publish_lock`` numbers events and queues them in the store in id order; the writer
+    commits them in that order, and one thread, the deliverer, hands each out once its
+    write is committed, so every session sees a room's events in id order and one
+    sender's lines stay in order. The publisher waits for its write meanwhile, never for
+    the deliverer. Room state lives in memory under its own lock, and each change waits
+    for its write too: one that cannot be saved is undone and refused. With history off
+    (``history_limit`` 0) nothing is stored, and events are handed out at once.
     """
 
     shared = False
@@ -202,12 +227,26 @@ class MemoryBackend:
         self._rooms: dict[str, RoomRecord] = {record.name: record for record in store.load_rooms()}
         self._memberships: dict[str, list[str]] = store.load_memberships()
         self._state: dict[str, dict[str, str]] = store.load_state()
+        # Guards _to_deliver and _delivering; signalled when an event is queued or closing starts.
+        self._delivery_changed = threading.Condition()
+        # Published events not yet handed out, in id order: the deliverer's work.
+        self._to_deliver: deque[_Published] = deque()
+        self._delivering = True
+        self._deliverer: threading.Thread | None = None
 
     def start(self, subscriber: Subscriber) -> None:
         self._subscriber = subscriber
+        if self.store.keeps_history and self._deliverer is None:
+            self._deliverer = threading.Thread(target=self._deliver_loop, name="deliver", daemon=True)
+            self._deliverer.start()
 
     def close(self) -> None:
-        self.store.close()
+        self.store.close()  # every write queued is settled by then: the deliverer's queue drains
+        with self._delivery_changed:
+            self._delivering = False
+            self._delivery_changed.notify_all()
+        if self._deliverer is not None:
+            self._deliverer.join()
 
     def health(self) -> str:
         return self.store.health()
@@ -226,29 +265,79 @@ class MemoryBackend:
     def publish_room(
         self, room: str, message: RoomEvent, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
     ) -> RoomEvent:
+        """Number, save and hand out a room event; returns once it is saved. ``BackendUnavailable``
+        if it could not be (then nobody is handed it)."""
         _refuse_charge(charge)
         with self.publish_lock:
             message_id, seq, now = self._number(room)
             numbered = replace(message, room=room, id=message_id, seq=seq, sent_at=now)
-            self.store.append(StoredMessage(message_id, room, seq, now, encode_event(numbered)))
-            if self._subscriber is not None:
-                self._subscriber.on_room_event(room, numbered, origin_session, ref)
+            published = _Published(numbered, room, origin_session, ref)
+            write = self._publish(StoredMessage(message_id, room, seq, now, encode_event(numbered)), published)
+        if write is not None:
+            _wait_until_saved(write)
         return numbered
 
     def publish_private(
         self, message: Chat, origin_session: str = "", ref: str = "", charge: LineCharge | None = None
     ) -> Chat:
+        """Number, save and hand out a private line (to both accounts), as ``publish_room``."""
         _refuse_charge(charge)
         stream = private_stream(message.sender, message.recipient)
         with self.publish_lock:
             message_id, _, now = self._number(stream)
             numbered = replace(message, private=True, room="", id=message_id, seq=0, sent_at=now)
-            self.store.append(StoredMessage(message_id, stream, self._last_seq[stream], now, encode_event(numbered)))
-            if self._subscriber is not None:
-                self._subscriber.on_private(message.recipient, numbered, origin_session, ref)
-                if message.sender != message.recipient:
-                    self._subscriber.on_private(message.sender, numbered, origin_session, ref)
+            published = _Published(numbered, "", origin_session, ref)
+            stored = StoredMessage(message_id, stream, self._last_seq[stream], now, encode_event(numbered))
+            write = self._publish(stored, published)
+        if write is not None:
+            _wait_until_saved(write)
         return numbered
+
+    def _publish(self, stored: StoredMessage, published: _Published) -> Write | None:
+        """Under ``publish_lock``: queue ``stored`` in the store and ``published`` for the deliverer
+        behind it, so that both queues are in id order. With history off, hand it out now (None)."""
+        if not self.store.keeps_history:
+            self._hand_out(published)
+            return None
+        write = self.store.append(stored)
+        if write.problem is None:  # (one refused at once is handed to nobody)
+            with self._delivery_changed:
+                self._to_deliver.append(replace(published, write=write))
+                self._delivery_changed.notify()
+        return write
+
+    def _deliver_loop(self) -> None:
+        """The deliverer: hands out each published event once its write is committed, in id order."""
+        while True:
+            with self._delivery_changed:
+                self._delivery_changed.wait_for(lambda: bool(self._to_deliver) or not self._delivering)
+                if not self._to_deliver:
+                    return
+                published = self._to_deliver[0]
+            assert published.write is not None
+            problem = published.write.wait(1.0)
+            while problem is None and self._delivering:  # the store settles every write, even at close
+                problem = published.write.wait(1.0)
+            with self._delivery_changed:
+                self._to_deliver.popleft()
+            if problem == "":
+                try:
+                    self._hand_out(published)
+                except Exception:  # a fault in one delivery must not stop every later one
+                    log.exception("handing out event %d failed", published.event.id)
+
+    def _hand_out(self, published: _Published) -> None:
+        """Give ``published`` to the subscriber: a room's event to its room, a private line to both accounts."""
+        subscriber = self._subscriber
+        if subscriber is None:
+            return
+        event, origin_session, ref = published.event, published.origin_session, published.ref
+        if published.room or not isinstance(event, Chat):
+            subscriber.on_room_event(published.room, event, origin_session, ref)
+            return
+        subscriber.on_private(event.recipient, event, origin_session, ref)
+        if event.sender != event.recipient:
+            subscriber.on_private(event.sender, event, origin_session, ref)
 
     def watch(self, room: str, after_id: int, generation: int) -> None:
         """Nothing to do: in one process every event reaches the subscriber as it is published."""
@@ -321,24 +410,38 @@ class MemoryBackend:
         self, scope: str, key: str, value: str | None, expected: str | None = None, *, check: bool = False
     ) -> bool:
         with self._state_lock:
-            values = self._state.setdefault(scope, {})
-            if check and values.get(key) != expected:
-                if not values:
-                    del self._state[scope]
+            before = self._state.get(scope, {}).get(key)
+            if check and before != expected:
                 return False
-            if value is None:
-                if values.pop(key, None) is None:
-                    if not values:
-                        del self._state[scope]
-                    return True
-                if not values:
-                    del self._state[scope]
-            else:
-                if values.get(key) == value:
-                    return True
-                values[key] = value
-        self.store.set_state(scope, key, value)
+            if before == value:
+                return True
+            self._put_state(scope, key, value)
+        self._save(self.store.set_state(scope, key, value), lambda: self._undo_state(scope, key, value, before))
         return True
+
+    def _put_state(self, scope: str, key: str, value: str | None) -> None:
+        """Set (or with None, remove) one key; an empty scope is dropped. Caller holds ``_state_lock``."""
+        values = self._state.setdefault(scope, {})
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+        if not values:
+            del self._state[scope]
+
+    def _undo_state(self, scope: str, key: str, value: str | None, before: str | None) -> None:
+        with self._state_lock:
+            if self._state.get(scope, {}).get(key) == value:  # unless changed again meanwhile
+                self._put_state(scope, key, before)
+
+    @staticmethod
+    def _save(write: Write, undo: Callable[[], None]) -> None:
+        """Wait for a change's ``write``; one that was not saved is undone here, and refused."""
+        try:
+            _wait_until_saved(write)
+        except BackendUnavailable:
+            undo()
+            raise
 
     def room(self, name: str) -> RoomRecord | None:
         with self._state_lock:
@@ -356,7 +459,13 @@ class MemoryBackend:
             if limit > 0 and len(self._rooms) >= limit:
                 raise BackendLimit(f"the server has {len(self._rooms)} rooms, the most allowed")
             self._rooms[record.name] = record
-        self.store.save_room(record)
+
+        def undo() -> None:
+            with self._state_lock:
+                if self._rooms.get(record.name) is record:
+                    del self._rooms[record.name]
+
+        self._save(self.store.save_room(record), undo)
         return True
 
     def set_topic(self, name: str, topic: str) -> None:
@@ -364,8 +473,15 @@ class MemoryBackend:
             record = self._rooms.get(name)
             if record is None:
                 return
-            record = self._rooms[name] = replace(record, topic=topic)
-        self.store.save_room(record)
+            before, changed = record, replace(record, topic=topic)
+            self._rooms[name] = changed
+
+        def undo() -> None:
+            with self._state_lock:
+                if self._rooms.get(name) is changed:
+                    self._rooms[name] = before
+
+        self._save(self.store.save_room(changed), undo)
 
     def memberships(self, account: str) -> list[str]:
         with self._state_lock:
@@ -377,15 +493,29 @@ class MemoryBackend:
             if room in rooms:
                 return
             rooms.append(room)
-        self.store.add_membership(account, room)
+
+        def undo() -> None:
+            with self._state_lock:
+                if room in self._memberships.get(account, []):
+                    self._memberships[account].remove(room)
+
+        self._save(self.store.add_membership(account, room), undo)
 
     def remove_membership(self, account: str, room: str) -> None:
         with self._state_lock:
             rooms = self._memberships.get(account, [])
             if room not in rooms:
                 return
+            at = rooms.index(room)
             rooms.remove(room)
-        self.store.remove_membership(account, room)
+
+        def undo() -> None:
+            with self._state_lock:
+                rooms = self._memberships.setdefault(account, [])
+                if room not in rooms:
+                    rooms.insert(at, room)
+
+        self._save(self.store.remove_membership(account, room), undo)
 
     # ------------------------------------------------------------------ history
 
@@ -427,3 +557,12 @@ def _chats(events: list[RoomEvent]) -> list[Chat]:
 def _refuse_charge(charge: LineCharge | None) -> None:
     if charge is not None:  # a bug: the hub must count the budget itself (charges_lines is False)
         raise ValueError("this backend does not count flood budgets")
+
+
+def _wait_until_saved(write: Write) -> None:
+    """Return once ``write`` is committed; ``BackendUnavailable`` (said to its author) if it is not."""
+    problem = write.wait(SAVE_TIMEOUT)
+    if problem is None:
+        raise BackendUnavailable("the server's disk did not answer in time")
+    if problem:
+        raise BackendUnavailable(f"the server could not save it ({problem})")

@@ -11,11 +11,14 @@ fails to decrypt and is skipped. Stream names, ids, sequence numbers, times, roo
 topics, owners and memberships are stored in clear: the store queries and trims by them.
 
 Threading: one writer thread owns the writing connection. ``append`` and the room-state
-calls only queue their work and return; the writer commits everything queued, in order,
-one transaction per batch, and retries a batch that failed. Messages not yet committed
-are kept in memory and merged into every read, so a read sees everything appended before
-it. Reads run on a small pool of other connections (WAL lets them proceed while the
-writer writes), from any thread, and hold no lock while they query.
+calls queue their work and return a ``Write``; the writer commits everything queued, in
+order, one transaction per batch, as soon as it can (what queues while it commits is the
+next batch). A batch that fails (a full disk) is not retried: each of its writes says why,
+so whoever made the change can tell its author it was not saved, rather than have it
+delivered now and lost at the next stop. Messages not yet committed are kept in memory and
+merged into every read, so a read sees everything appended before it. Reads run on a small
+pool of other connections (WAL lets them proceed while the writer writes), from any
+thread, and hold no lock while they query.
 """
 
 from __future__ import annotations
@@ -43,15 +46,15 @@ log = logging.getLogger("chat.history")
 SCHEMA_VERSION = 2
 #: How often, by the store's clock, rows older than the age limit are deleted; also the writer's longest idle sleep.
 AGE_TRIM_INTERVAL = 60.0
-#: A failed batch is retried after this delay, doubled after each failure up to the maximum.
-RETRY_DELAY_MIN = 0.1
-RETRY_DELAY_MAX = 5.0
 #: How long a statement waits for another process's lock on the file before failing.
 BUSY_TIMEOUT = 5.0
 #: How long a read, or close(), waits for a connection of the read pool.
 READ_POOL_TIMEOUT = 5.0
-#: How long close() lets the writer retry what is queued before giving up on it.
+#: How long close() waits for what is queued to be written.
 CLOSE_FLUSH_TIMEOUT = 2.0
+#: Why a write was refused without being tried.
+QUEUE_FULL = "too many changes waiting to be saved"
+STORE_CLOSED = "the server is stopping"
 #: The largest value SQLite stores in an INTEGER column.
 MAX_SQL_INTEGER = 2**63 - 1
 
@@ -173,6 +176,28 @@ def load_or_create_history_key(path: Path) -> bytes:
     return key
 
 
+class Write:
+    """One queued change: ``wait`` says once it is committed (""), or why it was not saved.
+
+    Its outcome is set once, by the store's writer (or at once, for a refused change), under
+    the store's ``_uncommitted_changed``, which is how waiting works.
+    """
+
+    __slots__ = ("_store", "problem")
+
+    def __init__(self, store: ChatStore, problem: str | None = None) -> None:
+        self._store = store
+        #: None while it waits for the writer; then "" (committed) or why not.
+        self.problem = problem
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """ "" once committed, else why it was not saved; None if still waiting after ``timeout``."""
+        condition = self._store._uncommitted_changed
+        with condition:
+            condition.wait_for(lambda: self.problem is not None, timeout)
+            return self.problem
+
+
 @dataclass(frozen=True, slots=True)
 class _WriterAction:
     """Something to run on the writer's connection, between batches (a seam for tests)."""
@@ -180,9 +205,10 @@ class _WriterAction:
     action: Callable[[sqlite3.Connection], object]
 
 
-# A queued write: a message, statements of room state (SQL with parameters), or a writer action.
+# A queued write: a message, statements of room state (SQL with parameters), or a writer action;
+# each with the Write that tells its outcome.
 _Statements = tuple[tuple[str, tuple[object, ...]], ...]
-_Operation = StoredMessage | _Statements | _WriterAction
+_Operation = tuple[StoredMessage | _Statements | _WriterAction, Write]
 
 
 def _open_database(path: Path) -> sqlite3.Connection:
@@ -233,7 +259,8 @@ class ChatStore:
     that is damaged, not a database, unreadable or of a newer schema; it never changes such
     a file. ``history_limit`` messages are kept per stream (0 turns history off), none older
     than ``history_max_age`` seconds; ``queue_size`` bounds the messages waiting for the
-    writer. Use as a context manager, or call ``close()``.
+    writer, which gathers a batch for ``batch_interval`` seconds (0: commits at once; a
+    writer that waits makes every change wait). Use as a context manager, or call ``close()``.
     """
 
     def __init__(
@@ -244,7 +271,7 @@ class ChatStore:
         history_limit: int = 1000,
         history_max_age: float = 30 * 86400,
         queue_size: int = 10_000,
-        batch_interval: float = 0.05,
+        batch_interval: float = 0.0,
         read_connections: int = 4,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -274,7 +301,7 @@ class ChatStore:
         self._closing = False
         self._writer_stopped = False
         self._refused_in_burst = 0  # refused appends since the queue was last found full
-        self._dropped = 0  # refused because the queue was full, or lost while writes failed
+        self._dropped = 0  # messages not saved: refused (a full queue) or their batch failed
         self._write_problem = ""  # why the last write failed; "" when the last one worked
         self._problem_since = 0.0
 
@@ -334,27 +361,32 @@ class ChatStore:
         """An empty string while history is being saved; else one line saying what is wrong, since when."""
         with self._uncommitted_lock:
             problem, since, dropped = self._write_problem, self._problem_since, self._dropped
-            waiting = sum(len(messages) for messages in self._uncommitted.values())
             if self._writer_stopped and not self._closing:
                 problem = problem or "the history writer has stopped"
         if not problem:
             return ""
-        dropped_note = f", {dropped} dropped" if dropped else ""
         since_text = time.strftime("%H:%M", time.localtime(since))
-        return f"history not saved since {since_text}: {problem} ({waiting} messages waiting{dropped_note})"
+        return f"history not saved since {since_text}: {problem} ({dropped} messages not saved, their senders told)"
 
     # ------------------------------------------------------------------ writing
 
-    def append(self, message: StoredMessage) -> bool:
-        """Queue ``message`` to be stored; never blocks. False if the queue is full or the store closed."""
+    @property
+    def keeps_history(self) -> bool:
+        """False when ``history_limit`` is 0: ``append`` then stores nothing (and says it is done)."""
+        return self._history_limit > 0
+
+    def append(self, message: StoredMessage) -> Write:
+        """Queue ``message`` to be stored; never blocks. Its ``Write`` is refused at once if the
+        queue is full or the store closed."""
         if not isinstance(message, StoredMessage):
             raise TypeError("append takes a StoredMessage")
         accepted, accepted_after, refused_so_far = False, 0, 0
+        write = Write(self)
         with self._uncommitted_changed:
             if self._closing:
-                return False
+                return Write(self, STORE_CLOSED)
             if self._history_limit == 0:
-                return True
+                return Write(self, "")
             if self._queued_messages >= self._queue_size:
                 self._dropped += 1
                 self._refused_in_burst += 1
@@ -362,7 +394,7 @@ class ChatStore:
             else:
                 accepted = True
                 accepted_after, self._refused_in_burst = self._refused_in_burst, 0
-                self._write_queue.append(message)
+                self._write_queue.append((message, write))
                 self._queued_messages += 1
                 self._operations_queued += 1
                 self._uncommitted.setdefault(message.stream, {})[message.id] = message
@@ -373,17 +405,17 @@ class ChatStore:
                     self._uncommitted_changed.notify_all()
         if not accepted:
             if refused_so_far == 1:  # once per burst, not per message
-                log.warning("%s: history queue full (%d messages); dropping messages", self.path, self._queue_size)
-            return False
+                log.warning("%s: history queue full (%d messages); refusing messages", self.path, self._queue_size)
+            return Write(self, QUEUE_FULL)
         if accepted_after:
-            log.warning("%s: history queue accepting again; %d messages were dropped", self.path, accepted_after)
+            log.warning("%s: history queue accepting again; %d messages were refused", self.path, accepted_after)
         with self._numbering_lock:
             self._last_id = max(self._last_id, message.id)
             self._last_seq[message.stream] = max(self._last_seq.get(message.stream, 0), message.seq)
-        return True
+        return write
 
-    def save_room(self, record: RoomRecord) -> bool:
-        """Queue saving ``record`` (insert or replace); False only if the store is closed."""
+    def save_room(self, record: RoomRecord) -> Write:
+        """Queue saving ``record`` (insert or replace)."""
         return self._queue_statements(
             (
                 "INSERT OR REPLACE INTO rooms (name, topic, owner, created_at) VALUES (?, ?, ?, ?)",
@@ -391,44 +423,45 @@ class ChatStore:
             )
         )
 
-    def delete_room(self, name: str) -> bool:
-        """Queue deleting room ``name`` and every membership of it; False only if the store is closed."""
+    def delete_room(self, name: str) -> Write:
+        """Queue deleting room ``name`` and every membership of it."""
         return self._queue_statements(
             ("DELETE FROM rooms WHERE name = ?", (name,)), ("DELETE FROM memberships WHERE room = ?", (name,))
         )
 
-    def add_membership(self, account: str, room: str) -> bool:
-        """Queue recording that ``account`` joined ``room``; False only if the store is closed."""
+    def add_membership(self, account: str, room: str) -> Write:
+        """Queue recording that ``account`` joined ``room``."""
         statement = "INSERT OR IGNORE INTO memberships (account, room) VALUES (?, ?)"
         return self._queue_statements((statement, (account, room)))
 
-    def remove_membership(self, account: str, room: str) -> bool:
-        """Queue recording that ``account`` left ``room``; False only if the store is closed."""
+    def remove_membership(self, account: str, room: str) -> Write:
+        """Queue recording that ``account`` left ``room``."""
         return self._queue_statements(("DELETE FROM memberships WHERE account = ? AND room = ?", (account, room)))
 
-    def set_state(self, scope: str, key: str, value: str | None) -> bool:
-        """Queue setting (or, with None, removing) one key of a scope's state; False only if closed."""
+    def set_state(self, scope: str, key: str, value: str | None) -> Write:
+        """Queue setting (or, with None, removing) one key of a scope's state."""
         if value is None:
             return self._queue_statements(("DELETE FROM state WHERE scope = ? AND key = ?", (scope, key)))
         statement = "INSERT OR REPLACE INTO state (scope, key, value) VALUES (?, ?, ?)"
         return self._queue_statements((statement, (scope, key, value)))
 
-    def _run_on_writer(self, action: Callable[[sqlite3.Connection], object]) -> bool:
+    def _run_on_writer(self, action: Callable[[sqlite3.Connection], object]) -> Write:
         """Queue ``action(connection)`` for the writer, in order (tests use it to fill the disk)."""
         return self._queue(_WriterAction(action))
 
-    def _queue_statements(self, *statements: tuple[str, tuple[object, ...]]) -> bool:
+    def _queue_statements(self, *statements: tuple[str, tuple[object, ...]]) -> Write:
         return self._queue(statements)
 
-    def _queue(self, operation: _Statements | _WriterAction) -> bool:
-        # Not counted against queue_size: room state is rare and must not be lost.
+    def _queue(self, operation: _Statements | _WriterAction) -> Write:
+        # Not counted against queue_size: room state is rare, and its author waits for it.
+        write = Write(self)
         with self._uncommitted_changed:
             if self._closing:
-                return False
-            self._write_queue.append(operation)
+                return Write(self, STORE_CLOSED)
+            self._write_queue.append((operation, write))
             self._operations_queued += 1
             self._uncommitted_changed.notify_all()
-        return True
+        return write
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is committed (True), or ``timeout`` seconds pass (False)."""
@@ -483,8 +516,6 @@ class ChatStore:
             self._next_age_trim = self._clock() + AGE_TRIM_INTERVAL
 
     def _write_loop(self) -> None:
-        batch: list[StoredMessage | _Statements] = []  # taken from the queue, not yet committed
-        retry_delay = 0.0
         flushes_seen = 0
 
         def hurried() -> bool:
@@ -493,65 +524,71 @@ class ChatStore:
         try:
             while True:
                 with self._uncommitted_changed:
-                    if batch:
-                        self._uncommitted_changed.wait_for(hurried, retry_delay)
-                    else:
-                        self._uncommitted_changed.wait_for(lambda: hurried() or self._write_queue, AGE_TRIM_INTERVAL)
-                        if self._write_queue and not hurried():
-                            self._uncommitted_changed.wait_for(
-                                lambda: hurried() or self._queued_messages >= self._queue_size, self._batch_interval
-                            )
+                    self._uncommitted_changed.wait_for(lambda: hurried() or self._write_queue, AGE_TRIM_INTERVAL)
+                    if self._write_queue and not hurried() and self._batch_interval:
+                        self._uncommitted_changed.wait_for(
+                            lambda: hurried() or self._queued_messages >= self._queue_size, self._batch_interval
+                        )
                     closing, flushes_seen = self._closing, self._flush_requests
                     taken = list(self._write_queue)
                     self._write_queue.clear()
                     self._queued_messages = 0
                     taken_through = self._operations_queued
-                for operation in taken:
+                batch: list[tuple[StoredMessage | _Statements, Write]] = []
+                for operation, write in taken:
                     if isinstance(operation, _WriterAction):
                         operation.action(self._write_connection)
+                        self._settle([(operation, write)], "")
                     else:
-                        batch.append(operation)
-                batch = self._shed_oldest(batch)
+                        batch.append((operation, write))
                 trim_by_age = self._clock() >= self._next_age_trim
+                problem = ""
                 try:
                     if batch or trim_by_age:
-                        self._commit(batch, trim_by_age)
+                        self._commit([operation for operation, _ in batch], trim_by_age)
                 except sqlite3.Error as exc:
                     self._rollback()
-                    self._note_failure(str(exc))
-                    retry_delay = min(max(retry_delay * 2, RETRY_DELAY_MIN), RETRY_DELAY_MAX)
+                    problem = str(exc)
+                    self._note_failure(problem, batch)
                 else:
                     if trim_by_age:
                         self._next_age_trim = self._clock() + AGE_TRIM_INTERVAL
-                    self._note_success(batch, taken_through)
-                    batch, retry_delay = [], 0.0
+                self._settle(batch, problem, taken_through)
                 if closing:
                     break
-            lost = sum(isinstance(operation, StoredMessage) for operation in batch)
-            if batch:
-                log.error(
-                    "%s: closed with %d messages and %d room changes not saved", self.path, lost, len(batch) - lost
-                )
         finally:
             with self._uncommitted_changed:
                 self._writer_stopped = True
+                # Whatever is still queued (close() came during a wait) will not be written.
+                for _, write in self._write_queue:
+                    write.problem = STORE_CLOSED
+                self._write_queue.clear()
                 self._uncommitted_changed.notify_all()
 
-    def _shed_oldest(self, batch: list[StoredMessage | _Statements]) -> list[StoredMessage | _Statements]:
-        """``batch`` with its oldest messages dropped beyond ``queue_size`` (room state is always kept)."""
-        excess = sum(isinstance(operation, StoredMessage) for operation in batch) - self._queue_size
-        if excess <= 0:
-            return batch
-        kept: list[StoredMessage | _Statements] = []
-        with self._uncommitted_lock:
-            for operation in batch:
-                if excess > 0 and isinstance(operation, StoredMessage):
-                    excess -= 1
-                    self._dropped += 1
+    def _settle(
+        self,
+        batch: list[tuple[StoredMessage | _Statements, Write]] | list[tuple[_WriterAction, Write]],
+        problem: str,
+        taken_through: int | None = None,
+    ) -> None:
+        """Tell each write of ``batch`` its outcome ("" for committed), and wake whoever waits."""
+        with self._uncommitted_changed:
+            for operation, write in batch:
+                if isinstance(operation, StoredMessage):
                     self._forget_uncommitted(operation)
-                else:
-                    kept.append(operation)
-        return kept
+                    if problem:
+                        self._dropped += 1
+                write.problem = problem
+            if taken_through is not None:
+                self._operations_finished = taken_through
+                recovered = not problem and self._write_problem
+                if not problem:
+                    self._write_problem = ""
+            else:
+                recovered = False
+            self._uncommitted_changed.notify_all()
+        if recovered:
+            log.warning("%s: history saved again", self.path)
 
     def _forget_uncommitted(self, message: StoredMessage) -> None:
         # Caller holds _uncommitted_lock. The identity check keeps a newer append of the same id.
@@ -596,27 +633,21 @@ class ChatStore:
         except sqlite3.Error as exc:
             log.debug("%s: rollback failed: %s", self.path, exc)
 
-    def _note_failure(self, problem: str) -> None:
+    def _note_failure(self, problem: str, batch: list[tuple[StoredMessage | _Statements, Write]]) -> None:
         with self._uncommitted_lock:
             changed = problem != self._write_problem
             if not self._write_problem:
                 self._problem_since = self._clock()
             self._write_problem = problem
-            waiting = sum(len(messages) for messages in self._uncommitted.values())
         if changed:
-            log.error("%s: history not saved: %s (%d messages waiting); retrying", self.path, problem, waiting)
-
-    def _note_success(self, batch: list[StoredMessage | _Statements], taken_through: int) -> None:
-        with self._uncommitted_changed:
-            for operation in batch:
-                if isinstance(operation, StoredMessage):
-                    self._forget_uncommitted(operation)
-            self._operations_finished = taken_through
-            recovered, self._write_problem = self._write_problem, ""
-            dropped = self._dropped
-            self._uncommitted_changed.notify_all()
-        if recovered:
-            log.warning("%s: history saved again (%d messages dropped so far)", self.path, dropped)
+            messages = sum(isinstance(operation, StoredMessage) for operation, _ in batch)
+            log.error(
+                "%s: history not saved: %s (%d messages and %d room changes refused; their authors are told)",
+                self.path,
+                problem,
+                messages,
+                len(batch) - messages,
+            )
 
     # ------------------------------------------------------------------ encryption
 

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import TIMEOUT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from securechat import history
 from securechat.crypto_utils import CryptoError
 from securechat.history import (
+    QUEUE_FULL,
+    STORE_CLOSED,
     ChatStore,
     RoomRecord,
     StoredMessage,
@@ -386,53 +387,34 @@ def test_bad_arguments_are_refused_at_once(db_path: Path) -> None:
 # --------------------------------------------------------------------------- failures and limits
 
 
-def test_a_full_disk_is_reported_and_the_kept_messages_are_written_later(
+def test_a_full_disk_refuses_each_write_with_its_reason_and_the_store_recovers(
     open_store: Callable[..., ChatStore], db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A write that fails is not kept to be retried (and lost at the next stop, or delivered meanwhile):
+    each says why, so its author can be told, and nothing of it is left in the store."""
     store = open_store()
     assert store.health() == ""
-    store._run_on_writer(fill_the_disk)
-    assert store.flush()
+    assert store._run_on_writer(fill_the_disk).wait(TIMEOUT) == ""
     caplog.set_level(logging.WARNING, logger="chat.history")
     started = time.monotonic()
-    for message_id in range(1, 41):
-        assert store.append(line(message_id, size=BIG))
+    writes = [store.append(line(message_id, size=BIG)) for message_id in range(1, 41)]
     assert time.monotonic() - started < 0.5  # appending never waits for the disk
-    assert not store.flush(timeout=0.3)
+    assert all(write.wait(TIMEOUT) == "database or disk is full" for write in writes)
     status = store.health()
-    assert "database or disk is full" in status
-    assert "40 messages waiting" in status
-    assert "\n" not in status
-    assert ids(store.recent("#lobby", 100)) == list(range(1, 41))  # still readable from memory
-    assert store.append(line(41, size=BIG))
+    assert "database or disk is full" in status and "40 messages not saved" in status and "\n" not in status
+    assert store.recent("#lobby", 100) == []
+    assert store.dropped_messages == 40
     assert len([record for record in caplog.records if "disk is full" in record.getMessage()]) == 1
 
     store._run_on_writer(free_the_disk)
-    assert store.flush()
+    assert store.append(line(41, size=BIG)).wait(TIMEOUT) == ""
     assert store.health() == ""
-    assert stored_rows(db_path) == 41
-    # The writer logs the recovery just after it lets flush() return.
-    wait_until(lambda: any("saved again" in record.getMessage() for record in caplog.records))
+    assert any("saved again" in record.getMessage() for record in caplog.records)
+    assert stored_rows(db_path) == 1
     store.close()
     with open_store() as reopened:
-        assert reopened.recent("#lobby", 100) == [line(n, size=BIG) for n in range(1, 42)]
-
-
-def test_while_writes_fail_the_oldest_beyond_the_bound_are_dropped(open_store: Callable[..., ChatStore]) -> None:
-    store = open_store(queue_size=5)
-    store._run_on_writer(fill_the_disk)
-    assert store.flush()
-    for message_id in range(1, 13):
-        assert store.append(line(message_id, size=BIG))
-        store.flush(timeout=0)  # a flush makes the failing writer retry at once, taking what is queued
-        wait_until(lambda: store._queued_messages == 0)
-    store.save_room(RoomRecord("#lobby", created_at=START))  # room state is never dropped
-    store._run_on_writer(free_the_disk)
-    assert store.flush()
-    assert ids(store.recent("#lobby", 100)) == [8, 9, 10, 11, 12]
-    assert store.dropped_messages == 7
-    assert "7 dropped" not in store.health()
-    assert store.load_rooms() == [RoomRecord("#lobby", created_at=START)]
+        assert reopened.recent("#lobby", 100) == [line(41, size=BIG)]
+        assert reopened.last_id() == 41
 
 
 def test_a_full_queue_refuses_without_blocking(
@@ -443,15 +425,17 @@ def test_a_full_queue_refuses_without_blocking(
     store._run_on_writer(lambda connection: gate.wait(10))  # the writer is busy elsewhere
     assert store.flush(timeout=0.1) is False
     caplog.set_level(logging.WARNING, logger="chat.history")
-    assert [store.append(line(n)) for n in range(1, 7)] == [True, True, True, False, False, False]
+    writes = [store.append(line(n)) for n in range(1, 7)]
+    assert [write.problem for write in writes] == [None, None, None, QUEUE_FULL, QUEUE_FULL, QUEUE_FULL]
     assert store.dropped_messages == 3
     assert len([record for record in caplog.records if "queue full" in record.getMessage()]) == 1
-    assert store.save_room(RoomRecord("#lobby"))  # room state may exceed the bound
+    room_saved = store.save_room(RoomRecord("#lobby"))  # room state may exceed the bound
     gate.set()
-    assert store.flush()
+    assert [write.wait(TIMEOUT) for write in writes[:3]] == ["", "", ""]
+    assert room_saved.wait(TIMEOUT) == ""
     assert ids(store.recent("#lobby", 10)) == [1, 2, 3]
     assert store.load_rooms() == [RoomRecord("#lobby")]
-    assert store.append(line(7))
+    assert store.append(line(7)).wait(TIMEOUT) == ""
 
 
 # --------------------------------------------------------------------------- lifecycle and keys
@@ -465,26 +449,22 @@ def test_close_is_idempotent_and_stops_everything(open_store: Callable[..., Chat
     store.close()  # saves what was queued, though the writer was still gathering
     store.close()
     assert set(threading.enumerate()) <= before
-    assert not store.append(line(2))
-    assert not store.save_room(RoomRecord("#lobby"))
+    assert store.append(line(2)).problem == STORE_CLOSED
+    assert store.save_room(RoomRecord("#lobby")).problem == STORE_CLOSED
     with pytest.raises(StoreError):
         store.recent("#lobby", 10)
     with open_store() as reopened:
         assert ids(reopened.recent("#lobby", 10)) == [1]
 
 
-def test_close_gives_up_on_a_failing_disk_after_a_bounded_wait(
-    open_store: Callable[..., ChatStore], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(history, "CLOSE_FLUSH_TIMEOUT", 0.2)
+def test_close_on_a_failing_disk_is_quick_and_tells_each_write(open_store: Callable[..., ChatStore]) -> None:
     store = open_store()
     store._run_on_writer(fill_the_disk)
-    store.append(line(1, size=BIG))
-    store.save_room(RoomRecord("#lobby"))
+    message, room = store.append(line(1, size=BIG)), store.save_room(RoomRecord("#lobby"))
     started = time.monotonic()
     store.close()
     assert time.monotonic() - started < 2
-    assert "closed with 1 messages and 1 room changes not saved" in caplog.text
+    assert message.wait(0) == room.wait(0) == "database or disk is full"
 
 
 def test_the_history_key_is_created_owner_only_and_kept(tmp_path: Path) -> None:

@@ -371,7 +371,7 @@ def test_a_session_whose_entry_fails_inside_the_room_is_left_neither_in_it_nor_l
         assert hub.local_room("#r") is None  # not in it, and the empty room is gone
         hub.join(alice, "#r")  # and not "already in #r"
         hub.say(alice, "#r", "in at last")
-        assert any(isinstance(m, Chat) and m.text == "in at last" for m in alice.received)
+        wait_until(lambda: any(isinstance(m, Chat) and m.text == "in at last" for m in alice.received))
     finally:
         hub.close()
 

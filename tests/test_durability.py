@@ -1,0 +1,277 @@
+"""What the default deployment (one process, SQLite) keeps across a kill -9, a full disk and damaged files.
+
+A line the server accepted (echoed to its sender, shown to the room, or told "kept") is in the
+history later; no id is given twice; history is never thrown away at start without a word; and
+an error never tells the user to do what cannot work. Real servers, real clients, real files;
+the full-disk tests mount a small tmpfs (root only) and always unmount it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    TIMEOUT,
+    ServerProcess,
+    chat_with,
+    drain,
+    free_port,
+    is_disconnected,
+    password_of,
+    wait_for,
+)
+
+from securechat.client import Chat, ChatClient, ErrorReply, History, KnownHosts, Notice, Room
+
+# --------------------------------------------------------------------------- helpers
+
+
+def log_in(process: ServerProcess, name: str, tmp_path: Path, **options) -> ChatClient:
+    """A logged-in client of a server process (its key pinned from what the process printed)."""
+    client = ChatClient(
+        "127.0.0.1",
+        process.port,
+        timeout=TIMEOUT * 2,
+        server_fingerprint=process.fingerprint,
+        known_hosts=KnownHosts(tmp_path / "known_hosts"),
+        **options,
+    )
+    client.login(name, password_of(name))
+    return client
+
+
+def room_history(client: ChatClient, room: str = "#lobby") -> list[Chat | Notice]:
+    """Every line and kept notice of ``room`` the server still has, oldest first (/history, paged)."""
+    lines: list[Chat | Notice] = []
+    before = 0
+    for _ in range(20):
+        client.command("history", room, "500", *([str(before)] if before else []))
+        page: list[Chat | Notice] = []
+        while True:
+            event = wait_for(client, lambda e: isinstance(e, History) or (isinstance(e, Chat | Notice) and e.history))
+            if isinstance(event, History):
+                break
+            page.append(event)
+        lines = page + lines
+        if not page or not event.more:
+            break
+        before = page[0].id
+    return lines
+
+
+def texts(events: list) -> list[str]:
+    return [event.text for event in events if isinstance(event, Chat)]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    """Server processes a test starts (and may kill); each is stopped at teardown."""
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        if process.process.poll() is None:
+            process.stop()
+        else:
+            with contextlib.suppress(Exception):
+                process.process.communicate(timeout=TIMEOUT)
+
+
+@pytest.fixture
+def clients() -> Iterator[list[ChatClient]]:
+    made: list[ChatClient] = []
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (mode 0700) mounted for this test alone; unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; returns the filler file (delete it to free the space)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+# --------------------------------------------------------------------------- 1. kill -9
+
+
+def test_a_line_echoed_before_a_kill_9_is_in_the_history_after_the_restart(tmp_path, users_file, processes, clients):
+    """The echo is the server's word that a line is accepted (README: "Your own lines appear once the
+    server has accepted them"). The store wrote behind, in batches gathered for 50 ms: a kill -9 a few
+    ms after the echo lost the line. Now nothing is handed out before it is committed."""
+    args = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    processes.append(ServerProcess(args))
+    alice = log_in(processes[0], "alice", tmp_path)
+    clients.append(alice)
+    drain(alice, quiet=0.2)
+    alice.say("the accepted line")
+    echo = wait_for(alice, chat_with("the accepted line"))
+    processes[0].process.kill()  # kill -9, just after the echo
+    processes[0].process.wait()
+
+    processes.append(ServerProcess(args))
+    bob = log_in(processes[1], "bob", tmp_path)
+    clients.append(bob)
+    drain(bob, quiet=0.3)
+    kept = {(event.id, event.text) for event in room_history(bob) if isinstance(event, Chat)}
+    assert (echo.id, "the accepted line") in kept, f"accepted as id {echo.id}, gone after the restart: {kept}"
+
+
+def test_an_id_is_never_given_twice_across_a_kill_9(tmp_path, users_file, processes, clients):
+    """After a kill -9 the numbering restarts from the last id committed (MemoryBackend.__init__:
+    store.last_id()). When lines were handed out before they were committed, the next line got the id
+    of a line a device had seen, and that device, resuming with since=that id, never got it."""
+    port = free_port()
+    args = ["--port", str(port), "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    processes.append(ServerProcess(args))
+    alice = log_in(processes[0], "alice", tmp_path)
+    clients.append(alice)
+    drain(alice, quiet=0.2)
+    alice.say("alice's last line before the crash")
+    seen = wait_for(alice, chat_with("alice's last line before the crash"))
+    processes[0].process.kill()
+    processes[0].process.wait()
+    wait_for(alice, is_disconnected)
+
+    processes.append(ServerProcess(args))  # the same port: alice's device comes back to it
+    bob = log_in(processes[1], "bob", tmp_path)
+    clients.append(bob)
+    drain(bob, quiet=0.3)
+    bob.say("bob's line after the restart")
+    said = wait_for(bob, chat_with("bob's line after the restart"))
+    assert said.id > seen.id, f"id {said.id} given again (alice's device saw id {seen.id} before the crash)"
+
+    alice.close()
+    alice.connect()
+    alice.resume()  # since = the newest id her device saw
+    caught_up = drain(alice, quiet=0.5)
+    assert "bob's line after the restart" in texts(caught_up), "alice's device never gets bob's line"
+
+
+# --------------------------------------------------------------------------- 2. a full disk
+
+
+def start_on(disk: Path, users: Path) -> tuple[list[str], Path]:
+    data = disk / "data"
+    return ["--port", "0", "--users", str(users), "--data-dir", str(data)], data
+
+
+def test_lines_accepted_on_a_full_disk_are_not_lost_at_a_clean_restart(
+    tiny_disk, tmp_path, users_file, processes, clients
+):
+    """On a full disk every line was still echoed, and a private line to someone offline answered
+    "they will see your message when they next log in", then dropped at the next stop. Each is now
+    refused to its sender in one line, and nothing refused comes back after the restart."""
+    args, _ = start_on(tiny_disk, users_file)
+    processes.append(ServerProcess(args))
+    alice = log_in(processes[0], "alice", tmp_path)
+    clients.append(alice)
+    drain(alice, quiet=0.3)
+    filler = fill(tiny_disk)
+
+    room_ref = alice.say("said while the disk was full " + "x" * 2000)
+    private_ref = alice.private("carol", "kept for carol while the disk was full")
+    answers = drain(alice, quiet=1.0)
+    refused = {event.ref for event in answers if isinstance(event, ErrorReply)}
+    echoed = {event.ref for event in answers if isinstance(event, Chat) and event.ref}
+    told_kept = any(isinstance(e, Notice) and "will see your message" in e.text for e in answers)
+    assert room_ref in refused | echoed and private_ref in refused | echoed, answers
+    assert {room_ref, private_ref} <= refused and not told_kept, answers
+    reasons = {event.message for event in answers if isinstance(event, ErrorReply)}
+    assert reasons == {"not sent: the server could not save it (database or disk is full)"}, reasons
+
+    processes[0].stop()  # a clean stop, while the disk is still full
+    filler.unlink()
+    processes.append(ServerProcess(args))
+    carol = log_in(processes[1], "carol", tmp_path)
+    clients.append(carol)
+    seen_by_carol = texts(drain(carol, quiet=0.5))
+    kept = texts(room_history(carol))
+
+    lost = []
+    if room_ref in echoed and not any(text.startswith("said while the disk was full") for text in kept):
+        lost.append("the room line (echoed to alice)")
+    if private_ref in echoed and "kept for carol while the disk was full" not in seen_by_carol:
+        lost.append(f"the private line (echoed; alice was told it was kept: {told_kept})")
+    assert not lost, f"accepted, then lost at the restart: {lost}"
+
+
+def test_a_ban_a_topic_and_a_room_made_on_a_full_disk_are_not_lost_at_a_clean_restart(
+    tiny_disk, tmp_path, users_file, processes, clients
+):
+    """On a full disk /ban told the room erin was banned, /topic the new topic, and /join of a new
+    room "you are in" it, all lost at the next stop: erin, banned, walked back in. Each change now
+    waits for its write, and one that is not saved is undone and refused to its author."""
+    args, _ = start_on(tiny_disk, users_file)
+    processes.append(ServerProcess(args))
+    alice = log_in(processes[0], "alice", tmp_path)
+    clients.append(alice)
+    alice.join("#alices")  # made (and stored) while there is room on the disk
+    wait_for(alice, lambda e: isinstance(e, Room) and e.room == "#alices")
+    drain(alice, quiet=0.5)
+    filler = fill(tiny_disk)
+
+    alice.command("ban", "#alices", "erin")
+    alice.command("topic", "#alices", "the topic set on a full disk")
+    alice.join("#made-on-a-full-disk")
+    answers = drain(alice, quiet=1.0)
+    banned = any(isinstance(e, Notice) and e.event == "moderation" and e.target == "erin" for e in answers)
+    topic_set = any(isinstance(e, Notice) and e.event == "topic" for e in answers)
+    room_made = any(isinstance(e, Room) and e.room == "#made-on-a-full-disk" and e.joined for e in answers)
+    assert banned or any(isinstance(e, ErrorReply) for e in answers), answers
+    refusals = [e for e in answers if isinstance(e, ErrorReply)]
+    assert not (banned or topic_set or room_made) and len(refusals) == 3, answers
+    assert all("could not save it (database or disk is full)" in e.message for e in refusals), refusals
+
+    processes[0].stop()  # a clean stop, while the disk is still full
+    filler.unlink()
+    processes.append(ServerProcess(args))
+    again = log_in(processes[1], "alice", tmp_path)
+    clients.append(again)
+    rooms = {e.room: e for e in drain(again, quiet=0.5) if isinstance(e, Room)}
+    erin = log_in(processes[1], "erin", tmp_path)
+    clients.append(erin)
+    drain(erin, quiet=0.3)
+    erin.join("#alices")
+    erin_got_in = any(isinstance(e, Room) and e.room == "#alices" and e.joined for e in drain(erin, quiet=0.5))
+
+    lost = []
+    if banned and erin_got_in:
+        lost.append("erin's ban (she is back in #alices)")
+    if topic_set and "#alices" in rooms and rooms["#alices"].topic != "the topic set on a full disk":
+        lost.append(f"#alices' topic (now {rooms['#alices'].topic!r})")
+    if room_made and "#made-on-a-full-disk" not in rooms:
+        lost.append("the room alice made (and her place in it)")
+    assert not lost, f"told done, then lost at the restart: {lost}"
+
+
+# --------------------------------------------------------------------------- 3. files at start
