@@ -43,7 +43,7 @@ from securechat.crypto_utils import AES_KEY_SIZE, NONCE_SIZE, CryptoError, load_
 
 log = logging.getLogger("chat.history")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: How often, by the store's clock, rows older than the age limit are deleted; also the writer's longest idle sleep.
 AGE_TRIM_INTERVAL = 60.0
 #: How long a statement waits for another process's lock on the file before failing.
@@ -79,7 +79,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # and text values: the shape a Redis hash per scope holds just as well.
         "CREATE TABLE state (scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (scope, key))",
     ),
+    3: (
+        # What the store knows of itself: "key_check", a constant sealed under the history key, so that
+        # a start with another key (history_key lost, or restored from another backup) is refused.
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    ),
 }
+#: What "key_check" seals (associated data: the name).
+_KEY_CHECK = b"securechat history key"
+#: What a start with the wrong key is told.
+WRONG_KEY = (
+    "its lines were sealed under another history key than history_key beside it: put that file back"
+    " (from the backup the database came from), or move the database away to start with no history"
+)
 
 _INSERT_MESSAGE = "INSERT OR REPLACE INTO messages (id, stream, seq, sent_at, sealed) VALUES (?, ?, ?, ?, ?)"
 _ADVANCE_STREAM = (
@@ -327,6 +339,7 @@ class ChatStore:
             while not self._read_pool.empty():
                 self._read_pool.get_nowait().close()
             raise StoreError(f"{self.path}: {exc}") from exc
+        self._check_key()
         self._next_age_trim = self._clock()  # owned by the writer once it starts
         self._trim_by_age_at_start()
         # A daemon only so that a process dying without close() can still exit; close() always joins it.
@@ -505,6 +518,47 @@ class ChatStore:
         (largest_id,) = connection.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         self._last_id = max(stored_last_id, largest_id)
         self._last_seq = dict(connection.execute("SELECT stream, last_seq FROM streams").fetchall())
+
+    def _check_key(self) -> None:
+        """Refuse (``StoreError``) to open history sealed under another key; first, note the key's check."""
+        connection = self._write_connection
+        try:
+            row = connection.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
+            if row is None:  # a new database, or one made before the check: one of its newest lines must open
+                newest = connection.execute(f"{_SELECT} ORDER BY id DESC LIMIT 20").fetchall()
+                if newest and not any(
+                    self._opens(stream, message_id, sealed) for message_id, stream, _, _, sealed in newest
+                ):
+                    raise StoreError(f"{self.path}: {WRONG_KEY}")
+                nonce = os.urandom(NONCE_SIZE)
+                check = nonce + self._aead.encrypt(nonce, _KEY_CHECK, b"key_check")
+                connection.execute("INSERT INTO meta (name, value) VALUES ('key_check', ?)", (check,))
+                return
+            sealed = row[0]
+            try:
+                if self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], b"key_check") == _KEY_CHECK:
+                    return
+            except InvalidTag:
+                pass
+            raise StoreError(f"{self.path}: {WRONG_KEY}")
+        except StoreError:
+            self._close_connections_at_start()
+            raise
+        except sqlite3.Error as exc:
+            self._close_connections_at_start()
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def _opens(self, stream: str, message_id: int, sealed: bytes) -> bool:
+        try:
+            self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], self._associated_data(stream, message_id))
+        except (InvalidTag, ValueError, TypeError):
+            return False
+        return True
+
+    def _close_connections_at_start(self) -> None:
+        self._write_connection.close()
+        while not self._read_pool.empty():
+            self._read_pool.get_nowait().close()
 
     def _trim_by_age_at_start(self) -> None:
         try:

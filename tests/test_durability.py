@@ -275,3 +275,42 @@ def test_a_ban_a_topic_and_a_room_made_on_a_full_disk_are_not_lost_at_a_clean_re
 
 
 # --------------------------------------------------------------------------- 3. files at start
+
+
+@pytest.mark.parametrize("damage", ["deleted", "another key"])
+def test_history_stored_under_a_history_key_that_is_gone_is_refused_at_start(
+    damage, tmp_path, users_file, processes, clients
+):
+    """history_key deleted (or replaced, say by a restore that missed it) while history.sqlite3 holds
+    lines: the server made a new key and started as if nothing were wrong, and every stored line (the
+    private lines kept for offline accounts among them) failed to decrypt. The start is refused in one
+    line naming history_key."""
+    data = tmp_path / "data"
+    args = ["--port", "0", "--users", str(users_file), "--data-dir", str(data)]
+    processes.append(ServerProcess(args))
+    alice = log_in(processes[0], "alice", tmp_path)
+    clients.append(alice)
+    drain(alice, quiet=0.2)
+    alice.private("bob", "kept for bob")
+    wait_for(alice, chat_with("kept for bob"))
+    alice.leave()
+    processes[0].stop()
+
+    key = data / "history_key"
+    key.unlink()
+    if damage == "another key":
+        key.write_text(os.urandom(32).hex())
+        key.chmod(0o600)
+    try:
+        started = ServerProcess(args)
+    except RuntimeError as refused:  # it exited: that is what should happen
+        message = str(refused)
+        lines = [line.strip() for line in message.split("server exited:", 1)[-1].splitlines() if line.strip()]
+        assert "Traceback" not in message, message
+        assert lines and lines[-1].startswith("error: ") and "history_key" in lines[-1], message
+        return
+    processes.append(started)
+    bob = log_in(started, "bob", tmp_path)
+    clients.append(bob)
+    shown = texts(drain(bob, quiet=0.5))
+    pytest.fail(f"started with a new history key over stored history; bob was shown {shown} (not 'kept for bob')")

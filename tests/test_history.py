@@ -476,3 +476,31 @@ def test_the_history_key_is_created_owner_only_and_kept(tmp_path: Path) -> None:
     key_path.chmod(0o644)
     with pytest.raises(CryptoError):
         load_or_create_history_key(key_path)
+
+
+def test_a_store_opened_with_another_key_is_refused_and_left_as_it_was(
+    open_store: Callable[..., ChatStore], db_path: Path
+) -> None:
+    with open_store() as store:
+        assert store.append(line(1)).wait(TIMEOUT) == ""
+    before = db_path.read_bytes()
+    with pytest.raises(StoreError, match="sealed under another history key"):
+        ChatStore(db_path, bytes(32))
+    assert db_path.read_bytes() == before
+    with open_store() as store:  # the right key still opens it
+        assert ids(store.recent("#lobby", 10)) == [1]
+
+
+def test_a_store_made_before_the_key_check_is_checked_by_its_lines(
+    open_store: Callable[..., ChatStore], db_path: Path
+) -> None:
+    with open_store() as store:
+        assert store.append(line(1)).wait(TIMEOUT) == ""
+    with sqlite3.connect(db_path) as connection:  # as a database of schema 2 holds no check
+        connection.execute("DELETE FROM meta")
+    with pytest.raises(StoreError, match="sealed under another history key"):
+        ChatStore(db_path, bytes(32))
+    with open_store() as store:
+        assert ids(store.recent("#lobby", 10)) == [1]
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("SELECT count(*) FROM meta").fetchone() == (1,)
