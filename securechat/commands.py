@@ -79,7 +79,9 @@ COMMAND_TABLE: tuple[CommandSpec, ...] = (
     # presence and personal controls
     _server("away", "[message]", "say you are away (answered to whoever sends you /msg)", (0, 1)),
     _server("back", "", "you are back", (0, 0)),
-    _server("whois", "NAME", "someone's devices, rooms in common, idle time, away message, role", (1, 1)),
+    _server(
+        "whois", "NAME", "someone's devices (named to them and admins), rooms in common, idle time, away, role", (1, 1)
+    ),
     _server("ignore", "[NAME]", "stop seeing someone's lines, on all your devices (alone: the list)", (0, 1)),
     _server("unignore", "NAME", "see someone's lines again", (1, 1)),
     _server("motd", "[text]", "show the message of the day (an admin sets it with text)", (0, 1)),
