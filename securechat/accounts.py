@@ -992,15 +992,20 @@ class TokenAuthority:
         """Revoke the session of ``claims``: see ``revoke_session``."""
         return self.revoke_session(claims.session_id)
 
-    def revoke_session(self, session_id: str) -> bool:
+    def spend(self, claims: TokenClaims) -> bool:
+        """Revoke the session of ``claims`` to resume it (see ``revoke_session``), only if that can be
+        recorded: on ``RevocationNotSaved`` it is not revoked, so the resume may be tried again."""
+        return self.revoke_session(claims.session_id, unless_unsaved=True)
+
+    def revoke_session(self, session_id: str, *, unless_unsaved: bool = False) -> bool:
         """Refuse every token of this session from now on (none can resume it again).
 
         Returns True if this call revoked it, False if it already was: checking and
         revoking are one step, so of two resumes of one token racing each other only
         one can spend it. Raises ``RevocationNotSaved`` when the journal cannot be written:
-        the session is refused from now on, but a restart would forget it, so the caller
-        must say so. Returns once the revocation is on disk: revocations made at the
-        same time share one fsync. One line is appended to the journal per revocation;
+        the session is refused from now on (with ``unless_unsaved``, not revoked at all), but a
+        restart would forget it, so the caller must say so. Returns once the revocation is on
+        disk: revocations made at the same time share one fsync. One line is appended to the journal per revocation;
         it is rewritten without the expired entries only once it has doubled since the
         last rewrite, so the cost per revocation stays constant on average however many
         there are.
@@ -1012,19 +1017,26 @@ class TokenAuthority:
             if session_id in self._revoked:
                 return False
             self._revoked[session_id] = until
-        if self._shared is not None:  # the shared store decides which of two racing nodes spent it
-            try:
-                return self._shared.revoke(session_id, until)
-            except OSError as exc:
-                raise RevocationNotSaved(Path("(the shared store)"), exc) from exc
-        if self._journal is None:
-            return True
-        # Refused from now on; the wait below is for the journal only, with no lock held.
         try:
-            self._journal.flush(self._journal.put((session_id, until)))
-        except OSError as exc:
-            raise RevocationNotSaved(self.revoked_path, exc) from exc
-        return True
+            if self._shared is not None:  # the shared store decides which of two racing nodes spent it
+                try:
+                    return self._shared.revoke(session_id, until)
+                except OSError as exc:
+                    raise RevocationNotSaved(Path("(the shared store)"), exc) from exc
+            if self._journal is None:
+                return True
+            # Refused from now on; the wait below is for the journal only, with no lock held.
+            try:
+                self._journal.flush(self._journal.put((session_id, until)))
+            except OSError as exc:
+                raise RevocationNotSaved(self.revoked_path, exc) from exc
+            return True
+        except RevocationNotSaved:
+            if unless_unsaved:
+                with self._revoked_lock:
+                    if self._revoked.get(session_id) == until:
+                        del self._revoked[session_id]
+            raise
 
 
 class DeviceTokens:

@@ -888,8 +888,8 @@ class ChatServer:
         # The old session is spent, every token of it: the new connection starts a new one. Only
         # one resume may spend it: a second one racing this one finds it already revoked.
         try:
-            spent = self.tokens.revoke(claims)
-        except RevocationNotSaved as exc:  # unrecorded, the old session could be resumed again after a restart
+            spent = self.tokens.spend(claims)
+        except RevocationNotSaved as exc:  # unrecorded, it is not spent: the resume may be tried again
             log.error("%s", exc)
             raise AuthenticationFailed(
                 "server_error", "the server cannot record sessions just now; try again"

@@ -26,7 +26,7 @@ from conftest import (
     wait_for,
 )
 
-from securechat.client import Chat, ChatClient, ErrorReply, History, KnownHosts, Notice, Room
+from securechat.client import Chat, ChatClient, ErrorReply, History, KnownHosts, LoginRefused, Notice, Room
 
 # --------------------------------------------------------------------------- helpers
 
@@ -314,3 +314,36 @@ def test_history_stored_under_a_history_key_that_is_gone_is_refused_at_start(
     clients.append(bob)
     shown = texts(drain(bob, quiet=0.5))
     pytest.fail(f"started with a new history key over stored history; bob was shown {shown} (not 'kept for bob')")
+
+
+# --------------------------------------------------------------------------- 5. the revocation journal
+
+
+def test_a_resume_refused_with_try_again_works_when_tried_again(server, connect):
+    """A resume while the revocation journal cannot be written is refused with "the server cannot
+    record sessions just now; try again" (listener.authenticate_token). The old session used to be
+    revoked in memory all the same, so trying again always got "token was given up; log in again";
+    now a session is spent only once that is recorded."""
+    bob = connect("bob")
+    drain(bob, quiet=0.2)
+    journal = server.tokens.revoked_path
+    if journal.exists():
+        journal.unlink()
+    journal.mkdir()  # cannot be written now, as on a full disk
+    try:
+        bob._shutdown_socket()
+        wait_for(bob, is_disconnected)
+        bob.close()
+        bob.connect()
+        with pytest.raises(LoginRefused) as refused:
+            bob.resume()
+        assert "try again" in str(refused.value)
+    finally:
+        journal.rmdir()
+    bob.connect()
+    try:
+        bob.resume()
+    except LoginRefused as again:
+        pytest.fail(f"told to try again; tried again with the journal writable: {again}")
+    finally:
+        bob.close()
