@@ -195,12 +195,19 @@ def run_admin_command(args: argparse.Namespace) -> int:
             were = "1 was there already and was kept" if kept == 1 else f"{kept} were there already and were kept"
             print(f"imported {_accounts(len(added))}" + (f"; {were}" if kept else ""))
             return 0
-        if backend == "memory" and (Path(args.data_dir) / ACCOUNTS_IN_REDIS_FILE).exists():
-            print(
-                f"warning: the server of {args.data_dir} keeps its accounts in Redis, not in {args.users}:"
-                " give --backend redis://… (or --config) for the change to count there",
-                file=sys.stderr,
-            )
+        # A node on Redis leaves a marker in its data directory, where users.json may lie too (systemd's
+        # /var/lib/securechat): a change made to that users.json would count nowhere.
+        marked = [
+            place
+            for place in (Path(args.data_dir), Path(args.users).parent)
+            if (place / ACCOUNTS_IN_REDIS_FILE).exists()
+        ]
+        if backend == "memory" and marked:
+            said = f"the server of {marked[0]} keeps its accounts in Redis, not in {args.users}"
+            if args.command != "users":
+                print(f"error: {said}: give --backend redis://… (or --config) to change them there", file=sys.stderr)
+                return 1
+            print(f"warning: {said}: give --backend redis://… (or --config) to list those", file=sys.stderr)
         if args.command == "users":
             for record in store.load().values():
                 notes = [note for note in ("admin" if record.is_admin else "", "demo" if record.demo else "") if note]
@@ -238,7 +245,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         elif args.command == "unban":
             print(f"{name} is no longer banned" if store.unban(name) else f"{name} was not banned")
     except KeyError as exc:
-        print(f"error: no user {exc.args[0]!r} in {args.users}", file=sys.stderr)
+        where = args.users if backend == "memory" else f"the accounts in Redis ({hide_password(backend)})"
+        print(f"error: no user {exc.args[0]!r} in {where}", file=sys.stderr)
         return 1
     except (ValueError, UserStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -131,6 +131,12 @@ def check_backend(backend: str) -> None:
         return
     if not backend.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be memory, or a Redis URL: redis://HOST:PORT/DB, rediss://… (TLS) or unix://PATH")
+    before_host = backend.partition("://")[2].rpartition("@")[0]
+    if any(delimiter in before_host for delimiter in "/?#"):
+        raise ValueError(
+            "the password holds / ? or #, which end a URL's address: percent-encode them "
+            "(%2F, %3F, %23), or give the password in CHAT_REDIS_PASSWORD instead"
+        )
     parts = urllib.parse.urlsplit(backend)
     if parts.scheme == "unix":
         if not parts.path:

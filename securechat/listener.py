@@ -14,6 +14,7 @@ import os
 import secrets
 import selectors
 import socket
+import sqlite3
 import stat
 import sys
 import threading
@@ -261,6 +262,7 @@ class ChatServer:
                 flood_budget = SharedFloodBudget(shared.redis)
                 self.shared_connections = SharedConnectionCount(shared.redis, shared.node, throttle_key)
                 backend = shared
+                _say_what_redis_leaves_behind(data_dir / HISTORY_FILE)
             if backend is None:
                 store = ChatStore(
                     data_dir / HISTORY_FILE,
@@ -938,6 +940,27 @@ def lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, thread_id, min(MAX_NICENESS, niceness + HASHING_NICENESS))
     except OSError as exc:  # a sandbox may forbid it; hashing still works, just at full priority
         log.debug("cannot lower the hashing threads' priority: %s", exc)
+
+
+def _say_what_redis_leaves_behind(history: Path) -> None:
+    """A node that ran alone keeps its rooms and history in ``history``, which a node on Redis does not
+    read: said at each start, for as long as the file is there, so that nobody thinks them moved."""
+    if not history.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{history.as_uri()}?mode=ro", uri=True)) as database:
+            lines = database.execute("SELECT count(*) FROM messages").fetchone()[0]
+            rooms = database.execute("SELECT count(*) FROM rooms").fetchone()[0]
+    except sqlite3.Error:
+        return
+    if lines or rooms:
+        log.warning(
+            "%s holds %d lines and %d rooms (with their roles and bans) from before this node used Redis;"
+            " a node on Redis does not read them: move the file away once you no longer need it",
+            history,
+            lines,
+            rooms,
+        )
 
 
 def check_private_directory(path: Path) -> None:

@@ -87,6 +87,8 @@ NODE_FILES_KEY = f"{PREFIX}node_files"
 COPY_THE_FILES = "copy server_key.pem, token_secret and cluster_key from a running node's data directory"
 #: The processes' heartbeats (a sorted set: process -> when its presence was last refreshed).
 NODES_KEY = f"{PREFIX}nodes"
+#: How long close() may take (seconds), whatever Redis does: the whole stop is promised within 2 s.
+CLOSE_BUDGET = 0.5
 #: How long one blocking read waits before looking at the set of rooms again.
 READ_BLOCK_MS = 250
 #: Entries one read takes at most, per stream.
@@ -309,8 +311,8 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
             on_connect()
 
         extra["redis_connect_func"] = connected
-    if os.environ.get(PASSWORD_VARIABLE) and "@" not in url:
-        extra["password"] = os.environ[PASSWORD_VARIABLE]
+    if os.environ.get(PASSWORD_VARIABLE) and not _url_password(url):
+        extra["password"] = os.environ[PASSWORD_VARIABLE]  # also beside a user the URL names (an ACL user)
     return redis.Redis.from_url(
         url,
         **extra,
@@ -346,12 +348,16 @@ def describe_redis_error(url: str, exc: redis.exceptions.RedisError) -> str:
 def _password_given(url: str) -> bool:
     """Whether ``redis_client(url)`` sends a password: the URL's (before the host or in its query),
     else CHAT_REDIS_PASSWORD's."""
+    return _url_password(url) or bool(os.environ.get(PASSWORD_VARIABLE))
+
+
+def _url_password(url: str) -> bool:
+    """Whether ``url`` itself holds a password (before the host, or in its query)."""
     parts = urllib.parse.urlsplit(url)
-    if any(urllib.parse.parse_qs(parts.query).get("password", [])):
-        return True
-    if "@" in url:
-        return bool(parts.password)
-    return bool(os.environ.get(PASSWORD_VARIABLE))
+    try:
+        return bool(parts.password) or any(urllib.parse.parse_qs(parts.query).get("password", []))
+    except ValueError:  # a malformed URL: check_backend says so
+        return "@" in url
 
 
 def _place(url: str) -> str:
@@ -580,24 +586,38 @@ class RedisBackend:
         self._refresher.start()
 
     def close(self) -> None:
+        """Stop reading and refreshing, and take this process's sessions out of Redis: all within
+        ``CLOSE_BUDGET`` seconds. A Redis that does not answer meanwhile is left to expire them."""
+        give_up = time.monotonic() + CLOSE_BUDGET
         self._stopping.set()
         for thread in (self._reader, self._refresher):
             if thread.ident is not None:
-                thread.join(timeout=2.0)
+                thread.join(timeout=max(0.0, give_up - time.monotonic()) / 2)
         with self._local_lock:
             local = list(self._local_sessions.values())
             self._local_sessions.clear()
             rooms = list(self._local_rooms)
             self._local_rooms.clear()
-        try:  # this process's sessions go at once, not after SESSION_TTL
-            for info in local:
-                self.redis.hdel(self._sessions_key(info.account), info.session_id)
-            for room, session_id in rooms:
-                self.redis.hdel(self._roster_key(room), session_id)
-            self.redis.zrem(NODES_KEY, self.node)
-        except redis.exceptions.RedisError:
-            pass
-        self.redis.close()
+
+        def forget_this_process() -> None:  # its sessions go at once, not after SESSION_TTL
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for info in local:
+                        pipe.hdel(self._sessions_key(info.account), info.session_id)
+                    for room, session_id in rooms:
+                        pipe.hdel(self._roster_key(room), session_id)
+                    pipe.zrem(NODES_KEY, self.node)
+                    pipe.execute()
+            except redis.exceptions.RedisError:
+                pass
+
+        # On a thread of its own, so that a Redis that hangs (its socket timeout, then retries) cannot
+        # hold up the stop: a daemon, left behind if it is still waiting when the budget is spent.
+        forgetting = threading.Thread(target=forget_this_process, name="redis-goodbye", daemon=True)
+        forgetting.start()
+        forgetting.join(timeout=max(0.1, give_up - time.monotonic()))
+        if not forgetting.is_alive():
+            self.redis.close()
 
     def health(self) -> str:
         return self._problem or "ok"

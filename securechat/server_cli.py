@@ -178,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     demo_names = [record.name for record in accounts.values() if record.demo]
     if demo_names:
         if config.is_loopback or config.allow_demo_accounts:
+            # The accounts are where the backend keeps them: the hint names it (never its password).
+            where = "" if config.backend == "memory" else f" --backend {shlex.quote(hide_password(config.backend))}"
             log.warning(
-                "demo accounts are enabled (%s): remove them with 'server.py deluser NAME'",
+                "demo accounts are enabled (%s): remove them with 'server.py deluser NAME%s'",
                 ", ".join(demo_names),
+                where,
             )
         else:
             log.warning(

@@ -132,14 +132,18 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            if not worker.wait_listening(stopping):
-                if stopping.is_set():
-                    return 0  # told to stop while starting
-                log.error("worker %d could not start (its error is above)", worker.number)
-                return 1
+        # The first alone: a start that fails (Redis unreachable, a wrong key) says why once, in its
+        # own one line, not once per worker; the others start once it listens.
+        for group in (workers[:1], workers[1:]):
+            for worker in group:
+                worker.start()
+            for worker in group:
+                if not worker.wait_listening(stopping):
+                    if stopping.is_set():
+                        return 0  # told to stop while starting
+                    if worker.number > 1:  # (the first one's error is the whole story)
+                        log.error("worker %d could not start (its error is above)", worker.number)
+                    return 1
         fingerprint = crypto_utils.fingerprint(private_key.public_key())
         print(f"Server key fingerprint: {private_key.key_size} {fingerprint} (RSA)")
         print(f"Rooms shared through {hide_password(config.backend)}")
