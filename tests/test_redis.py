@@ -475,7 +475,9 @@ def test_accounts_live_in_redis_an_account_added_on_one_node_logs_in_on_every_no
         text=True,
         timeout=TIMEOUT * 4,
     )
-    assert local.returncode == 0 and "keeps its accounts in Redis" in local.stderr, local.stderr
+    # Refused, in one line: an account added there would count nowhere.
+    assert local.returncode == 1 and "keeps its accounts in Redis" in local.stderr, local.stderr
+    assert not (tmp_path / "local_users.json").exists()
 
 
 def test_spreading_over_nodes_gives_no_more_guesses_nor_lines(cluster, tmp_path):
