@@ -25,10 +25,6 @@ from securechat.protocol import Chat, Kind, Notice, ProtocolError, decode_messag
 
 log = logging.getLogger("chat.server")
 
-#: How long a change waits to be saved before its author is told the server's disk does not answer
-#: (seconds; a write that fails, fails at once, and one waiting for another process's lock, in 5 s).
-SAVE_TIMEOUT = 30.0
-
 #: What a room's stream carries besides lines: topic changes (joins and leaves are presence, not history).
 RoomEvent = Chat | Notice
 
@@ -231,6 +227,9 @@ class MemoryBackend:
         self._delivery_changed = threading.Condition()
         # Published events not yet handed out, in id order: the deliverer's work.
         self._to_deliver: deque[_Published] = deque()
+        # Every event numbered up to this id is handed out (or was not saved): what reads may show, so
+        # that a line saved but not yet handed out is not both read (a catch-up) and then delivered.
+        self._handed_out_through = self._last_id
         self._delivering = True
         self._deliverer: threading.Thread | None = None
 
@@ -274,7 +273,13 @@ class MemoryBackend:
             published = _Published(numbered, room, origin_session, ref)
             write = self._publish(StoredMessage(message_id, room, seq, now, encode_event(numbered)), published)
         if write is not None:
-            _wait_until_saved(write)
+            try:
+                _wait_until_saved(write)
+            except BackendUnavailable:
+                with self.publish_lock:  # a number nobody saw: not counted as a line missed, if still the last
+                    if self._last_seq.get(room) == seq:
+                        self._last_seq[room] = seq - 1
+                raise
         return numbered
 
     def publish_private(
@@ -300,7 +305,7 @@ class MemoryBackend:
             self._hand_out(published)
             return None
         write = self.store.append(stored)
-        if write.problem is None:  # (one refused at once is handed to nobody)
+        if not write.problem:  # (one refused at once is handed to nobody; one saved already still goes)
             with self._delivery_changed:
                 self._to_deliver.append(replace(published, write=write))
                 self._delivery_changed.notify()
@@ -318,13 +323,14 @@ class MemoryBackend:
             problem = published.write.wait(1.0)
             while problem is None and self._delivering:  # the store settles every write, even at close
                 problem = published.write.wait(1.0)
-            with self._delivery_changed:
-                self._to_deliver.popleft()
             if problem == "":
                 try:
                     self._hand_out(published)
                 except Exception:  # a fault in one delivery must not stop every later one
                     log.exception("handing out event %d failed", published.event.id)
+            with self._delivery_changed:
+                self._to_deliver.popleft()
+                self._handed_out_through = published.event.id
 
     def _hand_out(self, published: _Published) -> None:
         """Give ``published`` to the subscriber: a room's event to its room, a private line to both accounts."""
@@ -520,8 +526,13 @@ class MemoryBackend:
     # ------------------------------------------------------------------ history
 
     def _events(self, rows: list[StoredMessage]) -> list[RoomEvent]:
+        """The events of ``rows``, less those saved but not yet handed out (they are on their way)."""
+        with self._delivery_changed:
+            handed_out_through = self._handed_out_through
         events = []
         for row in rows:
+            if row.id > handed_out_through:
+                continue
             event = decode_event(row.payload)
             if event is None:
                 continue
@@ -560,9 +571,11 @@ def _refuse_charge(charge: LineCharge | None) -> None:
 
 
 def _wait_until_saved(write: Write) -> None:
-    """Return once ``write`` is committed; ``BackendUnavailable`` (said to its author) if it is not."""
-    problem = write.wait(SAVE_TIMEOUT)
-    if problem is None:
-        raise BackendUnavailable("the server's disk did not answer in time")
+    """Return once ``write`` is committed; ``BackendUnavailable`` (said to its author) if it is not.
+
+    No time limit: the writer settles every write (a failure at once, another process's lock within
+    its busy timeout), and a change given up on here would still be saved later.
+    """
+    problem = write.wait()
     if problem:
         raise BackendUnavailable(f"the server could not save it ({problem})")

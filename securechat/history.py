@@ -15,10 +15,9 @@ calls queue their work and return a ``Write``; the writer commits everything que
 order, one transaction per batch, as soon as it can (what queues while it commits is the
 next batch). A batch that fails (a full disk) is not retried: each of its writes says why,
 so whoever made the change can tell its author it was not saved, rather than have it
-delivered now and lost at the next stop. Messages not yet committed are kept in memory and
-merged into every read, so a read sees everything appended before it. Reads run on a small
-pool of other connections (WAL lets them proceed while the writer writes), from any
-thread, and hold no lock while they query.
+delivered now and lost at the next stop. Reads see what is committed, never a message that
+may yet fail. They run on a small pool of other connections (WAL lets them proceed while
+the writer writes), from any thread, and hold no lock while they query.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -55,6 +53,7 @@ CLOSE_FLUSH_TIMEOUT = 2.0
 #: Why a write was refused without being tried.
 QUEUE_FULL = "too many changes waiting to be saved"
 STORE_CLOSED = "the server is stopping"
+WRITER_STOPPED = "the history writer has stopped"
 #: The largest value SQLite stores in an INTEGER column.
 MAX_SQL_INTEGER = 2**63 - 1
 
@@ -171,10 +170,6 @@ def private_stream(a: str, b: str) -> str:
         if not name or ":" in name:
             raise ValueError(f"not an account name for a private stream: {name!r}")
     return "@" + ":".join(sorted((a, b)))
-
-
-def _is_party(stream: str, *, account: str) -> bool:
-    return stream.startswith("@") and account in stream[1:].split(":")
 
 
 def load_or_create_history_key(path: Path) -> bytes:
@@ -306,7 +301,6 @@ class ChatStore:
         self._uncommitted_changed = threading.Condition(self._uncommitted_lock)
         self._write_queue: deque[_Operation] = deque()  # not yet taken by the writer
         self._queued_messages = 0  # messages in _write_queue: what queue_size bounds
-        self._uncommitted: dict[str, dict[int, StoredMessage]] = {}  # stream -> id -> message, what reads merge
         self._operations_queued = 0
         self._operations_finished = 0  # the first this many queued operations are committed (or lost)
         self._flush_requests = 0  # each one cuts one wait of the writer short
@@ -396,8 +390,8 @@ class ChatStore:
         accepted, accepted_after, refused_so_far = False, 0, 0
         write = Write(self)
         with self._uncommitted_changed:
-            if self._closing:
-                return Write(self, STORE_CLOSED)
+            if self._closing or self._writer_stopped:
+                return Write(self, STORE_CLOSED if self._closing else WRITER_STOPPED)
             if self._history_limit == 0:
                 return Write(self, "")
             if self._queued_messages >= self._queue_size:
@@ -410,7 +404,6 @@ class ChatStore:
                 self._write_queue.append((message, write))
                 self._queued_messages += 1
                 self._operations_queued += 1
-                self._uncommitted.setdefault(message.stream, {})[message.id] = message
                 # Wake the writer only when it waits for this: the first item (it sleeps on an empty
                 # queue) or a full queue (it gathers a batch until then). A wake-up per message costs
                 # a thread switch per line: 10-20 % more server CPU per delivery at N = 50.
@@ -469,8 +462,8 @@ class ChatStore:
         # Not counted against queue_size: room state is rare, and its author waits for it.
         write = Write(self)
         with self._uncommitted_changed:
-            if self._closing:
-                return Write(self, STORE_CLOSED)
+            if self._closing or self._writer_stopped:
+                return Write(self, STORE_CLOSED if self._closing else WRITER_STOPPED)
             self._write_queue.append((operation, write))
             self._operations_queued += 1
             self._uncommitted_changed.notify_all()
@@ -571,6 +564,9 @@ class ChatStore:
 
     def _write_loop(self) -> None:
         flushes_seen = 0
+        # Taken from the queue, and of it what is being written: settled even if a fault stops this thread.
+        taken: list[_Operation] = []
+        batch: list[tuple[StoredMessage | _Statements, Write]] = []
 
         def hurried() -> bool:
             return self._closing or self._flush_requests != flushes_seen
@@ -588,7 +584,6 @@ class ChatStore:
                     self._write_queue.clear()
                     self._queued_messages = 0
                     taken_through = self._operations_queued
-                batch: list[tuple[StoredMessage | _Statements, Write]] = []
                 for operation, write in taken:
                     if isinstance(operation, _WriterAction):
                         operation.action(self._write_connection)
@@ -608,14 +603,17 @@ class ChatStore:
                     if trim_by_age:
                         self._next_age_trim = self._clock() + AGE_TRIM_INTERVAL
                 self._settle(batch, problem, taken_through)
+                batch = []
                 if closing:
                     break
         finally:
             with self._uncommitted_changed:
                 self._writer_stopped = True
-                # Whatever is still queued (close() came during a wait) will not be written.
-                for _, write in self._write_queue:
-                    write.problem = STORE_CLOSED
+                # Whatever is still queued (close() came during a wait), or was being written when a fault
+                # stopped this thread, will not be written: its authors must not wait for ever.
+                for _, write in [*taken, *batch, *self._write_queue]:
+                    if write.problem is None:
+                        write.problem = STORE_CLOSED if self._closing else WRITER_STOPPED
                 self._write_queue.clear()
                 self._uncommitted_changed.notify_all()
 
@@ -628,10 +626,8 @@ class ChatStore:
         """Tell each write of ``batch`` its outcome ("" for committed), and wake whoever waits."""
         with self._uncommitted_changed:
             for operation, write in batch:
-                if isinstance(operation, StoredMessage):
-                    self._forget_uncommitted(operation)
-                    if problem:
-                        self._dropped += 1
+                if problem and isinstance(operation, StoredMessage):
+                    self._dropped += 1
                 write.problem = problem
             if taken_through is not None:
                 self._operations_finished = taken_through
@@ -643,14 +639,6 @@ class ChatStore:
             self._uncommitted_changed.notify_all()
         if recovered:
             log.warning("%s: history saved again", self.path)
-
-    def _forget_uncommitted(self, message: StoredMessage) -> None:
-        # Caller holds _uncommitted_lock. The identity check keeps a newer append of the same id.
-        messages = self._uncommitted.get(message.stream)
-        if messages is not None and messages.get(message.id) is message:
-            del messages[message.id]
-            if not messages:
-                del self._uncommitted[message.stream]
 
     def _commit(self, batch: Iterable[StoredMessage | _Statements], trim_by_age: bool) -> None:
         """Write ``batch`` and the trims it calls for in one transaction; raises ``sqlite3.Error``."""
@@ -730,12 +718,6 @@ class ChatStore:
 
     # ------------------------------------------------------------------ reading
 
-    def _uncommitted_in(self, wanted: Callable[[str], bool], id_wanted: Callable[[int], bool]) -> list[StoredMessage]:
-        # Taken before the query: a message committed meanwhile is then in one or both, never in neither.
-        with self._uncommitted_lock:
-            streams = [messages for stream, messages in self._uncommitted.items() if wanted(stream)]
-            return [message for messages in streams for message in messages.values() if id_wanted(message.id)]
-
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         with self._uncommitted_lock:
@@ -752,54 +734,45 @@ class ChatStore:
         finally:
             self._read_pool.put(connection)
 
-    def _newest(
-        self, sql: str, parameters: tuple | dict, pending: list[StoredMessage], limit: int
-    ) -> list[StoredMessage]:
-        """The newest ``limit`` of the rows ``sql`` selects and of ``pending``, oldest first."""
+    def _newest(self, sql: str, parameters: tuple | dict, limit: int) -> list[StoredMessage]:
+        """The rows ``sql`` selects (newest first, at most ``limit``), oldest first."""
         if limit <= 0:
             return []
         with self._reading() as connection:
             rows = connection.execute(sql, parameters).fetchall()
-        return _merge(self._open_rows(rows), pending, limit)
+        return self._open_rows(reversed(rows))
 
     def recent(self, stream: str, limit: int) -> list[StoredMessage]:
         """The newest ``limit`` messages of ``stream``, oldest first."""
-        pending = self._uncommitted_in(stream.__eq__, lambda message_id: True)
-        return self._newest(_RECENT, (stream, limit), pending, limit)
+        return self._newest(_RECENT, (stream, limit), limit)
 
     def before(self, stream: str, before_id: int, limit: int) -> list[StoredMessage]:
         """The newest ``limit`` messages of ``stream`` with id below ``before_id``, oldest first."""
-        pending = self._uncommitted_in(stream.__eq__, lambda message_id: message_id < before_id)
-        return self._newest(_BEFORE, (stream, before_id, limit), pending, limit)
+        return self._newest(_BEFORE, (stream, before_id, limit), limit)
 
     def since(self, stream: str, after_id: int, limit: int) -> tuple[list[StoredMessage], int]:
         """The newest ``limit`` messages of ``stream`` with id above ``after_id``, oldest first,
         and how many more with id above ``after_id`` there were but were not returned."""
-        pending = self._uncommitted_in(stream.__eq__, lambda message_id: message_id > after_id)
         with self._reading() as connection:
             connection.execute("BEGIN")  # one snapshot for the count and the rows
             try:
-                stored_ids = {row[0] for row in connection.execute(_IDS_SINCE, (stream, after_id))}
+                total = len(connection.execute(_IDS_SINCE, (stream, after_id)).fetchall())
                 rows = connection.execute(_SINCE, (stream, after_id, max(limit, 0))).fetchall()
             finally:
                 connection.rollback()
-        returned = _merge(self._open_rows(rows), pending, limit) if limit > 0 else []
-        total = len(stored_ids | {message.id for message in pending})
+        returned = self._open_rows(reversed(rows)) if limit > 0 else []
         return returned, max(total - len(returned), 0)
 
     def oldest_seq(self, stream: str) -> int:
-        """The smallest seq still stored (or waiting to be) in ``stream``; 0 if none."""
-        pending = self._uncommitted_in(stream.__eq__, lambda message_id: True)
+        """The smallest seq still stored in ``stream``; 0 if none."""
         with self._reading() as connection:
             (stored,) = connection.execute("SELECT min(seq) FROM messages WHERE stream = ?", (stream,)).fetchone()
-        seqs = [message.seq for message in pending] + ([stored] if stored is not None else [])
-        return min(seqs, default=0)
+        return stored or 0
 
     def private_since(self, account: str, after_id: int, limit: int) -> list[StoredMessage]:
         """The newest ``limit`` messages with id above ``after_id`` of ``account``'s private streams, oldest first."""
-        pending = self._uncommitted_in(partial(_is_party, account=account), lambda message_id: message_id > after_id)
         parameters = {"prefix": f"@{account}:", "suffix": f":{account}", "after": after_id, "limit": limit}
-        return self._newest(_PRIVATE_SINCE, parameters, pending, limit)
+        return self._newest(_PRIVATE_SINCE, parameters, limit)
 
     def private_recent(self, account: str, limit: int) -> list[StoredMessage]:
         """The newest ``limit`` messages of all ``account``'s private streams, oldest first."""
@@ -826,10 +799,3 @@ class ChatStore:
             for account, room in connection.execute("SELECT account, room FROM memberships ORDER BY rowid"):
                 memberships.setdefault(account, []).append(room)
         return memberships
-
-
-def _merge(stored: list[StoredMessage], pending: list[StoredMessage], limit: int) -> list[StoredMessage]:
-    """The newest ``limit`` of both lists, one per id, oldest first."""
-    by_id = {message.id: message for message in stored}
-    by_id.update((message.id, message) for message in pending)
-    return sorted(by_id.values(), key=lambda message: message.id)[-limit:]

@@ -294,6 +294,9 @@ class ChatServer:
                 flood_budget=flood_budget,
             )
         except BaseException:
+            if backend is not None and not hasattr(self, "hub"):  # started (its threads), never handed over
+                with contextlib.suppress(Exception):
+                    backend.close()
             self.listener.close()
             self._wakeup_read.close()
             self._wakeup_write.close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,13 @@ from conftest import (
     is_disconnected,
     password_of,
     wait_for,
+    wait_until,
 )
 
+from securechat.backend import MemoryBackend
 from securechat.client import Chat, ChatClient, ErrorReply, History, KnownHosts, LoginRefused, Notice, Room
+from securechat.history import ChatStore, StoredMessage
+from securechat.protocol import Chat as ChatMessage
 
 # --------------------------------------------------------------------------- helpers
 
@@ -347,3 +353,238 @@ def test_a_resume_refused_with_try_again_works_when_tried_again(server, connect)
         pytest.fail(f"told to try again; tried again with the journal writable: {again}")
     finally:
         bob.close()
+
+
+# --------------------------------------------------------------------------- 6. saved, then handed out
+
+KEY = bytes(range(32))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Recorder:
+    """A subscriber that keeps what the backend hands out."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.room_events: list[object] = []
+
+    def on_room_event(self, room, message, origin_session, ref) -> None:
+        with self.lock:
+            self.room_events.append(message)
+
+    def on_private(self, account, message, origin_session, ref) -> None:
+        pass
+
+    def on_presence(self, room, notice) -> None:
+        pass
+
+    def on_account_changed(self, account) -> None:
+        pass
+
+    def handed_out(self) -> list[int]:
+        with self.lock:
+            return [event.id for event in self.room_events]
+
+
+def hold_writer(store: ChatStore) -> threading.Event:
+    """Hold the store's writer inside a step of its own (a commit that takes long) until the event is set."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(connection) -> None:
+        inside.set()
+        release.wait(TIMEOUT * 2)
+
+    store._run_on_writer(hold)
+    assert inside.wait(TIMEOUT)
+    return release
+
+
+def read_only(connection) -> None:
+    connection.execute("PRAGMA query_only = ON")  # every later write fails, as on a full disk
+
+
+def writable(connection) -> None:
+    connection.execute("PRAGMA query_only = OFF")
+
+
+def in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``target`` in a thread; the list gets what it raised, if anything."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, raised
+
+
+@pytest.fixture
+def memory_backend(tmp_path: Path) -> Iterator[tuple[MemoryBackend, Recorder]]:
+    """A MemoryBackend on a real ChatStore, handing out to a Recorder; closed (threads joined) at teardown."""
+    store = ChatStore(tmp_path / "history.sqlite3", KEY)
+    backend = MemoryBackend(store)
+    recorder = Recorder()
+    backend.start(recorder)
+    yield backend, recorder
+    store._run_on_writer(writable)
+    backend.close()
+
+
+def a_line(text: str) -> ChatMessage:
+    return ChatMessage(sender="alice", text=text, sent_at=0.0, room="#r")
+
+
+def history_page(client, room: str = "#lobby") -> list[object]:
+    """One page of /history: its lines, up to the closing History."""
+    client.command("history", room, "50")
+    page: list[object] = []
+    while True:
+        event = wait_for(client, lambda e: isinstance(e, History) or (isinstance(e, Chat) and e.history))
+        if isinstance(event, History):
+            return page
+        page.append(event)
+
+
+def drop(client, server) -> None:
+    """The client's link dies; returns once the server has closed its session."""
+    name = client.username
+    client._shutdown_socket()
+    wait_for(client, is_disconnected)
+    client.close()
+    wait_until(lambda: not server.hub.local_sessions(name))
+
+
+# --------------------------------------------------------------------------- 1. a committed line handed to nobody
+
+
+def test_a_line_committed_before_its_publisher_looks_at_it_is_still_handed_out(memory_backend):
+    """MemoryBackend._publish queues an event for the deliverer only ``if write.problem is None``. That
+    test means "not refused at once", but the writer may already have committed the write (problem "")
+    between ``store.append`` returning and the test (the publisher descheduled for the length of one
+    commit): the line is then saved and its author told so, but the deliverer never gets it: no echo (the
+    client counts the line as not sent, and its user sends it again), nobody in the room sees it, and
+    the connection's count of echoes due never comes down (/part and /quit wait ECHO_WAIT for it)."""
+    backend, recorder = memory_backend
+    append = backend.store.append
+
+    def append_then_descheduled(message):
+        write = append(message)
+        write.wait(TIMEOUT)  # the writer commits before the publisher runs its next line
+        return write
+
+    backend.store.append = append_then_descheduled  # type: ignore[method-assign]
+    said = backend.publish_room("#r", a_line("committed, told saved"))  # returns: saved
+    deadline = time.monotonic() + 1.0
+    while said.id not in recorder.handed_out() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert said.id in recorder.handed_out(), "the line was saved and its author told so, but handed to nobody"
+
+
+# --------------------------------------------------------------------------- 2. reads hand out what is not saved
+
+
+def test_a_line_that_is_never_saved_is_not_shown_by_history_meanwhile(server, connect):
+    """ChatStore's reads merged lines queued and not yet committed. Once a failed batch failed its lines
+    (their senders told "not sent"), /history, a resume's catch-up and a fresh room's join history could
+    show a line that was then refused, and whose id a restart gave again. Reads now show what is
+    committed and handed out."""
+    alice, bob = connect("alice"), connect("bob")
+    drain(alice, quiet=0.2)
+    drain(bob, quiet=0.2)
+    store = server.hub.backend.store
+    release = hold_writer(store)
+    try:
+        store._run_on_writer(read_only)  # the commit after the held step fails
+        ref = alice.say("a line the server could not save")
+        wait_until(lambda: any(isinstance(op, StoredMessage) for op, _ in store._write_queue))  # queued
+        shown_to_bob = [event.text for event in history_page(bob)]
+    finally:
+        release.set()
+    refused = wait_for(alice, lambda e: isinstance(e, ErrorReply) and e.ref == ref)
+    assert "could not save it" in refused.message
+    assert store._run_on_writer(writable).wait(TIMEOUT) == ""
+    assert "a line the server could not save" not in shown_to_bob, (
+        "bob's /history showed a line that was then refused to its sender as not saved"
+    )
+
+
+# --------------------------------------------------------------------------- 3. a resume's catch-up, then the live feed
+
+
+def test_a_line_saved_but_not_yet_handed_out_reaches_a_resuming_device_once(server, connect):
+    """A device resuming reads what it missed from the store (history_since), then is put in the room,
+    whose live feed is the deliverer. A line committed but not yet handed out (the deliverer is a step
+    behind the writer, by design) is in both: the catch-up has it, and the deliverer then hands it to
+    the room, the resumed session included (Room.deliver_published knows only ids it handed out
+    itself), and the client keeps no ids of room lines to drop a repeat. Reads now stop at the last id
+    the deliverer handed out: what comes after reaches the session live, once."""
+    alice, bob = connect("alice"), connect("bob")
+    drain(alice, quiet=0.2)
+    alice.say("seen by bob")
+    wait_for(bob, chat_with("seen by bob"))
+    drop(bob, server)
+
+    hub = server.hub
+    handing_out = hub.on_room_event
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_delivery(room, message, origin_session, ref):  # a big room's fan-out, say
+        if isinstance(message, ChatMessage) and message.text == "said while bob was away":
+            inside.set()
+            release.wait(TIMEOUT * 2)
+        handing_out(room, message, origin_session, ref)
+
+    hub.on_room_event = slow_delivery  # type: ignore[method-assign]
+    try:
+        alice.say("said while bob was away")
+        assert inside.wait(TIMEOUT)
+        alice.say("said right after")
+        backend = hub.backend
+        wait_until(lambda: not backend.store._write_queue and len(backend._to_deliver) == 2)  # both committed
+        bob.connect()
+        bob.resume()
+        caught_up = drain(bob, quiet=0.5)  # the catch-up, while the deliverer is held
+    finally:
+        release.set()
+    wait_for(alice, chat_with("said right after"))
+    live = drain(bob, quiet=0.5)
+    shown = [event.text for event in caught_up + live if isinstance(event, Chat)]
+    for text in ("said while bob was away", "said right after"):
+        assert shown.count(text) == 1, (text, caught_up, live)
+
+
+# --------------------------------------------------------------------------- 4. a refused line is not a lost line
+
+
+def test_a_line_refused_to_its_sender_is_not_counted_as_missed_at_a_resume(server, connect):
+    """A line is numbered (its room's sequence number taken) before it is saved; one that cannot be
+    saved is refused to its sender and shown to nobody, but its number stays taken. A device resuming
+    is told of lines "missing" by the gap in the sequence numbers (hub._enter: first_seq - seen - 1),
+    so it is told a line was lost to it that nobody ever saw. Before, a line was handed out whatever
+    happened to its write, so a gap was a line that existed."""
+    alice, bob = connect("alice"), connect("bob")
+    drain(alice, quiet=0.2)
+    alice.say("seen by bob")
+    wait_for(bob, chat_with("seen by bob"))
+    drop(bob, server)
+    store = server.hub.backend.store
+    assert store._run_on_writer(read_only).wait(TIMEOUT) == ""
+    try:
+        ref = alice.say("refused: the disk is full")
+        wait_for(alice, lambda e: isinstance(e, ErrorReply) and e.ref == ref)
+    finally:
+        assert store._run_on_writer(writable).wait(TIMEOUT) == ""
+    alice.say("said once the disk had room")
+    wait_for(alice, chat_with("said once the disk had room"))
+    bob.connect()
+    bob.resume()
+    events = drain(bob, quiet=0.5)
+    assert "said once the disk had room" in [e.text for e in events if isinstance(e, Chat)], events
+    told = [event for event in events if isinstance(event, History) and event.room == "#lobby"]
+    assert told and told[-1].missing == 0, f"bob is told of lines lost that nobody saw: {told}"
