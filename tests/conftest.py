@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' helpers for real
 
 from harness import free_loopback_port as free_port  # noqa: E402
 from harness import wait_until_redis_answers  # noqa: E402
+from terminal import Terminal  # noqa: E402
 
 from securechat.accounts import hash_password  # noqa: E402
 from securechat.client import Chat, ChatClient, Disconnected, History, KnownHosts, Notice, Room  # noqa: E402
@@ -328,3 +329,29 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(folder)
     yield server
     server.stop()
+
+
+def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("CHAT_PASSWORD", "NO_COLOR")}
+    env.update(
+        PROMPT_TOOLKIT_NO_CPR="1",
+        TERM="xterm-256color",
+        XDG_CONFIG_HOME=str(tmp_path / "config"),  # never the real ~/.config/chat/known_hosts
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def terminals(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
+    """Factory: ``terminals(argv)`` starts a program in an 80x24 pty; every one is killed at teardown."""
+    opened: list[Terminal] = []
+
+    def spawn(argv: list[str], env: dict[str, str] | None = None) -> Terminal:
+        terminal = Terminal(argv, env=env or client_env(tmp_path))
+        opened.append(terminal)
+        return terminal
+
+    yield spawn
+    for terminal in opened:
+        terminal.close()

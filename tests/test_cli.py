@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TIMEOUT, ServerProcess, drain, free_port, password_of, wait_for
+from conftest import ROOT, TIMEOUT, ServerProcess, client_env, drain, free_port, password_of, wait_for
 from terminal import Terminal
 
 from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Room, Roster
@@ -69,17 +69,6 @@ def join(tmp_path: Path) -> Iterator[Callable[..., ChatClient]]:
         client.close()
 
 
-def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ("CHAT_PASSWORD", "NO_COLOR")}
-    env.update(
-        PROMPT_TOOLKIT_NO_CPR="1",
-        TERM="xterm-256color",
-        XDG_CONFIG_HOME=str(tmp_path / "config"),  # never the real ~/.config/chat/known_hosts
-    )
-    env.update(extra)
-    return env
-
-
 def client_args(server_port: int, user: str, known_hosts: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -101,21 +90,6 @@ def pin(known_hosts: Path, server: ServerProcess) -> Path:
     with known_hosts.open("a") as handle:
         handle.write(f"{KnownHosts.host_id('127.0.0.1', server.port)} {server.fingerprint}\n")
     return known_hosts
-
-
-@pytest.fixture
-def terminals(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
-    """Factory: ``terminals(argv)`` starts a program in an 80x24 pty; every one is killed at teardown."""
-    opened: list[Terminal] = []
-
-    def spawn(argv: list[str], env: dict[str, str] | None = None) -> Terminal:
-        terminal = Terminal(argv, env=env or client_env(tmp_path))
-        opened.append(terminal)
-        return terminal
-
-    yield spawn
-    for terminal in opened:
-        terminal.close()
 
 
 def at_prompt(room: str = "#lobby", text: str = "") -> Callable[[Terminal], bool]:

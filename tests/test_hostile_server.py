@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TIMEOUT
+from conftest import ROOT, TIMEOUT, client_env
 from terminal import Terminal
 
 from securechat import crypto_utils
@@ -214,13 +214,6 @@ def hostile() -> Iterator[Callable[..., HostileServer]]:
 # --------------------------------------------------------------------------- the real client program
 
 
-def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ("CHAT_PASSWORD", "NO_COLOR")}
-    env.update(PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm-256color", XDG_CONFIG_HOME=str(tmp_path / "config"))
-    env.update(extra)
-    return env
-
-
 def pinned(tmp_path: Path, port: int, fingerprint: str, name: str = "known_hosts") -> Path:
     """A known-hosts file holding ``fingerprint`` for the port, as an earlier "yes" would have left it."""
     path = tmp_path / name
@@ -326,20 +319,6 @@ def batch(tmp_path: Path) -> Iterator[Callable[..., Batch]]:
         process.close()
 
 
-@pytest.fixture
-def terminal(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
-    opened: list[Terminal] = []
-
-    def spawn(argv: list[str], env: dict[str, str] | None = None) -> Terminal:
-        term = Terminal(argv, env=env or client_env(tmp_path))
-        opened.append(term)
-        return term
-
-    yield spawn
-    for term in opened:
-        term.close()
-
-
 def logged_in_terminal(spawn: Callable[..., Terminal], port: int, known_hosts: Path, *extra: str) -> Terminal:
     term = spawn(client_args(port, known_hosts, *extra))
     term.wait_for_text("Password for alice:", START)
@@ -377,7 +356,7 @@ def test_batch_a_session_list_dated_beyond_the_calendar_is_no_traceback(hostile,
     assert heard, f"bob's line after the session list was never printed; stderr: {client.err.decode(errors='replace')}"
 
 
-def test_terminal_a_line_dated_beyond_the_calendar_is_no_traceback(hostile, terminal, tmp_path):
+def test_terminal_a_line_dated_beyond_the_calendar_is_no_traceback(hostile, terminals, tmp_path):
     """In the terminal every line is stamped with its time: a ``sent_at`` of 1e18 (a finite number,
     so the protocol takes it) kills the event thread with a traceback painted over the chat, and
     the client goes deaf: bob's next line is never shown, though the prompt still looks alive."""
@@ -391,7 +370,7 @@ def test_terminal_a_line_dated_beyond_the_calendar_is_no_traceback(hostile, term
         link.serve()
 
     server = hostile(script)
-    alice = logged_in_terminal(terminal, server.port, pinned(tmp_path, server.port, server.fingerprint))
+    alice = logged_in_terminal(terminals, server.port, pinned(tmp_path, server.port, server.fingerprint))
     go.set()
     try:
         alice.wait_until(lambda t: "still here" in t.text or b"Traceback" in t.output, TIMEOUT, "bob's line")
@@ -404,7 +383,7 @@ def test_terminal_a_line_dated_beyond_the_calendar_is_no_traceback(hostile, term
 RIGHT_TO_LEFT_OVERRIDE = "\u202e"
 
 
-def test_a_room_name_never_reaches_the_prompt_with_a_bidi_override(hostile, terminal, tmp_path):
+def test_a_room_name_never_reaches_the_prompt_with_a_bidi_override(hostile, terminals, tmp_path):
     """Every line the client prints sanitizes room names, but the prompt's list of rooms with
     unread lines (``#lobby [#room:1]>``; the bottom bar does the same) puts them on the terminal
     as the server sent them. prompt_toolkit shows C0/C1 controls as ``^[``, not U+202E: a room
@@ -421,7 +400,7 @@ def test_a_room_name_never_reaches_the_prompt_with_a_bidi_override(hostile, term
         link.serve()
 
     server = hostile(script)
-    alice = logged_in_terminal(terminal, server.port, pinned(tmp_path, server.port, server.fingerprint))
+    alice = logged_in_terminal(terminals, server.port, pinned(tmp_path, server.port, server.fingerprint))
     before = len(alice.output)
     go.set()
     alice.wait_for_text("in the other room", TIMEOUT)
@@ -546,7 +525,7 @@ def test_a_refusal_in_clear_does_not_end_a_resumed_session(hostile, batch, tmp_p
 # --------------------------------------------------------------------------- 5. a terminal that cannot be left
 
 
-def test_ctrl_c_leaves_while_a_line_waits_for_flood_pacing(hostile, terminal, tmp_path):
+def test_ctrl_c_leaves_while_a_line_waits_for_flood_pacing(hostile, terminals, tmp_path):
     """The client paces its lines below the flood limit the welcome announces, waiting on the main
     thread; meanwhile no prompt runs and the terminal stays in raw mode (ISIG off), so Ctrl-C is no
     signal and nothing reads keys. With a strict limit (``--flood-rate 0.01`` is a valid server
@@ -559,7 +538,7 @@ def test_ctrl_c_leaves_while_a_line_waits_for_flood_pacing(hostile, terminal, tm
         link.serve()
 
     server = hostile(script)
-    alice = logged_in_terminal(terminal, server.port, pinned(tmp_path, server.port, server.fingerprint))
+    alice = logged_in_terminal(terminals, server.port, pinned(tmp_path, server.port, server.fingerprint))
     alice.type("one\r")
     alice.wait_for_text("alice: one", TIMEOUT)
     alice.type("two\r")  # over the pace: it would wait about 110 s
@@ -572,7 +551,7 @@ def test_ctrl_c_leaves_while_a_line_waits_for_flood_pacing(hostile, terminal, tm
 # --------------------------------------------------------------------------- 6. the line being typed
 
 
-def test_a_half_typed_line_survives_a_session_that_needs_the_password_again(hostile, terminal, tmp_path):
+def test_a_half_typed_line_survives_a_session_that_needs_the_password_again(hostile, terminals, tmp_path):
     """While the link is down the prompt keeps what is being typed, and a room switch keeps it too;
     but when the resume is refused (the token expired while offline) the event thread ends the
     prompt to ask for the password (``stop_prompt``: ``app.exit(exception=EOFError())``). The
@@ -594,7 +573,7 @@ def test_a_half_typed_line_survives_a_session_that_needs_the_password_again(host
             link.serve()
 
     server = hostile(script)
-    alice = logged_in_terminal(terminal, server.port, pinned(tmp_path, server.port, server.fingerprint))
+    alice = logged_in_terminal(terminals, server.port, pinned(tmp_path, server.port, server.fingerprint))
     alice.type("a long thought, half typed")
     alice.wait_for_text("#lobby> a long thought, half typed", TIMEOUT)
     asked_before = alice.output.count(b"Password for alice:")
@@ -612,7 +591,7 @@ def test_a_half_typed_line_survives_a_session_that_needs_the_password_again(host
 # --------------------------------------------------------------------------- 7. the key of a resumed session
 
 
-def test_a_reconnection_does_not_ask_about_the_key_from_behind_the_chat_prompt(hostile, terminal, tmp_path):
+def test_a_reconnection_does_not_ask_about_the_key_from_behind_the_chat_prompt(hostile, terminals, tmp_path):
     """A reconnection checks the server's key against the known-hosts file as it is *now*, not
     against the key this session already proved. With the pin gone meanwhile (the user removed
     the line another client's "HAS CHANGED" warning named), the event thread calls the first-use
@@ -635,7 +614,7 @@ def test_a_reconnection_does_not_ask_about_the_key_from_behind_the_chat_prompt(h
 
     server = hostile(script)
     known_hosts = pinned(tmp_path, server.port, server.fingerprint)
-    alice = logged_in_terminal(terminal, server.port, known_hosts)
+    alice = logged_in_terminal(terminals, server.port, known_hosts)
     known_hosts.write_text("")
     dropped.set()
     alice.wait_until(
