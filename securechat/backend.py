@@ -223,7 +223,7 @@ class MemoryBackend:
         self._rooms: dict[str, RoomRecord] = {record.name: record for record in store.load_rooms()}
         self._memberships: dict[str, list[str]] = store.load_memberships()
         self._state: dict[str, dict[str, str]] = store.load_state()
-        # Guards _to_deliver and _delivering; signalled when an event is queued or closing starts.
+        # Guards _to_deliver, _handed_out_through and _delivering; signalled when an event is queued or closing starts.
         self._delivery_changed = threading.Condition()
         # Published events not yet handed out, in id order: the deliverer's work.
         self._to_deliver: deque[_Published] = deque()
