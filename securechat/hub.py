@@ -1185,6 +1185,16 @@ class ChatHub:
             held = {value: key for key, value in ROLE_RANK.items()}[target_rank]
             raise HubError("not_allowed", f"{target} is {_a(held)} {held} of {room}: you cannot act on them")
 
+    def _notice_of_removal(self, actor: Member, room: str, action: str, target: str, text: str, *, done: str) -> None:
+        """The notice of a kick or ban, saved already: handing it out takes the target out of the room
+        (on every process). If the notice alone cannot be saved (a disk with room for a row of state but
+        not for a sealed line), the removal stands: the target is taken out here, and the op is told."""
+        try:
+            self._moderation_notice(actor, room, action, target, text)
+        except BackendUnavailable as exc:
+            self._remove_from_room(target, room, text)
+            raise HubError("unavailable", f"{done}, but the room could not be told: {exc}") from None
+
     def _moderation_notice(
         self, actor: Member, room: str, action: str, target: str, text: str, *, logged: str = ""
     ) -> None:
@@ -1290,7 +1300,8 @@ class ChatHub:
         self._check_outranks(member, rank, target, room, state)
         self.backend.remove_membership(target, room)
         reason = self._own_words(member.name, room, _clean(reason, MAX_REASON_CHARS))
-        self._moderation_notice(member, room, "kick", target, f"{member.name} kicked {target}{_reason(reason)}")
+        text = f"{member.name} kicked {target}{_reason(reason)}"
+        self._notice_of_removal(member, room, "kick", target, text, done=f"{target} is out of {room}")
 
     def ban(self, member: Member, room: str, name: str, rest: str) -> None:
         rank = self.require_role(member, room, "ban", "op")
@@ -1304,7 +1315,7 @@ class ChatHub:
         self.backend.set_state(room, invite_key(target), None)
         self.backend.remove_membership(target, room)
         text = f"{member.name} banned {target} {_for(seconds)}{_reason(reason)}"
-        self._moderation_notice(member, room, "ban", target, text)
+        self._notice_of_removal(member, room, "ban", target, text, done=f"{target} is banned from {room}")
 
     def unban(self, member: Member, room: str, name: str) -> None:
         self.require_role(member, room, "unban", "op")

@@ -588,3 +588,39 @@ def test_a_line_refused_to_its_sender_is_not_counted_as_missed_at_a_resume(serve
     assert "said once the disk had room" in [e.text for e in events if isinstance(e, Chat)], events
     told = [event for event in events if isinstance(event, History) and event.room == "#lobby"]
     assert told and told[-1].missing == 0, f"bob is told of lines lost that nobody saw: {told}"
+
+
+def test_a_ban_whose_notice_cannot_be_saved_still_takes_its_target_out_and_says_so(server, connect):
+    """/ban is several writes: the ban, the invitation's and the membership's removal, then the notice,
+    whose hand-out takes the target out of the room. When only the notice cannot be saved (a disk with
+    room for a small row of state but not for a sealed line), the op was told "not sent" although the
+    ban was in force, and erin stayed in the room, silenced and told nothing. The ban stands, erin is
+    taken out, and the op is told in one line that the room could not be told."""
+    alice, erin = connect("alice"), connect("erin")
+    alice.join("#alices")
+    wait_for(alice, lambda e: getattr(e, "room", None) == "#alices" and getattr(e, "joined", False))
+    erin.join("#alices")
+    wait_for(erin, lambda e: getattr(e, "room", None) == "#alices" and getattr(e, "joined", False))
+    drain(alice, quiet=0.2)
+    drain(erin, quiet=0.2)
+    backend = server.hub.backend
+    publish = backend.publish_room
+
+    def disk_full_by_the_notice(room, message, *args, **kwargs):
+        if getattr(message, "event", "") == "moderation":
+            assert backend.store._run_on_writer(read_only).wait(TIMEOUT) == ""
+        return publish(room, message, *args, **kwargs)
+
+    backend.publish_room = disk_full_by_the_notice  # type: ignore[method-assign]
+    try:
+        alice.command("ban", "#alices", "erin")
+        refused = wait_for(alice, lambda e: isinstance(e, ErrorReply))
+    finally:
+        backend.publish_room = publish  # type: ignore[method-assign]
+        assert backend.store._run_on_writer(writable).wait(TIMEOUT) == ""
+    assert refused.message.startswith("erin is banned from #alices, but the room could not be told: "), refused
+    assert server.hub.room_state("#alices").ban_of("erin") is not None
+    out = wait_for(erin, lambda e: isinstance(e, Room) and e.room == "#alices" and not e.joined)
+    assert "banned erin" in out.reason
+    erin.join("#alices")
+    assert wait_for(erin, lambda e: isinstance(e, ErrorReply)).code == "banned"
