@@ -177,6 +177,10 @@ def decode_event(payload: bytes) -> RoomEvent | None:
     return message if isinstance(message, Chat | Notice) else None
 
 
+#: A change of room state made in memory: its queued write, and how to undo it if that fails.
+_Change = tuple[Write, Callable[[], None]]
+
+
 @dataclass(frozen=True, slots=True)
 class _Published:
     """An event numbered by ``MemoryBackend``, to hand out once ``write`` (its saving) is committed."""
@@ -218,11 +222,15 @@ class MemoryBackend:
         # Guards _sessions: account -> session id -> SessionInfo.
         self._sessions_lock = threading.Lock()
         self._sessions: dict[str, dict[str, SessionInfo]] = {}
-        # Guards _rooms, _memberships and _state, loaded once from the store.
+        # Guards _rooms, _memberships, _state and _pending_writes; the first three loaded once from the store.
         self._state_lock = threading.Lock()
         self._rooms: dict[str, RoomRecord] = {record.name: record for record in store.load_rooms()}
         self._memberships: dict[str, list[str]] = store.load_memberships()
         self._state: dict[str, dict[str, str]] = store.load_state()
+        # The write of each thing being changed, until it is settled (and undone if it failed); guarded by
+        # _state_lock, whose condition _state_settled is signalled when one is.
+        self._pending_writes: dict[tuple[str, ...], Write] = {}
+        self._state_settled = threading.Condition(self._state_lock)
         # Guards _to_deliver, _handed_out_through and _delivering; signalled when an event is queued or closing starts.
         self._delivery_changed = threading.Condition()
         # Published events not yet handed out, in id order: the deliverer's work.
@@ -415,15 +423,21 @@ class MemoryBackend:
     def _change_state(
         self, scope: str, key: str, value: str | None, expected: str | None = None, *, check: bool = False
     ) -> bool:
-        with self._state_lock:
+        matched = True
+
+        def decide() -> _Change | None:
+            nonlocal matched
             before = self._state.get(scope, {}).get(key)
             if check and before != expected:
-                return False
+                matched = False
+                return None
             if before == value:
-                return True
+                return None
             self._put_state(scope, key, value)
-        self._save(self.store.set_state(scope, key, value), lambda: self._undo_state(scope, key, value, before))
-        return True
+            return self.store.set_state(scope, key, value), lambda: self._undo_state(scope, key, value, before)
+
+        self._change(("state", scope, key), decide)
+        return matched
 
     def _put_state(self, scope: str, key: str, value: str | None) -> None:
         """Set (or with None, remove) one key; an empty scope is dropped. Caller holds ``_state_lock``."""
@@ -440,14 +454,29 @@ class MemoryBackend:
             if self._state.get(scope, {}).get(key) == value:  # unless changed again meanwhile
                 self._put_state(scope, key, before)
 
-    @staticmethod
-    def _save(write: Write, undo: Callable[[], None]) -> None:
-        """Wait for a change's ``write``; one that was not saved is undone here, and refused."""
+    def _change(self, key: tuple[str, ...], decide: Callable[[], _Change | None]) -> None:
+        """Make one change of room state. ``decide`` runs under ``_state_lock`` once no earlier change
+        of ``key`` waits for its write: it makes the change in memory and returns its queued write
+        and how to undo it, or None if there is nothing to change. The change then waits for its
+        write, and one not saved is undone and refused (``BackendUnavailable``). Changes of one key
+        wait for each other's writes, so none is found made already (or undone) on the strength of a
+        write that may yet fail."""
+        with self._state_settled:  # (waiting releases _state_lock)
+            self._state_settled.wait_for(lambda: key not in self._pending_writes)
+            change = decide()
+            if change is None:
+                return
+            write, undo = change
+            self._pending_writes[key] = write
         try:
             _wait_until_saved(write)
         except BackendUnavailable:
             undo()
             raise
+        finally:
+            with self._state_settled:  # settled, and undone if it failed: the next change of key may look
+                del self._pending_writes[key]
+                self._state_settled.notify_all()
 
     def room(self, name: str) -> RoomRecord | None:
         with self._state_lock:
@@ -459,69 +488,80 @@ class MemoryBackend:
 
     def create_room(self, record: RoomRecord, limit: int) -> bool:
         """Create a room unless it exists; True if created. ``BackendLimit`` when ``limit`` rooms exist."""
-        with self._state_lock:
+        created = False
+
+        def decide() -> _Change | None:
+            nonlocal created
             if record.name in self._rooms:
-                return False
+                return None
             if limit > 0 and len(self._rooms) >= limit:
                 raise BackendLimit(f"the server has {len(self._rooms)} rooms, the most allowed")
             self._rooms[record.name] = record
+            created = True
 
-        def undo() -> None:
-            with self._state_lock:
-                if self._rooms.get(record.name) is record:
-                    del self._rooms[record.name]
+            def undo() -> None:
+                with self._state_lock:
+                    if self._rooms.get(record.name) is record:
+                        del self._rooms[record.name]
 
-        self._save(self.store.save_room(record), undo)
-        return True
+            return self.store.save_room(record), undo
+
+        self._change(("room", record.name), decide)
+        return created
 
     def set_topic(self, name: str, topic: str) -> None:
-        with self._state_lock:
+        def decide() -> _Change | None:
             record = self._rooms.get(name)
             if record is None:
-                return
-            before, changed = record, replace(record, topic=topic)
-            self._rooms[name] = changed
+                return None
+            changed = self._rooms[name] = replace(record, topic=topic)
 
-        def undo() -> None:
-            with self._state_lock:
-                if self._rooms.get(name) is changed:
-                    self._rooms[name] = before
+            def undo() -> None:
+                with self._state_lock:
+                    if self._rooms.get(name) is changed:
+                        self._rooms[name] = record
 
-        self._save(self.store.save_room(changed), undo)
+            return self.store.save_room(changed), undo
+
+        self._change(("room", name), decide)
 
     def memberships(self, account: str) -> list[str]:
         with self._state_lock:
             return list(self._memberships.get(account, ()))
 
     def add_membership(self, account: str, room: str) -> None:
-        with self._state_lock:
+        def decide() -> _Change | None:
             rooms = self._memberships.setdefault(account, [])
             if room in rooms:
-                return
+                return None
             rooms.append(room)
 
-        def undo() -> None:
-            with self._state_lock:
-                if room in self._memberships.get(account, []):
-                    self._memberships[account].remove(room)
+            def undo() -> None:
+                with self._state_lock:
+                    if room in self._memberships.get(account, []):
+                        self._memberships[account].remove(room)
 
-        self._save(self.store.add_membership(account, room), undo)
+            return self.store.add_membership(account, room), undo
+
+        self._change(("member", account, room), decide)
 
     def remove_membership(self, account: str, room: str) -> None:
-        with self._state_lock:
+        def decide() -> _Change | None:
             rooms = self._memberships.get(account, [])
             if room not in rooms:
-                return
+                return None
             at = rooms.index(room)
             rooms.remove(room)
 
-        def undo() -> None:
-            with self._state_lock:
-                rooms = self._memberships.setdefault(account, [])
-                if room not in rooms:
-                    rooms.insert(at, room)
+            def undo() -> None:
+                with self._state_lock:
+                    rooms = self._memberships.setdefault(account, [])
+                    if room not in rooms:
+                        rooms.insert(at, room)
 
-        self._save(self.store.remove_membership(account, room), undo)
+            return self.store.remove_membership(account, room), undo
+
+        self._change(("member", account, room), decide)
 
     # ------------------------------------------------------------------ history
 

@@ -31,7 +31,7 @@ from conftest import (
 
 from securechat.backend import MemoryBackend
 from securechat.client import Chat, ChatClient, ErrorReply, History, KnownHosts, LoginRefused, Notice, Room
-from securechat.history import ChatStore, StoredMessage
+from securechat.history import ChatStore, RoomRecord, StoredMessage
 from securechat.protocol import Chat as ChatMessage
 
 # --------------------------------------------------------------------------- helpers
@@ -624,3 +624,37 @@ def test_a_ban_whose_notice_cannot_be_saved_still_takes_its_target_out_and_says_
     assert "banned erin" in out.reason
     erin.join("#alices")
     assert wait_for(erin, lambda e: isinstance(e, ErrorReply)).code == "banned"
+
+
+def test_a_change_found_already_made_waits_for_that_change_to_be_saved(memory_backend):
+    """_change_state returned True at once when the key already held the value, and create_room False
+    ("exists") at once, though that value or room was another caller's change still waiting for its
+    write. When that write failed it was undone: the second op's ban was told done and not in force, a
+    /join entered a room that no longer existed. A change of a key now waits for the one before it."""
+    backend, _ = memory_backend
+    store = backend.store
+    release = hold_writer(store)
+    try:
+        store._run_on_writer(read_only)
+        first_ban, first_ban_refused = in_thread(lambda: backend.set_state("#r", "ban:erin", "0"))
+        wait_until(lambda: backend.state("#r").get("ban:erin") == "0")  # in memory, its write queued
+        second_ban, second_ban_refused = in_thread(lambda: backend.set_state("#r", "ban:erin", "0"))
+        first_room, first_room_refused = in_thread(lambda: backend.create_room(RoomRecord("#new", owner="a"), 0))
+        wait_until(lambda: backend.room("#new") is not None)
+        made: list[bool] = []
+        second_room, second_room_refused = in_thread(
+            lambda: made.append(backend.create_room(RoomRecord("#new", owner="b"), 0))
+        )
+        time.sleep(0.2)
+        assert second_ban.is_alive() and second_room.is_alive()  # each waits for the write before it
+    finally:
+        release.set()
+    for thread in (first_ban, second_ban, first_room, second_room):
+        thread.join(TIMEOUT)
+    assert first_ban_refused and first_room_refused  # the disk refuses every write
+    # Each second change was tried on its own, and refused as well: nothing told done is undone.
+    assert second_ban_refused and second_room_refused and not made
+    assert "ban:erin" not in backend.state("#r") and backend.room("#new") is None
+    store._run_on_writer(writable)
+    backend.set_state("#r", "ban:erin", "0")
+    assert store.load_state()["#r"] == {"ban:erin": "0"}
