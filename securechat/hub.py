@@ -1186,9 +1186,10 @@ class ChatHub:
             raise HubError("not_allowed", f"{target} is {_a(held)} {held} of {room}: you cannot act on them")
 
     def _notice_of_removal(self, actor: Member, room: str, action: str, target: str, text: str, *, done: str) -> None:
-        """The notice of a kick or ban, saved already: handing it out takes the target out of the room
-        (on every process). If the notice alone cannot be saved (a disk with room for a row of state but
-        not for a sealed line), the removal stands: the target is taken out here, and the op is told."""
+        """Tell the room of a kick or ban (itself saved already): handing the notice out takes the target
+        out of the room, on every process. If the notice alone cannot be saved (a disk with room for a
+        row of state but not for a sealed line), the removal stands: the target is taken out here, and
+        the op is told the room was not."""
         try:
             self._moderation_notice(actor, room, action, target, text)
         except BackendUnavailable as exc:
