@@ -1003,12 +1003,12 @@ class TokenAuthority:
         Returns True if this call revoked it, False if it already was: checking and
         revoking are one step, so of two resumes of one token racing each other only
         one can spend it. Raises ``RevocationNotSaved`` when the journal cannot be written:
-        the session is refused from now on (with ``unless_unsaved``, not revoked at all), but a
-        restart would forget it, so the caller must say so. Returns once the revocation is on
-        disk: revocations made at the same time share one fsync. One line is appended to the journal per revocation;
-        it is rewritten without the expired entries only once it has doubled since the
-        last rewrite, so the cost per revocation stays constant on average however many
-        there are.
+        the session is refused from now on (with ``unless_unsaved``, not revoked at all), but
+        a restart would forget it, so the caller must say so. Returns once the revocation is
+        on disk: revocations made at the same time share one fsync. One line is appended to
+        the journal per revocation; it is rewritten without the expired entries only once it
+        has doubled since the last rewrite, so the cost per revocation stays constant on
+        average however many there are.
         """
         now = time.time()
         # A refresh may have issued a token up to one lifetime from now, never later.

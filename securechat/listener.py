@@ -951,7 +951,7 @@ def _say_what_redis_leaves_behind(history: Path) -> None:
     if not history.is_file():
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{history.as_uri()}?mode=ro", uri=True)) as database:
+        with contextlib.closing(sqlite3.connect(f"{history.resolve().as_uri()}?mode=ro", uri=True)) as database:
             lines = database.execute("SELECT count(*) FROM messages").fetchone()[0]
             rooms = database.execute("SELECT count(*) FROM rooms").fetchone()[0]
     except sqlite3.Error:
