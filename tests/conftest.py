@@ -331,6 +331,23 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+def client_args(server_port: int, user: str, known_hosts: Path, *extra: str) -> list[str]:
+    """The command line of the real client program for ``user`` on a loopback server, pinning to ``known_hosts``."""
+    return [
+        sys.executable,
+        str(ROOT / "client.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(server_port),
+        "--user",
+        user,
+        "--known-hosts",
+        str(known_hosts),
+        *extra,
+    ]
+
+
 def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("CHAT_PASSWORD", "NO_COLOR")}
     env.update(

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TIMEOUT, ServerProcess, client_env, drain, free_port, password_of, wait_for
+from conftest import ROOT, TIMEOUT, ServerProcess, client_args, client_env, drain, free_port, password_of, wait_for
 from terminal import Terminal
 
 from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Room, Roster
@@ -67,22 +67,6 @@ def join(tmp_path: Path) -> Iterator[Callable[..., ChatClient]]:
     yield log_in
     for client in clients:
         client.close()
-
-
-def client_args(server_port: int, user: str, known_hosts: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        CLIENT,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(server_port),
-        "--user",
-        user,
-        "--known-hosts",
-        str(known_hosts),
-        *extra,
-    ]
 
 
 def pin(known_hosts: Path, server: ServerProcess) -> Path:

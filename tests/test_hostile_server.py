@@ -13,14 +13,13 @@ import functools
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TIMEOUT, client_env
+from conftest import ROOT, TIMEOUT, client_args, client_env
 from terminal import Terminal
 
 from securechat import crypto_utils
@@ -116,6 +115,13 @@ class Link:
         fields: dict = {"sender": sender, "text": text, "sent_at": time.time(), "room": room, "id": self._next_id}
         fields.update(overrides)
         return Chat(**fields)
+
+    def welcome_then_drop(self, dropped: threading.Event, *lines: Message) -> None:
+        """A first login: welcomed (then sent ``lines``), and its link dies without a word once ``dropped`` is set."""
+        self.welcome()
+        self.send(*lines)
+        dropped.wait(START)
+        self.sock.shutdown(socket.SHUT_RDWR)
 
     def receive(self) -> Message:
         """The client's next sealed message (its pongs are skipped)."""
@@ -222,22 +228,6 @@ def pinned(tmp_path: Path, port: int, fingerprint: str, name: str = "known_hosts
     return path
 
 
-def client_args(port: int, known_hosts: Path, *extra: str, user: str = "alice") -> list[str]:
-    return [
-        sys.executable,
-        CLIENT,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--user",
-        user,
-        "--known-hosts",
-        str(known_hosts),
-        *extra,
-    ]
-
-
 class Batch:
     """``client.py`` in batch mode, stdin a pipe the test writes to; killed at teardown if still running."""
 
@@ -310,7 +300,7 @@ def batch(tmp_path: Path) -> Iterator[Callable[..., Batch]]:
     started: list[Batch] = []
 
     def start(port: int, known_hosts: Path, *extra: str, password: str = "any-password") -> Batch:
-        process = Batch(client_args(port, known_hosts, *extra), client_env(tmp_path, CHAT_PASSWORD=password))
+        process = Batch(client_args(port, "alice", known_hosts, *extra), client_env(tmp_path, CHAT_PASSWORD=password))
         started.append(process)
         return process
 
@@ -320,7 +310,7 @@ def batch(tmp_path: Path) -> Iterator[Callable[..., Batch]]:
 
 
 def logged_in_terminal(spawn: Callable[..., Terminal], port: int, known_hosts: Path, *extra: str) -> Terminal:
-    term = spawn(client_args(port, known_hosts, *extra))
+    term = spawn(client_args(port, "alice", known_hosts, *extra))
     term.wait_for_text("Password for alice:", START)
     term.type("any-password\r")
     term.wait_for_text("#lobby>", START)
@@ -561,9 +551,7 @@ def test_a_half_typed_line_survives_a_session_that_needs_the_password_again(host
     def script(link: Link) -> None:
         link.handshake()
         if link.number == 0:
-            link.welcome()
-            dropped.wait(START)
-            link.sock.shutdown(socket.SHUT_RDWR)
+            link.welcome_then_drop(dropped)
         elif link.number == 1:  # the resume: its token has expired meanwhile (a sealed refusal, as the server sends)
             assert link.channel is not None
             link.channel.username = ""  # a refusal is sealed before the session is named
@@ -604,9 +592,7 @@ def test_a_reconnection_does_not_ask_about_the_key_from_behind_the_chat_prompt(h
     def script(link: Link) -> None:
         link.handshake()
         if link.number == 0:
-            link.welcome()
-            dropped.wait(START)
-            link.sock.shutdown(socket.SHUT_RDWR)
+            link.welcome_then_drop(dropped)
         else:  # the same server, the same key
             link.welcome()
             link.send(link.line("welcome back"))
@@ -638,10 +624,7 @@ def test_a_reconnection_to_another_key_is_refused_whatever_the_file_says(hostile
     def script(link: Link) -> None:
         if link.number == 0:
             link.handshake()
-            link.welcome()
-            link.send(link.line("first"))
-            dropped.wait(START)
-            link.sock.shutdown(socket.SHUT_RDWR)
+            link.welcome_then_drop(dropped, link.line("first"))
         else:  # the key changed meanwhile
             impostor_logins.append(link.handshake())
 
