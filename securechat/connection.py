@@ -549,42 +549,45 @@ class ClientConnection:
             return False  # a full outbox has the flusher schedule us again when it drains
         assert self.channel is not None
         batch, more = self.send_queue.take_batch(SEND_BATCH_SIZE)
-        frames: list[bytes] = []
-        close_after = False
-        # A run of join notices becomes one Joined, then every run of messages that may travel
-        # together one Batch: each frame costs an RSA wrap, so a login entering 50 rooms, or a
-        # burst of notices, costs a few frames instead of one or two hundred.
-        items = pack_messages(merge_join_notices(batch))
-        for index, item in enumerate(items):
-            if room <= 0:
-                self.send_queue.put_back(items[index:])  # sealed later, once the outbox has drained
-                more = True
-                break
-            if item is OutboundQueue.CLOSE_AFTER_FLUSH:
-                close_after = True  # always the last item queued: finish() closes the queue
-                break
-            if isinstance(item, bytes):
-                frames.append(item)
-                room -= len(item)
-                continue
-            try:
-                frames.append(self.channel.seal(item))
-                room -= len(frames[-1])
-            except MessageTooLarge as exc:
-                # One unsendable message must not cost the client its connection; the
-                # channel's state is unchanged, so the next message seals as usual.
-                log.warning("%s: %s message not sent: %s", self.peer, item.KIND.name, exc)
-            except Exception:
-                log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
-                self.close("internal error while sending")
-                return False
-        if PING_FRAME in frames and self.ping_sent_at <= self.last_inbound:
-            # The reply window runs from when the first unanswered ping was written, not from
-            # when it was queued: a ping held up behind our own backlog is not the client's fault.
-            self.ping_sent_at = time.monotonic()
-        if frames or close_after:
-            self.outbox.write(b"".join(frames), close_when_empty=close_after)
-        return more
+        try:
+            frames: list[bytes] = []
+            close_after = False
+            # A run of join notices becomes one Joined, then every run of messages that may travel
+            # together one Batch: each frame costs an RSA wrap, so a login entering 50 rooms, or a
+            # burst of notices, costs a few frames instead of one or two hundred.
+            items = pack_messages(merge_join_notices(batch))
+            for index, item in enumerate(items):
+                if room <= 0:
+                    self.send_queue.put_back(items[index:])  # sealed later, once the outbox has drained
+                    more = True
+                    break
+                if item is OutboundQueue.CLOSE_AFTER_FLUSH:
+                    close_after = True  # always the last item queued: finish() closes the queue
+                    break
+                if isinstance(item, bytes):
+                    frames.append(item)
+                    room -= len(item)
+                    continue
+                try:
+                    frames.append(self.channel.seal(item))
+                    room -= len(frames[-1])
+                except MessageTooLarge as exc:
+                    # One unsendable message must not cost the client its connection; the
+                    # channel's state is unchanged, so the next message seals as usual.
+                    log.warning("%s: %s message not sent: %s", self.peer, item.KIND.name, exc)
+                except Exception:
+                    log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
+                    self.close("internal error while sending")
+                    return False
+            if PING_FRAME in frames and self.ping_sent_at <= self.last_inbound:
+                # The reply window runs from when the first unanswered ping was written, not from
+                # when it was queued: a ping held up behind our own backlog is not the client's fault.
+                self.ping_sent_at = time.monotonic()
+            if frames or close_after:
+                self.outbox.write(b"".join(frames), close_when_empty=close_after)
+            return more
+        finally:
+            self.send_queue.release_taken()  # sealed into the outbox, handed back, or dropped
 
 
 def _queued_size(item: object) -> int:

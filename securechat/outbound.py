@@ -50,7 +50,9 @@ class OutboundQueue:
     be sent first. Whoever drains it is told by ``on_ready``, called (outside the
     lock) whenever a put makes an empty queue non-empty. With ``size_of`` it also
     keeps what its items weigh (``waiting_bytes``): one item may be a page of history
-    as large as many lines.
+    as large as many lines. What the worker has taken still weighs until it hands the
+    rest back or says it is done (``put_back``, ``release_taken``): else a page being
+    sealed weighed nothing, and a request that came just then passed the bound.
     """
 
     CLOSE_AFTER_FLUSH = object()
@@ -65,13 +67,15 @@ class OutboundQueue:
         #: Called when there is something to take; set once, before anything is queued.
         self.on_ready = on_ready
         self._size_of = size_of or _weightless
-        # Guards _items, _urgent, _bytes, _closed and _discarded.
+        # Guards _items, _urgent, _bytes, _in_hand, _closed and _discarded.
         self._items_lock = threading.Lock()
         self._items: deque[Any] = deque()
         # Keepalive frames: they go out before _items.
         self._urgent: deque[bytes] = deque()
         # What _items and _urgent weigh by _size_of (weighed outside the lock where it can be).
         self._bytes = 0
+        # What the last take_batch took, less what was put back: being sealed, not yet written.
+        self._in_hand = 0
         # _closed: nothing more may be put (finish() or close()); _discarded: close() dropped it all.
         self._closed = False
         self._discarded = False
@@ -114,10 +118,16 @@ class OutboundQueue:
         when the outbox is full). They were already counted, so no bound is checked; a closed queue drops them."""
         weight = sum(map(self._size_of, items))
         with self._items_lock:
+            self._in_hand = max(0, self._in_hand - weight)
             if self._discarded:
                 return
             self._bytes += weight
             self._items.extendleft(reversed(items))
+
+    def release_taken(self) -> None:
+        """The worker is done with what it took: written to the outbox, or dropped."""
+        with self._items_lock:
+            self._in_hand = 0
 
     def close(self) -> None:
         """Drop whatever is queued; later puts are dropped too."""
@@ -125,7 +135,7 @@ class OutboundQueue:
             self._closed = self._discarded = True
             self._items.clear()
             self._urgent.clear()
-            self._bytes = 0
+            self._bytes = self._in_hand = 0
 
     def take_batch(self, max_items: int) -> tuple[list[Any], bool]:
         """Take up to ``max_items`` in order, keepalive frames first and beyond the cap.
@@ -139,11 +149,12 @@ class OutboundQueue:
             more = len(items) > max_items
             if more:
                 batch.extend(items.popleft() for _ in range(max_items))
-                self._bytes -= sum(map(self._size_of, batch))
+                self._in_hand = sum(map(self._size_of, batch))
+                self._bytes -= self._in_hand
             else:
                 batch.extend(items)
                 items.clear()
-                self._bytes = 0
+                self._in_hand, self._bytes = self._bytes, 0
             return batch, more
 
     def __len__(self) -> int:
@@ -151,8 +162,8 @@ class OutboundQueue:
 
     @property
     def waiting_bytes(self) -> int:
-        """What the items waiting weigh (0 without ``size_of``)."""
-        return self._bytes
+        """What the items waiting weigh, those the worker has in hand included (0 without ``size_of``)."""
+        return self._bytes + self._in_hand
 
     def _add(self, line: deque[Any], item: Any) -> bool:
         """Append to ``line`` (_items or _urgent) within the shared bound; see ``put``."""

@@ -308,13 +308,19 @@ def test_a_queue_keeps_what_its_items_weigh():
     assert queue.put("123456") and queue.put("12345678")
     assert queue.waiting_bytes == 14
     assert queue.take_batch(1) == (["123456"], True)
+    assert queue.waiting_bytes == 14  # what the worker is sealing still waits to be sent
+    queue.release_taken()
     assert queue.waiting_bytes == 8
-    queue.put_back(["abc"])  # what a worker could not send weighs again
+    assert queue.take_batch(1) == (["12345678"], False)
+    queue.put_back(["abc"])  # what a worker could not send weighs again, in the queue
+    queue.release_taken()
     assert queue.put_urgent(b"ping")
-    assert queue.waiting_bytes == 15
+    assert queue.waiting_bytes == 7
     queue.finish("bye", drop_queued=True)  # the urgent frame stays
     assert queue.waiting_bytes == 7
     assert queue.take_batch(10) == ([b"ping", "bye", OutboundQueue.CLOSE_AFTER_FLUSH], False)
+    assert queue.waiting_bytes == 7
+    queue.release_taken()
     assert queue.waiting_bytes == 0
     assert OutboundQueue(max_size=1).waiting_bytes == 0  # nothing weighed without size_of
 
