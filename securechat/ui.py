@@ -78,6 +78,9 @@ class Style:
     #: holds one (tabs arrive as spaces), so a line starting with a tab always continues the
     #: message above it, one record per message.
     continuation: str = "\t"
+    #: On a terminal: each line's trailing spaces go, and a run of more than two empty lines shows
+    #: as one row, "(N empty lines)": one message must not scroll a screen's worth of nothing.
+    compact: bool = False
 
     def text(self, text: str) -> str:
         """Plain text, made safe to print."""
@@ -85,7 +88,10 @@ class Style:
 
     def message(self, text: str) -> str:
         """A message's text, made safe to print, its further lines set off by ``continuation``."""
-        return sanitize_text(text, keep_newlines=True).replace("\n", "\n" + self.continuation)
+        text = sanitize_text(text, keep_newlines=True)
+        if self.compact:
+            text = _without_empty_runs(text)
+        return text.replace("\n", "\n" + self.continuation)
 
     def name(self, name: str) -> str:
         name = sanitize_text(name)
@@ -122,6 +128,65 @@ class Style:
             return ""
         text = self.when(when)
         return f"{DIM}{text}{RESET} " if self.colour else f"{text} "
+
+
+#: The most empty lines in a row a message shows on a terminal as they are.
+MOST_EMPTY_LINES = 2
+
+
+def _without_empty_runs(text: str) -> str:
+    """``text`` with its lines' trailing spaces and its empty last lines gone, and each run of more
+    than ``MOST_EMPTY_LINES`` empty lines made one line that counts them."""
+    shown: list[str] = []
+    empty = 0
+    for line in text.split("\n"):
+        if not line.strip():
+            empty += 1
+            continue
+        if empty > MOST_EMPTY_LINES:
+            shown.append(f"({empty} empty lines)")
+        else:
+            shown.extend([""] * empty)
+        empty = 0
+        shown.append(line.rstrip())
+    return "\n".join(shown)  # a run of empty lines at the end is dropped: nothing follows it
+
+
+#: The escape codes this module adds (colours, bold, reverse video): they take no room on a row.
+_OWN_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def fold(line: str, columns: int, indent: str) -> str:
+    """``line`` cut into rows of at most ``columns`` cells, every row it continues starting with ``indent``.
+
+    Left to wrap a long line itself, the terminal starts its next row at the left edge, as if it were a
+    line of its own: text padded out to the edge could pass for a line from someone else. Rows that
+    continue a line start indented instead, as a message's further lines do (its newlines start a row
+    already indented). ``line`` holds no escape code but this module's own (server text is sanitized).
+    """
+    from prompt_toolkit.utils import get_cwidth
+
+    if columns <= len(indent) + 2:
+        return line  # too narrow to fold anything usefully: the terminal wraps it
+    rows: list[str] = []
+    used = 0
+    position = 0
+    for escape in [*_OWN_ESCAPE.finditer(line), None]:
+        end = escape.start() if escape is not None else len(line)
+        for character in line[position:end]:
+            if character == "\n":
+                used = 0
+            else:
+                width = get_cwidth(character)
+                if used + width > columns:
+                    rows.append("\n" + indent)
+                    used = len(indent)
+                used += width
+            rows.append(character)
+        if escape is not None:
+            rows.append(escape.group())
+            position = escape.end()
+    return "".join(rows)
 
 
 def _stamp(style: Style, when: float, history: bool) -> str:
@@ -960,10 +1025,12 @@ class TerminalScreen:
     Here the choice and the write happen under one lock that the prompt takes as it starts
     (``prompt_started``, before it draws anything), and lines meant for a prompt that ended before
     it could show them are written once it has (``prompt_ended``): none is lost or misplaced.
+    A line wider than the terminal is folded, its further rows indented by ``indent`` (see ``fold``).
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, indent: str) -> None:
         self._stream = stream
+        self._indent = indent
         # Guards _app, _pending and _show_scheduled, and is held over a write straight to the
         # terminal, so that no prompt starts drawing during one.
         self._screen_lock = threading.Lock()
@@ -975,6 +1042,7 @@ class TerminalScreen:
 
     def write(self, line: str) -> None:
         """Show ``line`` (a newline is added), from any thread."""
+        line = fold(line, self._columns(), self._indent)
         with self._screen_lock:
             if self._app is None:
                 self._stream.write(line + "\n")
@@ -991,6 +1059,13 @@ class TerminalScreen:
             loop.call_soon_threadsafe(self._show_pending_above_prompt)
         except RuntimeError:  # its loop has closed: the same
             pass
+
+    def _columns(self) -> int:
+        """The terminal's width now (it may have been resized); 0 if the stream is no terminal."""
+        try:
+            return os.get_terminal_size(self._stream.fileno()).columns
+        except (OSError, ValueError):
+            return 0
 
     def prompt_started(self, app: Any) -> None:
         """Called on the prompt's thread as it starts (its ``pre_run``), before it draws."""
@@ -1081,7 +1156,9 @@ def run_interactive(
     except (EOFError, KeyboardInterrupt):
         print()
         return 1
-    style = Style(colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True, continuation="    ")
+    style = Style(
+        colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True, continuation="    ", compact=True
+    )
     # Nothing reads keys while a line waits for its flood budget: a long wait would freeze the terminal.
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, pace_limit=TERMINAL_PACE_LIMIT, **options)
     try:
@@ -1206,7 +1283,8 @@ def run_interactive(
     need_password = threading.Event()  # set by the reader when the token was refused
     gave_up = threading.Event()  # set by the reader when reconnecting failed for good: exit non-zero
 
-    screen = TerminalScreen(sys.stdout)  # the real terminal: patch_stdout takes only stray writes
+    # The real terminal: patch_stdout takes only stray writes.
+    screen = TerminalScreen(sys.stdout, indent=style.continuation)
 
     def show(text: str) -> None:
         screen.write(style.system(text))

@@ -706,7 +706,7 @@ def test_each_refused_line_is_named_in_its_refusal(chat_server, chat_in_terminal
     alice.type("first words\rsecond words\r")
     refusals = "error: not sent: you are muted in #ops until"
     alice.wait_until(lambda t: "".join(t.lines).count(refusals) == 2, TIMEOUT, "both refusals")
-    screen = "".join(alice.lines)  # rows joined: a refusal may wrap
+    screen = "".join(row.removeprefix("    ") for row in alice.lines)  # a refusal may be folded
     assert screen.index("(your line: first words)") < screen.index("(your line: second words)")
 
 
@@ -1304,6 +1304,27 @@ def test_a_bracketed_paste_of_several_lines_is_sent_as_one_message(chat_server, 
     alice.wait_for_text("alice: first line", TIMEOUT)
     alice.wait_for_text("    second line", TIMEOUT)  # shown with its further lines indented
     assert drain_chats(bob) == []  # not three messages
+
+
+def test_a_line_padded_to_the_edge_of_the_terminal_cannot_pass_for_someone_elses(chat_server, chat_in_terminal, join):
+    # Left to the terminal, the row after the padding started at the left edge, like a line carol sent.
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    shown_before = len("12:34 bob: ok")  # a time, the sender, and his first two characters
+    bob.say("ok" + " " * (80 - shown_before) + "12:34 carol: alice, what is your password again?")
+    alice.wait_for_text("carol: alice, what is your password again?", TIMEOUT)
+    (row,) = [line for line in alice.lines if "what is your password" in line]
+    assert row.startswith("    12:34 carol:"), alice.text  # indented: it continues bob's line
+
+
+def test_a_message_of_empty_lines_shows_as_a_count_not_a_screen_of_nothing(chat_server, chat_in_terminal, join):
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    bob.say("top" + "\n" * 300 + "bottom" + "\n  " * 40)
+    alice.wait_for_text("    bottom", TIMEOUT)
+    alice.settle()
+    assert "bob: top" in alice.text, alice.text  # still on the screen
+    assert "    (299 empty lines)" in alice.lines, alice.text
 
 
 def test_batch_prints_a_multi_line_message_as_one_record(chat_server, join, tmp_path):

@@ -235,3 +235,11 @@ def test_help_keeps_a_space_between_every_command_and_what_it_does():
         for command in ui.COMMANDS.values()
     }
     assert len(columns) == 1, columns
+
+
+def test_a_folded_row_never_runs_past_the_edge_whatever_its_characters_weigh():
+    # Wide characters take two cells, combining marks none, this module's colour codes none: a row
+    # counted in code points ran past the edge, and the terminal's own wrap started an unindented row.
+    folded = ui.fold("\x1b[1mbob\x1b[0m: " + "界" * 10 + "e\u0301" * 10, 12, "    ")
+    rows = ui._OWN_ESCAPE.sub("", folded).split("\n")
+    assert rows == ["bob: 界界界", "    界界界界", "    界界界" + "e\u0301" * 2, "    " + "e\u0301" * 8]
