@@ -1041,9 +1041,12 @@ class ChatHub:
         lines = self.backend.history_before(room, before_id or (1 << 62), count)
         # On top of the command's own (run_command), by what it returns: an empty page costs no more.
         self.check_flood(member.name, cost=len(lines) / 50)
-        answer: list[Message] = [replace(event, history=True) for event in lines]
+        ignored = self.ignored_by(member.name)
+        # The page's bounds stay those of what was read, so that the next page starts where this one ended.
+        shown = [event for event in lines if not (isinstance(event, Chat) and event.sender in ignored)]
+        answer: list[Message] = [replace(event, history=True) for event in shown]
         answer.append(
-            History(room=room, count=len(lines), oldest_id=lines[0].id if lines else 0, more=_has_older(lines))
+            History(room=room, count=len(shown), oldest_id=lines[0].id if lines else 0, more=_has_older(lines))
         )
         member.deliver(Batch(messages=answer))  # one queued item, however many lines (see _enter)
 
@@ -1222,8 +1225,17 @@ class ChatHub:
         """
         rank = self.require_role(member, room, command, COMMANDS_BY_NAME[command].role)
         oneself = name.strip().casefold() == member.name.casefold()
-        target = member.name if oneself else self._target(member, name)
         state = self.room_state(room)
+        if oneself:
+            target = member.name
+        elif role == "member":
+            target = _as_listed(name, state.roles)  # the account may be gone: as the room's roles name it
+        else:
+            target = self._target(member, name)
+            # Before the name is given a role: a deleted account's rooms and roles must not pass to
+            # a new one under its name, nor this role to the account after it.
+            self._claim_name(target)
+            state = self.room_state(room)
         current = state.role(target)
         if role == current:
             raise HubError("no_change", f"{target} is already {_a(role)} {role} of {room}")
@@ -1239,8 +1251,9 @@ class ChatHub:
 
     def unset_room_role(self, member: Member, room: str, name: str, only: tuple[str, ...], command: str) -> None:
         """/deop (an op or an owner) and /devoice: back to member, if the target has one of ``only``."""
-        target = name.strip()
-        current = self.room_state(room).role(target) if target else "member"
+        state = self.room_state(room)
+        target = _as_listed(name, state.roles)
+        current = state.role(target) if target else "member"
         if current not in only:
             self.require_role(member, room, command, COMMANDS_BY_NAME[command].role)
             raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not {_a(only[0])} {only[0]} of {room}")
@@ -1283,6 +1296,7 @@ class ChatHub:
     def invite(self, member: Member, room: str, name: str) -> None:
         self.require_role(member, room, "invite", "op")
         target = self._target(member, name)
+        self._claim_name(target)  # as for a role (set_room_role)
         if self.room_state(room).ban_of(target) is not None:
             raise HubError("banned", f"{target} is banned from {room}: /unban them first")
         if self._account_in_room(target, room):
@@ -1340,10 +1354,13 @@ class ChatHub:
 
     def unmute(self, member: Member, room: str, name: str) -> None:
         rank = self.require_role(member, room, "unmute", "op")
-        target = self._target(member, name)  # not oneself: a muted op stays muted
-        self._check_outranks(member, rank, target, room, self.room_state(room))
-        if self.room_state(room).mute_of(target) is None:
+        state = self.room_state(room)
+        target = _as_listed(name, state.mutes)  # the account may be gone: as the mute names it
+        if target == member.name:
+            raise HubError("bad_target", "that is you")  # a muted op stays muted
+        if state.mute_of(target) is None:
             raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not muted in {room}")
+        self._check_outranks(member, rank, target, room, state)
         self.backend.set_state(room, mute_key(target), None)
         self._moderation_notice(member, room, "unmute", target, f"{member.name} unmuted {target}")
 
@@ -1403,7 +1420,7 @@ class ChatHub:
         return not_saved
 
     def global_unban(self, member: Member, name: str) -> None:
-        target = name.strip()
+        target = self.accounts.canonical(name.strip()) or name.strip()
         if not self.accounts.unban(target):
             raise HubError("no_change", f"{_clean(target, 40) or 'nobody'} is not banned from the server")
         self._moderation_notice(

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, TIMEOUT, ServerProcess, drain, is_disconnected, password_of, wait_for
 
 from securechat.client import ChatClient, KnownHosts, LoginRefused
-from securechat.protocol import Chat, ErrorReply, Notice, Roster
+from securechat.protocol import Chat, ErrorReply, History, Notice, Roster
 from securechat.protocol import Room as RoomMessage
 
 CLIENT = [sys.executable, str(ROOT / "client.py")]
@@ -214,6 +214,19 @@ def test_a_muted_member_says_nothing_through_a_topic_or_a_parting_message(chat):
     )
 
 
+def give_the_name_anew(users_file: Path, name: str, password: str) -> None:
+    """``server.py deluser NAME``, then ``adduser NAME`` for someone else, beside the running server."""
+    assert admin_command(users_file, "deluser", name).returncode == 0
+    added = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "adduser", name, "--users", str(users_file)],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert added.returncode == 0, added.stderr
+
+
 def test_a_new_account_under_a_deleted_ones_name_inherits_none_of_its_rooms_roles_or_private_lines(
     chat, users_file, tmp_path
 ):
@@ -231,15 +244,7 @@ def test_a_new_account_under_a_deleted_ones_name_inherits_none_of_its_rooms_role
     wait_for(bob, said("for the old bob only: the door code is 4711"))
     bob.leave()
 
-    assert admin_command(users_file, "deluser", "bob").returncode == 0
-    added = subprocess.run(
-        [sys.executable, str(ROOT / "server.py"), "adduser", "bob", "--users", str(users_file)],
-        input="a new person's own passphrase 93\n",
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT * 4,
-    )
-    assert added.returncode == 0, added.stderr
+    give_the_name_anew(users_file, "bob", "a new person's own passphrase 93")
     newcomer = ChatClient("127.0.0.1", chat.port, accept_new_host_key=True, known_hosts=KnownHosts(tmp_path / "kh2"))
     chat.clients.append(newcomer)
     welcome = newcomer.login("bob", "a new person's own passphrase 93")
@@ -259,6 +264,64 @@ def test_a_new_account_under_a_deleted_ones_name_inherits_none_of_its_rooms_role
     wait_for(newcomer, said("welcome, new bob"))
 
 
+def test_a_role_or_invitation_given_to_an_account_that_never_logged_in_does_not_pass_to_the_next_one(
+    chat, users_file, tmp_path
+):
+    """alice made erin an op of the invite-only #ops and invited dave before either ever logged in; both
+    accounts were deleted and their names given to two other people. The new erin was an op of #ops
+    (nothing marked the name as used until a login), and the new dave walked in on the old invitation."""
+    chat.start()
+    alice = chat.log_in("alice")
+    open_room(alice, "#ops")
+    alice.command("mode", "#ops", "+i")
+    wait_for(alice, moderation("mode"))
+    alice.command("op", "#ops", "erin")
+    wait_for(alice, moderation("op", "erin"))
+    alice.command("invite", "#ops", "dave")
+    wait_for(alice, moderation("invite", "dave"))
+    for name in ("dave", "erin"):
+        give_the_name_anew(users_file, name, f"{name} the second's passphrase 71")
+    for name in ("dave", "erin"):
+        newcomer = ChatClient("127.0.0.1", chat.port, accept_new_host_key=True, known_hosts=KnownHosts(tmp_path / name))
+        chat.clients.append(newcomer)
+        newcomer.login(name, f"{name} the second's passphrase 71")
+        newcomer.join("#ops")
+        wait_for(newcomer, error_saying(r"#ops is invite-only"))
+    alice.command("op", "#ops", "erin")  # she is a member like any other: an op may make her one again
+    wait_for(alice, moderation("op", "erin"))
+
+
+def test_an_op_lifts_the_mute_of_a_deleted_account_as_they_lift_its_ban(chat, users_file):
+    """/bans listed "dave muted until lifted" after dave was deleted, and /unmute dave answered "there
+    is no user dave": the mute could not be lifted, and would pass to whoever is given the name next."""
+    chat.start()
+    alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
+    open_room(alice, "#ops", bob, carol)
+    alice.command("mute", "#ops", "bob")
+    wait_for(alice, moderation("mute", "bob"))
+    alice.command("ban", "#ops", "carol")
+    wait_for(alice, moderation("ban", "carol"))
+    for name in ("bob", "carol"):
+        assert admin_command(users_file, "deluser", name).returncode == 0
+    alice.command("unban", "#ops", "carol")
+    wait_for(alice, moderation("unban", "carol"))
+    alice.command("unmute", "#ops", "Bob")
+    wait_for(alice, moderation("unmute", "bob"))
+    alice.command("bans", "#ops")
+    wait_for(alice, info_saying(r"^bans and mutes in #ops: none$"))
+
+
+def test_an_admin_lifts_a_server_ban_typed_in_any_case(chat, users_file):
+    assert admin_command(users_file, "role", "alice", "admin").returncode == 0
+    chat.start()
+    alice = chat.log_in("alice")
+    alice.command("gban", "bob", "1h")
+    wait_for(alice, moderation("gban", "bob"))
+    alice.command("ungban", "Bob")  # was "Bob is not banned from the server", and the ban stood
+    wait_for(alice, moderation("ungban", "bob"))
+    assert chat.log_in("bob").username == "bob"
+
+
 def test_a_mode_already_set_changes_nothing_and_an_admin_sets_a_topic_from_outside(chat, users_file):
     assert admin_command(users_file, "role", "alice", "admin").returncode == 0
     chat.start()
@@ -276,10 +339,19 @@ def test_a_mode_already_set_changes_nothing_and_an_admin_sets_a_topic_from_outsi
 
 
 def test_names_in_commands_are_matched_in_any_case(chat):
-    """Names are unique in any case, so "Bob" can only mean bob: /msg, /whois, /ban, /unban, /ignore."""
+    """Names are unique in any case, so "Bob" can only mean bob: /msg, /whois, /ban, /unban, /ignore,
+    and /deop and /devoice as much as /op and /voice."""
     chat.start()
     alice, bob, carol = chat.log_in("alice"), chat.log_in("bob"), chat.log_in("carol")
-    open_room(alice, "#ops", bob)
+    open_room(alice, "#ops", bob, carol)
+    alice.command("op", "#ops", "BOB")
+    wait_for(alice, moderation("op", "bob"))
+    alice.command("voice", "#ops", "Carol")
+    wait_for(alice, moderation("voice", "carol"))
+    alice.command("deop", "#ops", "Bob")  # was "Bob is not an op of #ops"
+    assert wait_for(alice, moderation("deop", "bob")).text == "alice took bob's op away"
+    alice.command("devoice", "#ops", "CAROL")
+    wait_for(alice, moderation("devoice", "carol"))
     carol.private("Bob", "hello in any case")
     message = wait_for(bob, said("hello in any case"))
     assert (message.sender, message.recipient) == ("carol", "bob")
@@ -467,6 +539,11 @@ def test_ignore_stops_someones_lines_on_every_device_and_is_remembered(chat):
     carol.command("ignore")
     wait_for(carol, info_saying(r"^you ignore: bob$"))
     assert not any(isinstance(event, Chat) and event.sender == "bob" for event in drain(carol))
+    carol.command("history", "#lobby")  # scrolling back shows the room's lines without his, as entering did
+    shown = []
+    while isinstance(event := wait_for(carol, lambda event: isinstance(event, (Chat, History))), Chat):
+        shown.append((event.sender, event.text))
+    assert shown == [("alice", "but this she can")]
     carol.command("unignore", "bob")
     wait_for(carol, info_saying(r"^you see bob's lines again$"))
     carol.command("ignore")
