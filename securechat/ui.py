@@ -100,9 +100,13 @@ class Style:
         colour = NAME_COLOURS[zlib.crc32(name.encode()) % len(NAME_COLOURS)]
         return f"\x1b[{colour}m{name}{RESET}"
 
-    def system(self, text: str) -> str:
-        """A line from the client itself (``*** ...``), dimmed; ``text`` is sanitized first."""
-        text = sanitize_text(text)
+    def system(self, text: str, *, several_lines: bool = False) -> str:
+        """A line from the client itself (``*** ...``), dimmed; ``text`` is sanitized first.
+
+        ``several_lines``: the text may hold lines of its own (the message of the day), set off as
+        a message's further lines are.
+        """
+        text = self.message(text) if several_lines else sanitize_text(text)
         return f"{DIM}{text}{RESET}" if self.colour else text
 
     def room(self, room: str) -> str:
@@ -121,7 +125,10 @@ class Style:
 
     def mention(self, line: str) -> str:
         """A line that names the user, made to stand out (reverse video; a "!" mark without colour)."""
-        return f"{REVERSE}{line}{RESET}" if self.colour else f"! {line}"
+        if not self.colour:
+            return f"! {line}"
+        # Every reset within the line (after the time, after the name) would end the reverse video too.
+        return f"{REVERSE}{line.replace(RESET, RESET + REVERSE)}{RESET}"
 
     def stamp(self, when: float) -> str:
         if not self.timestamps:
@@ -229,9 +236,9 @@ def format_event(
     if isinstance(event, Chat):
         return format_chat(event, style, own_name, active_room), False
 
-    def about(room: str, text: str, when: float = now, history: bool = False) -> str:
+    def about(room: str, text: str, when: float = now, history: bool = False, several_lines: bool = False) -> str:
         prefix = f"{room} " if room and room != active_room else ""
-        return _stamp(style, when, history) + style.system(f"{prefix}*** {text}")
+        return _stamp(style, when, history) + style.system(f"{prefix}*** {text}", several_lines=several_lines)
 
     if isinstance(event, Notice):
         when = event.sent_at or now  # a kick shown from history is stamped when it happened
@@ -242,7 +249,8 @@ def format_event(
             return about(event.room, f"{event.name} left{reason}", when, event.history), False
         if event.event == "topic":
             return about(event.room, f"{event.name} set the topic: {event.text}", when, event.history), False
-        return about(event.room, event.text, when, event.history), False
+        # The server's own words; the message of the day among them may hold several lines.
+        return about(event.room, event.text, when, event.history, several_lines=event.event == "info"), False
     if isinstance(event, Roster):
         away = set(event.away)
         shown = [
@@ -300,21 +308,40 @@ def names_user(message: Chat, own_name: str) -> bool:
 
 class MentionsWhileAway:
     """Counts, per room, the lines from history said since ``away_since`` that name the user, and
-    says so once the room's history is in (``History``): "you were mentioned 2 times in #dev"."""
+    says so once the room's history is in (``History``): "you were mentioned 2 times in #dev".
+
+    A busy room's history at login (its last lines) may not reach back to when the user left:
+    then the mentions before it cannot be counted, and the user is told, once, that more was said.
+    """
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self._reached: set[str] = set()  # rooms whose history run so far goes back past away_since
+        self._told_of_more: set[str] = set()
 
     def note(self, event: Any, own_name: str, away_since: float) -> str | None:
         """Take one event; returns the line to show, if this event ends a room's history with mentions."""
-        if isinstance(event, Chat) and event.history and event.room and away_since:
-            if event.sent_at > away_since and names_user(event, own_name):
+        if isinstance(event, Chat | Notice) and event.history and event.room and away_since:
+            if event.sent_at <= away_since:
+                self._reached.add(event.room)
+            elif isinstance(event, Chat) and names_user(event, own_name):
                 self.counts[event.room] = self.counts.get(event.room, 0) + 1
-        elif isinstance(event, History) and event.room in self.counts:
-            count = self.counts.pop(event.room)
-            times = "once" if count == 1 else f"{count} times"
-            return f"*** you were mentioned {times} in {event.room} while you were away"
+        elif isinstance(event, History) and event.room:
+            count = self.counts.pop(event.room, 0)
+            reached = event.room in self._reached
+            self._reached.discard(event.room)
+            cut = bool(away_since) and event.count > 0 and event.more and not reached
+            if cut and event.room not in self._told_of_more:
+                self._told_of_more.add(event.room)
+                counted = f" (you are named {_times(count)} in these lines)" if count else ""
+                return f"*** more was said in {event.room} while you were away: /history{counted}"
+            if count:
+                return f"*** you were mentioned {_times(count)} in {event.room} while you were away"
         return None
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
 
 
 class MissedLines:
@@ -611,10 +638,15 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+_TRAILING_EMPTY_LINES = re.compile(r"(?:[\r\n][ \t]*)+\Z")
+
+
 def handle_line(context: CommandContext, line: str) -> None:
     """Run a command or send a line to the active room. Raises ``Quit`` for /quit, ``ChatError`` if offline."""
     if not line.strip():
         return
+    # A paste of whole lines usually ends with a newline: the empty line after it is no part of it.
+    line = _TRAILING_EMPTY_LINES.sub("", line)
     if line.startswith("//"):
         text = line[1:]
     elif line.startswith("/"):
@@ -1428,7 +1460,7 @@ def run_interactive(
                 break
             if leaving.is_set():
                 break
-            if not online.is_set() and line.strip() and line.split(" ")[0] not in OFFLINE_COMMANDS:
+            if not online.is_set() and line.strip() and line.split(" ")[0].lower() not in OFFLINE_COMMANDS:
                 show("not sent: offline (reconnecting; /reconnect tries now); your line is in the history (up arrow)")
                 continue
             try:
@@ -1490,7 +1522,9 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of --host and --port",
     )
     parser.add_argument("--user", metavar="NAME", help="user name (asked for on a terminal if omitted)")
-    parser.add_argument("--room", metavar="#ROOM", default="", help="join this room at start and talk there")
+    parser.add_argument(
+        "--room", metavar="#ROOM", type=room_name, default="", help="join this room at start and talk there"
+    )
     parser.add_argument(
         "--device", metavar="LABEL", default=platform.node()[:40], help="this device's name in /sessions"
     )
@@ -1523,6 +1557,16 @@ def port_number(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"not a port (1 to 65535): {text!r}")
     return int(text)
+
+
+def room_name(text: str) -> str:
+    """An argparse type: a room's name, checked before anything is asked or sent ("" for none)."""
+    if not text:
+        return ""
+    try:
+        return normalize_room(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def server_address(text: str) -> tuple[str, int]:

@@ -1327,6 +1327,37 @@ def test_a_message_of_empty_lines_shows_as_a_count_not_a_screen_of_nothing(chat_
     assert "    (299 empty lines)" in alice.lines, alice.text
 
 
+def test_a_paste_that_ends_with_a_newline_sends_no_empty_last_line(chat_server, chat_in_terminal, join):
+    # Copying whole lines almost always takes the last newline too: everyone saw an empty row under it.
+    bob = join("bob", chat_server)
+    alice = chat_in_terminal("alice", chat_server)
+    alice.type("\x1b[200~first line\nsecond line\n  \n\x1b[201~")
+    alice.type("\r")
+    assert wait_for(bob, heard).text == "first line\nsecond line"
+
+
+def test_a_message_of_the_day_of_several_lines_is_shown_as_lines(server_process, chat_in_terminal, tmp_path):
+    # Notices were shown through a one-line sanitizer: "Welcome to the chat.\ufffdRules: be kind.\ufffd..."
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "motd.txt").write_text("Welcome to the chat.\nRules: be kind.\nMaintenance on Sunday 10:00.\n")
+    alice = chat_in_terminal("alice", server_process("--log-level", "WARNING"))
+    alice.wait_for_text("message of the day: Welcome to the chat.", TIMEOUT)
+    alice.settle()
+    assert "\ufffd" not in alice.text, alice.text
+    first = row_of(alice, "Welcome to the chat.")
+    assert alice.lines[first + 1 : first + 3] == ["    Rules: be kind.", "    Maintenance on Sunday 10:00."]
+
+
+def test_a_room_name_that_cannot_be_one_is_refused_before_the_password_is_asked(chat_server, terminals, tmp_path):
+    # It was checked after the login: the password typed for nothing, and #lobby saw alice come and go.
+    known_hosts = pin(tmp_path / "known_hosts", chat_server)
+    alice = terminals(client_args(chat_server.port, "alice", known_hosts, "--room", "bad room!"))
+    assert alice.wait_exit(START) == 2
+    assert "argument --room: 'bad room!': room names are" in alice.text
+    assert "Password for alice:" not in alice.text
+
+
 def test_batch_prints_a_multi_line_message_as_one_record(chat_server, join, tmp_path):
     bob = join("bob", chat_server)
     bob.say("top\nmiddle\n\x1b[2Jbottom")
@@ -1349,7 +1380,10 @@ def test_a_line_naming_you_stands_out_rings_the_bell_and_counts_as_a_mention(cha
     bob.say("carol: can you look at the build?", "#dev")
     carol.wait_for_text("bob: carol: can you look at the build?", TIMEOUT)
     assert b"\x07" in carol.output[before:], "no bell for a line naming carol"
-    assert b"\x1b[7m" in carol.output[before:], "the line naming carol is not highlighted"
+    row = row_of(carol, "can you look at the build?")
+    cells = carol.screen.buffer[row]
+    # All along: the line's own resets (after the time, after the name) used to end the reverse video.
+    assert all(cells[column].reverse for column in range(len(carol.lines[row]))), "not all in reverse video"
 
     carol.type("\x10")  # Ctrl-P: back to #lobby; #dev's lines now count as unread
     carol.wait_until(at_prompt("#lobby"), TIMEOUT, "#lobby")
@@ -1380,6 +1414,39 @@ def test_at_login_the_client_says_where_you_were_mentioned_while_away(chat_serve
     carol.settle()
     # The lobby's line naming her was said while she was there: not counted.
     assert carol.text.count("you were mentioned") == 1, carol.text
+
+
+def test_at_login_a_busy_room_whose_last_lines_do_not_reach_back_says_more_was_said(
+    server_process, chat_in_terminal, join
+):
+    # A mention followed by 50 lines was not among the lines shown, and nothing said there was more.
+    server = server_process("--log-level", "WARNING", "--flood-burst", "200")
+    bob = join("bob", server)
+    carol = chat_in_terminal("carol", server)
+    carol.type("\x04")
+    assert carol.wait_exit(TIMEOUT * 2) == 0
+    time.sleep(0.05)
+    bob.say("carol: the release is blocked on you, please look")
+    for number in range(50):
+        bob.say(f"chatter {number}" if number != 20 else "and carol, one more thing")
+    wait_for(bob, lambda event: isinstance(event, Chat) and event.text == "chatter 49")
+    carol = chat_in_terminal("carol", server)
+    carol.wait_for_text("*** more was said in #lobby while you were away: /history", TIMEOUT)
+    carol.settle()
+    screen = "".join(row.removeprefix("    ") for row in carol.lines)  # the line may be folded
+    assert "(you are named once in these lines)" in screen, carol.text
+    assert "you were mentioned" not in screen  # said once, in the line above
+
+
+def test_quit_typed_in_capitals_while_offline_still_quits(chat_server, chat_in_terminal):
+    # Commands are taken in any case, but the offline check compared the word as typed: "not sent: offline".
+    alice = chat_in_terminal("alice", chat_server)
+    chat_server.stop()
+    alice.wait_for_text("connection lost", TIMEOUT)
+    alice.wait_until(at_prompt(), TIMEOUT, "the prompt while offline")
+    alice.type("/QUIT\r")
+    assert alice.wait_exit(TIMEOUT) == 0
+    assert "not sent: offline" not in alice.text
 
 
 def test_a_slow_typist_with_a_wrong_password_still_gets_another_try(server_process, terminals, tmp_path):
