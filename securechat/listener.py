@@ -82,8 +82,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("chat.server")
 
 WRONG_CREDENTIALS = "wrong user name or password"
-#: Passwords hashed at once for one address (its guesses in parallel wait their turn at this).
-MAX_HASHING_PER_ADDRESS = 4
+#: Passwords hashed at once for one address (its guesses in parallel wait their turn at this): as
+#: many as its free failures (``LoginThrottle``), so a burst of guesses fired at once gets no more
+#: checked than the same guesses one after another. An address with a wrong password lately gets one.
+MAX_HASHING_PER_ADDRESS = 3
 #: Addresses whose connection rate is remembered before idle ones are forgotten.
 MAX_TRACKED_ADDRESSES = 10_000
 
@@ -216,10 +218,11 @@ class ChatServer:
         self._startup_budget = max(1, min(config.max_startups, config.max_clients // 2))
         self._startups_per_address = max(1, config.max_connections_per_address // 2)
         self._connect_buckets: dict[str, FloodControl] = {}
-        # Guards _hashing_per_address (passwords being hashed for each address), and is notified
-        # when one is done (see _hashing_slot).
+        # Guards _hashing_per_address (passwords being hashed for each address) and _wrong_at (when
+        # each address last gave a wrong password), and is notified when one is done (see _hashing_slot).
         self.hashing_slot_freed = threading.Condition()
         self._hashing_per_address: Counter[str] = Counter()
+        self._wrong_at: dict[str, float] = {}
         self.stopping = threading.Event()
         self._serving = threading.Event()
         self._wakeup_read, self._wakeup_write = socket.socketpair()
@@ -653,7 +656,8 @@ class ChatServer:
         cannot keep the real user out. A login carrying a valid device token (one an
         earlier login from that device was given) skips the account-wide delay; its own
         failures count against the token instead. Guesses are counted when they start, and
-        an address has at most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once. A
+        an address has at most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once (one once it
+        has given a wrong one), each checked against the address's delay as its turn comes. A
         successful login is given a new device token (``connection.device_token``).
         """
         # Names are unique in any case, so "Alice" typed at the prompt is alice: the session,
@@ -678,21 +682,27 @@ class ChatServer:
         if wait <= 0 and device_id is None and (wait := gentle.begin_attempt([account_key], reserve=[account_key])) > 0:
             strict.cancel_attempt(own_keys)
         if wait > 0:
-            log.info("login throttled from %s", connection.peer)
-            raise AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
+            raise _throttled(connection, wait)
         outcome = "error"  # until _check_password returns: busy, shutting down, store unreadable...
         try:
             with self._hashing_slot(connection.address_bucket):
+                # Again once its turn has come: the address is counted only once a guess has failed
+                # (honest logins behind one address must not hold each other up), so the guesses it
+                # waited behind may have made it wait since.
+                wait = strict.retry_after([address_key])
+                if wait > 0:
+                    raise _throttled(connection, wait)
                 accepted = self._check_password(connection, login)
-            outcome = "accepted" if accepted else "wrong"
+                outcome = "accepted" if accepted else "wrong"
+                if not accepted:  # before the slot is free: the guess waiting for it must see this
+                    strict.record_failure([address_key])  # the others were counted as it began
+                    self._note_wrong_password(connection.address_bucket)
         finally:
             if outcome == "accepted":
                 # Never the address: owning one account must not reset the guesses made at others.
                 strict.record_success(own_keys)
                 gentle.record_success([account_key])
-            elif outcome == "wrong":
-                strict.record_failure([address_key])  # the others were counted as it began
-            else:  # not the user's fault: give the attempts back
+            elif outcome != "wrong":  # not the user's fault (or refused before any check): give them back
                 strict.cancel_attempt(own_keys)
                 if device_id is None:
                     gentle.cancel_attempt([account_key])
@@ -717,10 +727,14 @@ class ChatServer:
     def _hashing_slot(self, address: str) -> Iterator[None]:
         """Wait for one of an address's hashing slots (its logins past them queue here, not in the pool);
         ``AuthenticationFailed`` (busy) if none frees up within ``hash_wait``."""
+        forget_after = self.login_throttle.forget_after
         with self.hashing_slot_freed:
-            got_one = self.hashing_slot_freed.wait_for(
-                lambda: self._hashing_per_address[address] < MAX_HASHING_PER_ADDRESS, self.config.hash_wait
-            )
+
+            def slot_free() -> bool:
+                lately_wrong = time.monotonic() - self._wrong_at.get(address, -forget_after) < forget_after
+                return self._hashing_per_address[address] < (1 if lately_wrong else MAX_HASHING_PER_ADDRESS)
+
+            got_one = self.hashing_slot_freed.wait_for(slot_free, self.config.hash_wait)
             if not got_one:
                 raise AuthenticationFailed("busy", "too many logins at once from your address; try again in a moment")
             self._hashing_per_address[address] += 1
@@ -732,6 +746,18 @@ class ChatServer:
                 if self._hashing_per_address[address] <= 0:
                     del self._hashing_per_address[address]
                 self.hashing_slot_freed.notify_all()
+
+    def _note_wrong_password(self, address: str) -> None:
+        """From now on ``address`` has one hashing slot, until its failures are forgotten."""
+        now = time.monotonic()
+        with self.hashing_slot_freed:
+            if len(self._wrong_at) >= MAX_TRACKED_ADDRESSES:
+                forget_after = self.login_throttle.forget_after
+                self._wrong_at = {key: at for key, at in self._wrong_at.items() if now - at < forget_after}
+                if len(self._wrong_at) >= MAX_TRACKED_ADDRESSES:  # all recent: the oldest half goes
+                    kept = sorted(self._wrong_at.items(), key=lambda item: item[1])[MAX_TRACKED_ADDRESSES // 2 :]
+                    self._wrong_at = dict(kept)
+            self._wrong_at[address] = now
 
     def _check_password(self, connection: ClientConnection, login: Login) -> bool:
         """True if the password is right, False if not; raises for anything else."""
@@ -975,3 +1001,9 @@ def check_private_directory(path: Path) -> None:
         )
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise crypto_utils.InsecureFileError(f"{path} belongs to another user; the server's data must be its own")
+
+
+def _throttled(connection: ClientConnection, wait: float) -> AuthenticationFailed:
+    """The refusal of a login that must wait ``wait`` seconds (logged without the name tried)."""
+    log.info("login throttled from %s", connection.peer)
+    return AuthenticationFailed("rate_limited", f"too many failed logins; try again in {math.ceil(wait)} s")
