@@ -66,6 +66,8 @@ class Subscriber(Protocol):
 
     def on_account_changed(self, account: str) -> None: ...
 
+    def on_account_notice(self, account: str, notice: Notice) -> None: ...
+
     # Only a shared backend calls these: it read too late what it had to hand over (trimmed meanwhile).
     def on_room_gap(self, room: str, missed: int) -> None: ...
 
@@ -106,7 +108,9 @@ class RoomBackend(Protocol):
     # who is in a room on the other processes (this process knows its own), and news of their
     # joins and leaves: presence, never history
     def enter_room(self, room: str, account: str, session_id: str) -> None: ...
-    def leave_room(self, room: str, account: str, session_id: str) -> None: ...
+    # leave_room: True if the account is still in the room through another process, read in the
+    # same step as the leave (two processes whose last sessions leave at once: one finds none)
+    def leave_room(self, room: str, account: str, session_id: str) -> bool: ...
     def members_elsewhere(self, room: str) -> dict[str, int]: ...
     def announce(self, room: str, notice: Notice) -> None: ...
 
@@ -131,8 +135,12 @@ class RoomBackend(Protocol):
     # set_state only if the key still holds ``expected`` (None: absent); False if it did not
     # (changed meanwhile, here or by another process): read it again and retry
     def replace_state(self, scope: str, key: str, expected: str | None, value: str | None) -> bool: ...
-    # tell every process that an account's own state changed (its ignore list): they reload it
+    # tell every process that an account's own state changed (its ignore list, its rooms): they reload it
     def account_changed(self, account: str) -> None: ...
+    # hand a notice to every session of an account, on every process (an invitation)
+    def tell_account(self, account: str, notice: Notice) -> None: ...
+    # True for the first of the processes to claim ``key`` within ``seconds`` (the others: False)
+    def claim(self, key: str, seconds: float) -> bool: ...
 
     # history, oldest first
     def recent(self, room: str, limit: int) -> list[RoomEvent]: ...
@@ -364,8 +372,8 @@ class MemoryBackend:
     def enter_room(self, room: str, account: str, session_id: str) -> None:
         pass
 
-    def leave_room(self, room: str, account: str, session_id: str) -> None:
-        pass
+    def leave_room(self, room: str, account: str, session_id: str) -> bool:
+        return False
 
     def members_elsewhere(self, room: str) -> dict[str, int]:
         return {}
@@ -375,6 +383,13 @@ class MemoryBackend:
 
     def account_changed(self, account: str) -> None:
         pass  # one process: the hub that changed it knows
+
+    def tell_account(self, account: str, notice: Notice) -> None:
+        if self._subscriber is not None:
+            self._subscriber.on_account_notice(account, notice)
+
+    def claim(self, key: str, seconds: float) -> bool:
+        return True  # one process: whoever asks keeps its own count
 
     # ------------------------------------------------------------------ presence
 

@@ -342,11 +342,34 @@ class ChatHub:
             self.backend.announce(room, Notice(event="joined", name=notice.name, room=room))
 
     def on_account_changed(self, account: str) -> None:
-        """Another process changed ``account`` (its record, or what it ignores): drop the copy of its
-        record kept here, and reload what it ignores if its sessions are here."""
+        """A process changed ``account`` (its record, what it ignores, its rooms): drop the copy of its
+        record kept here and, if its sessions are here, reload what it ignores and follow its rooms."""
         self.accounts.forget(account)
         if self.local_sessions(account):
             self._load_ignores(account)
+            self._follow_rooms(account)
+
+    def _follow_rooms(self, account: str) -> None:
+        """Put the account's sessions here in the rooms it is in, and out of those it left: a /join or
+        /part on another process's device is one on every device, as on one process. Not the default
+        room, which every session enters at login whatever the account's rooms say."""
+        for session in self.local_sessions(account):
+            # Its rooms before the account's: a room left since shows in neither, a room joined
+            # since in the account's (entered already, or now).
+            with self.sessions_lock:
+                current = set(self._session_rooms.get(session.session_id, ())) - {self.config.default_room}
+            wanted = set(self.backend.memberships(account)) - {self.config.default_room}
+            for room in sorted(wanted - current):
+                try:
+                    self._enter(session, room, requested=False)
+                except (HubError, BackendUnavailable) as exc:
+                    log.info("user=%s could not follow into %s here: %s", account, room, exc)
+            for room in sorted(current - wanted):
+                self._remove_session_from_room(session, room, "")
+
+    def on_account_notice(self, account: str, notice: Notice) -> None:
+        for session in self.local_sessions(account):
+            session.deliver(notice)
 
     def on_room_gap(self, room: str, missed: int) -> None:
         """Lines of ``room`` were trimmed before this process read them: its members here are told,
@@ -743,6 +766,14 @@ class ChatHub:
         for session in self.local_sessions(member.name):
             if not self._in_room(session, room):
                 self._enter(session, room, requested=session is member, created=created)
+        self._tell_devices_elsewhere(member.name)
+
+    def _tell_devices_elsewhere(self, account: str) -> None:
+        """The account's rooms changed: its devices on other processes follow (``_follow_rooms``)."""
+        try:
+            self.backend.account_changed(account)
+        except BackendUnavailable:  # done here; the others find the account's rooms at their next login
+            log.warning("user=%s: devices on other processes could not be told of a /join or /part", account)
 
     def _check_may_make_a_room(self, account: str) -> None:
         """Rooms are kept when everyone has left (with their history, topic and roles), and the server
@@ -771,6 +802,9 @@ class ChatHub:
         seen: int | None = None,
     ) -> None:
         """Put one session in a room: it gets the room, its roster, then its recent lines or what it missed."""
+        with self.sessions_lock:
+            if room in self._session_rooms.get(member.session_id, ()):
+                return  # in it, or entering it on another thread (a /join on another device, here or elsewhere)
         if self.backend.room(room) is None:
             raise HubError("no_such_room", f"{room} no longer exists")
         ban = self.room_state(room).ban_of(member.name)
@@ -888,23 +922,26 @@ class ChatHub:
         reason = self._own_words(member.name, room, _clean(reason, MAX_TOPIC_CHARS))
         self.backend.remove_membership(member.name, room)
         self._remove_from_room(member.name, room, reason, requested_by=member)
+        self._tell_devices_elsewhere(member.name)
 
     def _remove_from_room(self, account: str, room: str, reason: str, requested_by: Member | None = None) -> None:
         """Take every local session of ``account`` out of ``room`` (/part, or a kick or ban)."""
         for session in self.local_sessions(account):
-            with self.sessions_lock:
-                rooms = self._session_rooms.get(session.session_id, [])
-                if room not in rooms:
-                    continue
-                rooms.remove(room)
-            self._leave(session, room, reason)
-            session.deliver(RoomMessage(room=room, joined=False, reason=reason, requested=session is requested_by))
+            self._remove_session_from_room(session, room, reason, requested=session is requested_by)
+
+    def _remove_session_from_room(self, session: Session, room: str, reason: str, *, requested: bool = False) -> None:
+        with self.sessions_lock:
+            rooms = self._session_rooms.get(session.session_id, [])
+            if room not in rooms:
+                return
+            rooms.remove(room)
+        self._leave(session, room, reason)
+        session.deliver(RoomMessage(room=room, joined=False, reason=reason, requested=requested))
 
     def _leave(self, member: Member, room: str, reason: str) -> None:
         """One session leaves a room; the other processes hear of it if it was the account's last anywhere."""
         local = self._local_room(room, create=False)
-        self.backend.leave_room(room, member.name, member.session_id)
-        elsewhere = member.name in self.backend.members_elsewhere(room)
+        elsewhere = self.backend.leave_room(room, member.name, member.session_id)
         last_here = local is not None and local.leave(member, reason, quiet=elsewhere)
         if last_here and not elsewhere:
             self.backend.announce(room, Notice(event="left", name=member.name, text=reason, room=room))
@@ -965,7 +1002,11 @@ class ChatHub:
             if last is not None and now - last < AWAY_REPLY_INTERVAL:
                 return False
             self._away_replies[(account, sender)] = now
-            return True
+        # And on no other process, where the sender's other devices may be.
+        try:
+            return self.backend.claim(f"away-reply {account} {sender}", AWAY_REPLY_INTERVAL)
+        except BackendUnavailable:
+            return True  # told once more rather than not at all
 
     def who(self, member: Member, room_name: str) -> None:
         """/who, /names: a room's roster, in pages; counted against flood control by its size."""
@@ -1303,8 +1344,11 @@ class ChatHub:
             raise HubError("already_joined", f"{target} is already in {room}")
         self.backend.set_state(room, invite_key(target), "1")
         self._moderation_notice(member, room, "invite", target, f"{member.name} invited {target}")
-        for session in self.local_sessions(target):
-            session.deliver(Notice(event="info", text=f"{member.name} invited you to {room}: /join {room}"))
+        invitation = Notice(event="info", text=f"{member.name} invited you to {room}: /join {room}")
+        try:
+            self.backend.tell_account(target, invitation)  # on every process its devices are on
+        except BackendUnavailable:
+            pass  # the invitation stands, and the room was told: the invitee hears of it there, or from the op
 
     def kick(self, member: Member, room: str, name: str, reason: str) -> None:
         rank = self.require_role(member, room, "kick", "op")

@@ -280,6 +280,22 @@ for account in pairs(gone) do
 end
 return left
 """
+# A session leaves a room's roster, and whether its account is still in the room through another
+# process is read in the same step: of two processes whose last sessions of an account leave at once
+# (both read the same kick), exactly one finds none left, and it alone tells the room. KEYS: the
+# roster. ARGV: the session id, its account, this process's node id, now. Returns 1 or 0.
+_LEAVE_ROOM = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+local now = tonumber(ARGV[4])
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  local ok, info = pcall(cjson.decode, value)
+  if ok and type(info) == 'table' and info.account == ARGV[2] and info.node ~= ARGV[3]
+      and type(info.expires) == 'number' and info.expires >= now then
+    return 1
+  end
+end
+return 0
+"""
 #: The control stream: revocations, and which account or scope changed (every process reads it).
 CONTROL_KEY = f"{PREFIX}control"
 CONTROL_STREAM_LENGTH = 10_000
@@ -488,6 +504,7 @@ class RedisBackend:
         self._raise_floors = self.redis.register_script(_RAISE_FLOORS)
         self._sweep_roster = self.redis.register_script(_SWEEP_ROSTER)
         self._replace_state = self.redis.register_script(_REPLACE_STATE)
+        self._leave_room = self.redis.register_script(_LEAVE_ROOM)
         # The highest message id this process has issued or read: it proposes the next one above it.
         # If Redis came back with less than it had, ids go on from here, never under lines already
         # delivered. And room -> the highest sequence number of it this process has seen (kept when
@@ -1006,6 +1023,11 @@ class RedisBackend:
                     self._on_revoked(_text(fields[b"revoked"]), _whole(fields.get(b"until", 0)))
                 elif b"account" in fields and self._subscriber is not None:
                     self._subscriber.on_account_changed(_text(fields[b"account"]))
+                elif b"told" in fields and self._subscriber is not None:
+                    account = _text(fields[b"told"])
+                    notice = self._open_told(account, fields)
+                    if notice is not None:
+                        self._subscriber.on_account_notice(account, notice)
                 elif b"state" in fields:
                     self._forget_state(_text(fields[b"state"]))
 
@@ -1025,13 +1047,15 @@ class RedisBackend:
             self._local_rooms[(room, session_id)] = account
         self._call(self.redis.hset, self._roster_key(room), session_id, self._roster_entry(account))
 
-    def leave_room(self, room: str, account: str, session_id: str) -> None:
+    def leave_room(self, room: str, account: str, session_id: str) -> bool:
         with self._local_lock:
             self._local_rooms.pop((room, session_id), None)
         try:
-            self.redis.hdel(self._roster_key(room), session_id)
+            args: list[str | float] = [session_id, account, self.node, self._clock()]
+            return bool(self._leave_room(keys=[self._roster_key(room)], args=args))
         except redis.exceptions.RedisError as exc:
             self._note_problem(exc)  # it expires by itself within SESSION_TTL
+            return False
 
     def members_elsewhere(self, room: str) -> dict[str, int]:
         """Accounts in ``room`` through other processes, with how many sessions each (live ones only)."""
@@ -1105,6 +1129,30 @@ class RedisBackend:
         """Tell every process (this one too) to reload ``account``'s own state."""
         fields: Any = {"account": account}
         self._call(self.redis.xadd, CONTROL_KEY, fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
+
+    def tell_account(self, account: str, notice: Notice) -> None:
+        """Hand ``notice`` to ``account``'s sessions on every process (this one too), sealed: it names
+        a room and who acted, and may one day carry the user's words."""
+        sealed = self._seal_bytes(encode_event(notice), self._associated_data(f"told:{account}", 0, ""))
+        fields: Any = {"told": account, "k": self._key_id, "p": sealed}
+        self._call(self.redis.xadd, CONTROL_KEY, fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
+
+    def claim(self, key: str, seconds: float) -> bool:
+        """True if no process claimed ``key`` within ``seconds``; ``BackendUnavailable`` if Redis cannot say."""
+        claimed = self._call(self.redis.set, f"{PREFIX}claim:{key}", "1", nx=True, px=max(1, int(seconds * 1000)))
+        return bool(claimed)
+
+    def _open_told(self, account: str, fields: dict[Any, Any]) -> Notice | None:
+        why = self._not_ours(_text(fields.get(b"k", b"")))
+        if why is None:
+            try:
+                event = decode_event(self._open_bytes(fields[b"p"], self._associated_data(f"told:{account}", 0, "")))
+            except (KeyError, ValueError, InvalidTag) as exc:
+                why = _why_unopened(exc)
+            else:
+                return event if isinstance(event, Notice) else None
+        log.warning("skipped a notice for %s that failed to open: %s", account, why)
+        return None
 
     # ------------------------------------------------------------------ presence
 

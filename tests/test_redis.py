@@ -35,7 +35,7 @@ from conftest import (
 from securechat.backend import BackendMismatch, BackendUnavailable, LineCharge, OverBudget
 from securechat.client import ChatClient, KnownHosts, LoginRefused
 from securechat.hub import ChatHub
-from securechat.protocol import Chat, ErrorReply, Notice, Sessions
+from securechat.protocol import Chat, ErrorReply, Notice, Roster, Sessions
 from securechat.protocol import Room as RoomMessage
 from securechat.redis_accounts import USERS_KEY
 from securechat.redis_backend import RedisBackend, key_id
@@ -582,6 +582,56 @@ def test_the_message_of_the_day_and_an_ignore_list_hold_on_every_node(cluster, t
     bob.say("carol's phone must not show this")
     alice.say("but this")
     assert wait_for(carol_phone, lambda event: isinstance(event, Chat) and not event.history).text == "but this"
+
+
+def test_a_join_or_part_on_one_node_is_one_on_the_accounts_devices_on_the_other(cluster, tmp_path):
+    """alice's laptop is on node 1, her phone on node 2: a /join entered only the laptop (the phone's
+    lines to #dev were refused until it logged in again), and a /part left the phone in #dev, where
+    bob, on node 2, was never told alice left. On one node both follow, as the README says."""
+    first, second = two_nodes(cluster, tmp_path)
+    laptop, phone, bob = cluster.log_in("alice", first), cluster.log_in("alice", second), cluster.log_in("bob", second)
+    laptop.join("#dev")
+    wait_for(laptop, entered("#dev"))
+    wait_for(phone, entered("#dev"))
+    bob.join("#dev")
+    wait_for(bob, entered("#dev"))
+    phone.say("from the phone", "#dev")
+    wait_for(bob, said("from the phone"))
+    laptop.part("#dev", "bye")
+    wait_for(phone, lambda event: isinstance(event, RoomMessage) and event.room == "#dev" and not event.joined)
+    wait_for(bob, lambda event: isinstance(event, Notice) and event.event == "left" and event.name == "alice")
+    bob.who("#dev")
+    assert wait_for(bob, lambda event: isinstance(event, Roster) and event.room == "#dev").members == ["bob"]
+
+
+def test_an_invitation_reaches_the_invitee_on_the_other_node(cluster, tmp_path):
+    # carol, on node 2 only, was never told: the notice went to the inviting node's sessions of her.
+    first, second = two_nodes(cluster, tmp_path)
+    alice, carol = cluster.log_in("alice", first), cluster.log_in("carol", second)
+    alice.join("#secret")
+    wait_for(alice, entered("#secret"))
+    alice.command("mode", "#secret", "+i")
+    wait_for(alice, lambda event: isinstance(event, Notice) and "+i" in event.text)
+    alice.command("invite", "#secret", "carol")
+    told = wait_for(carol, lambda event: isinstance(event, Notice) and "invited you" in event.text)
+    assert told.text == "alice invited you to #secret: /join #secret"
+    assert not [event for event in drain(carol) if isinstance(event, Notice) and "invited you" in event.text]
+
+
+def test_an_away_account_answers_a_sender_once_an_hour_whichever_node_each_line_comes_through(cluster, tmp_path):
+    # Each node kept its own memory of whom it had told: bob heard "erin is away" once per node.
+    first, second = two_nodes(cluster, tmp_path)
+    erin = cluster.log_in("erin", second)
+    laptop, phone = cluster.log_in("bob", first), cluster.log_in("bob", second)
+    erin.command("away", "at lunch")
+    wait_for(erin, lambda event: isinstance(event, Notice) and "you are marked away" in event.text)
+    laptop.private("erin", "lunch plans?")
+    wait_for(laptop, lambda event: isinstance(event, Notice) and event.text == "erin is away: at lunch")
+    phone.private("erin", "ping again")
+    phone.command("whois", "erin")  # answered after the /msg's answer, if there is one
+    seen: list[object] = []
+    wait_for(phone, lambda event: seen.append(event) or (isinstance(event, Notice) and event.text.startswith("erin:")))
+    assert not [event for event in seen if isinstance(event, Notice) and "is away" in event.text]
 
 
 def test_a_refused_login_by_an_unknown_name_does_not_read_every_account_from_redis(tmp_path, users_file, redis_server):

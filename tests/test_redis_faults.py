@@ -21,7 +21,7 @@ from conftest import (
     wait_for,
     wait_until,
 )
-from test_redis import Cluster, client_of, entered, hub_on, said, server_command, two_nodes
+from test_redis import Cluster, Session, client_of, entered, hub_on, said, server_command, two_nodes
 
 from securechat.client import Disconnected
 from securechat.protocol import Chat, Notice, Roster
@@ -437,6 +437,59 @@ def test_two_ops_changing_a_rooms_modes_at_once_on_two_nodes_keep_both_changes(r
         second.release.set()
         if changing is not None:
             changing.join(TIMEOUT)
+        hub_a.close()
+        hub_b.close()
+
+
+def test_a_kick_of_an_account_on_two_nodes_tells_the_room_once_that_it_left(redis_server):
+    """carol is in #r on a device of each node; alice kicks her. Both nodes read the kick and take their
+    own session out, then asked Redis whether carol was still in #r elsewhere: when both asked after
+    both had left (4 runs in 6 with two server processes), each told the room "carol left"."""
+    from securechat.protocol import Batch
+    from securechat.redis_backend import RedisBackend
+
+    both_left = threading.Barrier(2)
+
+    class Meeting(RedisBackend):
+        """Each node, once its session of carol has left #r, waits for the other's to have left too."""
+
+        def leave_room(self, room, account, session_id):
+            still_elsewhere = super().leave_room(room, account, session_id)
+            if account == "carol":
+                both_left.wait(TIMEOUT)
+            return still_elsewhere
+
+    def notices(session) -> list[Notice]:
+        flat = [part for item in session.received for part in (item.messages if isinstance(item, Batch) else [item])]
+        return [item for item in flat if isinstance(item, Notice) and item.room == "#r"]
+
+    key = b"k" * 32
+    hub_a, (alice, dave) = hub_on(Meeting(redis_server.url, key), "alice", "dave")
+    hub_b, (bob, erin) = hub_on(Meeting(redis_server.url, key), "bob", "erin")
+    carols = []
+    try:
+        for hub, session_id in ((hub_a, "session-carol-a"), (hub_b, "session-carol-b")):
+            carol = Session("carol")
+            carol.session_id = session_id
+            hub.enter_rooms(carol, hub.open_session(carol, "test", "127.0.0.1")[0])
+            carols.append(carol)
+        hub_a.join(alice, "#r")
+        hub_a.join(carols[0], "#r")  # and her device on node b follows
+        hub_b.join(bob, "#r")
+        wait_until(lambda: hub_b._in_room(carols[1], "#r"))
+        hub_a.kick(alice, "#r", "carol", "")
+        # Once both have said what they will, a join on each node comes after it on the presence stream.
+        wait_until(
+            lambda: all(not hub._in_room(carol, "#r") for hub, carol in zip((hub_a, hub_b), carols, strict=True))
+        )
+        hub_a.join(dave, "#r")
+        hub_b.join(erin, "#r")
+        wait_until(lambda: ("joined", "dave") in [(notice.event, notice.name) for notice in notices(bob)])
+        wait_until(lambda: ("joined", "erin") in [(notice.event, notice.name) for notice in notices(alice)])
+        for who in (alice, bob):
+            told = [notice.text for notice in notices(who) if notice.event == "left" and notice.name == "carol"]
+            assert told == ["alice kicked carol"], (who.name, told)
+    finally:
         hub_a.close()
         hub_b.close()
 
