@@ -1,16 +1,10 @@
-"""The chat client: an importable ``ChatClient`` class and the command-line program.
+"""The chat client library: ``ChatClient``, which the command-line program (``ui.py``) drives.
 
     python client.py --user alice            # interactive, on a terminal
     CHAT_PASSWORD=... python client.py --user bot < lines.txt   # non-interactive
 
-A bot in five lines::
-
-    from client import ChatClient, Chat
-    with ChatClient("127.0.0.1", 7878, accept_new_host_key=True) as chat:
-        chat.login("echo", os.environ["CHAT_PASSWORD"])
-        for event in chat.events():
-            if isinstance(event, Chat) and not event.private:
-                chat.say(f"{event.sender} said: {event.text}")
+A bot: README.md's "Scripts and bots" has one (an echo bot, run by tests/test_readme.py), and
+says what ``ChatClient`` offers.
 """
 
 from __future__ import annotations
@@ -815,7 +809,7 @@ class ChatClient:
     def _room(self, room: str | None) -> str:
         chosen = room or self.active_room
         if not chosen:
-            raise ChatError("not sent: you are in no room (/join #room)")
+            raise MessageRefused("not sent: you are in no room (/join #room)")
         return chosen
 
     def say(self, text: str, room: str | None = None, *, action: bool = False) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import getpass
+import io
 import os
 import platform
 import random
@@ -832,6 +833,9 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
         print("error: set CHAT_PASSWORD (the password is never read from the command line)", file=sys.stderr)
         return 2
     style = Style()  # no colour: scripts read this output
+    for stream in (sys.stdout, sys.stderr):  # a terminal or pipe in another encoding gets "?", not a traceback
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
     client = ChatClient(host, port, **options)
     try:
         client.login(user, password)
@@ -843,14 +847,24 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
         return 1
     # Guards stdout and stderr, written by the main thread and the event thread.
     output_lock = threading.Lock()
+    output_closed = threading.Event()  # set once a write found its reader gone: nothing more is written
     state = BatchState()
     leaving = threading.Event()  # set once we stop: cancels reconnecting
 
     def write(stream: TextIO, line: str) -> None:
         """Print a line made by ``format_event`` or ``style`` (so already safe)."""
         with output_lock:
-            stream.write(line + "\n")
-            stream.flush()
+            if output_closed.is_set():
+                return
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+                return
+            except BrokenPipeError:
+                # Whoever read our output is gone (``| head -1``): stop, as a filter does on SIGPIPE.
+                output_closed.set()
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # nothing more, nor at exit
+        end_session("output closed", told=True)
 
     def report(text: str) -> None:
         """Print a line for the user on stderr; it may quote the server, so it is sanitized."""
@@ -969,7 +983,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                 state.pending.popleft()
                 state.changed.notify_all()
     except KeyboardInterrupt:
-        pass
+        failure = "interrupted"  # Ctrl-C: what was not sent is said, and the status says so (130)
     leaving.set()
     with state.changed:
         # Lines read but never sent; after /quit they are what followed it in the input.
@@ -985,8 +999,11 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
         # A line counts as sent once the server echoed it: those it never confirmed come first.
         for line in unconfirmed_lines(client) + unsent:
             report(f"not sent: {line}")
+        if failure == "interrupted":
+            client.leave()  # the session is over: said so to the server, not left to time out
+            return 130
         client.close()
-        return 1
+        return 141 if output_closed.is_set() else 1  # 141: as a filter killed by SIGPIPE
     client.leave(parting)  # the server echoes every line it took before it says goodbye
     printer.join(timeout=LEAVE_TIMEOUT)
     not_sent = unconfirmed_lines(client) + unsent

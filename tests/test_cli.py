@@ -1358,6 +1358,81 @@ def test_a_room_name_that_cannot_be_one_is_refused_before_the_password_is_asked(
     assert "Password for alice:" not in alice.text
 
 
+def test_a_script_that_parts_its_only_room_and_says_a_line_fails_instead_of_hanging(chat_server, batch_clients):
+    """A script does ``/part`` (its only room, #lobby) and then says a line.
+
+    The developer sees: the client never exits (it spins for ever, retrying the line as if the
+    link had dropped: the library's "not sent: you are in no room" ChatError is taken for a lost
+    connection), so a cron job hangs.
+    Should see: one error on stderr naming the line (``not sent: you are in no room …``), the
+    next line goes on, and exit status 1, as for any refused line.
+    """
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    alice.send("/part")
+    alice.stdout.wait_for(has_line("*** you left #lobby"), START, "the part")
+    alice.send("hello nobody")
+    assert alice.finish(TIMEOUT * 2) == 1
+    assert any("you are in no room" in line and "hello nobody" in line for line in alice.stderr.lines), (
+        alice.stderr.lines
+    )
+
+
+def test_a_batch_client_whose_reader_went_away_prints_no_traceback(chat_server, batch_clients, join):
+    """``python client.py ... | head -1``: the reader of stdout exits after one line.
+
+    The developer sees: "Exception in thread printer: Traceback … BrokenPipeError" on stderr
+    (and from then on no event is handled: the thread that also reconnects is dead).
+    Should see: no traceback; the client stops quietly (as a Unix filter does on SIGPIPE) or
+    goes on without printing, but never a Python traceback.
+    """
+    bob = join("bob", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    alice.stdout.wait_for(has_line("*** you are in #lobby"), START, "the first line")
+    wait_for(bob, lambda event: isinstance(event, Notice) and event.name == "alice", timeout=START)
+    alice.process.stdout.close()  # head -1 has read its line and exited
+    alice.stdout.closed = True
+    bob.say("a line nobody reads")
+    wait_for(bob, lambda event: isinstance(event, Chat) and event.text == "a line nobody reads")
+    # alice's client has tried to print it by the time it has answered a /who of its own
+    alice.send("/who")
+    deadline = time.monotonic() + TIMEOUT * 2
+    while (
+        time.monotonic() < deadline
+        and alice.process.poll() is None
+        and "Traceback" not in "\n".join(alice.stderr.lines)
+    ):
+        alice.stderr.pump()
+    alice.process.stdin.close()
+    deadline = time.monotonic() + TIMEOUT * 2
+    while not alice.stderr.closed and time.monotonic() < deadline:
+        alice.stderr.pump()
+    assert alice.process.wait(timeout=TIMEOUT * 2) is not None
+    assert "Traceback" not in alice.stderr.data.decode(), alice.stderr.data.decode()
+
+
+def test_ctrl_c_on_a_running_script_is_not_reported_as_success(chat_server, batch_clients, join):
+    """A long-running script (``tail -f log | chat --user ci``) is stopped with Ctrl-C (SIGINT).
+
+    The developer sees: exit status 0 and nothing on stderr, as if its input had ended normally;
+    a calling shell script (``set -e``, or bash's cooperative SIGINT handling) carries on as if the
+    chat client had finished its job. Stopped by Ctrl-C while it logs in, the same client says
+    ``error: interrupted`` and exits 130 (tests/test_hardening.py).
+    Should see: ``error: interrupted`` and exit status 130, whenever Ctrl-C comes.
+    """
+    bob = join("bob", chat_server)
+    alice = batch_clients(chat_server, "alice", "--accept-new-host-key")
+    alice.send("a line before the interrupt")
+    # Heard: alice is logged in and in her loop of reading lines, her input still open.
+    wait_for(bob, lambda event: isinstance(event, Chat) and event.text == "a line before the interrupt", START)
+    alice.process.send_signal(signal.SIGINT)
+    status = alice.process.wait(timeout=TIMEOUT * 2)
+    deadline = time.monotonic() + TIMEOUT
+    while not alice.stderr.closed and time.monotonic() < deadline:
+        alice.stderr.pump()
+    assert status == 130, (status, alice.stderr.lines)
+    assert "error: interrupted" in alice.stderr.lines, alice.stderr.lines
+
+
 def test_batch_prints_a_multi_line_message_as_one_record(chat_server, join, tmp_path):
     bob = join("bob", chat_server)
     bob.say("top\nmiddle\n\x1b[2Jbottom")
