@@ -16,6 +16,8 @@ test:
 	$(PYTHON) -m pytest
 
 # Re-pin every dependency (and its hashes) to the newest versions requirements*.txt allow.
+# pip-compile leaves out what only an older Python needs (redis wants async-timeout before 3.11.3):
+# add it back by hand with its marker and hashes; tests/test_deploy.py says if a lock file lacks one.
 lock:
 	$(PYTHON) -m pip install -q pip-tools
 	$(PYTHON) -m piptools compile -q --upgrade --generate-hashes --strip-extras --no-emit-index-url \

@@ -180,3 +180,45 @@ def test_the_image_runs_the_server_as_a_user_on_every_interface_with_its_data_in
     printed = effective_config(argv, moved)
     assert instruction("EXPOSE") == [str(printed["port"])]
     assert printed["host"] == "0.0.0.0"
+
+
+def _pinned(lock: Path) -> dict[str, str]:
+    """``{canonical name: version}`` of every ``name==version`` line of a lock file."""
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, str] = {}
+    for line in lock.read_text().splitlines():
+        if match := re.match(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", line):
+            found[canonicalize_name(match.group(1))] = match.group(2)
+    return found
+
+
+@pytest.mark.parametrize("lock_name", ["requirements.lock", "requirements-dev.lock"])
+def test_the_lock_files_pin_what_the_oldest_python_the_readme_supports_needs(lock_name):
+    """On Debian 12's Python 3.11.2, `pip install --require-hashes -r requirements.lock` refused to install
+    anything: redis needs async-timeout before Python 3.11.3, and pip-compile, run on a newer Python, left
+    it out. Checked by what the installed pinned packages say they need on 3.11.0."""
+    from importlib import metadata
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    locked = _pinned(ROOT / lock_name)
+    oldest = {**default_environment(), "python_full_version": "3.11.0", "python_version": "3.11", "extra": ""}
+    missing, checked = [], 0
+    for name, version in locked.items():
+        try:
+            if metadata.version(name) != version:
+                continue  # only the pinned version's metadata says what the pin needs
+        except metadata.PackageNotFoundError:
+            continue
+        checked += 1
+        for text in metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate(oldest):
+                continue
+            if canonicalize_name(requirement.name) not in locked:
+                missing.append(f"{requirement} (for {name}=={version})")
+    assert checked >= 5, "too few of the pinned packages are installed here to check"
+    assert not missing, f"{lock_name} lacks, on Python 3.11.0: {missing}"
