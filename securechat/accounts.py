@@ -538,6 +538,8 @@ class UserStore(AccountEdits):
         """Hold the store's lock; first removes the copies an interrupted change left (yields how many)."""
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError as exc:
+            raise UserStoreError(f"{self.path.parent}: no such folder, to keep {self.path.name} in") from exc
         except OSError as exc:
             raise UserStoreError(f"{self.lock_path}: cannot lock: {exc.strerror}") from exc
         try:

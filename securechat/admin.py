@@ -219,6 +219,10 @@ def run_admin_command(args: argparse.Namespace) -> int:
         name = args.name
         if args.command == "adduser":
             validate_username(name)
+            if backend == "memory" and Path(args.users) == DEFAULT_USERS:
+                # Installed, the default store's folder is made by the server's first start: the first
+                # account may come before it.
+                DEFAULT_USERS.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             UserStore.check_name_free(name, store.load())  # before asking for a password
             store.add(name, read_new_password(name, args.min_password_length))
             print(f"added {name}")

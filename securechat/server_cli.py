@@ -20,6 +20,7 @@ from securechat.accounts import (
 from securechat.admin import parse_arguments, run_admin_command
 from securechat.backend import BackendMismatch, BackendUnavailable
 from securechat.config import (
+    DEFAULT_USERS,
     ConfigFileError,
     ServerConfig,
     config_from_args,
@@ -126,6 +127,21 @@ def describe_start_error(exc: OSError, config: ServerConfig) -> str:
     return f"cannot listen on {host}:{port}: {reason}"
 
 
+def _account_command(config: ServerConfig, command: str) -> str:
+    """The account command that reaches this server's accounts, as the operator would type it: the
+    program as it was started, and the store it reads where that is not the default (never the
+    backend's password)."""
+    program = Path(sys.argv[0]).name
+    program = program if program in ("server.py", "chat-server") else "server.py"
+    if config.backend != "memory":
+        where = f" --backend {shlex.quote(hide_password(config.backend))}"
+    elif Path(config.users_path).absolute() != DEFAULT_USERS.absolute():
+        where = f" --users {shlex.quote(str(config.users_path))}"
+    else:
+        where = ""
+    return f"{program} {command} NAME{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_arguments(argv)
@@ -174,16 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     accounts = server.users.load()
     if not accounts and config.backend == "memory":  # Redis's accounts have their own checks (listener)
         # A mistyped --users path starts an empty store: every login would fail with no word why.
-        log.warning("there are no accounts in %s: add one with 'server.py adduser NAME'", config.users_path)
+        log.warning(
+            "there are no accounts in %s: add one with '%s'", config.users_path, _account_command(config, "adduser")
+        )
     demo_names = [record.name for record in accounts.values() if record.demo]
     if demo_names:
         if config.is_loopback or config.allow_demo_accounts:
-            # The accounts are where the backend keeps them: the hint names it (never its password).
-            where = "" if config.backend == "memory" else f" --backend {shlex.quote(hide_password(config.backend))}"
             log.warning(
-                "demo accounts are enabled (%s): remove them with 'server.py deluser NAME%s'",
+                "demo accounts are enabled (%s): remove them with '%s'",
                 ", ".join(demo_names),
-                where,
+                _account_command(config, "deluser"),
             )
         else:
             log.warning(

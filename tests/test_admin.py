@@ -306,3 +306,37 @@ def test_a_bad_default_room_stops_the_server_in_one_line(tmp_path, users):
         "--port", "0", "--users", str(users), "--data-dir", str(tmp_path / "data"), "--default-room", "no spaces!"
     )
     assert_one_line_error(result, "--default-room", "room names are")
+
+
+def test_the_installed_program_adds_the_first_account_before_the_server_ever_started(tmp_path):
+    """`pip install .`, then `echo pw | chat-server adduser dana` said "error: ~/.local/share/securechat/
+    .users.json.lock: cannot lock: No such file or directory": the folder README names as the store is
+    made by the server's first start."""
+    import os
+    import shutil
+
+    site, home = tmp_path / "site", tmp_path / "home"
+    shutil.copytree(ROOT / "securechat", site / "securechat", ignore=shutil.ignore_patterns("__pycache__"))
+    home.mkdir()
+    environment = {key: value for key, value in os.environ.items() if key != "XDG_DATA_HOME"}
+    environment.update(PYTHONPATH=str(site), HOME=str(home))  # installed: no server.py beside the package
+    chat_server = [sys.executable, "-c", "import sys; from securechat.server_cli import main; sys.exit(main())"]
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*chat_server, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT * 6,
+            env=environment,
+            cwd=tmp_path,  # not the checkout, whose securechat `python -c` would import first
+        )
+
+    added = run("adduser", "dana", stdin="dana-first-password-42\n")
+    assert (added.returncode, added.stdout.strip()) == (0, "added dana"), added.stderr
+    assert run("users").stdout.split() == ["dana"]
+    store = home / ".local" / "share" / "securechat"
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    missing = run("adduser", "erin", "--users", str(tmp_path / "typo" / "users.json"), stdin="erin-password-42\n")
+    assert missing.returncode == 1 and "typo: no such folder" in missing.stderr, missing.stderr

@@ -671,11 +671,13 @@ def test_a_full_disk_at_first_start_names_the_data_directory(tmp_path, users):
 
 
 def test_a_users_file_with_no_accounts_is_said_at_start(tmp_path):
-    """A mistyped --users path starts an empty store: every login would fail with no word why."""
+    """A mistyped --users path starts an empty store: every login would fail with no word why. The
+    command it suggests adds the account where this server reads it (it said 'server.py adduser NAME',
+    which the systemd unit's operator ran, and the account went to the default store)."""
     typo = tmp_path / "user.json"
     server = ServerProcess(server_args(typo, tmp_path / "data"))
     _, errors = server.stop()
-    assert f"WARNING there are no accounts in {typo}: add one with 'server.py adduser NAME'" in errors
+    assert f"WARNING there are no accounts in {typo}: add one with 'server.py adduser NAME --users {typo}'" in errors
 
 
 def test_a_port_in_use_is_named(tmp_path, users):
