@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import sqlite3
+import stat
 import threading
 import time
 from collections import deque
@@ -224,14 +226,14 @@ def _open_database(path: Path) -> sqlite3.Connection:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
     except FileExistsError:
-        pass
+        _make_private(path)
     except OSError as exc:
         raise StoreError(f"{path}: {exc.strerror or exc}") from exc
     try:
         # Made here, used only by the writer thread from its start on, closed after it is joined.
         connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
-        raise StoreError(f"{path}: {exc}") from exc
+        raise StoreError(_problem_with(path, exc)) from exc
     try:
         # Checks come before the first write (the WAL switch writes the header): a refused file stays as it was.
         problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
@@ -250,13 +252,54 @@ def _open_database(path: Path) -> sqlite3.Connection:
                     connection.execute(statement)
                 # A pragma takes no bound parameters; target is our own integer.
                 connection.execute(f"PRAGMA user_version = {target:d}")
+        # A file the server may read but not write (a backup restored by root) would start, and then
+        # refuse every line and every login: said now, in one line.
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('write_check', x'00')")
+        finally:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
     except sqlite3.Error as exc:
         connection.close()
-        raise StoreError(f"{path}: {exc}") from exc
+        if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc):
+            raise StoreError(f"{path}: the server cannot write it ({exc}): make it the server's user's own") from exc
+        raise StoreError(_problem_with(path, exc)) from exc
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+#: Below this much free space on its disk, a database that cannot be opened is said to be on a full disk.
+FULL_DISK_BYTES = 1024 * 1024
+
+
+def _problem_with(path: Path, exc: sqlite3.Error) -> str:
+    """What went wrong with the database at ``path``, and that its disk is full where it is: SQLite says
+    "disk I/O error" when it cannot make its -wal and -shm files, which sends one looking for a broken disk."""
+    said = f"{path}: {exc}"
+    try:
+        if shutil.disk_usage(path.parent).free < FULL_DISK_BYTES:
+            said += " (the disk it is on is full)"
+    except OSError:
+        pass
+    return said
+
+
+def _make_private(path: Path) -> None:
+    """Make the database and its -wal and -shm files readable by their owner only, saying so: a backup
+    restored with an operator's umask (0644) would show room names, who wrote to whom, and ban reasons."""
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(part.stat().st_mode)
+            if mode & 0o077:
+                part.chmod(mode & 0o700)
+                log.warning("%s was readable by other users (mode %s); it is now private", part, oct(mode))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"{part}: cannot make it private: {exc.strerror or exc}") from exc
 
 
 class ChatStore:
@@ -332,7 +375,7 @@ class ChatStore:
             self._write_connection.close()
             while not self._read_pool.empty():
                 self._read_pool.get_nowait().close()
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise StoreError(_problem_with(self.path, exc)) from exc
         self._check_key()
         self._next_age_trim = self._clock()  # owned by the writer once it starts
         self._trim_by_age_at_start()

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import sqlite3
+import stat
 import subprocess
 import threading
 import time
@@ -658,3 +662,159 @@ def test_a_change_found_already_made_waits_for_that_change_to_be_saved(memory_ba
     store._run_on_writer(writable)
     backend.set_state("#r", "ban:erin", "0")
     assert store.load_state()["#r"] == {"ban:erin": "0"}
+
+
+def backup_like_the_readme(data_dir: Path, copy: Path) -> None:
+    """`sqlite3 history.sqlite3 ".backup copy.sqlite3"`, as an operator's shell makes the copy (umask 022)."""
+    old = os.umask(0o022)
+    try:
+        source = sqlite3.connect(data_dir / "history.sqlite3")
+        target = sqlite3.connect(copy)
+        with target:
+            source.backup(target)
+        source.close()
+        target.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_history_database_restored_from_the_readmes_backup_is_made_private(tmp_path, users_file):
+    """README, Backups: "while it runs with `sqlite3 history.sqlite3 ".backup copy.sqlite3"` beside a copy
+    of the other files". The sqlite3 shell writes the copy with the operator's umask: 0644. Restored
+    (`cp -p copy.sqlite3 /srv/chat/history.sqlite3`, the other files copied as they are), the server
+    starts without a word and keeps it, and the -wal and -shm it makes beside it, readable by every user
+    of the machine: room names and topics, who wrote privately to whom and when, ban reasons, ignore
+    lists are in clear there (README, Security model). users.json in the same state is "made private
+    (0600) with a warning". Should: the same for history.sqlite3 (or a refusal naming it).
+    """
+    data = tmp_path / "data"
+    first = ServerProcess(["--port", "0", "--users", str(users_file), "--data-dir", str(data)])
+    alice = log_in(first, "alice", tmp_path)
+    alice.say("a line to back up")
+    alice.close()
+    copy = tmp_path / "copy.sqlite3"
+    backup_like_the_readme(data, copy)
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o644
+    first.stop()
+
+    restored = tmp_path / "restored"
+    restored.mkdir()  # as `mkdir` makes it: 0755
+    for name in ("server_key.pem", "token_secret", "history_key"):
+        shutil.copy2(data / name, restored / name)
+    shutil.copy2(copy, restored / "history.sqlite3")
+    second = ServerProcess(["--port", "0", "--users", str(users_file), "--data-dir", str(restored)])
+    try:
+        exposed = {
+            path.name: oct(stat.S_IMODE(path.stat().st_mode))
+            for path in restored.iterdir()
+            if path.name.startswith("history.sqlite3") and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+        }
+    finally:
+        second.stop()
+    assert not exposed, f"the server serves from history files others can read: {exposed}"
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """``path`` as the server's user cannot write it (a file root restored, root-owned, 0644).
+
+    Root writes any file whatever its mode, so as root the file is bind-mounted read-only on itself.
+    """
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        return
+    mounted = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.strip()}")
+    try:
+        again = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
+        if again.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {again.stderr.strip()}")
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_history_database_the_server_cannot_write_stops_it_at_start(tmp_path, users_file):
+    """The README's live backup run as root (`sqlite3 history.sqlite3 ".backup copy.sqlite3"`), restored
+    as root (`cp copy.sqlite3 /var/lib/securechat/history.sqlite3`), leaves a history database the
+    `securechat` user can read but not write. The server starts anyway: "Listening on ...", one
+        ERROR .../history.sqlite3: could not delete old history: attempt to write a readonly database
+    (which speaks of old history), and from then on every login is refused ("the server could not save
+    it (attempt to write a readonly database); try again in a moment"), or, where one gets in, every
+    line, /join of a new room, topic, ban... is refused with "not sent: the server could not save it",
+    while systemd shows the service as running. A damaged database or a wrong history_key stop the server
+    at start in one line. Should: the same here: exit status 1 and one line naming the file and that the
+    server cannot write it (a fix such as `chown`), before it listens.
+    """
+    data = tmp_path / "data"
+    first = ServerProcess(["--port", "0", "--users", str(users_file), "--data-dir", str(data)])
+    first.stop()
+    history = data / "history.sqlite3"
+    for leftover in ("history.sqlite3-wal", "history.sqlite3-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (data / leftover).unlink()
+    with unwritable(history):
+        try:
+            process = ServerProcess(["--port", "0", "--users", str(users_file), "--data-dir", str(data)])
+        except RuntimeError as exc:  # it refused to start: what the operator should see
+            message = str(exc)
+            assert "Traceback" not in message and str(history) in message, message
+            return
+        answer: object = None
+        try:
+            try:
+                alice = log_in(process, "alice", tmp_path)
+            except LoginRefused as exc:  # what the users see: "... try again in a moment", forever
+                answer = exc
+            else:
+                try:
+                    ref = alice.say("can anyone hear me?")
+                    deadline = time.monotonic() + TIMEOUT
+                    while time.monotonic() < deadline and answer is None:
+                        event = alice.next_event(timeout=deadline - time.monotonic())
+                        if isinstance(event, ErrorReply | Chat) and getattr(event, "ref", "") == ref:
+                            answer = event
+                finally:
+                    alice.close()
+        finally:
+            _, stderr = process.stop()
+    pytest.fail(f"the server started on a history database it cannot write; a user got {answer!r}; it logged: {stderr}")
+
+
+# --------------------------------------------------------------------------- 5. a full disk
+
+
+def test_a_start_on_a_full_disk_says_the_disk_is_full(tiny_disk, tmp_path, users_file):
+    """README, Durability: on a full disk the server refuses each line "(database or disk is full)" and
+    goes on serving. But a restart while the disk is full (systemd's Restart=on-failure after a crash, a
+    reboot, `systemctl restart chat`) ends with
+        ERROR .../revoked_sessions: cannot save revoked sessions: No space left on device
+        error: .../history.sqlite3: disk I/O error
+    exit 1, restarted every 2 s until systemd gives up: "disk I/O error" sends the operator to look for a
+    failing disk, not for space. Should: start and serve as a running server does on a full disk, or
+    refuse in one line that says the disk (or database) is full.
+    """
+    data = tiny_disk / "data"
+    args = ["--port", "0", "--users", str(users_file), "--data-dir", str(data)]
+    first = ServerProcess(args)
+    alice = log_in(first, "alice", tmp_path)
+    alice.say("before the disk filled up")
+    alice.close()
+    first.stop()
+    filler = fill(tiny_disk)
+    try:
+        try:
+            second = ServerProcess(args)
+        except RuntimeError as exc:
+            errors = [line for line in str(exc).splitlines() if "error:" in line]
+            assert errors, str(exc)
+            said = errors[-1].replace(str(tmp_path), "TMP")  # (the test's own folder is named "...full_disk...")
+            assert re.search(r"full|no space", said, re.IGNORECASE), (
+                f"refused with {errors[-1]!r}, which does not say the disk is full"
+            )
+            return
+        second.stop()  # it started on the full disk: what a running server does too
+    finally:
+        filler.unlink()
