@@ -441,6 +441,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
         kind = option_type(spec)
         shown = f"{key} = {toml_value(value)}" if isinstance(value, bool | int | float | str) else key
+        if spec.name == "workers" and type(value) is int:
+            value = str(value)  # `--workers 2` is `workers = 2`, as every other number is; "auto" is text
         if not takes(kind, value):
             raise ConfigFileError(f"{path}: {shown}: expected {EXPECTED[kind]}, not {toml_type_name(value)}")
         if kind is float:

@@ -87,6 +87,14 @@ def test_an_integer_will_do_for_a_number_and_is_read_as_one(tmp_path):
     assert all(isinstance(value, float) for value in values.values())
 
 
+def test_workers_is_written_as_on_the_command_line_a_number_or_auto(tmp_path):
+    # `--workers 2` is `workers = 2`; the file refused it: "expected a string, not an integer".
+    assert read_config_file(write(tmp_path / "chat.toml", "workers = 2\n")) == {"workers": "2"}
+    assert read_config_file(write(tmp_path / "auto.toml", 'workers = "auto"\n')) == {"workers": "auto"}
+    with pytest.raises(ConfigFileError, match="workers = 0: must be auto"):
+        read_config_file(write(tmp_path / "zero.toml", "workers = 0\n"))
+
+
 def test_relative_paths_are_taken_from_the_files_folder(tmp_path, monkeypatch):
     config = write(tmp_path / "etc" / "chat.toml", 'users = "accounts.json"\ndata-dir = "../var/data"\n')
     monkeypatch.chdir(tmp_path)  # not the file's folder
