@@ -277,13 +277,16 @@ class ChatHub:
         self.revoke_session = revoke_session
         #: Each account's line budget shared with the other server processes (None: counted here).
         self.flood_budget = flood_budget
-        # Guards _ignores, _ignorers and _away_replies.
+        # Guards _ignores, _ignorers, _away_replies and _away.
         self.personal_lock = threading.Lock()
         #: account with sessions here -> whom it ignores; and the reverse, for delivery.
         self._ignores: dict[str, frozenset[str]] = {}
         self._ignorers: dict[str, set[str]] = {}
         #: (away account, sender) -> when the sender was last told the account is away.
         self._away_replies: dict[tuple[str, str], float] = {}
+        #: Accounts online whose every device is away, as this process last heard: what the roster a
+        #: session gets on entering a room marks (/who reads the sessions themselves).
+        self._away: set[str] = set()
         self.sessions_lock = threading.Lock()
         #: account -> session id -> the session, for the sessions of this process.
         self._local: dict[str, dict[str, Session]] = {}
@@ -345,9 +348,30 @@ class ChatHub:
         """A process changed ``account`` (its record, what it ignores, its rooms): drop the copy of its
         record kept here and, if its sessions are here, reload what it ignores and follow its rooms."""
         self.accounts.forget(account)
+        self._note_away(account, tell=False)
         if self.local_sessions(account):
             self._load_ignores(account)
             self._follow_rooms(account)
+
+    def _note_away(self, account: str, *, tell: bool = True) -> None:
+        """Read again whether ``account`` is away (online, every device of it away); if that changed
+        here and ``tell``, the other processes are told to read it again too."""
+        try:
+            devices = self.backend.sessions(account)
+        except BackendUnavailable:
+            return
+        away = bool(devices) and all(device.away is not None for device in devices)
+        with self.personal_lock:
+            changed = away != (account in self._away)
+            if away:
+                self._away.add(account)
+            else:
+                self._away.discard(account)
+        if changed and tell and self.backend.shared:
+            try:
+                self.backend.account_changed(account)
+            except BackendUnavailable:
+                pass  # the others' rosters on entering a room may mark it wrongly; /who reads it afresh
 
     def _follow_rooms(self, account: str) -> None:
         """Put the account's sessions here in the rooms it is in, and out of those it left: a /join or
@@ -451,6 +475,7 @@ class ChatHub:
                 "list them with /sessions and end one with /logout ID",
             ) from None
         self._load_ignores(member.name, self._claim_name(member.name))
+        self._note_away(member.name)  # a device that comes is not away: nor is its account any more
         rooms = [self.config.default_room]
         rooms += [room for room in self.backend.memberships(member.name) if room != self.config.default_room]
         return rooms, devices
@@ -650,6 +675,7 @@ class ChatHub:
                 self.backend.set_state(f"@{member.name}", "last_seen", f"{time.time():.3f}")
         except BackendUnavailable:
             pass  # a shared backend forgets the session by itself (its presence expires)
+        self._note_away(member.name)  # the devices left may all be away, or none be left
         if not self.local_sessions(member.name):
             self._set_ignores(member.name, frozenset())  # nothing to filter for it here any more
             with self.personal_lock:
@@ -836,8 +862,11 @@ class ChatHub:
                     requested=requested,
                 )
             ]
+            with self.personal_lock:  # (taken inside the room's lock, never the other way round)
+                away = self._away.intersection(roster)
             for page in paginate(roster, devices):
-                entry.append(Roster(members=page[0], devices=page[1], room=room, more=page[2]))
+                page_away = [name for name in page[0] if name in away]
+                entry.append(Roster(members=page[0], devices=page[1], room=room, more=page[2], away=page_away))
             if since > 0:
                 newest = missed[-1].id if missed else since
                 lines = missed + [event for event in recent if event.id > newest]
@@ -1504,6 +1533,7 @@ class ChatHub:
                 member.deliver(Notice(event="info", text="you were not away"))
                 return
         self.backend.update_session(member.name, member.session_id, away=shown)
+        self._note_away(member.name)
         member.deliver(Notice(event="info", text=f"you are marked away: {shown}" if shown else "you are back"))
 
     def whois(self, member: Member, name: str) -> None:

@@ -1433,6 +1433,18 @@ def test_ctrl_c_on_a_running_script_is_not_reported_as_success(chat_server, batc
     assert "error: interrupted" in alice.stderr.lines, alice.stderr.lines
 
 
+def test_the_roster_shown_on_entering_a_room_marks_who_is_away_as_who_does(chat_server, chat_in_terminal, join):
+    # It said "*** in #lobby (2): alice, bob" on entering, and "alice (away), bob" a moment later on /who.
+    alice = join("alice", chat_server)
+    alice.command("away", "lunch")
+    wait_for(alice, lambda event: "you are marked away" in getattr(event, "text", ""))
+    bob = chat_in_terminal("bob", chat_server)
+    bob.type("/who\r")
+    bob.wait_until(lambda terminal: terminal.text.count("*** in #lobby (2)") == 2, TIMEOUT, "/who answered")
+    on_entering, on_who = [line for line in bob.lines if line.startswith("*** in #lobby (2)")]
+    assert on_entering == on_who == "*** in #lobby (2): alice (away), bob", bob.text
+
+
 def test_batch_prints_a_multi_line_message_as_one_record(chat_server, join, tmp_path):
     bob = join("bob", chat_server)
     bob.say("top\nmiddle\n\x1b[2Jbottom")

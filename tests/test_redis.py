@@ -634,6 +634,31 @@ def test_an_away_account_answers_a_sender_once_an_hour_whichever_node_each_line_
     assert not [event for event in seen if isinstance(event, Notice) and "is away" in event.text]
 
 
+def test_the_roster_on_entering_a_room_marks_an_account_away_on_another_node(cluster, tmp_path):
+    first, second = two_nodes(cluster, tmp_path)
+    alice = cluster.log_in("alice", first)
+    alice.command("away", "lunch")
+    wait_for(alice, lambda event: isinstance(event, Notice) and "you are marked away" in event.text)
+
+    def roster_on_entering(name: str) -> Roster:
+        client = cluster.log_in(name, second)
+        try:
+            return wait_for(client, lambda event: isinstance(event, Roster) and event.room == "#lobby")
+        finally:
+            client.close()
+
+    deadline = time.monotonic() + TIMEOUT  # node 2 hears of it through Redis
+    while (roster := roster_on_entering("bob")).away != ["alice"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert roster.away == ["alice"], roster
+    alice.command("back")
+    wait_for(alice, lambda event: isinstance(event, Notice) and event.text == "you are back")
+    deadline = time.monotonic() + TIMEOUT
+    while (roster := roster_on_entering("carol")).away and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert roster.away == [], roster
+
+
 def test_a_refused_login_by_an_unknown_name_does_not_read_every_account_from_redis(tmp_path, users_file, redis_server):
     """A name not spelled as stored is looked up in any case, before any throttle: with accounts in Redis
     that read every account (HGETALL) at each login by a name that is no account, a guesser's included."""
