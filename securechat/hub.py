@@ -378,18 +378,22 @@ class ChatHub:
         /part on another process's device is one on every device, as on one process. Not the default
         room, which every session enters at login whatever the account's rooms say."""
         for session in self.local_sessions(account):
-            # Its rooms before the account's: a room left since shows in neither, a room joined
-            # since in the account's (entered already, or now).
-            with self.sessions_lock:
-                current = set(self._session_rooms.get(session.session_id, ())) - {self.config.default_room}
-            wanted = set(self.backend.memberships(account)) - {self.config.default_room}
-            for room in sorted(wanted - current):
-                try:
-                    self._enter(session, room, requested=False)
-                except (HubError, BackendUnavailable) as exc:
-                    log.info("user=%s could not follow into %s here: %s", account, room, exc)
-            for room in sorted(current - wanted):
-                self._remove_session_from_room(session, room, "")
+            self._follow_rooms_of(session)
+
+    def _follow_rooms_of(self, session: Session) -> None:
+        account = session.name
+        # Its rooms before the account's: a room left since shows in neither, a room joined
+        # since in the account's (entered already, or now).
+        with self.sessions_lock:
+            current = set(self._session_rooms.get(session.session_id, ())) - {self.config.default_room}
+        wanted = set(self.backend.memberships(account)) - {self.config.default_room}
+        for room in sorted(wanted - current):
+            try:
+                self._enter(session, room, requested=False)
+            except (HubError, BackendUnavailable) as exc:
+                log.info("user=%s could not follow into %s here: %s", account, room, exc)
+        for room in sorted(current - wanted):
+            self._remove_session_from_room(session, room, "")
 
     def on_account_notice(self, account: str, notice: Notice) -> None:
         for session in self.local_sessions(account):
@@ -583,6 +587,9 @@ class ChatHub:
         missed: list[Chat] = []
         try:
             self._enter_all(member, rooms, since, seen or {}, resumed)
+            # A /join or /part on another device between reading the account's rooms and now (it was
+            # not yet among the account's sessions here for it): followed now.
+            self._follow_rooms_of(member)
             missed = self._privates_missed(member.name, since, offline_since)
         finally:
             with self.sessions_lock:
@@ -792,6 +799,9 @@ class ChatHub:
         for session in self.local_sessions(member.name):
             if not self._in_room(session, room):
                 self._enter(session, room, requested=session is member, created=created)
+        if room not in self.backend.memberships(member.name):
+            # Taken out (a kick, a /part elsewhere) between its membership and its entry: as the room says.
+            self._remove_from_room(member.name, room, "taken out as you came in")
         self._tell_devices_elsewhere(member.name)
 
     def _tell_devices_elsewhere(self, account: str) -> None:
@@ -850,6 +860,7 @@ class ChatHub:
 
         def welcome(roster: list[str], devices: list[int], recent: list[RoomEvent], news: list[Notice]) -> None:
             roster, devices = _merged(roster, devices, elsewhere)
+            assert local is not None  # called by local.join
             # The room's whole entry is one queued item: a login entering 50 rooms queues 50, not
             # thousands (the queue's bound is counted in items), and the send worker packs them
             # into as few frames as fit. Nothing is encoded here, under the room's lock.
@@ -896,18 +907,19 @@ class ChatHub:
             entry.extend(notice for notice in last.values() if (notice.event == "joined") != (notice.name in roster))
             member.deliver(Batch(messages=entry))
 
-        local = self._room_to_enter(room)
-        listed = registered = entered = False
+        with self.sessions_lock:
+            rooms = self._session_rooms.get(member.session_id)
+            if rooms is None or room in rooms:
+                return  # the session ended; or it is entering the room on another thread (a login's, a /join's)
+            # Listed first, as the entry's claim: one thread enters it, and a kick or /part from now on
+            # takes it out (then found below, once it is in, and undone).
+            rooms.append(room)
+        local: Room | None = None
+        registered = entered = welcomed = False
         try:
+            local = self._room_to_enter(room)
             local.expect(member)
             elsewhere = self.backend.members_elsewhere(room)
-            with self.sessions_lock:
-                rooms = self._session_rooms.get(member.session_id)
-                if rooms is None:  # the session ended meanwhile
-                    return
-                if room not in rooms:
-                    rooms.append(room)
-                    listed = True
             registered = True
             self.backend.enter_room(room, member.name, member.session_id)
             while True:
@@ -918,30 +930,33 @@ class ChatHub:
                     local = self._room_to_enter(room)
                     local.expect(member)
                     elsewhere = self.backend.members_elsewhere(room)
-            # Still listed: else it ended, or was taken out, as it came in (another device's /join
-            # enters it from that device's thread).
+            welcomed = True
+            # Still listed: else it ended, or was taken out (a kick, a /part) as it came in.
             entered = self._in_room(member, room)
             if not entered:
                 return
         finally:
             if not entered:  # it never got in (the broker failed, the session ended): undo, drop an empty room
-                self._undo_entry(member, room, local, listed=listed, registered=registered)
+                self._undo_entry(member, room, local, registered=registered)
+                if welcomed:  # it was told it left before its welcome came: told again, after it
+                    member.deliver(RoomMessage(room=room, joined=False, reason="taken out as you came in"))
         if first and member.name not in elsewhere:
             self.backend.announce(room, Notice(event="joined", name=member.name, room=room))
         ban = self.room_state(room).ban_of(member.name)
         if ban is not None:  # banned while it entered: a ban's removal may have run before it was in
             self._remove_from_room(member.name, room, f"banned {_until(ban.until)}")
 
-    def _undo_entry(self, member: Member, room: str, local: Room, *, listed: bool, registered: bool) -> None:
-        local.leave(member, quiet=True)  # if it got in before what failed (nothing if not)
-        if listed:
-            with self.sessions_lock:
-                rooms = self._session_rooms.get(member.session_id)
-                if rooms is not None and room in rooms:
-                    rooms.remove(room)
+    def _undo_entry(self, member: Member, room: str, local: Room | None, *, registered: bool) -> None:
+        if local is not None:
+            local.leave(member, quiet=True)  # if it got in before what failed (nothing if not)
+        with self.sessions_lock:  # its claim (see _enter), unless a kick or /part took it already
+            rooms = self._session_rooms.get(member.session_id)
+            if rooms is not None and room in rooms:
+                rooms.remove(room)
         if registered:  # else its presence would be refreshed in the room's roster for ever
             self.backend.leave_room(room, member.name, member.session_id)
-        self._retire_if_empty(room, local)
+        if local is not None:
+            self._retire_if_empty(room, local)
 
     def part(self, member: Member, room_name: str, reason: str = "") -> None:
         """/part: leave a room on every device of the account; it is no longer rejoined at login."""
@@ -1315,6 +1330,11 @@ class ChatHub:
         if demoting and ROLE_RANK[current] >= rank and rank < ROLE_RANK["admin"] and target != member.name:
             raise HubError("not_allowed", f"{target} is {_a(current)} {current} of {room}: you cannot demote them")
         self.backend.set_state(room, role_key(target), None if role == "member" else role)
+        if current == "owner" and not RoomState.parse(self.backend.state(room)).owners():  # (no creator's fallback)
+            # Another owner stepped down at the same moment, each seeing the other stay: the room keeps
+            # this one (both, if both looked after both had written).
+            self.backend.set_state(room, role_key(target), "owner")
+            raise HubError("last_owner", f"{target} is the last owner of {room}: make another owner first")
         what = _role_change(target, role, current, by_themselves=target == member.name)
         action = role if role != "member" else "de" + current
         self._moderation_notice(member, room, action, target, f"{member.name} {what}")
@@ -1386,10 +1406,14 @@ class ChatHub:
         if not self._account_in_room(target, room):
             raise HubError("not_in_room", f"{target} is not in {room}")
         self._check_outranks(member, rank, target, room, state)
-        self.backend.remove_membership(target, room)
         reason = self._own_words(member.name, room, _clean(reason, MAX_REASON_CHARS))
         text = f"{member.name} kicked {target}{_reason(reason)}"
-        self._notice_of_removal(member, room, "kick", target, text, done=f"{target} is out of {room}")
+        try:
+            self._notice_of_removal(member, room, "kick", target, text, done=f"{target} is out of {room}")
+        finally:
+            # After the notice: its devices elsewhere, which follow the account's rooms, are taken out
+            # by the notice, with its reason, not first by the change of rooms with none.
+            self.backend.remove_membership(target, room)
 
     def ban(self, member: Member, room: str, name: str, rest: str) -> None:
         rank = self.require_role(member, room, "ban", "op")
@@ -1401,9 +1425,11 @@ class ChatHub:
         until = time.time() + seconds if seconds else 0.0
         self.backend.set_state(room, ban_key(target), Restriction(until, reason, member.name).value())
         self.backend.set_state(room, invite_key(target), None)
-        self.backend.remove_membership(target, room)
         text = f"{member.name} banned {target} {_for(seconds)}{_reason(reason)}"
-        self._notice_of_removal(member, room, "ban", target, text, done=f"{target} is banned from {room}")
+        try:
+            self._notice_of_removal(member, room, "ban", target, text, done=f"{target} is banned from {room}")
+        finally:
+            self.backend.remove_membership(target, room)  # after the notice, as a kick's
 
     def unban(self, member: Member, room: str, name: str) -> None:
         self.require_role(member, room, "unban", "op")

@@ -24,7 +24,10 @@ from conftest import (
 from test_redis import Cluster, Session, client_of, entered, hub_on, said, server_command, two_nodes
 
 from securechat.client import Disconnected
+from securechat.hub import ChatHub
 from securechat.protocol import Chat, Notice, Roster
+from securechat.protocol import Room as RoomMessage
+from securechat.redis_backend import RedisBackend
 
 
 @pytest.fixture
@@ -791,16 +794,17 @@ def test_an_address_with_no_connection_left_leaves_no_key_in_redis_for_a_week(cl
     node = cluster.node(tmp_path / "node")
     key = _connections_key(tmp_path / "node", "127.0.0.9")
     with redis.Redis.from_url(redis_server.url) as store:
+
+        def held() -> int:
+            return sum(int(value.split()[-1]) for value in store.hvals(key))
+
         for _ in range(3):
             probe = socket.create_connection(("127.0.0.1", node.port), source_address=("127.0.0.9", 0))
-            wait_until(lambda: store.exists(key))  # counted as it starts, before any handshake
+            wait_until(lambda: held() == 1)  # counted as it starts, before any handshake
             probe.close()
-
-        def nothing_held() -> bool:
-            counts = [int(value.split()[-1]) for value in store.hvals(key)]
-            return all(count == 0 for count in counts)
-
-        wait_until(nothing_held)
+            # Each close counted before the next probe: the counts are written as they come, and a
+            # 0 read between one probe's close and the next one's open is not the end.
+            wait_until(lambda: held() == 0)
         ttl = store.ttl(key)
         assert ttl < 600, f"{key} holds {store.hgetall(key)} and lives {ttl} s more"
 
@@ -1026,3 +1030,152 @@ def test_a_server_ban_made_on_another_node_gives_up_the_sessions_tokens(cluster,
     with pytest.raises(LoginRefused) as refused:
         bob.resume()
     assert refused.value.code == "token_revoked", refused.value
+
+
+class DeviceSession:
+    """A logged-in session as the hub sees it, keeping what it is handed, with a session id of its own."""
+
+    def __init__(self, name: str, session_id: str = "") -> None:
+        self.name = name
+        self.session_id = session_id or f"session-{name}"
+        self.received: list[object] = []
+
+    def deliver(self, message: object) -> None:
+        self.received.append(message)
+
+    def end(self, reason: str) -> None:
+        pass
+
+    def entries(self, room: str) -> list[RoomMessage]:
+        return [m for m in _flat(list(self.received)) if isinstance(m, RoomMessage) and m.room == room and m.joined]
+
+    def exits(self, room: str) -> list[RoomMessage]:
+        return [m for m in _flat(list(self.received)) if isinstance(m, RoomMessage) and m.room == room and not m.joined]
+
+
+def _flat(messages: list[object]) -> list[object]:
+    out: list[object] = []
+    for message in messages:
+        inner = getattr(message, "messages", None)
+        out.extend(_flat(inner) if isinstance(inner, list) else [message])
+    return out
+
+
+class HeldRedisBackend(RedisBackend):
+    """The Redis backend, where the test can hold one call on one thread until it lets it go on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold_members_elsewhere_of: str = ""  # a room: the next members_elsewhere of it is held
+        self.hold_room_events_of: str = ""  # a room: its events read from Redis wait for the release
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def members_elsewhere(self, room: str) -> dict[str, int]:
+        if room == self.hold_members_elsewhere_of:
+            self.hold_members_elsewhere_of = ""
+            self.inside.set()
+            assert self.release.wait(TIMEOUT)
+        return super().members_elsewhere(room)
+
+    def _deliver_room(self, room, entries) -> None:
+        if room == self.hold_room_events_of:
+            self.inside.set()
+            # Held on the reader thread: the control stream is read by another thread here (see
+            # the test), as it would be in the same read on a node whose reader got there first.
+            assert self.release.wait(TIMEOUT)
+        super()._deliver_room(room, entries)
+
+
+def test_a_login_entering_its_rooms_while_its_account_changes_elsewhere_enters_each_room_once(redis_server):
+    """A device logs in and enters its rooms while the account changes on another node (its other
+    device's /ignore, /join or /part there): the Redis reader's _follow_rooms finds the room not yet
+    listed for the new session (the login's _enter lists it only after its backend reads) and enters
+    it too. Both pass _enter's "already in it" check, so the session gets the room's whole entry
+    twice (joined, roster, recent lines: shown twice), and a resumed device's catch-up is raced by
+    a plain entry. Each room must be entered once."""
+    backend = HeldRedisBackend(redis_server.url, b"k" * 32)
+    other = RedisBackend(redis_server.url, b"k" * 32)  # another node
+    hub = ChatHub(backend)
+    try:
+        phone = DeviceSession("alice", "phone")
+        rooms, _ = hub.open_session(phone, "phone", "127.0.0.1")
+        hub.enter_rooms(phone, rooms)
+        hub.join(phone, "#r")
+        laptop = DeviceSession("alice", "laptop")
+        rooms, _ = hub.open_session(laptop, "laptop", "127.0.0.1")
+        assert "#r" in rooms
+        backend.hold_members_elsewhere_of = "#r"
+        login = threading.Thread(target=hub.enter_rooms, args=(laptop, rooms))
+        login.start()
+        assert backend.inside.wait(TIMEOUT)  # the login is entering #r, not listed in it yet
+        other.account_changed("alice")  # say, alice's device on the other node changed her ignore list
+        deadline = time.monotonic() + 2.0  # _follow_rooms runs on this node's reader thread
+        while time.monotonic() < deadline and not laptop.entries("#r"):
+            time.sleep(0.01)
+        backend.release.set()
+        login.join(TIMEOUT)
+        assert not login.is_alive()
+        time.sleep(0.3)  # anything the reader still had to do
+        assert len(laptop.entries("#r")) == 1, f"#r entered {len(laptop.entries('#r'))} times"
+    finally:
+        backend.release.set()
+        other.close()
+        hub.close()
+
+
+class KickHeldRedisBackend(RedisBackend):
+    """The Redis backend, where the next kick notice waits to be published until the test lets it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def publish_room(self, room, message, *args, **kwargs):
+        if isinstance(message, Notice) and message.event == "moderation" and message.action == "kick":
+            self.inside.set()
+            assert self.release.wait(TIMEOUT)
+        return super().publish_room(room, message, *args, **kwargs)
+
+
+def test_a_kicked_device_on_another_node_is_told_it_was_kicked_and_why(redis_server):
+    """bob (owner of #r) on node A kicks alice, whose session is on node B. The kick takes #r from
+    alice's memberships, then publishes its notice. If an account change of alice's (her device
+    elsewhere /ignores someone, /joins another room) reaches node B in between, _follow_rooms sees
+    #r gone from her memberships and takes her session out with no reason, as if she had parted;
+    the kick notice then finds her out already: she is never told she was kicked, nor why (and the
+    room on other nodes hears a plain "left"). She must be taken out by the kick, with its reason."""
+    node_a = KickHeldRedisBackend(redis_server.url, b"k" * 32)
+    node_b = RedisBackend(redis_server.url, b"k" * 32)
+    hub_a, hub_b = ChatHub(node_a), ChatHub(node_b)
+    kicking = None
+    try:
+        bob = DeviceSession("bob")
+        rooms, _ = hub_a.open_session(bob, "bob", "127.0.0.1")
+        hub_a.enter_rooms(bob, rooms)
+        hub_a.join(bob, "#r")  # made by bob: he owns it
+        alice = DeviceSession("alice")
+        rooms, _ = hub_b.open_session(alice, "alice", "127.0.0.1")
+        hub_b.enter_rooms(alice, rooms)
+        hub_b.join(alice, "#r")
+        wait_until(lambda: alice.entries("#r"))
+        kicking = threading.Thread(target=hub_a.kick, args=(bob, "#r", "alice", "spamming links"))
+        kicking.start()
+        assert node_a.inside.wait(TIMEOUT)  # her membership is gone; the notice is on its way
+        node_a.account_changed("alice")  # her other device's /ignore, as hub.ignore tells it
+        deadline = time.monotonic() + 2.0  # node B's reader handles it
+        while time.monotonic() < deadline and not alice.exits("#r"):
+            time.sleep(0.01)
+        node_a.release.set()
+        kicking.join(TIMEOUT)
+        wait_until(lambda: alice.exits("#r"))
+        time.sleep(0.5)  # node B reads the kick notice
+        reasons = [m.reason for m in alice.exits("#r")]
+        assert any("spamming links" in reason for reason in reasons), f"taken out with reasons {reasons!r}"
+    finally:
+        node_a.release.set()
+        if kicking is not None:
+            kicking.join(TIMEOUT)
+        hub_a.close()
+        hub_b.close()
