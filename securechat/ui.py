@@ -55,7 +55,7 @@ from securechat.client import (
     default_known_hosts_path,
 )
 from securechat.commands import COMMAND_TABLE, COMMANDS_BY_NAME, CommandSpec
-from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, normalize_room, sanitize_text
+from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, ZERO_WIDTH_JOINER, normalize_room, sanitize_text
 
 # --------------------------------------------------------------------------- formatting
 
@@ -160,6 +160,9 @@ def _without_empty_runs(text: str) -> str:
     return "\n".join(shown)  # a run of empty lines at the end is dropped: nothing follows it
 
 
+#: A skin tone after an emoji: part of its picture.
+_EMOJI_MODIFIER = re.compile("[\U0001f3fb-\U0001f3ff]").fullmatch
+
 #: The escape codes this module adds (colours, bold, reverse video): they take no room on a row.
 _OWN_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -179,11 +182,14 @@ def fold(line: str, columns: int, indent: str) -> str:
     rows: list[str] = []
     used = 0
     position = 0
+    previous = ""
     for escape in [*_OWN_ESCAPE.finditer(line), None]:
         end = escape.start() if escape is not None else len(line)
         for character in line[position:end]:
             if character == "\n":
                 used = 0
+            elif previous == ZERO_WIDTH_JOINER or character == ZERO_WIDTH_JOINER or _EMOJI_MODIFIER(character):
+                pass  # part of the picture before it (a family, a skin tone): drawn with it, never cut from it
             else:
                 width = get_cwidth(character)
                 if used + width > columns:
@@ -191,6 +197,7 @@ def fold(line: str, columns: int, indent: str) -> str:
                     used = len(indent)
                 used += width
             rows.append(character)
+            previous = character
         if escape is not None:
             rows.append(escape.group())
             position = escape.end()
@@ -281,6 +288,8 @@ def format_event(
         where = event.room or "private messages"
         missing = f"; {event.missing} more were missed and are no longer kept" if event.missing else ""
         if not event.count:
+            if event.more and event.room:  # every line of the page was someone's you ignore
+                return style.system(f"*** no lines to show in this page of {where} (/history for earlier ones)"), False
             return style.system(f"*** no earlier lines kept in {where}{missing}"), False
         older = " (/history for earlier ones)" if event.more and event.room else ""
         counted = "1 line" if event.count == 1 else f"{event.count} lines"
@@ -464,8 +473,14 @@ class CommandContext:
             if event.private and event.sender != self.client.username:
                 self.last_private_sender = event.sender
             if event.room and event.id:
-                known = self.oldest_seen.get(event.room)
-                self.oldest_seen[event.room] = event.id if known is None else min(known, event.id)
+                self._seen_back_to(event.room, event.id)
+        elif isinstance(event, History) and event.room and event.oldest_id:
+            # The page's own bound: where lines of someone ignored were left out, none of them shows it.
+            self._seen_back_to(event.room, event.oldest_id)
+
+    def _seen_back_to(self, room: str, message_id: int) -> None:
+        known = self.oldest_seen.get(room)
+        self.oldest_seen[room] = message_id if known is None else min(known, message_id)
 
 
 @dataclass(frozen=True)

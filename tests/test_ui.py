@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import TIMEOUT, is_disconnected, joined, left, wait_for
 
 from securechat import ui
 from securechat.client import LoginRefused
-from securechat.protocol import Chat, Notice, Room, Roster
+from securechat.protocol import Chat, History, Notice, Room, Roster
 
 
 @pytest.fixture
@@ -243,3 +244,72 @@ def test_a_folded_row_never_runs_past_the_edge_whatever_its_characters_weigh():
     folded = ui.fold("\x1b[1mbob\x1b[0m: " + "界" * 10 + "e\u0301" * 10, 12, "    ")
     rows = ui._OWN_ESCAPE.sub("", folded).split("\n")
     assert rows == ["bob: 界界界", "    界界界界", "    界界界" + "e\u0301" * 2, "    " + "e\u0301" * 8]
+
+
+def _read_events(client, context, seconds: float) -> list[object]:
+    events = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        event = client.next_event(timeout=min(left, 0.3))
+        if event is None:
+            if events and isinstance(events[-1], History):
+                break
+            continue
+        context.note(event)
+        events.append(event)
+    return events
+
+
+def test_history_pages_past_a_run_of_lines_from_someone_ignored(make_server, connect):
+    """The server now leaves the ignored out of a /history page but keeps the page's bounds in
+    History.oldest_id; the client pages back from the oldest *Chat* it was shown (oldest_seen), and
+    a page wholly from someone ignored shows none. So /history asks for the same page again, for
+    ever, and says "no earlier lines kept" though more=True: whoever ignores a chatty user can no
+    longer read back past them. /history must reach the earlier lines (and not say none are kept)."""
+    server = make_server(join_history=3)
+    alice = connect("alice", to=server)
+    alice.command("ignore", "carol")
+    time.sleep(0.3)
+    alice.leave()
+    bob, carol = connect("bob", to=server), connect("carol", to=server)
+    bob.say("early words")
+    for n in range(6):
+        carol.say(f"carol's line {n}")
+    time.sleep(0.5)
+    alice = connect("alice", to=server)
+    shown: list[str] = []
+    context = ui.CommandContext(alice, show=shown.append)
+    _read_events(alice, context, 1.5)  # its rooms' entries: carol's recent lines left out
+    texts: list[str] = []
+    said_none_kept = []
+    for _ in range(4):
+        ui.handle_line(context, "/history 3")
+        events = _read_events(alice, context, 3.0)
+        texts += [e.text for e in events if isinstance(e, Chat)]
+        for event in events:
+            if isinstance(event, History) and event.room and event.more:
+                line, _ = ui.format_event(event, context.style, "alice")
+                said_none_kept.append("no earlier lines" in line)
+        if "early words" in texts:
+            break
+    assert "early words" in texts, f"/history never got past carol's lines; it showed {texts!r}"
+    assert not any(said_none_kept), "a page of ignored lines with more before it was shown as 'no earlier lines kept'"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467" * 4,  # family emoji: man ZWJ woman ZWJ girl
+    ],
+    ids=["zwj-sequence"],
+)
+def test_fold_never_cuts_a_row_inside_one_emoji(text):
+    """ui.fold() cuts a line cell by cell, by each code point's own width: an emoji made of several code
+    points (a ZWJ family, a flag's two regional indicators) is cut across rows, its parts shown as
+    separate pictures (or letters) on two rows. A row may end only between whole characters as the
+    terminal draws them (grapheme clusters)."""
+    folded = ui.fold(text, 9, "    ")
+    for row_end in [i for i, ch in enumerate(folded) if ch == "\n"]:
+        before, after = folded[row_end - 1], folded[row_end + 1 + 4]
+        assert before != "\u200d", f"a row ends on a zero-width joiner: {folded!r}"
+        assert unicodedata.category(after) != "Mn" and before != "\u200d", f"an emoji cut in two: {folded!r}"
