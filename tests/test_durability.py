@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    ROOT,
     TIMEOUT,
     ServerProcess,
     chat_with,
@@ -818,3 +820,55 @@ def test_a_start_on_a_full_disk_says_the_disk_is_full(tiny_disk, tmp_path, users
         second.stop()  # it started on the full disk: what a running server does too
     finally:
         filler.unlink()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root, to run the store as another user (setpriv)",
+)
+def test_a_database_the_server_may_write_but_does_not_own_still_opens(request):
+    """_make_private chmods a database readable by others and, if chmod fails, refuses to start. A
+    database the server can read and write but does not own (restored by root with mode 0666, or a
+    group-writable file of a group the server is in) cannot be chmodded by it (EPERM): the server
+    that ran on it yesterday now refuses to start ("cannot make it private: Operation not
+    permitted"). It should open it (saying it is readable by others), as before."""
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="review-today-"))  # pytest's own folders are root's alone (0700)
+    top.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(top, ignore_errors=True))
+    data = top / "data"
+    data.mkdir(mode=0o700)
+    os.chown(data, 65534, 65534)
+    path = data / "history.sqlite3"
+    import sqlite3
+
+    made = sqlite3.connect(path)
+    made.execute("create table leftover (x)")  # any healthy SQLite file: the store makes its tables
+    made.commit()
+    made.close()
+    path.chmod(0o666)  # owned by root, writable by the server's user
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from pathlib import Path; from securechat.history import ChatStore;"
+        "store = ChatStore(Path(sys.argv[2]), b'k' * 32); store.close(); print('opened')"
+    )
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            script,
+            str(ROOT),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "opened" in done.stdout, f"refused: {done.stderr.strip().splitlines()[-1:]}"
