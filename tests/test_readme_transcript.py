@@ -120,11 +120,11 @@ def terminals() -> Iterator[list[Terminal]]:
         terminal.close()
 
 
-def start(terminals: list[Terminal], command: str, *extra: str, env: dict[str, str]) -> Terminal:
-    """The README's ``python program.py ...`` command line, with ``extra`` options, on a terminal."""
+def start(terminals: list[Terminal], command: str, *extra: str, env: dict[str, str], checkout: Path = ROOT) -> Terminal:
+    """The README's ``python program.py ...`` command line, with ``extra`` options, on a terminal, in ``checkout``."""
     program, script, *args = shlex.split(command)
     assert program == "python", command
-    terminal = Terminal([sys.executable, str(ROOT / script), *args, *extra], env=env, rows=ROWS)
+    terminal = Terminal([sys.executable, str(checkout / script), *args, *extra], env=env, cwd=str(checkout), rows=ROWS)
     # Answer the program's cursor-position queries as a real terminal does: the client's bar
     # at the bottom is drawn only where they are answered.
     terminal.screen.write_process_input = lambda answer: terminal.child.send(answer.encode())
@@ -154,7 +154,12 @@ def test_the_readme_session_is_what_the_programs_print(tmp_path: Path, terminals
     server_command, client_command = "python server.py", "python client.py --user alice"
     assert set(transcripts) == {server_command, client_command}, "a README transcript this test does not replay"
 
-    users, data_dir, bob_hosts = tmp_path / "users.json", tmp_path / "data", KnownHosts(tmp_path / "bob_hosts")
+    # A fresh clone's files, where `python server.py` finds users.json beside it and keeps its data there.
+    checkout = tmp_path / "chat"
+    checkout.mkdir()
+    shutil.copyfile(ROOT / "server.py", checkout / "server.py")
+    shutil.copytree(ROOT / "securechat", checkout / "securechat", ignore=shutil.ignore_patterns("__pycache__"))
+    users, data_dir, bob_hosts = checkout / "users.json", checkout / "server-data", KnownHosts(tmp_path / "bob_hosts")
     shutil.copyfile(ROOT / "users.json", users)
     fingerprint = bob_made_dev_earlier(users, data_dir, bob_hosts)  # the session's server keeps this key
     users.chmod(0o644)  # as git leaves it in a fresh clone
@@ -165,9 +170,7 @@ def test_the_readme_session_is_what_the_programs_print(tmp_path: Path, terminals
     }
     env.update(HOME=str(tmp_path / "home"), TERM="xterm-256color")
 
-    server = start(
-        terminals, server_command, "--port", "0", "--users", str(users), "--data-dir", str(data_dir), env=env
-    )
+    server = start(terminals, server_command, "--port", "0", env=env, checkout=checkout)
     server.wait_until(lambda terminal: b"Listening on" in terminal.output, START, "the server to listen")
     listening = re.search(rb"Listening on 127\.0\.0\.1:(\d+)", server.output)
     assert listening
