@@ -12,26 +12,14 @@ from __future__ import annotations
 import threading
 
 from conftest import TIMEOUT, drain, wait_for
+from test_moderation import in_room, moderation
 
 from securechat.client import ChatClient
-from securechat.protocol import ErrorReply, Notice
+from securechat.protocol import ErrorReply
 from securechat.protocol import Room as RoomMessage
 
 #: How long a held moment waits for the other side before it lets go (a fixed server may never come).
 HOLD = TIMEOUT
-
-
-def in_room(room: str):
-    return lambda event: isinstance(event, RoomMessage) and event.room == room and event.joined
-
-
-def moderation(action: str, target: str = ""):
-    return lambda event: (
-        isinstance(event, Notice)
-        and event.event == "moderation"
-        and event.action == action
-        and (not target or event.target == target)
-    )
 
 
 def log_in_in_background(connect, name: str) -> tuple[threading.Thread, list[ChatClient]]:
