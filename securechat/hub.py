@@ -10,6 +10,7 @@ the connection turns into an error reply.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -1273,6 +1274,20 @@ class ChatHub:
             held = {value: key for key, value in ROLE_RANK.items()}[target_rank]
             raise HubError("not_allowed", f"{target} is {_a(held)} {held} of {room}: you cannot act on them")
 
+    def _remove_after_notice(self, actor: Member, room: str, action: str, target: str, text: str, *, done: str) -> None:
+        """A kick's or ban's notice (see ``_notice_of_removal``), then the target's membership of the room."""
+        try:
+            self._notice_of_removal(actor, room, action, target, text, done=done)
+        except HubError:
+            with contextlib.suppress(BackendUnavailable):  # what the op is told is the notice's failure
+                self.backend.remove_membership(target, room)
+            raise
+        try:
+            self.backend.remove_membership(target, room)
+        except BackendUnavailable as exc:
+            if action != "ban":  # a ban keeps them out anyway; a kick's membership would bring them back
+                raise HubError("unavailable", f"{done}, but would be back at their next login: {exc}") from None
+
     def _notice_of_removal(self, actor: Member, room: str, action: str, target: str, text: str, *, done: str) -> None:
         """Tell the room of a kick or ban (itself saved already): handing the notice out takes the target
         out of the room, on every process. If the notice alone cannot be saved (a disk with room for a
@@ -1408,12 +1423,9 @@ class ChatHub:
         self._check_outranks(member, rank, target, room, state)
         reason = self._own_words(member.name, room, _clean(reason, MAX_REASON_CHARS))
         text = f"{member.name} kicked {target}{_reason(reason)}"
-        try:
-            self._notice_of_removal(member, room, "kick", target, text, done=f"{target} is out of {room}")
-        finally:
-            # After the notice: its devices elsewhere, which follow the account's rooms, are taken out
-            # by the notice, with its reason, not first by the change of rooms with none.
-            self.backend.remove_membership(target, room)
+        # The notice before the membership goes: the target's devices elsewhere, which follow the
+        # account's rooms, are taken out by the notice, with its reason, not first with none.
+        self._remove_after_notice(member, room, "kick", target, text, done=f"{target} is out of {room}")
 
     def ban(self, member: Member, room: str, name: str, rest: str) -> None:
         rank = self.require_role(member, room, "ban", "op")
@@ -1426,10 +1438,7 @@ class ChatHub:
         self.backend.set_state(room, ban_key(target), Restriction(until, reason, member.name).value())
         self.backend.set_state(room, invite_key(target), None)
         text = f"{member.name} banned {target} {_for(seconds)}{_reason(reason)}"
-        try:
-            self._notice_of_removal(member, room, "ban", target, text, done=f"{target} is banned from {room}")
-        finally:
-            self.backend.remove_membership(target, room)  # after the notice, as a kick's
+        self._remove_after_notice(member, room, "ban", target, text, done=f"{target} is banned from {room}")
 
     def unban(self, member: Member, room: str, name: str) -> None:
         self.require_role(member, room, "unban", "op")

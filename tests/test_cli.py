@@ -718,7 +718,7 @@ def test_rooms_rejoined_at_login_are_told_apart_from_where_lines_go(chat_server,
     alice = chat_in_terminal("alice", chat_server)
     alice.wait_for_text("*** also in #dev", TIMEOUT)
     assert "*** you are in #lobby" in alice.text and "you are in #dev" not in alice.text
-    assert at_prompt("#lobby")(alice)
+    alice.wait_until(at_prompt("#lobby"), TIMEOUT, "the #lobby prompt")  # (redrawn once the lines are shown)
 
 
 def test_a_colour_code_typed_or_pasted_does_not_crash_the_prompt(chat_server, chat_in_terminal, join):
