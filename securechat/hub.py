@@ -357,11 +357,7 @@ class ChatHub:
     def _note_away(self, account: str, *, tell: bool = True) -> None:
         """Read again whether ``account`` is away (online, every device of it away); if that changed
         here and ``tell``, the other processes are told to read it again too."""
-        try:
-            devices = self.backend.sessions(account)
-        except BackendUnavailable:
-            return
-        away = bool(devices) and all(device.away is not None for device in devices)
+        away = bool(self._away_accounts([account]))
         with self.personal_lock:
             changed = away != (account in self._away)
             if away:
@@ -369,10 +365,8 @@ class ChatHub:
             else:
                 self._away.discard(account)
         if changed and tell and self.backend.shared:
-            try:
-                self.backend.account_changed(account)
-            except BackendUnavailable:
-                pass  # the others' rosters on entering a room may mark it wrongly; /who reads it afresh
+            # (Else the others' rosters on entering a room may mark it wrongly; /who reads it afresh.)
+            self._tell_devices_elsewhere(account, "whether it is away")
 
     def _follow_rooms(self, account: str) -> None:
         """Put the account's sessions here in the rooms it is in, and out of those it left: a /join or
@@ -803,14 +797,15 @@ class ChatHub:
         if room not in self.backend.memberships(member.name):
             # Taken out (a kick, a /part elsewhere) between its membership and its entry: as the room says.
             self._remove_from_room(member.name, room, "taken out as you came in")
-        self._tell_devices_elsewhere(member.name)
+        self._tell_devices_elsewhere(member.name, "a /join")
 
-    def _tell_devices_elsewhere(self, account: str) -> None:
-        """The account's rooms changed: its devices on other processes follow (``_follow_rooms``)."""
+    def _tell_devices_elsewhere(self, account: str, what: str) -> None:
+        """Tell the other processes to read ``account`` again (``on_account_changed``): its rooms, whether
+        it is away. If Redis cannot take it, it is done here; the others see it at their next login."""
         try:
             self.backend.account_changed(account)
-        except BackendUnavailable:  # done here; the others find the account's rooms at their next login
-            log.warning("user=%s: devices on other processes could not be told of a /join or /part", account)
+        except BackendUnavailable:
+            log.warning("user=%s: the other processes could not be told of %s", account, what)
 
     def _check_may_make_a_room(self, account: str) -> None:
         """Rooms are kept when everyone has left (with their history, topic and roles), and the server
@@ -967,7 +962,7 @@ class ChatHub:
         reason = self._own_words(member.name, room, _clean(reason, MAX_TOPIC_CHARS))
         self.backend.remove_membership(member.name, room)
         self._remove_from_room(member.name, room, reason, requested_by=member)
-        self._tell_devices_elsewhere(member.name)
+        self._tell_devices_elsewhere(member.name, "a /part")
 
     def _remove_from_room(self, account: str, room: str, reason: str, requested_by: Member | None = None) -> None:
         """Take every local session of ``account`` out of ``room`` (/part, or a kick or ban)."""
