@@ -94,6 +94,7 @@ def option(
     above: float | None = None,
     at_most: float | None = None,
     check: Callable[[Any], object] | None = None,
+    number_as_text: bool = False,
     **extra: Any,
 ) -> Any:
     """A configuration field that is also a command-line option (its one default lives here).
@@ -102,7 +103,8 @@ def option(
     ``argparse`` (``choices``, for example). A ``default`` that is a callable is a factory.
     ``at_least``, ``above`` and ``at_most`` bound a number; ``check`` raises ``ValueError``
     saying what is wrong with a value. ``option_problem`` applies them all, to values from
-    the command line and from a configuration file alike.
+    the command line and from a configuration file alike. ``number_as_text``: a text option a file
+    may give as a number, as the command line does (``workers = 2``, or ``"auto"``).
     """
     metadata = {
         "help": help,
@@ -114,6 +116,7 @@ def option(
         "above": above,
         "at_most": at_most,
         "check": check,
+        "number_as_text": number_as_text,
     }
     if callable(default):
         return field(default_factory=default, metadata=metadata)
@@ -271,6 +274,7 @@ class ServerConfig:
         "server processes on this port, sharing rooms through --backend redis://… (auto: one per core)",
         metavar="N",
         check=check_workers,
+        number_as_text=True,
     )
     #: Set in a worker of --workers: listen with SO_REUSEPORT beside the others.
     reuse_port: bool = False
@@ -441,8 +445,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
         kind = option_type(spec)
         shown = f"{key} = {toml_value(value)}" if isinstance(value, bool | int | float | str) else key
-        if spec.name == "workers" and type(value) is int:
-            value = str(value)  # `--workers 2` is `workers = 2`, as every other number is; "auto" is text
+        if spec.metadata["number_as_text"] and type(value) is int:
+            value = str(value)
         if not takes(kind, value):
             raise ConfigFileError(f"{path}: {shown}: expected {EXPECTED[kind]}, not {toml_type_name(value)}")
         if kind is float:
