@@ -136,19 +136,26 @@ def fill(disk: Path) -> Path:
 # --------------------------------------------------------------------------- 1. kill -9
 
 
+def alice_says_then_the_server_is_killed(args, processes, clients, tmp_path, text: str) -> tuple[ChatClient, Chat]:
+    """A server started with ``args``, alice logged in: she says ``text`` and, once it is echoed, the
+    server is killed (-9). Returns alice and the echo."""
+    processes.append(ServerProcess(args))
+    alice = log_in(processes[-1], "alice", tmp_path)
+    clients.append(alice)
+    drain(alice, quiet=0.2)
+    alice.say(text)
+    echo = wait_for(alice, chat_with(text))
+    processes[-1].process.kill()
+    processes[-1].process.wait()
+    return alice, echo
+
+
 def test_a_line_echoed_before_a_kill_9_is_in_the_history_after_the_restart(tmp_path, users_file, processes, clients):
     """The echo is the server's word that a line is accepted (README: "Your own lines appear once the
     server has accepted them"). The store wrote behind, in batches gathered for 50 ms: a kill -9 a few
     ms after the echo lost the line. Now nothing is handed out before it is committed."""
     args = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
-    processes.append(ServerProcess(args))
-    alice = log_in(processes[0], "alice", tmp_path)
-    clients.append(alice)
-    drain(alice, quiet=0.2)
-    alice.say("the accepted line")
-    echo = wait_for(alice, chat_with("the accepted line"))
-    processes[0].process.kill()  # kill -9, just after the echo
-    processes[0].process.wait()
+    _, echo = alice_says_then_the_server_is_killed(args, processes, clients, tmp_path, "the accepted line")
 
     processes.append(ServerProcess(args))
     bob = log_in(processes[1], "bob", tmp_path)
@@ -164,14 +171,9 @@ def test_an_id_is_never_given_twice_across_a_kill_9(tmp_path, users_file, proces
     of a line a device had seen, and that device, resuming with since=that id, never got it."""
     port = free_port()
     args = ["--port", str(port), "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
-    processes.append(ServerProcess(args))
-    alice = log_in(processes[0], "alice", tmp_path)
-    clients.append(alice)
-    drain(alice, quiet=0.2)
-    alice.say("alice's last line before the crash")
-    seen = wait_for(alice, chat_with("alice's last line before the crash"))
-    processes[0].process.kill()
-    processes[0].process.wait()
+    alice, seen = alice_says_then_the_server_is_killed(
+        args, processes, clients, tmp_path, "alice's last line before the crash"
+    )
     wait_for(alice, is_disconnected)
 
     processes.append(ServerProcess(args))  # the same port: alice's device comes back to it
