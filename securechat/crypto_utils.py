@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import resource
 import stat
 import tempfile
 import threading
@@ -241,6 +242,19 @@ def macs_equal(expected: bytes, received: bytes) -> bool:
 
 
 # --------------------------------------------------------------------------- secrets on disk
+
+
+def forbid_core_dumps() -> None:
+    """Keep this process's memory off the disk if it crashes: no core dump.
+
+    A server's memory holds its private key, the token secret, the history and cluster keys and
+    the lines being sealed; a client's, its private key, its password as typed and the chat. A
+    core file would put them on disk in clear, readable by whoever reads the crash. The hard
+    limit is lowered too, so that nothing this process starts may raise it again. Where the
+    kernel pipes core dumps to a handler (systemd-coredump, apport), the handler honours it.
+    """
+    with contextlib.suppress(ValueError, OSError):  # a platform without the limit keeps its own
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def check_owner_only(path: Path) -> None:

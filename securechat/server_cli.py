@@ -30,7 +30,7 @@ from securechat.config import (
     option_flag,
     option_problem,
 )
-from securechat.crypto_utils import CryptoError
+from securechat.crypto_utils import CryptoError, forbid_core_dumps
 from securechat.history import StoreError
 from securechat.listener import ChatServer
 from securechat.protocol import normalize_room
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    forbid_core_dumps()  # before any key, secret or password is read: admin commands too
     worker = worker_number()
     tag = f"worker {worker} " if worker else ""  # which process of --workers said it
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {tag}%(levelname)s %(message)s", stream=sys.stderr)

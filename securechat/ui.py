@@ -1612,6 +1612,7 @@ def server_address(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    crypto_utils.forbid_core_dumps()  # before the key pair is made and the password read
     options: dict[str, Any] = {
         "known_hosts": KnownHosts(args.known_hosts),
         "accept_new_host_key": args.accept_new_host_key,

@@ -485,6 +485,15 @@ def test_batch_commands_with_a_word_too_many_or_too_few_say_how_they_are_used(ch
     assert "#a" not in result.stdout  # no room #a was made of it
 
 
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits (Linux)")
+def test_the_client_writes_no_core_file_of_its_key_or_password_if_it_crashes(chat_server, terminals, tmp_path):
+    terminal = terminals(client_args(chat_server.port, "alice", pin(tmp_path / "known_hosts", chat_server)))
+    terminal.wait_for_text("Password for alice:", START)
+    limits = Path(f"/proc/{terminal.child.pid}/limits").read_text().splitlines()
+    (row,) = [row for row in limits if row.startswith("Max core file size")]
+    assert row.split()[4:6] == ["0", "0"], f"a crash at the password prompt would write it to disk: {row}"
+
+
 def test_the_user_name_is_asked_again_when_left_empty(chat_server, terminals, tmp_path):
     argv = client_args(chat_server.port, "x", pin(tmp_path / "known_hosts", chat_server))
     del argv[argv.index("--user") : argv.index("--user") + 2]

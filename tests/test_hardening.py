@@ -947,6 +947,21 @@ def test_the_server_says_at_start_how_many_malloc_arenas_it_uses(server_process)
         assert "malloc arenas: left to the C library" in log
 
 
+def core_file_limit(pid: int) -> str:
+    """The "Max core file size" row of ``/proc/PID/limits``: its soft and hard limits."""
+    for row in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if row.startswith("Max core file size"):
+            return " ".join(row.split()[4:6])
+    raise AssertionError(f"no core file limit for process {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits (Linux)")
+def test_the_server_writes_no_core_file_of_its_secrets_if_it_crashes(server_process):
+    """A core file holds the process's memory: the server's private key, the token secret, the history key."""
+    server = server_process()
+    assert core_file_limit(server.process.pid) == "0 0", "a crash of the server would write its memory to disk"
+
+
 # --------------------------------------------------------------------------- device tokens (issue 15, item 2)
 
 
