@@ -221,6 +221,10 @@ class ChatServer:
         # Guards _hashing_per_address (passwords being hashed for each address) and _wrong_at (when
         # each address last gave a wrong password), and is notified when one is done (see _hashing_slot).
         self.hashing_slot_freed = threading.Condition()
+        # Guards _attempting, the (account, address) pairs whose login is being checked here, and is
+        # notified when one ends (see _one_attempt_at_a_time).
+        self.login_attempt_ended = threading.Condition()
+        self._attempting: set[str] = set()
         self._hashing_per_address: Counter[str] = Counter()
         self._wrong_at: dict[str, float] = {}
         self.stopping = threading.Event()
@@ -655,10 +659,11 @@ class ChatServer:
         address) and per address, and only gently per account, so a guesser elsewhere
         cannot keep the real user out. A login carrying a valid device token (one an
         earlier login from that device was given) skips the account-wide delay; its own
-        failures count against the token instead. Guesses are counted when they start, and
-        an address has at most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once (one once it
-        has given a wrong one), each checked against the address's delay as its turn comes. A
-        successful login is given a new device token (``connection.device_token``).
+        failures count against the token instead. Guesses are counted when they start; one
+        (account, address) has one login checked at a time on each process; an address has at
+        most ``MAX_HASHING_PER_ADDRESS`` passwords hashed at once (one once it has given a wrong
+        one), each checked against the address's delay as its turn comes. A successful login
+        is given a new device token (``connection.device_token``).
         """
         # Names are unique in any case, so "Alice" typed at the prompt is alice: the session,
         # its token and every room see the name as stored.
@@ -672,44 +677,67 @@ class ChatServer:
         # The keys this attempt is counted on until it succeeds: the account's own ceiling,
         # or the device token's in its place.
         own_keys = [pair_key] if device_id is None else [pair_key, ("device", device_id)]
-        wait = strict.retry_after([address_key])
-        if device_id is None:
-            wait = max(wait, gentle.retry_after([account_key]))
-        if wait <= 0:
-            # Counted as failures until they succeed, so guesses fired in parallel are throttled
-            # like the same guesses one after another.
-            wait = strict.begin_attempt(own_keys, reserve=own_keys)
-        if wait <= 0 and device_id is None and (wait := gentle.begin_attempt([account_key], reserve=[account_key])) > 0:
-            strict.cancel_attempt(own_keys)
-        if wait > 0:
-            raise _throttled(connection, wait)
-        outcome = "error"  # until _check_password returns: busy, shutting down, store unreadable...
-        try:
-            with self._hashing_slot(connection.address_bucket):
-                # Again once its turn has come: the address is counted only once a guess has failed
-                # (honest logins behind one address must not hold each other up), so the guesses it
-                # waited behind may have made it wait since.
-                wait = strict.retry_after([address_key])
-                if wait > 0:
-                    raise _throttled(connection, wait)
-                accepted = self._check_password(connection, login)
-                outcome = "accepted" if accepted else "wrong"
-                if not accepted:  # before the slot is free: the guess waiting for it must see this
-                    strict.record_failure([address_key])  # the others were counted as it began
-                    self._note_wrong_password(connection.address_bucket)
-        finally:
-            if outcome == "accepted":
-                # Never the address: owning one account must not reset the guesses made at others.
-                strict.record_success(own_keys)
-                gentle.record_success([account_key])
-            elif outcome != "wrong":  # not the user's fault (or refused before any check): give them back
+        # One at a time per (account, address) on this process: each attempt is counted as a failure
+        # until it succeeds, so six devices or bots of one account logging in at once from one machine
+        # found the free failures used up by each other, and the fourth was refused.
+        with self._one_attempt_at_a_time(pair_key[1]):
+            wait = strict.retry_after([address_key])
+            if device_id is None:
+                wait = max(wait, gentle.retry_after([account_key]))
+            if wait <= 0:
+                # Counted as failures until they succeed, so guesses fired in parallel are throttled
+                # like the same guesses one after another.
+                wait = strict.begin_attempt(own_keys, reserve=own_keys)
+            if (
+                wait <= 0
+                and device_id is None
+                and (wait := gentle.begin_attempt([account_key], reserve=[account_key])) > 0
+            ):
                 strict.cancel_attempt(own_keys)
-                if device_id is None:
-                    gentle.cancel_attempt([account_key])
+            if wait > 0:
+                raise _throttled(connection, wait)
+            outcome = "error"  # until _check_password returns: busy, shutting down, store unreadable...
+            try:
+                with self._hashing_slot(connection.address_bucket):
+                    # Again once its turn has come: the address is counted only once a guess has failed
+                    # (honest logins behind one address must not hold each other up), so the guesses it
+                    # waited behind may have made it wait since.
+                    wait = strict.retry_after([address_key])
+                    if wait > 0:
+                        raise _throttled(connection, wait)
+                    accepted = self._check_password(connection, login)
+                    outcome = "accepted" if accepted else "wrong"
+                    if not accepted:  # before the slot is free: the guess waiting for it must see this
+                        strict.record_failure([address_key])  # the others were counted as it began
+                        self._note_wrong_password(connection.address_bucket)
+            finally:
+                if outcome == "accepted":
+                    # Never the address: owning one account must not reset the guesses made at others.
+                    strict.record_success(own_keys)
+                    gentle.record_success([account_key])
+                elif outcome != "wrong":  # not the user's fault (or refused before any check): give them back
+                    strict.cancel_attempt(own_keys)
+                    if device_id is None:
+                        gentle.cancel_attempt([account_key])
         if not accepted:
             raise AuthenticationFailed("auth_failed", WRONG_CREDENTIALS)
         connection.device_token = self.device_tokens.issue(name, connection.verified_stamp)
         return name
+
+    @contextlib.contextmanager
+    def _one_attempt_at_a_time(self, pair: str) -> Iterator[None]:
+        """Hold a login of ``pair`` (account and address) until no other of the same pair is being checked
+        here; ``AuthenticationFailed`` (busy) if none ends within ``hash_wait``."""
+        with self.login_attempt_ended:
+            if not self.login_attempt_ended.wait_for(lambda: pair not in self._attempting, self.config.hash_wait):
+                raise AuthenticationFailed("busy", "too many logins at once for this account; try again in a moment")
+            self._attempting.add(pair)
+        try:
+            yield
+        finally:
+            with self.login_attempt_ended:
+                self._attempting.discard(pair)
+                self.login_attempt_ended.notify_all()
 
     def _known_device(self, login: Login) -> str | None:
         """The id of the login's device token if it is valid for this account as it is now, else None."""

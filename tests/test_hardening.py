@@ -840,6 +840,30 @@ def test_a_burst_of_guesses_at_many_names_from_one_address_gets_no_more_checked_
     assert alice.connected
 
 
+def test_six_bots_of_one_account_started_at_once_from_one_machine_all_log_in(make_server, connect, tmp_path):
+    """A cron job starts six batch clients of one account at the same moment. Each login was counted
+    as a failure of (account, address) until it succeeded, so the fourth found three "failures" and
+    was refused "too many failed logins", though no password was wrong."""
+    server = make_server(hash_workers=4, max_sessions=6)
+    start = threading.Barrier(6)
+    outcomes: list[str] = []
+
+    def bot(index: int) -> None:
+        start.wait()
+        try:
+            client = connect("alice", to=server, known_hosts=KnownHosts(tmp_path / f"bot{index}"))
+            outcomes.append("in" if client.connected else "not connected")
+        except LoginRefused as exc:
+            outcomes.append(f"{exc.code}: {exc}")
+
+    bots = [threading.Thread(target=bot, args=(index,)) for index in range(6)]
+    for thread in bots:
+        thread.start()
+    for thread in bots:
+        thread.join(TIMEOUT * 4)
+    assert outcomes == ["in"] * 6, outcomes
+
+
 def test_a_server_full_of_idle_connections_still_admits_an_honest_login(make_server, tmp_path):
     # With --max-clients 60, 57 idle connections re-opened in a loop kept 10 of 10 logins out.
     server = make_server(max_clients=12, max_connections_per_address=12, connect_rate=0)
