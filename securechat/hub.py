@@ -314,19 +314,21 @@ class ChatHub:
 
     def on_room_event(self, room: str, message: RoomEvent, origin_session: str, ref: str) -> None:
         local = self._local_room(room, create=False)
+        echoed = False
         if local is not None:
             skip: frozenset[str] = frozenset()
             if isinstance(message, Chat):
                 with self.personal_lock:
                     skip = frozenset(self._ignorers.get(message.sender, ()))
             echoed = local.deliver_published(message, origin_session, ref, skip_accounts=skip)
-            if ref and not echoed and isinstance(message, Chat):
-                # Its sender left the room (/part) before the line came back from the broker: the
-                # line was said all the same, and its client counts one with no echo as not sent.
-                with self.sessions_lock:
-                    origin = self._local.get(message.sender, {}).get(origin_session)
-                if origin is not None:
-                    origin.deliver(replace(message, ref=ref))
+        if ref and not echoed and isinstance(message, Chat):
+            # Its sender left the room (/part) before the line came back from the broker, and may have
+            # been the last one here in it (the room is gone): the line was said all the same, and
+            # its client counts one with no echo as not sent.
+            with self.sessions_lock:
+                origin = self._local.get(message.sender, {}).get(origin_session)
+            if origin is not None:
+                origin.deliver(replace(message, ref=ref))
         if isinstance(message, Notice) and message.event == "moderation" and message.action in ("kick", "ban"):
             # Published by whichever process the moderator is on: each process removes its own sessions.
             self._remove_from_room(message.target, room, message.text)

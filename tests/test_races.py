@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import threading
 
-from conftest import TIMEOUT, drain, wait_for
+from conftest import TIMEOUT, drain, wait_for, wait_until
 from test_moderation import in_room, moderation
 
 from securechat.client import ChatClient
-from securechat.protocol import ErrorReply
+from securechat.protocol import Chat, ErrorReply
 from securechat.protocol import Room as RoomMessage
 
 #: How long a held moment waits for the other side before it lets go (a fixed server may never come).
@@ -213,3 +213,43 @@ def test_a_kick_landing_as_the_target_joins_does_not_leave_it_in_the_room_but_no
         f"bob's laptop {'is' if '#team' in bob.rooms else 'is not'} in #team, "
         f"his phone that logged in after {'is' if '#team' in phone.rooms else 'is not'}"
     )
+
+
+# -------------------- 4. a line handed out after its sender left the room it was said in
+
+
+def test_a_line_said_as_its_sender_leaves_an_empty_room_is_still_echoed_as_sent(server, connect):
+    """alice is alone in #solo. Her laptop says a line; it is saved, and as it is being handed out
+    her phone runs /part #solo, which takes every device out, so the room is dropped from this
+    process (nobody here is in it).
+
+    Users see: the laptop never hears its line back, so it counts it as not sent, though it was
+    said: it is in #solo's history for anyone who joins.
+    They should see: the line echoed to the laptop, as when the room is still there."""
+    laptop = connect("alice", device="laptop")
+    phone = connect("alice", device="phone")
+    laptop.join("#solo")
+    wait_for(laptop, in_room("#solo"))
+    wait_for(phone, in_room("#solo"))
+
+    hub = server.hub
+    original = hub.on_room_event
+    inside, release = threading.Event(), threading.Event()
+
+    def held(room, message, origin_session, ref):
+        if room == "#solo" and ref and not inside.is_set():
+            inside.set()
+            release.wait(HOLD)
+        return original(room, message, origin_session, ref)
+
+    hub.on_room_event = held
+    try:
+        ref = laptop.say("said as I left", room="#solo")
+        assert inside.wait(HOLD), "the line was never handed out"
+        phone.part("#solo")
+        wait_for(phone, lambda event: isinstance(event, RoomMessage) and event.room == "#solo" and not event.joined)
+        wait_until(lambda: hub.local_room("#solo") is None, HOLD)  # nobody here is in it: dropped
+    finally:
+        release.set()
+    echo = wait_for(laptop, lambda event: isinstance(event, Chat) and event.ref == ref, timeout=HOLD)
+    assert echo.text == "said as I left"
