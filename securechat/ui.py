@@ -173,35 +173,63 @@ def fold(line: str, columns: int, indent: str) -> str:
     Left to wrap a long line itself, the terminal starts its next row at the left edge, as if it were a
     line of its own: text padded out to the edge could pass for a line from someone else. Rows that
     continue a line start indented instead, as a message's further lines do (its newlines start a row
-    already indented). ``line`` holds no escape code but this module's own (server text is sanitized).
+    already indented). A row ends at its last space, which the fold takes, so that no word is cut in
+    two, unless the word is too long for a row of its own. ``line`` holds no escape code but this
+    module's own (server text is sanitized).
     """
     from prompt_toolkit.utils import get_cwidth
 
     if columns <= len(indent) + 2:
         return line  # too narrow to fold anything usefully: the terminal wraps it
-    rows: list[str] = []
+    done: list[str] = []
+    # The row being filled: its pieces (characters and escape codes) and the cells each takes.
+    row: list[tuple[str, int]] = []
     used = 0
-    position = 0
+    last_space = -1  # where in ``row`` its last space is: where it may end
     previous = ""
+
+    def end_row(at: int = -1) -> None:
+        """End the row before ``row[at]``, a space, dropped (-1: all of it); what follows starts the next."""
+        nonlocal row, used, last_space
+        rest = row[at + 1 :] if at >= 0 else []
+        done.extend(piece for piece, _ in (row[:at] if at >= 0 else row))
+        done.append("\n" + indent)
+        row = rest
+        used = len(indent) + sum(width for _, width in rest)
+        last_space = -1
+
+    position = 0
     for escape in [*_OWN_ESCAPE.finditer(line), None]:
         end = escape.start() if escape is not None else len(line)
         for character in line[position:end]:
+            width = 0
             if character == "\n":
-                used = 0
+                done.extend(piece for piece, _ in row)
+                row, used, last_space = [], 0, -1
             elif previous == ZERO_WIDTH_JOINER or character == ZERO_WIDTH_JOINER or _EMOJI_MODIFIER(character):
                 pass  # part of the picture before it (a family, a skin tone): drawn with it, never cut from it
             else:
                 width = get_cwidth(character)
                 if used + width > columns:
-                    rows.append("\n" + indent)
-                    used = len(indent)
-                used += width
-            rows.append(character)
+                    rest = sum(cells for _, cells in row[last_space + 1 :]) if last_space >= 0 else 0
+                    if character == " ":
+                        end_row()  # full to the edge with whole words: the space is the fold's
+                        previous = character
+                        continue
+                    if last_space >= 0 and len(indent) + rest + width <= columns:
+                        end_row(last_space)  # the word being written moves down whole
+                    else:
+                        end_row()  # no space, or a word longer than a row: cut where the row is full
+            row.append((character, width))
+            used += width
+            if character == " ":
+                last_space = len(row) - 1
             previous = character
         if escape is not None:
-            rows.append(escape.group())
+            row.append((escape.group(), 0))
             position = escape.end()
-    return "".join(rows)
+    done.extend(piece for piece, _ in row)
+    return "".join(done)
 
 
 def _stamp(style: Style, when: float, history: bool) -> str:

@@ -68,6 +68,19 @@ class Terminal:
         return "\n".join(self.lines)
 
     @property
+    def unfolded(self) -> str:
+        """The screen's lines as the client wrote them, before it folded them to the terminal's width:
+        each row that continues a line (indented by four spaces) joined to the one before it with a
+        space, as a fold ends a row where a space was (a word too long for a row gets one too)."""
+        joined: list[str] = []
+        for row in self.lines:
+            if joined and row.startswith("    "):
+                joined[-1] += " " + row[4:]
+            else:
+                joined.append(row)
+        return "\n".join(joined)
+
+    @property
     def cursor_row(self) -> str:
         return self.lines[self.screen.cursor.y]
 
@@ -87,6 +100,10 @@ class Terminal:
 
     def wait_for_text(self, text: str, timeout: float) -> None:
         self.wait_until(lambda terminal: text in terminal.text, timeout, repr(text))
+
+    def wait_for_line(self, text: str, timeout: float) -> None:
+        """Wait until ``text`` is in a line on the screen, however the client folded it (``unfolded``)."""
+        self.wait_until(lambda terminal: text in terminal.unfolded, timeout, repr(text))
 
     def settle(self, quiet: float = 0.3) -> None:
         """Pump until the child has been silent for ``quiet`` seconds (it is waiting for us)."""

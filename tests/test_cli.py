@@ -411,7 +411,7 @@ def test_a_line_too_long_typed_in_the_terminal_is_named_in_its_error(chat_server
     join("bob", chat_server)
     alice = chat_in_terminal("alice", chat_server)
     alice.type("\x1b[200~" + "z" * 33000 + "\x1b[201~\r")  # pasted: one line, too long
-    alice.wait_for_text("not sent: message longer than 32768 bytes (your line: zzzzzzzzzz", TIMEOUT * 2)
+    alice.wait_for_line("not sent: message longer than 32768 bytes (your line: zzzzzzzzzz", TIMEOUT * 2)
 
 
 def test_batch_clients_exchange_short_long_and_non_ascii_lines(chat_server, batch_clients, join):
@@ -714,8 +714,8 @@ def test_each_refused_line_is_named_in_its_refusal(chat_server, chat_in_terminal
 
     alice.type("first words\rsecond words\r")
     refusals = "error: not sent: you are muted in #ops until"
-    alice.wait_until(lambda t: "".join(t.lines).count(refusals) == 2, TIMEOUT, "both refusals")
-    screen = "".join(row.removeprefix("    ") for row in alice.lines)  # a refusal may be folded
+    alice.wait_until(lambda t: t.unfolded.count(refusals) == 2, TIMEOUT, "both refusals")
+    screen = alice.unfolded  # a refusal may be folded
     assert screen.index("(your line: first words)") < screen.index("(your line: second words)")
 
 
@@ -1529,7 +1529,7 @@ def test_at_login_a_busy_room_whose_last_lines_do_not_reach_back_says_more_was_s
     carol = chat_in_terminal("carol", server)
     carol.wait_for_text("*** more was said in #lobby while you were away: /history", TIMEOUT)
     carol.settle()
-    screen = "".join(row.removeprefix("    ") for row in carol.lines)  # the line may be folded
+    screen = carol.unfolded  # the line may be folded
     assert "(you are named once in these lines)" in screen, carol.text
     assert "you were mentioned" not in screen  # said once, in the line above
 

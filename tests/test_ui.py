@@ -243,7 +243,31 @@ def test_a_folded_row_never_runs_past_the_edge_whatever_its_characters_weigh():
     # counted in code points ran past the edge, and the terminal's own wrap started an unindented row.
     folded = ui.fold("\x1b[1mbob\x1b[0m: " + "界" * 10 + "e\u0301" * 10, 12, "    ")
     rows = ui._OWN_ESCAPE.sub("", folded).split("\n")
-    assert rows == ["bob: 界界界", "    界界界界", "    界界界" + "e\u0301" * 2, "    " + "e\u0301" * 8]
+    # (The row of "bob:" ends at its space: the word after it, which has none, fits a row of its own.)
+    assert rows == ["bob:", "    界界界界", "    界界界界", "    界界" + "e\u0301" * 4, "    " + "e\u0301" * 6]
+
+
+def test_a_folded_line_ends_its_rows_between_words():
+    # Cut where each row was full, a line read "a long line tha" / "    t needs folding".
+    line = "23:44 bob: hello after the resize, a long line that needs folding at thirty columns"
+    assert ui.fold(line, 30, "    ").split("\n") == [
+        "23:44 bob: hello after the",
+        "    resize, a long line that",
+        "    needs folding at thirty",
+        "    columns",
+    ]
+    # A word too long for a row of its own is still cut where the row is full.
+    assert ui.fold("x: " + "a" * 40 + " end", 20, "    ").split("\n") == [
+        "x: " + "a" * 17,
+        "    " + "a" * 16,
+        "    aaaaaaa end",
+    ]
+    # A message's own further lines keep every space they have.
+    assert ui.fold("one\n    two is long enough to fold", 20, "    ").split("\n") == [
+        "one",
+        "    two is long",
+        "    enough to fold",
+    ]
 
 
 def _read_events(client, context, seconds: float) -> list[object]:
