@@ -34,7 +34,7 @@ from securechat.crypto_utils import CryptoError, forbid_core_dumps
 from securechat.history import StoreError
 from securechat.listener import ChatServer
 from securechat.protocol import normalize_room
-from securechat.workers import run_workers, worker_count, worker_number
+from securechat.workers import end_with_supervisor, run_workers, worker_count, worker_number
 
 log = logging.getLogger("chat.server")
 
@@ -173,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         print(config_to_toml(config), end="")
         return 0
     if workers > 1:
-        return run_workers(config, workers, list(sys.argv[1:] if argv is None else argv))
+        try:
+            return run_workers(config, workers, list(sys.argv[1:] if argv is None else argv))
+        except (CryptoError, OSError) as exc:  # its data directory, its keys, its port
+            message = describe_start_error(exc, config) if isinstance(exc, OSError) else str(exc)
+            print(f"error: {message}", file=sys.stderr)
+            return 1
+    if worker:
+        end_with_supervisor()
     config.reuse_port = bool(worker)
     try:
         server = ChatServer(config)

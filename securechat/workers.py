@@ -10,6 +10,7 @@ create them), restarts a worker that dies, and stops them all on Ctrl-C or SIGTE
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -36,6 +37,10 @@ log = logging.getLogger("chat.server")
 
 #: Set in a worker's environment: its number (1, 2, ...). A worker listens with SO_REUSEPORT.
 WORKER_VARIABLE = "CHAT_WORKER"
+#: Set in a worker's environment: its supervisor's process id (a worker ends with its supervisor).
+SUPERVISOR_VARIABLE = "CHAT_SUPERVISOR"
+#: prctl(2)'s option that has the kernel signal a process when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 #: How long a worker has to start (load its key, reach Redis, listen).
 START_TIMEOUT = 30.0
 #: A worker that died is started again after this long (longer if it keeps dying at once).
@@ -60,6 +65,25 @@ def worker_number() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def end_with_supervisor() -> None:
+    """In a worker: be stopped (SIGTERM) when the supervisor dies, however it dies.
+
+    A supervisor killed with SIGKILL (or by the out-of-memory killer) cannot stop its workers:
+    they went on serving the port as orphans, that nobody restarts or stops, and the next
+    deployment on that port shared it with them. The kernel tells a process of its parent's
+    death where it is asked to (Linux); one whose supervisor died before it asked stops at once.
+    """
+    supervisor = os.environ.get(SUPERVISOR_VARIABLE, "")
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: not Linux; the supervisor's own stop still reaches it
+        log.debug("worker: no prctl, so it cannot follow its supervisor's death")
+    if supervisor.isdigit() and os.getppid() != int(supervisor):
+        log.error("worker: its supervisor (process %s) is gone; stopping", supervisor)
+        raise SystemExit(1)
+
+
 class Worker:
     """One server process and what the supervisor knows of it."""
 
@@ -71,7 +95,7 @@ class Worker:
         self.restart_delay = RESTART_DELAY
 
     def start(self) -> None:
-        env = {**os.environ, WORKER_VARIABLE: str(self.number)}
+        env = {**os.environ, WORKER_VARIABLE: str(self.number), SUPERVISOR_VARIABLE: str(os.getpid())}
         package_home = str(Path(securechat.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_home, env.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
@@ -116,6 +140,7 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
     # Holds the port (bound, never listening: the kernel routes no connection to it) while
     # workers come and go; with --port 0 it is also how the workers learn which port.
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    _check_port_free(family, config.host, config.port)
     reservation = socket.socket(family, socket.SOCK_STREAM)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -155,6 +180,21 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
     finally:
         _stop_all(workers)
         reservation.close()
+
+
+def _check_port_free(family: socket.AddressFamily, host: str, port: int) -> None:
+    """Raise ``OSError`` (EADDRINUSE) if something listens on ``host:port`` already.
+
+    The workers bind with ``SO_REUSEPORT``, which lets any process of the same user share a port: a
+    second deployment started on a port another one serves would have shared it with it, the kernel
+    handing new clients to either (and to a server key they never pinned). A bind without it fails
+    while anything listens there, as the one-process server's does.
+    """
+    if port == 0:
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of an earlier run may linger
+        probe.bind((host, port))
 
 
 def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:

@@ -211,6 +211,88 @@ def test_a_start_error_under_workers_is_one_line(tmp_path, users_file):
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def worker_pids(supervisor: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
+
+
+def still_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        if still_running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_second_workers_deployment_on_a_port_in_use_is_refused(tmp_path, users_file, redis_server):
+    """A second `python server.py --port P` beside a running one stops with "error: port P is
+    already in use". With `--workers` it does not: the supervisor binds its reservation with
+    SO_REUSEPORT, so a second deployment (here another data directory and Redis database: another
+    server key) starts, prints "Listening on 127.0.0.1:P (2 worker processes)", and the kernel
+    spreads new connections over both. Clients of the first then get "WARNING: THE SERVER KEY ...
+    HAS CHANGED" at random. It should be refused as the one-process server is."""
+    first = ServerProcess(
+        [
+            *("--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "first")),
+            *("--backend", redis_server.url, "--workers", "2", "--log-level", "WARNING"),
+        ]
+    )
+    children = worker_pids(first.process.pid)
+    second = None
+    try:
+        try:
+            second = ServerProcess(
+                [
+                    *("--port", str(first.port), "--users", str(users_file), "--data-dir", str(tmp_path / "second")),
+                    *("--backend", redis_server.url.rsplit("/", 1)[0] + "/1", "--workers", "2"),
+                    *("--log-level", "WARNING"),
+                ]
+            )
+        except RuntimeError as refused:  # it exited before listening: what should happen
+            assert "in use" in str(refused), refused
+        else:
+            pytest.fail(f"a second deployment started on port {first.port}, which another one serves")
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+        kill_all(children)
+
+
+def test_the_workers_stop_when_their_supervisor_is_killed(tmp_path, users_file, redis_server):
+    """`--workers 2` under a supervisor that is killed (kill -9, the OOM killer): its two workers
+    go on serving the port as orphans, with nobody to restart or stop them, and the next
+    `--workers` start on that port (see the test above) silently shares it with them. They
+    should end with their supervisor (PR_SET_PDEATHSIG, or a pipe they watch)."""
+    node = ServerProcess(
+        [
+            *("--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")),
+            *("--backend", redis_server.url, "--workers", "2", "--log-level", "WARNING"),
+        ]
+    )
+    children = worker_pids(node.process.pid)
+    assert len(children) == 2
+    try:
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait(timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while any(still_running(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = [pid for pid in children if still_running(pid)]
+        assert not orphans, f"workers {orphans} still serve port {node.port} after their supervisor was killed"
+    finally:
+        kill_all(children)
+        node.stop()
+
+
 # --------------------------------------------------------------------------- account commands
 
 
