@@ -222,3 +222,13 @@ def test_the_lock_files_pin_what_the_oldest_python_the_readme_supports_needs(loc
                 missing.append(f"{requirement} (for {name}=={version})")
     assert checked >= 5, "too few of the pinned packages are installed here to check"
     assert not missing, f"{lock_name} lacks, on Python 3.11.0: {missing}"
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists() or shutil.which("git") is None, reason="needs a git checkout")
+def test_what_pip_install_leaves_in_the_checkout_is_neither_tracked_nor_linted():
+    """README: "To install the programs instead, pip install .". pip builds in the checkout, leaving
+    build/lib/securechat/ and an .egg-info folder: git listed them as new, and `make test` stopped at
+    `ruff check .`, which linted the copy in build/ without securechat/config.py's per-file ignore."""
+    left = ["build/lib/securechat/config.py", "secure_terminal_chat.egg-info/PKG-INFO", "dist/x.whl"]
+    checked = subprocess.run(["git", "check-ignore", *left], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert checked.stdout.split() == left, f"not ignored: {sorted(set(left) - set(checked.stdout.split()))}"
