@@ -1192,22 +1192,39 @@ class TerminalScreen:
 OFFLINE_COMMANDS = ("/reconnect", "/quit", "/help")
 #: Password tries on a terminal before giving up, as ssh gives.
 PASSWORD_TRIES = 3
+#: The longest the terminal waits out delays after failed logins (in all, for one password typed).
+MOST_LOGIN_DELAY_WAITED = 30
+#: How the server names the delay in its refusal (code ``rate_limited``).
+_LOGIN_DELAY = re.compile(r"try again in (\d+) s\b")
 
 
 def log_in_on_terminal(client: ChatClient, user: str, ask_password: Callable[[], str]) -> None:
     """Reach the server and check its key first, then ask for the password: up to ``PASSWORD_TRIES`` tries.
 
     A wrong password is said on stderr and asked again (on a new connection: the server
-    closes one after a failed login). Raises ``ChatError`` (``LoginRefused`` for the last
-    refusal), ``KeyboardInterrupt`` or ``EOFError``.
+    closes one after a failed login). A short delay the server names after earlier failures
+    is waited out, and the password typed is tried then: it was not checked, so it is no try.
+    Raises ``ChatError`` (``LoginRefused`` for the last refusal), ``KeyboardInterrupt`` or ``EOFError``.
     """
     for attempt in range(1, PASSWORD_TRIES + 1):
         client.close()
         client.connect()  # a closed port or a wrong key fails here, before any password is typed
         password = ask_password()
+        waited = 0
         try:
-            _log_in_in_time(client, user, password)
-            return
+            while True:
+                try:
+                    _log_in_in_time(client, user, password)
+                    return
+                except LoginRefused as exc:
+                    delay = _LOGIN_DELAY.search(str(exc)) if exc.code == "rate_limited" else None
+                    if delay is None or waited + int(delay.group(1)) > MOST_LOGIN_DELAY_WAITED:
+                        raise
+                    print(sanitize_text(f"error: {exc}; waiting"), file=sys.stderr, flush=True)
+                    time.sleep(int(delay.group(1)))
+                    waited += int(delay.group(1))
+                    client.close()
+                    client.connect()
         except LoginRefused as exc:
             if exc.code != "auth_failed" or attempt == PASSWORD_TRIES:
                 raise

@@ -24,7 +24,18 @@ import pytest
 from conftest import ROOT, TIMEOUT, ServerProcess, client_args, client_env, drain, free_port, password_of, wait_for
 from terminal import Terminal
 
-from securechat.client import Chat, ChatClient, Disconnected, ErrorReply, Goodbye, KnownHosts, Notice, Room, Roster
+from securechat.client import (
+    Chat,
+    ChatClient,
+    Disconnected,
+    ErrorReply,
+    Goodbye,
+    KnownHosts,
+    LoginRefused,
+    Notice,
+    Room,
+    Roster,
+)
 from securechat.connection import AuthenticationFailed
 from securechat.hub import ChatHub
 from securechat.listener import ChatServer, ServerConfig
@@ -492,6 +503,45 @@ def test_the_client_writes_no_core_file_of_its_key_or_password_if_it_crashes(cha
     limits = Path(f"/proc/{terminal.child.pid}/limits").read_text().splitlines()
     (row,) = [row for row in limits if row.startswith("Max core file size")]
     assert row.split()[4:6] == ["0", "0"], f"a crash at the password prompt would write it to disk: {row}"
+
+
+def test_a_right_password_typed_at_once_after_a_wrong_one_logs_in(chat_server, terminals, tmp_path):
+    """README: "a wrong password may be typed again, three tries in all".
+
+    alice mistyped her password three times earlier (a run of the client that gave up), starts
+    the client again, mistypes once more and types the right password at once. The server
+    refuses that try with "too many failed logins; try again in 2 s" and the client exits 1:
+    the right password was thrown away on the second of her three tries. It should wait out
+    the delay the server names (or ask again) and log her in.
+    """
+    for _ in range(3):  # an earlier run of the client: three typos
+        with (
+            ChatClient(
+                "127.0.0.1",
+                chat_server.port,
+                server_fingerprint=chat_server.fingerprint,
+                known_hosts=KnownHosts(tmp_path / "library_known_hosts"),
+                timeout=TIMEOUT * 2,
+            ) as earlier,
+            pytest.raises(LoginRefused),
+        ):
+            earlier.login("alice", "not-her-password")
+    time.sleep(1.2)  # the address's first delay (1 s) has passed: the next try is checked
+    alice = terminals(client_args(chat_server.port, "alice", pin(tmp_path / "known_hosts", chat_server)))
+    alice.wait_for_text("Password for alice:", START)
+    alice.type("still-not-her-password\r")
+    alice.wait_for_text("try again", START)
+    alice.wait_until(lambda terminal: terminal.text.count("Password for alice:") == 2, TIMEOUT, "the second prompt")
+    alice.type(password_of("alice") + "\r")  # right, and typed at once
+
+    def logged_in(terminal) -> bool:
+        if terminal.text.count("Password for alice:") == 3 and not asked_again:  # her third and last try
+            asked_again.append(True)
+            terminal.type(password_of("alice") + "\r")
+        return at_prompt()(terminal)
+
+    asked_again: list[bool] = []
+    alice.wait_until(logged_in, START + 5, "alice's #lobby> prompt after her second try")
 
 
 def test_the_user_name_is_asked_again_when_left_empty(chat_server, terminals, tmp_path):
