@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             shown = hide_password(value) if spec.name == "backend" else str(value)
             print(f"error: {option_flag(spec)} {shlex.quote(shown)}: {problem}", file=sys.stderr)
             return EXIT_BAD_CONFIG
+    if config.ping_timeout <= config.ping_interval:  # else every idle client is dropped before its ping
+        print(
+            f"error: --ping-timeout {config.ping_timeout:g} must be longer than --ping-interval "
+            f"{config.ping_interval:g}: a silent client is pinged after the interval, and dropped at the timeout",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
     config.default_room = normalize_room(config.default_room)  # "Lobby" is #lobby: printed as it is used
     workers = 1 if worker else worker_count(config.workers)
     if workers > 1 and config.backend == "memory":  # (before --print-config: what it prints must start)

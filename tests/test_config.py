@@ -339,3 +339,13 @@ def test_a_relative_path_in_a_config_file_reached_through_a_symlink_names_what_i
     (tmp_path / "etc" / "securechat").symlink_to(real)
     users = read_config_file(tmp_path / "etc" / "securechat" / "chat.toml")["users"]
     assert Path(users).exists(), f"{users} is not the file the config named"
+
+
+def test_a_ping_timeout_no_longer_than_the_ping_interval_is_refused(tmp_path):
+    """`--ping-timeout 3` with the default `--ping-interval 20` was taken without a word, and every idle,
+    healthy client was then dropped 3 s after its last line ("no reply to keepalive"), though no ping
+    had been sent; the terminal client reconnected, and was dropped again."""
+    result = run_server_py("--ping-timeout", "3", "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: --ping-timeout 3 must be longer than --ping-interval 20:"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
