@@ -174,11 +174,18 @@ def private_stream(a: str, b: str) -> str:
     return "@" + ":".join(sorted((a, b)))
 
 
-def load_or_create_history_key(path: Path) -> bytes:
+def load_or_create_history_key(path: Path, database: Path | None = None) -> bytes:
     """The 32-byte history key kept in ``path``, created (mode 0600) on first run.
 
-    Raises ``CryptoError`` if the file is readable by others or does not hold exactly one key.
+    Raises ``CryptoError`` if the file is readable by others or does not hold exactly one key,
+    or if it is missing beside an existing ``database``: that database's lines were sealed under
+    the key, and a new one made there would sit where the real one must be put back (a restore
+    that skips existing files would then keep the wrong one).
     """
+    if database is not None and database.exists() and not os.path.lexists(path):
+        raise CryptoError(
+            f"{path} is missing: {database} was sealed under it; put it back from the backup the database came from"
+        )
     key = load_or_create_secret(path, AES_KEY_SIZE)
     if len(key) != AES_KEY_SIZE:
         raise CryptoError(f"{path} holds {len(key)} bytes of secret; a history key is {AES_KEY_SIZE}")

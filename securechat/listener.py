@@ -273,7 +273,7 @@ class ChatServer:
             if backend is None:
                 store = ChatStore(
                     data_dir / HISTORY_FILE,
-                    load_or_create_history_key(data_dir / HISTORY_KEY_FILE),
+                    load_or_create_history_key(data_dir / HISTORY_KEY_FILE, data_dir / HISTORY_FILE),
                     history_limit=config.history_limit,
                     history_max_age=config.history_days * 86400,
                 )

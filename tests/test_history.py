@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, wait_until
+from conftest import TIMEOUT, ServerProcess, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -507,3 +507,23 @@ def test_a_store_made_before_the_key_check_is_checked_by_its_lines(
         assert ids(store.recent("#lobby", 10)) == [1]
     with sqlite3.connect(db_path) as connection:
         assert connection.execute("SELECT count(*) FROM meta").fetchone() == (1,)
+
+
+def test_a_database_restored_without_its_history_key_is_refused_without_making_a_new_key(tmp_path, users_file):
+    """README, Backups: "Keep history_key with the database ... a start with a database and a
+    history_key that do not belong together is refused, naming both". An operator restores the data
+    directory but history_key did not come along. The server first makes a brand-new history_key
+    beside the database, then refuses to start saying "its lines were sealed under another history
+    key than history_key beside it: put that file back": the file it names is one it just made,
+    and it now sits where the real one must be copied back (an `rsync --ignore-existing`, or a
+    `cp -n`, would keep the wrong one). It should say that history_key is missing, and make none."""
+    data = tmp_path / "data"
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(data), "--log-level", "WARNING"]
+    status, _ = ServerProcess(where).stop()
+    assert status == 0
+    (data / "history_key").unlink()  # the backup lacked it
+    with pytest.raises(RuntimeError) as refused:
+        ServerProcess(where).stop()
+    assert "history_key" in str(refused.value), refused.value
+    assert not (data / "history_key").exists(), f"the refused start made a new history_key: {refused.value}"
+    assert "another history key" not in str(refused.value), refused.value
