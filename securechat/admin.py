@@ -80,7 +80,7 @@ def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         type=Path,
         default=default(DEFAULT_USERS),
         metavar="FILE",
-        help="the user store (default: users.json beside server.py)",
+        help=f"the user store (default: {DEFAULT_USERS})",
     )
     parser.add_argument("--log-level", default=default("INFO"), choices=LOG_LEVELS, help="default: INFO")
     parser.add_argument(
@@ -91,10 +91,16 @@ def add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
 
 
+def program_name() -> str:
+    """The server program as the operator runs it: ``server.py`` in a checkout, ``chat-server`` installed."""
+    program = Path(sys.argv[0]).name
+    return program if program in ("server.py", "chat-server") else "server.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Secure terminal group chat server.",
-        epilog="Accounts: server.py adduser NAME | deluser NAME | passwd NAME | users | role NAME admin|user"
+        epilog=f"Accounts: {program_name()} adduser NAME | deluser NAME | passwd NAME | users | role NAME admin|user"
         " | ban NAME [DURATION] [REASON] | unban NAME",
     )
     parser.add_argument(

@@ -17,7 +17,7 @@ from pathlib import Path
 from securechat.accounts import (
     UserStoreError,
 )
-from securechat.admin import parse_arguments, run_admin_command
+from securechat.admin import parse_arguments, program_name, run_admin_command
 from securechat.backend import BackendMismatch, BackendUnavailable
 from securechat.config import (
     DEFAULT_USERS,
@@ -131,8 +131,7 @@ def _account_command(config: ServerConfig, command: str) -> str:
     """The account command that reaches this server's accounts, as the operator would type it: the
     program as it was started, and the store it reads where that is not the default (never the
     backend's password)."""
-    program = Path(sys.argv[0]).name
-    program = program if program in ("server.py", "chat-server") else "server.py"
+    program = program_name()
     if config.backend != "memory":
         where = f" --backend {shlex.quote(hide_password(config.backend))}"
     elif Path(config.users_path).absolute() != DEFAULT_USERS.absolute():
@@ -140,6 +139,19 @@ def _account_command(config: ServerConfig, command: str) -> str:
     else:
         where = ""
     return f"{program} {command} NAME{where}"
+
+
+def _users_folder_problem(config: ServerConfig) -> str:
+    """Why the user store's folder cannot be used ("" if it can). A mistyped ``--users`` folder started an
+    empty store, whose suggested ``adduser`` then failed; installed, the default store's folder is made."""
+    if config.backend != "memory":
+        return ""
+    users = Path(config.users_path)
+    if users.absolute() == DEFAULT_USERS.absolute():
+        DEFAULT_USERS.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not users.parent.is_dir():
+        return f"{users.parent}: no such folder, to keep {users.name} in (--users)"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if worker:
         end_with_supervisor()
     config.reuse_port = bool(worker)
+    if problem := _users_folder_problem(config):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         server = ChatServer(config)
     except (CryptoError, UserStoreError, StoreError, BackendUnavailable, BackendMismatch) as exc:

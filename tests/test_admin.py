@@ -8,9 +8,12 @@ line on stderr (no traceback) with a non-zero exit status.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TIMEOUT, password_of
@@ -340,3 +343,58 @@ def test_the_installed_program_adds_the_first_account_before_the_server_ever_sta
     assert stat.S_IMODE(store.stat().st_mode) == 0o700
     missing = run("adduser", "erin", "--users", str(tmp_path / "typo" / "users.json"), stdin="erin-password-42\n")
     assert missing.returncode == 1 and "typo: no such folder" in missing.stderr, missing.stderr
+
+
+def installed_chat_server(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """What ``pip install .`` lays out: the package in site-packages (no server.py beside it)
+    and a ``chat-server`` script; returns its command line and environment."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(ROOT / "securechat", site / "securechat", ignore=shutil.ignore_patterns("__pycache__"))
+    script = tmp_path / "bin" / "chat-server"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom securechat.server_cli import main\nsys.exit(main())\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("XDG_DATA_HOME", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(site), HOME=str(home))
+    return [sys.executable, str(script)], env
+
+
+def test_the_installed_account_commands_name_the_users_file_they_really_use(tmp_path):
+    """Installed (``pip install .``), the server keeps its users in ~/.local/share/securechat/
+    (README). ``chat-server adduser --help`` says ``--users FILE  the user store (default:
+    users.json beside server.py)``: there is no server.py, and the default is elsewhere."""
+    command, env = installed_chat_server(tmp_path)
+    shown = subprocess.run([*command, "adduser", "--help"], capture_output=True, text=True, env=env, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "beside server.py" not in text, text
+    expected = str(tmp_path / "home" / ".local" / "share" / "securechat" / "users.json")
+    assert expected in "".join(shown.stdout.split()), text
+
+
+def test_the_installed_server_help_names_the_installed_program(tmp_path):
+    """``chat-server --help`` ends "Accounts: server.py adduser NAME | deluser NAME ...": a user of
+    the installed program has no server.py to run (``chat-server adduser NAME`` is the command,
+    as the server's own warning there says)."""
+    command, env = installed_chat_server(tmp_path)
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert "server.py" not in shown.stdout, shown.stdout
+
+
+def test_a_user_store_in_a_folder_that_does_not_exist_is_refused_at_start(tmp_path):
+    """`python server.py --users /srv/chta/users.json` (a typo in the folder) started, listened, and
+    warned "there are no accounts in /srv/chta/users.json: add one with 'server.py adduser NAME --users
+    /srv/chta/users.json'". Run as suggested, that command failed: "/srv/chta: no such folder"."""
+    users = tmp_path / "missing-folder" / "users.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--port", "0", "--users", str(users), "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"error: {users.parent}: no such folder, to keep users.json in (--users)\n",
+    ), result
