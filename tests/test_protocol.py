@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import socket
 import struct
 import time
@@ -711,3 +712,16 @@ def test_valid_usernames(name):
 def test_invalid_usernames(name):
     with pytest.raises(ValueError, match="ASCII letters"):  # "letters" alone would let "ünï" seem fine
         protocol.validate_username(name)
+
+
+def test_the_protocol_document_names_the_signature_contexts_the_server_uses():
+    """docs/PROTOCOL.md's handshake diagram said chat-server-hello/3 and chat-client-auth/3 while the
+    server signs under /5 (as the page's own text said): a client written from the diagram could not
+    verify a real server."""
+    from conftest import ROOT
+
+    from securechat.protocol import CLIENT_AUTH_CONTEXT, SERVER_HELLO_CONTEXT
+
+    document = (ROOT / "docs" / "PROTOCOL.md").read_text("utf-8")
+    named = set(re.findall(r"chat-(?:server-hello|client-auth)/\d+", document))
+    assert named == {SERVER_HELLO_CONTEXT.rstrip(b"\0").decode(), CLIENT_AUTH_CONTEXT.rstrip(b"\0").decode()}
