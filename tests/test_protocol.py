@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import MISSING
 
 import pytest
-from conftest import TIMEOUT
+from conftest import ROOT, TIMEOUT
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -718,8 +718,6 @@ def test_the_protocol_document_names_the_signature_contexts_the_server_uses():
     """docs/PROTOCOL.md's handshake diagram said chat-server-hello/3 and chat-client-auth/3 while the
     server signs under /5 (as the page's own text said): a client written from the diagram could not
     verify a real server."""
-    from conftest import ROOT
-
     from securechat.protocol import CLIENT_AUTH_CONTEXT, SERVER_HELLO_CONTEXT
 
     document = (ROOT / "docs" / "PROTOCOL.md").read_text("utf-8")
