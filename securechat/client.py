@@ -587,9 +587,14 @@ class ChatClient:
             self.confirm_host_key is not None and self.confirm_host_key(shown, fingerprint)
         )
         if not accepted:
+            # Asked and answered "no", the user needs no advice to be asked: only a script, never asked, does.
+            advice = (
+                "connect again and answer yes once it is checked"
+                if self.confirm_host_key is not None
+                else "connect on a terminal or pass --accept-new-host-key"
+            )
             raise HostKeyError(
-                f"unknown server key for {shown} ({fingerprint}); "
-                "check it with the operator, then connect on a terminal or pass --accept-new-host-key"
+                f"unknown server key for {shown} ({fingerprint}); check it with the operator, then {advice}"
             )
         self.known_hosts.add(host_id, fingerprint)
 

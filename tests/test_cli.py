@@ -544,6 +544,19 @@ def test_a_right_password_typed_at_once_after_a_wrong_one_logs_in(chat_server, t
     alice.wait_until(logged_in, START + 5, "alice's #lobby> prompt after her second try")
 
 
+def test_answering_no_to_the_host_key_question_does_not_say_to_connect_on_a_terminal(chat_server, terminals, tmp_path):
+    """A user on a terminal is asked about an unknown key and answers "no". The client says
+    "check it with the operator, then connect on a terminal or pass --accept-new-host-key":
+    but they are on a terminal, and were just asked. The advice is the batch mode's; here it
+    should say that the key was not accepted (and, say, to answer yes once it is checked)."""
+    terminal = terminals(client_args(chat_server.port, "alice", tmp_path / "known_hosts"))
+    terminal.wait_for_text("(yes/no)?", START)
+    terminal.type("no\r")
+    assert terminal.wait_exit(TIMEOUT) == 1
+    assert "error:" in terminal.text
+    assert "connect on a terminal" not in terminal.text.replace("\n", ""), terminal.text
+
+
 def test_the_user_name_is_asked_again_when_left_empty(chat_server, terminals, tmp_path):
     argv = client_args(chat_server.port, "x", pin(tmp_path / "known_hosts", chat_server))
     del argv[argv.index("--user") : argv.index("--user") + 2]
