@@ -1385,6 +1385,8 @@ def run_interactive(
         complete_while_typing=False,
         key_bindings=bindings,
         bottom_toolbar=toolbar,
+        # Ctrl-Z suspends, as in a shell (fg brings it back): else it put a control character in the line.
+        enable_suspend=True,
     )
     online = threading.Event()  # set while a session is up
     online.set()
