@@ -158,6 +158,9 @@ class Disconnected:
     clean: bool = False
     #: True when the server said it was going down and to come back: it may be back at once.
     restarting: bool = False
+    #: True when the server ended the session itself (its token is revoked: a password changed, a
+    #: /logout): only a new login gets back in, so there is nothing to resume.
+    needs_login: bool = False
 
 
 @dataclass(frozen=True)
@@ -954,7 +957,7 @@ class ChatClient:
         # This thread's own references: close() may clear the attributes under us.
         sock, channel, frames = self.sock, self.channel, self._frames
         assert sock is not None and channel is not None and frames is not None
-        reason, clean, restarting = "connection closed", False, False
+        reason, clean, restarting, needs_login = "connection closed", False, False, False
         try:
             while True:
                 frame_type, body = read_frame(sock, MAX_FRAME_SIZE)
@@ -981,6 +984,7 @@ class ChatClient:
                         self.token = ""
                     # No coming back: not until a ban is lifted, not ever to a deleted account.
                     clean = message.code in ("banned", ACCOUNT_DELETED)
+                    needs_login = message.code in TOKEN_CODES
                     return
         except ConnectionClosed as exc:
             reason = "connection lost" if not self._closing.is_set() else "closed"
@@ -1003,7 +1007,9 @@ class ChatClient:
                 self._put_event(Reconnecting(reason=reason))
                 self._put_event(self._resume_by_itself(restarting))
             else:
-                self._put_event(Disconnected(reason=reason, clean=clean, restarting=restarting))
+                self._put_event(
+                    Disconnected(reason=reason, clean=clean, restarting=restarting, needs_login=needs_login)
+                )
 
     def _resume_by_itself(self, restarting: bool) -> Reconnected | Disconnected:
         """Retry with growing, jittered delays and resume the session (run by the reader that lost it).

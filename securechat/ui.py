@@ -1484,6 +1484,12 @@ def run_interactive(
                 leaving.set()
                 stop_prompt()
                 return
+            if ended.needs_login:  # the server ended the session (a password changed): nothing to resume
+                show(f"*** {ended.reason}")
+                report_unconfirmed("before the server ended the session")
+                need_password.set()
+                stop_prompt()
+                return
             show(f"*** {lost(ended.reason)}")
             report_unconfirmed("before the link dropped")
             result, why = reconnect(

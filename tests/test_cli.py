@@ -595,6 +595,33 @@ def test_ctrl_z_at_the_prompt_sends_no_control_character_to_the_room(chat_server
         bob.close()
 
 
+def test_a_terminal_whose_password_is_changed_asks_for_it_without_a_pointless_reconnection(
+    chat_server, terminals, tmp_path, users_file
+):
+    """`server.py passwd carol` while carol chats: the server tells her "this account's password
+    changed; log in again" (a fatal error). The client then prints "*** connection lost: ...",
+    "*** reconnecting in 1.0 s...", tries to resume a session that the server has just said is over,
+    and prints "*** cannot resume the session: no session to resume" before asking the password:
+    two misleading lines (nothing was lost, there was nothing to resume). A deleted account is
+    handled without them (tests/test_cli.py); a changed password should go straight to the prompt."""
+    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
+    carol.wait_for_text("Password for carol:", START)
+    carol.type(password_of("carol") + "\r")
+    carol.wait_until(at_prompt(), START, "carol's prompt")
+    changed = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--users", str(users_file), "passwd", "carol"],
+        input="a-new-pass-for-carol-9\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert changed.returncode == 0, changed.stderr
+    carol.wait_until(lambda terminal: terminal.text.count("Password for carol:") == 2, TIMEOUT * 3, "the prompt")
+    carol.settle()
+    assert "password changed" in carol.text, carol.text
+    assert "reconnecting" not in carol.text and "cannot resume" not in carol.text, carol.text
+
+
 def test_the_user_name_is_asked_again_when_left_empty(chat_server, terminals, tmp_path):
     argv = client_args(chat_server.port, "x", pin(tmp_path / "known_hosts", chat_server))
     del argv[argv.index("--user") : argv.index("--user") + 2]
