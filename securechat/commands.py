@@ -63,7 +63,7 @@ COMMAND_TABLE: tuple[CommandSpec, ...] = (
     _server(
         "part",
         "[#room] [reason]",
-        "leave a room (the current one by default); it is no longer rejoined at login",
+        "leave a room (the current one by default); it is no longer rejoined at login, but the default room is",
         (1, 2),
         room=True,
     ),
