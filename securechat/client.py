@@ -103,6 +103,11 @@ __all__ = [
 
 #: How long connect + login may take (the server may queue password hashing).
 LOGIN_TIMEOUT = 60.0
+#: How long the server's answer to our hello may take: the server itself gives a connection 10 s to
+#: finish its handshake (it would drop us then), and signs hellos in batches within milliseconds even
+#: in a login storm. A port that accepts and says nothing (another program, a wrong --port) is named
+#: in 10 s, not after a minute of a blank screen.
+HANDSHAKE_TIMEOUT = 10.0
 #: The server pings a quiet client every 20 s; hearing nothing this long means the link is dead.
 IDLE_TIMEOUT = 75.0
 #: How long leave() waits for the server's goodbye.
@@ -473,13 +478,17 @@ class ChatClient:
         self._closing.clear()
         with self.send_lock:
             self._session_ready = False  # until the welcome of the session this connection opens
-        deadline = Deadline(self.timeout)
+        deadline = Deadline(min(self.timeout, HANDSHAKE_TIMEOUT))
         self.sock = self._reach_a_server(deadline)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._frames = frame_writer(self.sock)
         try:
             self.sock.sendall(self.hello_frame())
-            self.accept_server_hello(*self._read(deadline))
+            try:
+                answer = self._read(deadline)
+            except ChatError as exc:
+                raise ChatError(f"{self.host}:{self.port}: {exc} (is it the chat server?)") from None
+            self.accept_server_hello(*answer)
         except (ProtocolError, CryptoError) as exc:
             self.close()
             raise ChatError(f"bad handshake from the server: {exc}") from None

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -620,6 +621,48 @@ def test_a_terminal_whose_password_is_changed_asks_for_it_without_a_pointless_re
     carol.settle()
     assert "password changed" in carol.text, carol.text
     assert "reconnecting" not in carol.text and "cannot resume" not in carol.text, carol.text
+
+
+@pytest.fixture
+def silent_listener():
+    """A port that accepts connections and never says a word (another program's port, a stuck server)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, name="silent-listener")
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+    for connection in accepted:
+        connection.close()
+
+
+def test_a_server_that_never_answers_is_reported_before_a_minute_of_silence(silent_listener, terminals, tmp_path):
+    """A newcomer gives the wrong --port (another program's, which accepts and waits, as Redis does)
+    or the server is stuck. The terminal client shows nothing at all, not even the port it is trying,
+    for 60 s, then says "error: the server did not answer in time". The server itself gives a
+    connection 10 s for its handshake; within 15 s the user should at least be told what is
+    going on (or the client should give up)."""
+    terminal = terminals(client_args(silent_listener, "alice", tmp_path / "known_hosts"))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if not terminal.pump(0.2) or terminal.text.strip():
+            break
+    assert terminal.text.strip(), "15 s after start the screen is still empty"
+    assert str(silent_listener) in terminal.text or "error" in terminal.text, terminal.text
 
 
 def test_the_user_name_is_asked_again_when_left_empty(chat_server, terminals, tmp_path):
