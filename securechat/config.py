@@ -61,6 +61,11 @@ CLUSTER_KEY_FILE = "cluster_key"
 ACCOUNTS_IN_REDIS_FILE = "accounts_in_redis"
 
 
+def address_text(host: str, port: int) -> str:
+    """``HOST:PORT`` as a user types it back: an IPv6 address in brackets (``[::1]:7878``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def default_send_workers() -> int:
     """One sealing thread per core but one, and at most two.
 

@@ -472,8 +472,8 @@ class ChatHub:
         except BackendLimit:
             raise HubError(
                 "too_many_sessions",
-                f"you already have {self.config.max_sessions} sessions open (the limit): "
-                "list them with /sessions and end one with /logout ID",
+                f"this account has the most sessions open at once ({self.config.max_sessions}): "
+                "end one with /logout ID on another device (/sessions lists them), or /quit there",
             ) from None
         self._load_ignores(member.name, self._claim_name(member.name))
         self._note_away(member.name)  # a device that comes is not away: nor is its account any more

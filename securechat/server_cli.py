@@ -23,6 +23,7 @@ from securechat.config import (
     DEFAULT_USERS,
     ConfigFileError,
     ServerConfig,
+    address_text,
     config_from_args,
     config_to_toml,
     hide_password,
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Server key fingerprint: {key_bits} {server.fingerprint} (RSA)", flush=True)
     if config.backend != "memory":
         print(f"Rooms shared through {hide_password(config.backend)}", flush=True)
-    print(f"Listening on {host}:{port}", flush=True)
+    print(f"Listening on {address_text(host, port)}", flush=True)
     tune_garbage_collector()
     try:
         server.serve_forever()

@@ -872,7 +872,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
         print("error: --user NAME is required when standard input is not a terminal", file=sys.stderr)
         return 2
     password = os.environ.get("CHAT_PASSWORD")
-    if password is None:
+    if not password:  # set but empty is a script's mistake too: said as such, not as a wrong password
         print("error: set CHAT_PASSWORD (the password is never read from the command line)", file=sys.stderr)
         return 2
     style = Style()  # no colour: scripts read this output
@@ -1266,7 +1266,10 @@ def run_interactive(
         print()
         return 1
     style = Style(
-        colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ, timestamps=True, continuation="    ", compact=True
+        colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
+        timestamps=True,
+        continuation="    ",
+        compact=True,
     )
     # Nothing reads keys while a line waits for its flood budget: a long wait would freeze the terminal.
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, pace_limit=TERMINAL_PACE_LIMIT, **options)

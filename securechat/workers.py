@@ -29,6 +29,7 @@ from securechat.config import (
     SERVER_KEY_FILE,
     TOKEN_SECRET_FILE,
     ServerConfig,
+    address_text,
     hide_password,
 )
 from securechat.listener import check_private_directory
@@ -172,7 +173,7 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
         fingerprint = crypto_utils.fingerprint(private_key.public_key())
         print(f"Server key fingerprint: {private_key.key_size} {fingerprint} (RSA)")
         print(f"Rooms shared through {hide_password(config.backend)}")
-        print(f"Listening on {config.host}:{port} ({count} worker processes)", flush=True)
+        print(f"Listening on {address_text(config.host, port)} ({count} worker processes)", flush=True)
         while not stopping.wait(0.2):
             for worker in workers:
                 _restart_if_dead(worker, stopping)

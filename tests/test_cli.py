@@ -755,8 +755,10 @@ def test_batch_refuses_a_changed_key_and_names_the_pinned_line(chat_server, tmp_
     assert known_hosts.read_text().count(chat_server.fingerprint) == 0
 
 
-def test_batch_without_chat_password_exits_2(tmp_path):
-    result = run_batch(tmp_path, free_port(), "alice", "--accept-new-host-key")
+@pytest.mark.parametrize("password", [None, ""], ids=["unset", "empty"])
+def test_batch_without_chat_password_exits_2(tmp_path, password):
+    # Set but empty (CHAT_PASSWORD= in a unit file or a cron line) was sent, and refused as a wrong password.
+    result = run_batch(tmp_path, free_port(), "alice", "--accept-new-host-key", password=password)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1
     assert "CHAT_PASSWORD" in result.stderr

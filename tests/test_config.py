@@ -7,6 +7,7 @@ so these tests hold the three (options, file, sample) to one another.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import tomllib
@@ -349,3 +350,25 @@ def test_a_ping_timeout_no_longer_than_the_ping_interval_is_refused(tmp_path):
     assert result.returncode == 2, result
     assert result.stderr.startswith("error: --ping-timeout 3 must be longer than --ping-interval 20:"), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_an_ipv6_address_is_announced_as_it_is_typed_back(tmp_path, users_file):
+    # "Listening on ::1:40895" (or ":::17895"): neither can be given back to --server HOST:PORT.
+    where = ["--host", "::1", "--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    server = subprocess.Popen(
+        [sys.executable, SERVER, *where], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    announced = []
+    try:
+        assert server.stdout is not None
+        while line := server.stdout.readline():  # "" once it exits
+            if line.startswith("Listening on"):
+                announced.append(line.strip())
+                break
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=TIMEOUT * 2)
+    if "not an address of this machine" in stderr:
+        pytest.skip("no IPv6 loopback here")
+    assert announced and re.fullmatch(r"Listening on \[::1\]:\d+", announced[0]), (announced, stderr)
