@@ -164,6 +164,27 @@ def check_backend(backend: str) -> None:
     for database in urllib.parse.parse_qs(parts.query).get("db", []):
         if not _is_count(database):
             raise ValueError("db= must be a number, 0 or more")
+    if parts.query:
+        _check_url_options(backend)
+
+
+def _check_url_options(backend: str) -> None:
+    """Refuse options after ``?`` that the Redis client does not know or cannot read (it raised them as a
+    traceback when it first connected). The client reads them as it would connect, but connects nowhere."""
+    import redis  # only a Redis deployment needs it
+
+    try:
+        redis.ConnectionPool.from_url(backend).make_connection()
+    except TypeError as exc:  # "...__init__() got an unexpected keyword argument 'foo'"
+        unknown = re.search(r"argument '(\w+)'", str(exc))
+        raise ValueError(
+            f"the URL's option {unknown.group(1) if unknown else ''} (after ?) is not one Redis knows"
+        ) from None
+    except ValueError as exc:  # "Invalid value for 'socket_timeout' in connection URL."
+        named = re.search(r"'(\w+)'", str(exc))
+        raise ValueError(
+            f"the URL's option {named.group(1) if named else ''} (after ?) has a value it cannot take"
+        ) from None
 
 
 def _is_count(text: str) -> bool:

@@ -405,3 +405,20 @@ def test_the_readmes_second_machine_command_serves_the_data_directory_it_copied(
     assert used == copied, (
         f"the README's command serves {shown}, not the directory its rsync line filled ({destination})"
     )
+
+
+@pytest.mark.parametrize("query", ["?foo=bar", "?socket_timeout=abc"], ids=["unknown-option", "bad-value"])
+def test_a_typo_in_the_backend_urls_query_is_one_line_not_a_traceback(tmp_path, users_file, query):
+    """--backend redis://HOST:PORT/0?foo=bar (an unknown option, or one with a value it cannot take): the
+    server and the account commands died with the Redis client's traceback when they first connected,
+    where every other mistake in the URL is one "error: --backend ..." line."""
+    url = f"redis://127.0.0.1:{free_port()}/0{query}"  # refused before any connection
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    for command in ([*where, "--backend", url], ["users", "--backend", url]):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "server.py"), *command], capture_output=True, text=True, timeout=TIMEOUT * 4
+        )
+        assert done.returncode == 2, (command, done.stderr)
+        option = query[1:].partition("=")[0]
+        assert done.stderr.startswith(f"error: --backend '{url}': the URL's option {option} "), done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
