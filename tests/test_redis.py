@@ -678,6 +678,8 @@ def test_a_refused_login_by_an_unknown_name_does_not_read_every_account_from_red
             "WARNING",
             "--ping-interval",
             "400",
+            "--ping-timeout",
+            "800",
         ]  # keepalive: every 5 s
     )
     reads: list[str] = []
