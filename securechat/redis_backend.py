@@ -91,6 +91,8 @@ NODES_KEY = f"{PREFIX}nodes"
 CLOSE_BUDGET = 0.5
 #: How long one blocking read waits before looking at the set of rooms again.
 READ_BLOCK_MS = 250
+#: Seconds a Redis call may wait for its answer (or a connection) before it fails.
+REDIS_TIMEOUT = 2.0
 #: Entries one read takes at most, per stream.
 READ_COUNT = 500
 #: The live feed of private lines keeps about this many entries (history is in the pair streams).
@@ -333,11 +335,19 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
         url,
         **extra,
         client_name=f"securechat-{os.getpid()}",
-        socket_timeout=5.0,
-        socket_connect_timeout=3.0,
+        # A healthy Redis answers in milliseconds, and the longest read asked of it blocks READ_BLOCK_MS.
+        # One that hangs (stuck, stopped, a path that drops packets) must be given up in seconds: every
+        # call of a user's line, and the keepalive's, waits for it. A refused or reset connection is
+        # tried again (a restart); a timeout is not, as each try would wait as long again.
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
         health_check_interval=10,
-        retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), 3),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        retry=redis.retry.Retry(
+            redis.backoff.ExponentialBackoff(cap=1.0, base=0.05),
+            3,
+            supported_errors=(redis.exceptions.ConnectionError,),
+        ),
+        retry_on_error=[redis.exceptions.ConnectionError],
     )
 
 

@@ -7,6 +7,11 @@ on a ``RedisBackend`` in this process beside them, as ``test_redis.py`` does.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import (
+    REDIS_SERVER,
+    ROOT,
     TIMEOUT,
     assert_a_notice_said_while_offline_is_not_counted_as_lost,
     drain,
@@ -25,7 +32,7 @@ from test_redis import Cluster, Session, client_of, entered, hub_on, said, serve
 
 from securechat.client import Disconnected
 from securechat.hub import ChatHub
-from securechat.protocol import Chat, Notice, Roster
+from securechat.protocol import Chat, ErrorReply, Notice, Roster
 from securechat.protocol import Room as RoomMessage
 from securechat.redis_backend import RedisBackend
 
@@ -35,6 +42,11 @@ def cluster(tmp_path, users_file, redis_server):
     cluster = Cluster(tmp_path, users_file, redis_server.url)
     yield cluster
     cluster.close()
+
+
+def needs_redis() -> None:
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
 
 
 def drop(client) -> None:
@@ -1179,3 +1191,166 @@ def test_a_kicked_device_on_another_node_is_told_it_was_kicked_and_why(redis_ser
             kicking.join(TIMEOUT)
         hub_a.close()
         hub_b.close()
+
+
+# --------------------------------------------------------------------------- a Redis that hangs, or lost its data
+
+
+def start_server(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "server.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str], within: float) -> tuple[int | None, str, str, float]:
+    """Wait up to ``within`` seconds for ``process`` to end by itself; kill it if it has not.
+    Returns (exit status or None when it had to be killed, stdout, stderr, seconds waited)."""
+    started = time.monotonic()
+    try:
+        out, err = process.communicate(timeout=within)
+        return process.returncode, out, err, time.monotonic() - started
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        return None, out, err, time.monotonic() - started
+
+
+def _volatile_cluster_after_data_loss(tmp_path, users_file):
+    """One node on a Redis without persistence; Redis restarts empty while the node runs; the
+    operator does what the node's log says (``import-users``). Returns (cluster, redis, node)."""
+    from conftest import RedisServer
+
+    (tmp_path / "volatile").mkdir()
+    volatile = RedisServer(tmp_path / "volatile", durable=False)
+    cluster = Cluster(tmp_path, users_file, volatile.url)
+    node = cluster.node(tmp_path / "node")
+    first = cluster.log_in("alice", node)
+    first.say("before the loss")
+    wait_for(first, said("before the loss"))
+    volatile.restart()  # it comes back empty
+    _wait_for_log(node, "Redis came back without its data", TIMEOUT * 2)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "import-users", str(users_file), "--backend", volatile.url],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert done.returncode == 0, done.stderr
+    time.sleep(1.5)  # the node's copy of an account is read again after a second
+    return cluster, volatile, node
+
+
+def test_a_line_said_while_redis_hangs_is_refused_within_seconds(cluster, tmp_path, redis_server):
+    """Redis that accepts connections but does not answer (SIGSTOP here; in life a Redis stuck in a
+    long command or a fork, or a network path that drops packets): the docs promise a line sent
+    while Redis is away is refused with ``not sent: …``. Instead the sender gets no answer at all
+    for more than half a minute (every Redis call retries its connect and health check, 5 s each),
+    and another user of the same node waits as long for /who and for every frame (the account check)."""
+    first, second = two_nodes(cluster, tmp_path)
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    alice.say("before redis hangs")
+    wait_for(bob, said("before redis hangs"))
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        alice.say("while redis hangs")
+        outcome = wait_for(
+            alice,
+            lambda event: isinstance(event, ErrorReply) or said("while redis hangs")(event),
+            timeout=15,
+        )
+        assert isinstance(outcome, ErrorReply) and outcome.message.startswith("not sent"), outcome
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+
+
+def test_a_node_pointed_at_a_port_that_never_answers_says_so_within_seconds(tmp_path, users_file):
+    """An operator's typo in the port lands on a service that accepts and never speaks (or a
+    firewall that drops): the server prints nothing at all for about a minute (64 s measured)
+    before "cannot reach Redis". A rediss:// URL against a plain Redis is reported in 13 s; a wrong
+    port should be reported as fast, not look like a hang."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+        status, out, err, waited = finish(start_server(*where, "--backend", url), within=20)
+        assert status == 1, f"still silent after {waited:.0f} s; stdout {out!r} stderr {err!r}"
+        assert err.startswith("error: cannot reach Redis at ") and len(err.strip().splitlines()) == 1, err
+    finally:
+        silent.close()
+
+
+def test_a_node_whose_redis_hangs_keeps_pinging_its_idle_users(cluster, tmp_path, redis_server, monkeypatch):
+    """Redis hangs (SIGSTOP) while users sit idle, typing nothing. The node's keepalive thread is
+    stuck in a Redis read (``_keepalive_pass`` → ``_current_account_stamps`` → ``HGETALL``), so it
+    stops pinging everyone; after the client's 75 s of silence every user of every node is dropped
+    ("connection lost (the server stopped answering)"), though the docs promise sessions go on while
+    a node has no Redis. Here the client's patience is cut to 20 s so the test is short: the node,
+    pinging every 4 s (``--ping-interval 4``), must not fall silent that long."""
+    import securechat.client as client_module
+
+    monkeypatch.setattr(client_module, "IDLE_TIMEOUT", 20.0)
+    node = cluster.node(tmp_path / "node")
+    alice = cluster.log_in("alice", node)
+    alice.say("before redis hangs")
+    wait_for(alice, said("before redis hangs"))
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 24
+        while (left := deadline - time.monotonic()) > 0:
+            event = alice.next_event(timeout=left)
+            if event is None:
+                break
+            assert type(event).__name__ != "Disconnected", f"an idle user was dropped: {event}"
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+
+
+def test_after_redis_lost_its_data_and_the_accounts_are_restored_a_login_lands_in_the_default_room(
+    tmp_path, users_file
+):
+    """Redis restarted without its data while a node runs; the operator restores the accounts as
+    the node's log says. Every login on the running node is then told "cannot rejoin #lobby: #lobby
+    no longer exists" and lands in no room at all ("not sent: you are not in #lobby"), until the
+    node is restarted: the default room is not made again in Redis."""
+    needs_redis()
+    from securechat.protocol import Room
+
+    cluster, volatile, node = _volatile_cluster_after_data_loss(tmp_path, users_file)
+    try:
+        dave = cluster.log_in("dave", node)
+        wait_for(dave, lambda event: isinstance(event, Room) and event.room == "#lobby" and event.joined)
+        dave.say("hello again")
+        assert isinstance(wait_for(dave, lambda event: isinstance(event, Chat | ErrorReply)), Chat)
+    finally:
+        cluster.close()
+        volatile.stop()
+
+
+def test_after_redis_lost_its_data_no_user_becomes_the_owner_of_the_default_room(tmp_path, users_file):
+    """Same loss: the first ordinary user who types /join #lobby makes the default room anew and
+    is its owner (``chat:room:#lobby`` owner, ``role:dave owner``): dave kicks erin out of the room
+    everyone lands in, and sets its modes. The default room has no owner otherwise."""
+    needs_redis()
+    from securechat.protocol import Notice, Room
+
+    cluster, volatile, node = _volatile_cluster_after_data_loss(tmp_path, users_file)
+    try:
+        dave = cluster.log_in("dave", node)
+        dave.join("#lobby")
+        wait_for(dave, lambda event: isinstance(event, Room) and event.room == "#lobby" and event.joined)
+        erin = cluster.log_in("erin", node)
+        wait_for(erin, lambda event: isinstance(event, Room) and event.room == "#lobby" and event.joined)
+        dave.command("kick", "#lobby", "erin", "mine now")
+        outcome = wait_for(
+            dave,
+            lambda event: isinstance(event, ErrorReply) or (isinstance(event, Notice) and event.event == "moderation"),
+        )
+        assert isinstance(outcome, ErrorReply), f"an ordinary user kicked someone out of the default room: {outcome}"
+    finally:
+        cluster.close()
+        volatile.stop()
