@@ -778,7 +778,10 @@ class ChatHub:
                 f"you are in {len(joined)} rooms, the most allowed: /part one first",
             )
         if self.backend.room(room) is None:
-            self._check_may_make_a_room(member.name)
+            if room == self.config.default_room:  # everyone's, lost with Redis's data: made again, by nobody
+                self.ensure_room(room, owner="")
+            else:
+                self._check_may_make_a_room(member.name)
         else:
             state = self.room_state(room)
             ban = state.ban_of(member.name)
@@ -787,7 +790,7 @@ class ChatHub:
             invited = member.name in state.invited or state.rank(member.name) > 0
             if "i" in state.modes and not invited and not self.accounts.is_admin(member.name):
                 raise HubError("invite_only", f"{room} is invite-only (+i): ask one of its ops to /invite you")
-        created = self.ensure_room(room, owner=member.name)
+        created = room != self.config.default_room and self.ensure_room(room, owner=member.name)
         if created:
             self.backend.set_state(room, role_key(member.name), "owner")
             log.info("room created %s by user=%s", room, member.name)
@@ -840,7 +843,9 @@ class ChatHub:
             if room in self._session_rooms.get(member.session_id, ()):
                 return  # in it, or entering it on another thread (a /join on another device, here or elsewhere)
         if self.backend.room(room) is None:
-            raise HubError("no_such_room", f"{room} no longer exists")
+            if room != self.config.default_room:
+                raise HubError("no_such_room", f"{room} no longer exists")
+            self.ensure_room(room, owner="")  # the room everyone is in, lost with Redis's data: made again
         ban = self.room_state(room).ban_of(member.name)
         if ban is not None:
             raise HubError("banned", f"you are banned from {room} {_until(ban.until)}{_reason(ban.reason)}")
