@@ -153,6 +153,10 @@ class LoginRefused(ChatError):
         self.code = code
 
 
+class _Unreachable(ChatError):
+    """A server that could not be connected to at all (its reason, without its address)."""
+
+
 @dataclass(frozen=True)
 class Disconnected:
     """Local event: the connection ended. ``reason`` is for the user."""
@@ -474,12 +478,45 @@ class ChatClient:
     # ------------------------------------------------------------------ connection
 
     def connect(self) -> None:
-        """Open the connection, send our key and verify the server's identity."""
+        """Open the connection, send our key and verify the server's identity.
+
+        The servers are tried in turn, from the one that last answered: one that cannot be reached,
+        or that drops the connection or says nothing before its hello (a node shutting down, a
+        balancer with no node behind it), is passed over for the next. One that answers with the
+        wrong key, or refuses us, is not: that answer stands.
+        """
         self._closing.clear()
         with self.send_lock:
             self._session_ready = False  # until the welcome of the session this connection opens
+        start = next((index for index, server in enumerate(self.servers) if server == (self.host, self.port)), 0)
+        failures: list[str] = []
+        for offset in range(len(self.servers)):
+            host, port = self.servers[(start + offset) % len(self.servers)]
+            try:
+                self._shake_hands(host, port)
+                return
+            except (LoginRefused, HostKeyError):
+                raise
+            except ChatError as exc:
+                failures.append(f"{host}:{port}: {exc}")
+                alone = (
+                    f"cannot reach the server at {host}:{port}: {exc}" if isinstance(exc, _Unreachable) else str(exc)
+                )
+        if len(failures) == 1:
+            raise ChatError(alone)
+        raise ChatError("cannot reach any of the servers (" + "; ".join(failures) + ")")
+
+    def _shake_hands(self, host: str, port: int) -> None:
+        """Connect to one server and check its hello; ``ChatError`` (the connection closed) if not."""
         deadline = Deadline(min(self.timeout, HANDSHAKE_TIMEOUT))
-        self.sock = self._reach_a_server(deadline)
+        try:
+            # A host name with several addresses is tried address by address (create_connection).
+            self.sock = socket.create_connection(
+                (host, port), timeout=deadline.timeout(), source_address=self.source_address
+            )
+        except OSError as exc:
+            raise _Unreachable(exc.strerror or str(exc)) from None
+        self.host, self.port = host, port
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._frames = frame_writer(self.sock)
         try:
@@ -487,36 +524,17 @@ class ChatClient:
             try:
                 answer = self._read(deadline)
             except ChatError as exc:
-                raise ChatError(f"{self.host}:{self.port}: {exc} (is it the chat server?)") from None
+                raise ChatError(f"{host}:{port}: {exc} (is it the chat server?)") from None
             self.accept_server_hello(*answer)
         except (ProtocolError, CryptoError) as exc:
-            self.close()
+            self._reset_connection()
             raise ChatError(f"bad handshake from the server: {exc}") from None
+        except OSError as exc:  # sendall: the connection was reset at once
+            self._reset_connection()
+            raise ChatError(f"the server closed the connection ({exc.strerror or exc})") from None
         except BaseException:
-            self.close()
+            self._reset_connection()
             raise
-
-    def _reach_a_server(self, deadline: Deadline) -> socket.socket:
-        """A connection to the first server that answers, starting from the one that last did.
-
-        A host name with several addresses is tried address by address too (``create_connection``).
-        """
-        start = next((index for index, server in enumerate(self.servers) if server == (self.host, self.port)), 0)
-        failures = []
-        for offset in range(len(self.servers)):
-            host, port = self.servers[(start + offset) % len(self.servers)]
-            try:
-                sock = socket.create_connection(
-                    (host, port), timeout=deadline.timeout(), source_address=self.source_address
-                )
-            except OSError as exc:
-                failures.append(f"{host}:{port}: {exc.strerror or exc}")
-                continue
-            self.host, self.port = host, port
-            return sock
-        if len(failures) == 1:
-            raise ChatError(f"cannot reach the server at {failures[0]}")
-        raise ChatError("cannot reach any of the servers (" + "; ".join(failures) + ")")
 
     # The handshake's steps without the socket: connect() and _authenticate() run them over
     # a blocking socket, and an event-driven caller (the benchmarks' load generator) can
@@ -691,13 +709,13 @@ class ChatClient:
             frames.flush(frames.put(self.login_frame(build)))
             welcome = self.accept_welcome(username, *self._read(Deadline(self.timeout)))
         except (ProtocolError, CryptoError) as exc:
-            self.close()
+            self._reset_connection()
             raise ChatError(f"bad reply from the server: {exc}") from None
         except OSError as exc:
-            self.close()
+            self._reset_connection()
             raise ChatError(f"connection lost while logging in: {exc.strerror or exc}") from None
         except BaseException:
-            self.close()
+            self._reset_connection()
             raise
         self.sock.settimeout(IDLE_TIMEOUT)
         self._start_reader()

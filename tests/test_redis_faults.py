@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -1354,3 +1355,115 @@ def test_after_redis_lost_its_data_no_user_becomes_the_owner_of_the_default_room
     finally:
         cluster.close()
         volatile.stop()
+
+
+# --------------------------------------------------------------------------- failing over
+
+
+class HangsUp:
+    """Listens on a port and resets every connection at once: the address of a node that is gone
+    but still accepts TCP (a node in the middle of its shutdown or start, an L4 balancer whose
+    backend died)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hangs-up")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def test_a_client_moving_off_a_dead_node_is_not_stopped_by_a_port_that_accepts_and_hangs_up(cluster, tmp_path):
+    """``ChatClient(reconnect=True, other_servers=[...])``: its node dies, and its address still accepts
+    TCP for a moment but drops the connection at once (a node in the middle of its shutdown, a
+    supervisor re-binding the port, an L4 balancer with no backend). ``connect()`` fails the
+    handshake and calls ``close()``, which also sets ``_stop_reconnecting``: the reconnection gives up
+    ("Disconnected: closed") instead of going on to the other node, where the session would resume.
+    With a plain SIGTERM of the node it happens now and then (a race); here it is made certain."""
+    from securechat.client import ChatClient, KnownHosts, Reconnected
+
+    first, second = two_nodes(cluster, tmp_path)
+    alice = ChatClient(
+        "127.0.0.1",
+        first.port,
+        server_fingerprint=first.fingerprint,
+        known_hosts=KnownHosts(tmp_path / "known_hosts_alice"),
+        timeout=TIMEOUT * 2,
+        other_servers=[("127.0.0.1", second.port)],
+        reconnect=True,
+    )
+    cluster.clients.append(alice)
+    alice.login("alice", password_of("alice"))
+    bob = cluster.log_in("bob", second)
+    first.process.kill()
+    first.process.wait()
+    gone = HangsUp(first.port)
+    try:
+        outcome = wait_for(
+            alice,
+            lambda event: isinstance(event, Reconnected) or type(event).__name__ == "Disconnected",
+            timeout=TIMEOUT * 3,
+        )
+        assert isinstance(outcome, Reconnected), outcome
+        bob.say("alice moved")
+        wait_for(alice, said("alice moved"))
+    finally:
+        gone.close()
+
+
+def test_the_terminal_client_fails_over_when_the_dead_nodes_address_still_accepts(cluster, tmp_path, terminals):
+    """``client.py --server NODE1 --server NODE2``: node 1 is killed, and its address still accepts
+    TCP but hangs up at once. The client tries node 1 again and again ("still offline: the server
+    closed the connection (connection reset by peer)", backing off to 60 s) and never tries node 2,
+    which is up and would resume the session: ``ChatClient._reach_a_server`` moves on only when the
+    TCP connect itself fails. (A frozen node, whose kernel still accepts, holds its clients the same
+    way, each try waiting out the 60 s login timeout.)"""
+    from conftest import client_env
+
+    first, second = two_nodes(cluster, tmp_path)
+    known_hosts = tmp_path / "known_hosts_cli"
+    argv = [
+        sys.executable,
+        str(ROOT / "client.py"),
+        "--server",
+        f"127.0.0.1:{first.port}",
+        "--server",
+        f"127.0.0.1:{second.port}",
+        "--user",
+        "alice",
+        "--known-hosts",
+        str(known_hosts),
+        "--accept-new-host-key",
+    ]
+    alice = terminals(argv, env=client_env(tmp_path))
+    alice.wait_for_text("Password for alice:", TIMEOUT * 4)
+    alice.type(password_of("alice") + "\r")
+    alice.wait_for_text("you are in #lobby", TIMEOUT * 4)
+    bob = cluster.log_in("bob", second)
+    first.process.kill()
+    first.process.wait()
+    gone = HangsUp(first.port)
+    try:
+        alice.wait_for_text("connection lost", TIMEOUT * 2)
+        bob.say("while alice moves")
+        alice.wait_for_text("reconnected as alice", TIMEOUT * 3)
+        alice.wait_for_text("bob: while alice moves", TIMEOUT)
+    finally:
+        gone.close()
