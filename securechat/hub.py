@@ -1014,7 +1014,10 @@ class ChatHub:
 
     def private(self, member: Member, recipient: str, text: str, *, action: bool = False, ref: str = "") -> None:
         """A line for one account: every device of it, and of the sender; kept for whoever is offline."""
-        named = self.accounts.canonical(recipient)
+        try:
+            named = self.accounts.canonical(recipient)
+        except HubError as exc:
+            raise HubError(exc.code, f"not sent: {exc}") from None
         if named is None:
             raise HubError("no_such_user", f"not sent: there is no user {_clean(recipient, 40)}")
         recipient = named

@@ -98,8 +98,8 @@ SPELLINGS_MAX_AGE = 2.0
 class StoreDirectory:
     """The user store as the hub sees it: who exists, who is an admin, and server-wide bans.
 
-    A store that cannot be read counts as "no such account" and "not an admin" (and is
-    logged): refusing is the safe side.
+    A store that cannot be read counts as "not an admin" (and is logged): refusing is the
+    safe side. A name looked up in it then is refused as unavailable, not as no account.
     """
 
     def __init__(self, users: AccountStore) -> None:
@@ -155,7 +155,10 @@ class StoreDirectory:
             names = self.users.load()
         except UserStoreError as exc:
             log.error("%s", exc)
-            return None
+            # Not "there is no user bob": bob may be online on another node, or log in a minute later.
+            raise HubError(
+                "unavailable", "the server cannot read its accounts just now; try again in a moment"
+            ) from None
         spellings = {stored.casefold(): stored for stored in names}
         with self._spellings_lock:
             self._spellings, self._spellings_read_at = spellings, time.monotonic()
@@ -667,7 +670,11 @@ class ChatServer:
         """
         # Names are unique in any case, so "Alice" typed at the prompt is alice: the session,
         # its token and every room see the name as stored.
-        login = dataclasses.replace(login, username=self.hub.accounts.canonical(login.username) or login.username)
+        try:
+            stored = self.hub.accounts.canonical(login.username)
+        except HubError:  # the store cannot be read: the password check says so
+            stored = None
+        login = dataclasses.replace(login, username=stored or login.username)
         name = login.username
         account = name.casefold()[:64]
         pair_key = ("user at address", f"{account} {connection.address_bucket}")

@@ -1360,6 +1360,29 @@ def test_after_redis_lost_its_data_no_user_becomes_the_owner_of_the_default_room
 # --------------------------------------------------------------------------- failing over
 
 
+def test_a_private_line_during_a_redis_outage_is_not_refused_as_to_a_user_who_does_not_exist(
+    cluster, tmp_path, redis_server
+):
+    """Redis is stopped for a moment. alice's room line is refused, rightly, with "not sent: the
+    server cannot reach its message broker just now"; but her /msg to bob, who is online on the
+    other node and whom she has not written to yet, is refused with "not sent: there is no user
+    bob" (the account directory reads a
+    store it cannot reach as "no such account", ``ServerAccounts.canonical``). She is told her
+    friend's account is gone; she should be told the line was not sent because of the outage."""
+    first, second = two_nodes(cluster, tmp_path)
+    alice, bob = cluster.log_in("alice", first), cluster.log_in("bob", second)
+    bob.say("before the outage")
+    wait_for(alice, said("before the outage"))
+    redis_server.stop()
+    try:
+        alice.private("bob", "during the outage")
+        refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply | Chat), timeout=TIMEOUT * 3)
+        assert isinstance(refusal, ErrorReply) and refusal.message.startswith("not sent"), refusal
+        assert "there is no user" not in refusal.message, refusal.message
+    finally:
+        redis_server.start()
+
+
 class HangsUp:
     """Listens on a port and resets every connection at once: the address of a node that is gone
     but still accepts TCP (a node in the middle of its shutdown or start, an L4 balancer whose
