@@ -841,12 +841,15 @@ class ChatServer:
         A banned account has none: a ban set by the admin command line ends its sessions too.
         """
         try:
-            return {
-                name: account_stamp(record) for name, record in self.users.load().items() if record.active_ban() is None
-            }
+            records = self.users.load()
         except UserStoreError as exc:
             log.error("%s", exc)
             return None
+        if not records and self.config.backend != "memory":
+            # Redis lost its data (its log says so): every account is missing, none was deleted. Sessions
+            # go on, as through an outage, until the accounts are restored.
+            return None
+        return {name: account_stamp(record) for name, record in records.items() if record.active_ban() is None}
 
     def _revoke_sessions_of_banned_account(self, claims: TokenClaims) -> None:
         """An account banned from the admin command line keeps its password, so its tokens would be

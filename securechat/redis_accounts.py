@@ -79,11 +79,25 @@ class RedisUserStore(AccountEdits):
                     return self._last_read[name][1]
             raise UserStoreError(describe_redis_error(self._url, exc)) from None
         record = self._parse(name, value) if value is not None else None
+        if record is None and not self._holds_accounts():
+            # Not "this account no longer exists": Redis holds none at all (it lost its data). Sessions go
+            # on on the records read before, as through an outage, until the accounts are restored.
+            with self._cache_lock:
+                if name in self._last_read:
+                    return self._last_read[name][1]
+            raise UserStoreError(f"{self.where} holds no accounts (it lost its data, or none were imported)")
         with self._cache_lock:
             if len(self._last_read) > 100_000:  # a bound: the next reads fill it again
                 self._last_read.clear()
             self._last_read[name] = (now if generation == self._generation else 0.0, record)
         return record
+
+    def _holds_accounts(self) -> bool:
+        """Whether Redis holds any account (an empty hash does not exist); True if it cannot say."""
+        try:
+            return bool(self.redis.exists(USERS_KEY))
+        except redis.exceptions.RedisError:
+            return True  # the record read just now said none: it stands
 
     def forget(self, name: str) -> None:
         """``name`` changed (told on the control stream): its next ``get`` reads Redis."""

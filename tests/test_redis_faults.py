@@ -1357,6 +1357,42 @@ def test_after_redis_lost_its_data_no_user_becomes_the_owner_of_the_default_room
         volatile.stop()
 
 
+def test_a_redis_that_lost_its_data_does_not_tell_users_their_account_was_deleted_or_its_password_changed(
+    tmp_path, users_file
+):
+    """Redis restarted without its data while users chat: every connected user is told "this account
+    no longer exists" or, as timing goes, "this account's password changed; log in again", and is
+    thrown out (the CLI exits). Nobody deleted an account: the operator is
+    told in the log to restore them from a backup. The users should be told the truth (the server
+    lost its data / try again later), or keep their sessions on the records the node has read, as
+    during an outage: not that their account is gone."""
+    needs_redis()
+    from conftest import RedisServer
+
+    (tmp_path / "volatile").mkdir()
+    volatile = RedisServer(tmp_path / "volatile", durable=False)
+    cluster = Cluster(tmp_path, users_file, volatile.url)
+    try:
+        node = cluster.node(tmp_path / "node")
+        alice = cluster.log_in("alice", node)
+        alice.say("before the loss")
+        wait_for(alice, said("before the loss"))
+        volatile.restart()  # it comes back empty
+        _wait_for_log(node, "Redis came back without its data", TIMEOUT * 2)
+        alice.say("after the loss")
+        told = []
+        deadline = time.monotonic() + TIMEOUT
+        while (event := alice.next_event(timeout=max(0.1, deadline - time.monotonic()))) is not None:
+            told.append(event)
+            if time.monotonic() > deadline or type(event).__name__ == "Disconnected":
+                break
+        untrue = [e for e in told if isinstance(e, ErrorReply) and e.code in ("account_deleted", "token_revoked")]
+        assert not untrue, untrue
+    finally:
+        cluster.close()
+        volatile.stop()
+
+
 # --------------------------------------------------------------------------- failing over
 
 
