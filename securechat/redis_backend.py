@@ -356,6 +356,17 @@ def redis_client(url: str, on_connect: Callable[[], None] | None = None) -> redi
 _LOGIN_REFUSALS = ("NOAUTH", "WRONGPASS", "HELLO must be called with the client already authenticated")
 
 
+def _what_redis_refused(exc: redis.exceptions.RedisError) -> str:
+    """What Redis did when it answered with a refusal ("is full ..."); "" if it did not answer. A full
+    Redis and a user without a permission were said to be unreachable: the operator looked at the network."""
+    text = str(exc)
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in text:
+        return "is full (its maxmemory) and refuses writes"
+    if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in text or "no permissions" in text:
+        return "refused a command: its user lacks a permission the server needs (it runs scripts: +@scripting)"
+    return ""
+
+
 def describe_redis_error(url: str, exc: redis.exceptions.RedisError) -> str:
     """One line for an operator saying why Redis at ``url`` could not be used, never with its password.
 
@@ -368,6 +379,9 @@ def describe_redis_error(url: str, exc: redis.exceptions.RedisError) -> str:
         if _password_given(url):
             return f"Redis at {place} refused the password (or the user name) it was given"
         return f"Redis at {place} needs a password (give it in the URL or in {PASSWORD_VARIABLE})"
+    refused = _what_redis_refused(exc)
+    if refused:
+        return f"Redis at {_place(url)} {refused}"
     return f"cannot reach Redis at {_shown_url(url)}: {text}"
 
 
@@ -744,8 +758,7 @@ class RedisBackend:
             try:
                 seq, answer = (int(value) for value in self._append(keys=keys, args=args))
             except redis.exceptions.RedisError as exc:
-                self._note_problem(exc)
-                raise BackendUnavailable("the server cannot reach its message broker just now") from None
+                raise self._unavailable(exc) from None
             if seq == -2:  # the charge was more than the budget held: nothing was stored
                 raise OverBudget(sender)
             if seq < 0:  # another process took that id, or numbered a later line of this stream first
@@ -1204,8 +1217,7 @@ class RedisBackend:
                 )
             )
         except redis.exceptions.RedisError as exc:
-            self._note_problem(exc)
-            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+            raise self._unavailable(exc) from None
         if count < 0:
             raise BackendLimit(f"{info.account} already has {limit} sessions, the most allowed")
         with self._local_lock:
@@ -1416,8 +1428,7 @@ class RedisBackend:
                 pipe.xadd(CONTROL_KEY, fields, maxlen=CONTROL_STREAM_LENGTH, approximate=True)
                 pipe.execute()
         except redis.exceptions.RedisError as exc:
-            self._note_problem(exc)
-            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+            raise self._unavailable(exc) from None
         finally:
             self._forget_state(scope)
 
@@ -1427,8 +1438,7 @@ class RedisBackend:
             args: list[str | int] = [key, expected or "", value or "", CONTROL_STREAM_LENGTH, scope]
             return bool(self._replace_state(keys=keys, args=args))
         except redis.exceptions.RedisError as exc:
-            self._note_problem(exc)
-            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+            raise self._unavailable(exc) from None
         finally:
             self._forget_state(scope)  # changed, or not what was read: read again either way
 
@@ -1522,8 +1532,16 @@ class RedisBackend:
         try:
             return function(*args, **kwargs)
         except redis.exceptions.RedisError as exc:
-            self._note_problem(exc)
-            raise BackendUnavailable("the server cannot reach its message broker just now") from None
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: redis.exceptions.RedisError) -> BackendUnavailable:
+        """What a user (or the start) is told of a Redis call that failed, once it is logged: that the broker
+        cannot be reached, unless Redis answered and refused (it is full, or its user may not run a command)."""
+        self._note_problem(exc)
+        refused = _what_redis_refused(exc)
+        if refused:
+            return BackendUnavailable(f"the server's message broker (Redis) {refused}: tell the server's operator")
+        return BackendUnavailable("the server cannot reach its message broker just now")
 
     def _note_problem(self, exc: Exception) -> None:
         problem = f"Redis: {type(exc).__name__}: {exc}"

@@ -29,7 +29,17 @@ from conftest import (
     wait_for,
     wait_until,
 )
-from test_redis import Cluster, Session, client_of, entered, hub_on, said, server_command, two_nodes
+from test_redis import (
+    Cluster,
+    Session,
+    client_of,
+    entered,
+    hub_on,
+    import_accounts,
+    said,
+    server_command,
+    two_nodes,
+)
 
 from securechat.client import Disconnected
 from securechat.hub import ChatHub
@@ -1391,6 +1401,48 @@ def test_a_redis_that_lost_its_data_does_not_tell_users_their_account_was_delete
     finally:
         cluster.close()
         volatile.stop()
+
+
+def test_a_full_redis_is_not_reported_as_one_that_cannot_be_reached(cluster, tmp_path, redis_server):
+    """Redis at its ``maxmemory`` with ``noeviction`` answers every write with OOM. The user is told
+    "not sent: the server cannot reach its message broker just now", and a node started then says
+    "error: cannot reach Redis at …": both send the operator looking at the network, when Redis is
+    right there and full."""
+    node = cluster.node(tmp_path / "node")
+    alice = cluster.log_in("alice", node)
+    alice.say("before redis is full")
+    wait_for(alice, said("before redis is full"))
+    with redis.Redis.from_url(redis_server.url) as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            alice.say("into a full redis")
+            refusal = wait_for(alice, lambda event: isinstance(event, ErrorReply | Chat))
+            assert isinstance(refusal, ErrorReply) and refusal.message.startswith("not sent"), refusal
+            assert "cannot reach" not in refusal.message, refusal.message
+            where = ["--port", "0", "--users", str(cluster.users_file), "--data-dir", str(tmp_path / "other")]
+            status, _, err, _ = finish(start_server(*where, "--backend", redis_server.url), within=TIMEOUT * 4)
+            assert status == 1 and err.startswith("error: "), err
+            assert "cannot reach" not in err, err
+        finally:
+            admin.config_set("maxmemory", 0)
+
+
+def test_a_redis_user_without_the_scripting_permission_is_not_reported_as_unreachable(
+    tmp_path, users_file, redis_server
+):
+    """An ACL user the operator made without ``+@scripting`` (the nodes run Lua scripts): the node
+    stops at start with "error: the server cannot reach its message broker just now", a line about
+    the network, where Redis answered "this user has no permissions to run the 'evalsha' command"."""
+    import_accounts(users_file, redis_server.url)
+    with redis.Redis.from_url(redis_server.url) as admin:
+        admin.execute_command("ACL", "SETUSER", "chat", "on", ">chat-pass", "~*", "+@all", "-@scripting")
+    url = f"redis://chat:chat-pass@127.0.0.1:{redis_server.port}/0"
+    where = ["--port", "0", "--users", str(users_file), "--data-dir", str(tmp_path / "data")]
+    status, _, err, _ = finish(start_server(*where, "--backend", url), within=TIMEOUT * 4)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert status == 1 and last.startswith("error: "), err
+    assert "cannot reach" not in last and "permission" in last.lower(), last
 
 
 # --------------------------------------------------------------------------- failing over
