@@ -15,6 +15,7 @@ import os
 import queue
 import random
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -314,7 +315,8 @@ class DeviceTokens:
         """The token saved for ``username`` at ``host_id``, or "" if there is none (or none to trust)."""
         try:
             with open(self._path(host_id, username), "rb") as handle:
-                if os.fstat(handle.fileno()).st_mode & 0o077:
+                info = os.fstat(handle.fileno())
+                if info.st_mode & 0o077 or info.st_uid != os.getuid() or not self._private_directory():
                     return ""
                 token = handle.read(MAX_DEVICE_TOKEN_CHARS + 1)
         except OSError:
@@ -323,12 +325,23 @@ class DeviceTokens:
             return ""
         return token.decode("ascii").strip()
 
+    def _private_directory(self) -> bool:
+        """Whether the directory is ours and nobody else may write in it: in a shared folder (``--known-hosts
+        /tmp/x`` puts it in /tmp/device_tokens), another user could swap the files in it."""
+        try:
+            info = os.lstat(self.directory)
+        except OSError:
+            return False
+        return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
     def save(self, host_id: str, username: str, token: str) -> bool:
         """Keep ``token`` for ``username`` at ``host_id`` (in place of any before); False if it could not be."""
         if not token.isascii() or len(token) > MAX_DEVICE_TOKEN_CHARS:
             return False
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self._private_directory():
+                return False
             # mkstemp makes the file 0600; the rename puts it in place whole.
             fd, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
             try:

@@ -1054,3 +1054,18 @@ def test_a_device_token_file_others_can_read_is_not_sent(tmp_path):
     (saved,) = store.directory.iterdir()
     saved.chmod(0o640)
     assert store.lookup("[127.0.0.1]:7878", "alice") == ""
+
+
+def test_device_tokens_are_neither_kept_nor_read_in_a_folder_others_may_write(tmp_path):
+    # --known-hosts /tmp/x puts them in /tmp/device_tokens: a folder another user may have made there,
+    # and whose files that user may swap.
+    from securechat.client import DeviceTokens
+
+    shared = tmp_path / "device_tokens"
+    store = DeviceTokens(shared)
+    assert store.save("[127.0.0.1]:7878", "alice", "the-token")
+    shared.chmod(0o777)
+    assert store.lookup("[127.0.0.1]:7878", "alice") == "", "a token read from a folder anyone may write"
+    assert not store.save("[127.0.0.1]:7878", "alice", "another"), "a token kept in a folder anyone may write"
+    shared.chmod(0o700)
+    assert store.lookup("[127.0.0.1]:7878", "alice") == "the-token"
