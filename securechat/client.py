@@ -498,7 +498,6 @@ class ChatClient:
         balancer with no node behind it), is passed over for the next. One that answers with the
         wrong key, or refuses us, is not: that answer stands.
         """
-        self._closing.clear()
         with self.send_lock:
             self._session_ready = False  # until the welcome of the session this connection opens
         start = next((index for index, server in enumerate(self.servers) if server == (self.host, self.port)), 0)
@@ -521,6 +520,7 @@ class ChatClient:
 
     def _shake_hands(self, host: str, port: int) -> None:
         """Connect to one server and check its hello; ``ChatError`` (the connection closed) if not."""
+        self._closing.clear()  # (a server tried before this one set it, as it was closed)
         deadline = Deadline(min(self.timeout, HANDSHAKE_TIMEOUT))
         try:
             # A host name with several addresses is tried address by address (create_connection).
@@ -529,24 +529,27 @@ class ChatClient:
             )
         except OSError as exc:
             raise _Unreachable(exc.strerror or str(exc)) from None
+        # What the key is checked as (accept_server_hello), and the server tried first next time once it
+        # has answered: one that dropped us is not.
+        answered = (self.host, self.port)
         self.host, self.port = host, port
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._frames = frame_writer(self.sock)
         try:
-            self.sock.sendall(self.hello_frame())
             try:
+                self.sock.sendall(self.hello_frame())
                 answer = self._read(deadline)
             except ChatError as exc:
                 raise ChatError(f"{host}:{port}: {exc} (is it the chat server?)") from None
-            self.accept_server_hello(*answer)
-        except (ProtocolError, CryptoError) as exc:
-            self._reset_connection()
-            raise ChatError(f"bad handshake from the server: {exc}") from None
-        except OSError as exc:  # sendall: the connection was reset at once
-            self._reset_connection()
-            raise ChatError(f"the server closed the connection ({exc.strerror or exc})") from None
+            except OSError as exc:  # the connection was reset at once
+                raise ChatError(f"{host}:{port}: the server closed the connection ({exc.strerror or exc})") from None
+            try:
+                self.accept_server_hello(*answer)
+            except (ProtocolError, CryptoError) as exc:
+                raise ChatError(f"bad handshake from the server: {exc}") from None
         except BaseException:
             self._reset_connection()
+            self.host, self.port = answered
             raise
 
     # The handshake's steps without the socket: connect() and _authenticate() run them over
