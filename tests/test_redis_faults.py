@@ -1229,20 +1229,27 @@ def finish(process: subprocess.Popen[str], within: float) -> tuple[int | None, s
         return None, out, err, time.monotonic() - started
 
 
-def _volatile_cluster_after_data_loss(tmp_path, users_file):
-    """One node on a Redis without persistence; Redis restarts empty while the node runs; the
-    operator does what the node's log says (``import-users``). Returns (cluster, redis, node)."""
+def _node_whose_redis_loses_its_data(tmp_path, users_file):
+    """One node on a Redis without persistence, alice chatting on it; Redis restarts empty, and the node
+    says so. Returns (cluster, redis, node, alice)."""
     from conftest import RedisServer
 
     (tmp_path / "volatile").mkdir()
     volatile = RedisServer(tmp_path / "volatile", durable=False)
     cluster = Cluster(tmp_path, users_file, volatile.url)
     node = cluster.node(tmp_path / "node")
-    first = cluster.log_in("alice", node)
-    first.say("before the loss")
-    wait_for(first, said("before the loss"))
+    alice = cluster.log_in("alice", node)
+    alice.say("before the loss")
+    wait_for(alice, said("before the loss"))
     volatile.restart()  # it comes back empty
     _wait_for_log(node, "Redis came back without its data", TIMEOUT * 2)
+    return cluster, volatile, node, alice
+
+
+def _volatile_cluster_after_data_loss(tmp_path, users_file):
+    """The same loss, then the operator does what the node's log says (``import-users``).
+    Returns (cluster, redis, node)."""
+    cluster, volatile, node, _ = _node_whose_redis_loses_its_data(tmp_path, users_file)
     done = subprocess.run(
         [sys.executable, str(ROOT / "server.py"), "import-users", str(users_file), "--backend", volatile.url],
         capture_output=True,
@@ -1377,18 +1384,8 @@ def test_a_redis_that_lost_its_data_does_not_tell_users_their_account_was_delete
     lost its data / try again later), or keep their sessions on the records the node has read, as
     during an outage: not that their account is gone."""
     needs_redis()
-    from conftest import RedisServer
-
-    (tmp_path / "volatile").mkdir()
-    volatile = RedisServer(tmp_path / "volatile", durable=False)
-    cluster = Cluster(tmp_path, users_file, volatile.url)
+    cluster, volatile, _, alice = _node_whose_redis_loses_its_data(tmp_path, users_file)
     try:
-        node = cluster.node(tmp_path / "node")
-        alice = cluster.log_in("alice", node)
-        alice.say("before the loss")
-        wait_for(alice, said("before the loss"))
-        volatile.restart()  # it comes back empty
-        _wait_for_log(node, "Redis came back without its data", TIMEOUT * 2)
         alice.say("after the loss")
         told = []
         deadline = time.monotonic() + TIMEOUT
