@@ -311,6 +311,7 @@ class AccountStore(Protocol):
     def unban(self, name: str) -> bool: ...
     def remove_orphaned_copies(self) -> int: ...
     def forget(self, name: str) -> None: ...
+    def lost_its_accounts(self) -> bool: ...
 
 
 T = TypeVar("T")
@@ -569,6 +570,10 @@ class UserStore(AccountEdits):
             log.warning("removed %s, a copy of the store an interrupted change left behind", orphan)
             removed += 1
         return removed
+
+    def lost_its_accounts(self) -> bool:
+        """Never: an empty users.json is one whose accounts were deleted (Redis may lose them, with its data)."""
+        return False
 
     def remove_orphaned_copies(self) -> int:
         """Delete the temporary copies of the store that an interrupted change left; returns how many.

@@ -327,6 +327,7 @@ class ChatServer:
         repair from a backup. Raises ``UserStoreError`` if Redis cannot be reached.
         """
         marker = data_dir / ACCOUNTS_IN_REDIS_FILE
+        store.held_before = marker.exists()  # (copied with the data directory to every node)
         held_before = False
         if not holds_accounts:
             held_before = marker.exists() or store.held_accounts_before()
@@ -354,6 +355,7 @@ class ChatServer:
                 return
             log.warning("Redis held no accounts: copied %d from %s (%s)", len(added), users_path, ", ".join(added))
         store.note_accounts_held()
+        store.held_before = True
         if not marker.exists():
             note = f"The accounts of this deployment live in {store.where}: users.json is not copied there again.\n"
             with contextlib.suppress(FileExistsError):  # another process starting at once wrote it first
@@ -845,9 +847,9 @@ class ChatServer:
         except UserStoreError as exc:
             log.error("%s", exc)
             return None
-        if not records and self.config.backend != "memory":
-            # Redis lost its data (its log says so): every account is missing, none was deleted. Sessions
-            # go on, as through an outage, until the accounts are restored.
+        if not records and self.users.lost_its_accounts():
+            # Every account is missing, none was deleted (the log says Redis lost its data). Sessions go
+            # on, as through an outage, until the accounts are restored.
             return None
         return {name: account_stamp(record) for name, record in records.items() if record.active_ban() is None}
 

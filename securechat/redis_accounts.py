@@ -47,6 +47,9 @@ class RedisUserStore(AccountEdits):
         self._cache_lock = threading.Lock()
         self._last_read: dict[str, tuple[float, UserRecord | None]] = {}
         self._generation = 0
+        #: Whether this deployment's accounts have lived in Redis (its data directory says so, see
+        #: ``ChatServer._hand_accounts_to_redis``): set once, at start.
+        self.held_before = False
 
     def _parse(self, name: Any, value: Any) -> UserRecord:
         text_name = name.decode() if isinstance(name, bytes) else str(name)
@@ -79,25 +82,30 @@ class RedisUserStore(AccountEdits):
                     return self._last_read[name][1]
             raise UserStoreError(describe_redis_error(self._url, exc)) from None
         record = self._parse(name, value) if value is not None else None
-        if record is None and not self._holds_accounts():
-            # Not "this account no longer exists": Redis holds none at all (it lost its data). Sessions go
-            # on on the records read before, as through an outage, until the accounts are restored.
+        if record is None and self.lost_its_accounts():
+            # Not "this account no longer exists": Redis lost every account with its data. Sessions go on
+            # on the records read before, as through an outage, until the accounts are restored.
             with self._cache_lock:
                 if name in self._last_read:
                     return self._last_read[name][1]
-            raise UserStoreError(f"{self.where} holds no accounts (it lost its data, or none were imported)")
+            raise UserStoreError(f"{self.where} lost its accounts with its data: they must be restored")
         with self._cache_lock:
             if len(self._last_read) > 100_000:  # a bound: the next reads fill it again
                 self._last_read.clear()
             self._last_read[name] = (now if generation == self._generation else 0.0, record)
         return record
 
-    def _holds_accounts(self) -> bool:
-        """Whether Redis holds any account (an empty hash does not exist); True if it cannot say."""
+    def lost_its_accounts(self) -> bool:
+        """Whether Redis lost this deployment's accounts: they lived there (``held_before``), and Redis holds
+        neither an account nor the record that it held some, which every write of an account sets and
+        deleting them all leaves. An empty Redis that never held them has not lost them. False if it
+        cannot say."""
+        if not self.held_before:
+            return False
         try:
-            return bool(self.redis.exists(USERS_KEY))
+            return self.redis.exists(USERS_KEY, ACCOUNTS_HELD_KEY) == 0
         except redis.exceptions.RedisError:
-            return True  # the record read just now said none: it stands
+            return False
 
     def forget(self, name: str) -> None:
         """``name`` changed (told on the control stream): its next ``get`` reads Redis."""
@@ -137,6 +145,8 @@ class RedisUserStore(AccountEdits):
             changed.clear()
             changed.update(name for name in before.keys() | users.keys() if before.get(name) != users.get(name))
             pipe.multi()
+            if any(name in users for name in changed):  # lost with Redis's data; kept when all are deleted
+                pipe.set(ACCOUNTS_HELD_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), nx=True)
             for name in sorted(changed):
                 if name in users:
                     pipe.hset(USERS_KEY, name, json.dumps(entry_of(users[name])))

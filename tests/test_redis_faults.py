@@ -23,6 +23,7 @@ from conftest import (
     REDIS_SERVER,
     ROOT,
     TIMEOUT,
+    ServerProcess,
     assert_a_notice_said_while_offline_is_not_counted_as_lost,
     drain,
     password_of,
@@ -41,7 +42,7 @@ from test_redis import (
     two_nodes,
 )
 
-from securechat.client import Disconnected
+from securechat.client import Disconnected, LoginRefused
 from securechat.hub import ChatHub
 from securechat.protocol import Chat, ErrorReply, Notice, Roster
 from securechat.protocol import Room as RoomMessage
@@ -1440,6 +1441,60 @@ def test_a_redis_user_without_the_scripting_permission_is_not_reported_as_unreac
     last = err.strip().splitlines()[-1] if err.strip() else ""
     assert status == 1 and last.startswith("error: "), err
     assert "cannot reach" not in last and "permission" in last.lower(), last
+
+
+def test_the_last_account_deleted_from_redis_is_logged_out_and_cannot_log_in_again(cluster, tmp_path):
+    """deluser of the last account left in Redis empties the accounts hash: the new "Redis holds no
+    accounts, it lost its data" guess takes it for a data loss, so the deleted account's session goes
+    on and its old password still logs in (from the record cached before the deletion)."""
+    node = cluster.node(tmp_path / "node1", "--ping-interval", "2", "--ping-timeout", "20")
+    for name in ("bob", "carol", "dave", "erin", "echo"):
+        done = server_command("deluser", name, "--backend", cluster.redis_url)
+        assert done.returncode == 0, done.stderr
+    alice = cluster.log_in("alice", node)
+    drain(alice)
+    done = server_command("deluser", "alice", "--backend", cluster.redis_url)
+    assert done.returncode == 0, done.stderr
+    # A deleted account's session ends (the keepalive checks every account each half second here).
+    ended = None
+    deadline = time.monotonic() + TIMEOUT
+    while ended is None and time.monotonic() < deadline:
+        event = alice.next_event(timeout=0.2)
+        if isinstance(event, Disconnected):
+            ended = event
+    again = client_of(node, tmp_path / "known_hosts_again")
+    cluster.clients.append(again)
+    try:
+        again.login("alice", password_of("alice"))
+        logged_in_again = True
+    except LoginRefused:
+        logged_in_again = False
+    assert ended is not None, "the deleted account's session went on"
+    assert not logged_in_again, "the deleted account logged in again with its old password"
+
+
+def test_a_login_to_a_redis_deployment_with_no_accounts_yet_is_not_told_the_store_cannot_be_read(
+    tmp_path, redis_server
+):
+    """A first start on an empty Redis with no users.json to copy (accounts to be added with adduser
+    --backend): Redis answers and holds no account, yet every login is told "the server cannot read its
+    user store" (code server_error), which sends the operator after a Redis that works."""
+    node = ServerProcess(
+        [
+            "--port", "0", "--users", str(tmp_path / "users.json"), "--data-dir", str(tmp_path / "data"),
+            "--backend", redis_server.url, "--log-level", "WARNING",
+        ]
+    )  # fmt: skip
+    try:
+        client = client_of(node, tmp_path / "known_hosts")
+        try:
+            with pytest.raises(LoginRefused) as refused:
+                client.login("alice", password_of("alice"))
+        finally:
+            client.close()
+    finally:
+        node.stop()
+    assert refused.value.code == "auth_failed", f"{refused.value.code}: {refused.value}"
 
 
 # --------------------------------------------------------------------------- failing over
