@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import getpass
 import io
 import os
 import platform
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -948,6 +950,9 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
             if ended.clean:  # the server said not to come back (say, we logged in elsewhere)
                 end_session(f"disconnected: {ended.reason}", told=bool(fatal) and ended.reason == fatal)
                 return
+            if ended.needs_login:  # the server ended the session (a password changed): nothing to resume
+                end_session(ended.reason, told=bool(fatal) and ended.reason == fatal)
+                return
             set_online(False)  # before saying so: a line read after this message waits
             report(f"*** {lost(ended.reason)}")
             result, why = reconnect(
@@ -1221,7 +1226,7 @@ def log_in_on_terminal(client: ChatClient, user: str, ask_password: Callable[[],
                     if delay is None or waited + int(delay.group(1)) > MOST_LOGIN_DELAY_WAITED:
                         raise
                     print(sanitize_text(f"error: {exc}; waiting"), file=sys.stderr, flush=True)
-                    time.sleep(int(delay.group(1)))
+                    _wait_unechoed(int(delay.group(1)))
                     waited += int(delay.group(1))
                     client.close()
                     client.connect()
@@ -1229,6 +1234,48 @@ def log_in_on_terminal(client: ChatClient, user: str, ask_password: Callable[[],
             if exc.code != "auth_failed" or attempt == PASSWORD_TRIES:
                 raise
             print(sanitize_text(f"error: {exc}; try again"), file=sys.stderr)
+
+
+def read_password(prompt: str) -> str:
+    """``getpass``, and after a Ctrl-Z and ``fg`` still unseen: the shell gives the terminal back with its
+    own modes, echo on, and the rest of the password was shown in clear as it was typed."""
+    import termios
+
+    def echo_off_again(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(termios.error, OSError, ValueError):
+            modes = termios.tcgetattr(sys.stdin.fileno())
+            modes[3] &= ~termios.ECHO
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, modes)
+
+    previous = signal.signal(signal.SIGCONT, echo_off_again)
+    try:
+        return getpass.getpass(prompt)
+    finally:
+        signal.signal(signal.SIGCONT, previous)
+
+
+def _wait_unechoed(seconds: float) -> None:
+    """Sleep, with what is typed meanwhile neither shown nor kept, and Ctrl-C live.
+
+    A user who takes the wait for a new prompt types the password again: the terminal showed it in
+    clear, and the chat prompt then read it as a line and sent it to the room. In the prompt's raw mode
+    (logging in again), Ctrl-C was no signal, and the wait could not be cut short.
+    """
+    import termios  # (the client runs on Unix terminals: README)
+
+    try:
+        saved = termios.tcgetattr(sys.stdin.fileno())
+    except (termios.error, OSError, ValueError):  # not a terminal
+        time.sleep(seconds)
+        return
+    quiet = list(saved)
+    quiet[3] = (quiet[3] & ~(termios.ECHO | termios.ICANON)) | termios.ISIG  # local modes
+    try:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, quiet)
+        time.sleep(seconds)
+    finally:
+        termios.tcflush(sys.stdin.fileno(), termios.TCIFLUSH)  # what was typed meanwhile is dropped
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved)
 
 
 def _log_in_in_time(client: ChatClient, user: str, password: str) -> None:
@@ -1274,7 +1321,7 @@ def run_interactive(
     # Nothing reads keys while a line waits for its flood budget: a long wait would freeze the terminal.
     client = ChatClient(host, port, confirm_host_key=ask_yes_no, pace_limit=TERMINAL_PACE_LIMIT, **options)
     try:
-        log_in_on_terminal(client, user, lambda: getpass.getpass(f"Password for {user}: "))
+        log_in_on_terminal(client, user, lambda: read_password(f"Password for {user}: "))
         if room:
             enter_room(client, room)
     except ChatError as exc:
@@ -1488,7 +1535,7 @@ def run_interactive(
                 stop_prompt()
                 return
             if ended.needs_login:  # the server ended the session (a password changed): nothing to resume
-                show(f"*** {ended.reason}")
+                # (Its reason is on the screen already: the error that ended it.)
                 report_unconfirmed("before the server ended the session")
                 need_password.set()
                 stop_prompt()
@@ -1581,7 +1628,8 @@ def log_in_again(client: ChatClient, show: Callable[[str], None]) -> bool:
                 return Transformation([], source_to_display=lambda _: 0, display_to_source=lambda _: 0)
 
         def ask() -> str:
-            return prompt(f"Password for {client.username}: ", input_processors=[TypedUnseen()])
+            # Ctrl-Z suspends here too: else it went into the password, as a character.
+            return prompt(f"Password for {client.username}: ", input_processors=[TypedUnseen()], enable_suspend=True)
 
         log_in_on_terminal(client, client.username, ask)
     except (EOFError, KeyboardInterrupt):

@@ -1713,3 +1713,278 @@ def test_a_slow_typist_with_a_wrong_password_still_gets_another_try(server_proce
     )
     alice.settle()
     assert "try again" in alice.text and alice.text.count("Password for alice:") == 2, alice.text
+
+
+# --------------------------------------------------------------------------- logging in, and again
+
+
+def fail_logins(server, tmp_path: Path, name: str, count: int) -> None:
+    """``count`` wrong passwords for ``name`` from this address, each one checked (waiting out the delays)."""
+    done = 0
+    while done < count:
+        with ChatClient(
+            "127.0.0.1",
+            server.port,
+            server_fingerprint=server.fingerprint,
+            known_hosts=KnownHosts(tmp_path / "library_known_hosts"),
+            timeout=TIMEOUT * 2,
+        ) as client:
+            try:
+                client.login(name, "not-the-password")
+            except LoginRefused as exc:
+                if exc.code == "rate_limited":
+                    time.sleep(0.5)
+                    continue
+                assert exc.code == "auth_failed", exc
+                done += 1
+
+
+def change_password(users_file: Path, name: str, password: str) -> None:
+    changed = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--users", str(users_file), "passwd", name],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+    )
+    assert changed.returncode == 0, changed.stderr
+
+
+def test_a_password_typed_again_during_the_login_delay_is_neither_shown_nor_sent_to_the_room(
+    chat_server, terminals, join, tmp_path
+):
+    """alice's right password is refused "too many failed logins; try again in 4 s; waiting". She
+    thinks she is asked again and types it again with Enter. The terminal is in cooked mode while
+    the client sleeps: it echoes her password in clear, and once logged in the chat prompt reads the
+    queued line and sends it to #lobby."""
+    bob = join("bob", chat_server)
+    fail_logins(chat_server, tmp_path, "alice", 5)
+    alice = terminals(client_args(chat_server.port, "alice", pin(tmp_path / "known_hosts", chat_server)))
+    type_password(alice, "alice")
+    alice.wait_for_text("waiting", START * 2)
+    alice.type(password_of("alice") + "\r")
+    alice.wait_until(at_prompt(), START * 2, "alice's prompt")
+    alice.settle(1.0)
+    heard = drain_chats(bob, quiet=1.0)
+    assert password_of("alice") not in heard, f"alice's password went to the room: {heard}"
+    assert password_of("alice") not in alice.text, f"alice's password is on her screen:\n{alice.text}"
+
+
+def test_ctrl_c_during_the_login_delay_when_logging_in_again_quits_at_once(
+    chat_server, terminals, join, tmp_path, users_file
+):
+    """carol's password is changed (``server.py passwd``); her terminal asks for it again ("Ctrl-C to quit").
+    After earlier failures the server names a delay and the client says "waiting". She presses Ctrl-C:
+    the prompt's raw mode is still on, so it is no signal; nothing happens until the delay is over."""
+    new_password = "a-new-pass-for-carol-9"
+    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
+    type_password(carol, "carol")
+    carol.wait_until(at_prompt(), START * 2, "carol's prompt")
+    change_password(users_file, "carol", new_password)
+    carol.wait_until(lambda t: t.text.count("Password for carol:") == 2, TIMEOUT * 3, "the second password prompt")
+    fail_logins(chat_server, tmp_path, "carol", 5)  # the next delay: 4 s
+    carol.type(new_password + "\r")
+    carol.wait_for_text("waiting", START * 2)
+    carol.type("\x03")  # Ctrl-C
+    asked = time.monotonic()
+    status = carol.wait_exit(TIMEOUT * 4)
+    took = time.monotonic() - asked
+    assert took < 2, f"Ctrl-C took {took:.1f} s to quit (status {status}); screen:\n{carol.text}"
+
+
+def test_a_terminal_whose_password_is_changed_says_so_once(chat_server, terminals, tmp_path, users_file):
+    """The new path of 36e60ae shows the server's reason as "*** REASON" right under the
+    "error: REASON" the fatal error printed as it came: the same sentence twice in a row."""
+    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
+    type_password(carol, "carol")
+    carol.wait_until(at_prompt(), START * 2, "carol's prompt")
+    change_password(users_file, "carol", "a-new-pass-for-carol-9")
+    carol.wait_until(lambda t: t.text.count("Password for carol:") == 2, TIMEOUT * 3, "the prompt")
+    carol.settle()
+    assert carol.text.count("password changed") == 1, carol.text
+
+
+def test_a_script_whose_password_is_changed_is_not_told_the_link_was_lost_nor_reconnects(
+    chat_server, tmp_path, users_file
+):
+    """Batch mode (stdin not a tty, CHAT_PASSWORD set): `server.py passwd carol` while the script runs.
+    It prints "*** connection lost: this account's password changed", "*** reconnecting in 1.0 s...",
+    reconnects, and exits with "error: cannot resume the session: no session to resume; log in again":
+    the very lines 36e60ae removed from the terminal (nothing was lost; there was nothing to resume)."""
+    from test_cli import BatchClient
+
+    env = client_env(tmp_path, CHAT_PASSWORD=password_of("carol"))
+    carol = BatchClient(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)), env)
+    try:
+        carol.stdout.wait_for(lambda lines: any("you are in #lobby" in line for line in lines), START * 2, "the login")
+        change_password(users_file, "carol", "a-new-pass-for-carol-9")
+        deadline = time.monotonic() + TIMEOUT * 3
+        while carol.process.poll() is None and time.monotonic() < deadline:
+            carol.stderr.pump(0.1)
+        for _ in range(20):
+            carol.stderr.pump(0.05)
+        said = "\n".join(carol.stderr.lines)
+        assert carol.process.poll() == 1, said
+        assert "password changed" in said, said
+        assert "connection lost" not in said and "reconnecting" not in said and "no session to resume" not in said, said
+    finally:
+        carol.close()
+
+
+class ResetsAtOnce:
+    """A port that accepts and resets every connection (a node going down, a balancer with no node)."""
+
+    def __init__(self) -> None:
+        import struct
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+
+        def run() -> None:
+            while not self.stopped.is_set():
+                try:
+                    connection, _ = self.sock.accept()
+                except OSError:
+                    continue
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()
+
+        self.thread = threading.Thread(target=run, name="resets")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def test_a_failed_failover_names_each_server_once(tmp_path):
+    """``client.py --server A --server B``, A's port closed and B's address resetting: the error reads
+    "cannot reach any of the servers (127.0.0.1:A: Connection refused; 127.0.0.1:B: 127.0.0.1:B: the server
+    closed the connection (...))": _shake_hands puts the address in its message, and connect() again."""
+    gone = ResetsAtOnce()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        argv = [
+            sys.executable,
+            str(ROOT / "client.py"),
+            "--server",
+            f"127.0.0.1:{closed_port}",
+            "--server",
+            f"127.0.0.1:{gone.port}",
+            "--user",
+            "alice",
+            "--known-hosts",
+            str(tmp_path / "kh"),
+        ]
+        ran = subprocess.run(
+            argv,
+            input="hi\n",
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT * 4,
+            env=client_env(tmp_path, CHAT_PASSWORD="x"),
+        )
+    finally:
+        gone.close()
+    assert ran.returncode == 1 and "cannot reach any of the servers" in ran.stderr, ran.stderr
+    assert ran.stderr.count(f"127.0.0.1:{gone.port}") == 1, ran.stderr
+
+
+@pytest.fixture
+def tmux_shell(tmp_path: Path):
+    """An interactive bash with job control in a private tmux server: ``send(*keys)`` and ``screen()``."""
+    import shutil
+
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed")
+    socket_path = str(tmp_path / "tmux.sock")
+    env = client_env(tmp_path)
+    env["HOME"] = str(tmp_path)
+    shell = " ".join(f"{key}='{value}'" for key, value in env.items() if key.isidentifier() and "'" not in value)
+    subprocess.run(
+        [
+            "tmux",
+            "-S",
+            socket_path,
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            f"env -i {shell} bash --norc --noprofile -i",
+        ],
+        check=True,
+        timeout=TIMEOUT,
+    )
+
+    def send(*keys: str) -> None:
+        subprocess.run(["tmux", "-S", socket_path, "send-keys", *keys], check=True, timeout=TIMEOUT)
+
+    def screen() -> str:
+        return subprocess.run(
+            ["tmux", "-S", socket_path, "capture-pane", "-p"], capture_output=True, text=True, timeout=TIMEOUT
+        ).stdout
+
+    def wait_for(text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in screen():
+            assert time.monotonic() < deadline, f"no {text!r} on the screen:\n{screen()}"
+            time.sleep(0.1)
+
+    yield send, screen, wait_for
+    subprocess.run(["tmux", "-S", socket_path, "kill-server"], timeout=TIMEOUT, check=False)
+
+
+def test_ctrl_z_at_the_password_prompt_then_fg_does_not_echo_the_password(chat_server, tmux_shell, tmp_path):
+    """README: "Ctrl-Z suspends (`fg` brings the client back)". At "Password for alice:" (getpass),
+    Ctrl-Z stops the client and the shell puts the terminal back in its own modes; after `fg` the
+    client reads on with echo ON: the rest of the password is shown in clear on the screen (and what
+    was typed before Ctrl-Z is lost, so the login fails and costs a try)."""
+    send, screen, wait_for = tmux_shell
+    argv = client_args(chat_server.port, "alice", pin(tmp_path / "known_hosts", chat_server))
+    send(" ".join(argv), "Enter")
+    wait_for("Password for alice:", START * 2)
+    send("alice-")
+    time.sleep(0.3)
+    send("C-z")
+    wait_for("Stopped", TIMEOUT)
+    send("fg", "Enter")
+    time.sleep(1.0)
+    send("pass-5", "Enter")
+    time.sleep(2.0)
+    shown = screen()
+    send("C-c")
+    assert "pass-5" not in shown, f"the password is on the screen:\n{shown}"
+
+
+def test_ctrl_z_at_the_log_in_again_prompt_is_not_taken_into_the_password(chat_server, terminals, tmp_path, users_file):
+    """f57f4b1 made Ctrl-Z suspend at the chat prompt ("it put the control character in the line"); the
+    other prompt_toolkit prompt, log_in_again's "Password for carol:" (after `server.py passwd`), still
+    takes Ctrl-Z as a character: the right password typed around it is refused as wrong and costs a try."""
+    new_password = "a-new-pass-for-carol-9"
+    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
+    type_password(carol, "carol")
+    carol.wait_until(at_prompt(), START * 2, "carol's prompt")
+    change_password(users_file, "carol", new_password)
+    carol.wait_until(lambda t: t.text.count("Password for carol:") == 2, TIMEOUT * 3, "the second password prompt")
+    carol.type(new_password[:10])
+    carol.type("\x1a")  # Ctrl-Z
+    time.sleep(0.5)
+    state = Path(f"/proc/{carol.child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    if state == "T":  # suspended, as a shell would: `fg`
+        os.kill(carol.child.pid, signal.SIGCONT)
+    carol.type(new_password[10:] + "\r")
+    carol.wait_until(
+        lambda t: "logged in again" in t.text or "wrong user name or password" in t.text, START * 2, "an answer"
+    )
+    assert "logged in again" in carol.text, carol.text
