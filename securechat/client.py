@@ -127,6 +127,8 @@ RECONNECT_RESTART_DELAY = 0.3
 RECONNECT_JITTER = 0.25
 #: Refusals that mean "not now" (the server is full, busy, or briefly cannot check us): keep backing off.
 RETRYABLE_CODES = ("server_full", "too_many_connections", "busy", "rate_limited", "server_error", "timeout")
+#: Refusals of a connection that say something of one server only: another node of the service may take it.
+NODE_REFUSALS = ("server_full", "too_many_connections")
 
 #: Refusal codes meaning the token itself is no good: only a password can log in again.
 TOKEN_CODES = ("token_expired", "token_revoked", "token_invalid", "token_wrong_key", "token_missing")
@@ -507,15 +509,20 @@ class ChatClient:
             try:
                 self._shake_hands(host, port)
                 return
-            except (LoginRefused, HostKeyError):
+            except LoginRefused as exc:
+                # A node that is full, or has our address's share of connections, speaks for itself only.
+                if exc.code not in NODE_REFUSALS or len(self.servers) == 1:
+                    raise
+                failures.append(f"{host}:{port}: {exc}")
+            except HostKeyError:
                 raise
             except ChatError as exc:
-                failures.append(f"{host}:{port}: {exc}")
-                alone = (
-                    f"cannot reach the server at {host}:{port}: {exc}" if isinstance(exc, _Unreachable) else str(exc)
-                )
+                if isinstance(exc, _Unreachable):
+                    failures.append(f"cannot reach the server at {host}:{port}: {exc}")
+                else:
+                    failures.append(str(exc))  # (it names the server)
         if len(failures) == 1:
-            raise ChatError(alone)
+            raise ChatError(failures[0])
         raise ChatError("cannot reach any of the servers (" + "; ".join(failures) + ")")
 
     def _shake_hands(self, host: str, port: int) -> None:
@@ -538,9 +545,11 @@ class ChatClient:
         try:
             try:
                 self.sock.sendall(self.hello_frame())
-                answer = self._read(deadline)
-            except ChatError as exc:
-                raise ChatError(f"{host}:{port}: {exc} (is it the chat server?)") from None
+                answer = read_frame(self.sock, MAX_FRAME_SIZE, deadline)
+            except TimeoutError:
+                raise ChatError(f"{host}:{port}: the server did not answer in time (is it the chat server?)") from None
+            except ConnectionClosed as exc:
+                raise ChatError(f"{host}:{port}: the server closed the connection ({exc})") from None
             except OSError as exc:  # the connection was reset at once
                 raise ChatError(f"{host}:{port}: the server closed the connection ({exc.strerror or exc})") from None
             try:

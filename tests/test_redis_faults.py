@@ -1630,3 +1630,37 @@ def test_the_terminal_client_fails_over_when_the_dead_nodes_address_still_accept
         alice.wait_for_text("bob: while alice moves", TIMEOUT)
     finally:
         gone.close()
+
+
+def test_a_full_node_is_passed_over_for_the_next_server(tmp_path, users_file, redis_server, terminals):
+    """``client.py --server A --server B`` of a Redis deployment, node A full (--max-clients): A answers
+    "server is full; try again later" in place of its hello, and connect() lets a refusal stand, so the
+    terminal exits with that error (and a reconnecting client retries A for ever, as it answered last),
+    though B has room and would log alice in. A node's own capacity (server_full, too_many_connections)
+    says nothing about the other nodes."""
+    from conftest import client_env
+    from test_cli import START, at_prompt
+
+    cluster = Cluster(tmp_path, users_file, redis_server.url)
+    try:
+        first, second = two_nodes(cluster, tmp_path, "--max-clients", "1")
+        cluster.log_in("bob", first)  # A is full
+        argv = [
+            sys.executable,
+            str(ROOT / "client.py"),
+            "--server",
+            f"127.0.0.1:{first.port}",
+            "--server",
+            f"127.0.0.1:{second.port}",
+            "--user",
+            "alice",
+            "--known-hosts",
+            str(tmp_path / "kh"),
+            "--accept-new-host-key",
+        ]
+        alice = terminals(argv, env=client_env(tmp_path))
+        alice.wait_for_text("Password for alice:", START)
+        alice.type(password_of("alice") + "\r")
+        alice.wait_until(at_prompt(), START, "alice's prompt, through node B")
+    finally:
+        cluster.close()
