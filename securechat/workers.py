@@ -142,6 +142,7 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
     # workers come and go; with --port 0 it is also how the workers learn which port.
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     _check_port_free(family, config.host, config.port)
+    claim = _claim_port(config.port)
     reservation = socket.socket(family, socket.SOCK_STREAM)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -181,6 +182,8 @@ def run_workers(config: ServerConfig, count: int, argv: list[str]) -> int:
     finally:
         _stop_all(workers)
         reservation.close()
+        if claim is not None:
+            claim.close()
 
 
 def _check_port_free(family: socket.AddressFamily, host: str, port: int) -> None:
@@ -196,6 +199,25 @@ def _check_port_free(family: socket.AddressFamily, host: str, port: int) -> None
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of an earlier run may linger
         probe.bind((host, port))
+
+
+def _claim_port(port: int) -> socket.socket | None:
+    """Hold a name that says a ``--workers`` supervisor serves ``port`` on this machine; ``OSError``
+    (EADDRINUSE) if another one does.
+
+    While another deployment restarts its workers, nothing listens on its port: only its reservation
+    is bound, which a probe with SO_REUSEADDR binds beside. The name is an abstract Unix socket
+    (Linux): no file to clean up, gone with the process however it ends.
+    """
+    if port == 0 or not sys.platform.startswith("linux"):
+        return None
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0securechat-workers-port-{port}")
+    except OSError as exc:
+        claim.close()
+        raise OSError(exc.errno, os.strerror(exc.errno or 0)) from None
+    return claim
 
 
 def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:

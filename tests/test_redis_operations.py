@@ -422,3 +422,53 @@ def test_a_typo_in_the_backend_urls_query_is_one_line_not_a_traceback(tmp_path, 
         option = query[1:].partition("=")[0]
         assert done.stderr.startswith(f"error: --backend '{url}': the URL's option {option} "), done.stderr
         assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_a_second_workers_deployment_is_refused_while_the_first_restarts_its_workers(tmp_path, redis_server):
+    """4d6f41d: "--workers: a start on a port something serves is refused". The check binds the port with
+    SO_REUSEADDR, which succeeds beside the running supervisor's reservation socket (bound, never
+    listening) whenever none of its workers listens: for a second after a worker dies, up to 30 s while
+    they keep dying (Redis down). The second deployment then starts, and once the first one's workers
+    are back both serve the port (SO_REUSEPORT): the kernel hands clients to either, and to either key."""
+    from conftest import ServerProcess, free_port, process_state
+
+    port = free_port()
+    common = ["--port", str(port), "--workers", "2", "--log-level", "WARNING"]
+    first = ServerProcess([*common, "--backend", redis_server.url, "--data-dir", str(tmp_path / "first")])
+    second = None
+    try:
+        workers = [int(pid) for pid in Path(f"/proc/{first.process.pid}/task/{first.process.pid}/children")
+                   .read_text().split()]  # fmt: skip
+        assert len(workers) == 2
+        for pid in workers:  # both die at once (the OOM killer, a crash on one bad input)
+            os.kill(pid, signal.SIGKILL)
+        for pid in workers:
+            while True:
+                try:
+                    if process_state(pid) == "Z":
+                        break
+                except OSError:
+                    break
+                time.sleep(0.02)
+        second = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), *common, "--data-dir", str(tmp_path / "second"),
+             "--backend", redis_server.url.rsplit("/", 1)[0] + "/1"],  # another service: its own database
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert second.stdout is not None and second.stderr is not None
+        out = ""
+        while line := second.stdout.readline():  # ends at its exit, or once it serves the port
+            out += line
+            if line.startswith("Listening on"):
+                break
+        if second.poll() is None:
+            pytest.fail(f"a second deployment serves port {port}, which the first one serves too: {out!r}")
+        err = second.stderr.read()
+        assert second.wait(timeout=TIMEOUT) == 1 and "already in use" in err, (
+            f"a second deployment started on port {port}, which the first one serves: {out!r} {err!r}"
+        )
+    finally:
+        if second is not None and second.poll() is None:
+            second.terminate()
+            second.communicate(timeout=TIMEOUT * 2)
+        first.stop()
