@@ -19,6 +19,7 @@ from securechat.accounts import (
 )
 from securechat.admin import parse_arguments, program_name, run_admin_command
 from securechat.backend import BackendMismatch, BackendUnavailable
+from securechat.client import IDLE_TIMEOUT
 from securechat.config import (
     DEFAULT_USERS,
     ConfigFileError,
@@ -177,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             shown = hide_password(value) if spec.name == "backend" else str(value)
             print(f"error: {option_flag(spec)} {shlex.quote(shown)}: {problem}", file=sys.stderr)
             return EXIT_BAD_CONFIG
+    if config.ping_interval >= IDLE_TIMEOUT:  # else every idle client takes the server for gone, and reconnects
+        print(
+            f"error: --ping-interval {config.ping_interval:g} must be under {IDLE_TIMEOUT:g}: clients take a server"
+            f" silent that long for gone",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
     if config.ping_timeout <= config.ping_interval:  # else every idle client is dropped before its ping
         print(
             f"error: --ping-timeout {config.ping_timeout:g} must be longer than --ping-interval "

@@ -372,3 +372,10 @@ def test_an_ipv6_address_is_announced_as_it_is_typed_back(tmp_path, users_file):
     if "not an address of this machine" in stderr:
         pytest.skip("no IPv6 loopback here")
     assert announced and re.fullmatch(r"Listening on \[::1\]:\d+", announced[0]), (announced, stderr)
+
+
+def test_a_ping_interval_clients_take_for_silence_is_refused(tmp_path):
+    # Clients take a server silent for 75 s for gone: pinged less often, every idle one reconnected.
+    result = run_server_py("--ping-interval", "80", "--ping-timeout", "160", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: --ping-interval 80 must be under 75:"), result.stderr

@@ -677,9 +677,9 @@ def test_a_refused_login_by_an_unknown_name_does_not_read_every_account_from_red
             "--log-level",
             "WARNING",
             "--ping-interval",
-            "400",
+            "60",
             "--ping-timeout",
-            "800",
+            "120",
         ]  # keepalive: every 5 s
     )
     reads: list[str] = []
