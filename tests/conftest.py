@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -206,6 +208,37 @@ def assert_a_room_of_notices_alone_is_not_shown_again(bob: ChatClient) -> None:
     wait_for(bob, lambda event: isinstance(event, Room) and event.room == "#quiet")
     again = [event for event in drain(bob, quiet=0.5) if isinstance(event, Notice) and "+i" in event.text]
     assert again == [], "the mode change was shown again"
+
+
+class HangsUp:
+    """Listens on ``port`` (0: a free one, in ``self.port``) and resets every connection at once: the
+    address of a node that is gone but still accepts TCP (a node in the middle of its shutdown or
+    start, an L4 balancer whose backend died)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hangs-up")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sock.close()
 
 
 class ServerProcess:

@@ -22,7 +22,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TIMEOUT, ServerProcess, client_args, client_env, drain, free_port, password_of, wait_for
+from conftest import (
+    ROOT,
+    TIMEOUT,
+    HangsUp,
+    ServerProcess,
+    client_args,
+    client_env,
+    drain,
+    free_port,
+    password_of,
+    wait_for,
+)
 from terminal import Terminal
 
 from securechat.client import (
@@ -583,22 +594,11 @@ def test_a_terminal_whose_password_is_changed_asks_for_it_without_a_pointless_re
     "*** reconnecting in 1.0 s...", tries to resume a session that the server has just said is over,
     and prints "*** cannot resume the session: no session to resume" before asking the password:
     two misleading lines (nothing was lost, there was nothing to resume). A deleted account is
-    handled without them (tests/test_cli.py); a changed password should go straight to the prompt."""
-    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
-    carol.wait_for_text("Password for carol:", START)
-    carol.type(password_of("carol") + "\r")
-    carol.wait_until(at_prompt(), START, "carol's prompt")
-    changed = subprocess.run(
-        [sys.executable, str(ROOT / "server.py"), "--users", str(users_file), "passwd", "carol"],
-        input="a-new-pass-for-carol-9\n",
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT * 4,
-    )
-    assert changed.returncode == 0, changed.stderr
-    carol.wait_until(lambda terminal: terminal.text.count("Password for carol:") == 2, TIMEOUT * 3, "the prompt")
+    handled without them (tests/test_cli.py); a changed password should go straight to the prompt, and
+    say why once (the fatal error's "error: ..." was shown again as "*** ...")."""
+    carol = asked_to_log_in_again(chat_server, terminals, tmp_path, users_file, "a-new-pass-for-carol-9")
     carol.settle()
-    assert "password changed" in carol.text, carol.text
+    assert carol.text.count("password changed") == 1, carol.text
     assert "reconnecting" not in carol.text and "cannot resume" not in carol.text, carol.text
 
 
@@ -1739,6 +1739,17 @@ def fail_logins(server, tmp_path: Path, name: str, count: int) -> None:
                 done += 1
 
 
+def asked_to_log_in_again(chat_server, terminals, tmp_path: Path, users_file: Path, new_password: str) -> Terminal:
+    """carol chatting in a terminal, her password changed meanwhile (``server.py passwd``): at the
+    prompt that asks for it again."""
+    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
+    type_password(carol, "carol")
+    carol.wait_until(at_prompt(), START * 2, "carol's prompt")
+    change_password(users_file, "carol", new_password)
+    carol.wait_until(lambda t: t.text.count("Password for carol:") == 2, TIMEOUT * 3, "the second password prompt")
+    return carol
+
+
 def change_password(users_file: Path, name: str, password: str) -> None:
     changed = subprocess.run(
         [sys.executable, str(ROOT / "server.py"), "--users", str(users_file), "passwd", name],
@@ -1777,11 +1788,7 @@ def test_ctrl_c_during_the_login_delay_when_logging_in_again_quits_at_once(
     After earlier failures the server names a delay and the client says "waiting". She presses Ctrl-C:
     the prompt's raw mode is still on, so it is no signal; nothing happens until the delay is over."""
     new_password = "a-new-pass-for-carol-9"
-    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
-    type_password(carol, "carol")
-    carol.wait_until(at_prompt(), START * 2, "carol's prompt")
-    change_password(users_file, "carol", new_password)
-    carol.wait_until(lambda t: t.text.count("Password for carol:") == 2, TIMEOUT * 3, "the second password prompt")
+    carol = asked_to_log_in_again(chat_server, terminals, tmp_path, users_file, new_password)
     fail_logins(chat_server, tmp_path, "carol", 5)  # the next delay: 4 s
     carol.type(new_password + "\r")
     carol.wait_for_text("waiting", START * 2)
@@ -1790,18 +1797,6 @@ def test_ctrl_c_during_the_login_delay_when_logging_in_again_quits_at_once(
     status = carol.wait_exit(TIMEOUT * 4)
     took = time.monotonic() - asked
     assert took < 2, f"Ctrl-C took {took:.1f} s to quit (status {status}); screen:\n{carol.text}"
-
-
-def test_a_terminal_whose_password_is_changed_says_so_once(chat_server, terminals, tmp_path, users_file):
-    """The new path of 36e60ae shows the server's reason as "*** REASON" right under the
-    "error: REASON" the fatal error printed as it came: the same sentence twice in a row."""
-    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
-    type_password(carol, "carol")
-    carol.wait_until(at_prompt(), START * 2, "carol's prompt")
-    change_password(users_file, "carol", "a-new-pass-for-carol-9")
-    carol.wait_until(lambda t: t.text.count("Password for carol:") == 2, TIMEOUT * 3, "the prompt")
-    carol.settle()
-    assert carol.text.count("password changed") == 1, carol.text
 
 
 def test_a_script_whose_password_is_changed_is_not_told_the_link_was_lost_nor_reconnects(
@@ -1831,41 +1826,11 @@ def test_a_script_whose_password_is_changed_is_not_told_the_link_was_lost_nor_re
         carol.close()
 
 
-class ResetsAtOnce:
-    """A port that accepts and resets every connection (a node going down, a balancer with no node)."""
-
-    def __init__(self) -> None:
-        import struct
-        import threading
-
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.stopped = threading.Event()
-
-        def run() -> None:
-            while not self.stopped.is_set():
-                try:
-                    connection, _ = self.sock.accept()
-                except OSError:
-                    continue
-                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                connection.close()
-
-        self.thread = threading.Thread(target=run, name="resets")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-        self.sock.close()
-
-
 def test_a_failed_failover_names_each_server_once(tmp_path):
     """``client.py --server A --server B``, A's port closed and B's address resetting: the error reads
     "cannot reach any of the servers (127.0.0.1:A: Connection refused; 127.0.0.1:B: 127.0.0.1:B: the server
     closed the connection (...))": _shake_hands puts the address in its message, and connect() again."""
-    gone = ResetsAtOnce()
+    gone = HangsUp()
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     closed_port = closed.getsockname()[1]
@@ -1972,11 +1937,7 @@ def test_ctrl_z_at_the_log_in_again_prompt_is_not_taken_into_the_password(chat_s
     other prompt_toolkit prompt, log_in_again's "Password for carol:" (after `server.py passwd`), still
     takes Ctrl-Z as a character: the right password typed around it is refused as wrong and costs a try."""
     new_password = "a-new-pass-for-carol-9"
-    carol = terminals(client_args(chat_server.port, "carol", pin(tmp_path / "known_hosts", chat_server)))
-    type_password(carol, "carol")
-    carol.wait_until(at_prompt(), START * 2, "carol's prompt")
-    change_password(users_file, "carol", new_password)
-    carol.wait_until(lambda t: t.text.count("Password for carol:") == 2, TIMEOUT * 3, "the second password prompt")
+    carol = asked_to_log_in_again(chat_server, terminals, tmp_path, users_file, new_password)
     carol.type(new_password[:10])
     carol.type("\x1a")  # Ctrl-Z
     time.sleep(0.5)

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from conftest import (
     REDIS_SERVER,
     ROOT,
     TIMEOUT,
+    HangsUp,
     ServerProcess,
     assert_a_notice_said_while_offline_is_not_counted_as_lost,
     drain,
@@ -1523,34 +1523,16 @@ def test_a_private_line_during_a_redis_outage_is_not_refused_as_to_a_user_who_do
         redis_server.start()
 
 
-class HangsUp:
-    """Listens on a port and resets every connection at once: the address of a node that is gone
-    but still accepts TCP (a node in the middle of its shutdown or start, an L4 balancer whose
-    backend died)."""
+def alice_in_a_terminal_of_two_nodes(terminals, tmp_path: Path, first, second):
+    """``client.py --server FIRST --server SECOND --user alice`` in a pty, her password typed."""
+    from conftest import client_env
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="hangs-up")
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                continue
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            connection.close()
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-        self.sock.close()
+    servers = [f"--server=127.0.0.1:{first.port}", f"--server=127.0.0.1:{second.port}"]
+    argv = [sys.executable, str(ROOT / "client.py"), *servers, "--user", "alice", "--accept-new-host-key"]
+    alice = terminals([*argv, "--known-hosts", str(tmp_path / "known_hosts_cli")], env=client_env(tmp_path))
+    alice.wait_for_text("Password for alice:", TIMEOUT * 4)
+    alice.type(password_of("alice") + "\r")
+    return alice
 
 
 def test_a_client_moving_off_a_dead_node_is_not_stopped_by_a_port_that_accepts_and_hangs_up(cluster, tmp_path):
@@ -1598,26 +1580,8 @@ def test_the_terminal_client_fails_over_when_the_dead_nodes_address_still_accept
     which is up and would resume the session: ``ChatClient._reach_a_server`` moves on only when the
     TCP connect itself fails. (A frozen node, whose kernel still accepts, holds its clients the same
     way, each try waiting out the 60 s login timeout.)"""
-    from conftest import client_env
-
     first, second = two_nodes(cluster, tmp_path)
-    known_hosts = tmp_path / "known_hosts_cli"
-    argv = [
-        sys.executable,
-        str(ROOT / "client.py"),
-        "--server",
-        f"127.0.0.1:{first.port}",
-        "--server",
-        f"127.0.0.1:{second.port}",
-        "--user",
-        "alice",
-        "--known-hosts",
-        str(known_hosts),
-        "--accept-new-host-key",
-    ]
-    alice = terminals(argv, env=client_env(tmp_path))
-    alice.wait_for_text("Password for alice:", TIMEOUT * 4)
-    alice.type(password_of("alice") + "\r")
+    alice = alice_in_a_terminal_of_two_nodes(terminals, tmp_path, first, second)
     alice.wait_for_text("you are in #lobby", TIMEOUT * 4)
     bob = cluster.log_in("bob", second)
     first.process.kill()
@@ -1638,29 +1602,13 @@ def test_a_full_node_is_passed_over_for_the_next_server(tmp_path, users_file, re
     terminal exits with that error (and a reconnecting client retries A for ever, as it answered last),
     though B has room and would log alice in. A node's own capacity (server_full, too_many_connections)
     says nothing about the other nodes."""
-    from conftest import client_env
     from test_cli import START, at_prompt
 
     cluster = Cluster(tmp_path, users_file, redis_server.url)
     try:
         first, second = two_nodes(cluster, tmp_path, "--max-clients", "1")
         cluster.log_in("bob", first)  # A is full
-        argv = [
-            sys.executable,
-            str(ROOT / "client.py"),
-            "--server",
-            f"127.0.0.1:{first.port}",
-            "--server",
-            f"127.0.0.1:{second.port}",
-            "--user",
-            "alice",
-            "--known-hosts",
-            str(tmp_path / "kh"),
-            "--accept-new-host-key",
-        ]
-        alice = terminals(argv, env=client_env(tmp_path))
-        alice.wait_for_text("Password for alice:", START)
-        alice.type(password_of("alice") + "\r")
+        alice = alice_in_a_terminal_of_two_nodes(terminals, tmp_path, first, second)
         alice.wait_until(at_prompt(), START, "alice's prompt, through node B")
     finally:
         cluster.close()
