@@ -857,6 +857,10 @@ class RedisBackend:
             try:
                 self._read_until_stopped()
             except Exception:  # a bug, not Redis: logged, and reading goes on after a pause
+                if self._stopping.is_set():
+                    # close() gave up waiting for a read and closed the connections under it: the Redis
+                    # client then fails in its own ways (an AttributeError on a buffer it dropped).
+                    return
                 log.exception("the Redis reader failed; it starts again")
                 self._stopping.wait(1.0)
 
