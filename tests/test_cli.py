@@ -35,6 +35,7 @@ from conftest import (
     wait_for,
 )
 from terminal import Terminal
+from test_admin import run_server_py
 
 from securechat.client import (
     Chat,
@@ -1751,13 +1752,7 @@ def asked_to_log_in_again(chat_server, terminals, tmp_path: Path, users_file: Pa
 
 
 def change_password(users_file: Path, name: str, password: str) -> None:
-    changed = subprocess.run(
-        [sys.executable, str(ROOT / "server.py"), "--users", str(users_file), "passwd", name],
-        input=password + "\n",
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT * 4,
-    )
+    changed = run_server_py("--users", str(users_file), "passwd", name, password=password)
     assert changed.returncode == 0, changed.stderr
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TIMEOUT, ServerProcess, drain, is_disconnected, password_of, wait_for
+from test_admin import run_server_py
 
 from securechat.client import ChatClient, KnownHosts, LoginRefused
 from securechat.protocol import Chat, ErrorReply, History, Notice, Roster
@@ -217,13 +218,7 @@ def test_a_muted_member_says_nothing_through_a_topic_or_a_parting_message(chat):
 def give_the_name_anew(users_file: Path, name: str, password: str) -> None:
     """``server.py deluser NAME``, then ``adduser NAME`` for someone else, beside the running server."""
     assert admin_command(users_file, "deluser", name).returncode == 0
-    added = subprocess.run(
-        [sys.executable, str(ROOT / "server.py"), "adduser", name, "--users", str(users_file)],
-        input=password + "\n",
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT * 4,
-    )
+    added = run_server_py("adduser", name, "--users", str(users_file), password=password)
     assert added.returncode == 0, added.stderr
 
 
