@@ -30,6 +30,7 @@ from securechat.config import (
     add_options,
     check_backend,
     hide_password,
+    make_default_users_folder,
     read_config_file,
 )
 from securechat.protocol import (
@@ -225,10 +226,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         name = args.name
         if args.command == "adduser":
             validate_username(name)
-            if backend == "memory" and Path(args.users) == DEFAULT_USERS:
-                # Installed, the default store's folder is made by the server's first start: the first
-                # account may come before it.
-                DEFAULT_USERS.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if backend == "memory":
+                make_default_users_folder(Path(args.users))  # the first account may come before any start
             UserStore.check_name_free(name, store.load())  # before asking for a password
             store.add(name, read_new_password(name, args.min_password_length))
             print(f"added {name}")

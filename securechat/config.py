@@ -61,6 +61,13 @@ CLUSTER_KEY_FILE = "cluster_key"
 ACCOUNTS_IN_REDIS_FILE = "accounts_in_redis"
 
 
+def make_default_users_folder(users: Path) -> None:
+    """Installed, the default store's folder (0700) is made by whichever comes first: the server's start
+    or the first account command. Any other store's folder is the operator's to make."""
+    if Path(users).absolute() == DEFAULT_USERS.absolute():
+        DEFAULT_USERS.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def address_text(host: str, port: int) -> str:
     """``HOST:PORT`` as a user types it back: an IPv6 address in brackets (``[::1]:7878``)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

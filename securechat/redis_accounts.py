@@ -32,6 +32,11 @@ ACCOUNT_CACHE_SECONDS = 1.0
 T = TypeVar("T")
 
 
+def _now_stamp() -> str:
+    """When the accounts were first held (ACCOUNTS_HELD_KEY's value), for an operator reading Redis."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class RedisUserStore(AccountEdits):
     """``AccountStore`` on a Redis hash. Raises ``UserStoreError`` when Redis cannot be reached."""
 
@@ -117,7 +122,7 @@ class RedisUserStore(AccountEdits):
     def note_accounts_held(self) -> None:
         """Record in Redis that it holds the deployment's accounts (kept until Redis loses its data)."""
         try:
-            self.redis.set(ACCOUNTS_HELD_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), nx=True)
+            self.redis.set(ACCOUNTS_HELD_KEY, _now_stamp(), nx=True)
         except redis.exceptions.RedisError as exc:
             raise UserStoreError(describe_redis_error(self._url, exc)) from None
 
@@ -146,7 +151,7 @@ class RedisUserStore(AccountEdits):
             changed.update(name for name in before.keys() | users.keys() if before.get(name) != users.get(name))
             pipe.multi()
             if any(name in users for name in changed):  # lost with Redis's data; kept when all are deleted
-                pipe.set(ACCOUNTS_HELD_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), nx=True)
+                pipe.set(ACCOUNTS_HELD_KEY, _now_stamp(), nx=True)
             for name in sorted(changed):
                 if name in users:
                     pipe.hset(USERS_KEY, name, json.dumps(entry_of(users[name])))

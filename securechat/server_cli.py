@@ -28,6 +28,7 @@ from securechat.config import (
     config_from_args,
     config_to_toml,
     hide_password,
+    make_default_users_folder,
     option_fields,
     option_flag,
     option_problem,
@@ -149,8 +150,7 @@ def _users_folder_problem(config: ServerConfig) -> str:
     if config.backend != "memory":
         return ""
     users = Path(config.users_path)
-    if users.absolute() == DEFAULT_USERS.absolute():
-        DEFAULT_USERS.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_default_users_folder(users)
     if not users.parent.is_dir():
         return f"{users.parent}: no such folder, to keep {users.name} in (--users)"
     return ""
