@@ -79,6 +79,9 @@ class SecureChannel:
         self._send_mac: crypto_utils.SessionMac | None = None
         self._recv_mac: crypto_utils.SessionMac | None = None
         self._cipher: crypto_utils.SessionCipher | None = None
+        # Sealing for the peer's RSA key (a key and wrap serve a few seconds), and opening for ours.
+        self._sealer = crypto_utils.RecipientSealer(peer_public_key)
+        self._opener = crypto_utils.SealedOpener(own_private_key)
 
     @property
     def session_key(self) -> bytes | None:
@@ -121,7 +124,7 @@ class SecureChannel:
             wrapped = b""
             nonce, ciphertext = self._cipher.seal(plaintext, aad)
         else:
-            wrapped, nonce, ciphertext = crypto_utils.seal(self.peer_public_key, plaintext, aad)
+            wrapped, nonce, ciphertext = self._sealer.seal(plaintext, aad)
         mac_input = envelope_mac_input(message.KIND, seq, wrapped, nonce, ciphertext)
         mac = self._send_mac.digest(mac_input)
         frame = encode_sealed_frame(mac_input, mac)
@@ -150,9 +153,7 @@ class SecureChannel:
             # Check the MAC before any RSA work when we can: forged frames cost a hash.
             if not first_message:
                 self._check_mac(envelope, self.session_key)
-            plaintext = crypto_utils.open_sealed(
-                self.own_private_key, envelope.wrapped_key, envelope.nonce, envelope.ciphertext, aad
-            )
+            plaintext = self._opener.open(envelope.wrapped_key, envelope.nonce, envelope.ciphertext, aad)
         else:
             if envelope.wrapped_key:
                 raise ProtocolError("a frame after login must be sealed under the session key")

@@ -1,7 +1,8 @@
 """Keys, fingerprints and hybrid encryption, on the ``cryptography`` package.
 
-Bytes in, bytes out: no sockets, no protocol state. RSA-OAEP (SHA-256) wraps a
-fresh AES-256-GCM key per message; RSA-PSS signs the server's handshake.
+Bytes in, bytes out: no sockets, no protocol state. RSA-OAEP (SHA-256) wraps an
+AES-256-GCM key for one recipient (the server's serves that recipient's frames for a few
+seconds: ``RecipientSealer``); RSA-PSS signs the server's handshake.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import resource
 import stat
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
@@ -152,18 +155,99 @@ def seal(recipient_public_key: PublicKey, plaintext: bytes, aad: bytes) -> tuple
     return wrap_key(recipient_public_key, message_key), nonce, ciphertext
 
 
-def open_sealed(private_key: PrivateKey, wrapped_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-    """Reverse ``seal``; raises ``CryptoError`` if anything was altered or misdirected."""
+#: How long one message key serves a recipient's frames (seconds), and for how many at most.
+#: See ``RecipientSealer``: the RSA wrap, most of what a delivery costs, is paid once per key.
+MESSAGE_KEY_LIFETIME = 5.0
+MESSAGE_KEY_USES = 1024
+
+
+class RecipientSealer:
+    """``seal`` for one recipient, with each AES key and its RSA wrap serving a few seconds of frames.
+
+    The RSA-OAEP wrap is most of what a delivery costs the server, and a recipient in a busy
+    room gets many frames a second. So a fresh AES-256-GCM key, wrapped for the recipient's
+    RSA key, seals that recipient's frames for up to ``MESSAGE_KEY_LIFETIME`` seconds and
+    ``MESSAGE_KEY_USES`` frames, each frame with its own random nonce and carrying the same
+    wrap. Every frame is still readable only with the recipient's private key, and opens on
+    its own. A key is never shared between recipients or connections.
+
+    Not thread-safe: its one owner (the connection's send worker) seals.
+    """
+
+    def __init__(
+        self,
+        recipient_public_key: PublicKey,
+        *,
+        key_lifetime: float = MESSAGE_KEY_LIFETIME,
+        key_uses: int = MESSAGE_KEY_USES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.recipient_public_key = recipient_public_key
+        self._key_lifetime = key_lifetime
+        self._key_uses = key_uses
+        self._clock = clock
+        self._cipher: AESGCM | None = None
+        self._wrapped = b""
+        self._expires = 0.0
+        self._uses_left = 0
+
+    def seal(self, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes, bytes]:
+        """As ``seal``: (wrapped AES key, nonce, ciphertext with tag), the key a recent one."""
+        now = self._clock()
+        if self._cipher is None or self._uses_left <= 0 or now >= self._expires:
+            message_key = _message_randomness.take(AES_KEY_SIZE)
+            self._cipher = AESGCM(message_key)
+            self._wrapped = wrap_key(self.recipient_public_key, message_key)
+            self._expires = now + self._key_lifetime
+            self._uses_left = self._key_uses
+        self._uses_left -= 1
+        nonce = _message_randomness.take(NONCE_SIZE)
+        return self._wrapped, nonce, self._cipher.encrypt(nonce, plaintext, aad)
+
+
+class SealedOpener:
+    """``open_sealed`` under one private key, unwrapping a wrapped key once while frames repeat it.
+
+    Frames from a ``RecipientSealer`` carry the same wrap for seconds at a time; the RSA
+    decryption of the last one is kept, by its exact bytes, so the rest cost an AES-GCM
+    decryption. Not thread-safe: its one owner (a connection's reader) opens.
+    """
+
+    def __init__(self, private_key: PrivateKey) -> None:
+        self.private_key = private_key
+        self._last_wrapped = b""
+        self._last_cipher: AESGCM | None = None
+
+    def open(self, wrapped_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """As ``open_sealed``; raises ``CryptoError`` if anything was altered or misdirected."""
+        if self._last_cipher is None or wrapped_key != self._last_wrapped:
+            self._last_cipher = _unwrapped_cipher(self.private_key, wrapped_key)
+            self._last_wrapped = wrapped_key
+        return _open_with(self._last_cipher, nonce, ciphertext, aad)
+
+
+def _unwrapped_cipher(private_key: PrivateKey, wrapped_key: bytes) -> AESGCM:
     try:
         message_key = private_key.decrypt(wrapped_key, _OAEP)
     except ValueError as exc:
         raise CryptoError("cannot unwrap message key") from exc
-    if len(message_key) != AES_KEY_SIZE or len(nonce) != NONCE_SIZE:
+    if len(message_key) != AES_KEY_SIZE:
+        raise CryptoError("bad message key or nonce size")
+    return AESGCM(message_key)
+
+
+def _open_with(cipher: AESGCM, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    if len(nonce) != NONCE_SIZE:
         raise CryptoError("bad message key or nonce size")
     try:
-        return AESGCM(message_key).decrypt(nonce, ciphertext, aad)
+        return cipher.decrypt(nonce, ciphertext, aad)
     except InvalidTag as exc:
         raise CryptoError("message failed authentication") from exc
+
+
+def open_sealed(private_key: PrivateKey, wrapped_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """Reverse ``seal``; raises ``CryptoError`` if anything was altered or misdirected."""
+    return _open_with(_unwrapped_cipher(private_key, wrapped_key), nonce, ciphertext, aad)
 
 
 def sign(private_key: PrivateKey, data: bytes) -> bytes:

@@ -119,6 +119,67 @@ def test_a_wrapped_key_of_the_wrong_size_is_refused(server_key):
         crypto_utils.open_sealed(server_key, wrapped, b"n" * 12, b"c" * 32, AAD)
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_recipient_sealer_renews_its_key_after_its_lifetime_or_its_uses(server_key):
+    clock = FakeClock()
+    sealer = crypto_utils.RecipientSealer(server_key.public_key(), key_lifetime=5.0, key_uses=3, clock=clock)
+    first = [sealer.seal(b"line %d" % number, AAD) for number in range(3)]
+    assert len({wrapped for wrapped, _, _ in first}) == 1  # one wrap for three frames
+    assert len({nonce for _, nonce, _ in first}) == 3  # each frame its own nonce
+    after_uses = sealer.seal(b"fourth", AAD)[0]
+    assert after_uses != first[0][0]  # the fourth use takes a fresh key
+    clock.now += 4.9
+    assert sealer.seal(b"within the lifetime", AAD)[0] == after_uses
+    clock.now += 0.1
+    assert sealer.seal(b"past the lifetime", AAD)[0] != after_uses
+
+
+def test_frames_sealed_under_one_wrap_each_open_alone_and_only_for_the_recipient(server_key, stranger_key):
+    sealer = crypto_utils.RecipientSealer(server_key.public_key())
+    frames = [sealer.seal(text, AAD) for text in (b"first", b"second", b"first")]
+    assert frames[0][0] == frames[1][0] == frames[2][0]
+    assert frames[0][2] != frames[2][2]  # the same text under the same key, not the same ciphertext
+    for text, frame in zip((b"first", b"second", b"first"), frames, strict=True):
+        assert crypto_utils.open_sealed(server_key, *frame, AAD) == text
+        with pytest.raises(CryptoError):
+            crypto_utils.open_sealed(stranger_key, *frame, AAD)
+    other_recipient = crypto_utils.RecipientSealer(stranger_key.public_key()).seal(b"first", AAD)
+    assert other_recipient[0] != frames[0][0]
+
+
+def test_the_sealed_opener_unwraps_a_repeated_wrap_once_and_still_checks_every_frame(server_key, monkeypatch):
+    sealer = crypto_utils.RecipientSealer(server_key.public_key())
+    opener = crypto_utils.SealedOpener(server_key)
+    unwraps = []
+    real_unwrap = crypto_utils._unwrapped_cipher
+    monkeypatch.setattr(
+        crypto_utils, "_unwrapped_cipher", lambda key, wrapped: unwraps.append(wrapped) or real_unwrap(key, wrapped)
+    )
+    one, two = sealer.seal(b"one", AAD), sealer.seal(b"two", AAD)
+    assert opener.open(*one, AAD) == b"one" and opener.open(*two, AAD) == b"two"
+    assert len(unwraps) == 1
+    wrapped, nonce, ciphertext = two
+    refusals = [
+        (wrapped, nonce, flip(ciphertext, 3), AAD),
+        (wrapped, flip(nonce, 0), ciphertext, AAD),
+        (wrapped, nonce, ciphertext, AAD + b"x"),
+        (flip(wrapped, 10), nonce, ciphertext, AAD),
+    ]
+    for refused in refusals:
+        with pytest.raises(CryptoError):
+            opener.open(*refused)
+    assert opener.open(*two, AAD) == b"two"  # a refusal leaves nothing behind
+    fresh = crypto_utils.seal(server_key.public_key(), b"three", AAD)
+    assert opener.open(*fresh, AAD) == b"three"
+
+
 def test_the_session_cipher_opens_only_its_own_frames():
     session_key = os.urandom(crypto_utils.SESSION_KEY_SIZE)
     sender = crypto_utils.SessionCipher(session_key, b"c2s")

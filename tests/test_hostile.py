@@ -547,6 +547,52 @@ def test_a_replayed_frame_is_refused(make_server, connect):
     assert_still_chatting(dave, erin)
 
 
+def sealed_chat(peer, text):
+    """Read ``peer``'s frames until the chat line ``text``; its envelope, opened by the peer as usual."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        frame_type, body = read_frame(peer.sock)
+        if frame_type is not FrameType.SEALED:
+            continue
+        message = peer.channel.open(body)
+        if isinstance(message, Chat) and message.text == text:
+            return Envelope.decode(body)
+    pytest.fail(f"{text!r} never reached the peer")
+
+
+def test_a_recipients_frames_share_its_own_wrap_only_and_each_opens_alone(make_server, connect, peers):
+    """The server wraps a recipient's message key for a few seconds of frames: never another
+    recipient's key, never another connection's, and every frame still needs the recipient's private key."""
+    server = make_server()
+    alice = connect("alice", to=server)
+    carol = peers(server, private_key=spare_key("carol"))
+    carol.login("carol", password_of("carol"))
+    dave = peers(server, private_key=spare_key("dave"))
+    dave.login("dave", password_of("dave"))
+    wait_for(alice, joined("dave"))
+    lines = ["the first of two", "the second of two"]
+    for line in lines:
+        alice.say(line)
+    to_carol = [sealed_chat(carol, line) for line in lines]
+    to_dave = [sealed_chat(dave, line) for line in lines]
+    assert to_carol[0].wrapped_key == to_carol[1].wrapped_key
+    assert to_carol[0].nonce != to_carol[1].nonce
+    assert to_carol[0].wrapped_key != to_dave[0].wrapped_key
+    for envelope in to_carol:
+        aad = protocol.associated_data(envelope.kind, envelope.seq, "server", "carol")
+        opened = crypto_utils.open_sealed(
+            carol.private_key, envelope.wrapped_key, envelope.nonce, envelope.ciphertext, aad
+        )
+        assert protocol.decode_message(envelope.kind, opened).text in lines
+        with pytest.raises(CryptoError):
+            crypto_utils.open_sealed(dave.private_key, envelope.wrapped_key, envelope.nonce, envelope.ciphertext, aad)
+    carol.close()
+    again = peers(server, private_key=spare_key("carol"))
+    again.login("carol", password_of("carol"))
+    alice.say("after carol came back")
+    assert sealed_chat(again, "after carol came back").wrapped_key != to_carol[0].wrapped_key
+
+
 def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
