@@ -133,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         help="profile fanout.py's paced load at this rate instead of the closed loop (where does a paced delivery's "
         "extra CPU go?)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("memory", "redis"),
+        default="memory",
+        help="redis: the server runs on a private redis-server, as fanout.py --backend redis (one process)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "profile", help="path prefix")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -149,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         harness.write_users_file(users_path, harness.bench_user_names(args.clients))
         keys = [crypto_utils.generate_private_key() for _ in range(fanout.CLIENT_KEY_COUNT)]
         clients: list[fanout.Client] = []
-        server = harness.start_chat_server(work_dir, users_path)
+        redis = harness.RedisProcess(work_dir / "redis") if args.backend == "redis" else None
+        try:
+            server = harness.start_chat_server(work_dir, users_path, redis=redis)
+        except BaseException:
+            if redis is not None:
+                redis.stop()
+            raise
         recorder: subprocess.Popen[bytes] | None = None
         read_loop = ReadLoop()
         read_loop.start()
@@ -201,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             fanout.close_all(clients)
             read_loop.stop()
+            if redis is not None:
+                redis.stop()
     print(
         f"N={args.clients}, {f'paced {args.paced:g} lines/s' if args.paced else 'closed loop'}: "
         f"{result.get('deliveries_per_s', 0):.0f} deliveries/s, "
