@@ -69,6 +69,7 @@ from securechat.protocol import (
     VersionMismatch,
     Welcome,
     Who,
+    address_text,
     b64encode,
     client_auth_signed_data,
     decode_control_message,
@@ -513,12 +514,12 @@ class ChatClient:
                 # A node that is full, or has our address's share of connections, speaks for itself only.
                 if exc.code not in NODE_REFUSALS or len(self.servers) == 1:
                     raise
-                failures.append(f"{host}:{port}: {exc}")
+                failures.append(f"{address_text(host, port)}: {exc}")
             except HostKeyError:
                 raise
             except ChatError as exc:
                 if isinstance(exc, _Unreachable):
-                    failures.append(f"cannot reach the server at {host}:{port}: {exc}")
+                    failures.append(f"cannot reach the server at {address_text(host, port)}: {exc}")
                 else:
                     failures.append(str(exc))  # (it names the server)
         if len(failures) == 1:
@@ -542,16 +543,17 @@ class ChatClient:
         self.host, self.port = host, port
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._frames = frame_writer(self.sock)
+        where = address_text(host, port)
         try:
             try:
                 self.sock.sendall(self.hello_frame())
                 answer = read_frame(self.sock, MAX_FRAME_SIZE, deadline)
             except TimeoutError:
-                raise ChatError(f"{host}:{port}: the server did not answer in time (is it the chat server?)") from None
+                raise ChatError(f"{where}: the server did not answer in time (is it the chat server?)") from None
             except ConnectionClosed as exc:
-                raise ChatError(f"{host}:{port}: the server closed the connection ({exc})") from None
+                raise ChatError(f"{where}: the server closed the connection ({exc})") from None
             except OSError as exc:  # the connection was reset at once
-                raise ChatError(f"{host}:{port}: the server closed the connection ({exc.strerror or exc})") from None
+                raise ChatError(f"{where}: the server closed the connection ({exc.strerror or exc})") from None
             try:
                 self.accept_server_hello(*answer)
             except (ProtocolError, CryptoError) as exc:
@@ -613,7 +615,9 @@ class ChatClient:
         host_id = KnownHosts.host_id(*self.servers[0])  # every node of the service shows one key
         # Said so when the node that answered is not the one the service is named after.
         shown = (
-            host_id if (self.host, self.port) == self.servers[0] else f"{host_id} (answered by {self.host}:{self.port})"
+            host_id
+            if (self.host, self.port) == self.servers[0]
+            else f"{host_id} (answered by {address_text(self.host, self.port)})"
         )
         if self.expected_fingerprint is not None:
             if fingerprint != self.expected_fingerprint:

@@ -68,11 +68,6 @@ def make_default_users_folder(users: Path) -> None:
         DEFAULT_USERS.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def address_text(host: str, port: int) -> str:
-    """``HOST:PORT`` as a user types it back: an IPv6 address in brackets (``[::1]:7878``)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def default_send_workers() -> int:
     """One sealing thread per core but one, and at most two.
 

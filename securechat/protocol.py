@@ -126,6 +126,11 @@ class Kind(IntEnum):
 # --------------------------------------------------------------------------- framing
 
 
+def address_text(host: str, port: int) -> str:
+    """``HOST:PORT`` as a user types it back: an IPv6 address in brackets (``[::1]:7878``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def encode_frame(frame_type: FrameType, body: bytes) -> bytes:
     """Return one length-prefixed frame; raises ``MessageTooLarge`` if it would be too large."""
     size = 1 + len(body)

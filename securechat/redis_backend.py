@@ -65,7 +65,7 @@ from securechat.backend import (
 )
 from securechat.config import hide_password
 from securechat.history import RoomRecord, private_stream
-from securechat.protocol import Chat, Notice
+from securechat.protocol import Chat, Notice, address_text
 
 log = logging.getLogger("chat.server")
 
@@ -410,7 +410,7 @@ def _place(url: str) -> str:
     except ValueError:  # check_backend refuses such a URL before it gets here
         port = DEFAULT_REDIS_PORT
     host = parts.hostname or "localhost"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address_text(host, port)
 
 
 def flood_key(account: str) -> str:

@@ -24,7 +24,6 @@ from securechat.config import (
     DEFAULT_USERS,
     ConfigFileError,
     ServerConfig,
-    address_text,
     config_from_args,
     config_to_toml,
     hide_password,
@@ -36,7 +35,7 @@ from securechat.config import (
 from securechat.crypto_utils import CryptoError, forbid_core_dumps
 from securechat.history import StoreError
 from securechat.listener import ChatServer
-from securechat.protocol import normalize_room
+from securechat.protocol import address_text, normalize_room
 from securechat.workers import end_with_supervisor, run_workers, worker_count, worker_number
 
 log = logging.getLogger("chat.server")
@@ -127,7 +126,7 @@ def describe_start_error(exc: OSError, config: ServerConfig) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM):
         hint = " (ports below 1024 need privileges)" if 0 < port < 1024 else ""
         return f"cannot listen on port {port}: {reason}{hint}"
-    return f"cannot listen on {host}:{port}: {reason}"
+    return f"cannot listen on {address_text(host, port)}: {reason}"
 
 
 def _account_command(config: ServerConfig, command: str) -> str:

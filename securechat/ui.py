@@ -57,7 +57,14 @@ from securechat.client import (
     default_known_hosts_path,
 )
 from securechat.commands import COMMAND_TABLE, COMMANDS_BY_NAME, CommandSpec
-from securechat.protocol import DEFAULT_HOST, DEFAULT_PORT, ZERO_WIDTH_JOINER, normalize_room, sanitize_text
+from securechat.protocol import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ZERO_WIDTH_JOINER,
+    address_text,
+    normalize_room,
+    sanitize_text,
+)
 
 # --------------------------------------------------------------------------- formatting
 
@@ -763,7 +770,7 @@ def reconnect(
         except ChatError as exc:
             show(f"*** still offline: {exc}")
         if give_up is not None and time.monotonic() + delay > give_up:
-            return Reconnected.FAILED, f"gave up reconnecting to {client.host}:{client.port}"
+            return Reconnected.FAILED, f"gave up reconnecting to {address_text(client.host, client.port)}"
         delay = min(RECONNECT_MAX_DELAY, delay * 2)
 
 
@@ -1008,7 +1015,7 @@ def run_batch(host: str, port: int, user: str | None, options: dict[str, Any], r
                     break
                 if not (state.online and state.pending):  # input ended with nothing left to send now
                     if not state.online:
-                        failure = f"input ended while offline (reconnecting to {host}:{port})"
+                        failure = f"input ended while offline (reconnecting to {address_text(host, port)})"
                     break
                 line, session = state.pending[0], state.sessions
             try:
@@ -1571,7 +1578,8 @@ def run_interactive(
         reader.start()
         return reader
 
-    show(f"*** connected to {client.host}:{client.port} as {client.username}; rooms: {', '.join(client.rooms)}")
+    where = address_text(client.host, client.port)
+    show(f"*** connected to {where} as {client.username}; rooms: {', '.join(client.rooms)}")
     show("*** type /help for commands, Ctrl-D or /quit to leave")
     parting = ""
     status = 0

@@ -29,10 +29,10 @@ from securechat.config import (
     SERVER_KEY_FILE,
     TOKEN_SECRET_FILE,
     ServerConfig,
-    address_text,
     hide_password,
 )
 from securechat.listener import check_private_directory
+from securechat.protocol import address_text
 
 log = logging.getLogger("chat.server")
 

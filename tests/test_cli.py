@@ -1857,6 +1857,24 @@ def test_a_failed_failover_names_each_server_once(tmp_path):
     assert ran.stderr.count(f"127.0.0.1:{gone.port}") == 1, ran.stderr
 
 
+def test_an_ipv6_server_is_named_in_brackets_as_the_user_typed_it(tmp_path):
+    """``--server [::1]:PORT`` on a closed port: the error names "[::1]:PORT", which can be typed back,
+    not "::1:PORT"."""
+    try:
+        closed = socket.socket(socket.AF_INET6)
+        closed.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    argv = [sys.executable, str(ROOT / "client.py"), "--server", f"[::1]:{closed_port}", "--user", "alice"]
+    argv += ["--known-hosts", str(tmp_path / "kh")]
+    ran = subprocess.run(
+        argv, input="hi\n", capture_output=True, text=True, timeout=TIMEOUT, env=client_env(tmp_path, CHAT_PASSWORD="x")
+    )
+    assert ran.returncode == 1 and f"cannot reach the server at [::1]:{closed_port}" in ran.stderr, ran.stderr
+
+
 @pytest.fixture
 def tmux_shell(tmp_path: Path):
     """An interactive bash with job control in a private tmux server: ``send(*keys)`` and ``screen()``."""
