@@ -11,8 +11,8 @@ costs. Then ``--lines`` lines are broadcast one at a time, each waiting until
 every other client has received it: the time to reach everyone, and the server
 CPU per delivery.
 
-Every login is announced to everyone already there, and each notice is one RSA
-wrap per recipient. The server gathers the notices of a burst (0.25 s, and up
+Every login is announced to everyone already there, and each notice is a sealed
+frame per recipient. The server gathers the notices of a burst (0.25 s, and up
 to 2 s in a big room) into one frame per member; one notice per login would be
 N(N-1)/2 sealed deliveries, about two million.
 """

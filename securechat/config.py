@@ -71,11 +71,11 @@ def make_default_users_folder(users: Path) -> None:
 def default_send_workers() -> int:
     """One sealing thread per core but one, and at most two.
 
-    RSA releases the GIL, but every wrap takes it back: on 2 cores, in alternating
-    runs, two sealing threads spent 9 to 37 % more CPU per delivery than one, with
-    0.75 to 1.02 context switches per delivery instead of 0.04 to 0.18
-    (BENCHMARKS.md). The core left over reads what clients send, hashes
-    passwords and runs the kernel's TCP work.
+    Sealing is mostly Python under the GIL (the RSA wrap, which releases it, comes once per
+    connection per 5 s). Even when every frame had a wrap of its own, two sealing threads on
+    2 cores spent 9 to 37 % more CPU per delivery than one in alternating runs, with 0.75 to
+    1.02 context switches per delivery instead of 0.04 to 0.18 (``git log -p BENCHMARKS.md``).
+    The core left over reads what clients send, hashes passwords and runs the kernel's TCP work.
     """
     try:
         usable = len(os.sched_getaffinity(0))  # what this process may run on (containers, taskset)

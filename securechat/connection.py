@@ -103,7 +103,7 @@ class ClientConnection:
     The reader thread owns the handshake and everything received. Once logged in,
     everything sent goes through ``send_queue`` and ``outbox``: one worker of the
     server's send pool, always the same, seals it (so it owns the outgoing sequence
-    numbers and the RSA work) and writes it without blocking. Other threads only call
+    numbers and the message keys) and writes it without blocking. Other threads only call
     ``deliver``, ``finish`` and ``close``, which never block.
     """
 
@@ -553,7 +553,7 @@ class ClientConnection:
             frames: list[bytes] = []
             close_after = False
             # A run of join notices becomes one Joined, then every run of messages that may travel
-            # together one Batch: each frame costs an RSA wrap, so a login entering 50 rooms, or a
+            # together one Batch: each frame is sealed and sent on its own, so a login entering 50 rooms, or a
             # burst of notices, costs a few frames instead of one or two hundred.
             items = pack_messages(merge_join_notices(batch))
             for index, item in enumerate(items):

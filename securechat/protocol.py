@@ -957,7 +957,7 @@ class Goodbye(Message):
 class Joined(Message):
     """Several people joined a room, in order: the "joined" notices a recipient had queued, in one frame.
 
-    Each notice costs one RSA wrap per recipient, so a burst of N logins would cost
+    Each notice costs a sealed frame per recipient, so a burst of N logins would cost
     N(N-1)/2; a recipient whose queue fell behind gets the burst in far fewer frames.
     """
 

@@ -32,7 +32,7 @@ class Member(Protocol):
 
 
 #: Seconds a "joined" notice waits for others to go out with it. Every notice costs
-#: each member an RSA wrap, so a burst of N logins would cost about N²/2 of them;
+#: each member a sealed frame, so a burst of N logins would cost about N²/2 of them;
 #: gathered, it costs each member one frame per interval.
 JOIN_NOTICE_DELAY = 0.25
 #: In a long burst (a login storm, everyone coming back after a restart) rounds are also
