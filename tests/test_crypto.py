@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
 import re
 import stat
 import threading
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from securechat import crypto_utils, protocol
 from securechat.channel import SecureChannel, SequenceError
@@ -127,18 +128,26 @@ class FakeClock:
         return self.now
 
 
+def unwrapped(private_key, wrapped: bytes) -> bytes:
+    """The AES key inside a wrap. Wraps of one key differ (OAEP is randomized): keys are what to compare."""
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    return private_key.decrypt(wrapped, oaep)
+
+
 def test_a_recipient_sealer_renews_its_key_after_its_lifetime_or_its_uses(server_key):
     clock = FakeClock()
     sealer = crypto_utils.RecipientSealer(server_key.public_key(), key_lifetime=5.0, key_uses=3, clock=clock)
     first = [sealer.seal(b"line %d" % number, AAD) for number in range(3)]
-    assert len({wrapped for wrapped, _, _ in first}) == 1  # one wrap for three frames
+    assert len({wrapped for wrapped, _, _ in first}) == 1  # one key and one wrap for three frames
     assert len({nonce for _, nonce, _ in first}) == 3  # each frame its own nonce
+    first_key = unwrapped(server_key, first[0][0])
     after_uses = sealer.seal(b"fourth", AAD)[0]
-    assert after_uses != first[0][0]  # the fourth use takes a fresh key
+    second_key = unwrapped(server_key, after_uses)
+    assert second_key != first_key  # the fourth use takes a new key, not the old one wrapped again
     clock.now += 4.9
     assert sealer.seal(b"within the lifetime", AAD)[0] == after_uses
     clock.now += 0.1
-    assert sealer.seal(b"past the lifetime", AAD)[0] != after_uses
+    assert unwrapped(server_key, sealer.seal(b"past the lifetime", AAD)[0]) not in (first_key, second_key)
 
 
 def test_frames_sealed_under_one_wrap_each_open_alone_and_only_for_the_recipient(server_key, stranger_key):
@@ -151,7 +160,7 @@ def test_frames_sealed_under_one_wrap_each_open_alone_and_only_for_the_recipient
         with pytest.raises(CryptoError):
             crypto_utils.open_sealed(stranger_key, *frame, AAD)
     other_recipient = crypto_utils.RecipientSealer(stranger_key.public_key()).seal(b"first", AAD)
-    assert other_recipient[0] != frames[0][0]
+    assert unwrapped(stranger_key, other_recipient[0]) != unwrapped(server_key, frames[0][0])
 
 
 def test_the_sealed_opener_unwraps_a_repeated_wrap_once_and_still_checks_every_frame(server_key, monkeypatch):
@@ -178,6 +187,41 @@ def test_the_sealed_opener_unwraps_a_repeated_wrap_once_and_still_checks_every_f
     assert opener.open(*two, AAD) == b"two"  # a refusal leaves nothing behind
     fresh = crypto_utils.seal(server_key.public_key(), b"three", AAD)
     assert opener.open(*fresh, AAD) == b"three"
+
+
+def test_the_sealed_opener_accepts_exactly_what_an_uncached_open_accepts(server_key, stranger_key):
+    """Random runs of good, altered, foreign and garbage frames: the cache of the last unwrap never
+    lets through, or refuses, anything ``open_sealed`` alone would not, whatever came before."""
+    rng = random.Random(4726)
+    sealers = [crypto_utils.RecipientSealer(server_key.public_key()) for _ in range(3)]
+    pool = [sealer.seal(b"line %d" % number, AAD) for sealer in sealers for number in range(3)]
+    pool.append(crypto_utils.RecipientSealer(stranger_key.public_key()).seal(b"not for us", AAD))
+
+    def altered(frame):
+        wrapped, nonce, ciphertext = frame
+        return rng.choice(
+            [
+                (frame, AAD),
+                ((wrapped, nonce, flip(ciphertext, 0)), AAD),
+                ((wrapped, nonce[:11], ciphertext), AAD),
+                (frame, AAD + b"!"),
+                ((os.urandom(len(wrapped)), nonce, ciphertext), AAD),
+                ((rng.choice(pool)[0], nonce, ciphertext), AAD),  # another frame's wrap with this body
+                ((b"", nonce, ciphertext), AAD),
+            ]
+        )
+
+    def outcome(open_frame, *sealed):
+        try:
+            return open_frame(*sealed)
+        except CryptoError:
+            return CryptoError
+
+    opener = crypto_utils.SealedOpener(server_key)
+    for _ in range(150):
+        (wrapped, nonce, ciphertext), aad = altered(rng.choice(pool))
+        expected = outcome(crypto_utils.open_sealed, server_key, wrapped, nonce, ciphertext, aad)
+        assert outcome(opener.open, wrapped, nonce, ciphertext, aad) == expected
 
 
 def test_the_session_cipher_opens_only_its_own_frames():
