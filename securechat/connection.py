@@ -21,7 +21,7 @@ from securechat.crypto_utils import CryptoError
 from securechat.handshake import ServerHandshake
 from securechat.hello_signer import HelloSigningError
 from securechat.hub import SESSION_ID_CHARS, HubError, run_command
-from securechat.outbound import OutboundQueue, Outbox
+from securechat.outbound import OutboundQueue, Outbox, SealedRun
 from securechat.protocol import (
     MAX_REASON_CHARS,
     PROTOCOL_VERSION,
@@ -537,18 +537,20 @@ class ClientConnection:
 
     # ------------------------------------------------------------------ run by this connection's send worker
 
-    def pump(self) -> bool:
-        """Seal what is queued, up to the outbox's room, and write it without blocking; True if more is queued.
+    def seal_queued(self) -> SealedRun | None:
+        """Seal what is queued, up to the outbox's room, for ``write_sealed``; None if nothing may be.
 
-        Only ever run by this connection's one send worker, so frames are sealed in order.
-        The outbox's high-water mark holds per frame: sealing stops once the frames of this
-        round fill the room left, and the rest waits in the queue, unsealed.
+        Only ever run by this connection's one send worker, which writes what it returns next,
+        so frames are sealed and written in order. The outbox's high-water mark holds per frame:
+        sealing stops once the frames of this round fill the room left, and the rest waits in
+        the queue, unsealed. What was taken weighs in the queue until ``write_sealed`` is done.
         """
         room = self.outbox.room()
         if self.closed.is_set() or room <= 0:
-            return False  # a full outbox has the flusher schedule us again when it drains
+            return None  # a full outbox has the flusher schedule us again when it drains
         assert self.channel is not None
         batch, more = self.send_queue.take_batch(SEND_BATCH_SIZE)
+        sealed: SealedRun | None = None
         try:
             frames: list[bytes] = []
             close_after = False
@@ -578,16 +580,27 @@ class ClientConnection:
                 except Exception:
                     log.exception("%s: cannot seal a %s message", self.peer, item.KIND.name)
                     self.close("internal error while sending")
-                    return False
+                    return None
             if PING_FRAME in frames and self.ping_sent_at <= self.last_inbound:
                 # The reply window runs from when the first unanswered ping was written, not from
                 # when it was queued: a ping held up behind our own backlog is not the client's fault.
                 self.ping_sent_at = time.monotonic()
-            if frames or close_after:
-                self.outbox.write(b"".join(frames), close_when_empty=close_after)
-            return more
+            sealed = SealedRun(b"".join(frames), close_after, more)
+            return sealed
         finally:
-            self.send_queue.release_taken()  # sealed into the outbox, handed back, or dropped
+            if sealed is None:
+                self.send_queue.release_taken()  # handed back, or dropped
+
+    def write_sealed(self, sealed: SealedRun | None) -> bool:
+        """Write what ``seal_queued`` returned without blocking; True if more is queued."""
+        if sealed is None:
+            return False
+        try:
+            if sealed.data or sealed.close_after:
+                self.outbox.write(sealed.data, close_when_empty=sealed.close_after)
+            return sealed.more
+        finally:
+            self.send_queue.release_taken()  # in the outbox now, sent or waiting for the flusher
 
 
 def _queued_size(item: object) -> int:

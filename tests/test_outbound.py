@@ -13,7 +13,7 @@ from test_rooms import left_room, room_entered
 
 from securechat.client import Chat, Notice
 from securechat.connection import PING_FRAME, REQUESTS_WAIT_ABOVE
-from securechat.outbound import OUTBOX_HIGH_WATER, OutboundQueue, Outbox, SendPool
+from securechat.outbound import OUTBOX_HIGH_WATER, SEAL_AHEAD, OutboundQueue, Outbox, SealedRun, SendPool
 from securechat.protocol import MAX_FRAME_SIZE, Batch, Command, ErrorReply
 
 # --------------------------------------------------------------------------- the queue
@@ -194,13 +194,16 @@ def test_each_connection_is_pumped_by_one_worker_in_turn(pool):
             self.threads = set()
             self.done = threading.Event()
 
-        def pump(self):
+        def seal_queued(self):
             self.threads.add(threading.current_thread().name)
             self.pumps += 1
             self.batches -= 1
-            if self.batches == 0:
+            return SealedRun(b"", False, self.batches > 0)
+
+        def write_sealed(self, sealed):
+            if not sealed.more:
                 self.done.set()
-            return self.batches > 0
+            return sealed.more
 
     jobs = [Job(batches=5) for _ in range(6)]
     schedules = [pool.assign() for _ in jobs]
@@ -218,14 +221,20 @@ def test_each_connection_is_pumped_by_one_worker_in_turn(pool):
     assert [job.pumps for job in jobs] == [5] * len(jobs)  # a job scheduled twice was run once per turn
 
 
-def test_a_connection_whose_pump_fails_is_closed_and_the_worker_goes_on(pool, caplog):
+@pytest.mark.parametrize("failing", ["seal_queued", "write_sealed"])
+def test_a_connection_whose_sealing_or_writing_fails_is_closed_and_the_worker_goes_on(pool, caplog, failing):
     class Broken:
         def __init__(self):
             self.closed = threading.Event()
             self.reason = ""
 
-        def pump(self):
-            raise RuntimeError("a bug in sealing")
+        def seal_queued(self):
+            if failing == "seal_queued":
+                raise RuntimeError("a bug in sealing")
+            return SealedRun(b"", False, False)
+
+        def write_sealed(self, sealed):
+            raise RuntimeError("a bug in writing")
 
         def close(self, reason):
             self.reason = reason
@@ -235,7 +244,10 @@ def test_a_connection_whose_pump_fails_is_closed_and_the_worker_goes_on(pool, ca
         def __init__(self):
             self.pumped = threading.Event()
 
-        def pump(self):
+        def seal_queued(self):
+            return SealedRun(b"", False, False)
+
+        def write_sealed(self, sealed):
             self.pumped.set()
             return False
 
@@ -246,7 +258,52 @@ def test_a_connection_whose_pump_fails_is_closed_and_the_worker_goes_on(pool, ca
     assert broken.closed.wait(TIMEOUT)
     assert broken.reason == "internal error while sending"  # left open, its queue would never drain
     assert fine.pumped.wait(TIMEOUT)
-    assert "a bug in sealing" in caplog.text
+    assert ("a bug in sealing" if failing == "seal_queued" else "a bug in writing") in caplog.text
+
+
+def test_a_worker_seals_a_run_of_connections_before_it_writes_any_and_writes_in_that_order():
+    """Sealing a run, then sending it, keeps the seals' caches warm; each connection's own frames
+    still go out in the order they were sealed, and a run is at most SEAL_AHEAD connections."""
+    pool = SendPool(workers=1)
+    pool.start()
+    events = []
+    release = threading.Event()
+    written = threading.Semaphore(0)
+
+    class Job:
+        def __init__(self, name):
+            self.name = name
+
+        def seal_queued(self):
+            events.append(("seal", self.name))
+            if self.name == "gate":
+                release.wait(TIMEOUT)  # holds the worker while the others are queued
+            return SealedRun(self.name.encode(), False, False)
+
+        def write_sealed(self, sealed):
+            events.append(("write", sealed.data.decode()))
+            written.release()
+            return False
+
+    try:
+        schedule = pool.assign()
+        schedule(Job("gate"))
+        names = [f"job{number}" for number in range(SEAL_AHEAD + 2)]
+        wait_until(lambda: events == [("seal", "gate")])
+        for name in names:
+            schedule(Job(name))
+        release.set()
+        for _ in range(len(names) + 1):
+            assert written.acquire(timeout=TIMEOUT)
+    finally:
+        pool.stop()
+    first_run, second_run = names[:SEAL_AHEAD], names[SEAL_AHEAD:]
+    assert events[2:] == (
+        [("seal", name) for name in first_run]
+        + [("write", name) for name in first_run]
+        + [("seal", name) for name in second_run]
+        + [("write", name) for name in second_run]
+    )
 
 
 def test_a_failing_flush_costs_only_its_own_connection(pool, pair, monkeypatch):
