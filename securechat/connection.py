@@ -555,8 +555,8 @@ class ClientConnection:
             frames: list[bytes] = []
             close_after = False
             # A run of join notices becomes one Joined, then every run of messages that may travel
-            # together one Batch: each frame is sealed and sent on its own, so a login entering 50 rooms, or a
-            # burst of notices, costs a few frames instead of one or two hundred.
+            # together one Batch: each frame is sealed and sent on its own, so a login entering 50
+            # rooms, or a burst of notices, costs a few frames instead of one or two hundred.
             items = pack_messages(merge_join_notices(batch))
             for index, item in enumerate(items):
                 if room <= 0:

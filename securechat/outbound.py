@@ -258,7 +258,13 @@ class _SendWorker:
                 jobs = [self._ready.popleft() for _ in range(min(len(self._ready), SEAL_AHEAD))]
                 # Out of the set before they run: anything queued from now on schedules them again.
                 self._waiting.difference_update(jobs)
-            sealed = [(job, self._seal(job)) for job in jobs]  # every seal of the run, then every send
+            sealed: list[tuple[Pumpable, SealedRun | None]] = []
+            for job in jobs:  # every seal of the run, then every send
+                try:
+                    sealed.append((job, job.seal_queued()))
+                except Exception:  # closed, and not written to: its queue is dropped with it
+                    log.exception("%s: sending failed", job)
+                    job.close("internal error while sending")
             for job, run in sealed:
                 try:
                     more = job.write_sealed(run)
@@ -268,16 +274,6 @@ class _SendWorker:
                     more = False
                 if more:  # to the back of the line: one batch per connection per turn
                     self.schedule(job)
-
-    @staticmethod
-    def _seal(job: Pumpable) -> SealedRun | None:
-        """``job.seal_queued()``; an unexpected error costs that connection (closed), never the others."""
-        try:
-            return job.seal_queued()
-        except Exception:
-            log.exception("%s: sending failed", job)
-            job.close("internal error while sending")
-            return None
 
 
 class SendPool:
