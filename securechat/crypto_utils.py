@@ -147,14 +147,6 @@ def wrap_key(recipient_public_key: PublicKey, key: bytes) -> bytes:
     return recipient_public_key.encrypt(key, _OAEP)
 
 
-def seal(recipient_public_key: PublicKey, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes, bytes]:
-    """Encrypt for one recipient: returns (wrapped AES key, nonce, ciphertext with tag)."""
-    randomness = _message_randomness.take(AES_KEY_SIZE + NONCE_SIZE)
-    message_key, nonce = randomness[:AES_KEY_SIZE], randomness[AES_KEY_SIZE:]
-    ciphertext = AESGCM(message_key).encrypt(nonce, plaintext, aad)
-    return wrap_key(recipient_public_key, message_key), nonce, ciphertext
-
-
 #: How long one message key serves a recipient's frames (seconds), and for how many at most.
 #: See ``RecipientSealer``: the RSA wrap, most of what a delivery costs, is paid once per key.
 MESSAGE_KEY_LIFETIME = 5.0
@@ -192,7 +184,7 @@ class RecipientSealer:
         self._uses_left = 0
 
     def seal(self, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes, bytes]:
-        """As ``seal``: (wrapped AES key, nonce, ciphertext with tag), the key a recent one."""
+        """Encrypt for the recipient: (wrapped AES key, nonce, ciphertext with tag), the key a recent one."""
         now = self._clock()
         if self._cipher is None or self._uses_left <= 0 or now >= self._expires:
             message_key = _message_randomness.take(AES_KEY_SIZE)
@@ -203,6 +195,11 @@ class RecipientSealer:
         self._uses_left -= 1
         nonce = _message_randomness.take(NONCE_SIZE)
         return self._wrapped, nonce, self._cipher.encrypt(nonce, plaintext, aad)
+
+
+def seal(recipient_public_key: PublicKey, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes, bytes]:
+    """Encrypt once for one recipient, under a key of its own: (wrapped AES key, nonce, ciphertext with tag)."""
+    return RecipientSealer(recipient_public_key).seal(plaintext, aad)
 
 
 class SealedOpener:
