@@ -330,7 +330,7 @@ class ChatServer:
         store.held_before = marker.exists()  # (copied with the data directory to every node)
         held_before = False
         if not holds_accounts:
-            held_before = marker.exists() or store.held_accounts_before()
+            held_before = store.held_before or store.held_accounts_before()
             # Read again, after: another process of this deployment (a worker starting beside this
             # one) may have copied them in and said so since this one first looked.
             holds_accounts = bool(store.load())
